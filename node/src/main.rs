@@ -1,1 +1,21 @@
-fn main() {}
+//! The `stampede` binary is only wiring: parse the command line, hand each command to
+//! the library module that owns it, and turn its outcome into an exit code.
+
+use clap::Parser;
+use stampede::cli::{Cli, Command};
+use stampede::exit::Outcome;
+
+fn main() {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Run(args) => stampede::commands::run(args),
+        Command::Validate(args) => stampede::commands::validate(args),
+        Command::Demo(args) => stampede::commands::demo(args),
+        Command::Node(args) => stampede::daemon::node(args),
+        Command::Peers(args) => stampede::daemon::peers(args),
+        Command::Status(args) => stampede::daemon::status(args),
+        Command::Stop(args) => stampede::daemon::stop(args),
+        Command::Keygen(args) => stampede::daemon::keygen(args),
+    };
+    std::process::exit(Outcome::exit_code(outcome));
+}

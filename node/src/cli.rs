@@ -1,0 +1,166 @@
+//! The command line: every subcommand and flag a user types, parsed by clap.
+//!
+//! This module only describes arguments; it must not do work. `main.rs` hands each
+//! parsed command to the module that owns it. Flags that are also node settings are
+//! layered by `config` (defaults < config file < `STAMPEDE_*` environment < flags), so
+//! they are `Option`s here: `None` means "not given on the command line".
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code when the run completed but a threshold failed (k6 uses 99 too).
+pub const EXIT_THRESHOLDS_FAILED: i32 = 99;
+/// Exit code for a plan or usage error: nothing was run.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code for a run that started but could not complete (or could not start).
+pub const EXIT_RUN_FAILED: i32 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stampede",
+    version,
+    about = "A distributed load tester: many machines acting as one.",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a plan: on an embedded single node, or across the mesh with --mesh.
+    Run(RunArgs),
+    /// Start a long-running node of the mesh.
+    Node(NodeArgs),
+    /// Show the mesh members as this node sees them.
+    Peers(PeersArgs),
+    /// Show runs in progress and recent runs.
+    Status(NodeClientArgs),
+    /// Stop a run mesh-wide, gracefully (the report is still written).
+    Stop(StopArgs),
+    /// Write a new mesh pre-shared key.
+    Keygen(KeygenArgs),
+    /// One command, no setup: a local demo shop and the retail example run against it.
+    Demo(DemoArgs),
+    /// Check a plan without running it.
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The plan file (TOML).
+    pub plan: PathBuf,
+    /// Write a result file: json=FILE, html=FILE, junit=FILE or csv=FILE. Repeatable.
+    #[arg(long = "out", value_name = "FORMAT=FILE")]
+    pub outputs: Vec<String>,
+    /// Hand the plan to the node daemon on this machine and run it across the mesh.
+    #[arg(long)]
+    pub mesh: bool,
+    #[command(flatten)]
+    pub node_client: NodeClientArgs,
+    /// Override a plan key, e.g. --set scenarios.shoppers.rate=200. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Do not draw the live progress line (for logs and CI).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Worker threads that generate load (default: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Hosts or CIDRs this embedded node may send load to (loopback is always allowed).
+    #[arg(long = "allow-target", value_name = "HOST_OR_CIDR")]
+    pub allow_target: Vec<String>,
+}
+
+/// How a CLI command finds the node it talks to (spec §10).
+#[derive(Debug, Args, Clone, Default)]
+pub struct NodeClientArgs {
+    /// The node's control address (host:port); overrides --data-dir.
+    #[arg(long = "node", value_name = "CONTROL_ADDR")]
+    pub node: Option<String>,
+    /// The node's data directory (the same flag the node was started with).
+    #[arg(long = "data-dir", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct NodeArgs {
+    /// A config file (TOML) with node settings.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Multiaddr to listen on for the mesh. Repeatable.
+    #[arg(long = "listen", value_name = "MULTIADDR")]
+    pub listen: Vec<String>,
+    /// Multiaddr of a peer to join through (with or without /p2p/ID; /dns4/ names work). Repeatable.
+    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
+    pub bootstrap: Vec<String>,
+    /// The mesh pre-shared key file (from `stampede keygen`).
+    #[arg(long = "key-file", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Run without a mesh key: only for a local, trusted machine.
+    #[arg(long = "insecure-no-key")]
+    pub insecure_no_key: bool,
+    /// A label of this node, e.g. region=eu. Repeatable.
+    #[arg(long = "label", value_name = "K=V")]
+    pub label: Vec<String>,
+    /// A host or CIDR this node may send load to (loopback is always allowed). Repeatable.
+    #[arg(long = "allow-target", value_name = "HOST_OR_CIDR")]
+    pub allow_target: Vec<String>,
+    /// Serve the dashboard and /metrics here (loopback by default).
+    #[arg(long = "http", value_name = "ADDR")]
+    pub http: Option<String>,
+    /// This node's name in the mesh (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where the node keeps its identity, control socket address and run results.
+    #[arg(long = "data-dir", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long = "log-json")]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PeersArgs {
+    #[command(flatten)]
+    pub node_client: NodeClientArgs,
+    /// Print a JSON array of members instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// The run to stop.
+    pub run_id: String,
+    #[command(flatten)]
+    pub node_client: NodeClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the key (default: standard output).
+    #[arg(long = "out", value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How long the demo run lasts.
+    #[arg(long, default_value = "20s")]
+    pub duration: String,
+    /// Write the JSON summary here as well.
+    #[arg(long = "out", value_name = "FORMAT=FILE")]
+    pub outputs: Vec<String>,
+    /// Do not draw the live progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The plan file (TOML).
+    pub plan: PathBuf,
+}
