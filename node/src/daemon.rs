@@ -5,7 +5,9 @@ use crate::cli::{KeygenArgs, NodeArgs, NodeClientArgs, PeersArgs, StopArgs};
 use crate::exit::{Failure, Outcome};
 
 fn not_yet(what: &str) -> Result<Outcome, Failure> {
-    Err(Failure::usage(format!("`stampede {what}` is not available in this build yet")))
+    Err(Failure::usage(format!(
+        "`stampede {what}` is not available in this build yet"
+    )))
 }
 
 pub fn node(_args: NodeArgs) -> Result<Outcome, Failure> {

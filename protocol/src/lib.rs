@@ -1,1 +1,8 @@
-pub fn placeholder() {}
+//! stampede-protocol: everything of stampede that crosses the wire or the disk — the
+//! plan schema, mesh messages and metric snapshots — so that every node, whatever
+//! machine it runs on, reads them the same way. Nothing here does I/O.
+
+pub mod duration;
+pub mod executor;
+pub mod plan;
+pub mod threshold;

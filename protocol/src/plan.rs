@@ -1,0 +1,1080 @@
+//! The plan: what a user writes in TOML (spec §3, §10), parsed and checked into a
+//! validated [`Plan`].
+//!
+//! This module owns the plan's schema and every rule that can be checked without
+//! touching the network or the disk beyond the plan text itself. Errors are one line
+//! naming the file, the line and the field (`plan.toml:12: scenarios.shop.rate: ...`).
+//! It must not compile templates or load data files: the node does that, because both
+//! depend on things only a node knows (its data partition, its allowlist).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::duration::parse_duration;
+use crate::executor::{Executor, Stage};
+use crate::threshold::{Threshold, ThresholdExpr};
+
+/// A plan that parsed and passed every static check.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub name: String,
+    pub seed: u64,
+    pub defaults: Defaults,
+    pub data: Vec<DataDecl>,
+    pub scenarios: Vec<Scenario>,
+    pub flows: Vec<Flow>,
+    pub thresholds: Vec<Threshold>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub base_url: Option<String>,
+    pub timeout: Duration,
+    pub headers: Vec<(String, String)>,
+    /// `"1.1"`, `"2"` (h2 via ALPN / prior knowledge) or `"auto"`.
+    pub http_version: HttpVersion,
+    pub insecure_skip_tls_verify: bool,
+    pub max_redirects: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum HttpVersion {
+    #[serde(rename = "1.1")]
+    Http1,
+    #[serde(rename = "2")]
+    Http2,
+    #[serde(rename = "auto")]
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataMode {
+    Unique,
+    SharedSequential,
+    Random,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnExhausted {
+    /// Start again from the first row (of the VU's own rows in `unique` mode).
+    Recycle,
+    /// The VU stops iterating once its rows are used up.
+    Stop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    Csv,
+    Jsonl,
+}
+
+#[derive(Debug, Clone)]
+pub struct DataDecl {
+    pub name: String,
+    /// As written in the plan: relative to the plan file.
+    pub file: String,
+    pub mode: DataMode,
+    pub on_exhausted: OnExhausted,
+    pub format: DataFormat,
+}
+
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub executor: Executor,
+    pub start_after: Duration,
+    /// (index into `Plan::flows`, weight); weights are > 0.
+    pub flows: Vec<(usize, u32)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Flow {
+    pub name: String,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub name: String,
+    /// Where the step is written, for errors found later (template compilation).
+    pub location: String,
+    pub request: Request,
+    pub check: Check,
+    pub extract: Vec<(String, Extract)>,
+    pub think: Think,
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    pub url: String,
+    pub query: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
+    pub body: Body,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Body {
+    None,
+    Text(String),
+    Json(serde_json::Value),
+    Form(Vec<(String, String)>),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Check {
+    /// Accepted statuses; empty means "any status below 400".
+    pub status: Vec<u16>,
+    pub body_contains: Option<String>,
+    pub body_regex: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub json: Vec<(String, serde_json::Value)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Extract {
+    Json(String),
+    Regex(String),
+    Header(String),
+    Cookie(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Think {
+    None,
+    Fixed(Duration),
+    Range(Duration, Duration),
+}
+
+/// A plan error: one line, naming file, line and field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+// ---------------------------------------------------------------------------------
+// The raw TOML schema. Unknown keys are errors: a typo in a load plan silently
+// ignored is a test that measures the wrong thing.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    name: Option<String>,
+    seed: Option<u64>,
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    data: BTreeMap<String, Spanned<RawData>>,
+    #[serde(default)]
+    scenarios: BTreeMap<String, Spanned<RawScenario>>,
+    #[serde(default)]
+    flows: BTreeMap<String, Spanned<RawFlow>>,
+    #[serde(default)]
+    thresholds: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    base_url: Option<String>,
+    timeout: Option<Dur>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    http_version: Option<HttpVersion>,
+    #[serde(default)]
+    insecure_skip_tls_verify: bool,
+    max_redirects: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawData {
+    file: String,
+    mode: Option<DataMode>,
+    on_exhausted: Option<OnExhausted>,
+    format: Option<DataFormat>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum ExecutorKind {
+    ConstantVus,
+    RampingVus,
+    ConstantArrivalRate,
+    RampingArrivalRate,
+    PerVuIterations,
+    SharedIterations,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    executor: ExecutorKind,
+    vus: Option<u64>,
+    duration: Option<Dur>,
+    stages: Option<Vec<RawStage>>,
+    start_vus: Option<u64>,
+    start_rate: Option<f64>,
+    rate: Option<f64>,
+    time_unit: Option<Dur>,
+    max_vus: Option<u64>,
+    pre_allocated_vus: Option<u64>,
+    iterations: Option<u64>,
+    max_duration: Option<Dur>,
+    start_after: Option<Dur>,
+    flows: Option<Vec<RawFlowWeight>>,
+    flow: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    target: f64,
+    duration: Dur,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlowWeight {
+    flow: String,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlow {
+    steps: Vec<Spanned<RawStep>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: Option<String>,
+    request: RawRequest,
+    #[serde(default)]
+    check: RawCheck,
+    #[serde(default)]
+    extract: BTreeMap<String, RawExtract>,
+    think: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequest {
+    method: Option<String>,
+    url: String,
+    #[serde(default)]
+    query: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    json: Option<toml::Value>,
+    body: Option<String>,
+    form: Option<BTreeMap<String, toml::Value>>,
+    timeout: Option<Dur>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    status: Option<StatusSpec>,
+    body_contains: Option<String>,
+    body_regex: Option<String>,
+    #[serde(default)]
+    header: BTreeMap<String, String>,
+    #[serde(default)]
+    json: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StatusSpec {
+    One(u16),
+    Many(Vec<u16>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExtract {
+    json: Option<String>,
+    regex: Option<String>,
+    header: Option<String>,
+    cookie: Option<String>,
+}
+
+/// A duration written as a string ("500ms", "1h30m"); a bad one is reported by toml
+/// with the value's position.
+#[derive(Clone, Copy)]
+struct Dur(Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("bad duration \"{s}\": {e}")))
+    }
+}
+
+// ---------------------------------------------------------------------------------
+
+/// Parses and validates a plan. `file` is only used to name the plan in errors.
+pub fn parse_plan(file: &str, src: &str) -> Result<Plan, PlanError> {
+    let raw: RawPlan = toml::from_str(src).map_err(|e| {
+        let span = e.span();
+        PlanError {
+            file: file.to_string(),
+            line: span.as_ref().map(|s| line_of(src, s.start)),
+            field: span.as_ref().and_then(|s| field_at(src, s.start)),
+            message: one_line(e.message()),
+        }
+    })?;
+    Validator { file, src }.plan(raw)
+}
+
+struct Validator<'a> {
+    file: &'a str,
+    src: &'a str,
+}
+
+impl Validator<'_> {
+    fn err(&self, span: Range<usize>, field: String, message: impl Into<String>) -> PlanError {
+        PlanError {
+            file: self.file.to_string(),
+            line: Some(line_of(self.src, span.start)),
+            field: Some(field),
+            message: message.into(),
+        }
+    }
+
+    /// An error about `key` inside the table at `span`: points at the key's own line
+    /// when it is written there, at the table otherwise (a missing key).
+    fn err_key(&self, span: &Range<usize>, path: &str, key: &str, msg: &str) -> PlanError {
+        let at = find_key(self.src, span.clone(), key).unwrap_or(span.start);
+        self.err(at..at, format!("{path}.{key}"), msg)
+    }
+
+    fn plan(&self, raw: RawPlan) -> Result<Plan, PlanError> {
+        let defaults = Defaults {
+            base_url: raw
+                .defaults
+                .base_url
+                .map(|u| u.trim_end_matches('/').to_string()),
+            timeout: raw
+                .defaults
+                .timeout
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(60)),
+            headers: raw.defaults.headers.into_iter().collect(),
+            http_version: raw.defaults.http_version.unwrap_or(HttpVersion::Http1),
+            insecure_skip_tls_verify: raw.defaults.insecure_skip_tls_verify,
+            max_redirects: raw.defaults.max_redirects.unwrap_or(10),
+        };
+        if let Some(base) = &defaults.base_url {
+            if !(base.starts_with("http://") || base.starts_with("https://")) {
+                let at = self.src.find("base_url").unwrap_or(0);
+                return Err(self.err(
+                    at..at,
+                    "defaults.base_url".into(),
+                    format!("\"{base}\" must start with http:// or https://"),
+                ));
+            }
+        }
+
+        let mut data = Vec::new();
+        for (name, d) in raw.data {
+            let span = d.span();
+            let d = d.into_inner();
+            let path = format!("data.{name}");
+            let format = match d.format {
+                Some(f) => f,
+                None if d.file.ends_with(".csv") => DataFormat::Csv,
+                None if d.file.ends_with(".jsonl") || d.file.ends_with(".ndjson") => {
+                    DataFormat::Jsonl
+                }
+                None => {
+                    return Err(self.err_key(
+                        &span,
+                        &path,
+                        "file",
+                        "cannot tell the format from the file name: name it .csv or .jsonl, or set format = \"csv\" | \"jsonl\"",
+                    ))
+                }
+            };
+            data.push(DataDecl {
+                name,
+                file: d.file,
+                mode: d.mode.unwrap_or(DataMode::SharedSequential),
+                on_exhausted: d.on_exhausted.unwrap_or(OnExhausted::Recycle),
+                format,
+            });
+        }
+
+        let flow_names: Vec<String> = raw.flows.keys().cloned().collect();
+        let mut flows = Vec::new();
+        for (name, f) in raw.flows {
+            let span = f.span();
+            let f = f.into_inner();
+            if f.steps.is_empty() {
+                return Err(self.err(
+                    span,
+                    format!("flows.{name}.steps"),
+                    "a flow needs at least one step",
+                ));
+            }
+            let mut steps = Vec::new();
+            for (i, s) in f.steps.into_iter().enumerate() {
+                steps.push(self.step(&name, i, s)?);
+            }
+            flows.push(Flow { name, steps });
+        }
+
+        if raw.scenarios.is_empty() {
+            return Err(PlanError {
+                file: self.file.to_string(),
+                line: None,
+                field: Some("scenarios".into()),
+                message: "the plan has no scenario: add a [scenarios.NAME] table".into(),
+            });
+        }
+        let mut scenarios = Vec::new();
+        for (name, s) in raw.scenarios {
+            scenarios.push(self.scenario(&name, s, &flow_names)?);
+        }
+
+        let mut thresholds = Vec::new();
+        for (metric, exprs) in raw.thresholds {
+            let span = exprs.span();
+            for e in exprs.into_inner() {
+                let e_span = e.span();
+                let parsed = ThresholdExpr::parse(e.get_ref())
+                    .map_err(|m| self.err(e_span.clone(), format!("thresholds.\"{metric}\""), m))?;
+                let t = Threshold::new(&metric, e.get_ref(), parsed)
+                    .map_err(|m| self.err(span.clone(), format!("thresholds.\"{metric}\""), m))?;
+                thresholds.push(t);
+            }
+        }
+
+        Ok(Plan {
+            name: raw.name.unwrap_or_else(|| "unnamed".into()),
+            seed: raw.seed.unwrap_or(0x5eed),
+            defaults,
+            data,
+            scenarios,
+            flows,
+            thresholds,
+        })
+    }
+
+    fn step(&self, flow: &str, index: usize, s: Spanned<RawStep>) -> Result<Step, PlanError> {
+        let span = s.span();
+        let s = s.into_inner();
+        let path = format!("flows.{flow}.steps[{index}]");
+        let r = s.request;
+        let method = r
+            .method
+            .unwrap_or_else(|| "GET".into())
+            .to_ascii_uppercase();
+        if !method.bytes().all(|b| b.is_ascii_alphabetic()) || method.is_empty() {
+            return Err(self.err_key(
+                &span,
+                &path,
+                "request",
+                &format!("bad HTTP method \"{method}\""),
+            ));
+        }
+        let bodies = r.json.is_some() as u8 + r.body.is_some() as u8 + r.form.is_some() as u8;
+        if bodies > 1 {
+            return Err(self.err_key(
+                &span,
+                &path,
+                "request",
+                "give at most one of json, body, form",
+            ));
+        }
+        let body = if let Some(j) = r.json {
+            Body::Json(toml_to_json(j))
+        } else if let Some(b) = r.body {
+            Body::Text(b)
+        } else if let Some(f) = r.form {
+            Body::Form(f.into_iter().map(|(k, v)| (k, toml_scalar(&v))).collect())
+        } else {
+            Body::None
+        };
+        if !(r.url.starts_with('/')
+            || r.url.starts_with("http://")
+            || r.url.starts_with("https://")
+            || r.url.starts_with("{{"))
+        {
+            return Err(self.err_key(
+                &span,
+                &path,
+                "url",
+                &format!(
+                    "\"{}\" must start with / (joined to defaults.base_url) or http:// or https://",
+                    r.url
+                ),
+            ));
+        }
+        let mut check = Check::default();
+        if let Some(st) = s.check.status {
+            check.status = match st {
+                StatusSpec::One(c) => vec![c],
+                StatusSpec::Many(v) => v,
+            };
+            if let Some(bad) = check.status.iter().find(|c| !(100..=599).contains(*c)) {
+                return Err(self.err_key(
+                    &span,
+                    &path,
+                    "check",
+                    &format!("status {bad} is not an HTTP status"),
+                ));
+            }
+        }
+        check.body_contains = s.check.body_contains;
+        check.body_regex = s.check.body_regex;
+        check.headers = s.check.header.into_iter().collect();
+        check.json = s
+            .check
+            .json
+            .into_iter()
+            .map(|(k, v)| (k, toml_to_json(v)))
+            .collect();
+        let mut extract = Vec::new();
+        for (var, e) in s.extract {
+            let how = match (e.json, e.regex, e.header, e.cookie) {
+                (Some(p), None, None, None) => Extract::Json(p),
+                (None, Some(p), None, None) => Extract::Regex(p),
+                (None, None, Some(p), None) => Extract::Header(p),
+                (None, None, None, Some(p)) => Extract::Cookie(p),
+                _ => {
+                    return Err(self.err_key(
+                        &span,
+                        &format!("{path}.extract"),
+                        &var,
+                        "give exactly one of json, regex, header, cookie",
+                    ))
+                }
+            };
+            extract.push((var, how));
+        }
+        let think = match s.think {
+            None => Think::None,
+            Some(t) => parse_think(&t).map_err(|m| self.err_key(&span, &path, "think", &m))?,
+        };
+        let location = format!("{}:{}: {path}", self.file, line_of(self.src, span.start));
+        Ok(Step {
+            name: s.name.unwrap_or_else(|| format!("{flow}#{}", index + 1)),
+            location,
+            request: Request {
+                method,
+                url: r.url,
+                query: r
+                    .query
+                    .into_iter()
+                    .map(|(k, v)| (k, toml_scalar(&v)))
+                    .collect(),
+                headers: r.headers.into_iter().collect(),
+                body,
+                timeout: r.timeout.map(|d| d.0),
+            },
+            check,
+            extract,
+            think,
+        })
+    }
+
+    fn scenario(
+        &self,
+        name: &str,
+        s: Spanned<RawScenario>,
+        flow_names: &[String],
+    ) -> Result<Scenario, PlanError> {
+        let span = s.span();
+        let s = s.into_inner();
+        let path = format!("scenarios.{name}");
+        let need = |v: Option<u64>, key: &str| {
+            v.ok_or_else(|| {
+                self.err_key(
+                    &span,
+                    &path,
+                    key,
+                    &format!(
+                        "missing field `{key}` (required by executor {})",
+                        kind_name(s.executor)
+                    ),
+                )
+            })
+        };
+        let need_dur = |v: Option<Dur>, key: &str| {
+            v.map(|d| d.0).ok_or_else(|| {
+                self.err_key(
+                    &span,
+                    &path,
+                    key,
+                    &format!(
+                        "missing field `{key}` (required by executor {})",
+                        kind_name(s.executor)
+                    ),
+                )
+            })
+        };
+        let stages = |v: &Option<Vec<RawStage>>| -> Result<Vec<Stage>, PlanError> {
+            let v = v.as_ref().ok_or_else(|| {
+                self.err_key(
+                    &span,
+                    &path,
+                    "stages",
+                    &format!(
+                        "missing field `stages` (required by executor {})",
+                        kind_name(s.executor)
+                    ),
+                )
+            })?;
+            if v.is_empty() {
+                return Err(self.err_key(&span, &path, "stages", "needs at least one stage"));
+            }
+            v.iter()
+                .map(|st| {
+                    if st.target < 0.0 || !st.target.is_finite() {
+                        Err(self.err_key(
+                            &span,
+                            &path,
+                            "stages",
+                            "a stage target must be zero or more",
+                        ))
+                    } else {
+                        Ok(Stage {
+                            target: st.target.round() as u64,
+                            duration: st.duration.0,
+                        })
+                    }
+                })
+                .collect()
+        };
+        // An arrival rate is per second unless time_unit says otherwise ("1m": per minute).
+        let per_second = |r: f64| match s.time_unit {
+            Some(u) if !u.0.is_zero() => r / u.0.as_secs_f64(),
+            _ => r,
+        };
+        let executor = match s.executor {
+            ExecutorKind::ConstantVus => Executor::ConstantVus {
+                vus: need(s.vus, "vus")?,
+                duration: need_dur(s.duration, "duration")?,
+            },
+            ExecutorKind::RampingVus => Executor::RampingVus {
+                start_vus: s.start_vus.unwrap_or(0),
+                stages: stages(&s.stages)?,
+            },
+            ExecutorKind::ConstantArrivalRate => {
+                let rate = s.rate.ok_or_else(|| {
+                    self.err_key(
+                        &span,
+                        &path,
+                        "rate",
+                        "missing field `rate` (required by executor constant-arrival-rate)",
+                    )
+                })?;
+                if !(rate > 0.0 && rate.is_finite()) {
+                    return Err(self.err_key(
+                        &span,
+                        &path,
+                        "rate",
+                        "must be a positive number of iterations per second",
+                    ));
+                }
+                let max_vus = need(s.max_vus, "max_vus")?;
+                Executor::ConstantArrivalRate {
+                    rate: per_second(rate),
+                    duration: need_dur(s.duration, "duration")?,
+                    max_vus,
+                    pre_allocated_vus: s.pre_allocated_vus.unwrap_or(max_vus).min(max_vus),
+                }
+            }
+            ExecutorKind::RampingArrivalRate => {
+                let max_vus = need(s.max_vus, "max_vus")?;
+                let st = stages(&s.stages)?;
+                if s.time_unit.is_some() {
+                    return Err(self.err_key(&span, &path, "time_unit", "ramping-arrival-rate stage targets are per second; time_unit is not supported here"));
+                }
+                Executor::RampingArrivalRate {
+                    start_rate: s.start_rate.unwrap_or(0.0),
+                    stages: st,
+                    max_vus,
+                    pre_allocated_vus: s.pre_allocated_vus.unwrap_or(max_vus).min(max_vus),
+                }
+            }
+            ExecutorKind::PerVuIterations => Executor::PerVuIterations {
+                vus: need(s.vus, "vus")?,
+                iterations: need(s.iterations, "iterations")?,
+                max_duration: s
+                    .max_duration
+                    .map(|d| d.0)
+                    .unwrap_or(Duration::from_secs(600)),
+            },
+            ExecutorKind::SharedIterations => Executor::SharedIterations {
+                vus: need(s.vus, "vus")?,
+                iterations: need(s.iterations, "iterations")?,
+                max_duration: s
+                    .max_duration
+                    .map(|d| d.0)
+                    .unwrap_or(Duration::from_secs(600)),
+            },
+        };
+        let flows_key = if s.flow.is_some() { "flow" } else { "flows" };
+        let weights: Vec<(String, u32)> = match (s.flows, s.flow) {
+            (Some(_), Some(_)) => {
+                return Err(self.err_key(
+                    &span,
+                    &path,
+                    "flow",
+                    "give either flow or flows, not both",
+                ))
+            }
+            (Some(v), None) => v.into_iter().map(|w| (w.flow, w.weight)).collect(),
+            (None, Some(f)) => vec![(f, 1)],
+            (None, None) if flow_names.len() == 1 => vec![(flow_names[0].clone(), 1)],
+            (None, None) => {
+                return Err(self.err_key(
+                    &span,
+                    &path,
+                    "flows",
+                    "missing field `flows` (or `flow`): which flows does this scenario run?",
+                ))
+            }
+        };
+        let mut flows = Vec::new();
+        for (f, w) in weights {
+            let Some(idx) = flow_names.iter().position(|n| *n == f) else {
+                let known = if flow_names.is_empty() {
+                    "none".to_string()
+                } else {
+                    flow_names.join(", ")
+                };
+                return Err(self.err_key(
+                    &span,
+                    &path,
+                    flows_key,
+                    &format!("unknown flow \"{f}\" (flows defined: {known})"),
+                ));
+            };
+            if w == 0 {
+                return Err(self.err_key(
+                    &span,
+                    &path,
+                    flows_key,
+                    &format!("flow \"{f}\" has weight 0"),
+                ));
+            }
+            flows.push((idx, w));
+        }
+        if flows.is_empty() {
+            return Err(self.err_key(&span, &path, "flows", "needs at least one flow"));
+        }
+        Ok(Scenario {
+            name: name.to_string(),
+            executor,
+            start_after: s.start_after.map(|d| d.0).unwrap_or_default(),
+            flows,
+        })
+    }
+}
+
+fn kind_name(k: ExecutorKind) -> &'static str {
+    match k {
+        ExecutorKind::ConstantVus => "constant-vus",
+        ExecutorKind::RampingVus => "ramping-vus",
+        ExecutorKind::ConstantArrivalRate => "constant-arrival-rate",
+        ExecutorKind::RampingArrivalRate => "ramping-arrival-rate",
+        ExecutorKind::PerVuIterations => "per-vu-iterations",
+        ExecutorKind::SharedIterations => "shared-iterations",
+    }
+}
+
+/// "1s" or "1s..3s".
+pub fn parse_think(s: &str) -> Result<Think, String> {
+    match s.split_once("..") {
+        None => parse_duration(s)
+            .map(Think::Fixed)
+            .map_err(|e| format!("bad think time \"{s}\": {e}")),
+        Some((a, b)) => {
+            let a = parse_duration(a).map_err(|e| format!("bad think time \"{s}\": {e}"))?;
+            let b = parse_duration(b).map_err(|e| format!("bad think time \"{s}\": {e}"))?;
+            if b < a {
+                return Err(format!(
+                    "bad think time \"{s}\": the range ends before it starts"
+                ));
+            }
+            Ok(Think::Range(a, b))
+        }
+    }
+}
+
+/// Converts a TOML value to JSON (a request body or an expected value).
+pub fn toml_to_json(v: toml::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        toml::Value::String(s) => J::String(s),
+        toml::Value::Integer(i) => J::from(i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(f)
+            .map(J::Number)
+            .unwrap_or(J::Null),
+        toml::Value::Boolean(b) => J::Bool(b),
+        toml::Value::Datetime(d) => J::String(d.to_string()),
+        toml::Value::Array(a) => J::Array(a.into_iter().map(toml_to_json).collect()),
+        toml::Value::Table(t) => {
+            J::Object(t.into_iter().map(|(k, v)| (k, toml_to_json(v))).collect())
+        }
+    }
+}
+
+fn toml_scalar(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// 1-based line of a byte offset.
+pub fn line_of(src: &str, offset: usize) -> usize {
+    src.as_bytes()[..offset.min(src.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// The dotted key path of the value at `offset`: the nearest `[table]` header above it
+/// plus the key written before it on its line. A best effort for toml's own errors,
+/// which carry a position but no key path.
+fn field_at(src: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(src.len());
+    let line_start = src[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let before = &src[line_start..offset];
+    let key = before
+        .rsplit(['{', ','])
+        .find_map(|part| {
+            part.split_once('=')
+                .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        })
+        .filter(|k| !k.is_empty() && !k.contains(['[', ']']));
+    let header = src[..line_start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.starts_with('[')
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    });
+    match (header, key) {
+        (Some(h), Some(k)) => Some(format!("{h}.{k}")),
+        (None, Some(k)) => Some(k),
+        (Some(h), None) => Some(h),
+        (None, None) => None,
+    }
+}
+
+/// Byte offset of `key = ` inside `span`, if the key is written there.
+fn find_key(src: &str, span: Range<usize>, key: &str) -> Option<usize> {
+    let text = src.get(span.clone())?;
+    let mut from = 0;
+    while let Some(i) = text[from..].find(key) {
+        let at = from + i;
+        let prev_ok = at == 0
+            || !text.as_bytes()[at - 1].is_ascii_alphanumeric() && text.as_bytes()[at - 1] != b'_';
+        let rest = text[at + key.len()..].trim_start();
+        if prev_ok && (rest.starts_with('=')) {
+            return Some(span.start + at);
+        }
+        from = at + key.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "t"
+seed = 7
+[defaults]
+base_url = "http://127.0.0.1:8080"
+timeout = "5s"
+
+[data.accounts]
+file = "accounts.csv"
+mode = "unique"
+
+[scenarios.shoppers]
+executor = "ramping-arrival-rate"
+stages = [ { target = 0, duration = "0s" }, { target = 50, duration = "10s" } ]
+max_vus = 100
+flows = [ { flow = "browse", weight = 60 }, { flow = "purchase", weight = 40 } ]
+
+[scenarios.steady]
+executor = "constant-vus"
+vus = 3
+duration = "1m"
+flow = "browse"
+start_after = "5s"
+
+[[flows.browse.steps]]
+name = "search"
+request = { url = "/products", query = { q = "shoe" } }
+check = { status = 200 }
+
+[[flows.purchase.steps]]
+name = "login"
+request = { method = "POST", url = "/login", json = { user = "{{ accounts.user }}", password = "{{ accounts.password }}" } }
+check = { status = 200, json = { "$.ok" = true } }
+extract = { token = { json = "$.token" } }
+think = "1s..3s"
+
+[thresholds]
+"http_req_duration{flow=purchase}" = ["p(99) < 800ms"]
+"http_req_failed" = ["rate < 1%"]
+"#;
+
+    #[test]
+    fn parses_the_spec_shape() {
+        let p = parse_plan("plan.toml", GOOD).unwrap();
+        assert_eq!(p.name, "t");
+        assert_eq!(p.seed, 7);
+        assert_eq!(p.scenarios.len(), 2);
+        assert_eq!(p.flows.len(), 2);
+        let shoppers = p.scenarios.iter().find(|s| s.name == "shoppers").unwrap();
+        assert_eq!(shoppers.flows, vec![(0, 60), (1, 40)]);
+        let steady = p.scenarios.iter().find(|s| s.name == "steady").unwrap();
+        assert_eq!(steady.start_after, Duration::from_secs(5));
+        let login = &p.flows[1].steps[0];
+        assert_eq!(login.request.method, "POST");
+        assert!(matches!(login.request.body, Body::Json(_)));
+        assert_eq!(
+            login.think,
+            Think::Range(Duration::from_secs(1), Duration::from_secs(3))
+        );
+        assert!(login.location.starts_with("plan.toml:"));
+        assert_eq!(p.thresholds.len(), 2);
+        assert_eq!(p.data[0].mode, DataMode::Unique);
+    }
+
+    fn err(src: &str) -> PlanError {
+        parse_plan("plan.toml", src).unwrap_err()
+    }
+
+    #[test]
+    fn bad_toml_names_line() {
+        let e = err("name = \"x\"\n[scenarios.a\nexecutor = 1\n");
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.to_string().starts_with("plan.toml:2"), "{e}");
+        assert!(!e.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn unknown_executor_names_line_and_field() {
+        let src = GOOD.replace("executor = \"constant-vus\"", "executor = \"constant-vuz\"");
+        let e = err(&src);
+        let line = src
+            .lines()
+            .position(|l| l.contains("constant-vuz"))
+            .unwrap()
+            + 1;
+        assert_eq!(e.line, Some(line), "{e}");
+        assert_eq!(e.field.as_deref(), Some("scenarios.steady.executor"), "{e}");
+        assert!(e.message.contains("constant-vuz"), "{e}");
+    }
+
+    #[test]
+    fn missing_field_names_scenario() {
+        let src = GOOD.replace("vus = 3\n", "");
+        let e = err(&src);
+        assert_eq!(e.field.as_deref(), Some("scenarios.steady.vus"), "{e}");
+        let line = src
+            .lines()
+            .position(|l| l.contains("[scenarios.steady]"))
+            .unwrap()
+            + 1;
+        assert_eq!(e.line, Some(line), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_line_and_field() {
+        let src = GOOD.replace("duration = \"1m\"", "duration = \"1 fortnight\"");
+        let e = err(&src);
+        let line = src.lines().position(|l| l.contains("fortnight")).unwrap() + 1;
+        assert_eq!(e.line, Some(line), "{e}");
+        assert_eq!(e.field.as_deref(), Some("scenarios.steady.duration"), "{e}");
+        assert!(e.message.contains("fortnight"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let src = GOOD.replace("vus = 3", "vus = 3\nvuss = 4");
+        let e = err(&src);
+        assert!(e.message.contains("vuss"), "{e}");
+        let line = src.lines().position(|l| l.starts_with("vuss")).unwrap() + 1;
+        assert_eq!(e.line, Some(line), "{e}");
+    }
+
+    #[test]
+    fn unknown_flow_is_named() {
+        let src = GOOD.replace(
+            "flow = \"browse\"\nstart_after",
+            "flow = \"brows\"\nstart_after",
+        );
+        let e = err(&src);
+        assert!(e.message.contains("\"brows\""), "{e}");
+        assert_eq!(e.field.as_deref(), Some("scenarios.steady.flow"), "{e}");
+    }
+
+    #[test]
+    fn bad_threshold_is_named() {
+        let src = GOOD.replace("rate < 1%", "rate <<< 1%");
+        let e = err(&src);
+        assert!(e.field.as_deref().unwrap().starts_with("thresholds"), "{e}");
+        let line = src.lines().position(|l| l.contains("<<<")).unwrap() + 1;
+        assert_eq!(e.line, Some(line), "{e}");
+    }
+
+    #[test]
+    fn think_forms() {
+        assert_eq!(
+            parse_think("2s").unwrap(),
+            Think::Fixed(Duration::from_secs(2))
+        );
+        assert!(parse_think("3s..1s").is_err());
+    }
+}

@@ -1,0 +1,296 @@
+//! Thresholds: `"METRIC{tag=value}" = ["p(99) < 800ms", "rate < 1%"]` parsed into
+//! something a report can evaluate.
+//!
+//! This module owns the threshold grammar only; evaluating against measured numbers
+//! is the report's job (it knows where the numbers live).
+
+use std::fmt;
+
+use crate::duration::parse_duration;
+
+/// The metrics a threshold can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// Request latency (from the intended time), microseconds.
+    HttpReqDuration,
+    /// Service time (from the actual send), microseconds.
+    HttpReqServiceTime,
+    /// Fraction of requests that failed (transport error, HTTP status ≥ 400 not
+    /// accepted by a check, or a failed check).
+    HttpReqFailed,
+    /// Count and rate of requests.
+    HttpReqs,
+    /// Fraction of checks that passed.
+    Checks,
+    Iterations,
+    DroppedIterations,
+}
+
+impl Metric {
+    fn parse(s: &str) -> Option<Metric> {
+        Some(match s {
+            "http_req_duration" => Metric::HttpReqDuration,
+            "http_req_service_time" => Metric::HttpReqServiceTime,
+            "http_req_failed" => Metric::HttpReqFailed,
+            "http_reqs" => Metric::HttpReqs,
+            "checks" => Metric::Checks,
+            "iterations" => Metric::Iterations,
+            "dropped_iterations" => Metric::DroppedIterations,
+            _ => return None,
+        })
+    }
+    pub const NAMES: &'static str = "http_req_duration, http_req_service_time, http_req_failed, http_reqs, checks, iterations, dropped_iterations";
+}
+
+/// Which part of the measurements a threshold looks at.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TagFilter {
+    pub scenario: Option<String>,
+    pub flow: Option<String>,
+    /// The step (request) name; `name` and `step` are the same tag.
+    pub step: Option<String>,
+    pub node: Option<String>,
+    /// Any other tag is a node label, e.g. `region=eu`.
+    pub label: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    /// Percentile in per-mille precision: p(99.9) = 999 tenths... stored as f64.
+    Percentile,
+    Avg,
+    Min,
+    Max,
+    Med,
+    Rate,
+    Count,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+impl Op {
+    pub fn holds(self, a: f64, b: f64) -> bool {
+        match self {
+            Op::Lt => a < b,
+            Op::Le => a <= b,
+            Op::Gt => a > b,
+            Op::Ge => a >= b,
+            Op::Eq => a == b,
+            Op::Ne => a != b,
+        }
+    }
+}
+
+/// One expression: `AGG OP VALUE`. Durations are held in microseconds; a bare number
+/// for a duration metric means milliseconds (as in k6); rates are fractions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThresholdExpr {
+    pub aggregate: Aggregate,
+    /// For `p(N)`: N in percent (99.9 for p(99.9)).
+    pub percentile: f64,
+    pub op: Op,
+    pub value: f64,
+    /// The value was written as a duration or a plain number of milliseconds.
+    pub value_is_duration: bool,
+}
+
+impl ThresholdExpr {
+    pub fn parse(s: &str) -> Result<ThresholdExpr, String> {
+        let bad = |why: &str| format!("bad threshold \"{s}\": {why}");
+        let t = s.trim();
+        let ops = [
+            ("<=", Op::Le),
+            (">=", Op::Ge),
+            ("==", Op::Eq),
+            ("!=", Op::Ne),
+            ("<", Op::Lt),
+            (">", Op::Gt),
+        ];
+        let (pos, op_str, op) = ops
+            .iter()
+            .filter_map(|(o, op)| t.find(o).map(|p| (p, *o, *op)))
+            .min_by_key(|(p, o, _)| (*p, std::cmp::Reverse(o.len())))
+            .ok_or_else(|| bad("expected an expression like \"p(99) < 800ms\" or \"rate < 1%\""))?;
+        let lhs = t[..pos].trim();
+        let rhs = t[pos + op_str.len()..].trim();
+        if rhs.starts_with(['<', '>', '=', '!']) {
+            return Err(bad("expected one comparison operator"));
+        }
+        let (aggregate, percentile) =
+            if let Some(inner) = lhs.strip_prefix("p(").and_then(|r| r.strip_suffix(')')) {
+                let p: f64 = inner
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad("p(N) needs a number N"))?;
+                if !(0.0..=100.0).contains(&p) {
+                    return Err(bad("a percentile must be between 0 and 100"));
+                }
+                (Aggregate::Percentile, p)
+            } else {
+                let a = match lhs {
+                    "avg" => Aggregate::Avg,
+                    "min" => Aggregate::Min,
+                    "max" => Aggregate::Max,
+                    "med" => Aggregate::Med,
+                    "rate" => Aggregate::Rate,
+                    "count" => Aggregate::Count,
+                    _ => return Err(bad(&format!(
+                        "unknown aggregate \"{lhs}\" (use p(N), avg, min, max, med, rate, count)"
+                    ))),
+                };
+                (a, 50.0)
+            };
+        let (value, value_is_duration) = if let Some(pct) = rhs.strip_suffix('%') {
+            let v: f64 = pct.trim().parse().map_err(|_| bad("bad percentage"))?;
+            (v / 100.0, false)
+        } else if let Ok(v) = rhs.parse::<f64>() {
+            (v, false)
+        } else {
+            let d = parse_duration(rhs).map_err(|e| bad(&format!("bad value \"{rhs}\": {e}")))?;
+            (d.as_secs_f64() * 1e6, true)
+        };
+        Ok(ThresholdExpr {
+            aggregate,
+            percentile,
+            op,
+            value,
+            value_is_duration,
+        })
+    }
+}
+
+/// A threshold as written in the plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Threshold {
+    /// The key as written, e.g. `http_req_duration{flow=purchase}`.
+    pub key: String,
+    pub metric: Metric,
+    pub filter: TagFilter,
+    /// The expression as written, e.g. `p(99) < 800ms`.
+    pub source: String,
+    pub expr: ThresholdExpr,
+}
+
+impl Threshold {
+    pub fn new(key: &str, source: &str, mut expr: ThresholdExpr) -> Result<Threshold, String> {
+        let (name, tags) = match key.split_once('{') {
+            None => (key.trim(), ""),
+            Some((n, rest)) => {
+                let tags = rest
+                    .strip_suffix('}')
+                    .ok_or_else(|| format!("\"{key}\": missing closing }}"))?;
+                (n.trim(), tags)
+            }
+        };
+        let metric = Metric::parse(name)
+            .ok_or_else(|| format!("unknown metric \"{name}\" (known: {})", Metric::NAMES))?;
+        let mut filter = TagFilter::default();
+        for tag in tags.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let (k, v) = tag
+                .split_once('=')
+                .ok_or_else(|| format!("\"{key}\": a tag is written name=value"))?;
+            let (k, v) = (k.trim(), v.trim().trim_matches('"').to_string());
+            match k {
+                "scenario" => filter.scenario = Some(v),
+                "flow" => filter.flow = Some(v),
+                "name" | "step" => filter.step = Some(v),
+                "node" => filter.node = Some(v),
+                _ if filter.label.is_none() => filter.label = Some((k.to_string(), v)),
+                _ => return Err(format!("\"{key}\": at most one node label tag")),
+            }
+        }
+        let is_duration_metric =
+            matches!(metric, Metric::HttpReqDuration | Metric::HttpReqServiceTime);
+        match expr.aggregate {
+            Aggregate::Rate if is_duration_metric => {
+                return Err(format!(
+                    "\"{source}\": {name} is a duration; use p(N), avg, min, max or med"
+                ))
+            }
+            Aggregate::Percentile
+            | Aggregate::Avg
+            | Aggregate::Min
+            | Aggregate::Max
+            | Aggregate::Med
+                if !is_duration_metric =>
+            {
+                return Err(format!(
+                    "\"{source}\": {name} is not a duration; use rate or count"
+                ))
+            }
+            _ => {}
+        }
+        if is_duration_metric && !expr.value_is_duration {
+            // A bare number is milliseconds, as in k6.
+            expr.value *= 1000.0;
+            expr.value_is_duration = true;
+        }
+        Ok(Threshold {
+            key: key.to_string(),
+            metric,
+            filter,
+            source: source.to_string(),
+            expr,
+        })
+    }
+}
+
+impl fmt::Display for Threshold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_forms() {
+        let e = ThresholdExpr::parse("p(99) < 800ms").unwrap();
+        assert_eq!(e.aggregate, Aggregate::Percentile);
+        assert_eq!(e.percentile, 99.0);
+        assert_eq!(e.op, Op::Lt);
+        assert_eq!(e.value, 800_000.0);
+        let e = ThresholdExpr::parse("rate<1%").unwrap();
+        assert_eq!((e.aggregate, e.value), (Aggregate::Rate, 0.01));
+        let e = ThresholdExpr::parse("p(99.9) <= 1s").unwrap();
+        assert_eq!((e.percentile, e.op, e.value), (99.9, Op::Le, 1e6));
+        assert!(ThresholdExpr::parse("p(99) 800ms").is_err());
+        assert!(ThresholdExpr::parse("q(99) < 1").is_err());
+        assert!(ThresholdExpr::parse("rate <<< 1%").is_err());
+    }
+
+    #[test]
+    fn tags_and_k6_milliseconds() {
+        let t = Threshold::new(
+            "http_req_duration{flow=purchase, region=eu}",
+            "p(95) < 200",
+            ThresholdExpr::parse("p(95) < 200").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(t.filter.flow.as_deref(), Some("purchase"));
+        assert_eq!(t.filter.label, Some(("region".into(), "eu".into())));
+        assert_eq!(t.expr.value, 200_000.0);
+        assert!(Threshold::new(
+            "http_req_durations",
+            "p(95) < 1",
+            ThresholdExpr::parse("p(95) < 1").unwrap()
+        )
+        .is_err());
+        assert!(Threshold::new(
+            "http_req_failed",
+            "p(95) < 1",
+            ThresholdExpr::parse("p(95) < 1").unwrap()
+        )
+        .is_err());
+    }
+}
