@@ -5,4 +5,5 @@
 pub mod duration;
 pub mod executor;
 pub mod plan;
+pub mod snapshot;
 pub mod threshold;

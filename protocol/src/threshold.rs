@@ -142,9 +142,11 @@ impl ThresholdExpr {
                     "med" => Aggregate::Med,
                     "rate" => Aggregate::Rate,
                     "count" => Aggregate::Count,
-                    _ => return Err(bad(&format!(
+                    _ => {
+                        return Err(bad(&format!(
                         "unknown aggregate \"{lhs}\" (use p(N), avg, min, max, med, rate, count)"
-                    ))),
+                    )))
+                    }
                 };
                 (a, 50.0)
             };
