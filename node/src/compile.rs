@@ -1,0 +1,394 @@
+//! A plan made ready to run: templates compiled once, data files loaded, regexes and
+//! JSON paths built, and the metrics [`Layout`] derived — everything a VU needs so that
+//! nothing is parsed per request.
+//!
+//! This module turns a validated [`Plan`] into a [`CompiledPlan`]; it must not schedule,
+//! send or measure anything. Errors name the plan file, line and field, like the
+//! plan's own.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+use regex::Regex;
+use stampede_protocol::executor::Executor;
+use stampede_protocol::plan::{self, Body, DataMode, Extract, Plan, PlanError, Think};
+use stampede_protocol::snapshot::{Layout, SeriesKey};
+
+use crate::data::{self, DataSet, FeedMode, OnExhausted};
+use crate::http::Url;
+use crate::jsonpath::JsonPath;
+use crate::template::{JsonTemplate, Scope, Template};
+
+/// The whole plan, ready for VUs. Shared read-only (`Arc`) by every worker thread.
+#[derive(Debug)]
+pub struct CompiledPlan {
+    pub plan: Plan,
+    /// Where the plan file is; data files are relative to it.
+    pub base_dir: PathBuf,
+    pub layout: Layout,
+    pub feeders: Vec<Feeder>,
+    pub flows: Vec<CompiledFlow>,
+    pub scenarios: Vec<CompiledScenario>,
+    /// VU slots of all scenarios together: the global VU id space (data partitioning).
+    pub total_vu_slots: u64,
+}
+
+#[derive(Debug)]
+pub struct Feeder {
+    pub data: Arc<DataSet>,
+    pub mode: FeedMode,
+    pub on_exhausted: OnExhausted,
+}
+
+#[derive(Debug)]
+pub struct CompiledFlow {
+    pub name: String,
+    pub steps: Vec<CompiledStep>,
+    /// Extract variables of this flow (slots of `Vu::vars`).
+    pub var_count: usize,
+    /// Which feeders the flow's templates read: only those advance per iteration.
+    pub feeders_used: Vec<bool>,
+}
+
+#[derive(Debug)]
+pub struct CompiledStep {
+    pub name: String,
+    pub method: Method,
+    pub url: UrlTemplate,
+    pub query: Vec<(String, Template)>,
+    pub headers: Vec<(HeaderName, Template)>,
+    pub body: CompiledBody,
+    pub timeout: Duration,
+    pub check: CompiledCheck,
+    pub extract: Vec<(usize, CompiledExtract)>,
+    pub think: Think,
+}
+
+impl CompiledStep {
+    fn for_each_feeder(&self, mut f: impl FnMut(usize)) {
+        if let UrlTemplate::Dynamic(t) = &self.url {
+            t.feeders_used().for_each(&mut f);
+        }
+        let query = self.query.iter().map(|(_, t)| t);
+        for t in query.chain(self.headers.iter().map(|(_, t)| t)) {
+            t.feeders_used().for_each(&mut f);
+        }
+        match &self.body {
+            CompiledBody::None => {}
+            CompiledBody::Text(t) => t.feeders_used().for_each(&mut f),
+            CompiledBody::Json(j) => j.feeders_used().for_each(&mut f),
+            CompiledBody::Form(v) => v.iter().for_each(|(_, t)| t.feeders_used().for_each(&mut f)),
+        }
+    }
+}
+
+/// A URL that is parsed once when it has no holes.
+#[derive(Debug)]
+pub enum UrlTemplate {
+    Static(Url),
+    Dynamic(Template),
+}
+
+#[derive(Debug)]
+pub enum CompiledBody {
+    None,
+    Text(Template),
+    Json(JsonTemplate),
+    Form(Vec<(String, Template)>),
+}
+
+#[derive(Debug, Default)]
+pub struct CompiledCheck {
+    pub status: Vec<u16>,
+    pub body_contains: Option<String>,
+    pub body_regex: Option<Regex>,
+    pub headers: Vec<(HeaderName, String)>,
+    pub json: Vec<(JsonPath, serde_json::Value)>,
+}
+
+impl CompiledCheck {
+    /// How many checks a response is held against (for the `checks` rate). A status
+    /// check always counts: without one, "below 400" is the check.
+    pub fn count(&self) -> u64 {
+        1 + self.body_contains.is_some() as u64
+            + self.body_regex.is_some() as u64
+            + self.headers.len() as u64
+            + self.json.len() as u64
+    }
+}
+
+#[derive(Debug)]
+pub enum CompiledExtract {
+    Json(JsonPath),
+    /// The first capture group if there is one, else the whole match.
+    Regex(Regex),
+    Header(HeaderName),
+    Cookie(String),
+}
+
+#[derive(Debug)]
+pub struct CompiledScenario {
+    pub name: String,
+    pub executor: Executor,
+    pub start_after: Duration,
+    /// Flows with cumulative weights for a weighted pick: (flow index, cumulative).
+    pub flows: Vec<(usize, u64)>,
+    pub total_weight: u64,
+    /// For each flow slot of this scenario: the index of its first series and of its
+    /// flow-iteration counter in [`Layout`].
+    pub series_base: Vec<usize>,
+    pub flow_slot: Vec<usize>,
+    /// First global VU id of this scenario.
+    pub vu_offset: u64,
+    pub vu_slots: u64,
+}
+
+impl CompiledScenario {
+    /// Index into `flows` for a draw in `0..total_weight`.
+    pub fn pick(&self, draw: u64) -> usize {
+        self.flows.iter().position(|(_, cum)| draw < *cum).unwrap_or(self.flows.len() - 1)
+    }
+}
+
+/// Reads, validates and compiles a plan file.
+pub fn load(path: &Path) -> Result<CompiledPlan, PlanError> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|e| PlanError {
+        file: file.clone(),
+        line: None,
+        field: None,
+        message: format!("cannot read the plan: {e}"),
+    })?;
+    let plan = plan::parse_plan(&file, &src)?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    compile(plan, &file, &base)
+}
+
+/// Compiles a validated plan; `file` names it in errors, `base_dir` resolves data files.
+pub fn compile(plan: Plan, file: &str, base_dir: &Path) -> Result<CompiledPlan, PlanError> {
+    let err = |field: String, message: String| PlanError {
+        file: file.to_string(),
+        line: None,
+        field: Some(field),
+        message,
+    };
+
+    let mut feeders = Vec::new();
+    for d in &plan.data {
+        let path = base_dir.join(&d.file);
+        let format = match d.format {
+            plan::DataFormat::Csv => data::DataFormat::Csv,
+            plan::DataFormat::Jsonl => data::DataFormat::Jsonl,
+        };
+        let set = data::load(&d.name, &path, Some(format))
+            .map_err(|e| err(format!("data.{}.file", d.name), e.to_string()))?;
+        feeders.push(Feeder {
+            data: Arc::new(set),
+            mode: match d.mode {
+                DataMode::Unique => FeedMode::Unique,
+                DataMode::SharedSequential => FeedMode::SharedSequential,
+                DataMode::Random => FeedMode::Random,
+            },
+            on_exhausted: match d.on_exhausted {
+                plan::OnExhausted::Recycle => OnExhausted::Recycle,
+                plan::OnExhausted::Stop => OnExhausted::Stop,
+            },
+        });
+    }
+
+    let mut flows = Vec::new();
+    for f in &plan.flows {
+        let mut scope = Scope::new();
+        for feeder in &feeders {
+            scope.add_feeder(&feeder.data.name, &feeder.data.columns);
+        }
+        for s in &f.steps {
+            for (var, _) in &s.extract {
+                scope.add_var(var);
+            }
+        }
+        let mut steps = Vec::new();
+        for s in &f.steps {
+            steps.push(compile_step(&plan, s, &scope)?);
+        }
+        let mut feeders_used = vec![false; feeders.len()];
+        for st in &steps {
+            st.for_each_feeder(|i| feeders_used[i] = true);
+        }
+        flows.push(CompiledFlow { name: f.name.clone(), steps, var_count: scope.var_count(), feeders_used });
+    }
+
+    let mut layout = Layout {
+        scenarios: plan.scenarios.iter().map(|s| s.name.clone()).collect(),
+        flows: plan.flows.iter().map(|f| f.name.clone()).collect(),
+        ..Default::default()
+    };
+    let mut scenarios = Vec::new();
+    let mut vu_offset = 0;
+    for (si, s) in plan.scenarios.iter().enumerate() {
+        let mut cum = 0u64;
+        let mut weighted = Vec::new();
+        let mut series_base = Vec::new();
+        let mut flow_slot = Vec::new();
+        for &(fi, w) in &s.flows {
+            cum += w as u64;
+            weighted.push((fi, cum));
+            flow_slot.push(layout.flow_slots.len());
+            layout.flow_slots.push((si, fi));
+            series_base.push(layout.series.len());
+            for (step, st) in plan.flows[fi].steps.iter().enumerate() {
+                layout.series.push(SeriesKey { scenario: si, flow: fi, step, step_name: st.name.clone() });
+            }
+        }
+        let vu_slots = s.executor.max_vus();
+        scenarios.push(CompiledScenario {
+            name: s.name.clone(),
+            executor: s.executor.clone(),
+            start_after: s.start_after,
+            flows: weighted,
+            total_weight: cum,
+            series_base,
+            flow_slot,
+            vu_offset,
+            vu_slots,
+        });
+        vu_offset += vu_slots;
+    }
+    let total_vu_slots = vu_offset;
+
+    for feeder in &feeders {
+        if feeder.mode == FeedMode::Unique {
+            feeder
+                .data
+                .check_unique(total_vu_slots)
+                .map_err(|e| err(format!("data.{}", feeder.data.name), e.to_string()))?;
+        }
+    }
+
+    Ok(CompiledPlan {
+        plan,
+        base_dir: base_dir.to_path_buf(),
+        layout,
+        feeders,
+        flows,
+        scenarios,
+        total_vu_slots,
+    })
+}
+
+fn compile_step(plan: &Plan, s: &plan::Step, scope: &Scope) -> Result<CompiledStep, PlanError> {
+    // Step errors found here carry the step's own location ("plan.toml:31: flows.x.steps[2]").
+    let err = |field: &str, message: String| {
+        let (file_line, path) = s.location.rsplit_once(": ").unwrap_or((&s.location, ""));
+        let (file, line) = match file_line.rsplit_once(':') {
+            Some((f, l)) => (f.to_string(), l.parse().ok()),
+            None => (file_line.to_string(), None),
+        };
+        PlanError { file, line, field: Some(format!("{path}.{field}")), message }
+    };
+    let tpl = |field: &str, src: &str| {
+        Template::compile(src, scope).map_err(|e| err(field, format!("bad template: {e}")))
+    };
+
+    let method = Method::from_bytes(s.request.method.as_bytes())
+        .map_err(|_| err("request.method", format!("bad HTTP method \"{}\"", s.request.method)))?;
+    let full_url = if s.request.url.starts_with('/') {
+        match &plan.defaults.base_url {
+            Some(b) => format!("{b}{}", s.request.url),
+            None => {
+                return Err(err(
+                    "request.url",
+                    format!("\"{}\" is relative but [defaults] has no base_url", s.request.url),
+                ))
+            }
+        }
+    } else {
+        s.request.url.clone()
+    };
+    let url_tpl = tpl("request.url", &full_url)?;
+    let url = match url_tpl.static_text() {
+        Some(text) => UrlTemplate::Static(
+            Url::parse(text).map_err(|e| err("request.url", format!("bad URL \"{text}\": {e}")))?,
+        ),
+        None => UrlTemplate::Dynamic(url_tpl),
+    };
+    let mut query = Vec::new();
+    for (k, v) in &s.request.query {
+        query.push((k.clone(), tpl(&format!("request.query.{k}"), v)?));
+    }
+    let mut headers = Vec::new();
+    for (k, v) in plan.defaults.headers.iter().chain(&s.request.headers) {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| err("request.headers", format!("bad header name \"{k}\"")))?;
+        // A step's header replaces a default of the same name.
+        headers.retain(|(n, _): &(HeaderName, Template)| *n != name);
+        headers.push((name, tpl(&format!("request.headers.{k}"), v)?));
+    }
+    let body = match &s.request.body {
+        Body::None => CompiledBody::None,
+        Body::Text(t) => CompiledBody::Text(tpl("request.body", t)?),
+        Body::Json(j) => CompiledBody::Json(
+            JsonTemplate::compile(j, scope).map_err(|e| err("request.json", format!("bad template: {e}")))?,
+        ),
+        Body::Form(f) => {
+            let mut out = Vec::new();
+            for (k, v) in f {
+                out.push((k.clone(), tpl(&format!("request.form.{k}"), v)?));
+            }
+            CompiledBody::Form(out)
+        }
+    };
+    let c = &s.check;
+    let mut check = CompiledCheck {
+        status: c.status.clone(),
+        body_contains: c.body_contains.clone(),
+        body_regex: match &c.body_regex {
+            Some(r) => Some(Regex::new(r).map_err(|e| err("check.body_regex", one_line(&e.to_string())))?),
+            None => None,
+        },
+        ..Default::default()
+    };
+    for (k, v) in &c.headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| err("check.header", format!("bad header name \"{k}\"")))?;
+        check.headers.push((name, v.clone()));
+    }
+    for (p, v) in &c.json {
+        let path = JsonPath::compile(p).map_err(|e| err("check.json", format!("bad JSON path \"{p}\": {e}")))?;
+        check.json.push((path, v.clone()));
+    }
+    let mut extract = Vec::new();
+    for (var, e) in &s.extract {
+        let slot = scope.var_slot(var).expect("every extract var was added to the scope");
+        let field = format!("extract.{var}");
+        let compiled = match e {
+            Extract::Json(p) => CompiledExtract::Json(
+                JsonPath::compile(p).map_err(|e| err(&field, format!("bad JSON path \"{p}\": {e}")))?,
+            ),
+            Extract::Regex(r) => CompiledExtract::Regex(Regex::new(r).map_err(|e| err(&field, one_line(&e.to_string())))?),
+            Extract::Header(h) => CompiledExtract::Header(
+                HeaderName::from_bytes(h.as_bytes()).map_err(|_| err(&field, format!("bad header name \"{h}\"")))?,
+            ),
+            Extract::Cookie(c) => CompiledExtract::Cookie(c.clone()),
+        };
+        extract.push((slot, compiled));
+    }
+    Ok(CompiledStep {
+        name: s.name.clone(),
+        method,
+        url,
+        query,
+        headers,
+        body,
+        timeout: s.request.timeout.unwrap_or(plan.defaults.timeout),
+        check,
+        extract,
+        think: s.think,
+    })
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

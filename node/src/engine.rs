@@ -1,0 +1,485 @@
+//! The load engine: worker threads that run this node's execution segment of a plan.
+//!
+//! Thread-per-core, like wrk: each worker owns a single-threaded tokio runtime, its
+//! VUs and their connections, and its own [`Metrics`]; nothing is shared per request.
+//! Once a second (aligned to the run's start) each worker hands its metrics for that
+//! second to the collector — one channel send per worker per second. The engine runs on
+//! its own threads so that a node's mesh event loop is never starved by load.
+//!
+//! Executors decide *when* iterations start:
+//! - closed model (constant-vus, ramping-vus, per-vu-iterations, shared-iterations):
+//!   a VU iterates back to back while its global index is below the scenario's current
+//!   VU target;
+//! - open model (constant/ramping-arrival-rate): event k of the global schedule fires at
+//!   its intended instant whether or not earlier responses came back; latency counts
+//!   from that instant, and an event that finds no free VU is counted as dropped.
+//!
+//! Work is split by global index (VUs and arrival events) through the run's
+//! [`Assignment`], first across nodes, then round-robin across this node's workers, so
+//! the union over the mesh is exactly the single-machine schedule. The engine must not
+//! know about the mesh, output formats or the terminal.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use stampede_protocol::executor::Executor;
+use stampede_protocol::segment::Assignment;
+use stampede_protocol::snapshot::Metrics;
+use tokio::sync::watch;
+
+use crate::compile::CompiledPlan;
+use crate::data::SharedCursor;
+use crate::http::Shared;
+use crate::vu::{micros, IterationEnd, Vu, WorkerCtx};
+
+/// What this node runs.
+pub struct RunSpec {
+    pub plan: Arc<CompiledPlan>,
+    pub assignment: Assignment,
+    /// This node's index in `assignment`.
+    pub node: usize,
+    pub node_name: String,
+    pub workers: usize,
+    pub http: Arc<Shared>,
+    /// The common start instant (in this process's clock).
+    pub start_at: Instant,
+    /// How long in-flight iterations may finish after their scenario ends or a stop.
+    pub graceful_stop: Duration,
+}
+
+/// One worker's measurements for one second of the run.
+pub struct WorkerReport {
+    pub worker: usize,
+    /// The second since the start this covers: [second, second + 1).
+    pub second: u64,
+    pub metrics: Metrics,
+    /// VUs alive on this worker when the second ended.
+    pub vus: u64,
+    /// This is the worker's last report.
+    pub last: bool,
+}
+
+/// Stops a run from outside (Ctrl-C, `stampede stop`, a mesh decision).
+#[derive(Clone)]
+pub struct StopHandle {
+    graceful: Arc<AtomicBool>,
+    tx: Arc<watch::Sender<Stop>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stop {
+    Running,
+    /// Start no new iteration; let in-flight ones finish within the graceful window.
+    Graceful,
+    /// Abandon in-flight iterations now.
+    Hard,
+}
+
+impl StopHandle {
+    fn new() -> StopHandle {
+        StopHandle { graceful: Arc::new(AtomicBool::new(false)), tx: Arc::new(watch::channel(Stop::Running).0) }
+    }
+    pub fn stop(&self, how: Stop) {
+        if how >= Stop::Graceful {
+            self.graceful.store(true, Ordering::Relaxed);
+        }
+        self.tx.send_if_modified(|s| {
+            if how > *s {
+                *s = how;
+                true
+            } else {
+                false
+            }
+        });
+    }
+    fn stopping(&self) -> bool {
+        self.graceful.load(Ordering::Relaxed)
+    }
+}
+
+pub struct Engine {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    pub stop: StopHandle,
+}
+
+impl Engine {
+    /// Starts the workers; reports arrive on `reports` until every worker sent `last`.
+    pub fn start(spec: RunSpec, reports: mpsc::Sender<WorkerReport>) -> std::io::Result<Engine> {
+        let stop = StopHandle::new();
+        let spec = Arc::new(spec);
+        let shared_left: Arc<Vec<AtomicU64>> = Arc::new(
+            spec.plan
+                .scenarios
+                .iter()
+                .map(|s| match s.executor {
+                    Executor::SharedIterations { iterations, .. } => {
+                        AtomicU64::new(spec.assignment.scale(spec.node, iterations))
+                    }
+                    _ => AtomicU64::new(0),
+                })
+                .collect(),
+        );
+        let n = spec.assignment.nodes() as u64;
+        let cursors: Arc<Vec<SharedCursor>> =
+            Arc::new(spec.plan.feeders.iter().map(|_| SharedCursor::new(spec.node as u64, n)).collect());
+        let mut threads = Vec::new();
+        for w in 0..spec.workers.max(1) {
+            let (spec, reports, stop, left, cursors) =
+                (spec.clone(), reports.clone(), stop.clone(), shared_left.clone(), cursors.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("stampede-worker-{w}"))
+                    .spawn(move || worker_main(w, spec, reports, stop, left, cursors))?,
+            );
+        }
+        Ok(Engine { threads, stop })
+    }
+
+    /// Waits for every worker to finish.
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Worker {
+    index: usize,
+    count: usize,
+    spec: Arc<RunSpec>,
+    ctx: WorkerCtx,
+    stop: StopHandle,
+    stop_rx: watch::Receiver<Stop>,
+    shared_left: Arc<Vec<AtomicU64>>,
+    /// VUs alive on this worker.
+    vus: Cell<u64>,
+}
+
+fn worker_main(
+    index: usize,
+    spec: Arc<RunSpec>,
+    reports: mpsc::Sender<WorkerReport>,
+    stop: StopHandle,
+    shared_left: Arc<Vec<AtomicU64>>,
+    cursors: Arc<Vec<SharedCursor>>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(worker = index, "cannot start a worker runtime: {e}");
+            let _ = reports.send(WorkerReport {
+                worker: index,
+                second: 0,
+                metrics: Metrics::new(&spec.plan.layout),
+                vus: 0,
+                last: true,
+            });
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    let worker = Rc::new(Worker {
+        index,
+        count: spec.workers.max(1),
+        ctx: WorkerCtx {
+            plan: spec.plan.clone(),
+            http: spec.http.clone(),
+            node_name: Arc::from(spec.node_name.as_str()),
+            recorder: RefCell::new(Metrics::new(&spec.plan.layout)),
+            cursors,
+        },
+        stop_rx: stop.tx.subscribe(),
+        spec,
+        stop,
+        shared_left,
+        vus: Cell::new(0),
+    });
+    local.block_on(&rt, async move {
+        let start = tokio::time::Instant::from_std(worker.spec.start_at);
+        let mut scenarios = Vec::new();
+        for si in 0..worker.spec.plan.scenarios.len() {
+            scenarios.push(tokio::task::spawn_local(run_scenario(worker.clone(), si)));
+        }
+        let done = Rc::new(Cell::new(false));
+        let flusher = {
+            let (worker, done, reports) = (worker.clone(), done.clone(), reports.clone());
+            tokio::task::spawn_local(async move {
+                let mut second = 0u64;
+                loop {
+                    tokio::time::sleep_until(start + Duration::from_secs(second + 1)).await;
+                    if done.get() {
+                        return second;
+                    }
+                    let metrics = take_metrics(&worker);
+                    let report =
+                        WorkerReport { worker: worker.index, second, metrics, vus: worker.vus.get(), last: false };
+                    if reports.send(report).is_err() {
+                        return second;
+                    }
+                    second += 1;
+                }
+            })
+        };
+        for s in scenarios {
+            let _ = s.await;
+        }
+        done.set(true);
+        flusher.abort();
+        // The final report covers whatever the current second holds.
+        let second = (Instant::now().saturating_duration_since(worker.spec.start_at)).as_secs();
+        let metrics = take_metrics(&worker);
+        let _ = reports.send(WorkerReport { worker: worker.index, second, metrics, vus: 0, last: true });
+    });
+}
+
+fn take_metrics(w: &Worker) -> Metrics {
+    let mut m = w.ctx.recorder.borrow_mut();
+    let out = m.clone();
+    m.reset();
+    out
+}
+
+/// The indices this worker runs out of the node's share of `0..limit` (VU indices):
+/// the node's owned indices, dealt round-robin over the workers.
+fn my_indices(w: &Worker, limit: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut rank = 0usize;
+    for g in 0..limit {
+        if w.spec.assignment.owns(w.spec.node, g) {
+            if rank % w.count == w.index {
+                out.push(g);
+            }
+            rank += 1;
+        }
+    }
+    out
+}
+
+async fn run_scenario(w: Rc<Worker>, si: usize) {
+    let sc = &w.spec.plan.scenarios[si];
+    let begin = w.spec.start_at + sc.start_after;
+    let mut stop_rx = w.stop_rx.clone();
+    tokio::select! {
+        _ = tokio::time::sleep_until(begin.into()) => {}
+        _ = stop_rx.wait_for(|s| *s != Stop::Running) => return,
+    }
+    match sc.executor.clone() {
+        Executor::ConstantVus { .. } | Executor::RampingVus { .. } => closed_ramping(w, si, begin).await,
+        Executor::PerVuIterations { vus, iterations, max_duration } => {
+            closed_counted(w, si, begin, vus, Some(iterations), max_duration).await
+        }
+        Executor::SharedIterations { vus, max_duration, .. } => {
+            closed_counted(w, si, begin, vus, None, max_duration).await
+        }
+        Executor::ConstantArrivalRate { .. } | Executor::RampingArrivalRate { .. } => {
+            open_model(w, si, begin).await
+        }
+    }
+}
+
+/// Runs `fut` unless a hard stop comes first.
+async fn unless_hard_stop<F: std::future::Future>(w: &Worker, fut: F) -> Option<F::Output> {
+    let mut rx = w.stop_rx.clone();
+    tokio::select! {
+        out = fut => Some(out),
+        _ = rx.wait_for(|s| *s == Stop::Hard) => None,
+    }
+}
+
+/// Sends a hard stop when the graceful window after `end` has passed.
+fn arm_hard_stop(w: &Rc<Worker>, end: Instant) -> tokio::task::JoinHandle<()> {
+    let (w, grace) = (w.clone(), w.spec.graceful_stop);
+    tokio::task::spawn_local(async move {
+        let mut rx = w.stop_rx.clone();
+        tokio::select! {
+            _ = tokio::time::sleep_until((end + grace).into()) => {}
+            _ = rx.wait_for(|s| *s == Stop::Graceful) => {
+                tokio::time::sleep(grace).await;
+            }
+        }
+        // A local hard stop only for this worker's in-flight iterations.
+        w.stop.stop(Stop::Hard);
+    })
+}
+
+/// constant-vus and ramping-vus: global VU g runs while g < the scenario's VU target.
+async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
+    let sc = &w.spec.plan.scenarios[si];
+    let exec = sc.executor.clone();
+    let total = exec.total_duration();
+    let end = begin + total;
+    let mine = my_indices(&w, sc.vu_slots);
+    let target = Rc::new(Cell::new(exec.vus_at(Duration::ZERO)));
+    let running: Rc<RefCell<Vec<bool>>> = Rc::new(RefCell::new(vec![false; mine.len()]));
+    let mut tasks = Vec::new();
+    let mut at = Duration::ZERO;
+    let mut stop_rx = w.stop_rx.clone();
+    loop {
+        // Start every VU of ours that the current target admits and is not running.
+        for (i, &g) in mine.iter().enumerate() {
+            if g < target.get() && !running.borrow()[i] {
+                running.borrow_mut()[i] = true;
+                let (w2, target2, running2) = (w.clone(), target.clone(), running.clone());
+                tasks.push(tokio::task::spawn_local(async move {
+                    let sc = &w2.spec.plan.scenarios[si];
+                    let mut vu = Vu::new(&w2.ctx, si, sc.vu_offset + g);
+                    w2.vus.set(w2.vus.get() + 1);
+                    while g < target2.get() && !w2.stop.stopping() && Instant::now() < end {
+                        match unless_hard_stop(&w2, vu.iterate(&w2.ctx, None)).await {
+                            None | Some(IterationEnd::DataExhausted) => break,
+                            Some(_) => {}
+                        }
+                    }
+                    w2.vus.set(w2.vus.get() - 1);
+                    running2.borrow_mut()[i] = false;
+                }));
+            }
+        }
+        let Some((next, vus)) = exec.next_vu_change(at) else { break };
+        if next >= total {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until((begin + next).into()) => {}
+            _ = stop_rx.wait_for(|s| *s != Stop::Running) => break,
+        }
+        at = next;
+        target.set(vus);
+    }
+    tokio::select! {
+        _ = tokio::time::sleep_until(end.into()) => {}
+        _ = stop_rx.wait_for(|s| *s != Stop::Running) => {}
+    }
+    target.set(0);
+    let hard = arm_hard_stop(&w, end);
+    for t in tasks {
+        let _ = t.await;
+    }
+    hard.abort();
+}
+
+/// per-vu-iterations (`per_vu = Some(n)`) and shared-iterations (`None`: the node's
+/// share of the pool is counted down across its workers).
+async fn closed_counted(
+    w: Rc<Worker>,
+    si: usize,
+    begin: Instant,
+    vus: u64,
+    per_vu: Option<u64>,
+    max_duration: Duration,
+) {
+    let end = begin + max_duration;
+    let mine = my_indices(&w, vus);
+    let mut tasks = Vec::new();
+    for g in mine {
+        let w2 = w.clone();
+        tasks.push(tokio::task::spawn_local(async move {
+            let sc = &w2.spec.plan.scenarios[si];
+            let mut vu = Vu::new(&w2.ctx, si, sc.vu_offset + g);
+            w2.vus.set(w2.vus.get() + 1);
+            let mut done = 0u64;
+            while !w2.stop.stopping() && Instant::now() < end {
+                match per_vu {
+                    Some(n) if done >= n => break,
+                    Some(_) => {}
+                    None => {
+                        let left = &w2.shared_left[si];
+                        if left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1)).is_err() {
+                            break;
+                        }
+                    }
+                }
+                done += 1;
+                match unless_hard_stop(&w2, vu.iterate(&w2.ctx, None)).await {
+                    None | Some(IterationEnd::DataExhausted) => break,
+                    Some(_) => {}
+                }
+            }
+            w2.vus.set(w2.vus.get() - 1);
+        }));
+    }
+    let hard = arm_hard_stop(&w, end);
+    for t in tasks {
+        let _ = t.await;
+    }
+    hard.abort();
+}
+
+/// constant-arrival-rate and ramping-arrival-rate.
+async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
+    let sc = &w.spec.plan.scenarios[si];
+    let exec = sc.executor.clone();
+    let end = begin + exec.total_duration();
+    // This worker's VU pool: its share of the node's share of max_vus.
+    let ids = my_indices(&w, sc.vu_slots);
+    let pool: Rc<RefCell<Vec<Vu>>> = Rc::new(RefCell::new(Vec::new()));
+    let mut next_id = 0usize;
+    let busy = Rc::new(Cell::new(0u64));
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut stop_rx = w.stop_rx.clone();
+    let mut rank = 0usize;
+    let mut k = 0u64;
+    while let Some(t) = exec.arrival_time(k) {
+        let event = k;
+        k += 1;
+        if !w.spec.assignment.owns(w.spec.node, event) {
+            continue;
+        }
+        let mine = rank % w.count == w.index;
+        rank += 1;
+        if !mine {
+            continue;
+        }
+        let intended = begin + t;
+        if intended >= end {
+            break;
+        }
+        if intended > Instant::now() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(intended.into()) => {}
+                _ = stop_rx.wait_for(|s| *s != Stop::Running) => break,
+            }
+        } else if w.stop.stopping() {
+            break;
+        }
+        let vu = pool.borrow_mut().pop();
+        let vu = match vu {
+            Some(vu) => vu,
+            None if next_id < ids.len() => {
+                next_id += 1;
+                w.vus.set(w.vus.get() + 1);
+                Vu::new(&w.ctx, si, sc.vu_offset + ids[next_id - 1])
+            }
+            None => {
+                w.ctx.recorder.borrow_mut().scenarios[si].dropped += 1;
+                continue;
+            }
+        };
+        let lag = micros(Instant::now().saturating_duration_since(intended));
+        w.ctx.recorder.borrow_mut().scenarios[si].schedule_lag.record(lag);
+        busy.set(busy.get() + 1);
+        let (w2, pool2, busy2) = (w.clone(), pool.clone(), busy.clone());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::task::spawn_local(async move {
+            let mut vu = vu;
+            let outcome = unless_hard_stop(&w2, vu.iterate(&w2.ctx, Some(intended))).await;
+            busy2.set(busy2.get() - 1);
+            match outcome {
+                // A VU whose data ran out leaves the pool for good.
+                Some(IterationEnd::DataExhausted) | None => w2.vus.set(w2.vus.get() - 1),
+                Some(_) => pool2.borrow_mut().push(vu),
+            }
+        }));
+    }
+    let hard = arm_hard_stop(&w, end);
+    for t in tasks {
+        let _ = t.await;
+    }
+    hard.abort();
+    let idle = pool.borrow().len() as u64;
+    w.vus.set(w.vus.get().saturating_sub(idle));
+    pool.borrow_mut().clear();
+}

@@ -1,0 +1,420 @@
+//! A virtual user: its connections, cookie jar, variables and random generator, and
+//! the running of one iteration of a flow — render each step's request, send it,
+//! check and extract from the response, record what happened, think.
+//!
+//! A VU lives on one worker thread and records into that worker's [`Metrics`] through a
+//! `RefCell` borrowed only between awaits: no lock, no atomic and no channel send per
+//! request. It must not decide *when* to iterate; the executors in `engine` do.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use rand::rngs::SmallRng;
+use rand::Rng;
+use stampede_protocol::plan::Think;
+use stampede_protocol::snapshot::{ErrorClass, Metrics};
+
+use crate::compile::{
+    CompiledBody, CompiledCheck, CompiledExtract, CompiledPlan, CompiledStep, UrlTemplate,
+};
+use crate::data::{self, FeedMode, RowPick, SharedCursor};
+use crate::http::{CookieJar, HttpErrorKind, OutRequest, Response, Shared, Url, VuClient};
+use crate::jsonpath;
+use crate::template::RenderCtx;
+
+/// What a worker thread shares with its VUs.
+pub struct WorkerCtx {
+    pub plan: Arc<CompiledPlan>,
+    pub http: Arc<Shared>,
+    pub node_name: Arc<str>,
+    pub recorder: RefCell<Metrics>,
+    /// One cursor per feeder, shared by the node's workers (shared-sequential mode).
+    pub cursors: Arc<Vec<SharedCursor>>,
+}
+
+/// How an iteration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IterationEnd {
+    Completed,
+    /// A request or check failed (the iteration still ran to its end or to the failure).
+    Failed,
+    /// The VU's data ran out under `on_exhausted = "stop"`: it must not iterate again.
+    DataExhausted,
+}
+
+pub struct Vu {
+    /// 0-based across the whole mesh and every scenario.
+    pub global_id: u64,
+    pub scenario: usize,
+    pub iteration: u64,
+    client: VuClient,
+    jar: CookieJar,
+    /// Extracted variables, per flow (each flow has its own slots).
+    vars: Vec<Vec<Option<String>>>,
+    rng: SmallRng,
+    text: String,
+    body: Vec<u8>,
+}
+
+impl Vu {
+    pub fn new(ctx: &WorkerCtx, scenario: usize, global_id: u64) -> Vu {
+        Vu {
+            global_id,
+            scenario,
+            iteration: 0,
+            client: VuClient::new(ctx.http.clone()),
+            jar: CookieJar::new(),
+            vars: ctx.plan.flows.iter().map(|f| vec![None; f.var_count]).collect(),
+            rng: data::vu_rng(ctx.plan.plan.seed, global_id),
+            text: String::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// Runs one iteration. `intended` is when the open model meant it to start (its
+    /// first request's latency counts from there); `None` for closed-model executors.
+    pub async fn iterate(&mut self, ctx: &WorkerCtx, intended: Option<Instant>) -> IterationEnd {
+        let plan = &*ctx.plan;
+        let sc = &plan.scenarios[self.scenario];
+        let slot = sc.pick(self.rng.random_range(0..sc.total_weight.max(1)));
+        let flow_index = sc.flows[slot].0;
+        let flow = &plan.flows[flow_index];
+
+        // The data rows of this iteration, one per feeder the flow reads.
+        let mut rows: Vec<Option<&[String]>> = Vec::with_capacity(plan.feeders.len());
+        for (i, f) in plan.feeders.iter().enumerate() {
+            if !flow.feeders_used[i] {
+                rows.push(None);
+                continue;
+            }
+            let pick = match f.mode {
+                FeedMode::Unique => {
+                    f.data.unique_row(self.global_id, plan.total_vu_slots, self.iteration, f.on_exhausted)
+                }
+                FeedMode::SharedSequential => f.data.shared_row(&ctx.cursors[i], f.on_exhausted),
+                FeedMode::Random => f.data.random_row(&mut self.rng),
+            };
+            match pick {
+                RowPick::Row(r) => rows.push(Some(r)),
+                RowPick::Exhausted => return IterationEnd::DataExhausted,
+            }
+        }
+
+        let started = Instant::now();
+        let mut failed = false;
+        let mut step_intended = intended.unwrap_or(started);
+        for (si, step) in flow.steps.iter().enumerate() {
+            let series = sc.series_base[slot] + si;
+            let vars = &mut self.vars[flow_index];
+            let built = {
+                let mut rctx = RenderCtx {
+                    vu: self.global_id + 1,
+                    iteration: self.iteration,
+                    node: &ctx.node_name,
+                    vars,
+                    rows: &rows,
+                    rng: &mut self.rng,
+                };
+                build_request(step, &mut rctx, &mut self.text, &mut self.body)
+            };
+            let req = match built {
+                Ok(r) => r,
+                Err(_msg) => {
+                    let mut m = ctx.recorder.borrow_mut();
+                    let s = &mut m.series[series];
+                    s.requests += 1;
+                    s.failed += 1;
+                    s.errors[ErrorClass::Other as usize] += 1;
+                    failed = true;
+                    break;
+                }
+            };
+            let bytes_sent = req.body.len() as u64;
+            let result = self.client.send(req, &mut self.jar).await;
+            let now = Instant::now();
+            let ok = {
+                let mut m = ctx.recorder.borrow_mut();
+                let s = &mut m.series[series];
+                s.requests += 1;
+                s.bytes_sent += bytes_sent;
+                match &result {
+                    Ok(resp) => {
+                        s.latency.record(micros(resp.done_at.saturating_duration_since(step_intended)));
+                        s.service.record(micros(resp.done_at.saturating_duration_since(resp.sent_at)));
+                        s.bytes_received += resp.bytes_received;
+                        let verdict = run_checks(&step.check, resp);
+                        s.checks_passed += verdict.passed;
+                        s.checks_failed += verdict.failed;
+                        match verdict.error {
+                            None => true,
+                            Some(class) => {
+                                s.failed += 1;
+                                s.errors[class as usize] += 1;
+                                false
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        if !matches!(e.kind(), HttpErrorKind::Refused | HttpErrorKind::InvalidRequest) {
+                            s.latency.record(micros(now.saturating_duration_since(step_intended)));
+                        }
+                        s.failed += 1;
+                        s.checks_failed += step.check.count();
+                        s.errors[error_class(e.kind()) as usize] += 1;
+                        false
+                    }
+                }
+            };
+            match result {
+                Ok(resp) if ok => extract(step, &resp, &self.jar, &mut self.vars[flow_index]),
+                _ => {
+                    // Later steps usually depend on this one (a token, a cart): stop here
+                    // rather than send requests that can only fail.
+                    failed = true;
+                    break;
+                }
+            }
+            match step.think {
+                Think::None => {}
+                Think::Fixed(d) => tokio::time::sleep(d).await,
+                Think::Range(a, b) => {
+                    let d = a + (b - a).mul_f64(self.rng.random::<f64>());
+                    tokio::time::sleep(d).await;
+                }
+            }
+            step_intended = Instant::now();
+        }
+
+        let mut m = ctx.recorder.borrow_mut();
+        let st = &mut m.scenarios[self.scenario];
+        st.iterations += 1;
+        st.failed_iterations += failed as u64;
+        st.iteration_duration.record(micros(started.elapsed()));
+        m.flow_iterations[sc.flow_slot[slot]] += 1;
+        self.iteration += 1;
+        if failed {
+            IterationEnd::Failed
+        } else {
+            IterationEnd::Completed
+        }
+    }
+}
+
+pub fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u64::MAX as u128) as u64
+}
+
+fn error_class(k: HttpErrorKind) -> ErrorClass {
+    match k {
+        HttpErrorKind::Dns => ErrorClass::Dns,
+        HttpErrorKind::Connect | HttpErrorKind::Io => ErrorClass::Connect,
+        HttpErrorKind::Tls => ErrorClass::Tls,
+        HttpErrorKind::Timeout => ErrorClass::Timeout,
+        HttpErrorKind::Refused => ErrorClass::Refused,
+        HttpErrorKind::InvalidRequest | HttpErrorKind::Protocol => ErrorClass::Other,
+    }
+}
+
+/// Renders a step into a request. Errors are a template that rendered an invalid URL
+/// or header: the plan's fault, counted as an `other` error.
+fn build_request(
+    step: &CompiledStep,
+    rctx: &mut RenderCtx<'_>,
+    text: &mut String,
+    body: &mut Vec<u8>,
+) -> Result<OutRequest, String> {
+    let url = match &step.url {
+        UrlTemplate::Static(u) if step.query.is_empty() => u.clone(),
+        UrlTemplate::Static(u) => {
+            text.clear();
+            text.push_str(&u.to_string());
+            append_query(step, rctx, text);
+            Url::parse(text).map_err(|e| e.to_string())?
+        }
+        UrlTemplate::Dynamic(t) => {
+            text.clear();
+            t.render(rctx, text);
+            append_query(step, rctx, text);
+            Url::parse(text).map_err(|e| e.to_string())?
+        }
+    };
+    let mut headers = HeaderMap::with_capacity(step.headers.len() + 1);
+    for (name, t) in &step.headers {
+        let value = match t.static_text() {
+            Some(s) => HeaderValue::from_str(s),
+            None => {
+                text.clear();
+                t.render(rctx, text);
+                HeaderValue::from_str(text)
+            }
+        }
+        .map_err(|_| format!("header {name} rendered an invalid value"))?;
+        headers.append(name.clone(), value);
+    }
+    body.clear();
+    match &step.body {
+        CompiledBody::None => {}
+        CompiledBody::Text(t) => {
+            text.clear();
+            t.render(rctx, text);
+            body.extend_from_slice(text.as_bytes());
+        }
+        CompiledBody::Json(j) => {
+            j.render_json(rctx, body);
+            if !headers.contains_key(http::header::CONTENT_TYPE) {
+                headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
+        }
+        CompiledBody::Form(fields) => {
+            text.clear();
+            for (i, (k, t)) in fields.iter().enumerate() {
+                if i > 0 {
+                    text.push('&');
+                }
+                percent_encode(k, text);
+                text.push('=');
+                let mut v = String::new();
+                t.render(rctx, &mut v);
+                percent_encode(&v, text);
+            }
+            body.extend_from_slice(text.as_bytes());
+            if !headers.contains_key(http::header::CONTENT_TYPE) {
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-www-form-urlencoded"),
+                );
+            }
+        }
+    }
+    let mut req = OutRequest::new(step.method.clone(), url);
+    req.headers = headers;
+    req.body = Bytes::copy_from_slice(body);
+    req.timeout = step.timeout;
+    Ok(req)
+}
+
+fn append_query(step: &CompiledStep, rctx: &mut RenderCtx<'_>, out: &mut String) {
+    let mut first = !out.contains('?');
+    let mut v = String::new();
+    for (k, t) in &step.query {
+        out.push(if first { '?' } else { '&' });
+        first = false;
+        percent_encode(k, out);
+        out.push('=');
+        v.clear();
+        t.render(rctx, &mut v);
+        percent_encode(&v, out);
+    }
+}
+
+/// application/x-www-form-urlencoded style escaping of one key or value.
+pub fn percent_encode(s: &str, out: &mut String) {
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b' ' => out.push('+'),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                out.push('%');
+                out.push(HEX[(b >> 4) as usize] as char);
+                out.push(HEX[(b & 15) as usize] as char);
+            }
+        }
+    }
+}
+
+struct Verdict {
+    passed: u64,
+    failed: u64,
+    /// Why the request counts as failed, if it does.
+    error: Option<ErrorClass>,
+}
+
+fn run_checks(c: &CompiledCheck, r: &Response) -> Verdict {
+    let status = r.status.as_u16();
+    let status_ok = if c.status.is_empty() { status < 400 } else { c.status.contains(&status) };
+    let mut passed = status_ok as u64;
+    let mut failed = !status_ok as u64;
+    let mut tally = |ok: bool| {
+        if ok {
+            passed += 1
+        } else {
+            failed += 1
+        }
+    };
+    if let Some(needle) = &c.body_contains {
+        tally(memfind(&r.body, needle.as_bytes()));
+    }
+    if let Some(re) = &c.body_regex {
+        tally(std::str::from_utf8(&r.body).map(|b| re.is_match(b)).unwrap_or(false));
+    }
+    for (name, want) in &c.headers {
+        tally(r.headers.get(name).and_then(|v| v.to_str().ok()) == Some(want.as_str()));
+    }
+    if !c.json.is_empty() {
+        let doc: Option<serde_json::Value> = serde_json::from_slice(&r.body).ok();
+        for (path, want) in &c.json {
+            tally(doc.as_ref().and_then(|d| path.find(d)) == Some(want));
+        }
+    }
+    let error = if !status_ok {
+        Some(match status {
+            400..=499 => ErrorClass::Http4xx,
+            500..=599 => ErrorClass::Http5xx,
+            _ => ErrorClass::CheckFailed,
+        })
+    } else if failed > 0 {
+        Some(ErrorClass::CheckFailed)
+    } else {
+        None
+    };
+    Verdict { passed, failed, error }
+}
+
+fn memfind(hay: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn extract(step: &CompiledStep, r: &Response, jar: &CookieJar, vars: &mut [Option<String>]) {
+    if step.extract.is_empty() {
+        return;
+    }
+    let mut doc: Option<Option<serde_json::Value>> = None;
+    for (slot, how) in &step.extract {
+        let value = match how {
+            CompiledExtract::Json(p) => {
+                let d = doc.get_or_insert_with(|| serde_json::from_slice(&r.body).ok());
+                d.as_ref().and_then(|d| p.find(d)).map(jsonpath::value_to_string)
+            }
+            CompiledExtract::Regex(re) => std::str::from_utf8(&r.body).ok().and_then(|b| {
+                re.captures(b)
+                    .map(|c| c.get(1).or_else(|| c.get(0)).map(|m| m.as_str().to_string()).unwrap_or_default())
+            }),
+            CompiledExtract::Header(h) => r.headers.get(h).and_then(|v| v.to_str().ok()).map(str::to_string),
+            CompiledExtract::Cookie(name) => jar.get(name).map(str::to_string),
+        };
+        vars[*slot] = value;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_encoding() {
+        let mut s = String::new();
+        percent_encode("a b&c=d/é", &mut s);
+        assert_eq!(s, "a+b%26c%3Dd%2F%C3%A9");
+    }
+
+    #[test]
+    fn memfind_works() {
+        assert!(memfind(b"hello world", b"o w"));
+        assert!(!memfind(b"hello", b"world"));
+        assert!(memfind(b"x", b""));
+    }
+}
