@@ -3,5 +3,11 @@
 
 pub mod cli;
 pub mod commands;
+pub mod compile;
 pub mod daemon;
+pub mod data;
+pub mod engine;
 pub mod exit;
+pub mod jsonpath;
+pub mod template;
+pub mod vu;
