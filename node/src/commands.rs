@@ -1,14 +1,182 @@
-//! `stampede run`, `validate` and `demo` on an embedded single node.
+//! `stampede run`, `validate` and `demo` on an embedded single node: load the plan (with
+//! `--set` overrides), check the outputs, run, print, write files, judge thresholds.
+//!
+//! Each command maps its failures onto the exit codes of `cli` through [`Failure`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use stampede_protocol::plan::{parse_plan, PlanError};
 
 use crate::cli::{DemoArgs, RunArgs, ValidateArgs};
+use crate::compile::{self, CompiledPlan};
+use crate::embedded::{self, LocalOptions};
 use crate::exit::{Failure, Outcome};
+use crate::outputs::{self, Output};
+use crate::report::{self, Summary};
+use crate::terminal;
 
-pub fn run(_args: RunArgs) -> Result<Outcome, Failure> {
-    Err(Failure::usage("not yet"))
+pub fn run(args: RunArgs) -> Result<Outcome, Failure> {
+    if args.mesh || args.node_client.node.is_some() {
+        return Err(Failure::usage(
+            "running across the mesh (--mesh/--node) is not available in this build yet; run without it for a single node",
+        ));
+    }
+    let outs = parse_outputs(&args.outputs)?;
+    let plan = load_plan(&args.plan, &args.set)?;
+    let opts = LocalOptions {
+        workers: args.workers.unwrap_or(LocalOptions::default().workers),
+        quiet: args.quiet,
+        allow_target: args.allow_target.clone(),
+        ..LocalOptions::default()
+    };
+    let summary = embedded::run(Arc::new(plan), opts).map_err(Failure::run)?;
+    finish(&summary, &outs)
 }
-pub fn validate(_args: ValidateArgs) -> Result<Outcome, Failure> {
-    Err(Failure::usage("not yet"))
+
+pub fn validate(args: ValidateArgs) -> Result<Outcome, Failure> {
+    let plan = load_plan(&args.plan, &[])?;
+    let p = &plan.plan;
+    println!(
+        "{}: plan \"{}\" is valid: {} scenario(s), {} flow(s), {} data feeder(s), {} threshold(s), runs {}",
+        args.plan.display(),
+        p.name,
+        p.scenarios.len(),
+        p.flows.len(),
+        p.data.len(),
+        p.thresholds.len(),
+        stampede_protocol::duration::format_duration(embedded::plan_duration(&plan))
+    );
+    Ok(Outcome::Success)
 }
-pub fn demo(_args: DemoArgs) -> Result<Outcome, Failure> {
-    Err(Failure::usage("not yet"))
+
+/// Prints the summary, writes the outputs and judges the thresholds.
+pub fn finish(summary: &Summary, outs: &[Output]) -> Result<Outcome, Failure> {
+    print!("{}", terminal::summary_table(summary));
+    for o in outs {
+        outputs::write(o, summary).map_err(Failure::run)?;
+        eprintln!("wrote {}", o.path.display());
+    }
+    if report::thresholds_passed(summary) {
+        Ok(Outcome::Success)
+    } else {
+        eprintln!("some thresholds failed");
+        Ok(Outcome::ThresholdsFailed)
+    }
+}
+
+pub fn parse_outputs(specs: &[String]) -> Result<Vec<Output>, Failure> {
+    specs.iter().map(|s| outputs::parse(s).map_err(Failure::usage)).collect()
+}
+
+/// Reads a plan, applies `--set key=value` overrides and compiles it.
+pub fn load_plan(path: &Path, sets: &[String]) -> Result<CompiledPlan, Failure> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(format!("{file}: cannot read the plan: {e}")))?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    compile_text(&file, &src, sets, &base)
+}
+
+/// Compiles plan text; `file` names it in errors and `base` resolves its data files.
+pub fn compile_text(file: &str, src: &str, sets: &[String], base: &Path) -> Result<CompiledPlan, Failure> {
+    let usage = |e: PlanError| Failure::usage(e.to_string());
+    let (file, src) = if sets.is_empty() {
+        (file.to_string(), src.to_string())
+    } else {
+        (format!("{file} (with --set)"), apply_sets(file, src, sets)?)
+    };
+    let plan = parse_plan(&file, &src).map_err(usage)?;
+    compile::compile(plan, &file, base).map_err(usage)
+}
+
+/// `--set a.b.c=value`: the value is read as TOML (a number, a string in quotes, an
+/// array…) and taken as a plain string when it is not valid TOML.
+fn apply_sets(file: &str, src: &str, sets: &[String]) -> Result<String, Failure> {
+    let mut doc: toml::Table = toml::from_str(src)
+        .map_err(|e| Failure::usage(PlanError {
+            file: file.into(),
+            line: e.span().map(|s| stampede_protocol::plan::line_of(src, s.start)),
+            field: None,
+            message: e.message().to_string(),
+        }.to_string()))?;
+    for s in sets {
+        let (key, raw) = s
+            .split_once('=')
+            .ok_or_else(|| Failure::usage(format!("--set \"{s}\": expected KEY=VALUE")))?;
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        let parts: Vec<&str> = key.split('.').collect();
+        let mut table = &mut doc;
+        for p in &parts[..parts.len() - 1] {
+            let entry = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry
+                .as_table_mut()
+                .ok_or_else(|| Failure::usage(format!("--set \"{s}\": \"{p}\" is not a table in the plan")))?;
+        }
+        table.insert(parts[parts.len() - 1].to_string(), value);
+    }
+    toml::to_string(&doc).map_err(|e| Failure::usage(format!("--set: {e}")))
+}
+
+/// The retail example, embedded so that `stampede demo` needs no files.
+pub const RETAIL_PLAN: &str = include_str!("../../examples/retail.toml");
+
+pub fn demo(args: DemoArgs) -> Result<Outcome, Failure> {
+    let outs = parse_outputs(&args.outputs)?;
+    let duration = stampede_protocol::duration::parse_duration(&args.duration)
+        .map_err(|e| Failure::usage(format!("--duration \"{}\": {e}", args.duration)))?;
+    if duration < Duration::from_secs(3) {
+        return Err(Failure::usage("--duration: the demo needs at least 3s"));
+    }
+    let dir = std::env::temp_dir().join(format!("stampede-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| Failure::run(format!("cannot create {}: {e}", dir.display())))?;
+    let result = (|| {
+        std::fs::write(dir.join("accounts.csv"), accounts_csv(2000))
+            .map_err(|e| Failure::run(format!("cannot write the demo accounts: {e}")))?;
+        let target = stampede_tools::spawn(stampede_tools::TargetConfig {
+            latency: stampede_tools::Latency::parse("normal:3ms,1ms").unwrap_or_default(),
+            ..Default::default()
+        })
+        .map_err(|e| Failure::run(format!("cannot start the demo shop: {e}")))?;
+        eprintln!("demo shop (stampede-target) listening on {}", target.url());
+        let ramp = (duration.as_secs() / 5).max(1);
+        let hold = duration.as_secs().saturating_sub(2 * ramp).max(1);
+        let sets = vec![
+            format!("defaults.base_url=\"{}\"", target.url()),
+            format!(
+                "scenarios.shoppers.stages=[{{target = 100, duration = \"{ramp}s\"}}, {{target = 100, duration = \"{hold}s\"}}, {{target = 0, duration = \"{ramp}s\"}}]"
+            ),
+        ];
+        let plan = compile_text("examples/retail.toml", RETAIL_PLAN, &sets, &dir)?;
+        eprintln!(
+            "running the retail example (60% browse, 25% purchase, 15% account) for {}s on this node…",
+            duration.as_secs()
+        );
+        let summary = embedded::run(Arc::new(plan), LocalOptions { quiet: args.quiet, ..LocalOptions::default() })
+            .map_err(Failure::run)?;
+        let counted = target.requests();
+        let out = finish(&summary, &outs);
+        eprintln!(
+            "the shop counted {counted} requests; stampede measured {} ({})",
+            summary.totals.requests,
+            if counted == summary.totals.requests { "exact" } else { "MISMATCH" }
+        );
+        target.shutdown();
+        out
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// `user,password` rows for the demo shop's accounts user1..userN.
+pub fn accounts_csv(n: u64) -> String {
+    let mut s = String::from("user,password\n");
+    for i in 1..=n {
+        s.push_str(&format!("user{i},pass{i}\n"));
+    }
+    s
 }

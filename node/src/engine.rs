@@ -22,13 +22,13 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stampede_protocol::executor::Executor;
 use stampede_protocol::segment::Assignment;
 use stampede_protocol::snapshot::Metrics;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::compile::CompiledPlan;
 use crate::data::SharedCursor;
@@ -107,7 +107,7 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the workers; reports arrive on `reports` until every worker sent `last`.
-    pub fn start(spec: RunSpec, reports: mpsc::Sender<WorkerReport>) -> std::io::Result<Engine> {
+    pub fn start(spec: RunSpec, reports: mpsc::UnboundedSender<WorkerReport>) -> std::io::Result<Engine> {
         let stop = StopHandle::new();
         let spec = Arc::new(spec);
         let shared_left: Arc<Vec<AtomicU64>> = Arc::new(
@@ -161,7 +161,7 @@ struct Worker {
 fn worker_main(
     index: usize,
     spec: Arc<RunSpec>,
-    reports: mpsc::Sender<WorkerReport>,
+    reports: mpsc::UnboundedSender<WorkerReport>,
     stop: StopHandle,
     shared_left: Arc<Vec<AtomicU64>>,
     cursors: Arc<Vec<SharedCursor>>,

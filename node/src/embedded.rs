@@ -1,0 +1,179 @@
+//! A run on an embedded single node in this process — a mesh of one: the zero-setup
+//! path of `stampede run PLAN` and the building block a mesh node reuses for its own
+//! execution segment.
+//!
+//! It starts the engine on the whole plan (segment 0..1), drives the live progress line,
+//! turns Ctrl-C into a graceful stop (a second Ctrl-C stops hard), and returns the
+//! merged summary. It must not write output files; `outputs` does.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use stampede_protocol::segment::Assignment;
+
+use crate::aggregate::{NodeCollector, RunAggregate};
+use crate::compile::CompiledPlan;
+use crate::cpu::CpuSampler;
+use crate::engine::{Engine, RunSpec, Stop};
+use crate::http::{Allowlist, ClientSettings, HttpVersionPref, Shared};
+use crate::report::{self, NodeInfo, Summary, SummaryInput};
+use crate::terminal::Progress;
+
+pub struct LocalOptions {
+    pub workers: usize,
+    pub quiet: bool,
+    pub allow_target: Vec<String>,
+    pub graceful_stop: Duration,
+    pub node_name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        LocalOptions {
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            quiet: false,
+            allow_target: Vec::new(),
+            graceful_stop: Duration::from_secs(30),
+            node_name: hostname(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// This machine's host name, the default node name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "local".into())
+}
+
+/// HTTP client settings for a plan on this node.
+pub fn client_settings(plan: &CompiledPlan, allow_target: &[String]) -> Result<ClientSettings, String> {
+    let allow = Allowlist::from_entries(allow_target.iter()).map_err(|e| e.to_string())?;
+    let d = &plan.plan.defaults;
+    Ok(ClientSettings {
+        insecure_tls: d.insecure_skip_tls_verify,
+        http_version: match d.http_version {
+            stampede_protocol::plan::HttpVersion::Http1 => HttpVersionPref::Http1,
+            stampede_protocol::plan::HttpVersion::Http2 => HttpVersionPref::Http2,
+            stampede_protocol::plan::HttpVersion::Auto => HttpVersionPref::Auto,
+        },
+        max_redirects: d.max_redirects,
+        allow,
+        ..ClientSettings::default()
+    })
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A short, unique-enough run id: time plus randomness.
+pub fn new_run_id() -> String {
+    format!("{:x}-{:04x}", unix_ms() / 1000, rand::random::<u16>())
+}
+
+/// Runs the whole plan here and returns its summary.
+pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, String> {
+    let settings = client_settings(&plan, &opts.allow_target)?;
+    let http = Shared::new(settings).map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the run's runtime: {e}"))?;
+    let run_id = new_run_id();
+    let workers = opts.workers.max(1);
+    let started_ms = unix_ms();
+    // A short lead so that every worker is up before the first intended instant.
+    let start_at = Instant::now() + Duration::from_millis(50);
+    let spec = RunSpec {
+        plan: plan.clone(),
+        assignment: Assignment::single(),
+        node: 0,
+        node_name: opts.node_name.clone(),
+        workers,
+        http,
+        start_at,
+        graceful_stop: opts.graceful_stop,
+    };
+    let total = plan_duration(&plan);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let engine = Engine::start(spec, tx).map_err(|e| format!("cannot start worker threads: {e}"))?;
+    let stop = engine.stop.clone();
+    let mut collector = NodeCollector::new(plan.layout.clone(), workers);
+    let mut agg = RunAggregate::new(plan.layout.clone());
+    let mut progress = Progress::new(opts.quiet);
+    let mut cpu = CpuSampler::default();
+    let mut cpu_max: f64 = 0.0;
+    let node_id = "local".to_string();
+    let mut events = Vec::new();
+    rt.block_on(async {
+        let mut ctrl_c = 0;
+        loop {
+            tokio::select! {
+                r = rx.recv() => {
+                    let Some(r) = r else { break };
+                    for second in collector.add(r) {
+                        // Skip the last partial second's CPU sample: it covers shutdown.
+                        if !collector.finished() {
+                            cpu_max = cpu_max.max(cpu.sample(workers.min(num_cpus())));
+                        }
+                        let _ = agg.add(&node_id, &second);
+                        if let Some(p) = agg.latest() {
+                            progress.update(start_at.elapsed(), total, &p, 1);
+                        }
+                    }
+                    if collector.finished() {
+                        break;
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    ctrl_c += 1;
+                    let how = if ctrl_c == 1 { Stop::Graceful } else { Stop::Hard };
+                    events.push(report::Event {
+                        t: start_at.elapsed().as_secs_f64(),
+                        kind: "stop_requested".into(),
+                        detail: BTreeMap::from([("how".to_string(), serde_json::json!(if ctrl_c == 1 { "graceful" } else { "hard" }))]),
+                    });
+                    stop.stop(how);
+                }
+            }
+        }
+    });
+    engine.join();
+    progress.finish();
+    agg.finish();
+    let duration_s = start_at.elapsed().as_secs_f64();
+    let nodes = vec![NodeInfo {
+        id: node_id.clone(),
+        name: opts.node_name.clone(),
+        labels: opts.labels.clone(),
+        status: "completed".into(),
+        cpu: cpu_max,
+    }];
+    Ok(report::build(
+        &agg,
+        SummaryInput {
+            run_id: &run_id,
+            plan: &plan.plan,
+            started_at_unix_ms: started_ms,
+            duration_s,
+            nodes: &nodes,
+            events,
+            start_skew_us: 0,
+        },
+    ))
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// The longest any scenario runs, with its start offset.
+pub fn plan_duration(plan: &CompiledPlan) -> Duration {
+    plan.scenarios.iter().map(|s| s.start_after + s.executor.total_duration()).max().unwrap_or_default()
+}
