@@ -5,5 +5,6 @@
 pub mod duration;
 pub mod executor;
 pub mod plan;
+pub mod segment;
 pub mod snapshot;
 pub mod threshold;
