@@ -1,13 +1,21 @@
 //! stampede: a distributed load tester. The binary (`main.rs`) is only wiring; every
 //! concern lives in a module of this library so that tests and the mesh reuse it.
 
+pub mod aggregate;
 pub mod cli;
 pub mod commands;
 pub mod compile;
+pub mod cpu;
 pub mod daemon;
 pub mod data;
+pub mod embedded;
 pub mod engine;
 pub mod exit;
+pub mod html;
+pub mod http;
 pub mod jsonpath;
+pub mod outputs;
+pub mod report;
 pub mod template;
+pub mod terminal;
 pub mod vu;

@@ -1,0 +1,25 @@
+//! The HTTP client layer of the load engine: hyper 1.x connections owned per VU, with
+//! node-wide DNS cache, TLS config and target allowlist.
+//!
+//! Shape (thread-per-core, like wrk): the engine runs one current-thread tokio runtime per
+//! worker thread; each VU is a task pinned to one worker and owns a [`VuClient`] and a
+//! [`CookieJar`]. The request path therefore takes no lock and sends on no channel of
+//! ours; [`Shared`] (behind an `Arc`) is consulted only when a connection is opened.
+//! This layer measures (timestamps and byte counts on [`Response`]) but records nothing:
+//! histograms belong to the engine's per-worker metrics. It never sends traffic to a
+//! target the node's [`Allowlist`] does not allow, and checks that on every new
+//! connection, redirects included.
+
+mod allow;
+mod client;
+mod cookies;
+mod dns;
+mod error;
+mod tls;
+mod url;
+
+pub use allow::{Allowlist, AllowlistError};
+pub use client::{ClientSettings, HttpVersionPref, OutRequest, Response, Shared, VuClient};
+pub use cookies::{Cookie, CookieJar};
+pub use error::{HttpError, HttpErrorKind};
+pub use url::{Scheme, Url};

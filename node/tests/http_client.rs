@@ -1,0 +1,481 @@
+//! The per-VU HTTP client against real servers on 127.0.0.1: keep-alive reuse, h2c,
+//! redirects, cookies, timeouts, error classes and the allowlist.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use stampede::http::{
+    Allowlist, ClientSettings, CookieJar, HttpErrorKind, HttpVersionPref, OutRequest, Response,
+    Shared, Url, VuClient,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const BIG: usize = 100_000;
+
+struct TestServer {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+}
+
+impl TestServer {
+    fn url(&self, path: &str) -> Url {
+        Url::parse(&format!("http://{}{}", self.addr, path)).unwrap()
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+async fn route(req: hyper::Request<hyper::body::Incoming>) -> http::Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let cookie = req
+        .headers()
+        .get("cookie")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let host = req
+        .headers()
+        .get("host")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let mut resp = http::Response::builder().status(200);
+    let out: Bytes = match path.as_str() {
+        "/hang" => std::future::pending().await,
+        "/method" => method.as_str().to_owned().into(),
+        "/echo" => body,
+        "/host" => host.unwrap_or_else(|| "no host header".into()).into(),
+        "/cookie" => cookie.into(),
+        "/set" => {
+            resp = resp.header("set-cookie", "sid=abc; Path=/; HttpOnly");
+            "set".into()
+        }
+        "/login" => {
+            resp = resp
+                .status(302)
+                .header("set-cookie", "sid=xyz; Path=/")
+                .header("location", "/cookie");
+            Bytes::new()
+        }
+        "/see-other" => {
+            resp = resp.status(303).header("location", "/method");
+            Bytes::new()
+        }
+        "/keep-method" => {
+            resp = resp.status(307).header("location", "/echo");
+            Bytes::new()
+        }
+        "/away" => {
+            resp = resp.status(302).header("location", "http://10.1.2.3:9/");
+            Bytes::new()
+        }
+        "/close" => {
+            resp = resp.header("connection", "close");
+            "bye".into()
+        }
+        "/big" => vec![b'x'; BIG].into(),
+        p if p.starts_with("/r/") => {
+            let n: u32 = p[3..].parse().unwrap();
+            if n == 0 {
+                "landed".into()
+            } else {
+                resp = resp.status(302).header("location", format!("/r/{}", n - 1));
+                Bytes::new()
+            }
+        }
+        _ => "ok".into(),
+    };
+    resp.body(Full::new(out)).unwrap()
+}
+
+/// A hyper server speaking HTTP/1.1 and h2c (prior knowledge), counting connections.
+async fn start_server() -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service =
+                    service_fn(|req| async move { Ok::<_, Infallible>(route(req).await) });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    TestServer { addr, connections }
+}
+
+fn client_with(settings: ClientSettings) -> VuClient {
+    VuClient::new(Shared::new(settings).unwrap())
+}
+
+fn client() -> VuClient {
+    client_with(ClientSettings::default())
+}
+
+fn get(url: Url) -> OutRequest {
+    let mut r = OutRequest::new(Method::GET, url);
+    r.timeout = Duration::from_secs(10);
+    r
+}
+
+async fn send(c: &mut VuClient, req: OutRequest) -> Response {
+    let mut jar = CookieJar::new();
+    c.send(req, &mut jar).await.unwrap()
+}
+
+#[tokio::test]
+async fn keep_alive_reuses_one_connection_for_100_requests() {
+    let server = start_server().await;
+    let mut c = client();
+    let mut jar = CookieJar::new();
+    for i in 0..100 {
+        let r = c.send(get(server.url("/")), &mut jar).await.unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.version, Version::HTTP_11);
+        assert_eq!(&r.body[..], b"ok");
+        assert_eq!(r.connections_opened, u32::from(i == 0), "request {i}");
+        assert!(r.sent_at <= r.first_byte_at && r.first_byte_at <= r.done_at);
+        assert!(r.bytes_received > 2 && r.bytes_sent > 10);
+    }
+    assert_eq!(server.connections(), 1);
+    assert_eq!(c.open_connections(), 1);
+    c.close_all();
+    assert_eq!(c.open_connections(), 0);
+    send(&mut c, get(server.url("/"))).await;
+    assert_eq!(server.connections(), 2);
+}
+
+#[tokio::test]
+async fn http1_sends_host_header_and_bodies() {
+    let server = start_server().await;
+    let mut c = client();
+    let r = send(&mut c, get(server.url("/host"))).await;
+    assert_eq!(r.body, server.addr.to_string().as_bytes());
+
+    let mut post = OutRequest::new(Method::POST, server.url("/echo"));
+    post.body = Bytes::from_static(b"{\"user\":\"u1\"}");
+    post.headers
+        .insert("content-type", "application/json".parse().unwrap());
+    let r = send(&mut c, post).await;
+    assert_eq!(&r.body[..], b"{\"user\":\"u1\"}");
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_multiplexes_on_one_connection() {
+    let server = start_server().await;
+    let mut c = client_with(ClientSettings {
+        http_version: HttpVersionPref::Http2,
+        ..ClientSettings::default()
+    });
+    for _ in 0..20 {
+        let r = send(&mut c, get(server.url("/"))).await;
+        assert_eq!(r.version, Version::HTTP_2);
+        assert_eq!(&r.body[..], b"ok");
+    }
+    let mut post = OutRequest::new(Method::POST, server.url("/echo"));
+    post.body = Bytes::from_static(b"over h2");
+    let r = send(&mut c, post).await;
+    assert_eq!(&r.body[..], b"over h2");
+    assert_eq!(server.connections(), 1);
+}
+
+#[tokio::test]
+async fn auto_speaks_http1_to_plain_http() {
+    let server = start_server().await;
+    let mut c = client();
+    let r = send(&mut c, get(server.url("/"))).await;
+    assert_eq!(r.version, Version::HTTP_11);
+}
+
+#[tokio::test]
+async fn redirects_are_followed_up_to_the_limit() {
+    let server = start_server().await;
+    let mut c = client_with(ClientSettings {
+        max_redirects: 5,
+        ..ClientSettings::default()
+    });
+    let r = send(&mut c, get(server.url("/r/3"))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(&r.body[..], b"landed");
+    assert_eq!(r.redirects, 3);
+    assert_eq!(r.url.path(), "/r/0");
+
+    let r = send(&mut c, get(server.url("/r/10"))).await;
+    assert_eq!(r.status, StatusCode::FOUND);
+    assert_eq!(r.redirects, 5);
+    assert_eq!(r.url.path(), "/r/5");
+    assert_eq!(
+        server.connections(),
+        1,
+        "redirects on one origin reuse the connection"
+    );
+
+    let mut none = client_with(ClientSettings {
+        max_redirects: 0,
+        ..ClientSettings::default()
+    });
+    let r = send(&mut none, get(server.url("/r/1"))).await;
+    assert_eq!(r.status, StatusCode::FOUND);
+    assert_eq!(r.redirects, 0);
+}
+
+#[tokio::test]
+async fn see_other_turns_post_into_get_and_307_keeps_it() {
+    let server = start_server().await;
+    let mut c = client();
+    let mut post = OutRequest::new(Method::POST, server.url("/see-other"));
+    post.body = Bytes::from_static(b"form");
+    let r = send(&mut c, post).await;
+    assert_eq!(&r.body[..], b"GET");
+    assert_eq!(r.redirects, 1);
+
+    let mut post = OutRequest::new(Method::POST, server.url("/keep-method"));
+    post.body = Bytes::from_static(b"still here");
+    let r = send(&mut c, post).await;
+    assert_eq!(&r.body[..], b"still here");
+}
+
+#[tokio::test]
+async fn cookies_round_trip_and_apply_on_redirect_hops() {
+    let server = start_server().await;
+    let mut c = client();
+    let mut jar = CookieJar::new();
+    c.send(get(server.url("/set")), &mut jar).await.unwrap();
+    assert_eq!(jar.get("sid"), Some("abc"));
+    let r = c.send(get(server.url("/cookie")), &mut jar).await.unwrap();
+    assert_eq!(&r.body[..], b"sid=abc");
+
+    let mut jar = CookieJar::new();
+    let r = c.send(get(server.url("/login")), &mut jar).await.unwrap();
+    assert_eq!(r.redirects, 1);
+    assert_eq!(&r.body[..], b"sid=xyz");
+    assert_eq!(jar.get("sid"), Some("xyz"));
+
+    // A Cookie header of the step's own is kept and the jar's cookies are added to it.
+    let mut req = get(server.url("/cookie"));
+    req.headers.insert("cookie", "own=1".parse().unwrap());
+    let r = c.send(req, &mut jar).await.unwrap();
+    assert_eq!(&r.body[..], b"own=1; sid=xyz");
+}
+
+#[tokio::test]
+async fn timeout_is_classified_and_its_connection_not_reused() {
+    let server = start_server().await;
+    let mut c = client();
+    let mut jar = CookieJar::new();
+    c.send(get(server.url("/")), &mut jar).await.unwrap();
+    assert_eq!(server.connections(), 1);
+
+    let mut hang = get(server.url("/hang"));
+    hang.timeout = Duration::from_millis(300);
+    let err = c.send(hang, &mut jar).await.unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Timeout);
+    assert_eq!(err.kind().spec_class(), "timeout");
+    assert!(err.message().contains("/hang"), "{err}");
+    assert_eq!(c.open_connections(), 0);
+
+    let r = c.send(get(server.url("/")), &mut jar).await.unwrap();
+    assert_eq!(r.connections_opened, 1);
+    assert_eq!(server.connections(), 2);
+}
+
+#[tokio::test]
+async fn connection_refused_is_a_connect_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let mut c = client();
+    let mut jar = CookieJar::new();
+    let url = Url::parse(&format!("http://{addr}/")).unwrap();
+    let err = c.send(get(url), &mut jar).await.unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Connect, "{err}");
+    assert!(err.message().contains(&addr.port().to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn disallowed_targets_are_refused_before_any_connection() {
+    let mut jar = CookieJar::new();
+
+    // An IP literal outside loopback, with the default allowlist.
+    let mut c = client();
+    let err = c
+        .send(get(Url::parse("http://10.1.2.3:9/").unwrap()), &mut jar)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Refused);
+    assert!(err.message().contains("--allow-target 10.1.2.3"), "{err}");
+
+    // A name that resolves (only here) to a non-allowed address.
+    let mut settings = ClientSettings::default();
+    settings
+        .resolve
+        .insert("internal.test".into(), vec!["10.1.2.3".parse().unwrap()]);
+    let mut c = client_with(settings);
+    let err = c
+        .send(
+            get(Url::parse("http://internal.test:9/").unwrap()),
+            &mut jar,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Refused);
+    assert!(
+        err.message()
+            .contains("'internal.test' (resolved to 10.1.2.3)"),
+        "{err}"
+    );
+
+    // With nothing allowed, a live loopback server sees no connection at all.
+    let server = start_server().await;
+    let mut c = client_with(ClientSettings {
+        allow: Allowlist::deny_all(),
+        ..ClientSettings::default()
+    });
+    let err = c.send(get(server.url("/")), &mut jar).await.unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Refused);
+    assert_eq!(server.connections(), 0);
+
+    // A redirect to a disallowed host is refused too.
+    let mut c = client();
+    let err = c
+        .send(get(server.url("/away")), &mut jar)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Refused, "{err}");
+}
+
+#[tokio::test]
+async fn resolve_override_to_loopback_is_allowed_and_keeps_the_host_header() {
+    let server = start_server().await;
+    let mut settings = ClientSettings::default();
+    settings
+        .resolve
+        .insert("shop.test".into(), vec!["127.0.0.1".parse().unwrap()]);
+    let mut c = client_with(settings);
+    let url = Url::parse(&format!("http://shop.test:{}/host", server.addr.port())).unwrap();
+    let r = send(&mut c, get(url)).await;
+    assert_eq!(
+        r.body,
+        format!("shop.test:{}", server.addr.port()).as_bytes()
+    );
+}
+
+#[tokio::test]
+async fn localhost_resolves_without_dns() {
+    let server = start_server().await;
+    let shared = Shared::new(ClientSettings::default()).unwrap();
+    let addrs = shared.resolve("localhost").await.unwrap();
+    assert!(addrs.iter().all(|a| a.is_loopback()));
+    let mut c = VuClient::new(shared);
+    let url = Url::parse(&format!("http://localhost:{}/", server.addr.port())).unwrap();
+    let r = send(&mut c, get(url)).await;
+    assert_eq!(&r.body[..], b"ok");
+}
+
+#[tokio::test]
+async fn connection_close_responses_are_followed_by_a_fresh_connection() {
+    let server = start_server().await;
+    let mut c = client();
+    for _ in 0..5 {
+        let r = send(&mut c, get(server.url("/close"))).await;
+        assert_eq!(&r.body[..], b"bye");
+    }
+    assert_eq!(server.connections(), 5);
+}
+
+#[tokio::test]
+async fn large_bodies_are_counted_and_truncated_at_the_limit() {
+    let server = start_server().await;
+    let mut c = client();
+    let r = send(&mut c, get(server.url("/big"))).await;
+    assert_eq!(r.body.len(), BIG);
+    assert!(r.body.iter().all(|&b| b == b'x'));
+    assert!(!r.body_truncated);
+    assert!(r.bytes_received >= BIG as u64);
+
+    let mut small = client_with(ClientSettings {
+        max_body_bytes: 1000,
+        ..ClientSettings::default()
+    });
+    let r = send(&mut small, get(server.url("/big"))).await;
+    assert!(r.body_truncated);
+    assert!(r.body.len() <= 1000);
+    assert!(r.bytes_received >= BIG as u64);
+    // The connection stays usable: the whole body was read.
+    send(&mut small, get(server.url("/"))).await;
+    assert_eq!(server.connections(), 2);
+}
+
+#[tokio::test]
+async fn garbage_from_the_server_is_a_protocol_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        let _ = s.write_all(b"this is not http\r\n\r\n").await;
+        let _ = s.shutdown().await;
+    });
+    let mut c = client();
+    let mut jar = CookieJar::new();
+    let url = Url::parse(&format!("http://{addr}/")).unwrap();
+    let err = c.send(get(url), &mut jar).await.unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Protocol, "{err}");
+}
+
+#[tokio::test]
+async fn server_closing_mid_response_is_an_io_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part")
+            .await;
+        let _ = s.shutdown().await;
+    });
+    let mut c = client();
+    let mut jar = CookieJar::new();
+    let url = Url::parse(&format!("http://{addr}/")).unwrap();
+    let err = c.send(get(url), &mut jar).await.unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Io, "{err}");
+    assert_eq!(err.kind().spec_class(), "connect");
+}
+
+#[test]
+fn client_and_its_futures_are_send() {
+    fn is_send<T: Send>(_: &T) {}
+    let c = client();
+    is_send(&c);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = client();
+        let mut jar = CookieJar::new();
+        let fut = c.send(get(Url::parse("http://127.0.0.1:1/").unwrap()), &mut jar);
+        is_send(&fut);
+    });
+}
