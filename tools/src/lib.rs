@@ -43,6 +43,9 @@ pub use stats::{StatsSnapshot, PER_SECOND_WINDOW};
 
 use service::Shared;
 
+/// Concurrent h2 streams allowed per connection.
+pub const H2_MAX_STREAMS: u32 = 1024;
+
 /// Default number of accounts (`user1` … `user10000`).
 pub const DEFAULT_ACCOUNTS: u64 = 10_000;
 
@@ -189,12 +192,17 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Benchmarks may pipeline HTTP/1.1 and run many VUs over one h2 connection.
+    builder.http1().pipeline_flush(true);
+    builder.http2().max_concurrent_streams(H2_MAX_STREAMS);
+    let builder = Arc::new(builder);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
-                    connections.spawn(serve_connection(stream, shared.clone()));
+                    connections.spawn(serve_connection(stream, shared.clone(), builder.clone()));
                 }
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.
@@ -210,12 +218,15 @@ async fn accept_loop(
     connections.shutdown().await;
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, shared: Arc<Shared>) {
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+) {
     shared.stats.connection_opened();
     let stats_shared = shared.clone();
     let _closed = service::OnDrop(move || stats_shared.stats.connection_closed());
     let svc = service_fn(move |req| service::handle(shared.clone(), req));
-    let builder = auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
         tracing::debug!("stampede-target: connection: {e}");
     }
