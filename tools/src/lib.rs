@@ -14,6 +14,20 @@
 //! - `GET /_stats`, `POST /_stats/reset`, `GET|POST /_control` (admin: never delayed,
 //!   failed or queued, and not counted in `requests`).
 //!
+//! From a test in another crate:
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use stampede_tools::{start, TargetConfig};
+//! let target = start(TargetConfig::default()).await?; // 127.0.0.1, free port
+//! let base_url = target.url();
+//! // ... drive load at base_url ...
+//! target.set_stall(std::time::Duration::from_millis(500)); // stall it mid-run
+//! let served = target.requests();
+//! target.stop().await;
+//! # let _ = (base_url, served); Ok(()) }
+//! ```
+//!
 //! This module owns start-up, the accept loop and shutdown; it must not hold shop rules.
 
 pub mod latency;

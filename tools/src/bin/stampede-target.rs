@@ -13,10 +13,17 @@ use stampede_tools::{Latency, TargetConfig, DEFAULT_ACCOUNTS};
 
 /// A realistic demo shop for stampede to load: login, product search, cart, checkout.
 ///
-/// Accounts are user1..userN with passwords pass1..passN. Knobs can also be changed while
-/// running: POST /_control {"latency": "5ms", "error_rate": 0.01, "stall_ms": 500,
-/// "concurrency_limit": 8} (absent fields keep their value; 0 removes a stall or limit).
-/// GET /_stats reports request counts; POST /_stats/reset zeroes them.
+/// Endpoints: POST /login {"user","password"} -> {"token"}; GET /products?q=;
+/// GET /products/{id} (1..1000); with "Authorization: Bearer TOKEN": POST /cart
+/// {"product","qty"}, POST /checkout, GET /account. Accounts are user1..userN with
+/// passwords pass1..passN; a new login ends the account's earlier session (its token then
+/// gets 409).
+///
+/// Admin (never delayed, failed or queued, not counted as load): GET /_stats (request
+/// counts, per endpoint, per status, per second), POST /_stats/reset, GET /_control, and
+/// POST /_control {"latency": "5ms", "error_rate": 0.01, "stall_ms": 500,
+/// "concurrency_limit": 8} to change knobs while running (absent fields keep their value;
+/// 0 removes a stall or limit).
 #[derive(Parser, Debug)]
 #[command(name = "stampede-target", version)]
 struct Cli {
