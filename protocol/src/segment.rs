@@ -10,8 +10,9 @@
 //! Striping (k6's rule): with L the lowest common denominator of the segment lengths,
 //! segment i owns nᵢ = lengthᵢ·L of every L consecutive indices. Indices 0..L are dealt
 //! in order; index e goes to the first segment s (segments ordered largest first, ties by
-//! position) with e·L ≥ cₛ·L²/nₛ, i.e. e ≥ cₛ·L/nₛ exactly, where cₛ is how many indices s
-//! already holds. The pattern repeats every L indices.
+//! position) with e ≥ cₛ·L/nₛ compared exactly (e·nₛ ≥ cₛ·L), where cₛ is how many indices
+//! s already holds; k6 writes this as `e > ⌊cₛL/nₛ⌋ || (e == ⌊cₛL/nₛ⌋ && nₛ | cₛL)`.
+//! The pattern repeats every L indices.
 //!
 //! Bounding L: weights such as 997 and 1009 would give L = 2006. `SegmentSequence::
 //! from_weights` therefore rounds capacity weights to at most `max(MAX_PARTS, n)` parts
@@ -462,12 +463,8 @@ impl Reassignment {
         survivors: &[(usize, u64)],
     ) -> Result<Reassignment, SegmentError> {
         let weights: Vec<u64> = survivors.iter().map(|&(_, w)| w).collect();
-        let striping =
-            Striping::from_weights(&weights).map_err(|e| SegmentError::BadReassignment {
-                position: 0,
-                lost,
-                reason: e.to_string(),
-            })?;
+        let striping = Striping::from_weights(&weights)
+            .map_err(|e| SegmentError::BadWeights(format!("survivors of lost node {lost}: {e}")))?;
         Ok(Reassignment {
             lost,
             from_index,
@@ -878,7 +875,11 @@ mod tests {
             let want: Vec<u64> = (3..20_000).filter(|&i| a.owner(i) == node).collect();
             assert_eq!(got, want, "node {node}");
         }
-        assert_eq!(a.nth_owned(0, 0), Some(501), "smallest segment is dealt last");
+        assert_eq!(
+            a.nth_owned(0, 0),
+            Some(501),
+            "smallest segment is dealt last"
+        );
         assert_eq!(a.nth_owned(0, 5), Some(a.owned_from(0, 0).nth(5).unwrap()));
         assert_eq!(a.owned_from(2, 5_000).next(), None);
         assert_eq!(a.owned_from(7, 0).next(), None);
