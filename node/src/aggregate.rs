@@ -35,7 +35,13 @@ pub struct NodeCollector {
 
 impl NodeCollector {
     pub fn new(layout: Layout, workers: usize) -> NodeCollector {
-        NodeCollector { layout, workers, reported: vec![(None, false); workers], pending: BTreeMap::new(), next: 0 }
+        NodeCollector {
+            layout,
+            workers,
+            reported: vec![(None, false); workers],
+            pending: BTreeMap::new(),
+            next: 0,
+        }
     }
 
     /// Takes one worker report; returns the node seconds it completed, in order.
@@ -56,7 +62,10 @@ impl NodeCollector {
         let mut out = Vec::new();
         loop {
             let s = self.next;
-            let complete = self.reported.iter().all(|(hi, last)| *last || hi.is_some_and(|h| h >= s));
+            let complete = self
+                .reported
+                .iter()
+                .all(|(hi, last)| *last || hi.is_some_and(|h| h >= s));
             if !complete || (self.pending.is_empty() && self.finished()) {
                 break;
             }
@@ -142,14 +151,21 @@ impl RunAggregate {
     }
 
     /// Adds one node's second. Fails only if the metrics come from another plan.
-    pub fn add(&mut self, node: &str, s: &NodeSecond) -> Result<(), stampede_protocol::snapshot::MetricsError> {
+    pub fn add(
+        &mut self,
+        node: &str,
+        s: &NodeSecond,
+    ) -> Result<(), stampede_protocol::snapshot::MetricsError> {
         let layout = &self.layout;
-        let nt = self.nodes.entry(node.to_string()).or_insert_with(|| NodeTotals {
-            totals: Metrics::new(layout),
-            seconds: 0,
-            last_second: None,
-            vus: 0,
-        });
+        let nt = self
+            .nodes
+            .entry(node.to_string())
+            .or_insert_with(|| NodeTotals {
+                totals: Metrics::new(layout),
+                seconds: 0,
+                last_second: None,
+                vus: 0,
+            });
         nt.totals.merge(&s.metrics)?;
         nt.seconds += 1;
         if nt.last_second.is_none_or(|l| s.second >= l) {
@@ -174,7 +190,10 @@ impl RunAggregate {
             }
             _ => {
                 let layout = &self.layout;
-                let (m, vus) = self.window.entry(s.second).or_insert_with(|| (Metrics::new(layout), BTreeMap::new()));
+                let (m, vus) = self
+                    .window
+                    .entry(s.second)
+                    .or_insert_with(|| (Metrics::new(layout), BTreeMap::new()));
                 m.merge(&s.metrics)?;
                 vus.insert(node.to_string(), s.vus);
                 let newest = *self.window.keys().next_back().unwrap_or(&0);
@@ -192,7 +211,8 @@ impl RunAggregate {
                 break;
             }
             let (m, vus) = self.window.remove(&t).expect("key just seen");
-            self.timeline.push(point(t, &m, vus.values().sum(), vus.len()));
+            self.timeline
+                .push(point(t, &m, vus.values().sum(), vus.len()));
             self.folded_through = Some(t);
         }
     }
@@ -211,7 +231,12 @@ impl RunAggregate {
 
 fn point(t: u64, m: &Metrics, vus: u64, nodes: usize) -> TimelinePoint {
     let mut lat = Hist::default();
-    let mut p = TimelinePoint { t, vus, nodes, ..Default::default() };
+    let mut p = TimelinePoint {
+        t,
+        vus,
+        nodes,
+        ..Default::default()
+    };
     for s in &m.series {
         lat.add(&s.latency);
         p.requests += s.requests;
@@ -253,7 +278,12 @@ mod tests {
             scenarios: vec!["s".into()],
             flows: vec!["f".into()],
             flow_slots: vec![(0, 0)],
-            series: vec![SeriesKey { scenario: 0, flow: 0, step: 0, step_name: "a".into() }],
+            series: vec![SeriesKey {
+                scenario: 0,
+                flow: 0,
+                step: 0,
+                step_name: "a".into(),
+            }],
         }
     }
 
@@ -263,7 +293,13 @@ mod tests {
             m.series[0].latency.record(100 + i);
         }
         m.series[0].requests = n;
-        WorkerReport { worker, second, metrics: m, vus: 1, last }
+        WorkerReport {
+            worker,
+            second,
+            metrics: m,
+            vus: 1,
+            last,
+        }
     }
 
     #[test]
@@ -279,7 +315,12 @@ mod tests {
         assert_eq!(out.iter().map(|s| s.second).collect::<Vec<_>>(), vec![1]);
         assert_eq!(out[0].metrics.total_requests(), 3);
         let out = c.add(report(1, 2, 4, true));
-        assert_eq!(out.iter().map(|s| (s.second, s.metrics.total_requests())).collect::<Vec<_>>(), vec![(2, 4)]);
+        assert_eq!(
+            out.iter()
+                .map(|s| (s.second, s.metrics.total_requests()))
+                .collect::<Vec<_>>(),
+            vec![(2, 4)]
+        );
         assert!(c.finished());
     }
 
@@ -291,13 +332,29 @@ mod tests {
             for node in ["a", "b"] {
                 let r = report(0, t, t % 7 + 1, false);
                 total += t % 7 + 1;
-                a.add(node, &NodeSecond { second: t, metrics: r.metrics, vus: 1 }).unwrap();
+                a.add(
+                    node,
+                    &NodeSecond {
+                        second: t,
+                        metrics: r.metrics,
+                        vus: 1,
+                    },
+                )
+                .unwrap();
             }
             assert!(a.window.len() as u64 <= WINDOW + 1);
         }
         // A late second from a third node still counts exactly.
         let r = report(0, 3, 10, false);
-        a.add("c", &NodeSecond { second: 3, metrics: r.metrics, vus: 1 }).unwrap();
+        a.add(
+            "c",
+            &NodeSecond {
+                second: 3,
+                metrics: r.metrics,
+                vus: 1,
+            },
+        )
+        .unwrap();
         total += 10;
         a.finish();
         assert_eq!(a.totals.total_requests(), total);

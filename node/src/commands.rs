@@ -67,7 +67,10 @@ pub fn finish(summary: &Summary, outs: &[Output]) -> Result<Outcome, Failure> {
 }
 
 pub fn parse_outputs(specs: &[String]) -> Result<Vec<Output>, Failure> {
-    specs.iter().map(|s| outputs::parse(s).map_err(Failure::usage)).collect()
+    specs
+        .iter()
+        .map(|s| outputs::parse(s).map_err(Failure::usage))
+        .collect()
 }
 
 /// Reads a plan, applies `--set key=value` overrides and compiles it.
@@ -75,12 +78,20 @@ pub fn load_plan(path: &Path, sets: &[String]) -> Result<CompiledPlan, Failure> 
     let file = path.display().to_string();
     let src = std::fs::read_to_string(path)
         .map_err(|e| Failure::usage(format!("{file}: cannot read the plan: {e}")))?;
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
     compile_text(&file, &src, sets, &base)
 }
 
 /// Compiles plan text; `file` names it in errors and `base` resolves its data files.
-pub fn compile_text(file: &str, src: &str, sets: &[String], base: &Path) -> Result<CompiledPlan, Failure> {
+pub fn compile_text(
+    file: &str,
+    src: &str,
+    sets: &[String],
+    base: &Path,
+) -> Result<CompiledPlan, Failure> {
     let usage = |e: PlanError| Failure::usage(e.to_string());
     let (file, src) = if sets.is_empty() {
         (file.to_string(), src.to_string())
@@ -94,13 +105,19 @@ pub fn compile_text(file: &str, src: &str, sets: &[String], base: &Path) -> Resu
 /// `--set a.b.c=value`: the value is read as TOML (a number, a string in quotes, an
 /// array…) and taken as a plain string when it is not valid TOML.
 fn apply_sets(file: &str, src: &str, sets: &[String]) -> Result<String, Failure> {
-    let mut doc: toml::Table = toml::from_str(src)
-        .map_err(|e| Failure::usage(PlanError {
-            file: file.into(),
-            line: e.span().map(|s| stampede_protocol::plan::line_of(src, s.start)),
-            field: None,
-            message: e.message().to_string(),
-        }.to_string()))?;
+    let mut doc: toml::Table = toml::from_str(src).map_err(|e| {
+        Failure::usage(
+            PlanError {
+                file: file.into(),
+                line: e
+                    .span()
+                    .map(|s| stampede_protocol::plan::line_of(src, s.start)),
+                field: None,
+                message: e.message().to_string(),
+            }
+            .to_string(),
+        )
+    })?;
     for s in sets {
         let (key, raw) = s
             .split_once('=')
@@ -112,10 +129,12 @@ fn apply_sets(file: &str, src: &str, sets: &[String]) -> Result<String, Failure>
         let parts: Vec<&str> = key.split('.').collect();
         let mut table = &mut doc;
         for p in &parts[..parts.len() - 1] {
-            let entry = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            table = entry
-                .as_table_mut()
-                .ok_or_else(|| Failure::usage(format!("--set \"{s}\": \"{p}\" is not a table in the plan")))?;
+            let entry = table
+                .entry(p.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry.as_table_mut().ok_or_else(|| {
+                Failure::usage(format!("--set \"{s}\": \"{p}\" is not a table in the plan"))
+            })?;
         }
         table.insert(parts[parts.len() - 1].to_string(), value);
     }
@@ -133,12 +152,15 @@ pub fn demo(args: DemoArgs) -> Result<Outcome, Failure> {
         return Err(Failure::usage("--duration: the demo needs at least 3s"));
     }
     let dir = std::env::temp_dir().join(format!("stampede-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| Failure::run(format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Failure::run(format!("cannot create {}: {e}", dir.display())))?;
     let result = (|| {
         std::fs::write(dir.join("accounts.csv"), accounts_csv(2000))
             .map_err(|e| Failure::run(format!("cannot write the demo accounts: {e}")))?;
         let target = stampede_tools::spawn(stampede_tools::TargetConfig {
-            latency: stampede_tools::Latency::parse("normal:3ms,1ms").unwrap_or_default(),
+            latency: "normal:3ms,1ms"
+                .parse()
+                .unwrap_or(stampede_tools::Latency::None),
             ..Default::default()
         })
         .map_err(|e| Failure::run(format!("cannot start the demo shop: {e}")))?;
@@ -156,14 +178,24 @@ pub fn demo(args: DemoArgs) -> Result<Outcome, Failure> {
             "running the retail example (60% browse, 25% purchase, 15% account) for {}s on this node…",
             duration.as_secs()
         );
-        let summary = embedded::run(Arc::new(plan), LocalOptions { quiet: args.quiet, ..LocalOptions::default() })
-            .map_err(Failure::run)?;
+        let summary = embedded::run(
+            Arc::new(plan),
+            LocalOptions {
+                quiet: args.quiet,
+                ..LocalOptions::default()
+            },
+        )
+        .map_err(Failure::run)?;
         let counted = target.requests();
         let out = finish(&summary, &outs);
         eprintln!(
             "the shop counted {counted} requests; stampede measured {} ({})",
             summary.totals.requests,
-            if counted == summary.totals.requests { "exact" } else { "MISMATCH" }
+            if counted == summary.totals.requests {
+                "exact"
+            } else {
+                "MISMATCH"
+            }
         );
         target.shutdown();
         out

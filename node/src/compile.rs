@@ -79,7 +79,9 @@ impl CompiledStep {
             CompiledBody::None => {}
             CompiledBody::Text(t) => t.feeders_used().for_each(&mut f),
             CompiledBody::Json(j) => j.feeders_used().for_each(&mut f),
-            CompiledBody::Form(v) => v.iter().for_each(|(_, t)| t.feeders_used().for_each(&mut f)),
+            CompiledBody::Form(v) => v
+                .iter()
+                .for_each(|(_, t)| t.feeders_used().for_each(&mut f)),
         }
     }
 }
@@ -148,7 +150,10 @@ pub struct CompiledScenario {
 impl CompiledScenario {
     /// Index into `flows` for a draw in `0..total_weight`.
     pub fn pick(&self, draw: u64) -> usize {
-        self.flows.iter().position(|(_, cum)| draw < *cum).unwrap_or(self.flows.len() - 1)
+        self.flows
+            .iter()
+            .position(|(_, cum)| draw < *cum)
+            .unwrap_or(self.flows.len() - 1)
     }
 }
 
@@ -180,7 +185,7 @@ pub fn compile(plan: Plan, file: &str, base_dir: &Path) -> Result<CompiledPlan, 
         let path = base_dir.join(&d.file);
         let format = match d.format {
             plan::DataFormat::Csv => data::DataFormat::Csv,
-            plan::DataFormat::Jsonl => data::DataFormat::Jsonl,
+            plan::DataFormat::Jsonl => data::DataFormat::JsonLines,
         };
         let set = data::load(&d.name, &path, Some(format))
             .map_err(|e| err(format!("data.{}.file", d.name), e.to_string()))?;
@@ -217,7 +222,12 @@ pub fn compile(plan: Plan, file: &str, base_dir: &Path) -> Result<CompiledPlan, 
         for st in &steps {
             st.for_each_feeder(|i| feeders_used[i] = true);
         }
-        flows.push(CompiledFlow { name: f.name.clone(), steps, var_count: scope.var_count(), feeders_used });
+        flows.push(CompiledFlow {
+            name: f.name.clone(),
+            steps,
+            var_count: scope.var_count(),
+            feeders_used,
+        });
     }
 
     let mut layout = Layout {
@@ -239,7 +249,12 @@ pub fn compile(plan: Plan, file: &str, base_dir: &Path) -> Result<CompiledPlan, 
             layout.flow_slots.push((si, fi));
             series_base.push(layout.series.len());
             for (step, st) in plan.flows[fi].steps.iter().enumerate() {
-                layout.series.push(SeriesKey { scenario: si, flow: fi, step, step_name: st.name.clone() });
+                layout.series.push(SeriesKey {
+                    scenario: si,
+                    flow: fi,
+                    step,
+                    step_name: st.name.clone(),
+                });
             }
         }
         let vu_slots = s.executor.max_vus();
@@ -286,21 +301,33 @@ fn compile_step(plan: &Plan, s: &plan::Step, scope: &Scope) -> Result<CompiledSt
             Some((f, l)) => (f.to_string(), l.parse().ok()),
             None => (file_line.to_string(), None),
         };
-        PlanError { file, line, field: Some(format!("{path}.{field}")), message }
+        PlanError {
+            file,
+            line,
+            field: Some(format!("{path}.{field}")),
+            message,
+        }
     };
     let tpl = |field: &str, src: &str| {
         Template::compile(src, scope).map_err(|e| err(field, format!("bad template: {e}")))
     };
 
-    let method = Method::from_bytes(s.request.method.as_bytes())
-        .map_err(|_| err("request.method", format!("bad HTTP method \"{}\"", s.request.method)))?;
+    let method = Method::from_bytes(s.request.method.as_bytes()).map_err(|_| {
+        err(
+            "request.method",
+            format!("bad HTTP method \"{}\"", s.request.method),
+        )
+    })?;
     let full_url = if s.request.url.starts_with('/') {
         match &plan.defaults.base_url {
             Some(b) => format!("{b}{}", s.request.url),
             None => {
                 return Err(err(
                     "request.url",
-                    format!("\"{}\" is relative but [defaults] has no base_url", s.request.url),
+                    format!(
+                        "\"{}\" is relative but [defaults] has no base_url",
+                        s.request.url
+                    ),
                 ))
             }
         }
@@ -330,7 +357,8 @@ fn compile_step(plan: &Plan, s: &plan::Step, scope: &Scope) -> Result<CompiledSt
         Body::None => CompiledBody::None,
         Body::Text(t) => CompiledBody::Text(tpl("request.body", t)?),
         Body::Json(j) => CompiledBody::Json(
-            JsonTemplate::compile(j, scope).map_err(|e| err("request.json", format!("bad template: {e}")))?,
+            JsonTemplate::compile(j, scope)
+                .map_err(|e| err("request.json", format!("bad template: {e}")))?,
         ),
         Body::Form(f) => {
             let mut out = Vec::new();
@@ -345,7 +373,9 @@ fn compile_step(plan: &Plan, s: &plan::Step, scope: &Scope) -> Result<CompiledSt
         status: c.status.clone(),
         body_contains: c.body_contains.clone(),
         body_regex: match &c.body_regex {
-            Some(r) => Some(Regex::new(r).map_err(|e| err("check.body_regex", one_line(&e.to_string())))?),
+            Some(r) => {
+                Some(Regex::new(r).map_err(|e| err("check.body_regex", one_line(&e.to_string())))?)
+            }
             None => None,
         },
         ..Default::default()
@@ -356,20 +386,27 @@ fn compile_step(plan: &Plan, s: &plan::Step, scope: &Scope) -> Result<CompiledSt
         check.headers.push((name, v.clone()));
     }
     for (p, v) in &c.json {
-        let path = JsonPath::compile(p).map_err(|e| err("check.json", format!("bad JSON path \"{p}\": {e}")))?;
+        let path = JsonPath::compile(p)
+            .map_err(|e| err("check.json", format!("bad JSON path \"{p}\": {e}")))?;
         check.json.push((path, v.clone()));
     }
     let mut extract = Vec::new();
     for (var, e) in &s.extract {
-        let slot = scope.var_slot(var).expect("every extract var was added to the scope");
+        let slot = scope
+            .var_slot(var)
+            .expect("every extract var was added to the scope");
         let field = format!("extract.{var}");
         let compiled = match e {
             Extract::Json(p) => CompiledExtract::Json(
-                JsonPath::compile(p).map_err(|e| err(&field, format!("bad JSON path \"{p}\": {e}")))?,
+                JsonPath::compile(p)
+                    .map_err(|e| err(&field, format!("bad JSON path \"{p}\": {e}")))?,
             ),
-            Extract::Regex(r) => CompiledExtract::Regex(Regex::new(r).map_err(|e| err(&field, one_line(&e.to_string())))?),
+            Extract::Regex(r) => CompiledExtract::Regex(
+                Regex::new(r).map_err(|e| err(&field, one_line(&e.to_string())))?,
+            ),
             Extract::Header(h) => CompiledExtract::Header(
-                HeaderName::from_bytes(h.as_bytes()).map_err(|_| err(&field, format!("bad header name \"{h}\"")))?,
+                HeaderName::from_bytes(h.as_bytes())
+                    .map_err(|_| err(&field, format!("bad header name \"{h}\"")))?,
             ),
             Extract::Cookie(c) => CompiledExtract::Cookie(c.clone()),
         };

@@ -22,7 +22,10 @@ fn process_cpu_seconds() -> f64 {
 
 impl Default for CpuSampler {
     fn default() -> Self {
-        CpuSampler { last_cpu: process_cpu_seconds(), last_at: Instant::now() }
+        CpuSampler {
+            last_cpu: process_cpu_seconds(),
+            last_at: Instant::now(),
+        }
     }
 }
 

@@ -32,7 +32,9 @@ pub struct LocalOptions {
 impl Default for LocalOptions {
     fn default() -> Self {
         LocalOptions {
-            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             quiet: false,
             allow_target: Vec::new(),
             graceful_stop: Duration::from_secs(30),
@@ -52,7 +54,10 @@ pub fn hostname() -> String {
 }
 
 /// HTTP client settings for a plan on this node.
-pub fn client_settings(plan: &CompiledPlan, allow_target: &[String]) -> Result<ClientSettings, String> {
+pub fn client_settings(
+    plan: &CompiledPlan,
+    allow_target: &[String],
+) -> Result<ClientSettings, String> {
     let allow = Allowlist::from_entries(allow_target.iter()).map_err(|e| e.to_string())?;
     let d = &plan.plan.defaults;
     Ok(ClientSettings {
@@ -69,7 +74,10 @@ pub fn client_settings(plan: &CompiledPlan, allow_target: &[String]) -> Result<C
 }
 
 pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A short, unique-enough run id: time plus randomness.
@@ -102,7 +110,8 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
     };
     let total = plan_duration(&plan);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let engine = Engine::start(spec, tx).map_err(|e| format!("cannot start worker threads: {e}"))?;
+    let engine =
+        Engine::start(spec, tx).map_err(|e| format!("cannot start worker threads: {e}"))?;
     let stop = engine.stop.clone();
     let mut collector = NodeCollector::new(plan.layout.clone(), workers);
     let mut agg = RunAggregate::new(plan.layout.clone());
@@ -170,10 +179,16 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
 }
 
 fn num_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// The longest any scenario runs, with its start offset.
 pub fn plan_duration(plan: &CompiledPlan) -> Duration {
-    plan.scenarios.iter().map(|s| s.start_after + s.executor.total_duration()).max().unwrap_or_default()
+    plan.scenarios
+        .iter()
+        .map(|s| s.start_after + s.executor.total_duration())
+        .max()
+        .unwrap_or_default()
 }

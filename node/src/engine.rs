@@ -80,7 +80,10 @@ pub enum Stop {
 
 impl StopHandle {
     fn new() -> StopHandle {
-        StopHandle { graceful: Arc::new(AtomicBool::new(false)), tx: Arc::new(watch::channel(Stop::Running).0) }
+        StopHandle {
+            graceful: Arc::new(AtomicBool::new(false)),
+            tx: Arc::new(watch::channel(Stop::Running).0),
+        }
     }
     pub fn stop(&self, how: Stop) {
         if how >= Stop::Graceful {
@@ -107,7 +110,10 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the workers; reports arrive on `reports` until every worker sent `last`.
-    pub fn start(spec: RunSpec, reports: mpsc::UnboundedSender<WorkerReport>) -> std::io::Result<Engine> {
+    pub fn start(
+        spec: RunSpec,
+        reports: mpsc::UnboundedSender<WorkerReport>,
+    ) -> std::io::Result<Engine> {
         let stop = StopHandle::new();
         let spec = Arc::new(spec);
         let shared_left: Arc<Vec<AtomicU64>> = Arc::new(
@@ -123,12 +129,22 @@ impl Engine {
                 .collect(),
         );
         let n = spec.assignment.nodes() as u64;
-        let cursors: Arc<Vec<SharedCursor>> =
-            Arc::new(spec.plan.feeders.iter().map(|_| SharedCursor::new(spec.node as u64, n)).collect());
+        let cursors: Arc<Vec<SharedCursor>> = Arc::new(
+            spec.plan
+                .feeders
+                .iter()
+                .map(|_| SharedCursor::new(spec.node as u64, n))
+                .collect(),
+        );
         let mut threads = Vec::new();
         for w in 0..spec.workers.max(1) {
-            let (spec, reports, stop, left, cursors) =
-                (spec.clone(), reports.clone(), stop.clone(), shared_left.clone(), cursors.clone());
+            let (spec, reports, stop, left, cursors) = (
+                spec.clone(),
+                reports.clone(),
+                stop.clone(),
+                shared_left.clone(),
+                cursors.clone(),
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("stampede-worker-{w}"))
@@ -166,7 +182,10 @@ fn worker_main(
     shared_left: Arc<Vec<AtomicU64>>,
     cursors: Arc<Vec<SharedCursor>>,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(worker = index, "cannot start a worker runtime: {e}");
@@ -214,8 +233,13 @@ fn worker_main(
                         return second;
                     }
                     let metrics = take_metrics(&worker);
-                    let report =
-                        WorkerReport { worker: worker.index, second, metrics, vus: worker.vus.get(), last: false };
+                    let report = WorkerReport {
+                        worker: worker.index,
+                        second,
+                        metrics,
+                        vus: worker.vus.get(),
+                        last: false,
+                    };
                     if reports.send(report).is_err() {
                         return second;
                     }
@@ -231,7 +255,13 @@ fn worker_main(
         // The final report covers whatever the current second holds.
         let second = (Instant::now().saturating_duration_since(worker.spec.start_at)).as_secs();
         let metrics = take_metrics(&worker);
-        let _ = reports.send(WorkerReport { worker: worker.index, second, metrics, vus: 0, last: true });
+        let _ = reports.send(WorkerReport {
+            worker: worker.index,
+            second,
+            metrics,
+            vus: 0,
+            last: true,
+        });
     });
 }
 
@@ -267,13 +297,17 @@ async fn run_scenario(w: Rc<Worker>, si: usize) {
         _ = stop_rx.wait_for(|s| *s != Stop::Running) => return,
     }
     match sc.executor.clone() {
-        Executor::ConstantVus { .. } | Executor::RampingVus { .. } => closed_ramping(w, si, begin).await,
-        Executor::PerVuIterations { vus, iterations, max_duration } => {
-            closed_counted(w, si, begin, vus, Some(iterations), max_duration).await
+        Executor::ConstantVus { .. } | Executor::RampingVus { .. } => {
+            closed_ramping(w, si, begin).await
         }
-        Executor::SharedIterations { vus, max_duration, .. } => {
-            closed_counted(w, si, begin, vus, None, max_duration).await
-        }
+        Executor::PerVuIterations {
+            vus,
+            iterations,
+            max_duration,
+        } => closed_counted(w, si, begin, vus, Some(iterations), max_duration).await,
+        Executor::SharedIterations {
+            vus, max_duration, ..
+        } => closed_counted(w, si, begin, vus, None, max_duration).await,
         Executor::ConstantArrivalRate { .. } | Executor::RampingArrivalRate { .. } => {
             open_model(w, si, begin).await
         }
@@ -312,7 +346,7 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
     let total = exec.total_duration();
     let end = begin + total;
     let mine = my_indices(&w, sc.vu_slots);
-    let target = Rc::new(Cell::new(exec.vus_at(Duration::ZERO)));
+    let target = Rc::new(Cell::new(exec.vus_at(Duration::ZERO).unwrap_or(0)));
     let running: Rc<RefCell<Vec<bool>>> = Rc::new(RefCell::new(vec![false; mine.len()]));
     let mut tasks = Vec::new();
     let mut at = Duration::ZERO;
@@ -338,7 +372,9 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
                 }));
             }
         }
-        let Some((next, vus)) = exec.next_vu_change(at) else { break };
+        let Some((next, vus)) = exec.next_vu_change(at) else {
+            break;
+        };
         if next >= total {
             break;
         }
@@ -387,7 +423,12 @@ async fn closed_counted(
                     Some(_) => {}
                     None => {
                         let left = &w2.shared_left[si];
-                        if left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1)).is_err() {
+                        if left
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                                v.checked_sub(1)
+                            })
+                            .is_err()
+                        {
                             break;
                         }
                     }
@@ -413,6 +454,11 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     let sc = &w.spec.plan.scenarios[si];
     let exec = sc.executor.clone();
     let end = begin + exec.total_duration();
+    let schedule = match exec.arrival_schedule() {
+        Ok(Some(s)) => s,
+        // Validated plans always have a schedule for arrival-rate executors.
+        _ => return,
+    };
     // This worker's VU pool: its share of the node's share of max_vus.
     let ids = my_indices(&w, sc.vu_slots);
     let pool: Rc<RefCell<Vec<Vu>>> = Rc::new(RefCell::new(Vec::new()));
@@ -422,7 +468,7 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     let mut stop_rx = w.stop_rx.clone();
     let mut rank = 0usize;
     let mut k = 0u64;
-    while let Some(t) = exec.arrival_time(k) {
+    while let Some(t) = schedule.arrival_time(k) {
         let event = k;
         k += 1;
         if !w.spec.assignment.owns(w.spec.node, event) {
@@ -459,7 +505,9 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
             }
         };
         let lag = micros(Instant::now().saturating_duration_since(intended));
-        w.ctx.recorder.borrow_mut().scenarios[si].schedule_lag.record(lag);
+        w.ctx.recorder.borrow_mut().scenarios[si]
+            .schedule_lag
+            .record(lag);
         busy.set(busy.get() + 1);
         let (w2, pool2, busy2) = (w.clone(), pool.clone(), busy.clone());
         tasks.retain(|t| !t.is_finished());

@@ -4,7 +4,9 @@
 use crate::report::Summary;
 
 pub fn render(s: &Summary) -> String {
-    let json = serde_json::to_string(s).unwrap_or_default().replace("</", "<\\/");
+    let json = serde_json::to_string(s)
+        .unwrap_or_default()
+        .replace("</", "<\\/");
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>stampede run {id}</title></head>\
          <body><h1>stampede run {id}</h1><pre id=\"summary\"></pre>\

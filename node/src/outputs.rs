@@ -33,12 +33,19 @@ pub fn parse(spec: &str) -> Result<Output, String> {
         "html" => Format::Html,
         "junit" => Format::Junit,
         "csv" => Format::Csv,
-        _ => return Err(format!("--out \"{spec}\": unknown format \"{f}\" (json, html, junit or csv)")),
+        _ => {
+            return Err(format!(
+                "--out \"{spec}\": unknown format \"{f}\" (json, html, junit or csv)"
+            ))
+        }
     };
     if path.is_empty() {
         return Err(format!("--out \"{spec}\": the file name is missing"));
     }
-    Ok(Output { format, path: PathBuf::from(path) })
+    Ok(Output {
+        format,
+        path: PathBuf::from(path),
+    })
 }
 
 pub fn write(out: &Output, s: &Summary) -> Result<(), String> {
@@ -79,7 +86,10 @@ fn csv(s: &Summary) -> String {
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn junit(s: &Summary) -> String {
@@ -101,7 +111,10 @@ fn junit(s: &Summary) -> String {
     for t in &s.thresholds {
         let name = xml_escape(&format!("{}: {}", t.metric, t.expr));
         if t.passed {
-            let _ = writeln!(o, "    <testcase classname=\"thresholds\" name=\"{name}\"/>");
+            let _ = writeln!(
+                o,
+                "    <testcase classname=\"thresholds\" name=\"{name}\"/>"
+            );
         } else {
             let _ = writeln!(o, "    <testcase classname=\"thresholds\" name=\"{name}\">");
             let _ = writeln!(
@@ -122,8 +135,16 @@ mod tests {
 
     #[test]
     fn parses_out_flags() {
-        assert_eq!(parse("json=a.json").unwrap(), Output { format: Format::Json, path: "a.json".into() });
-        assert!(parse("xml=a").unwrap_err().contains("unknown format \"xml\""));
+        assert_eq!(
+            parse("json=a.json").unwrap(),
+            Output {
+                format: Format::Json,
+                path: "a.json".into()
+            }
+        );
+        assert!(parse("xml=a")
+            .unwrap_err()
+            .contains("unknown format \"xml\""));
         assert!(parse("json").is_err());
         assert!(parse("json=").is_err());
     }

@@ -191,7 +191,12 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
             .flow_slots
             .iter()
             .enumerate()
-            .filter(|(_, (sc, f))| layout.series.iter().any(|k| k.scenario == *sc && k.flow == *f && k.step_name == name))
+            .filter(|(_, (sc, f))| {
+                layout
+                    .series
+                    .iter()
+                    .any(|k| k.scenario == *sc && k.flow == *f && k.step_name == name)
+            })
             .map(|(slot, _)| agg.totals.flow_iterations[slot])
             .sum();
         requests.insert(name.to_string(), stats_of(&agg.totals, &pick, its, 0));
@@ -212,19 +217,27 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
     for (si, sname) in layout.scenarios.iter().enumerate() {
         let pick = |i: usize| layout.series[i].scenario == si;
         let sc = &agg.totals.scenarios[si];
-        scenarios.insert(sname.clone(), stats_of(&agg.totals, &pick, sc.iterations, sc.dropped));
+        scenarios.insert(
+            sname.clone(),
+            stats_of(&agg.totals, &pick, sc.iterations, sc.dropped),
+        );
     }
 
     let mut nodes = Vec::new();
     let mut by_label: BTreeMap<String, BTreeMap<String, Metrics>> = BTreeMap::new();
     let mut cpu: f64 = 0.0;
     for (id, nt) in &agg.nodes {
-        let info = input.nodes.iter().find(|n| n.id == *id).cloned().unwrap_or_else(|| NodeInfo {
-            id: id.clone(),
-            name: id.clone(),
-            status: "completed".into(),
-            ..Default::default()
-        });
+        let info = input
+            .nodes
+            .iter()
+            .find(|n| n.id == *id)
+            .cloned()
+            .unwrap_or_else(|| NodeInfo {
+                id: id.clone(),
+                name: id.clone(),
+                status: "completed".into(),
+                ..Default::default()
+            });
         cpu = cpu.max(info.cpu);
         let its: u64 = nt.totals.scenarios.iter().map(|s| s.iterations).sum();
         let dr: u64 = nt.totals.scenarios.iter().map(|s| s.dropped).sum();
@@ -268,8 +281,16 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
         lag.add(&s.schedule_lag);
     }
     let lag = LagSummary {
-        p50: if lag.is_empty() { 0 } else { lag.0.value_at_quantile(0.5) },
-        p99: if lag.is_empty() { 0 } else { lag.0.value_at_quantile(0.99) },
+        p50: if lag.is_empty() {
+            0
+        } else {
+            lag.0.value_at_quantile(0.5)
+        },
+        p99: if lag.is_empty() {
+            0
+        } else {
+            lag.0.value_at_quantile(0.99)
+        },
         max: lag.0.max(),
     };
     let mut warnings = Vec::new();
@@ -338,12 +359,20 @@ fn stats(s: &SeriesStats, iterations: u64, dropped: u64, dur: f64) -> Stats {
         latency_us: Latency::of(&s.latency),
         service_time_us: Latency::of(&s.service),
         errors,
-        checks: Checks { passed: s.checks_passed, failed: s.checks_failed },
+        checks: Checks {
+            passed: s.checks_passed,
+            failed: s.checks_failed,
+        },
     }
 }
 
 /// Evaluates one threshold over the series and nodes its tags select.
-pub fn evaluate(t: &Threshold, agg: &RunAggregate, nodes: &[NodeInfo], dur: f64) -> ThresholdResult {
+pub fn evaluate(
+    t: &Threshold,
+    agg: &RunAggregate,
+    nodes: &[NodeInfo],
+    dur: f64,
+) -> ThresholdResult {
     let layout = agg.layout();
     let f = &t.filter;
     // Which metrics to read: all nodes, or only those the node/label tags name.
@@ -353,7 +382,10 @@ pub fn evaluate(t: &Threshold, agg: &RunAggregate, nodes: &[NodeInfo], dur: f64)
         merged = Metrics::new(layout);
         for (id, nt) in &agg.nodes {
             let info = nodes.iter().find(|n| n.id == *id);
-            let name_ok = f.node.as_ref().is_none_or(|want| info.is_some_and(|i| i.name == *want) || id == want);
+            let name_ok = f
+                .node
+                .as_ref()
+                .is_none_or(|want| info.is_some_and(|i| i.name == *want) || id == want);
             let label_ok = f
                 .label
                 .as_ref()
@@ -373,7 +405,11 @@ pub fn evaluate(t: &Threshold, agg: &RunAggregate, nodes: &[NodeInfo], dur: f64)
             s.add(st);
         }
     }
-    let scen_ok = |si: usize| f.scenario.as_ref().is_none_or(|n| layout.scenarios[si] == *n);
+    let scen_ok = |si: usize| {
+        f.scenario
+            .as_ref()
+            .is_none_or(|n| layout.scenarios[si] == *n)
+    };
     let (mut its, mut dropped) = (0u64, 0u64);
     for (slot, (sc, fl)) in layout.flow_slots.iter().enumerate() {
         if scen_ok(*sc) && f.flow.as_ref().is_none_or(|n| layout.flows[*fl] == *n) {
@@ -405,7 +441,13 @@ pub fn evaluate(t: &Threshold, agg: &RunAggregate, nodes: &[NodeInfo], dur: f64)
             _ => n as f64,
         }
     };
-    let fraction = |num: u64, den: u64| if den == 0 { 0.0 } else { num as f64 / den as f64 };
+    let fraction = |num: u64, den: u64| {
+        if den == 0 {
+            0.0
+        } else {
+            num as f64 / den as f64
+        }
+    };
     let value = match t.metric {
         Metric::HttpReqDuration => hist_value(&s.latency),
         Metric::HttpReqServiceTime => hist_value(&s.service),
@@ -432,7 +474,9 @@ pub fn evaluate(t: &Threshold, agg: &RunAggregate, nodes: &[NodeInfo], dur: f64)
 fn series_matches(layout: &Layout, i: usize, t: &Threshold) -> bool {
     let k = &layout.series[i];
     let f = &t.filter;
-    f.scenario.as_ref().is_none_or(|n| layout.scenarios[k.scenario] == *n)
+    f.scenario
+        .as_ref()
+        .is_none_or(|n| layout.scenarios[k.scenario] == *n)
         && f.flow.as_ref().is_none_or(|n| layout.flows[k.flow] == *n)
         && f.step.as_ref().is_none_or(|n| k.step_name == *n)
 }

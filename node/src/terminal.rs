@@ -22,7 +22,11 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(quiet: bool) -> Progress {
-        Progress { tty: std::io::stderr().is_terminal(), quiet, last_plain: None }
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            quiet,
+            last_plain: None,
+        }
     }
 
     pub fn update(&mut self, elapsed: Duration, total: Duration, p: &TimelinePoint, nodes: usize) {
@@ -80,7 +84,11 @@ pub fn us(v: u64) -> String {
 /// The final summary table.
 pub fn summary_table(s: &Summary) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "\nrun {}  plan \"{}\"  started {}  {:.1}s", s.run_id, s.plan, s.started_at, s.duration_s);
+    let _ = writeln!(
+        out,
+        "\nrun {}  plan \"{}\"  started {}  {:.1}s",
+        s.run_id, s.plan, s.started_at, s.duration_s
+    );
     let _ = writeln!(
         out,
         "\n{:<28} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
@@ -88,7 +96,11 @@ pub fn summary_table(s: &Summary) -> String {
     );
     let row = |out: &mut String, name: &str, st: &Stats| {
         let l: &Latency = &st.latency_us;
-        let fail = if st.requests == 0 { 0.0 } else { st.failed as f64 * 100.0 / st.requests as f64 };
+        let fail = if st.requests == 0 {
+            0.0
+        } else {
+            st.failed as f64 * 100.0 / st.requests as f64
+        };
         let _ = writeln!(
             out,
             "{:<28} {:>9} {:>6.2}% {:>9.1} {:>9} {:>9} {:>9} {:>9} {:>9}",
@@ -129,7 +141,11 @@ pub fn summary_table(s: &Summary) -> String {
         us(t.service_time_us.p99)
     );
     if s.nodes.len() > 1 {
-        let _ = writeln!(out, "\n{:<20} {:<10} {:>10} {:>8} {:>9}", "node", "status", "requests", "failed", "p99");
+        let _ = writeln!(
+            out,
+            "\n{:<20} {:<10} {:>10} {:>8} {:>9}",
+            "node", "status", "requests", "failed", "p99"
+        );
         for n in &s.nodes {
             let _ = writeln!(
                 out,
@@ -144,11 +160,23 @@ pub fn summary_table(s: &Summary) -> String {
     }
     for (label, vals) in &s.by_label {
         for (v, st) in vals {
-            let _ = writeln!(out, "{label}={v}: {} requests, p50 {}, p99 {}", st.requests, us(st.latency_us.p50), us(st.latency_us.p99));
+            let _ = writeln!(
+                out,
+                "{label}={v}: {} requests, p50 {}, p99 {}",
+                st.requests,
+                us(st.latency_us.p50),
+                us(st.latency_us.p99)
+            );
         }
     }
     for e in &s.events {
-        let _ = writeln!(out, "event at {:.1}s: {} {}", e.t, e.kind, serde_json::to_string(&e.detail).unwrap_or_default());
+        let _ = writeln!(
+            out,
+            "event at {:.1}s: {} {}",
+            e.t,
+            e.kind,
+            serde_json::to_string(&e.detail).unwrap_or_default()
+        );
     }
     if !s.thresholds.is_empty() {
         let _ = writeln!(out, "\nthresholds:");
@@ -159,7 +187,9 @@ pub fn summary_table(s: &Summary) -> String {
                 if th.passed { "PASS" } else { "FAIL" },
                 th.metric,
                 th.expr,
-                if th.metric.starts_with("http_req_duration") || th.metric.starts_with("http_req_service_time") {
+                if th.metric.starts_with("http_req_duration")
+                    || th.metric.starts_with("http_req_service_time")
+                {
                     us(th.value as u64)
                 } else {
                     format!("{}", th.value)

@@ -67,7 +67,12 @@ impl Vu {
             iteration: 0,
             client: VuClient::new(ctx.http.clone()),
             jar: CookieJar::new(),
-            vars: ctx.plan.flows.iter().map(|f| vec![None; f.var_count]).collect(),
+            vars: ctx
+                .plan
+                .flows
+                .iter()
+                .map(|f| vec![None; f.var_count])
+                .collect(),
             rng: data::vu_rng(ctx.plan.plan.seed, global_id),
             text: String::new(),
             body: Vec::new(),
@@ -91,9 +96,12 @@ impl Vu {
                 continue;
             }
             let pick = match f.mode {
-                FeedMode::Unique => {
-                    f.data.unique_row(self.global_id, plan.total_vu_slots, self.iteration, f.on_exhausted)
-                }
+                FeedMode::Unique => f.data.unique_row(
+                    self.global_id,
+                    plan.total_vu_slots,
+                    self.iteration,
+                    f.on_exhausted,
+                ),
                 FeedMode::SharedSequential => f.data.shared_row(&ctx.cursors[i], f.on_exhausted),
                 FeedMode::Random => f.data.random_row(&mut self.rng),
             };
@@ -142,8 +150,11 @@ impl Vu {
                 s.bytes_sent += bytes_sent;
                 match &result {
                     Ok(resp) => {
-                        s.latency.record(micros(resp.done_at.saturating_duration_since(step_intended)));
-                        s.service.record(micros(resp.done_at.saturating_duration_since(resp.sent_at)));
+                        s.latency.record(micros(
+                            resp.done_at.saturating_duration_since(step_intended),
+                        ));
+                        s.service
+                            .record(micros(resp.done_at.saturating_duration_since(resp.sent_at)));
                         s.bytes_received += resp.bytes_received;
                         let verdict = run_checks(&step.check, resp);
                         s.checks_passed += verdict.passed;
@@ -158,8 +169,12 @@ impl Vu {
                         }
                     }
                     Err(e) => {
-                        if !matches!(e.kind(), HttpErrorKind::Refused | HttpErrorKind::InvalidRequest) {
-                            s.latency.record(micros(now.saturating_duration_since(step_intended)));
+                        if !matches!(
+                            e.kind(),
+                            HttpErrorKind::Refused | HttpErrorKind::InvalidRequest
+                        ) {
+                            s.latency
+                                .record(micros(now.saturating_duration_since(step_intended)));
                         }
                         s.failed += 1;
                         s.checks_failed += step.check.count();
@@ -265,7 +280,10 @@ fn build_request(
         CompiledBody::Json(j) => {
             j.render_json(rctx, body);
             if !headers.contains_key(http::header::CONTENT_TYPE) {
-                headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
             }
         }
         CompiledBody::Form(fields) => {
@@ -314,7 +332,9 @@ fn append_query(step: &CompiledStep, rctx: &mut RenderCtx<'_>, out: &mut String)
 pub fn percent_encode(s: &str, out: &mut String) {
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             b' ' => out.push('+'),
             _ => {
                 const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -335,7 +355,11 @@ struct Verdict {
 
 fn run_checks(c: &CompiledCheck, r: &Response) -> Verdict {
     let status = r.status.as_u16();
-    let status_ok = if c.status.is_empty() { status < 400 } else { c.status.contains(&status) };
+    let status_ok = if c.status.is_empty() {
+        status < 400
+    } else {
+        c.status.contains(&status)
+    };
     let mut passed = status_ok as u64;
     let mut failed = !status_ok as u64;
     let mut tally = |ok: bool| {
@@ -349,7 +373,11 @@ fn run_checks(c: &CompiledCheck, r: &Response) -> Verdict {
         tally(memfind(&r.body, needle.as_bytes()));
     }
     if let Some(re) = &c.body_regex {
-        tally(std::str::from_utf8(&r.body).map(|b| re.is_match(b)).unwrap_or(false));
+        tally(
+            std::str::from_utf8(&r.body)
+                .map(|b| re.is_match(b))
+                .unwrap_or(false),
+        );
     }
     for (name, want) in &c.headers {
         tally(r.headers.get(name).and_then(|v| v.to_str().ok()) == Some(want.as_str()));
@@ -371,7 +399,11 @@ fn run_checks(c: &CompiledCheck, r: &Response) -> Verdict {
     } else {
         None
     };
-    Verdict { passed, failed, error }
+    Verdict {
+        passed,
+        failed,
+        error,
+    }
 }
 
 fn memfind(hay: &[u8], needle: &[u8]) -> bool {
@@ -387,13 +419,23 @@ fn extract(step: &CompiledStep, r: &Response, jar: &CookieJar, vars: &mut [Optio
         let value = match how {
             CompiledExtract::Json(p) => {
                 let d = doc.get_or_insert_with(|| serde_json::from_slice(&r.body).ok());
-                d.as_ref().and_then(|d| p.find(d)).map(jsonpath::value_to_string)
+                d.as_ref()
+                    .and_then(|d| p.find(d))
+                    .map(jsonpath::value_to_string)
             }
             CompiledExtract::Regex(re) => std::str::from_utf8(&r.body).ok().and_then(|b| {
-                re.captures(b)
-                    .map(|c| c.get(1).or_else(|| c.get(0)).map(|m| m.as_str().to_string()).unwrap_or_default())
+                re.captures(b).map(|c| {
+                    c.get(1)
+                        .or_else(|| c.get(0))
+                        .map(|m| m.as_str().to_string())
+                        .unwrap_or_default()
+                })
             }),
-            CompiledExtract::Header(h) => r.headers.get(h).and_then(|v| v.to_str().ok()).map(str::to_string),
+            CompiledExtract::Header(h) => r
+                .headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
             CompiledExtract::Cookie(name) => jar.get(name).map(str::to_string),
         };
         vars[*slot] = value;

@@ -387,7 +387,7 @@ mod tests {
             s.latency.record(v);
             s.service.record(v / 2);
             s.requests += 1;
-            if v % 7 == 0 {
+            if v.is_multiple_of(7) {
                 s.failed += 1;
                 s.errors[ErrorClass::Http5xx as usize] += 1;
             }
