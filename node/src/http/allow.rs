@@ -211,12 +211,16 @@ impl Allowlist {
         } else {
             format!("--allow-target {host} (or its network, e.g. --allow-target {ip}/32)")
         };
+        let who = if self.loopback {
+            "only loopback and --allow-target entries"
+        } else {
+            "only --allow-target entries"
+        };
         Err(HttpError::new(
             HttpErrorKind::Refused,
             format!(
-                "target {target} is not allowed on this node: only {} and --allow-target \
-                 entries may receive load; nothing was sent. To allow it, start the node with {how}",
-                if self.loopback { "loopback" } else { "(no loopback)" }
+                "target {target} is not allowed on this node: {who} may receive load, and \
+                 nothing was sent to it. To allow it, start the node with {how}"
             ),
         ))
     }

@@ -64,6 +64,8 @@ pub struct ClientSettings {
     pub allow: Allowlist,
     /// Static host-name overrides, like curl's `--resolve` (still subject to `allow`).
     pub resolve: HashMap<String, Vec<IpAddr>>,
+    /// Name servers to ask instead of the system's (`/etc/resolv.conf`); empty = system.
+    pub dns_servers: Vec<SocketAddr>,
     /// Sent when the request has no User-Agent of its own.
     pub user_agent: Option<String>,
     /// Response bodies beyond this many bytes are read and counted but not kept.
@@ -79,6 +81,7 @@ impl Default for ClientSettings {
             connect_timeout: Duration::from_secs(10),
             allow: Allowlist::new(),
             resolve: HashMap::new(),
+            dns_servers: Vec::new(),
             user_agent: Some(concat!("stampede/", env!("CARGO_PKG_VERSION")).to_owned()),
             max_body_bytes: 64 << 20,
         }
@@ -111,7 +114,7 @@ impl Shared {
             })?),
         };
         Ok(Arc::new(Shared {
-            dns: Dns::new(&settings.resolve),
+            dns: Dns::new(&settings.resolve, &settings.dns_servers),
             settings,
             tls,
             user_agent,
@@ -261,6 +264,16 @@ pub struct VuClient {
     clock: u64,
 }
 
+/// The outcome of a redirect chain: its last hop and totals over all hops.
+struct Followed {
+    hop: Hop,
+    sent_at: Instant,
+    bytes_received: u64,
+    bytes_sent: u64,
+    redirects: u32,
+    connections_opened: u32,
+}
+
 /// The outcome of one hop (one request/response on the wire).
 struct Hop {
     status: StatusCode,
@@ -310,30 +323,59 @@ impl VuClient {
         req: OutRequest,
         jar: &mut CookieJar,
     ) -> Result<Response, HttpError> {
-        let timeout = req.timeout;
+        let OutRequest {
+            method,
+            mut url,
+            headers,
+            body,
+            timeout,
+        } = req;
         let deadline = tokio::time::Instant::now() + timeout;
-        let url = req.url.clone();
-        match tokio::time::timeout_at(deadline, self.send_following(req, jar)).await {
-            Ok(result) => result,
-            Err(_) => Err(HttpError::new(
-                HttpErrorKind::Timeout,
-                format!("{url}: no complete response within {timeout:?}"),
-            )),
-        }
+        let following = self.send_following(method, &mut url, headers, body, jar);
+        let done = match tokio::time::timeout_at(deadline, following).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(HttpError::new(
+                    HttpErrorKind::Timeout,
+                    format!("{url}: no complete response within {timeout:?}"),
+                ))
+            }
+        };
+        let Followed {
+            hop,
+            sent_at,
+            bytes_received,
+            bytes_sent,
+            redirects,
+            connections_opened,
+        } = done;
+        Ok(Response {
+            status: hop.status,
+            version: hop.version,
+            headers: hop.headers,
+            body: hop.body,
+            body_truncated: hop.truncated,
+            url,
+            sent_at,
+            first_byte_at: hop.first_byte_at,
+            done_at: hop.done_at,
+            bytes_received,
+            bytes_sent,
+            redirects,
+            connections_opened,
+        })
     }
 
+    /// The redirect loop. `url` is updated in place so that a timeout can name the hop
+    /// that was in flight.
     async fn send_following(
         &mut self,
-        req: OutRequest,
+        mut method: Method,
+        url: &mut Url,
+        mut headers: HeaderMap,
+        mut body: Bytes,
         jar: &mut CookieJar,
-    ) -> Result<Response, HttpError> {
-        let OutRequest {
-            mut method,
-            mut url,
-            mut headers,
-            mut body,
-            ..
-        } = req;
+    ) -> Result<Followed, HttpError> {
         let max = self.shared.settings.max_redirects;
         let mut redirects = 0u32;
         let mut bytes_received = 0u64;
@@ -353,14 +395,14 @@ impl VuClient {
                 )
             };
             let hop = self
-                .exchange(hop_method, &url, hop_headers, hop_body, jar)
+                .exchange(hop_method, url, hop_headers, hop_body, jar)
                 .await?;
             bytes_received += hop.bytes_received;
             bytes_sent += hop.bytes_sent;
             connections_opened += u32::from(hop.opened);
             let sent_at = *first_sent_at.get_or_insert(hop.sent_at);
             if hop.headers.contains_key(SET_COOKIE) {
-                jar.store_response_cookies(&url, &hop.headers);
+                jar.store_response_cookies(url, &hop.headers);
             }
             let location = match hop.status.as_u16() {
                 301 | 302 | 303 | 307 | 308 if may_follow => hop.headers.get(LOCATION),
@@ -393,27 +435,20 @@ impl VuClient {
                     headers.remove(CONTENT_LENGTH);
                     headers.remove(TRANSFER_ENCODING);
                 }
-                if !same_origin(&url, &next) {
+                if !same_origin(url, &next) {
                     // Credentials the user meant for one origin must not leak to another;
                     // the jar adds the cookies that belong to the new origin.
                     headers.remove(AUTHORIZATION);
                     headers.remove(PROXY_AUTHORIZATION);
                     headers.remove(COOKIE);
                 }
-                url = next;
+                *url = next;
                 redirects += 1;
                 continue;
             }
-            return Ok(Response {
-                status: hop.status,
-                version: hop.version,
-                headers: hop.headers,
-                body: hop.body,
-                body_truncated: hop.truncated,
-                url,
+            return Ok(Followed {
+                hop,
                 sent_at,
-                first_byte_at: hop.first_byte_at,
-                done_at: hop.done_at,
                 bytes_received,
                 bytes_sent,
                 redirects,
@@ -672,7 +707,11 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
         (None, Some((ip, e)), _) => {
             return Err(HttpError::new(
                 HttpErrorKind::Connect,
-                format!("{url}: cannot connect to {host}:{port} ({ip}): {e}"),
+                if host.parse::<IpAddr>().is_ok() {
+                    format!("{url}: cannot connect to {host}:{port}: {e}")
+                } else {
+                    format!("{url}: cannot connect to {host}:{port} ({ip}): {e}")
+                },
             ))
         }
         (None, None, Some(refusal)) => return Err(refusal),
