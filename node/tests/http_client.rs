@@ -222,6 +222,7 @@ async fn keep_alive_reuses_one_connection_for_100_requests() {
         assert_eq!(r.version, Version::HTTP_11);
         assert_eq!(&r.body[..], b"ok");
         assert_eq!(r.connections_opened, u32::from(i == 0), "request {i}");
+        assert_eq!(r.connecting.is_zero(), i != 0, "request {i}");
         assert!(r.sent_at <= r.first_byte_at && r.first_byte_at <= r.done_at);
         assert!(r.bytes_received > 2 && r.bytes_sent > 10);
     }

@@ -343,4 +343,14 @@ mod tests {
         assert!(err.message().contains("--allow-target db.internal"));
         assert!(a.check("localhost", ip("127.0.0.1")).is_ok());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_entries_and_hosts_never_panic(entry in "\\PC{0,40}", host in "\\PC{0,20}") {
+            let mut a = Allowlist::new();
+            let _ = a.add(&entry);
+            let _ = a.add(&format!("*.{entry}"));
+            let _ = a.check(&host, ip("10.0.0.1"));
+        }
+    }
 }

@@ -179,6 +179,8 @@ pub struct Response {
     pub redirects: u32,
     /// New connections opened for this request (0 when every hop reused one).
     pub connections_opened: u32,
+    /// Time spent opening them (DNS, TCP connect, TLS handshake), over all hops.
+    pub connecting: Duration,
 }
 
 impl Response {
@@ -272,6 +274,7 @@ struct Followed {
     bytes_sent: u64,
     redirects: u32,
     connections_opened: u32,
+    connecting: Duration,
 }
 
 /// The outcome of one hop (one request/response on the wire).
@@ -287,6 +290,7 @@ struct Hop {
     bytes_received: u64,
     bytes_sent: u64,
     opened: bool,
+    connecting: Duration,
 }
 
 impl VuClient {
@@ -348,6 +352,7 @@ impl VuClient {
             bytes_sent,
             redirects,
             connections_opened,
+            connecting,
         } = done;
         Ok(Response {
             status: hop.status,
@@ -363,6 +368,7 @@ impl VuClient {
             bytes_sent,
             redirects,
             connections_opened,
+            connecting,
         })
     }
 
@@ -381,6 +387,7 @@ impl VuClient {
         let mut bytes_received = 0u64;
         let mut bytes_sent = 0u64;
         let mut connections_opened = 0u32;
+        let mut connecting = Duration::ZERO;
         let mut first_sent_at: Option<Instant> = None;
         loop {
             // Only a request that may still be redirected needs its parts kept.
@@ -400,6 +407,7 @@ impl VuClient {
             bytes_received += hop.bytes_received;
             bytes_sent += hop.bytes_sent;
             connections_opened += u32::from(hop.opened);
+            connecting += hop.connecting;
             let sent_at = *first_sent_at.get_or_insert(hop.sent_at);
             if hop.headers.contains_key(SET_COOKIE) {
                 jar.store_response_cookies(url, &hop.headers);
@@ -453,6 +461,7 @@ impl VuClient {
                 bytes_sent,
                 redirects,
                 connections_opened,
+                connecting,
             });
         }
     }
@@ -520,11 +529,12 @@ impl VuClient {
         }
 
         let mut opened = false;
+        let mut connecting = Duration::ZERO;
         let mut conn = match origin.conn.take() {
             Some(c) if !c.is_closed() => c,
             _ => {
                 opened = true;
-                connect(shared, url).await?
+                connect(shared, url, &mut connecting).await?
             }
         };
         let body_len = body.len();
@@ -538,7 +548,7 @@ impl VuClient {
             if let Err(e) = conn.ready().await {
                 if !opened {
                     opened = true;
-                    conn = connect(shared, url).await?;
+                    conn = connect(shared, url, &mut connecting).await?;
                     fit_to_connection(&mut request, url, conn.is_h2(), &origin.host_header);
                     continue;
                 }
@@ -551,7 +561,7 @@ impl VuClient {
                     Some(unsent) if !opened => {
                         request = unsent;
                         opened = true;
-                        conn = connect(shared, url).await?;
+                        conn = connect(shared, url, &mut connecting).await?;
                         fit_to_connection(&mut request, url, conn.is_h2(), &origin.host_header);
                     }
                     _ => return Err(classify_hyper(e.error(), url)),
@@ -609,6 +619,7 @@ impl VuClient {
             bytes_received,
             bytes_sent,
             opened,
+            connecting,
         })
     }
 }
@@ -666,9 +677,13 @@ fn request_size(req: &Request<Body>, body_len: usize) -> u64 {
     n as u64
 }
 
-async fn connect(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
+/// Opens a connection, adding the time it took to `connecting`.
+async fn connect(shared: &Shared, url: &Url, connecting: &mut Duration) -> Result<Conn, HttpError> {
     let limit = shared.settings.connect_timeout;
-    match tokio::time::timeout(limit, connect_inner(shared, url)).await {
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(limit, connect_inner(shared, url)).await;
+    *connecting += started.elapsed();
+    match outcome {
         Ok(result) => result,
         Err(_) => Err(HttpError::new(
             HttpErrorKind::Connect,
