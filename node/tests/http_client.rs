@@ -12,6 +12,7 @@ use http::{Method, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use stampede::http::{
     Allowlist, ClientSettings, CookieJar, HttpErrorKind, HttpVersionPref, OutRequest, Response,
     Shared, Url, VuClient,
@@ -22,13 +23,14 @@ use tokio::net::TcpListener;
 const BIG: usize = 100_000;
 
 struct TestServer {
+    scheme: &'static str,
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
 }
 
 impl TestServer {
     fn url(&self, path: &str) -> Url {
-        Url::parse(&format!("http://{}{}", self.addr, path)).unwrap()
+        Url::parse(&format!("{}://{}{}", self.scheme, self.addr, path)).unwrap()
     }
 
     fn connections(&self) -> usize {
@@ -100,26 +102,94 @@ async fn route(req: hyper::Request<hyper::body::Incoming>) -> http::Response<Ful
 
 /// A hyper server speaking HTTP/1.1 and h2c (prior knowledge), counting connections.
 async fn start_server() -> TestServer {
+    start_server_with(None).await
+}
+
+/// The same server behind TLS (self-signed certificate for localhost and 127.0.0.1),
+/// offering the given ALPN protocols.
+async fn start_tls_server(alpn: &[&[u8]]) -> TestServer {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(unhex(TEST_CERT_DER_HEX))],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(unhex(TEST_KEY_DER_HEX))),
+        )
+        .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    start_server_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+}
+
+async fn start_server_with(tls: Option<tokio_rustls::TlsAcceptor>) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let counter = connections.clone();
+    let scheme = if tls.is_some() { "https" } else { "http" };
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             counter.fetch_add(1, Ordering::SeqCst);
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let service =
                     service_fn(|req| async move { Ok::<_, Infallible>(route(req).await) });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    None => {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                    Some(acceptor) => {
+                        // A client that rejects the certificate ends the handshake here.
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
+                }
             });
         }
     });
-    TestServer { addr, connections }
+    TestServer {
+        scheme,
+        addr,
+        connections,
+    }
+}
+
+// A throwaway self-signed P-256 certificate (CN and SAN localhost, 127.0.0.1; valid until
+// 2126) and its key, generated for these loopback tests only.
+const TEST_CERT_DER_HEX: &str = concat!(
+    "3082019b30820141a003020102021405534c1d2ca49aa6c51324d4cd956cf8e413c7cc300a06082a8648ce3d",
+    "04030230143112301006035504030c096c6f63616c686f73743020170d3236313132363231323632325a180f",
+    "32313236313130323231323632325a30143112301006035504030c096c6f63616c686f73743059301306072a",
+    "8648ce3d020106082a8648ce3d03010703420004d02a692fe580a844a4faf24ad5031107ec0999523b23ec75",
+    "ae469539d15ade2e67daf7dc40078b8e51a50c606ff212bed63ff568df9578966004e1f5834f8058a36f306d",
+    "301d0603551d0e04160414b6405add21ba4c91d4408410e10eaaa24fd698fd301f0603551d23041830168014",
+    "b6405add21ba4c91d4408410e10eaaa24fd698fd300f0603551d130101ff040530030101ff301a0603551d11",
+    "0413301182096c6f63616c686f737487047f000001300a06082a8648ce3d0403020348003045022100cfb8d1",
+    "dca5848271e22b73a385586b1b8cbfe4bdabf2248886deb35f8cb4e2b70220108e8d3b5bebfeb30eba91cec2",
+    "47b16ebb1cda5aec8ba2a6817fe0d26064223a",
+);
+const TEST_KEY_DER_HEX: &str = concat!(
+    "308187020100301306072a8648ce3d020106082a8648ce3d030107046d306b0201010420a80cba14d7dea490",
+    "d65841c13b38daa4fe6f1863f9886dc93039a1633c562c26a14403420004d02a692fe580a844a4faf24ad503",
+    "1107ec0999523b23ec75ae469539d15ade2e67daf7dc40078b8e51a50c606ff212bed63ff568df9578966004",
+    "e1f5834f8058",
+);
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn client_with(settings: ClientSettings) -> VuClient {
@@ -152,6 +222,7 @@ async fn keep_alive_reuses_one_connection_for_100_requests() {
         assert_eq!(r.version, Version::HTTP_11);
         assert_eq!(&r.body[..], b"ok");
         assert_eq!(r.connections_opened, u32::from(i == 0), "request {i}");
+        assert_eq!(r.connecting.is_zero(), i != 0, "request {i}");
         assert!(r.sent_at <= r.first_byte_at && r.first_byte_at <= r.done_at);
         assert!(r.bytes_received > 2 && r.bytes_sent > 10);
     }
@@ -461,6 +532,170 @@ async fn server_closing_mid_response_is_an_io_error() {
     let err = c.send(get(url), &mut jar).await.unwrap_err();
     assert_eq!(err.kind(), HttpErrorKind::Io, "{err}");
     assert_eq!(err.kind().spec_class(), "connect");
+}
+
+#[tokio::test]
+async fn tls_with_verification_off_negotiates_h2_or_http1() {
+    let server = start_tls_server(&[b"h2", b"http/1.1"]).await;
+    let mut auto = client_with(ClientSettings {
+        insecure_tls: true,
+        ..ClientSettings::default()
+    });
+    for _ in 0..5 {
+        let r = send(&mut auto, get(server.url("/"))).await;
+        assert_eq!(r.version, Version::HTTP_2);
+        assert_eq!(&r.body[..], b"ok");
+    }
+    assert_eq!(server.connections(), 1);
+
+    let mut h1 = client_with(ClientSettings {
+        insecure_tls: true,
+        http_version: HttpVersionPref::Http1,
+        ..ClientSettings::default()
+    });
+    for _ in 0..5 {
+        let r = send(&mut h1, get(server.url("/host"))).await;
+        assert_eq!(r.version, Version::HTTP_11);
+        assert_eq!(r.body, server.addr.to_string().as_bytes());
+    }
+    assert_eq!(server.connections(), 2);
+
+    // localhost is a DNS name in the certificate; SNI carries it.
+    let url = Url::parse(&format!("https://localhost:{}/", server.addr.port())).unwrap();
+    assert_eq!(&send(&mut auto, get(url)).await.body[..], b"ok");
+}
+
+#[tokio::test]
+async fn tls_verification_rejects_a_self_signed_certificate() {
+    let server = start_tls_server(&[b"http/1.1"]).await;
+    let mut c = client();
+    let mut jar = CookieJar::new();
+    let err = c.send(get(server.url("/")), &mut jar).await.unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Tls, "{err}");
+    assert_eq!(err.kind().spec_class(), "tls");
+    assert!(err.message().contains("certificate"), "{err}");
+}
+
+#[tokio::test]
+async fn http2_only_against_an_http1_only_tls_server_is_a_tls_error() {
+    let server = start_tls_server(&[b"http/1.1"]).await;
+    let mut c = client_with(ClientSettings {
+        insecure_tls: true,
+        http_version: HttpVersionPref::Http2,
+        ..ClientSettings::default()
+    });
+    let mut jar = CookieJar::new();
+    let err = c.send(get(server.url("/")), &mut jar).await.unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Tls, "{err}");
+}
+
+/// A minimal DNS server on 127.0.0.1 (UDP): answers A queries for `name` with 127.0.0.1
+/// and the given TTL, NXDOMAIN for other names, empty answers for other types; counts A
+/// queries for `name`.
+async fn start_dns(name: &'static str, ttl: u32) -> (SocketAddr, Arc<AtomicUsize>) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let queries = Arc::new(AtomicUsize::new(0));
+    let counter = queries.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+                return;
+            };
+            let q = &buf[..n];
+            // Question: labels from offset 12, then QTYPE and QCLASS.
+            let mut i = 12;
+            let mut labels = Vec::new();
+            while i < q.len() && q[i] != 0 {
+                let len = q[i] as usize;
+                labels.push(String::from_utf8_lossy(&q[i + 1..i + 1 + len]).to_lowercase());
+                i += 1 + len;
+            }
+            let question_end = i + 5;
+            let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
+            let known = labels.join(".") == name;
+            let answer = known && qtype == 1;
+            if answer {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            let mut r = Vec::new();
+            r.extend_from_slice(&q[..2]); // id
+            r.extend_from_slice(if known { &[0x81, 0x80] } else { &[0x81, 0x83] });
+            r.extend_from_slice(&[0, 1, 0, u8::from(answer), 0, 0, 0, 0]);
+            r.extend_from_slice(&q[12..question_end]);
+            if answer {
+                r.extend_from_slice(&[0xC0, 0x0C, 0, 1, 0, 1]);
+                r.extend_from_slice(&ttl.to_be_bytes());
+                r.extend_from_slice(&[0, 4, 127, 0, 0, 1]);
+            }
+            let _ = socket.send_to(&r, peer).await;
+        }
+    });
+    (addr, queries)
+}
+
+#[tokio::test]
+async fn dns_answers_are_cached_per_node_for_their_ttl() {
+    let server = start_server().await;
+    let (dns, queries) = start_dns("shop.stampede.test", 3600).await;
+    let shared = Shared::new(ClientSettings {
+        dns_servers: vec![dns],
+        ..ClientSettings::default()
+    })
+    .unwrap();
+    let url = Url::parse(&format!(
+        "http://shop.stampede.test:{}/",
+        server.addr.port()
+    ))
+    .unwrap();
+    // Ten VUs open their first connection at once: one query between them.
+    let mut vus: Vec<VuClient> = (0..10).map(|_| VuClient::new(shared.clone())).collect();
+    let results = futures::future::join_all(vus.iter_mut().map(|c| {
+        let url = url.clone();
+        async move {
+            let mut jar = CookieJar::new();
+            c.send(get(url), &mut jar).await
+        }
+    }))
+    .await;
+    for r in results {
+        assert_eq!(&r.unwrap().body[..], b"ok");
+    }
+    assert_eq!(server.connections(), 10);
+    assert_eq!(queries.load(Ordering::SeqCst), 1);
+
+    let mut jar = CookieJar::new();
+    let err = vus[0]
+        .send(
+            get(Url::parse("http://missing.stampede.test/").unwrap()),
+            &mut jar,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Dns, "{err}");
+    assert!(err.message().contains("missing.stampede.test"), "{err}");
+}
+
+#[tokio::test]
+async fn dns_answers_with_zero_ttl_are_asked_again() {
+    let server = start_server().await;
+    let (dns, queries) = start_dns("short.stampede.test", 0).await;
+    let shared = Shared::new(ClientSettings {
+        dns_servers: vec![dns],
+        ..ClientSettings::default()
+    })
+    .unwrap();
+    let url = Url::parse(&format!(
+        "http://short.stampede.test:{}/",
+        server.addr.port()
+    ))
+    .unwrap();
+    for _ in 0..2 {
+        let mut c = VuClient::new(shared.clone());
+        send(&mut c, get(url.clone())).await;
+    }
+    assert_eq!(queries.load(Ordering::SeqCst), 2);
 }
 
 #[test]

@@ -211,12 +211,16 @@ impl Allowlist {
         } else {
             format!("--allow-target {host} (or its network, e.g. --allow-target {ip}/32)")
         };
+        let who = if self.loopback {
+            "only loopback and --allow-target entries"
+        } else {
+            "only --allow-target entries"
+        };
         Err(HttpError::new(
             HttpErrorKind::Refused,
             format!(
-                "target {target} is not allowed on this node: only {} and --allow-target \
-                 entries may receive load; nothing was sent. To allow it, start the node with {how}",
-                if self.loopback { "loopback" } else { "(no loopback)" }
+                "target {target} is not allowed on this node: {who} may receive load, and \
+                 nothing was sent to it. To allow it, start the node with {how}"
             ),
         ))
     }
@@ -338,5 +342,15 @@ mod tests {
             .contains("'db.internal' (resolved to 10.1.2.3)"));
         assert!(err.message().contains("--allow-target db.internal"));
         assert!(a.check("localhost", ip("127.0.0.1")).is_ok());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_entries_and_hosts_never_panic(entry in "\\PC{0,40}", host in "\\PC{0,20}") {
+            let mut a = Allowlist::new();
+            let _ = a.add(&entry);
+            let _ = a.add(&format!("*.{entry}"));
+            let _ = a.check(&host, ip("10.0.0.1"));
+        }
     }
 }

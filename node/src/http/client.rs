@@ -64,6 +64,8 @@ pub struct ClientSettings {
     pub allow: Allowlist,
     /// Static host-name overrides, like curl's `--resolve` (still subject to `allow`).
     pub resolve: HashMap<String, Vec<IpAddr>>,
+    /// Name servers to ask instead of the system's (`/etc/resolv.conf`); empty = system.
+    pub dns_servers: Vec<SocketAddr>,
     /// Sent when the request has no User-Agent of its own.
     pub user_agent: Option<String>,
     /// Response bodies beyond this many bytes are read and counted but not kept.
@@ -79,6 +81,7 @@ impl Default for ClientSettings {
             connect_timeout: Duration::from_secs(10),
             allow: Allowlist::new(),
             resolve: HashMap::new(),
+            dns_servers: Vec::new(),
             user_agent: Some(concat!("stampede/", env!("CARGO_PKG_VERSION")).to_owned()),
             max_body_bytes: 64 << 20,
         }
@@ -111,7 +114,7 @@ impl Shared {
             })?),
         };
         Ok(Arc::new(Shared {
-            dns: Dns::new(&settings.resolve),
+            dns: Dns::new(&settings.resolve, &settings.dns_servers),
             settings,
             tls,
             user_agent,
@@ -176,6 +179,8 @@ pub struct Response {
     pub redirects: u32,
     /// New connections opened for this request (0 when every hop reused one).
     pub connections_opened: u32,
+    /// Time spent opening them (DNS, TCP connect, TLS handshake), over all hops.
+    pub connecting: Duration,
 }
 
 impl Response {
@@ -261,6 +266,17 @@ pub struct VuClient {
     clock: u64,
 }
 
+/// The outcome of a redirect chain: its last hop and totals over all hops.
+struct Followed {
+    hop: Hop,
+    sent_at: Instant,
+    bytes_received: u64,
+    bytes_sent: u64,
+    redirects: u32,
+    connections_opened: u32,
+    connecting: Duration,
+}
+
 /// The outcome of one hop (one request/response on the wire).
 struct Hop {
     status: StatusCode,
@@ -274,6 +290,7 @@ struct Hop {
     bytes_received: u64,
     bytes_sent: u64,
     opened: bool,
+    connecting: Duration,
 }
 
 impl VuClient {
@@ -310,35 +327,67 @@ impl VuClient {
         req: OutRequest,
         jar: &mut CookieJar,
     ) -> Result<Response, HttpError> {
-        let timeout = req.timeout;
+        let OutRequest {
+            method,
+            mut url,
+            headers,
+            body,
+            timeout,
+        } = req;
         let deadline = tokio::time::Instant::now() + timeout;
-        let url = req.url.clone();
-        match tokio::time::timeout_at(deadline, self.send_following(req, jar)).await {
-            Ok(result) => result,
-            Err(_) => Err(HttpError::new(
-                HttpErrorKind::Timeout,
-                format!("{url}: no complete response within {timeout:?}"),
-            )),
-        }
+        let following = self.send_following(method, &mut url, headers, body, jar);
+        let done = match tokio::time::timeout_at(deadline, following).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(HttpError::new(
+                    HttpErrorKind::Timeout,
+                    format!("{url}: no complete response within {timeout:?}"),
+                ))
+            }
+        };
+        let Followed {
+            hop,
+            sent_at,
+            bytes_received,
+            bytes_sent,
+            redirects,
+            connections_opened,
+            connecting,
+        } = done;
+        Ok(Response {
+            status: hop.status,
+            version: hop.version,
+            headers: hop.headers,
+            body: hop.body,
+            body_truncated: hop.truncated,
+            url,
+            sent_at,
+            first_byte_at: hop.first_byte_at,
+            done_at: hop.done_at,
+            bytes_received,
+            bytes_sent,
+            redirects,
+            connections_opened,
+            connecting,
+        })
     }
 
+    /// The redirect loop. `url` is updated in place so that a timeout can name the hop
+    /// that was in flight.
     async fn send_following(
         &mut self,
-        req: OutRequest,
+        mut method: Method,
+        url: &mut Url,
+        mut headers: HeaderMap,
+        mut body: Bytes,
         jar: &mut CookieJar,
-    ) -> Result<Response, HttpError> {
-        let OutRequest {
-            mut method,
-            mut url,
-            mut headers,
-            mut body,
-            ..
-        } = req;
+    ) -> Result<Followed, HttpError> {
         let max = self.shared.settings.max_redirects;
         let mut redirects = 0u32;
         let mut bytes_received = 0u64;
         let mut bytes_sent = 0u64;
         let mut connections_opened = 0u32;
+        let mut connecting = Duration::ZERO;
         let mut first_sent_at: Option<Instant> = None;
         loop {
             // Only a request that may still be redirected needs its parts kept.
@@ -353,14 +402,15 @@ impl VuClient {
                 )
             };
             let hop = self
-                .exchange(hop_method, &url, hop_headers, hop_body, jar)
+                .exchange(hop_method, url, hop_headers, hop_body, jar)
                 .await?;
             bytes_received += hop.bytes_received;
             bytes_sent += hop.bytes_sent;
             connections_opened += u32::from(hop.opened);
+            connecting += hop.connecting;
             let sent_at = *first_sent_at.get_or_insert(hop.sent_at);
             if hop.headers.contains_key(SET_COOKIE) {
-                jar.store_response_cookies(&url, &hop.headers);
+                jar.store_response_cookies(url, &hop.headers);
             }
             let location = match hop.status.as_u16() {
                 301 | 302 | 303 | 307 | 308 if may_follow => hop.headers.get(LOCATION),
@@ -393,31 +443,25 @@ impl VuClient {
                     headers.remove(CONTENT_LENGTH);
                     headers.remove(TRANSFER_ENCODING);
                 }
-                if !same_origin(&url, &next) {
+                if !same_origin(url, &next) {
                     // Credentials the user meant for one origin must not leak to another;
                     // the jar adds the cookies that belong to the new origin.
                     headers.remove(AUTHORIZATION);
                     headers.remove(PROXY_AUTHORIZATION);
                     headers.remove(COOKIE);
                 }
-                url = next;
+                *url = next;
                 redirects += 1;
                 continue;
             }
-            return Ok(Response {
-                status: hop.status,
-                version: hop.version,
-                headers: hop.headers,
-                body: hop.body,
-                body_truncated: hop.truncated,
-                url,
+            return Ok(Followed {
+                hop,
                 sent_at,
-                first_byte_at: hop.first_byte_at,
-                done_at: hop.done_at,
                 bytes_received,
                 bytes_sent,
                 redirects,
                 connections_opened,
+                connecting,
             });
         }
     }
@@ -485,11 +529,12 @@ impl VuClient {
         }
 
         let mut opened = false;
+        let mut connecting = Duration::ZERO;
         let mut conn = match origin.conn.take() {
             Some(c) if !c.is_closed() => c,
             _ => {
                 opened = true;
-                connect(shared, url).await?
+                connect(shared, url, &mut connecting).await?
             }
         };
         let body_len = body.len();
@@ -503,7 +548,7 @@ impl VuClient {
             if let Err(e) = conn.ready().await {
                 if !opened {
                     opened = true;
-                    conn = connect(shared, url).await?;
+                    conn = connect(shared, url, &mut connecting).await?;
                     fit_to_connection(&mut request, url, conn.is_h2(), &origin.host_header);
                     continue;
                 }
@@ -516,7 +561,7 @@ impl VuClient {
                     Some(unsent) if !opened => {
                         request = unsent;
                         opened = true;
-                        conn = connect(shared, url).await?;
+                        conn = connect(shared, url, &mut connecting).await?;
                         fit_to_connection(&mut request, url, conn.is_h2(), &origin.host_header);
                     }
                     _ => return Err(classify_hyper(e.error(), url)),
@@ -574,6 +619,7 @@ impl VuClient {
             bytes_received,
             bytes_sent,
             opened,
+            connecting,
         })
     }
 }
@@ -631,9 +677,13 @@ fn request_size(req: &Request<Body>, body_len: usize) -> u64 {
     n as u64
 }
 
-async fn connect(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
+/// Opens a connection, adding the time it took to `connecting`.
+async fn connect(shared: &Shared, url: &Url, connecting: &mut Duration) -> Result<Conn, HttpError> {
     let limit = shared.settings.connect_timeout;
-    match tokio::time::timeout(limit, connect_inner(shared, url)).await {
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(limit, connect_inner(shared, url)).await;
+    *connecting += started.elapsed();
+    match outcome {
         Ok(result) => result,
         Err(_) => Err(HttpError::new(
             HttpErrorKind::Connect,
@@ -672,7 +722,11 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
         (None, Some((ip, e)), _) => {
             return Err(HttpError::new(
                 HttpErrorKind::Connect,
-                format!("{url}: cannot connect to {host}:{port} ({ip}): {e}"),
+                if host.parse::<IpAddr>().is_ok() {
+                    format!("{url}: cannot connect to {host}:{port}: {e}")
+                } else {
+                    format!("{url}: cannot connect to {host}:{port} ({ip}): {e}")
+                },
             ))
         }
         (None, None, Some(refusal)) => return Err(refusal),

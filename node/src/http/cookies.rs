@@ -423,4 +423,16 @@ mod tests {
         jar.store(&u, "ip=1; Domain=10.0.0.1");
         assert_eq!(jar.get("ip"), Some("1"));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_set_cookie_never_panics(text in "\\PC{0,60}", date in "\\PC{0,40}") {
+            let mut jar = CookieJar::new();
+            let u = url("http://a.example.com/x/y");
+            jar.store(&u, &text);
+            jar.store(&u, &format!("n=v; Expires={date}; Domain=example.com"));
+            let _ = jar.header_for(&u);
+            let _ = parse_cookie_date(&date);
+        }
+    }
 }

@@ -11,12 +11,13 @@
 //! concurrent misses for one host wait for a single lookup rather than each querying.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use hickory_resolver::config::{ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::xfer::Protocol;
 use hickory_resolver::Resolver;
 
 use super::error::{HttpError, HttpErrorKind};
@@ -40,13 +41,16 @@ type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
 pub(crate) struct Dns {
     overrides: HashMap<String, Addrs>,
+    servers: Vec<SocketAddr>,
     system: OnceLock<Result<(ResolverConfig, ResolverOpts), String>>,
     cache: Mutex<HashMap<Box<str>, Slot>>,
 }
 
 impl Dns {
-    pub(crate) fn new(overrides: &HashMap<String, Vec<IpAddr>>) -> Self {
+    /// `servers` replaces the system's name servers when not empty.
+    pub(crate) fn new(overrides: &HashMap<String, Vec<IpAddr>>, servers: &[SocketAddr]) -> Self {
         Dns {
+            servers: servers.to_vec(),
             overrides: overrides
                 .iter()
                 .map(|(h, ips)| (normalise(h), Addrs::from(ips.as_slice())))
@@ -103,9 +107,7 @@ impl Dns {
     async fn lookup(&self, name: &str) -> Result<(Addrs, Instant), HttpError> {
         let (config, opts) = self
             .system
-            .get_or_init(|| {
-                hickory_resolver::system_conf::read_system_conf().map_err(|e| e.to_string())
-            })
+            .get_or_init(|| self.config())
             .clone()
             .map_err(|e| {
                 HttpError::new(
@@ -137,6 +139,28 @@ impl Dns {
     }
 }
 
+impl Dns {
+    fn config(&self) -> Result<(ResolverConfig, ResolverOpts), String> {
+        if self.servers.is_empty() {
+            return hickory_resolver::system_conf::read_system_conf().map_err(|e| e.to_string());
+        }
+        let servers: Vec<NameServerConfig> = self
+            .servers
+            .iter()
+            .flat_map(|&a| {
+                [
+                    NameServerConfig::new(a, Protocol::Udp),
+                    NameServerConfig::new(a, Protocol::Tcp),
+                ]
+            })
+            .collect();
+        Ok((
+            ResolverConfig::from_parts(None, Vec::new(), servers),
+            ResolverOpts::default(),
+        ))
+    }
+}
+
 fn normalise(host: &str) -> String {
     host.trim_end_matches('.').to_ascii_lowercase()
 }
@@ -149,7 +173,7 @@ mod tests {
     async fn literals_localhost_and_overrides_skip_dns() {
         let mut o = HashMap::new();
         o.insert("Shop.Test".to_string(), vec!["127.0.0.7".parse().unwrap()]);
-        let dns = Dns::new(&o);
+        let dns = Dns::new(&o, &[]);
         assert_eq!(
             &*dns.resolve("10.1.2.3").await.unwrap(),
             &["10.1.2.3".parse::<IpAddr>().unwrap()]

@@ -94,14 +94,18 @@ impl Url {
             },
         };
         // Normalise so the stored URI always has a standard scheme and a path.
+        // Normalise so the stored URI always has a standard scheme and a path starting
+        // with '/' (`http://h?x` has none, and would make an invalid request line).
         let needs_rebuild = uri.scheme() != Some(&scheme_of(scheme))
-            || !matches!(uri.path_and_query(), Some(pq) if !pq.as_str().is_empty());
+            || !matches!(uri.path_and_query(), Some(pq) if pq.as_str().starts_with('/'));
         let uri = if needs_rebuild {
             let authority = authority.clone();
-            let pq = match uri.path_and_query() {
-                Some(pq) if !pq.as_str().is_empty() => pq.clone(),
-                _ => PathAndQuery::from_static("/"),
-            };
+            let pq = match uri.path_and_query().map(PathAndQuery::as_str) {
+                Some(pq) if pq.starts_with('/') => PathAndQuery::try_from(pq),
+                Some(pq) => PathAndQuery::try_from(format!("/{pq}")),
+                None => Ok(PathAndQuery::from_static("/")),
+            }
+            .map_err(|e| invalid(text, e))?;
             build_uri(scheme, authority, pq).map_err(|e| invalid(text, e))?
         } else {
             uri
@@ -287,6 +291,9 @@ mod tests {
         assert_eq!((u.scheme(), u.port(), u.path()), (Scheme::Https, 8443, "/"));
         assert_eq!(u.to_string(), "https://h:8443/");
         assert_eq!(Url::parse("https://h").unwrap().port(), 443);
+        let u = Url::parse("http://h?x=1").unwrap();
+        assert_eq!(u.origin_form().to_string(), "/?x=1");
+        assert_eq!(u.query(), Some("x=1"));
     }
 
     #[test]
@@ -331,5 +338,20 @@ mod tests {
         assert_eq!(r(""), "http://h:1/a/b/c?q=1");
         assert_eq!(r("#frag"), "http://h:1/a/b/c?q=1");
         assert!(base.resolve("mailto:x@y").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_and_resolve_never_panic(text in "\\PC{0,40}", reference in "\\PC{0,40}") {
+            let _ = Url::parse(&text);
+            let _ = Url::parse(&format!("http://{text}"));
+            let base = Url::parse("http://h/a/b?q").unwrap();
+            if let Ok(u) = base.resolve(&reference) {
+                proptest::prop_assert!(u.path_and_query().as_str().starts_with('/'));
+            }
+            if let Ok(u) = Url::parse(&format!("http://h{text}")) {
+                proptest::prop_assert!(u.path_and_query().as_str().starts_with('/'));
+            }
+        }
     }
 }
