@@ -32,7 +32,9 @@ fn run(plan: &Path, extra: &[&str], dir: &Path) -> (Output, Option<Value>) {
         .args(extra)
         .output()
         .expect("run stampede");
-    let summary = std::fs::read_to_string(&json).ok().map(|s| serde_json::from_str(&s).expect("summary is JSON"));
+    let summary = std::fs::read_to_string(&json)
+        .ok()
+        .map(|s| serde_json::from_str(&s).expect("summary is JSON"));
     (out, summary)
 }
 
@@ -68,22 +70,51 @@ fn retail_example_counts_every_request_exactly() {
     );
     assert!(out.status.success(), "{}", show(&out));
     let s = s.expect("summary written");
-    assert_eq!(s["totals"]["requests"].as_u64().unwrap(), t.requests(), "{}", show(&out));
+    assert_eq!(
+        s["totals"]["requests"].as_u64().unwrap(),
+        t.requests(),
+        "{}",
+        show(&out)
+    );
     // The ramp's area: 40/s × 2 s / 2 + 40/s × 4 s.
     assert_eq!(s["totals"]["iterations"], 200);
     assert_eq!(s["totals"]["failed"], 0, "{}", show(&out));
-    for key in ["run_id", "plan", "started_at", "duration_s", "requests", "flows", "scenarios", "nodes", "by_label", "timeline", "thresholds", "events", "generator"] {
+    for key in [
+        "run_id",
+        "plan",
+        "started_at",
+        "duration_s",
+        "requests",
+        "flows",
+        "scenarios",
+        "nodes",
+        "by_label",
+        "timeline",
+        "thresholds",
+        "events",
+        "generator",
+    ] {
         assert!(s.get(key).is_some(), "summary lacks {key}");
     }
     for key in ["min", "mean", "p50", "p90", "p95", "p99", "p999", "max"] {
-        assert!(s["totals"]["latency_us"][key].is_number(), "latency_us lacks {key}");
+        assert!(
+            s["totals"]["latency_us"][key].is_number(),
+            "latency_us lacks {key}"
+        );
     }
     let flows = s["flows"].as_object().unwrap();
     assert_eq!(flows.len(), 3);
     let browse = flows["browse"]["iterations"].as_u64().unwrap() as f64;
-    assert!((browse / 200.0 - 0.6).abs() < 0.15, "browse share {browse}/200");
+    assert!(
+        (browse / 200.0 - 0.6).abs() < 0.15,
+        "browse share {browse}/200"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("TOTAL") && stdout.contains("checkout"), "{}", show(&out));
+    assert!(
+        stdout.contains("TOTAL") && stdout.contains("checkout"),
+        "{}",
+        show(&out)
+    );
 }
 
 #[test]
@@ -133,8 +164,15 @@ check = {{ status = 200 }}
         .collect();
     let inner = &per_second[1..per_second.len().saturating_sub(1)];
     let mean = inner.iter().sum::<u64>() as f64 / inner.len() as f64;
-    eprintln!("achieved {its} iterations in {:?}; target saw {mean:.1}/s over {} full seconds", started.elapsed(), inner.len());
-    assert!((mean - 200.0).abs() / 200.0 < 0.05, "mean rate seen by the target {mean}");
+    eprintln!(
+        "achieved {its} iterations in {:?}; target saw {mean:.1}/s over {} full seconds",
+        started.elapsed(),
+        inner.len()
+    );
+    assert!(
+        (mean - 200.0).abs() / 200.0 < 0.05,
+        "mean rate seen by the target {mean}"
+    );
 }
 
 #[test]
@@ -236,23 +274,45 @@ check = {{ status = 200 }}
     let (out, s) = run(&unique, &[], dir.path());
     assert!(out.status.success(), "{}", show(&out));
     let s = s.unwrap();
-    assert!(s["totals"]["requests"].as_u64().unwrap() > 200, "{}", show(&out));
-    assert_eq!(s["totals"]["failed"], 0, "unique accounts must never collide: {}", s["totals"]);
+    assert!(
+        s["totals"]["requests"].as_u64().unwrap() > 200,
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        s["totals"]["failed"], 0,
+        "unique accounts must never collide: {}",
+        s["totals"]
+    );
     let statuses = serde_json::to_value(t.stats()).unwrap()["statuses"].clone();
-    assert!(statuses.get("409").is_none(), "target answered 409: {statuses}");
+    assert!(
+        statuses.get("409").is_none(),
+        "target answered 409: {statuses}"
+    );
 
     // The control: VUs drawing accounts at random from the same rows do collide, so
     // the check above can see a collision when there is one.
-    let shared = write_plan(dir.path(), "random.toml", &plan_for("random", 100).replace("file = \"accounts.csv\"", "file = \"accounts.csv\"\n").replace("300", "300"));
-    std::fs::write(dir.path().join("accounts.csv"), "user,password\nuser1,pass1\nuser2,pass2\nuser3,pass3\n").unwrap();
+    let shared = write_plan(dir.path(), "random.toml", &plan_for("random", 100));
+    std::fs::write(
+        dir.path().join("accounts.csv"),
+        "user,password\nuser1,pass1\nuser2,pass2\nuser3,pass3\n",
+    )
+    .unwrap();
     let (_, s) = run(&shared, &[], dir.path());
     let s = s.unwrap();
-    assert!(s["totals"]["errors"]["http_4xx"].as_u64().unwrap_or(0) > 0, "expected 409s: {}", s["totals"]);
+    assert!(
+        s["totals"]["errors"]["http_4xx"].as_u64().unwrap_or(0) > 0,
+        "expected 409s: {}",
+        s["totals"]
+    );
 }
 
 #[test]
 fn a_failing_threshold_exits_99_and_writes_junit() {
-    let t = target(TargetConfig { latency: "5ms".parse().unwrap(), ..Default::default() });
+    let t = target(TargetConfig {
+        latency: "5ms".parse().unwrap(),
+        ..Default::default()
+    });
     let dir = tempfile::tempdir().unwrap();
     let plan = write_plan(
         dir.path(),
@@ -278,26 +338,42 @@ request = {{ url = "/products/3" }}
         ),
     );
     let junit = dir.path().join("junit.xml");
-    let (out, s) = run(&plan, &["--out", &format!("junit={}", junit.display())], dir.path());
+    let (out, s) = run(
+        &plan,
+        &["--out", &format!("junit={}", junit.display())],
+        dir.path(),
+    );
     assert_eq!(out.status.code(), Some(99), "{}", show(&out));
     let s = s.unwrap();
     assert_eq!(s["totals"]["iterations"], 20);
     let th = s["thresholds"].as_array().unwrap();
     assert_eq!(th.len(), 2);
-    let dur = th.iter().find(|x| x["metric"] == "http_req_duration").unwrap();
+    let dur = th
+        .iter()
+        .find(|x| x["metric"] == "http_req_duration")
+        .unwrap();
     assert_eq!(dur["passed"], false);
     assert!(dur["value"].as_f64().unwrap() >= 5000.0);
-    let failed = th.iter().find(|x| x["metric"] == "http_req_failed").unwrap();
+    let failed = th
+        .iter()
+        .find(|x| x["metric"] == "http_req_failed")
+        .unwrap();
     assert_eq!(failed["passed"], true);
     let xml = std::fs::read_to_string(junit).unwrap();
-    assert!(xml.contains("<failure") && xml.contains("tests=\"2\" failures=\"1\""), "{xml}");
+    assert!(
+        xml.contains("<failure") && xml.contains("tests=\"2\" failures=\"1\""),
+        "{xml}"
+    );
 }
 
 /// Writes `text` as a plan and returns `stampede validate`'s exit code and stderr.
 fn validate(dir: &Path, text: &str) -> (Option<i32>, String) {
     let p = write_plan(dir, "bad.toml", text);
     let out = stampede().arg("validate").arg(&p).output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -320,24 +396,54 @@ request = { url = "/?q={{ random_int(1, 9) }}" }
     let cases: &[(&str, &str, &str)] = &[
         // (what to break, expected "file:line", expected field)
         ("[scenarios.s]", "[scenarios.s", "bad.toml:4"),
-        ("executor = \"constant-vus\"", "executor = \"constant-vu\"", "bad.toml:5: scenarios.s.executor"),
+        (
+            "executor = \"constant-vus\"",
+            "executor = \"constant-vu\"",
+            "bad.toml:5: scenarios.s.executor",
+        ),
         ("vus = 1\n", "", "bad.toml:4: scenarios.s.vus"),
-        ("duration = \"1s\"", "duration = \"1 sec\"", "bad.toml:7: scenarios.s.duration"),
-        ("random_int(1, 9)", "randint(1, 9)", "bad.toml:9: flows.f.steps[0].request.url"),
+        (
+            "duration = \"1s\"",
+            "duration = \"1 sec\"",
+            "bad.toml:7: scenarios.s.duration",
+        ),
+        (
+            "random_int(1, 9)",
+            "randint(1, 9)",
+            "bad.toml:9: flows.f.steps[0].request.url",
+        ),
     ];
     for (from, to, want) in cases {
         let text = good.replacen(from, to, 1);
         let (code, err) = validate(dir.path(), &text);
         assert_eq!(code, Some(2), "breaking {from:?}: {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
-        assert!(err.contains(want), "breaking {from:?}: expected {want:?} in {err:?}");
-        assert!(err.contains(&dir.path().display().to_string()), "names the file: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "one line expected: {err}"
+        );
+        assert!(
+            err.contains(want),
+            "breaking {from:?}: expected {want:?} in {err:?}"
+        );
+        assert!(
+            err.contains(&dir.path().display().to_string()),
+            "names the file: {err}"
+        );
     }
     // A missing file and a bad --out are usage errors too, before anything runs.
-    let out = stampede().args(["validate", "/nonexistent/plan.toml"]).output().unwrap();
+    let out = stampede()
+        .args(["validate", "/nonexistent/plan.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let p = write_plan(dir.path(), "ok.toml", good);
-    let out = stampede().arg("run").arg(&p).args(["--out", "xml=x"]).output().unwrap();
+    let out = stampede()
+        .arg("run")
+        .arg(&p)
+        .args(["--out", "xml=x"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown format \"xml\""));
 }
