@@ -10,8 +10,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use stampede_protocol::segment::Assignment;
-
 use crate::aggregate::{NodeCollector, RunAggregate};
 use crate::compile::CompiledPlan;
 use crate::cpu::CpuSampler;
@@ -100,7 +98,7 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
     let start_at = Instant::now() + Duration::from_millis(50);
     let spec = RunSpec {
         plan: plan.clone(),
-        assignment: Assignment::single(),
+        assignment: crate::engine::LiveAssignment::single(),
         node: 0,
         node_name: opts.node_name.clone(),
         workers,

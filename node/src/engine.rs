@@ -35,10 +35,56 @@ use crate::data::SharedCursor;
 use crate::http::Shared;
 use crate::vu::{micros, IterationEnd, Vu, WorkerCtx};
 
+/// How the run's global indices are split over the nodes right now: VU indices and
+/// arrival events have their own [`Assignment`] (same base, their own failover
+/// points). Failover replaces it while the run goes; workers notice through a
+/// generation number checked once per scheduling decision, never per request.
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub vus: Assignment,
+    pub events: Assignment,
+}
+
+pub struct LiveAssignment {
+    current: std::sync::RwLock<Arc<Split>>,
+    generation: watch::Sender<u64>,
+}
+
+impl LiveAssignment {
+    pub fn new(split: Split) -> Arc<LiveAssignment> {
+        Arc::new(LiveAssignment {
+            current: std::sync::RwLock::new(Arc::new(split)),
+            generation: watch::channel(0).0,
+        })
+    }
+    pub fn single() -> Arc<LiveAssignment> {
+        Self::new(Split {
+            vus: Assignment::single(),
+            events: Assignment::single(),
+        })
+    }
+    pub fn get(&self) -> Arc<Split> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+    pub fn replace(&self, split: Split) {
+        match self.current.write() {
+            Ok(mut g) => *g = Arc::new(split),
+            Err(p) => *p.into_inner() = Arc::new(split),
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
 /// What this node runs.
 pub struct RunSpec {
     pub plan: Arc<CompiledPlan>,
-    pub assignment: Assignment,
+    pub assignment: Arc<LiveAssignment>,
     /// This node's index in `assignment`.
     pub node: usize,
     pub node_name: String,
@@ -122,13 +168,13 @@ impl Engine {
                 .iter()
                 .map(|s| match s.executor {
                     Executor::SharedIterations { iterations, .. } => {
-                        AtomicU64::new(spec.assignment.scale(spec.node, iterations))
+                        AtomicU64::new(spec.assignment.get().events.scale(spec.node, iterations))
                     }
                     _ => AtomicU64::new(0),
                 })
                 .collect(),
         );
-        let n = spec.assignment.nodes() as u64;
+        let n = spec.assignment.get().vus.nodes() as u64;
         let cursors: Arc<Vec<SharedCursor>> = Arc::new(
             spec.plan
                 .feeders
@@ -272,13 +318,14 @@ fn take_metrics(w: &Worker) -> Metrics {
     out
 }
 
-/// The indices this worker runs out of the node's share of `0..limit` (VU indices):
-/// the node's owned indices, dealt round-robin over the workers.
+/// The VU indices this worker runs out of `0..limit`: the node's owned indices under
+/// the current split, dealt round-robin over the workers.
 fn my_indices(w: &Worker, limit: u64) -> Vec<u64> {
+    let split = w.spec.assignment.get();
     let mut out = Vec::new();
     let mut rank = 0usize;
     for g in 0..limit {
-        if w.spec.assignment.owns(w.spec.node, g) {
+        if split.vus.owns(w.spec.node, g) {
             if rank % w.count == w.index {
                 out.push(g);
             }
@@ -345,15 +392,19 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
     let exec = sc.executor.clone();
     let total = exec.total_duration();
     let end = begin + total;
-    let mine = my_indices(&w, sc.vu_slots);
+    let mut mine = my_indices(&w, sc.vu_slots);
     let target = Rc::new(Cell::new(exec.vus_at(Duration::ZERO).unwrap_or(0)));
-    let running: Rc<RefCell<Vec<bool>>> = Rc::new(RefCell::new(vec![false; mine.len()]));
+    // Indexed by VU index within the scenario: is that VU running here?
+    let running: Rc<RefCell<Vec<bool>>> = Rc::new(RefCell::new(vec![false; sc.vu_slots as usize]));
     let mut tasks = Vec::new();
     let mut at = Duration::ZERO;
     let mut stop_rx = w.stop_rx.clone();
+    let mut generation = w.spec.assignment.subscribe();
+    let mut next_change = exec.next_vu_change(at);
     loop {
         // Start every VU of ours that the current target admits and is not running.
-        for (i, &g) in mine.iter().enumerate() {
+        for &g in mine.iter() {
+            let i = g as usize;
             if g < target.get() && !running.borrow()[i] {
                 running.borrow_mut()[i] = true;
                 let (w2, target2, running2) = (w.clone(), target.clone(), running.clone());
@@ -372,22 +423,31 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
                 }));
             }
         }
-        let Some((next, vus)) = exec.next_vu_change(at) else {
-            break;
+        // Sleep until the VU target changes, the split changes (failover hands us
+        // VUs of a lost node), the scenario ends or the run stops.
+        let wake = match next_change {
+            Some((next, _)) if next < total => begin + next,
+            _ => end,
         };
-        if next >= total {
-            break;
-        }
         tokio::select! {
-            _ = tokio::time::sleep_until((begin + next).into()) => {}
+            _ = tokio::time::sleep_until(wake.into()) => {
+                match next_change {
+                    Some((next, vus)) if next < total => {
+                        at = next;
+                        target.set(vus);
+                        next_change = exec.next_vu_change(at);
+                    }
+                    _ => break,
+                }
+            }
+            changed = generation.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                mine = my_indices(&w, sc.vu_slots);
+            }
             _ = stop_rx.wait_for(|s| *s != Stop::Running) => break,
         }
-        at = next;
-        target.set(vus);
-    }
-    tokio::select! {
-        _ = tokio::time::sleep_until(end.into()) => {}
-        _ = stop_rx.wait_for(|s| *s != Stop::Running) => {}
     }
     target.set(0);
     let hard = arm_hard_stop(&w, end);
@@ -460,7 +520,9 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
         _ => return,
     };
     // This worker's VU pool: its share of the node's share of max_vus.
-    let ids = my_indices(&w, sc.vu_slots);
+    let mut ids = my_indices(&w, sc.vu_slots);
+    let mut generation = w.spec.assignment.subscribe();
+    let mut split = w.spec.assignment.get();
     let pool: Rc<RefCell<Vec<Vu>>> = Rc::new(RefCell::new(Vec::new()));
     let mut next_id = 0usize;
     let busy = Rc::new(Cell::new(0u64));
@@ -471,7 +533,18 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     while let Some(t) = schedule.arrival_time(k) {
         let event = k;
         k += 1;
-        if !w.spec.assignment.owns(w.spec.node, event) {
+        if generation.has_changed().unwrap_or(false) {
+            generation.borrow_and_update();
+            split = w.spec.assignment.get();
+            // Failover may hand this node more VU slots: extend the pool's ids.
+            let more = my_indices(&w, sc.vu_slots);
+            for g in more {
+                if !ids.contains(&g) {
+                    ids.push(g);
+                }
+            }
+        }
+        if !split.events.owns(w.spec.node, event) {
             continue;
         }
         let mine = rank % w.count == w.index;
