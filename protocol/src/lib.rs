@@ -5,6 +5,7 @@
 pub mod duration;
 pub mod executor;
 pub mod plan;
+pub mod run;
 pub mod segment;
 pub mod snapshot;
 pub mod threshold;

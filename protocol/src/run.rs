@@ -1,0 +1,269 @@
+//! The messages of a distributed run (spec §6): proposal, join, roster and leader,
+//! clock samples, assignment, barriers, per-second metric snapshots, failover,
+//! stop — and the plan bundle that travels with a run.
+//!
+//! Every message names its run, and those that the leader sends carry the leader's
+//! term, so that a message from a deposed leader, or one for another run, is ignored
+//! rather than mixed in. This module only defines shapes, limits and validation; the
+//! state machine that uses them is the node's `coordinator`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::segment::Assignment;
+
+/// Limits on what a peer may send, checked before anything else is done with it.
+pub const MAX_BUNDLE_BYTES: usize = 12 * 1024 * 1024;
+pub const MAX_BUNDLE_FILES: usize = 64;
+pub const MAX_MEMBERS: usize = 1024;
+pub const MAX_REASON: usize = 1024;
+
+/// A plan with the data files it names: what every node of a run needs, verified by
+/// its content hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bundle {
+    /// The plan's file name, for errors ("retail.toml:12: ...").
+    pub plan_name: String,
+    pub plan: String,
+    /// Data files by their path relative to the plan, as the plan names them.
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+impl Bundle {
+    /// Hex SHA-256 over the plan and every file (names and contents, length-prefixed,
+    /// in name order), so that no two different bundles share a hash.
+    pub fn hash(&self) -> String {
+        let mut h = Sha256::new();
+        let mut part = |b: &[u8]| {
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(b);
+        };
+        part(self.plan_name.as_bytes());
+        part(self.plan.as_bytes());
+        for (name, data) in &self.files {
+            part(name.as_bytes());
+            part(data);
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn size(&self) -> usize {
+        self.plan.len() + self.files.values().map(Vec::len).sum::<usize>()
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.size() > MAX_BUNDLE_BYTES {
+            return Err(format!("plan bundle of {} bytes exceeds {MAX_BUNDLE_BYTES}", self.size()));
+        }
+        if self.files.len() > MAX_BUNDLE_FILES {
+            return Err(format!("plan bundle has {} files, limit {MAX_BUNDLE_FILES}", self.files.len()));
+        }
+        for name in self.files.keys() {
+            // Files are materialised under a run directory: no escaping it.
+            if name.is_empty() || name.starts_with('/') || name.split(['/', '\\']).any(|p| p == "..") {
+                return Err(format!("plan bundle file name \"{name}\" is not a relative path"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a run asks of the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Requirements {
+    /// Refuse the whole run unless at least this many nodes accept.
+    pub min_nodes: u32,
+    /// Refuse the whole run if any member refuses.
+    pub require_all: bool,
+    /// Only nodes with all these labels take part.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A member of a run as the roster lists it: its index in the run's assignment is its
+/// position in the roster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterEntry {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Relative capacity (worker threads): the weight of its execution segment.
+    pub weight: u32,
+}
+
+/// Gossip of a run, on the control topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "run_kind", rename_all = "snake_case")]
+pub enum RunMessage {
+    /// The node whose CLI started the run offers it to the mesh.
+    Propose { run_id: String, origin: String, bundle_hash: String, plan: String, requirements: Requirements },
+    /// A member's answer to a proposal.
+    Join { run_id: String, accept: bool, reason: Option<String>, name: String, labels: BTreeMap<String, String>, weight: u32 },
+    /// The origin closes the join phase: these members run it; the first is the
+    /// leader of term 1 (the lowest id: every member can recompute it).
+    Roster { run_id: String, members: Vec<RosterEntry>, refused: Vec<(String, String)> },
+    /// The run will not happen (refusals, too few nodes).
+    Abort { run_id: String, reason: String },
+    /// A new leader after the old one was lost; higher terms win.
+    Leader { run_id: String, term: u64, leader: String },
+    /// A barrier arrival (`ready`, `started`, `finished`), republished until complete.
+    Arrive { run_id: String, barrier: String, detail: BarrierDetail },
+    /// The leader's split of the work and the common start instant (leader clock).
+    Assign { run_id: String, term: u64, vus: Assignment, events: Assignment, start_unix_us: u64 },
+    /// The leader's answer to a lost member: its share moves to the survivors.
+    Reassign { run_id: String, term: u64, lost: String, vus: Assignment, events: Assignment, at_s: f64, moved: String },
+    /// Stop the run everywhere, gracefully.
+    Stop { run_id: String, reason: String },
+}
+
+impl RunMessage {
+    pub fn run_id(&self) -> &str {
+        match self {
+            RunMessage::Propose { run_id, .. }
+            | RunMessage::Join { run_id, .. }
+            | RunMessage::Roster { run_id, .. }
+            | RunMessage::Abort { run_id, .. }
+            | RunMessage::Leader { run_id, .. }
+            | RunMessage::Arrive { run_id, .. }
+            | RunMessage::Assign { run_id, .. }
+            | RunMessage::Reassign { run_id, .. }
+            | RunMessage::Stop { run_id, .. } => run_id,
+        }
+    }
+
+    /// Bounds on sizes that a peer controls.
+    pub fn validate(&self) -> Result<(), String> {
+        let short = |what: &str, s: &str| {
+            if s.len() > MAX_REASON {
+                Err(format!("{what} of {} bytes exceeds {MAX_REASON}", s.len()))
+            } else {
+                Ok(())
+            }
+        };
+        short("run id", self.run_id())?;
+        match self {
+            RunMessage::Roster { members, refused, .. } => {
+                if members.len() > MAX_MEMBERS || refused.len() > MAX_MEMBERS {
+                    return Err("roster too large".into());
+                }
+                if members.is_empty() {
+                    return Err("empty roster".into());
+                }
+                if members.iter().any(|m| m.weight == 0) {
+                    return Err("roster member with weight 0".into());
+                }
+            }
+            RunMessage::Join { reason: Some(r), .. } => short("reason", r)?,
+            RunMessage::Abort { reason, .. } | RunMessage::Stop { reason, .. } => short("reason", reason)?,
+            RunMessage::Assign { vus, events, .. } | RunMessage::Reassign { vus, events, .. } => {
+                if vus.nodes() > MAX_MEMBERS || events.nodes() > MAX_MEMBERS {
+                    return Err("assignment too large".into());
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// What a barrier arrival reports besides "I am here".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct BarrierDetail {
+    /// `started`: when this node actually started, in the leader's clock (µs).
+    pub started_unix_us: Option<u64>,
+    /// `finished`: the number of snapshots this node published (seq 0..count).
+    pub snapshots: Option<u64>,
+    /// `ready`: this node's clock offset to the leader (µs, leader − local).
+    pub clock_offset_us: Option<i64>,
+}
+
+/// One node's measurements for one second of a run, on the metrics topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotMessage {
+    pub run_id: String,
+    pub node: String,
+    /// The second of the run it covers (its sequence number).
+    pub seq: u64,
+    /// VUs alive on the node at the end of that second.
+    pub vus: u64,
+    /// Process CPU of the node in that second, as a fraction of its worker cores.
+    pub cpu: f64,
+    /// [`crate::snapshot::Metrics`] as CBOR.
+    pub metrics: Vec<u8>,
+}
+
+/// Requests between the nodes of a run (request-response).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "run_req", rename_all = "snake_case")]
+pub enum RunRequest {
+    /// The plan bundle of a run, by hash.
+    Bundle { run_id: String, hash: String },
+    /// An NTP-style clock sample: the responder answers with its receive and send times.
+    Clock { t1_us: u64 },
+    /// Snapshots a receiver missed, by sequence number.
+    Snapshots { run_id: String, node: String, seqs: Vec<u64> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "run_resp", rename_all = "snake_case")]
+pub enum RunResponse {
+    Bundle { bundle: Bundle },
+    Clock { t1_us: u64, t2_us: u64, t3_us: u64 },
+    Snapshots { snapshots: Vec<SnapshotMessage> },
+    Refused { reason: String },
+}
+
+/// NTP offset and round trip from one clock sample (all µs): offset = server − client.
+pub fn clock_offset(t1: u64, t2: u64, t3: u64, t4: u64) -> (i64, u64) {
+    let (t1, t2, t3, t4) = (t1 as i128, t2 as i128, t3 as i128, t4 as i128);
+    let offset = ((t2 - t1) + (t3 - t4)) / 2;
+    let rtt = (t4 - t1) - (t3 - t2);
+    (offset as i64, rtt.max(0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundle_hash_covers_names_and_contents() {
+        let mut b = Bundle { plan_name: "p.toml".into(), plan: "name = \"x\"".into(), files: BTreeMap::new() };
+        let h0 = b.hash();
+        b.files.insert("a.csv".into(), b"u\n1\n".to_vec());
+        let h1 = b.hash();
+        assert_ne!(h0, h1);
+        let mut renamed = b.clone();
+        let data = renamed.files.remove("a.csv").unwrap();
+        renamed.files.insert("b.csv".into(), data);
+        assert_ne!(renamed.hash(), h1);
+        assert_eq!(h1.len(), 64);
+        assert!(b.validate().is_ok());
+        b.files.insert("../etc/passwd".into(), vec![]);
+        assert!(b.validate().is_err());
+    }
+
+    #[test]
+    fn ntp_offset() {
+        // Server 1000 µs ahead, 200 µs each way.
+        let (off, rtt) = clock_offset(10_000, 11_200, 11_250, 10_450);
+        assert_eq!((off, rtt), (1000, 400));
+    }
+
+    #[test]
+    fn messages_round_trip_cbor() {
+        let m = RunMessage::Join {
+            run_id: "r".into(),
+            accept: false,
+            reason: Some("target 10.0.0.1 not allowed".into()),
+            name: "n".into(),
+            labels: BTreeMap::new(),
+            weight: 2,
+        };
+        let mut buf = Vec::new();
+        ciborium::into_writer(&m, &mut buf).unwrap();
+        let back: RunMessage = ciborium::from_reader(&buf[..]).unwrap();
+        assert_eq!(back, m);
+        assert!(back.validate().is_ok());
+    }
+}
