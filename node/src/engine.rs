@@ -21,7 +21,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -182,6 +182,13 @@ impl Engine {
                 .map(|_| SharedCursor::new(spec.node as u64, n))
                 .collect(),
         );
+        let claims: Arc<Vec<AtomicUsize>> = Arc::new(
+            spec.plan
+                .scenarios
+                .iter()
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
+        );
         let mut threads = Vec::new();
         for w in 0..spec.workers.max(1) {
             let (spec, reports, stop, left, cursors) = (
@@ -191,10 +198,11 @@ impl Engine {
                 shared_left.clone(),
                 cursors.clone(),
             );
+            let claims = claims.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("stampede-worker-{w}"))
-                    .spawn(move || worker_main(w, spec, reports, stop, left, cursors))?,
+                    .spawn(move || worker_main(w, spec, reports, stop, left, cursors, claims))?,
             );
         }
         Ok(Engine { threads, stop })
@@ -216,6 +224,9 @@ struct Worker {
     stop: StopHandle,
     stop_rx: watch::Receiver<Stop>,
     shared_left: Arc<Vec<AtomicU64>>,
+    /// Per open-model scenario: how many of the node's VU slots the node's workers
+    /// have claimed, so that max_vus holds for the node, not per worker.
+    vu_claims: Arc<Vec<AtomicUsize>>,
     /// VUs alive on this worker.
     vus: Cell<u64>,
 }
@@ -227,6 +238,7 @@ fn worker_main(
     stop: StopHandle,
     shared_left: Arc<Vec<AtomicU64>>,
     cursors: Arc<Vec<SharedCursor>>,
+    vu_claims: Arc<Vec<AtomicUsize>>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -260,6 +272,7 @@ fn worker_main(
         spec,
         stop,
         shared_left,
+        vu_claims,
         vus: Cell::new(0),
     });
     local.block_on(&rt, async move {
@@ -318,6 +331,14 @@ fn take_metrics(w: &Worker) -> Metrics {
     out
 }
 
+/// Every VU index of `0..limit` that this node owns under the current split.
+fn node_indices(w: &Worker, limit: u64) -> Vec<u64> {
+    let split = w.spec.assignment.get();
+    (0..limit)
+        .filter(|g| split.vus.owns(w.spec.node, *g))
+        .collect()
+}
+
 /// The VU indices this worker runs out of `0..limit`: the node's owned indices under
 /// the current split, dealt round-robin over the workers.
 fn my_indices(w: &Worker, limit: u64) -> Vec<u64> {
@@ -361,17 +382,29 @@ async fn run_scenario(w: Rc<Worker>, si: usize) {
     }
 }
 
-/// Runs `fut` unless a hard stop comes first.
-async fn unless_hard_stop<F: std::future::Future>(w: &Worker, fut: F) -> Option<F::Output> {
+/// Runs `fut` unless a hard stop comes first: the run's (Ctrl-C twice) or the
+/// scenario's own (its graceful window after its end has passed).
+async fn unless_hard_stop<F: std::future::Future>(
+    w: &Worker,
+    scenario_hard: &watch::Receiver<bool>,
+    fut: F,
+) -> Option<F::Output> {
     let mut rx = w.stop_rx.clone();
+    let mut local = scenario_hard.clone();
     tokio::select! {
         out = fut => Some(out),
         _ = rx.wait_for(|s| *s == Stop::Hard) => None,
+        _ = local.wait_for(|h| *h) => None,
     }
 }
 
-/// Sends a hard stop when the graceful window after `end` has passed.
-fn arm_hard_stop(w: &Rc<Worker>, end: Instant) -> tokio::task::JoinHandle<()> {
+/// Stops the scenario's in-flight iterations hard once the graceful window after
+/// `end` (or after a graceful stop of the run) has passed. Other scenarios go on.
+fn arm_hard_stop(
+    w: &Rc<Worker>,
+    end: Instant,
+    hard: watch::Sender<bool>,
+) -> tokio::task::JoinHandle<()> {
     let (w, grace) = (w.clone(), w.spec.graceful_stop);
     tokio::task::spawn_local(async move {
         let mut rx = w.stop_rx.clone();
@@ -381,8 +414,7 @@ fn arm_hard_stop(w: &Rc<Worker>, end: Instant) -> tokio::task::JoinHandle<()> {
                 tokio::time::sleep(grace).await;
             }
         }
-        // A local hard stop only for this worker's in-flight iterations.
-        w.stop.stop(Stop::Hard);
+        let _ = hard.send(true);
     })
 }
 
@@ -392,6 +424,7 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
     let exec = sc.executor.clone();
     let total = exec.total_duration();
     let end = begin + total;
+    let (hard_tx, hard_rx) = watch::channel(false);
     let mut mine = my_indices(&w, sc.vu_slots);
     let target = Rc::new(Cell::new(exec.vus_at(Duration::ZERO).unwrap_or(0)));
     // Indexed by VU index within the scenario: is that VU running here?
@@ -407,13 +440,14 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
             let i = g as usize;
             if g < target.get() && !running.borrow()[i] {
                 running.borrow_mut()[i] = true;
-                let (w2, target2, running2) = (w.clone(), target.clone(), running.clone());
+                let (w2, target2, running2, hard2) =
+                    (w.clone(), target.clone(), running.clone(), hard_rx.clone());
                 tasks.push(tokio::task::spawn_local(async move {
                     let sc = &w2.spec.plan.scenarios[si];
                     let mut vu = Vu::new(&w2.ctx, si, sc.vu_offset + g);
                     w2.vus.set(w2.vus.get() + 1);
                     while g < target2.get() && !w2.stop.stopping() && Instant::now() < end {
-                        match unless_hard_stop(&w2, vu.iterate(&w2.ctx, None)).await {
+                        match unless_hard_stop(&w2, &hard2, vu.iterate(&w2.ctx, None)).await {
                             None | Some(IterationEnd::DataExhausted) => break,
                             Some(_) => {}
                         }
@@ -450,7 +484,7 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
         }
     }
     target.set(0);
-    let hard = arm_hard_stop(&w, end);
+    let hard = arm_hard_stop(&w, end, hard_tx);
     for t in tasks {
         let _ = t.await;
     }
@@ -468,10 +502,11 @@ async fn closed_counted(
     max_duration: Duration,
 ) {
     let end = begin + max_duration;
+    let (hard_tx, hard_rx) = watch::channel(false);
     let mine = my_indices(&w, vus);
     let mut tasks = Vec::new();
     for g in mine {
-        let w2 = w.clone();
+        let (w2, hard2) = (w.clone(), hard_rx.clone());
         tasks.push(tokio::task::spawn_local(async move {
             let sc = &w2.spec.plan.scenarios[si];
             let mut vu = Vu::new(&w2.ctx, si, sc.vu_offset + g);
@@ -494,7 +529,7 @@ async fn closed_counted(
                     }
                 }
                 done += 1;
-                match unless_hard_stop(&w2, vu.iterate(&w2.ctx, None)).await {
+                match unless_hard_stop(&w2, &hard2, vu.iterate(&w2.ctx, None)).await {
                     None | Some(IterationEnd::DataExhausted) => break,
                     Some(_) => {}
                 }
@@ -502,7 +537,7 @@ async fn closed_counted(
             w2.vus.set(w2.vus.get() - 1);
         }));
     }
-    let hard = arm_hard_stop(&w, end);
+    let hard = arm_hard_stop(&w, end, hard_tx);
     for t in tasks {
         let _ = t.await;
     }
@@ -519,12 +554,20 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
         // Validated plans always have a schedule for arrival-rate executors.
         _ => return,
     };
-    // This worker's VU pool: its share of the node's share of max_vus.
-    let mut ids = my_indices(&w, sc.vu_slots);
+    // The node's VU slots; workers claim them one by one as they need a new VU, so
+    // max_vus holds for the node however the arrivals fall on its workers.
+    let mut ids = node_indices(&w, sc.vu_slots);
+    // With fewer slots than workers, only as many workers as slots take arrivals:
+    // an idle VU on one worker cannot serve an arrival on another.
+    let active = w.count.min(ids.len().max(1));
+    if w.index >= active {
+        return;
+    }
+    let claims = &w.vu_claims[si];
+    let (hard_tx, hard_rx) = watch::channel(false);
     let mut generation = w.spec.assignment.subscribe();
     let mut split = w.spec.assignment.get();
     let pool: Rc<RefCell<Vec<Vu>>> = Rc::new(RefCell::new(Vec::new()));
-    let mut next_id = 0usize;
     let busy = Rc::new(Cell::new(0u64));
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mut stop_rx = w.stop_rx.clone();
@@ -536,8 +579,9 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
         if generation.has_changed().unwrap_or(false) {
             generation.borrow_and_update();
             split = w.spec.assignment.get();
-            // Failover may hand this node more VU slots: extend the pool's ids.
-            let more = my_indices(&w, sc.vu_slots);
+            // Failover may hand this node more VU slots: extend the pool's ids (in the
+            // same order on every worker, so that claims stay consistent).
+            let more = node_indices(&w, sc.vu_slots);
             for g in more {
                 if !ids.contains(&g) {
                     ids.push(g);
@@ -547,7 +591,7 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
         if !split.events.owns(w.spec.node, event) {
             continue;
         }
-        let mine = rank % w.count == w.index;
+        let mine = rank % active == w.index;
         rank += 1;
         if !mine {
             continue;
@@ -567,26 +611,29 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
         let vu = pool.borrow_mut().pop();
         let vu = match vu {
             Some(vu) => vu,
-            None if next_id < ids.len() => {
-                next_id += 1;
-                w.vus.set(w.vus.get() + 1);
-                Vu::new(&w.ctx, si, sc.vu_offset + ids[next_id - 1])
-            }
-            None => {
-                w.ctx.recorder.borrow_mut().scenarios[si].dropped += 1;
-                continue;
-            }
+            None => match claims.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                (c < ids.len()).then_some(c + 1)
+            }) {
+                Ok(c) => {
+                    w.vus.set(w.vus.get() + 1);
+                    Vu::new(&w.ctx, si, sc.vu_offset + ids[c])
+                }
+                Err(_) => {
+                    w.ctx.recorder.borrow_mut().scenarios[si].dropped += 1;
+                    continue;
+                }
+            },
         };
         let lag = micros(Instant::now().saturating_duration_since(intended));
         w.ctx.recorder.borrow_mut().scenarios[si]
             .schedule_lag
             .record(lag);
         busy.set(busy.get() + 1);
-        let (w2, pool2, busy2) = (w.clone(), pool.clone(), busy.clone());
+        let (w2, pool2, busy2, hard2) = (w.clone(), pool.clone(), busy.clone(), hard_rx.clone());
         tasks.retain(|t| !t.is_finished());
         tasks.push(tokio::task::spawn_local(async move {
             let mut vu = vu;
-            let outcome = unless_hard_stop(&w2, vu.iterate(&w2.ctx, Some(intended))).await;
+            let outcome = unless_hard_stop(&w2, &hard2, vu.iterate(&w2.ctx, Some(intended))).await;
             busy2.set(busy2.get() - 1);
             match outcome {
                 // A VU whose data ran out leaves the pool for good.
@@ -595,7 +642,7 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
             }
         }));
     }
-    let hard = arm_hard_stop(&w, end);
+    let hard = arm_hard_stop(&w, end, hard_tx);
     for t in tasks {
         let _ = t.await;
     }

@@ -385,7 +385,7 @@ fn run_checks(c: &CompiledCheck, r: &Response) -> Verdict {
     if !c.json.is_empty() {
         let doc: Option<serde_json::Value> = serde_json::from_slice(&r.body).ok();
         for (path, want) in &c.json {
-            tally(doc.as_ref().and_then(|d| path.find(d)) == Some(want));
+            tally(doc.as_ref().and_then(|d| path.eval(d)).as_deref() == Some(want));
         }
     }
     let error = if !status_ok {

@@ -463,3 +463,37 @@ fn demo_runs_with_no_setup() {
     let s: Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     assert!(s["totals"]["requests"].as_u64().unwrap() > 100);
 }
+
+#[test]
+fn max_vus_holds_for_the_node_not_per_worker() {
+    let t = target(TargetConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        "one_vu.toml",
+        &format!(
+            r#"
+name = "one-vu"
+[defaults]
+base_url = "{}"
+[scenarios.s]
+executor = "constant-arrival-rate"
+rate = 10
+duration = "3s"
+max_vus = 1
+flow = "get"
+[[flows.get.steps]]
+name = "product"
+request = {{ url = "/products/2" }}
+"#,
+            t.url()
+        ),
+    );
+    // Two workers, one VU: the fast target frees the VU long before the next arrival,
+    // so nothing may be dropped.
+    let (out, s) = run(&plan, &["--workers", "2"], dir.path());
+    assert!(out.status.success(), "{}", show(&out));
+    let s = s.unwrap();
+    assert_eq!(s["totals"]["dropped_iterations"], 0, "{}", s["totals"]);
+    assert_eq!(s["totals"]["iterations"], 30);
+}

@@ -802,6 +802,16 @@ impl Validator<'_> {
         if flows.is_empty() {
             return Err(self.err_key(&span, &path, "flows", "needs at least one flow"));
         }
+        if let Err(e) = executor.validate() {
+            // "stages[1].duration" → the `stages` key's line.
+            let key = e
+                .field
+                .split(['[', '.'])
+                .next()
+                .unwrap_or(&e.field)
+                .to_string();
+            return Err(self.err_key(&span, &path, &key, &format!("{} {}", e.field, e.reason)));
+        }
         Ok(Scenario {
             name: name.to_string(),
             executor,
@@ -1067,6 +1077,14 @@ think = "1s..3s"
         assert!(e.field.as_deref().unwrap().starts_with("thresholds"), "{e}");
         let line = src.lines().position(|l| l.contains("<<<")).unwrap() + 1;
         assert_eq!(e.line, Some(line), "{e}");
+    }
+
+    #[test]
+    fn executor_rules_are_checked() {
+        let src = GOOD.replace("vus = 3", "vus = 0");
+        let e = err(&src);
+        assert_eq!(e.field.as_deref(), Some("scenarios.steady.vus"), "{e}");
+        assert!(e.message.contains("at least 1"), "{e}");
     }
 
     #[test]

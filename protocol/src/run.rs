@@ -55,15 +55,26 @@ impl Bundle {
 
     pub fn validate(&self) -> Result<(), String> {
         if self.size() > MAX_BUNDLE_BYTES {
-            return Err(format!("plan bundle of {} bytes exceeds {MAX_BUNDLE_BYTES}", self.size()));
+            return Err(format!(
+                "plan bundle of {} bytes exceeds {MAX_BUNDLE_BYTES}",
+                self.size()
+            ));
         }
         if self.files.len() > MAX_BUNDLE_FILES {
-            return Err(format!("plan bundle has {} files, limit {MAX_BUNDLE_FILES}", self.files.len()));
+            return Err(format!(
+                "plan bundle has {} files, limit {MAX_BUNDLE_FILES}",
+                self.files.len()
+            ));
         }
         for name in self.files.keys() {
             // Files are materialised under a run directory: no escaping it.
-            if name.is_empty() || name.starts_with('/') || name.split(['/', '\\']).any(|p| p == "..") {
-                return Err(format!("plan bundle file name \"{name}\" is not a relative path"));
+            if name.is_empty()
+                || name.starts_with('/')
+                || name.split(['/', '\\']).any(|p| p == "..")
+            {
+                return Err(format!(
+                    "plan bundle file name \"{name}\" is not a relative path"
+                ));
             }
         }
         Ok(())
@@ -97,22 +108,61 @@ pub struct RosterEntry {
 #[serde(tag = "run_kind", rename_all = "snake_case")]
 pub enum RunMessage {
     /// The node whose CLI started the run offers it to the mesh.
-    Propose { run_id: String, origin: String, bundle_hash: String, plan: String, requirements: Requirements },
+    Propose {
+        run_id: String,
+        origin: String,
+        bundle_hash: String,
+        plan: String,
+        requirements: Requirements,
+    },
     /// A member's answer to a proposal.
-    Join { run_id: String, accept: bool, reason: Option<String>, name: String, labels: BTreeMap<String, String>, weight: u32 },
+    Join {
+        run_id: String,
+        accept: bool,
+        reason: Option<String>,
+        name: String,
+        labels: BTreeMap<String, String>,
+        weight: u32,
+    },
     /// The origin closes the join phase: these members run it; the first is the
     /// leader of term 1 (the lowest id: every member can recompute it).
-    Roster { run_id: String, members: Vec<RosterEntry>, refused: Vec<(String, String)> },
+    Roster {
+        run_id: String,
+        members: Vec<RosterEntry>,
+        refused: Vec<(String, String)>,
+    },
     /// The run will not happen (refusals, too few nodes).
     Abort { run_id: String, reason: String },
     /// A new leader after the old one was lost; higher terms win.
-    Leader { run_id: String, term: u64, leader: String },
+    Leader {
+        run_id: String,
+        term: u64,
+        leader: String,
+    },
     /// A barrier arrival (`ready`, `started`, `finished`), republished until complete.
-    Arrive { run_id: String, barrier: String, detail: BarrierDetail },
+    Arrive {
+        run_id: String,
+        barrier: String,
+        detail: BarrierDetail,
+    },
     /// The leader's split of the work and the common start instant (leader clock).
-    Assign { run_id: String, term: u64, vus: Assignment, events: Assignment, start_unix_us: u64 },
+    Assign {
+        run_id: String,
+        term: u64,
+        vus: Assignment,
+        events: Assignment,
+        start_unix_us: u64,
+    },
     /// The leader's answer to a lost member: its share moves to the survivors.
-    Reassign { run_id: String, term: u64, lost: String, vus: Assignment, events: Assignment, at_s: f64, moved: String },
+    Reassign {
+        run_id: String,
+        term: u64,
+        lost: String,
+        vus: Assignment,
+        events: Assignment,
+        at_s: f64,
+        moved: String,
+    },
     /// Stop the run everywhere, gracefully.
     Stop { run_id: String, reason: String },
 }
@@ -143,7 +193,9 @@ impl RunMessage {
         };
         short("run id", self.run_id())?;
         match self {
-            RunMessage::Roster { members, refused, .. } => {
+            RunMessage::Roster {
+                members, refused, ..
+            } => {
                 if members.len() > MAX_MEMBERS || refused.len() > MAX_MEMBERS {
                     return Err("roster too large".into());
                 }
@@ -154,8 +206,12 @@ impl RunMessage {
                     return Err("roster member with weight 0".into());
                 }
             }
-            RunMessage::Join { reason: Some(r), .. } => short("reason", r)?,
-            RunMessage::Abort { reason, .. } | RunMessage::Stop { reason, .. } => short("reason", reason)?,
+            RunMessage::Join {
+                reason: Some(r), ..
+            } => short("reason", r)?,
+            RunMessage::Abort { reason, .. } | RunMessage::Stop { reason, .. } => {
+                short("reason", reason)?
+            }
             RunMessage::Assign { vus, events, .. } | RunMessage::Reassign { vus, events, .. } => {
                 if vus.nodes() > MAX_MEMBERS || events.nodes() > MAX_MEMBERS {
                     return Err("assignment too large".into());
@@ -202,7 +258,11 @@ pub enum RunRequest {
     /// An NTP-style clock sample: the responder answers with its receive and send times.
     Clock { t1_us: u64 },
     /// Snapshots a receiver missed, by sequence number.
-    Snapshots { run_id: String, node: String, seqs: Vec<u64> },
+    Snapshots {
+        run_id: String,
+        node: String,
+        seqs: Vec<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,7 +288,11 @@ mod tests {
 
     #[test]
     fn bundle_hash_covers_names_and_contents() {
-        let mut b = Bundle { plan_name: "p.toml".into(), plan: "name = \"x\"".into(), files: BTreeMap::new() };
+        let mut b = Bundle {
+            plan_name: "p.toml".into(),
+            plan: "name = \"x\"".into(),
+            files: BTreeMap::new(),
+        };
         let h0 = b.hash();
         b.files.insert("a.csv".into(), b"u\n1\n".to_vec());
         let h1 = b.hash();
