@@ -212,10 +212,10 @@ impl RunMessage {
             RunMessage::Abort { reason, .. } | RunMessage::Stop { reason, .. } => {
                 short("reason", reason)?
             }
-            RunMessage::Assign { vus, events, .. } | RunMessage::Reassign { vus, events, .. } => {
-                if vus.nodes() > MAX_MEMBERS || events.nodes() > MAX_MEMBERS {
-                    return Err("assignment too large".into());
-                }
+            RunMessage::Assign { vus, events, .. } | RunMessage::Reassign { vus, events, .. }
+                if vus.nodes() > MAX_MEMBERS || events.nodes() > MAX_MEMBERS =>
+            {
+                return Err("assignment too large".into());
             }
             _ => {}
         }
