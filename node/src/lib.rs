@@ -3,5 +3,9 @@
 
 pub mod cli;
 pub mod commands;
+pub mod control;
 pub mod daemon;
 pub mod exit;
+pub mod mesh;
+pub mod settings;
+pub mod status_http;
