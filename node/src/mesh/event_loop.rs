@@ -247,9 +247,7 @@ impl EventLoop {
             }
         }
         let alone = self.swarm.connected_peers().next().is_none();
-        let due = self.last_bootstrap.map_or(true, |t| {
-            now.saturating_duration_since(t) >= self.timing.bootstrap_retry
-        });
+        let due = !matches!(self.last_bootstrap, Some(t) if now.saturating_duration_since(t) < self.timing.bootstrap_retry);
         if alone && due && !self.bootstrap.is_empty() {
             self.dial_bootstrap(now);
         }
@@ -396,12 +394,12 @@ impl EventLoop {
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
             }
-            gossipsub::Event::Subscribed { peer_id, topic } => {
-                // A newcomer should not wait a full interval to learn about us.
-                if topic == self.announce_topic.hash() && self.announce_subscribers.insert(peer_id)
-                {
-                    self.announce();
-                }
+            // A newcomer should not wait a full interval to learn about us.
+            gossipsub::Event::Subscribed { peer_id, topic }
+                if topic == self.announce_topic.hash()
+                    && self.announce_subscribers.insert(peer_id) =>
+            {
+                self.announce();
             }
             gossipsub::Event::GossipsubNotSupported { peer_id } => {
                 tracing::debug!(peer = %peer_id, "peer does not speak gossipsub");

@@ -172,7 +172,7 @@ impl View {
         }
         match self.members.get_mut(&peer) {
             Some(m) => {
-                let newer = m.announce.as_ref().map_or(true, |a| a.seq < announce.seq);
+                let newer = !matches!(&m.announce, Some(a) if a.seq >= announce.seq);
                 if newer {
                     m.protocol_version = Some(announce.protocol_version);
                     m.announce = Some(announce);
@@ -235,10 +235,9 @@ impl View {
             }
         }
         let forget = self.forget_after;
-        self.members.retain(|_, m| {
-            m.lost_since
-                .map_or(true, |t| now.saturating_duration_since(t) < forget)
-        });
+        self.members.retain(
+            |_, m| !matches!(m.lost_since, Some(t) if now.saturating_duration_since(t) >= forget),
+        );
         changes
     }
 
