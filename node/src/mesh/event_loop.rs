@@ -348,6 +348,11 @@ impl EventLoop {
                 }
             }
             MeshBehaviourEvent::Identify(_) => {}
+            // A peer without ping (not a stampede node) is judged by its announcements.
+            MeshBehaviourEvent::Ping(ping::Event {
+                result: Err(ping::Failure::Unsupported),
+                ..
+            }) => {}
             MeshBehaviourEvent::Ping(ping::Event {
                 peer,
                 connection,

@@ -49,16 +49,26 @@ impl Node {
 
     /// Its first mesh address with `/p2p/ID`.
     pub fn addr(&self) -> String {
-        self.control().expect("node is up")["listen_addrs"][0].as_str().expect("listen address").to_string()
+        self.control().expect("node is up")["listen_addrs"][0]
+            .as_str()
+            .expect("listen address")
+            .to_string()
     }
 
     pub fn peer_id(&self) -> String {
-        self.control().expect("node is up")["peer_id"].as_str().expect("peer id").to_string()
+        self.control().expect("node is up")["peer_id"]
+            .as_str()
+            .expect("peer id")
+            .to_string()
     }
 
     /// `stampede peers --json --data-dir DIR`, parsed; None if the command failed.
     pub fn peers(&self) -> Option<Vec<Value>> {
-        let out = Command::new(BIN).args(["peers", "--json", "--data-dir"]).arg(&self.dir).output().ok()?;
+        let out = Command::new(BIN)
+            .args(["peers", "--json", "--data-dir"])
+            .arg(&self.dir)
+            .output()
+            .ok()?;
         if !out.status.success() {
             return None;
         }
@@ -67,7 +77,10 @@ impl Node {
 
     /// The state (alive/lost/incompatible) this node shows for `peer_id`, if listed.
     pub fn state_of(&self, peer_id: &str) -> Option<String> {
-        self.peers()?.iter().find(|m| m["id"] == peer_id).map(|m| m["state"].as_str().unwrap_or("").to_string())
+        self.peers()?
+            .iter()
+            .find(|m| m["id"] == peer_id)
+            .map(|m| m["state"].as_str().unwrap_or("").to_string())
     }
 
     pub fn alive_ids(&self) -> Vec<String> {
@@ -110,13 +123,29 @@ impl Mesh {
         self.node_with_key(name, Some(&key), extra, env)
     }
 
-    pub fn node_with_key(&self, name: &str, key: Option<&Path>, extra: &[&str], env: &[(&str, &str)]) -> Node {
+    pub fn node_with_key(
+        &self,
+        name: &str,
+        key: Option<&Path>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
         let dir = self.tmp.path().join(name);
         std::fs::create_dir_all(&dir).expect("data dir");
         let log = self.tmp.path().join(format!("{name}.log"));
         let logf = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(BIN);
-        cmd.args(["node", "--name", name, "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0", "--data-dir"]).arg(&dir);
+        cmd.args([
+            "node",
+            "--name",
+            name,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&dir);
         match key {
             Some(k) => {
                 cmd.arg("--key-file").arg(k);
@@ -127,23 +156,45 @@ impl Mesh {
         }
         cmd.args(extra);
         // Loopback only: mDNS would send multicast on the machine's real interfaces.
-        cmd.env("STAMPEDE_MDNS", "false").env("STAMPEDE_LOG", "info,stampede=debug");
+        cmd.env("STAMPEDE_MDNS", "false")
+            .env("STAMPEDE_LOG", "info,stampede=debug");
         for (k, v) in env {
             cmd.env(k, v);
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
         let child = cmd.spawn().expect("spawn stampede node");
-        let mut node = Node { name: name.to_string(), dir, log, child: Some(child) };
+        let mut node = Node {
+            name: name.to_string(),
+            dir,
+            log,
+            child: Some(child),
+        };
         let up = wait_until(Duration::from_secs(30), || node.control().is_some());
-        assert!(up, "node {name} did not write its control.json within 30 s; log:\n{}", node.log_text());
-        assert!(node.running(), "node {name} exited; log:\n{}", node.log_text());
+        assert!(
+            up,
+            "node {name} did not write its control.json within 30 s; log:\n{}",
+            node.log_text()
+        );
+        assert!(
+            node.running(),
+            "node {name} exited; log:\n{}",
+            node.log_text()
+        );
         node
     }
 }
 
 pub fn write_key(path: &Path) {
-    let out = Command::new(BIN).args(["keygen", "--out"]).arg(path).output().expect("run keygen");
-    assert!(out.status.success(), "keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(path)
+        .output()
+        .expect("run keygen");
+    assert!(
+        out.status.success(),
+        "keygen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Polls `cond` every 100 ms until it holds or `limit` passes (bounded: at most
