@@ -225,6 +225,13 @@ async fn wait_for_signal() {
     }
 }
 
+/// Writes to stdout; a closed pipe (`stampede peers | head`) is not an error.
+fn out(text: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(text.as_bytes()).and_then(|_| o.flush());
+}
+
 fn call(client: &NodeClientArgs, req: ControlRequest) -> Result<serde_json::Value, Failure> {
     let target = control::find_node(client.node.as_deref(), client.data_dir.as_deref())
         .map_err(Failure::run)?;
@@ -234,15 +241,13 @@ fn call(client: &NodeClientArgs, req: ControlRequest) -> Result<serde_json::Valu
 pub fn peers(args: PeersArgs) -> Result<Outcome, Failure> {
     let data = call(&args.node_client, ControlRequest::Peers)?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&data).map_err(|e| Failure::run(e.to_string()))?
-        );
+        let json = serde_json::to_string_pretty(&data).map_err(|e| Failure::run(e.to_string()))?;
+        out(&format!("{json}\n"));
         return Ok(Outcome::Success);
     }
     let rows: Vec<MemberRow> = serde_json::from_value(data)
         .map_err(|e| Failure::run(format!("the node sent an unreadable member list: {e}")))?;
-    print!("{}", peers_table(&rows));
+    out(&peers_table(&rows));
     Ok(Outcome::Success)
 }
 
@@ -312,10 +317,10 @@ pub fn status(args: NodeClientArgs) -> Result<Outcome, Failure> {
         .cloned()
         .unwrap_or_default();
     if runs.is_empty() {
-        println!("no runs yet");
+        out("no runs yet\n");
     } else {
         for r in runs {
-            println!("{r}");
+            out(&format!("{r}\n"));
         }
     }
     Ok(Outcome::Success)
@@ -328,12 +333,11 @@ pub fn stop(args: StopArgs) -> Result<Outcome, Failure> {
             run_id: args.run_id.clone(),
         },
     )?;
-    println!(
-        "{}",
-        data.as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| data.to_string())
-    );
+    let text = data
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| data.to_string());
+    out(&format!("{text}\n"));
     Ok(Outcome::Success)
 }
 
@@ -356,7 +360,7 @@ pub fn keygen(args: KeygenArgs) -> Result<Outcome, Failure> {
                 key::fingerprint(&psk)
             );
         }
-        None => print!("{text}"),
+        None => out(&text),
     }
     Ok(Outcome::Success)
 }

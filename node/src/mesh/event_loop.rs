@@ -367,7 +367,16 @@ impl EventLoop {
             MeshBehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (p, a) in found {
-                    by_peer.entry(p).or_default().push(a);
+                    // mDNS also advertises loopback addresses (libp2p#5995); on another
+                    // host they would reach the wrong machine.
+                    let loopback = a.iter().any(|p| match p {
+                        libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_loopback(),
+                        libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_loopback(),
+                        _ => false,
+                    });
+                    if !loopback {
+                        by_peer.entry(p).or_default().push(a);
+                    }
                 }
                 for (peer, addrs) in by_peer {
                     if peer != *self.swarm.local_peer_id() && !self.swarm.is_connected(&peer) {

@@ -210,7 +210,9 @@ impl View {
                 continue;
             }
             let silent = now.saturating_duration_since(m.last_heard) > lost_after;
-            let new = if silent && m.connections == 0 {
+            // A node that said it is leaving is gone as soon as its connections are.
+            let leaving = matches!(&m.announce, Some(a) if a.state == NodeState::Leaving);
+            let new = if (silent || leaving) && m.connections == 0 {
                 MemberState::Lost
             } else if m.protocol_version.is_some_and(|v| v != ours) {
                 MemberState::Incompatible
@@ -340,11 +342,6 @@ fn row_of(
         last_heard_ms,
         is_self,
     }
-}
-
-/// Whether an announced node state means it can take work.
-pub fn is_available(state: NodeState) -> bool {
-    state == NodeState::Idle
 }
 
 #[cfg(test)]
