@@ -354,11 +354,12 @@ pub fn keygen(args: KeygenArgs) -> Result<Outcome, Failure> {
             }
             key::write_private(path, text.as_bytes())
                 .map_err(|e| Failure::run(format!("cannot write {}: {e}", path.display())))?;
-            eprintln!(
-                "wrote mesh key {} (fingerprint {}); copy it to every node, keep it secret",
+            let note = format!(
+                "wrote mesh key {} (fingerprint {}); copy it to every node, keep it secret\n",
                 path.display(),
                 key::fingerprint(&psk)
             );
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), note.as_bytes());
         }
         None => out(&text),
     }

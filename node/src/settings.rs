@@ -96,6 +96,7 @@ impl Settings {
             if !path.is_file() {
                 return Err(format!("config file {} does not exist", path.display()));
             }
+            check_file_keys(path)?;
             b = b.add_source(File::from(path.as_path()).format(FileFormat::Toml));
         }
         let mut env = env.try_parsing(true).list_separator(",");
@@ -217,6 +218,25 @@ impl Settings {
     }
 }
 
+/// A misspelt key in a config file would silently do nothing; name it instead. (The
+/// environment cannot be checked this way: other `STAMPEDE_*` variables live there.)
+fn check_file_keys(path: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let known = serde_json::to_value(Settings::default()).unwrap_or_default();
+    for key in table.keys() {
+        if known.get(key).is_none() {
+            return Err(format!(
+                "config file {}: unknown setting `{key}`",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The data dir used when none is given: `$XDG_DATA_HOME/stampede`, else
 /// `~/.local/share/stampede`, else `./stampede-data`. The CLI uses the same rule
 /// (plus `STAMPEDE_DATA_DIR`) to find the node.
@@ -315,5 +335,14 @@ mod tests {
         assert!(Settings::load_from(&args, env(&[]))
             .unwrap_err()
             .contains("/nonexistent/x.toml"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("typo.toml");
+        std::fs::write(&file, "bootstrapp = []\nname = 3\n").unwrap();
+        let args = NodeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let e = Settings::load_from(&args, env(&[])).unwrap_err();
+        assert!(e.contains("unknown setting `bootstrapp`"), "{e}");
     }
 }
