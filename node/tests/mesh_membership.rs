@@ -251,3 +251,61 @@ fn http_get(addr: &str, path: &str) -> String {
     let _ = s.read_to_string(&mut out);
     out
 }
+
+#[test]
+fn cli_finds_its_node_by_data_dir_or_control_address() {
+    let mesh = Mesh::new();
+    let n = mesh.node_with_key("solo", None, &[], &[]);
+    let ctl = n.control().unwrap();
+    let addr = ctl["addr"].as_str().unwrap().to_string();
+    assert!(
+        n.log_text().contains("WITHOUT a mesh key"),
+        "insecure mode is not loud"
+    );
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(mesh_support::BIN)
+            .args(args)
+            .env_remove("STAMPEDE_CONTROL_TOKEN")
+            .env("STAMPEDE_DATA_DIR", mesh.tmp.path().join("nowhere"))
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let dir = n.dir.to_str().unwrap();
+    let (code, out, _) = run(&["status", "--data-dir", dir]);
+    assert_eq!((code, out.trim()), (Some(0), "no runs yet"));
+    let (code, _, err) = run(&["stop", "run-1", "--data-dir", dir]);
+    assert_eq!(code, Some(3));
+    assert!(err.contains("no such run: run-1"), "{err}");
+    // By address: reading is open, changing needs the token.
+    let (code, out, _) = run(&["peers", "--json", "--node", &addr]);
+    assert_eq!(code, Some(0));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["self"], true);
+    let (code, _, err) = run(&["stop", "run-1", "--node", &addr]);
+    assert_eq!(code, Some(3));
+    assert!(err.contains("control token"), "{err}");
+    // No node there at all: one clear sentence.
+    let (code, _, err) = run(&[
+        "peers",
+        "--data-dir",
+        mesh.tmp.path().join("empty").to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(3));
+    assert!(err.contains("no node found"), "{err}");
+    // Without a key and without --insecure-no-key the node refuses to start.
+    let o = std::process::Command::new(mesh_support::BIN)
+        .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .arg(mesh.tmp.path().join("nokey"))
+        .env_remove("STAMPEDE_KEY_FILE")
+        .env_remove("STAMPEDE_INSECURE_NO_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no mesh key"));
+}
