@@ -1,0 +1,341 @@
+//! The local control endpoint: how the CLI (`peers`, `status`, `stop`, later
+//! `run --mesh`) talks to a running node, and the client side of it.
+//!
+//! Protection: the server binds to loopback (127.0.0.1, port chosen by the OS unless
+//! the `control` setting says otherwise) and writes its address together with a random
+//! token to `DATA_DIR/control.json` with mode 0600. Requests that change anything
+//! (`stop`, later `run`) must carry that token; read-only requests (`peers`, `status`)
+//! may omit it so `--node ADDR` works without access to the data dir.
+//!
+//! Wire format: one JSON object per line. The client sends one request line
+//! `{"op": "...", "token": "...", ...}`; the node answers with zero or more event lines
+//! (`{"event": ...}`, reserved for streaming run progress) and one final line
+//! `{"ok": true, "data": ...}` or `{"ok": false, "error": "..."}`. New request kinds are
+//! new `op`s in [`ControlRequest`]. This module must not touch the swarm directly: it
+//! reads the shared view and sends `MeshCommand`s.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::mesh::{MeshCommand, SharedView};
+
+/// The largest request line the server reads.
+const MAX_REQUEST_LINE: usize = 1024 * 1024;
+const CONTROL_FILE: &str = "control.json";
+
+/// What the CLI asks of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// The membership view.
+    Peers,
+    /// Runs in progress and recent runs.
+    Status,
+    /// Stop a run mesh-wide.
+    Stop { run_id: String },
+}
+
+impl ControlRequest {
+    /// Whether the request changes something (and so needs the token).
+    pub fn mutates(&self) -> bool {
+        match self {
+            ControlRequest::Peers | ControlRequest::Status => false,
+            ControlRequest::Stop { .. } => true,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RequestLine {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+    #[serde(flatten)]
+    request: ControlRequest,
+}
+
+/// The final line of an answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    pub fn ok(data: serde_json::Value) -> Self {
+        Reply {
+            ok: true,
+            data: Some(data),
+            error: None,
+        }
+    }
+    pub fn err(msg: impl Into<String>) -> Self {
+        Reply {
+            ok: false,
+            data: None,
+            error: Some(msg.into()),
+        }
+    }
+}
+
+/// What `control.json` holds: how to reach the node, and who it is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlInfo {
+    pub addr: String,
+    pub token: String,
+    pub pid: u32,
+    pub peer_id: String,
+    pub listen_addrs: Vec<String>,
+    pub http: Option<String>,
+    pub key_fingerprint: Option<String>,
+}
+
+impl ControlInfo {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join(CONTROL_FILE)
+    }
+
+    pub fn write(&self, data_dir: &Path) -> Result<(), String> {
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| format!("cannot encode control info: {e}"))?;
+        let path = Self::path(data_dir);
+        crate::mesh::key::write_private(&path, &json)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+
+    pub fn read(data_dir: &Path) -> Result<ControlInfo, String> {
+        let path = Self::path(data_dir);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                format!(
+                    "no node found: {} does not exist (start one with `stampede node --data-dir {}`, or pass --node ADDR)",
+                    path.display(),
+                    data_dir.display()
+                )
+            } else {
+                format!("cannot read {}: {e}", path.display())
+            }
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not a valid control file: {e}", path.display()))
+    }
+}
+
+/// A fresh random token (hex, 128 bits).
+pub fn new_token() -> String {
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Everything the server needs to answer.
+#[derive(Clone)]
+pub struct ControlState {
+    pub token: String,
+    pub view: SharedView,
+    pub commands: mpsc::Sender<MeshCommand>,
+}
+
+/// Serves the control endpoint until the listener fails or the task is dropped.
+pub async fn serve(listener: TcpListener, state: ControlState) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "control endpoint accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &state).await {
+                tracing::debug!(%peer, error = %e, "control connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(stream: tokio::net::TcpStream, state: &ControlState) -> std::io::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = TokioBufReader::new(rd).take(MAX_REQUEST_LINE as u64);
+    let mut line = String::new();
+    let reply = match tokio::time::timeout(Duration::from_secs(10), rd.read_line(&mut line)).await {
+        Err(_) => Reply::err("timed out waiting for a request"),
+        Ok(Err(e)) => Reply::err(format!("cannot read the request: {e}")),
+        Ok(Ok(_)) if !line.ends_with('\n') => Reply::err(format!(
+            "request line missing or longer than {MAX_REQUEST_LINE} bytes"
+        )),
+        Ok(Ok(_)) => match serde_json::from_str::<RequestLine>(&line) {
+            Err(e) => Reply::err(format!("not a control request: {e}")),
+            Ok(req) => answer(req, state).await,
+        },
+    };
+    let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    wr.write_all(&out).await?;
+    wr.shutdown().await
+}
+
+fn token_ok(given: Option<&str>, expected: &str) -> bool {
+    let Some(given) = given else { return false };
+    // Constant-time compare, so the token cannot be guessed byte by byte.
+    given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn answer(req: RequestLine, state: &ControlState) -> Reply {
+    if req.request.mutates() && !token_ok(req.token.as_deref(), &state.token) {
+        return Reply::err("this request needs the node's control token (from DATA_DIR/control.json or STAMPEDE_CONTROL_TOKEN)");
+    }
+    match req.request {
+        ControlRequest::Peers => match state.view.read() {
+            Ok(v) => Reply::ok(
+                serde_json::to_value(v.rows(std::time::Instant::now())).unwrap_or_default(),
+            ),
+            Err(_) => Reply::err("membership view unavailable"),
+        },
+        ControlRequest::Status => Reply::ok(serde_json::json!({ "runs": [] })),
+        ControlRequest::Stop { run_id } => Reply::err(format!("no such run: {run_id}")),
+    }
+}
+
+/// Where and how the CLI reaches a node.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: String,
+    pub token: Option<String>,
+}
+
+/// Finds the node: `--node ADDR` wins; otherwise `control.json` in the data dir
+/// (`--data-dir`, `STAMPEDE_DATA_DIR`, or the default). The token comes from
+/// `STAMPEDE_CONTROL_TOKEN` or that file.
+pub fn find_node(node: Option<&str>, data_dir: Option<&Path>) -> Result<Target, String> {
+    let dir = data_dir
+        .map(Path::to_path_buf)
+        .or_else(|| {
+            std::env::var_os("STAMPEDE_DATA_DIR")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(crate::settings::default_data_dir);
+    let env_token = std::env::var("STAMPEDE_CONTROL_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    match node {
+        Some(addr) => {
+            let token = env_token.or_else(|| ControlInfo::read(&dir).ok().map(|i| i.token));
+            Ok(Target {
+                addr: addr.to_string(),
+                token,
+            })
+        }
+        None => {
+            let info = ControlInfo::read(&dir)?;
+            Ok(Target {
+                addr: info.addr,
+                token: env_token.or(Some(info.token)),
+            })
+        }
+    }
+}
+
+/// Sends one request and returns the final reply's data (blocking; the CLI has no
+/// runtime of its own).
+pub fn call(target: &Target, request: ControlRequest) -> Result<serde_json::Value, String> {
+    let addrs: Vec<SocketAddr> = target
+        .addr
+        .to_socket_addrs()
+        .map_err(|e| format!("control address `{}` is not HOST:PORT: {e}", target.addr))?
+        .collect();
+    let addr = addrs
+        .first()
+        .ok_or_else(|| format!("control address `{}` resolves to nothing", target.addr))?;
+    let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(3)).map_err(|e| {
+        format!(
+            "cannot reach the node at {} ({e}); is `stampede node` running?",
+            target.addr
+        )
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let line = RequestLine {
+        token: target.token.clone(),
+        request,
+    };
+    let mut bytes = serde_json::to_vec(&line).map_err(|e| e.to_string())?;
+    bytes.push(b'\n');
+    stream
+        .write_all(&bytes)
+        .map_err(|e| format!("cannot send to the node at {}: {e}", target.addr))?;
+    let mut rd = BufReader::new(stream);
+    // Event lines (streamed progress) are skipped here; the final line has "ok".
+    for _ in 0..1_000_000 {
+        let mut buf = String::new();
+        let n = rd
+            .read_line(&mut buf)
+            .map_err(|e| format!("no answer from the node at {}: {e}", target.addr))?;
+        if n == 0 {
+            return Err(format!(
+                "the node at {} closed the connection without an answer",
+                target.addr
+            ));
+        }
+        let v: serde_json::Value = serde_json::from_str(&buf)
+            .map_err(|e| format!("the node at {} sent an unreadable answer: {e}", target.addr))?;
+        if v.get("ok").is_some() {
+            let reply: Reply =
+                serde_json::from_value(v).map_err(|e| format!("unreadable answer: {e}"))?;
+            return if reply.ok {
+                Ok(reply.data.unwrap_or_default())
+            } else {
+                Err(reply.error.unwrap_or_else(|| "the node refused".into()))
+            };
+        }
+    }
+    Err("the node sent too many lines without a final answer".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines_are_stable_json() {
+        let l = RequestLine {
+            token: Some("t".into()),
+            request: ControlRequest::Stop {
+                run_id: "r1".into(),
+            },
+        };
+        let s = serde_json::to_string(&l).unwrap();
+        assert_eq!(s, r#"{"token":"t","op":"stop","run_id":"r1"}"#);
+        let back: RequestLine = serde_json::from_str(r#"{"op":"peers"}"#).unwrap();
+        assert_eq!(back.request, ControlRequest::Peers);
+        assert!(back.token.is_none());
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_ok(Some("abc"), "abc"));
+        assert!(!token_ok(Some("abd"), "abc"));
+        assert!(!token_ok(Some("ab"), "abc"));
+        assert!(!token_ok(None, "abc"));
+        assert_eq!(new_token().len(), 32);
+    }
+}

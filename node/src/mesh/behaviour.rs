@@ -1,0 +1,155 @@
+//! The mesh's NetworkBehaviour, composed of named parts: gossipsub (control and
+//! membership messages), request-response (bulk transfers), identify, ping, and mDNS.
+//!
+//! This module only configures the parts; the event loop (`mesh::node`) decides what
+//! to do with their events. Gossipsub parameters are chosen for meshes of 2 to 50
+//! nodes, where every node is typically connected to every other.
+
+use std::time::Duration;
+
+use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
+use libp2p::identity::Keypair;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{identify, mdns, ping, request_response};
+use stampede_protocol::mesh::MAX_GOSSIP_BYTES;
+
+use super::codec::{BulkCodec, BULK_PROTOCOL};
+
+/// Membership announcements. Unversioned on purpose: nodes of different protocol
+/// versions must still hear each other to show each other as incompatible.
+pub const ANNOUNCE_TOPIC: &str = "stampede/announce";
+
+/// Versioned control topic (run proposals, barriers, elections go here).
+pub fn control_topic(protocol_version: u32) -> IdentTopic {
+    IdentTopic::new(format!("stampede/control/{protocol_version}"))
+}
+
+/// Versioned metrics topic (per-second snapshots).
+pub fn metrics_topic(protocol_version: u32) -> IdentTopic {
+    IdentTopic::new(format!("stampede/metrics/{protocol_version}"))
+}
+
+pub fn announce_topic() -> IdentTopic {
+    IdentTopic::new(ANNOUNCE_TOPIC)
+}
+
+/// Timings the behaviour needs (from the node settings, so tests can shorten them).
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub heartbeat: Duration,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub identify_interval: Duration,
+    pub request_timeout: Duration,
+    pub mdns_query_interval: Duration,
+}
+
+#[derive(NetworkBehaviour)]
+pub struct MeshBehaviour {
+    pub gossipsub: gossipsub::Behaviour,
+    pub request_response: request_response::Behaviour<BulkCodec>,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// The gossipsub configuration every node uses. `max_transmit_size` must match across
+/// nodes, so it is the protocol constant.
+pub fn gossipsub_config(
+    heartbeat: Duration,
+    max_transmit: usize,
+) -> Result<gossipsub::Config, String> {
+    gossipsub::ConfigBuilder::default()
+        // Small meshes: keep D low so 2-3 node meshes are "full" quickly, with
+        // mesh_n_low 1 so even a pair of nodes forms a mesh without grumbling.
+        .mesh_n(6)
+        .mesh_n_low(1)
+        .mesh_n_high(12)
+        .mesh_outbound_min(1)
+        .gossip_lazy(6)
+        .heartbeat_interval(heartbeat)
+        // The default first heartbeat comes after ~5 s; a joining node should be grafted
+        // into the mesh at once.
+        .heartbeat_initial_delay(Duration::from_millis(100))
+        .history_length(5)
+        .history_gossip(3)
+        .max_transmit_size(max_transmit)
+        .validation_mode(ValidationMode::Strict)
+        // We validate each message ourselves (decode + caps) before it is forwarded.
+        .validate_messages()
+        // Publish to every subscribed peer, not only the mesh: control messages are
+        // few and must arrive fast.
+        .flood_publish(true)
+        .duplicate_cache_time(Duration::from_secs(60))
+        .build()
+        .map_err(|e| format!("invalid gossipsub configuration: {e}"))
+}
+
+impl MeshBehaviour {
+    pub fn new(
+        keypair: &Keypair,
+        timing: &Timing,
+        protocol_version: u32,
+        agent: String,
+        use_mdns: bool,
+    ) -> Result<Self, String> {
+        let peer_id = keypair.public().to_peer_id();
+        let gossipsub = gossipsub::Behaviour::new(
+            MessageAuthenticity::Signed(keypair.clone()),
+            gossipsub_config(timing.heartbeat, MAX_GOSSIP_BYTES)?,
+        )
+        .map_err(|e| format!("cannot start gossipsub: {e}"))?;
+        let request_response = request_response::Behaviour::with_codec(
+            BulkCodec,
+            [(BULK_PROTOCOL, request_response::ProtocolSupport::Full)],
+            request_response::Config::default()
+                .with_request_timeout(timing.request_timeout)
+                .with_max_concurrent_streams(64),
+        );
+        let identify = identify::Behaviour::new(
+            identify::Config::new(identify_protocol(protocol_version), keypair.public())
+                .with_agent_version(agent)
+                .with_interval(timing.identify_interval),
+        );
+        let ping = ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(timing.ping_interval)
+                .with_timeout(timing.ping_timeout),
+        );
+        let mdns = if use_mdns {
+            let cfg = mdns::Config {
+                ttl: Duration::from_secs(30),
+                query_interval: timing.mdns_query_interval,
+                enable_ipv6: false,
+            };
+            match mdns::tokio::Behaviour::new(cfg, peer_id) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "mDNS is unavailable; discovery uses bootstrap and address gossip only");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(MeshBehaviour {
+            gossipsub,
+            request_response,
+            identify,
+            ping,
+            mdns: Toggle::from(mdns),
+        })
+    }
+}
+
+/// The identify protocol string carries the stampede protocol version, so a version
+/// mismatch is visible on connect, before any announcement.
+pub fn identify_protocol(protocol_version: u32) -> String {
+    format!("/stampede/mesh/{protocol_version}")
+}
+
+/// Parses the protocol version from an identify protocol string.
+pub fn parse_identify_protocol(s: &str) -> Option<u32> {
+    s.strip_prefix("/stampede/mesh/")?.parse().ok()
+}

@@ -1,0 +1,181 @@
+//! The request-response codec for bulk transfers: a 4-byte big-endian length, then
+//! one CBOR value (ciborium). Sizes are checked before anything is allocated.
+//!
+//! This module only frames and decodes; what a request means is the event loop's
+//! business. (libp2p's own `cbor` codec uses cbor4ii; the workspace speaks ciborium.)
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::request_response;
+use libp2p::StreamProtocol;
+use stampede_protocol::mesh::{
+    from_cbor, to_cbor, MeshRequest, MeshResponse, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
+};
+
+/// The protocol name of bulk transfers.
+pub const BULK_PROTOCOL: StreamProtocol = StreamProtocol::new("/stampede/bulk/1");
+
+type BoxFut<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
+
+/// The codec; it holds no state, every stream is framed independently.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BulkCodec;
+
+/// Reads one length-prefixed frame of at most `limit` bytes.
+pub async fn read_frame<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: usize,
+) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the limit of {limit} bytes"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+/// Writes one length-prefixed frame.
+pub async fn write_frame<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    bytes: &[u8],
+    limit: usize,
+) -> io::Result<()> {
+    if bytes.len() > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "frame of {} bytes exceeds the limit of {limit} bytes",
+                bytes.len()
+            ),
+        ));
+    }
+    io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
+    io.write_all(bytes).await?;
+    io.close().await
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+// The trait is declared with `#[async_trait]` in libp2p-request-response 0.29; these
+// are the same signatures written out, so the workspace needs no async-trait crate.
+impl request_response::Codec for BulkCodec {
+    type Protocol = StreamProtocol;
+    type Request = MeshRequest;
+    type Response = MeshResponse;
+
+    fn read_request<'a, 'b, 'c, 'f, T>(
+        &'a mut self,
+        _: &'b StreamProtocol,
+        io: &'c mut T,
+    ) -> BoxFut<'f, MeshRequest>
+    where
+        T: AsyncRead + Unpin + Send + 'f,
+        'a: 'f,
+        'b: 'f,
+        'c: 'f,
+        Self: 'f,
+    {
+        Box::pin(async move {
+            let bytes = read_frame(io, MAX_REQUEST_BYTES).await?;
+            from_cbor(&bytes, MAX_REQUEST_BYTES, "a mesh request").map_err(invalid)
+        })
+    }
+
+    fn read_response<'a, 'b, 'c, 'f, T>(
+        &'a mut self,
+        _: &'b StreamProtocol,
+        io: &'c mut T,
+    ) -> BoxFut<'f, MeshResponse>
+    where
+        T: AsyncRead + Unpin + Send + 'f,
+        'a: 'f,
+        'b: 'f,
+        'c: 'f,
+        Self: 'f,
+    {
+        Box::pin(async move {
+            let bytes = read_frame(io, MAX_RESPONSE_BYTES).await?;
+            from_cbor(&bytes, MAX_RESPONSE_BYTES, "a mesh response").map_err(invalid)
+        })
+    }
+
+    fn write_request<'a, 'b, 'c, 'f, T>(
+        &'a mut self,
+        _: &'b StreamProtocol,
+        io: &'c mut T,
+        req: MeshRequest,
+    ) -> BoxFut<'f, ()>
+    where
+        T: AsyncWrite + Unpin + Send + 'f,
+        'a: 'f,
+        'b: 'f,
+        'c: 'f,
+        Self: 'f,
+    {
+        Box::pin(async move { write_frame(io, &to_cbor(&req), MAX_REQUEST_BYTES).await })
+    }
+
+    fn write_response<'a, 'b, 'c, 'f, T>(
+        &'a mut self,
+        _: &'b StreamProtocol,
+        io: &'c mut T,
+        res: MeshResponse,
+    ) -> BoxFut<'f, ()>
+    where
+        T: AsyncWrite + Unpin + Send + 'f,
+        'a: 'f,
+        'b: 'f,
+        'c: 'f,
+        Self: 'f,
+    {
+        Box::pin(async move { write_frame(io, &to_cbor(&res), MAX_RESPONSE_BYTES).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::Cursor;
+    use libp2p::request_response::Codec;
+
+    fn block<F: Future>(f: F) -> F::Output {
+        futures::executor::block_on(f)
+    }
+
+    #[test]
+    fn request_round_trips() {
+        let mut buf = Cursor::new(Vec::new());
+        block(BulkCodec.write_request(&BULK_PROTOCOL, &mut buf, MeshRequest::Members)).unwrap();
+        let mut rd = Cursor::new(buf.into_inner());
+        assert_eq!(
+            block(BulkCodec.read_request(&BULK_PROTOCOL, &mut rd)).unwrap(),
+            MeshRequest::Members
+        );
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        let mut rd = Cursor::new(vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+        let err = block(BulkCodec.read_request(&BULK_PROTOCOL, &mut rd)).unwrap_err();
+        assert!(err.to_string().contains("exceeds the limit"), "{err}");
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        let mut rd = Cursor::new(vec![0, 0, 0, 3, 0xff, 0xfe, 0xfd]);
+        assert!(block(BulkCodec.read_request(&BULK_PROTOCOL, &mut rd)).is_err());
+        let mut short = Cursor::new(vec![0, 0, 0, 9, 1]);
+        assert!(block(BulkCodec.read_response(&BULK_PROTOCOL, &mut short)).is_err());
+    }
+}

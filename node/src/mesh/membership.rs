@@ -1,0 +1,447 @@
+//! The membership view: who is in the mesh as this node sees it, and in which state
+//! (alive, lost, incompatible).
+//!
+//! The event loop feeds it facts (announcements heard, connections opened and closed,
+//! protocol versions seen); readers (control endpoint, HTTP status) take snapshots. It
+//! must not do I/O: every method is a quick in-memory update, because it runs under a
+//! lock shared with the HTTP and control handlers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use stampede_protocol::mesh::{Announce, NodeState};
+
+/// A member's state as the user sees it (spec §10: `alive` | `lost` | `incompatible`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    Alive,
+    Lost,
+    Incompatible,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Alive => "alive",
+            MemberState::Lost => "lost",
+            MemberState::Incompatible => "incompatible",
+        }
+    }
+}
+
+/// What this node knows about one other node.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub announce: Option<Announce>,
+    /// The protocol version seen (identify or announcement), even if its messages
+    /// could not be decoded.
+    pub protocol_version: Option<u32>,
+    /// Last direct sign of life: an announcement (also relayed) or a new connection.
+    pub last_heard: Instant,
+    pub connections: usize,
+    pub state: MemberState,
+    /// When the member was last marked lost, for the log and for forgetting it.
+    pub lost_since: Option<Instant>,
+    /// Whether the member's state has been reported (logged) at least once.
+    reported: bool,
+}
+
+/// One row of `stampede peers --json` (spec §10; fields only ever added).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MemberRow {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub version: String,
+    pub protocol_version: Option<u32>,
+    pub state: MemberState,
+    /// What the node says it is doing (idle, running, leaving).
+    pub node_state: Option<String>,
+    pub capacity: Option<u32>,
+    pub allow_targets: Vec<String>,
+    pub addrs: Vec<String>,
+    pub connected: bool,
+    /// Milliseconds since this node last heard from the member (0 for itself).
+    pub last_heard_ms: u64,
+    #[serde(rename = "self")]
+    pub is_self: bool,
+}
+
+/// A change worth logging or reacting to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub peer: PeerId,
+    pub name: String,
+    pub from: Option<MemberState>,
+    pub to: MemberState,
+}
+
+/// The view. `lost_after` is how long a member may be silent, with no live connection,
+/// before it counts as lost.
+#[derive(Debug)]
+pub struct View {
+    pub self_id: PeerId,
+    pub self_announce: Announce,
+    pub protocol_version: u32,
+    pub lost_after: Duration,
+    /// Lost members are forgotten after this long.
+    pub forget_after: Duration,
+    members: HashMap<PeerId, Member>,
+}
+
+impl View {
+    pub fn new(self_id: PeerId, self_announce: Announce, lost_after: Duration) -> Self {
+        let protocol_version = self_announce.protocol_version;
+        View {
+            self_id,
+            self_announce,
+            protocol_version,
+            lost_after,
+            forget_after: Duration::from_secs(600),
+            members: HashMap::new(),
+        }
+    }
+
+    fn entry(&mut self, peer: PeerId, now: Instant) -> &mut Member {
+        self.members.entry(peer).or_insert_with(|| Member {
+            announce: None,
+            protocol_version: None,
+            last_heard: now,
+            connections: 0,
+            // Not shown until we know it speaks stampede (announce or identify).
+            state: MemberState::Lost,
+            lost_since: None,
+            reported: false,
+        })
+    }
+
+    pub fn member(&self, peer: &PeerId) -> Option<&Member> {
+        self.members.get(peer)
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = (&PeerId, &Member)> {
+        self.members.iter()
+    }
+
+    /// An announcement heard from the member itself (directly or relayed by gossip).
+    /// Returns false when it is older than one already seen.
+    pub fn heard_announce(&mut self, peer: PeerId, announce: Announce, now: Instant) -> bool {
+        if peer == self.self_id {
+            return false;
+        }
+        let m = self.entry(peer, now);
+        if let Some(old) = &m.announce {
+            if old.seq > announce.seq {
+                return false;
+            }
+        }
+        m.protocol_version = Some(announce.protocol_version);
+        m.announce = Some(announce);
+        m.last_heard = now;
+        true
+    }
+
+    /// A message of another protocol version whose body could not be read.
+    pub fn heard_version(&mut self, peer: PeerId, protocol_version: u32, now: Instant) {
+        if peer == self.self_id {
+            return;
+        }
+        let m = self.entry(peer, now);
+        m.protocol_version = Some(protocol_version);
+        m.last_heard = now;
+    }
+
+    /// The peer identified itself as a stampede node of this protocol version.
+    pub fn identified(&mut self, peer: PeerId, protocol_version: u32, now: Instant) {
+        if peer == self.self_id {
+            return;
+        }
+        self.entry(peer, now).protocol_version = Some(protocol_version);
+    }
+
+    /// An announcement relayed by another member (a members list). It teaches us a node
+    /// and its addresses, but it is not a sign of life of that node: only a node we
+    /// did not know yet gets one `lost_after` of grace to be reached.
+    pub fn learned_announce(&mut self, announce: Announce, now: Instant) -> Option<PeerId> {
+        let peer: PeerId = announce.id.parse().ok()?;
+        if peer == self.self_id {
+            return None;
+        }
+        match self.members.get_mut(&peer) {
+            Some(m) => {
+                let newer = !matches!(&m.announce, Some(a) if a.seq >= announce.seq);
+                if newer {
+                    m.protocol_version = Some(announce.protocol_version);
+                    m.announce = Some(announce);
+                }
+            }
+            None => {
+                let m = self.entry(peer, now);
+                m.protocol_version = Some(announce.protocol_version);
+                m.announce = Some(announce);
+            }
+        }
+        Some(peer)
+    }
+
+    pub fn connected(&mut self, peer: PeerId, now: Instant) {
+        let m = self.entry(peer, now);
+        m.connections += 1;
+        m.last_heard = now;
+    }
+
+    pub fn disconnected(&mut self, peer: PeerId, remaining: usize) {
+        if let Some(m) = self.members.get_mut(&peer) {
+            m.connections = remaining;
+        }
+    }
+
+    /// Re-evaluates every member's state; returns the changes.
+    pub fn refresh(&mut self, now: Instant) -> Vec<Transition> {
+        let mut changes = Vec::new();
+        let ours = self.protocol_version;
+        let lost_after = self.lost_after;
+        for (peer, m) in self.members.iter_mut() {
+            if !Self::is_shown(m) {
+                // A connection that never told us it is a stampede node: not a member.
+                continue;
+            }
+            let silent = now.saturating_duration_since(m.last_heard) > lost_after;
+            // A node that said it is leaving is gone as soon as its connections are.
+            let leaving = matches!(&m.announce, Some(a) if a.state == NodeState::Leaving);
+            let new = if (silent || leaving) && m.connections == 0 {
+                MemberState::Lost
+            } else if m.protocol_version.is_some_and(|v| v != ours) {
+                MemberState::Incompatible
+            } else {
+                MemberState::Alive
+            };
+            if !m.reported || new != m.state {
+                let from = if m.reported { Some(m.state) } else { None };
+                changes.push(Transition {
+                    peer: *peer,
+                    name: name_of(m),
+                    from,
+                    to: new,
+                });
+                m.reported = true;
+                m.state = new;
+                m.lost_since = if new == MemberState::Lost {
+                    Some(now)
+                } else {
+                    None
+                };
+            }
+        }
+        let forget = self.forget_after;
+        self.members.retain(
+            |_, m| !matches!(m.lost_since, Some(t) if now.saturating_duration_since(t) >= forget),
+        );
+        changes
+    }
+
+    /// Whether a member counts (has announced or identified as a stampede node).
+    fn is_shown(m: &Member) -> bool {
+        m.announce.is_some() || m.protocol_version.is_some()
+    }
+
+    /// Alive members (self excluded) that speak our protocol version.
+    pub fn alive_peers(&self) -> Vec<PeerId> {
+        self.members
+            .iter()
+            .filter(|(_, m)| Self::is_shown(m) && m.state == MemberState::Alive)
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// The rows of `stampede peers`, this node first, then by name.
+    pub fn rows(&self, now: Instant) -> Vec<MemberRow> {
+        let mut rows = vec![row_of(
+            &self.self_announce,
+            MemberState::Alive,
+            true,
+            true,
+            0,
+            Some(self.protocol_version),
+        )];
+        let mut others: Vec<MemberRow> = self
+            .members
+            .iter()
+            .filter(|(_, m)| Self::is_shown(m))
+            .map(|(peer, m)| {
+                let ms = now.saturating_duration_since(m.last_heard).as_millis() as u64;
+                match &m.announce {
+                    Some(a) => row_of(a, m.state, false, m.connections > 0, ms, m.protocol_version),
+                    None => MemberRow {
+                        id: peer.to_string(),
+                        name: String::new(),
+                        labels: BTreeMap::new(),
+                        version: String::new(),
+                        protocol_version: m.protocol_version,
+                        state: m.state,
+                        node_state: None,
+                        capacity: None,
+                        allow_targets: Vec::new(),
+                        addrs: Vec::new(),
+                        connected: m.connections > 0,
+                        last_heard_ms: ms,
+                        is_self: false,
+                    },
+                }
+            })
+            .collect();
+        others.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
+        rows.extend(others);
+        rows
+    }
+
+    /// Announcements of members we consider alive, ourselves included (the answer to a
+    /// members request).
+    pub fn known_announces(&self) -> Vec<Announce> {
+        let mut out = vec![self.self_announce.clone()];
+        out.extend(
+            self.members
+                .values()
+                .filter(|m| m.state == MemberState::Alive)
+                .filter_map(|m| m.announce.clone()),
+        );
+        out
+    }
+}
+
+fn name_of(m: &Member) -> String {
+    m.announce
+        .as_ref()
+        .map(|a| a.name.clone())
+        .unwrap_or_default()
+}
+
+fn row_of(
+    a: &Announce,
+    state: MemberState,
+    is_self: bool,
+    connected: bool,
+    last_heard_ms: u64,
+    pv: Option<u32>,
+) -> MemberRow {
+    MemberRow {
+        id: a.id.clone(),
+        name: a.name.clone(),
+        labels: a.labels.clone(),
+        version: a.version.clone(),
+        protocol_version: pv,
+        state,
+        node_state: Some(a.state.as_str().to_string()),
+        capacity: Some(a.capacity),
+        allow_targets: a.allow_targets.clone(),
+        addrs: a.addrs.clone(),
+        connected,
+        last_heard_ms,
+        is_self,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stampede_protocol::mesh::PROTOCOL_VERSION;
+
+    fn ann(id: &PeerId, name: &str, seq: u64, pv: u32) -> Announce {
+        Announce {
+            id: id.to_string(),
+            name: name.into(),
+            version: "0.1.0".into(),
+            protocol_version: pv,
+            labels: BTreeMap::new(),
+            capacity: 1,
+            state: NodeState::Idle,
+            allow_targets: vec![],
+            addrs: vec![],
+            seq,
+        }
+    }
+
+    #[test]
+    fn silence_without_connection_means_lost_and_back() {
+        let me = PeerId::random();
+        let other = PeerId::random();
+        let t0 = Instant::now();
+        let mut v = View::new(
+            me,
+            ann(&me, "me", 1, PROTOCOL_VERSION),
+            Duration::from_secs(3),
+        );
+        v.heard_announce(other, ann(&other, "o", 1, PROTOCOL_VERSION), t0);
+        let ch = v.refresh(t0);
+        assert_eq!(ch[0].to, MemberState::Alive);
+        assert_eq!(v.alive_peers(), vec![other]);
+        // Connected: silence alone does not make it lost.
+        v.connected(other, t0);
+        assert!(v.refresh(t0 + Duration::from_secs(10)).is_empty());
+        v.disconnected(other, 0);
+        let ch = v.refresh(t0 + Duration::from_secs(10));
+        assert_eq!(
+            ch,
+            vec![Transition {
+                peer: other,
+                name: "o".into(),
+                from: Some(MemberState::Alive),
+                to: MemberState::Lost
+            }]
+        );
+        assert!(v.heard_announce(
+            other,
+            ann(&other, "o", 2, PROTOCOL_VERSION),
+            t0 + Duration::from_secs(11)
+        ));
+        assert_eq!(
+            v.refresh(t0 + Duration::from_secs(11))[0].to,
+            MemberState::Alive
+        );
+        // Stale relayed copy ignored.
+        assert!(!v.heard_announce(
+            other,
+            ann(&other, "o", 1, PROTOCOL_VERSION),
+            t0 + Duration::from_secs(11)
+        ));
+    }
+
+    #[test]
+    fn other_protocol_version_is_incompatible_and_rows_list_self_first() {
+        let me = PeerId::random();
+        let other = PeerId::random();
+        let t0 = Instant::now();
+        let mut v = View::new(
+            me,
+            ann(&me, "me", 1, PROTOCOL_VERSION),
+            Duration::from_secs(3),
+        );
+        v.heard_version(other, PROTOCOL_VERSION + 1, t0);
+        v.refresh(t0);
+        let rows = v.rows(t0);
+        assert_eq!(rows.len(), 2);
+        assert!(rows[0].is_self);
+        assert_eq!(rows[1].state, MemberState::Incompatible);
+        assert!(v.alive_peers().is_empty());
+        let json = serde_json::to_value(&rows).unwrap();
+        assert_eq!(json[0]["self"], true);
+        assert_eq!(json[1]["state"], "incompatible");
+    }
+
+    #[test]
+    fn connection_without_identity_is_not_a_member() {
+        let me = PeerId::random();
+        let t0 = Instant::now();
+        let mut v = View::new(
+            me,
+            ann(&me, "me", 1, PROTOCOL_VERSION),
+            Duration::from_secs(3),
+        );
+        v.connected(PeerId::random(), t0);
+        assert!(v.refresh(t0).is_empty());
+        assert_eq!(v.rows(t0).len(), 1);
+    }
+}

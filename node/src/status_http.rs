@@ -1,0 +1,205 @@
+//! The node's HTTP status server (loopback by default): `/health`, `/metrics`
+//! (Prometheus text format: mesh size and per-peer state) and `/`, a placeholder page
+//! until the dashboard arrives.
+//!
+//! It only reads the shared membership view; it must never block the mesh event loop
+//! (locks are held only while formatting) and never serve anything that changes state.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::mesh::membership::MemberState;
+use crate::mesh::SharedView;
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: TcpListener, view: SharedView) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "status HTTP accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let view = view.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let view = view.clone();
+                async move { Ok::<_, Infallible>(route(&req, &view)) }
+            });
+            let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "status HTTP connection failed");
+            }
+        });
+    }
+}
+
+fn respond(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(ctype) {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn route(req: &Request<Incoming>, view: &SharedView) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/health" => {
+            let alive = view.read().map(|v| v.alive_peers().len()).unwrap_or(0);
+            respond(
+                StatusCode::OK,
+                "application/json",
+                format!("{{\"status\":\"ok\",\"peers_alive\":{alive}}}\n"),
+            )
+        }
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics_text(view),
+        ),
+        "/" => respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            placeholder_page(view),
+        ),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Prometheus text exposition of the membership view.
+pub fn metrics_text(view: &SharedView) -> String {
+    let Ok(v) = view.read() else {
+        return String::new();
+    };
+    let rows = v.rows(Instant::now());
+    let count = |s: MemberState| rows.iter().filter(|r| r.state == s).count();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP stampede_mesh_size Members of the mesh this node sees alive, itself included."
+    );
+    let _ = writeln!(out, "# TYPE stampede_mesh_size gauge");
+    let _ = writeln!(out, "stampede_mesh_size {}", count(MemberState::Alive));
+    let _ = writeln!(
+        out,
+        "# HELP stampede_mesh_members Members known to this node by state."
+    );
+    let _ = writeln!(out, "# TYPE stampede_mesh_members gauge");
+    for s in [
+        MemberState::Alive,
+        MemberState::Lost,
+        MemberState::Incompatible,
+    ] {
+        let _ = writeln!(
+            out,
+            "stampede_mesh_members{{state=\"{}\"}} {}",
+            s.as_str(),
+            count(s)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP stampede_peer_up Whether a member is alive (1) or not (0)."
+    );
+    let _ = writeln!(out, "# TYPE stampede_peer_up gauge");
+    for r in rows.iter().filter(|r| !r.is_self) {
+        let up = u8::from(r.state == MemberState::Alive);
+        let _ = writeln!(
+            out,
+            "stampede_peer_up{{peer_id=\"{}\",name=\"{}\",state=\"{}\"}} {up}",
+            esc(&r.id),
+            esc(&r.name),
+            r.state.as_str()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP stampede_peer_connected Whether this node has a live connection to a member."
+    );
+    let _ = writeln!(out, "# TYPE stampede_peer_connected gauge");
+    for r in rows.iter().filter(|r| !r.is_self) {
+        let _ = writeln!(
+            out,
+            "stampede_peer_connected{{peer_id=\"{}\",name=\"{}\"}} {}",
+            esc(&r.id),
+            esc(&r.name),
+            u8::from(r.connected)
+        );
+    }
+    let _ = writeln!(out, "# HELP stampede_node_info This node's identity.");
+    let _ = writeln!(out, "# TYPE stampede_node_info gauge");
+    if let Some(me) = rows.first() {
+        let _ = writeln!(
+            out,
+            "stampede_node_info{{peer_id=\"{}\",name=\"{}\",version=\"{}\",protocol_version=\"{}\"}} 1",
+            esc(&me.id),
+            esc(&me.name),
+            esc(&me.version),
+            me.protocol_version.unwrap_or_default()
+        );
+    }
+    out
+}
+
+fn placeholder_page(view: &SharedView) -> String {
+    let rows = view
+        .read()
+        .map(|v| v.rows(Instant::now()))
+        .unwrap_or_default();
+    let mut table = String::new();
+    for r in &rows {
+        let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = write!(
+            table,
+            "<tr><td>{}{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            html(&r.name),
+            if r.is_self { " (this node)" } else { "" },
+            html(&r.id),
+            r.state.as_str(),
+            html(&r.version),
+            html(&labels.join(", "))
+        );
+    }
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>stampede node</title></head><body>\
+         <h1>stampede node</h1><p>The live dashboard is not built yet. Mesh members:</p>\
+         <table border=\"1\" cellpadding=\"4\"><tr><th>name</th><th>id</th><th>state</th><th>version</th><th>labels</th></tr>{table}</table>\
+         <p><a href=\"/metrics\">/metrics</a> · <a href=\"/health\">/health</a></p></body></html>\n"
+    )
+}

@@ -1,0 +1,132 @@
+//! Nodes in network namespaces (testnet/netns.sh: the project's own test hosts on a
+//! bridge, 10.77.0.0/24) find each other by mDNS alone, with no bootstrap.
+//!
+//! Needs root and `ip netns`; without them the test prints why and skips.
+
+mod mesh_support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mesh_support::{wait_until, BIN};
+
+const HOSTS: usize = 3;
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testnet/netns.sh")
+}
+
+fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not running as root".into());
+    }
+    match Command::new("ip").args(["netns", "list"]).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            return Some(format!(
+                "`ip netns list` failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+        Err(e) => return Some(format!("`ip` is unavailable: {e}")),
+    }
+    if Command::new("ip")
+        .args(["link", "show", "sp-br0"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    {
+        return Some("sp-br0 already exists (another netns testnet is up)".into());
+    }
+    None
+}
+
+/// Tears the namespaces down whatever happens.
+struct Down {
+    dir: PathBuf,
+}
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("down")
+            .env("STAMPEDE_TESTNET_DIR", &self.dir)
+            .output();
+    }
+}
+
+fn peers_in(dir: &Path, i: usize) -> Vec<serde_json::Value> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("sp-ns{i}"),
+            BIN,
+            "peers",
+            "--json",
+            "--data-dir",
+        ])
+        .arg(dir.join(format!("n{i}")))
+        .output();
+    match out {
+        Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+#[test]
+fn nodes_in_namespaces_find_each_other_by_mdns() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIPPED nodes_in_namespaces_find_each_other_by_mdns: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let _down = Down { dir: dir.clone() };
+    let up = Command::new("bash")
+        .arg(script())
+        .args(["up", &HOSTS.to_string()])
+        .env("STAMPEDE_TESTNET_DIR", &dir)
+        .env("STAMPEDE_BIN", BIN)
+        .env_remove("NETNS_BOOTSTRAP")
+        .output()
+        .expect("run netns.sh");
+    assert!(
+        up.status.success(),
+        "netns.sh up failed:\n{}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let start = Instant::now();
+    let all_alive = |i: usize| {
+        peers_in(&dir, i)
+            .iter()
+            .filter(|m| m["state"] == "alive")
+            .count()
+            == HOSTS
+    };
+    let ok = wait_until(Duration::from_secs(60), || (1..=HOSTS).all(all_alive));
+    let logs: String = (1..=HOSTS)
+        .map(|i| std::fs::read_to_string(dir.join(format!("n{i}.log"))).unwrap_or_default())
+        .collect();
+    assert!(
+        ok,
+        "no full view by mDNS; host 1 sees {:?}\nlogs:\n{logs}",
+        peers_in(&dir, 1)
+    );
+    eprintln!(
+        "{HOSTS} namespaced nodes found each other by mDNS in {:?}",
+        start.elapsed()
+    );
+    // Regions from the script's round robin, as labels.
+    let regions: Vec<String> = peers_in(&dir, 1)
+        .iter()
+        .map(|m| m["labels"]["region"].as_str().unwrap_or("").to_string())
+        .collect();
+    for r in ["us", "eu", "ap"] {
+        assert!(regions.iter().any(|x| x == r), "no {r} host in {regions:?}");
+    }
+}

@@ -1,0 +1,328 @@
+//! The mesh wire messages: what nodes gossip to each other (announcements) and what
+//! they ask each other over request-response. CBOR via ciborium, versioned by
+//! [`PROTOCOL_VERSION`].
+//!
+//! This module only defines shapes and their encoding with size limits; it must not
+//! do I/O or keep state. Decoding is defensive: every decoder checks the size first
+//! and returns an error instead of panicking on bad bytes.
+//!
+//! Compatibility rule: the [`Envelope`] header (`protocol_version`, `sender`) never
+//! changes shape, so a node can always read another node's protocol version and show
+//! it as incompatible instead of silently mixing versions. Bodies may change with the
+//! protocol version; unknown map fields are ignored when decoding.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The version of the mesh protocol. Nodes with different versions see each other
+/// as `incompatible` and never run together.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest gossipsub message a node sends or accepts. Must be the same on every
+/// node (gossipsub drops larger messages silently), so it is a constant, not a setting.
+pub const MAX_GOSSIP_BYTES: usize = 1024 * 1024;
+
+/// The largest request a node accepts over request-response.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// The largest response a node accepts over request-response (plan bundles, large
+/// histograms).
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Caps on announcement contents, so one peer cannot bloat everyone's view.
+pub const MAX_LABELS: usize = 64;
+pub const MAX_ADDRS: usize = 32;
+pub const MAX_TEXT: usize = 256;
+pub const MAX_MEMBERS_IN_RESPONSE: usize = 1024;
+
+/// Why bytes from a peer were not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("message is not valid CBOR for {what}: {reason}")]
+    Malformed { what: &'static str, reason: String },
+    #[error("message field `{field}` is invalid: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// Every gossip message: a stable header and a body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub protocol_version: u32,
+    /// The sender's peer id (base58), repeated here so the body can be attributed even
+    /// when gossipsub relays it.
+    pub sender: String,
+    pub body: GossipBody,
+}
+
+/// The header of an envelope alone, readable whatever the body's version.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct EnvelopeHeader {
+    pub protocol_version: u32,
+    pub sender: String,
+}
+
+/// What a gossip message says. New kinds are added here (run proposals, barriers,
+/// metric snapshots) — as new variants, never by changing existing ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GossipBody {
+    Announce(Announce),
+}
+
+/// What a node is doing, as it tells the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Ready to take part in a run.
+    Idle,
+    /// Taking part in a run.
+    Running,
+    /// Shutting down; do not give it work.
+    Leaving,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Idle => "idle",
+            NodeState::Running => "running",
+            NodeState::Leaving => "leaving",
+        }
+    }
+}
+
+/// A node's periodic statement about itself. `addrs` is its listen addresses, so that
+/// every node that hears the announcement (relayed by gossipsub) can dial it: that is
+/// the address gossip which lets one bootstrap peer introduce the whole mesh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Announce {
+    pub id: String,
+    pub name: String,
+    /// The stampede release, e.g. "0.1.0".
+    pub version: String,
+    pub protocol_version: u32,
+    pub labels: BTreeMap<String, String>,
+    /// Relative load capacity (worker threads), used to weight execution segments.
+    pub capacity: u32,
+    pub state: NodeState,
+    /// Hosts or CIDRs this node's operator allowed it to send load to.
+    pub allow_targets: Vec<String>,
+    pub addrs: Vec<String>,
+    /// Increases with every announcement of this node's lifetime; lets receivers drop
+    /// stale relayed copies.
+    pub seq: u64,
+}
+
+impl Announce {
+    /// Checks the caps, so a hostile but keyed peer cannot bloat the view.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        let text = |field: &'static str, s: &str| {
+            if s.len() > MAX_TEXT {
+                Err(DecodeError::Invalid {
+                    field,
+                    reason: format!("{} bytes, limit {MAX_TEXT}", s.len()),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        text("id", &self.id)?;
+        text("name", &self.name)?;
+        text("version", &self.version)?;
+        if self.labels.len() > MAX_LABELS {
+            return Err(DecodeError::Invalid {
+                field: "labels",
+                reason: format!("{} labels, limit {MAX_LABELS}", self.labels.len()),
+            });
+        }
+        for (k, v) in &self.labels {
+            text("labels", k)?;
+            text("labels", v)?;
+        }
+        if self.addrs.len() > MAX_ADDRS {
+            return Err(DecodeError::Invalid {
+                field: "addrs",
+                reason: format!("{} addresses, limit {MAX_ADDRS}", self.addrs.len()),
+            });
+        }
+        for a in &self.addrs {
+            text("addrs", a)?;
+        }
+        if self.allow_targets.len() > MAX_LABELS {
+            return Err(DecodeError::Invalid {
+                field: "allow_targets",
+                reason: format!("{} entries, limit {MAX_LABELS}", self.allow_targets.len()),
+            });
+        }
+        for a in &self.allow_targets {
+            text("allow_targets", a)?;
+        }
+        Ok(())
+    }
+}
+
+/// Requests over request-response (protocol `/stampede/bulk/1`). Add kinds for plan
+/// bundles, clock samples and histogram fetches here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MeshRequest {
+    /// "Whom do you know?" — asked of every newly connected peer, so a joining node
+    /// learns the whole mesh from any one member without waiting for gossip.
+    Members,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MeshResponse {
+    /// The last announcements the responder holds of members it considers alive,
+    /// itself included.
+    Members {
+        protocol_version: u32,
+        members: Vec<Announce>,
+    },
+    /// The request was understood but refused, with a reason for the user.
+    Refused { reason: String },
+}
+
+/// Encodes any wire value to CBOR.
+pub fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Writing to a Vec cannot fail for our plain data types.
+    if let Err(e) = ciborium::into_writer(value, &mut out) {
+        debug_assert!(false, "cbor encoding failed: {e}");
+    }
+    out
+}
+
+/// Decodes CBOR after checking the size limit.
+pub fn from_cbor<T: for<'de> Deserialize<'de>>(
+    bytes: &[u8],
+    limit: usize,
+    what: &'static str,
+) -> Result<T, DecodeError> {
+    if bytes.len() > limit {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            limit,
+        });
+    }
+    ciborium::from_reader(bytes).map_err(|e| DecodeError::Malformed {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+impl Envelope {
+    pub fn encode(&self) -> Vec<u8> {
+        to_cbor(self)
+    }
+
+    /// Decodes a gossip message of this protocol version.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let env: Envelope = from_cbor(bytes, MAX_GOSSIP_BYTES, "a gossip envelope")?;
+        match &env.body {
+            GossipBody::Announce(a) => a.validate()?,
+        }
+        Ok(env)
+    }
+
+    /// Reads only the stable header (for messages of another protocol version).
+    pub fn decode_header(bytes: &[u8]) -> Result<EnvelopeHeader, DecodeError> {
+        from_cbor(bytes, MAX_GOSSIP_BYTES, "a gossip envelope header")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announce() -> Announce {
+        Announce {
+            id: "12D3KooW".into(),
+            name: "n1".into(),
+            version: "0.1.0".into(),
+            protocol_version: PROTOCOL_VERSION,
+            labels: [("region".to_string(), "eu".to_string())].into(),
+            capacity: 4,
+            state: NodeState::Idle,
+            allow_targets: vec!["127.0.0.1".into()],
+            addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
+            seq: 7,
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips() {
+        let env = Envelope {
+            protocol_version: PROTOCOL_VERSION,
+            sender: "x".into(),
+            body: GossipBody::Announce(announce()),
+        };
+        let bytes = env.encode();
+        assert_eq!(Envelope::decode(&bytes).unwrap(), env);
+        let h = Envelope::decode_header(&bytes).unwrap();
+        assert_eq!(h.protocol_version, PROTOCOL_VERSION);
+        assert_eq!(h.sender, "x");
+    }
+
+    #[test]
+    fn header_of_a_future_body_is_readable() {
+        #[derive(Serialize)]
+        struct Future {
+            protocol_version: u32,
+            sender: String,
+            body: BTreeMap<String, u32>,
+        }
+        let bytes = to_cbor(&Future {
+            protocol_version: 99,
+            sender: "y".into(),
+            body: [("kind".to_string(), 3)].into(),
+        });
+        assert!(Envelope::decode(&bytes).is_err());
+        assert_eq!(
+            Envelope::decode_header(&bytes).unwrap().protocol_version,
+            99
+        );
+    }
+
+    #[test]
+    fn garbage_and_oversize_are_errors() {
+        assert!(matches!(
+            Envelope::decode(&[0xff, 0x00, 0x13]),
+            Err(DecodeError::Malformed { .. })
+        ));
+        let big = vec![0u8; MAX_GOSSIP_BYTES + 1];
+        assert!(matches!(
+            Envelope::decode(&big),
+            Err(DecodeError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_fields_are_rejected() {
+        let mut a = announce();
+        a.name = "x".repeat(MAX_TEXT + 1);
+        let env = Envelope {
+            protocol_version: PROTOCOL_VERSION,
+            sender: "x".into(),
+            body: GossipBody::Announce(a),
+        };
+        assert!(matches!(
+            Envelope::decode(&env.encode()),
+            Err(DecodeError::Invalid { field: "name", .. })
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = Envelope::decode(&bytes);
+            let _ = Envelope::decode_header(&bytes);
+            let _ = from_cbor::<MeshRequest>(&bytes, MAX_REQUEST_BYTES, "a request");
+            let _ = from_cbor::<MeshResponse>(&bytes, MAX_RESPONSE_BYTES, "a response");
+        }
+    }
+}
