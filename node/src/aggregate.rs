@@ -90,7 +90,7 @@ impl NodeCollector {
 }
 
 /// One second of the whole run, as drawn on charts and written to the timeline.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct TimelinePoint {
     pub t: u64,
     pub requests: u64,
@@ -100,7 +100,7 @@ pub struct TimelinePoint {
     pub p99_us: u64,
     pub max_us: u64,
     pub errors: u64,
-    pub errors_by_class: BTreeMap<&'static str, u64>,
+    pub errors_by_class: BTreeMap<String, u64>,
     pub iterations: u64,
     pub dropped_iterations: u64,
     pub bytes_received: u64,
@@ -245,7 +245,7 @@ fn point(t: u64, m: &Metrics, vus: u64, nodes: usize) -> TimelinePoint {
         for c in ErrorClass::ALL {
             let n = s.errors[c as usize];
             if n > 0 {
-                *p.errors_by_class.entry(c.name()).or_default() += n;
+                *p.errors_by_class.entry(c.name().to_string()).or_default() += n;
             }
         }
     }

@@ -19,9 +19,7 @@ use crate::terminal;
 
 pub fn run(args: RunArgs) -> Result<Outcome, Failure> {
     if args.mesh || args.node_client.node.is_some() {
-        return Err(Failure::usage(
-            "running across the mesh (--mesh/--node) is not available in this build yet; run without it for a single node",
-        ));
+        return run_mesh(args);
     }
     let outs = parse_outputs(&args.outputs)?;
     let plan = load_plan(&args.plan, &args.set)?;
@@ -49,6 +47,118 @@ pub fn validate(args: ValidateArgs) -> Result<Outcome, Failure> {
         stampede_protocol::duration::format_duration(embedded::plan_duration(&plan))
     );
     Ok(Outcome::Success)
+}
+
+/// `stampede run --mesh`: hand the plan bundle to this machine's node, follow the run's
+/// progress, and write the merged result. Ctrl-C stops the run mesh-wide, gracefully.
+fn run_mesh(args: RunArgs) -> Result<Outcome, Failure> {
+    let outs = parse_outputs(&args.outputs)?;
+    // Check the plan here first: a typo is a usage error before anything is sent.
+    let plan = load_plan(&args.plan, &args.set)?;
+    let file = args.plan.display().to_string();
+    let text =
+        std::fs::read_to_string(&args.plan).map_err(|e| Failure::usage(format!("{file}: {e}")))?;
+    let text = if args.set.is_empty() {
+        text
+    } else {
+        apply_sets(&file, &text, &args.set)?
+    };
+    let base = args
+        .plan
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut files = std::collections::BTreeMap::new();
+    for d in &plan.plan.data {
+        let bytes = std::fs::read(base.join(&d.file)).map_err(|e| {
+            Failure::usage(format!(
+                "{file}: data.{}.file: cannot read {}: {e}",
+                d.name, d.file
+            ))
+        })?;
+        files.insert(d.file.clone(), bytes);
+    }
+    let plan_name = args
+        .plan
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "plan.toml".into());
+    let bundle = stampede_protocol::run::Bundle {
+        plan_name,
+        plan: text,
+        files,
+    };
+    bundle.validate().map_err(Failure::usage)?;
+    let target = crate::control::find_node(
+        args.node_client.node.as_deref(),
+        args.node_client.data_dir.as_deref(),
+    )
+    .map_err(Failure::usage)?;
+    let request = crate::control::ControlRequest::Run {
+        bundle,
+        requirements: Default::default(),
+    };
+    // Ctrl-C: ask the node to stop the run everywhere; the summary still comes back.
+    let run_id = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    {
+        let (target, run_id) = (target.clone(), run_id.clone());
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                loop {
+                    if tokio::signal::ctrl_c().await.is_err() {
+                        return;
+                    }
+                    let id = run_id.lock().ok().and_then(|g| g.clone());
+                    if let Some(id) = id {
+                        eprintln!("\nstopping run {id} on every node (the report follows)…");
+                        let _ = crate::control::call(
+                            &target,
+                            crate::control::ControlRequest::Stop { run_id: id },
+                        );
+                    } else {
+                        std::process::exit(crate::cli::EXIT_RUN_FAILED);
+                    }
+                }
+            });
+        });
+    }
+    let total = embedded::plan_duration(&plan);
+    let mut progress = crate::terminal::Progress::new(args.quiet);
+    let started = std::time::Instant::now();
+    let result = crate::control::call_streaming(&target, request, Duration::from_secs(120), |ev| {
+        if let Some(id) = ev.get("run_id").and_then(|v| v.as_str()) {
+            if let Ok(mut g) = run_id.lock() {
+                *g = Some(id.to_string());
+            }
+        }
+        if let Some(p) = ev.get("progress") {
+            if let Ok(point) = serde_json::from_value::<crate::aggregate::TimelinePoint>(p.clone())
+            {
+                let nodes = ev.get("nodes").and_then(|n| n.as_u64()).unwrap_or(0) as usize;
+                progress.update(Duration::from_secs(point.t + 1), total, &point, nodes);
+            }
+        } else if let Some(kind) = ev.get("event").and_then(|v| v.as_str()) {
+            progress.finish();
+            let mut rest = ev.clone();
+            if let Some(o) = rest.as_object_mut() {
+                o.remove("event");
+            }
+            if !args.quiet || kind == "refused" || kind == "node_lost" {
+                eprintln!("[{:>5.1}s] {kind}: {rest}", started.elapsed().as_secs_f64());
+            }
+        }
+    });
+    progress.finish();
+    let summary_json = result.map_err(Failure::run)?;
+    let summary: Summary = serde_json::from_value(summary_json.clone())
+        .map_err(|e| Failure::run(format!("the node sent an unreadable summary: {e}")))?;
+    finish(&summary, &outs)
 }
 
 /// Prints the summary, writes the outputs and judges the thresholds.
@@ -104,7 +214,7 @@ pub fn compile_text(
 
 /// `--set a.b.c=value`: the value is read as TOML (a number, a string in quotes, an
 /// array…) and taken as a plain string when it is not valid TOML.
-fn apply_sets(file: &str, src: &str, sets: &[String]) -> Result<String, Failure> {
+pub fn apply_sets(file: &str, src: &str, sets: &[String]) -> Result<String, Failure> {
     let mut doc: toml::Table = toml::from_str(src).map_err(|e| {
         Failure::usage(
             PlanError {

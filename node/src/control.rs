@@ -28,7 +28,8 @@ use tokio::sync::mpsc;
 use crate::mesh::{MeshCommand, SharedView};
 
 /// The largest request line the server reads.
-const MAX_REQUEST_LINE: usize = 1024 * 1024;
+/// (A run request carries the plan bundle, data files included.)
+const MAX_REQUEST_LINE: usize = 32 * 1024 * 1024;
 const CONTROL_FILE: &str = "control.json";
 
 /// What the CLI asks of a node.
@@ -41,6 +42,12 @@ pub enum ControlRequest {
     Status,
     /// Stop a run mesh-wide.
     Stop { run_id: String },
+    /// Run a plan bundle across the mesh; progress lines stream back, then the summary.
+    Run {
+        bundle: stampede_protocol::run::Bundle,
+        #[serde(default)]
+        requirements: stampede_protocol::run::Requirements,
+    },
 }
 
 impl ControlRequest {
@@ -48,7 +55,7 @@ impl ControlRequest {
     pub fn mutates(&self) -> bool {
         match self {
             ControlRequest::Peers | ControlRequest::Status => false,
-            ControlRequest::Stop { .. } => true,
+            ControlRequest::Stop { .. } | ControlRequest::Run { .. } => true,
         }
     }
 }
@@ -144,6 +151,7 @@ pub struct ControlState {
     pub token: String,
     pub view: SharedView,
     pub commands: mpsc::Sender<MeshCommand>,
+    pub coordinator: mpsc::Sender<crate::coordinator::CoordCommand>,
 }
 
 /// Serves the control endpoint until the listener fails or the task is dropped.
@@ -178,6 +186,20 @@ async fn handle(stream: tokio::net::TcpStream, state: &ControlState) -> std::io:
         )),
         Ok(Ok(_)) => match serde_json::from_str::<RequestLine>(&line) {
             Err(e) => Reply::err(format!("not a control request: {e}")),
+            Ok(RequestLine {
+                token,
+                request:
+                    ControlRequest::Run {
+                        bundle,
+                        requirements,
+                    },
+            }) => {
+                if !token_ok(token.as_deref(), &state.token) {
+                    Reply::err("this request needs the node's control token (from DATA_DIR/control.json or STAMPEDE_CONTROL_TOKEN)")
+                } else {
+                    stream_run(&mut wr, state, bundle, requirements).await?
+                }
+            }
             Ok(req) => answer(req, state).await,
         },
     };
@@ -185,6 +207,50 @@ async fn handle(stream: tokio::net::TcpStream, state: &ControlState) -> std::io:
     out.push(b'\n');
     wr.write_all(&out).await?;
     wr.shutdown().await
+}
+
+/// Starts a run and streams its progress as event lines; the reply carries the summary.
+async fn stream_run<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    state: &ControlState,
+    bundle: stampede_protocol::run::Bundle,
+    requirements: stampede_protocol::run::Requirements,
+) -> std::io::Result<Reply> {
+    let (progress, mut progress_rx) = mpsc::unbounded_channel();
+    let (done, mut done_rx) = tokio::sync::oneshot::channel();
+    let cmd = crate::coordinator::CoordCommand::Start {
+        bundle,
+        requirements,
+        client: crate::coordinator::ClientLink { progress, done },
+    };
+    if state.coordinator.send(cmd).await.is_err() {
+        return Ok(Reply::err("the node's run coordinator is not running"));
+    }
+    loop {
+        tokio::select! {
+            line = progress_rx.recv() => {
+                if let Some(line) = line {
+                    let mut out = serde_json::to_vec(&serde_json::json!({ "event": line }))
+                        .unwrap_or_default();
+                    out.push(b'\n');
+                    wr.write_all(&out).await?;
+                }
+            }
+            result = &mut done_rx => {
+                // Lines queued before the end go out first.
+                while let Ok(line) = progress_rx.try_recv() {
+                    let mut out = serde_json::to_vec(&serde_json::json!({ "event": line })).unwrap_or_default();
+                    out.push(b'\n');
+                    wr.write_all(&out).await?;
+                }
+                return Ok(match result {
+                    Ok(Ok(summary)) => Reply::ok(serde_json::to_value(summary).unwrap_or_default()),
+                    Ok(Err(e)) => Reply::err(e),
+                    Err(_) => Reply::err("the run ended without a result"),
+                });
+            }
+        }
+    }
 }
 
 fn token_ok(given: Option<&str>, expected: &str) -> bool {
@@ -209,8 +275,30 @@ async fn answer(req: RequestLine, state: &ControlState) -> Reply {
             ),
             Err(_) => Reply::err("membership view unavailable"),
         },
-        ControlRequest::Status => Reply::ok(serde_json::json!({ "runs": [] })),
-        ControlRequest::Stop { run_id } => Reply::err(format!("no such run: {run_id}")),
+        ControlRequest::Status => {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            let cmd = crate::coordinator::CoordCommand::Status { reply };
+            match state.coordinator.send(cmd).await {
+                Ok(()) => match rx.await {
+                    Ok(v) => Reply::ok(v),
+                    Err(_) => Reply::err("no answer from the run coordinator"),
+                },
+                Err(_) => Reply::err("the node's run coordinator is not running"),
+            }
+        }
+        ControlRequest::Stop { run_id } => {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            let cmd = crate::coordinator::CoordCommand::Stop { run_id, reply };
+            match state.coordinator.send(cmd).await {
+                Ok(()) => match rx.await {
+                    Ok(Ok(())) => Reply::ok(serde_json::json!({ "stopping": true })),
+                    Ok(Err(e)) => Reply::err(e),
+                    Err(_) => Reply::err("no answer from the run coordinator"),
+                },
+                Err(_) => Reply::err("the node's run coordinator is not running"),
+            }
+        }
+        ControlRequest::Run { .. } => Reply::err("a run request is streamed, not answered here"),
     }
 }
 
@@ -257,6 +345,17 @@ pub fn find_node(node: Option<&str>, data_dir: Option<&Path>) -> Result<Target, 
 /// Sends one request and returns the final reply's data (blocking; the CLI has no
 /// runtime of its own).
 pub fn call(target: &Target, request: ControlRequest) -> Result<serde_json::Value, String> {
+    call_streaming(target, request, Duration::from_secs(30), |_| {})
+}
+
+/// Like [`call`], handing every streamed event line to `on_event`; `quiet` is the
+/// longest silence accepted between two lines.
+pub fn call_streaming(
+    target: &Target,
+    request: ControlRequest,
+    quiet: Duration,
+    mut on_event: impl FnMut(serde_json::Value),
+) -> Result<serde_json::Value, String> {
     let addrs: Vec<SocketAddr> = target
         .addr
         .to_socket_addrs()
@@ -272,7 +371,7 @@ pub fn call(target: &Target, request: ControlRequest) -> Result<serde_json::Valu
         )
     })?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(quiet))
         .map_err(|e| e.to_string())?;
     let line = RequestLine {
         token: target.token.clone(),
@@ -284,8 +383,8 @@ pub fn call(target: &Target, request: ControlRequest) -> Result<serde_json::Valu
         .write_all(&bytes)
         .map_err(|e| format!("cannot send to the node at {}: {e}", target.addr))?;
     let mut rd = BufReader::new(stream);
-    // Event lines (streamed progress) are skipped here; the final line has "ok".
-    for _ in 0..1_000_000 {
+    // Event lines (streamed progress) go to `on_event`; the final line has "ok".
+    loop {
         let mut buf = String::new();
         let n = rd
             .read_line(&mut buf)
@@ -298,6 +397,10 @@ pub fn call(target: &Target, request: ControlRequest) -> Result<serde_json::Valu
         }
         let v: serde_json::Value = serde_json::from_str(&buf)
             .map_err(|e| format!("the node at {} sent an unreadable answer: {e}", target.addr))?;
+        if let Some(ev) = v.get("event") {
+            on_event(ev.clone());
+            continue;
+        }
         if v.get("ok").is_some() {
             let reply: Reply =
                 serde_json::from_value(v).map_err(|e| format!("unreadable answer: {e}"))?;
@@ -308,7 +411,6 @@ pub fn call(target: &Target, request: ControlRequest) -> Result<serde_json::Valu
             };
         }
     }
-    Err("the node sent too many lines without a final answer".into())
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! This module wires settings, the mesh, the control endpoint and the HTTP status
 //! server together and owns the node's runtime; it must not implement any of them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use stampede_protocol::mesh::PROTOCOL_VERSION;
@@ -101,6 +102,7 @@ async fn run_node(
             .map(|n| n.get() as u32)
             .unwrap_or(1)
     });
+    let run_store = Arc::new(crate::coordinator::RunStore::default());
     let cfg = MeshConfig {
         keypair,
         psk,
@@ -121,9 +123,30 @@ async fn run_node(
             bootstrap_retry: Settings::ms(settings.bootstrap_retry_ms),
             mdns_query_interval: Settings::ms(settings.mdns_query_interval_ms),
         },
+        run_responder: {
+            let store = run_store.clone();
+            crate::mesh::RunResponder(Some(Arc::new(move |req| store.respond(req))))
+        },
     };
     let name = cfg.name.clone();
+    let labels = cfg.labels.clone();
+    let run_allow = cfg.allow_targets.clone();
     let handle = mesh::start(cfg).await?;
+    let coordinator = crate::coordinator::spawn(
+        crate::coordinator::NodeIdentity {
+            id: handle.peer_id.to_string(),
+            name: name.clone(),
+            labels,
+            allow_targets: run_allow,
+            workers: capacity as usize,
+            data_dir: data_dir.clone(),
+            graceful_stop: Duration::from_secs(30),
+        },
+        handle.commands(),
+        handle.subscribe(),
+        handle.view.clone(),
+        run_store,
+    );
 
     let http_addr = if settings.http.is_empty() {
         None
@@ -172,6 +195,7 @@ async fn run_node(
             token,
             view: handle.view.clone(),
             commands: handle.commands(),
+            coordinator,
         },
     ));
     tracing::info!(

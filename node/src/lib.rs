@@ -6,6 +6,7 @@ pub mod cli;
 pub mod commands;
 pub mod compile;
 pub mod control;
+pub mod coordinator;
 pub mod cpu;
 pub mod daemon;
 pub mod data;

@@ -6,14 +6,14 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use stampede_protocol::plan::Plan;
 use stampede_protocol::snapshot::{ErrorClass, Hist, Layout, Metrics, SeriesStats};
 use stampede_protocol::threshold::{Aggregate, Metric, Threshold};
 
 use crate::aggregate::{RunAggregate, TimelinePoint};
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
     pub run_id: String,
     pub plan: String,
@@ -33,7 +33,7 @@ pub struct Summary {
     pub start_skew_us: u64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Stats {
     pub requests: u64,
     pub failed: u64,
@@ -44,11 +44,11 @@ pub struct Stats {
     pub rps: f64,
     pub latency_us: Latency,
     pub service_time_us: Latency,
-    pub errors: BTreeMap<&'static str, u64>,
+    pub errors: BTreeMap<String, u64>,
     pub checks: Checks,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Latency {
     pub min: u64,
     pub mean: f64,
@@ -79,13 +79,13 @@ impl Latency {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Checks {
     pub passed: u64,
     pub failed: u64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NodeSummary {
     pub id: String,
     pub name: String,
@@ -98,7 +98,7 @@ pub struct NodeSummary {
     pub stats: Stats,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ThresholdResult {
     pub metric: String,
     pub expr: String,
@@ -107,7 +107,7 @@ pub struct ThresholdResult {
     pub passed: bool,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Event {
     /// Seconds since the run started.
     pub t: f64,
@@ -116,7 +116,7 @@ pub struct Event {
     pub detail: BTreeMap<String, serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Generator {
     /// Process CPU use of the busiest node, as a fraction of the cores it used (0..1).
     pub cpu: f64,
@@ -127,7 +127,7 @@ pub struct Generator {
     pub warnings: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct LagSummary {
     pub p50: u64,
     pub p99: u64,
@@ -345,7 +345,7 @@ fn stats(s: &SeriesStats, iterations: u64, dropped: u64, dur: f64) -> Stats {
     for c in ErrorClass::ALL {
         let n = s.errors[c as usize];
         if n > 0 {
-            errors.insert(c.name(), n);
+            errors.insert(c.name().to_string(), n);
         }
     }
     Stats {

@@ -70,6 +70,10 @@ pub struct EnvelopeHeader {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum GossipBody {
     Announce(Announce),
+    /// Run coordination (control topic).
+    Run(Box<crate::run::RunMessage>),
+    /// A node's metrics for one second of a run (metrics topic).
+    Snapshot(Box<crate::run::SnapshotMessage>),
 }
 
 /// What a node is doing, as it tells the mesh.
@@ -172,6 +176,8 @@ pub enum MeshRequest {
     /// "Whom do you know?" — asked of every newly connected peer, so a joining node
     /// learns the whole mesh from any one member without waiting for gossip.
     Members,
+    /// Run coordination: plan bundles, clock samples, missed snapshots.
+    Run(crate::run::RunRequest),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,7 +190,10 @@ pub enum MeshResponse {
         members: Vec<Announce>,
     },
     /// The request was understood but refused, with a reason for the user.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
+    Run(crate::run::RunResponse),
 }
 
 /// Encodes any wire value to CBOR.
@@ -225,6 +234,11 @@ impl Envelope {
         let env: Envelope = from_cbor(bytes, MAX_GOSSIP_BYTES, "a gossip envelope")?;
         match &env.body {
             GossipBody::Announce(a) => a.validate()?,
+            GossipBody::Run(m) => m.validate().map_err(|reason| DecodeError::Invalid {
+                field: "run",
+                reason,
+            })?,
+            GossipBody::Snapshot(_) => {}
         }
         Ok(env)
     }

@@ -49,6 +49,7 @@ pub struct EventLoop {
     redial: Redial,
     pending: HashMap<OutboundRequestId, Pending>,
     announce_subscribers: HashSet<PeerId>,
+    run_responder: super::RunResponder,
 }
 
 impl EventLoop {
@@ -86,6 +87,7 @@ impl EventLoop {
             redial: Redial::default(),
             pending: HashMap::new(),
             announce_subscribers: HashSet::new(),
+            run_responder: cfg.run_responder,
         })
     }
 
@@ -486,6 +488,12 @@ impl EventLoop {
                     request, channel, ..
                 } => {
                     let response = match request {
+                        MeshRequest::Run(req) => match &self.run_responder.0 {
+                            Some(answer) => MeshResponse::Run(answer(req)),
+                            None => MeshResponse::Refused {
+                                reason: "this node takes no part in runs".into(),
+                            },
+                        },
                         MeshRequest::Members => match self.view.read() {
                             Ok(v) => {
                                 let mut members = v.known_announces();

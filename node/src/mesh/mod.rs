@@ -77,6 +77,31 @@ pub struct MeshConfig {
     /// The advertised protocol version (normally `PROTOCOL_VERSION`).
     pub protocol_version: u32,
     pub timing: MeshTiming,
+    /// Answers peers' run requests (plan bundles, clock samples, missed snapshots).
+    pub run_responder: RunResponder,
+}
+
+/// The run coordinator's answer to a peer's request, called on the event loop (it
+/// must be quick: look-ups and timestamps only).
+#[derive(Clone, Default)]
+pub struct RunResponder(
+    pub  Option<
+        Arc<
+            dyn Fn(stampede_protocol::run::RunRequest) -> stampede_protocol::run::RunResponse
+                + Send
+                + Sync,
+        >,
+    >,
+);
+
+impl std::fmt::Debug for RunResponder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "RunResponder(set)"
+        } else {
+            "RunResponder(none)"
+        })
+    }
 }
 
 /// Requests to the event loop. Run coordination adds its kinds here.

@@ -1,0 +1,1610 @@
+//! Run coordination across the mesh (spec §6): one actor per node that takes a run from
+//! proposal to report — join, roster and leader, clock offsets, assignment and a common
+//! start, per-second snapshots from every node to every node, barriers, failover when
+//! a member is lost, stop, and the merged summary for the CLI that started it.
+//!
+//! Why it survives loss: every node merges every node's snapshots, so no single node
+//! holds the only copy; barriers complete over the *live* members, so a lost member is
+//! dropped, never waited for; the leader is the lowest live member id, so survivors
+//! agree on a new one without a vote, and terms order its messages; the lost member's
+//! share (VU indices and arrival events from a point in the near future) is
+//! re-striped over the survivors, so the global load shape continues.
+//!
+//! The actor owns all run state and is fed by one channel; slow work (fetching a
+//! bundle, clock samples, re-fetching snapshots) runs in tasks that report back. It
+//! must not touch the swarm (it sends [`MeshCommand`]s) or the load itself (the engine
+//! runs on its own threads).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use serde::Serialize;
+use stampede_protocol::mesh::{GossipBody, MeshRequest, MeshResponse};
+use stampede_protocol::run::{
+    clock_offset, BarrierDetail, Bundle, Requirements, RosterEntry, RunMessage, RunRequest,
+    RunResponse, SnapshotMessage,
+};
+use stampede_protocol::segment::{Assignment, Reassignment, Striping};
+use stampede_protocol::snapshot::Metrics;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::aggregate::{NodeCollector, NodeSecond, RunAggregate};
+use crate::compile::CompiledPlan;
+use crate::cpu::CpuSampler;
+use crate::embedded::{client_settings, plan_duration, unix_ms};
+use crate::engine::{Engine, LiveAssignment, RunSpec, Split, Stop, StopHandle, WorkerReport};
+use crate::http::Shared;
+use crate::mesh::behaviour::{control_topic, metrics_topic};
+use crate::mesh::membership::MemberState;
+use crate::mesh::{MeshCommand, MeshEvent, SharedView};
+use crate::report::{self, Event, NodeInfo, Summary, SummaryInput};
+
+/// How long the origin waits for members to answer a proposal.
+const JOIN_WINDOW: Duration = Duration::from_secs(3);
+/// How far ahead of "now" the leader sets the common start.
+const START_LEAD: Duration = Duration::from_millis(600);
+/// How far ahead of "now" a failover takes over the lost member's arrival events.
+const FAILOVER_LEAD: Duration = Duration::from_millis(300);
+/// Barrier and roster messages are republished this often until they complete.
+const REPUBLISH: Duration = Duration::from_millis(400);
+/// Clock samples per member; the one with the smallest round trip is kept.
+const CLOCK_SAMPLES: usize = 8;
+
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Bundles and own snapshots, shared with the mesh event loop so that it can answer
+/// peers' requests without a round trip through the actor.
+#[derive(Default)]
+pub struct RunStore {
+    bundles: Mutex<HashMap<String, Bundle>>,
+    snapshots: Mutex<HashMap<(String, u64), SnapshotMessage>>,
+}
+
+impl RunStore {
+    /// Answers a peer's run request (called on the event loop: must be quick).
+    pub fn respond(&self, req: RunRequest) -> RunResponse {
+        match req {
+            RunRequest::Clock { t1_us } => {
+                let t = unix_us();
+                RunResponse::Clock {
+                    t1_us,
+                    t2_us: t,
+                    t3_us: t,
+                }
+            }
+            RunRequest::Bundle { hash, .. } => {
+                match self.bundles.lock().ok().and_then(|b| b.get(&hash).cloned()) {
+                    Some(bundle) => RunResponse::Bundle { bundle },
+                    None => RunResponse::Refused {
+                        reason: format!("no bundle with hash {hash}"),
+                    },
+                }
+            }
+            RunRequest::Snapshots { run_id, seqs, .. } => {
+                let store = match self.snapshots.lock() {
+                    Ok(s) => s,
+                    Err(p) => p.into_inner(),
+                };
+                let snapshots = seqs
+                    .iter()
+                    .take(256)
+                    .filter_map(|s| store.get(&(run_id.clone(), *s)).cloned())
+                    .collect();
+                RunResponse::Snapshots { snapshots }
+            }
+        }
+    }
+}
+
+/// What the CLI asks of the coordinator through the control endpoint.
+pub enum CoordCommand {
+    Start {
+        bundle: Bundle,
+        requirements: Requirements,
+        client: ClientLink,
+    },
+    Stop {
+        run_id: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Status {
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+}
+
+/// The CLI that started a run: progress lines while it goes, the summary at the end.
+pub struct ClientLink {
+    pub progress: mpsc::UnboundedSender<serde_json::Value>,
+    pub done: oneshot::Sender<Result<Summary, String>>,
+}
+
+/// Things the actor's own tasks and the engine report back.
+enum Internal {
+    Prepared {
+        run_id: String,
+        result: Result<(Arc<CompiledPlan>, Bundle), String>,
+    },
+    Clock {
+        run_id: String,
+        offset_us: i64,
+    },
+    Report {
+        run_id: String,
+        report: WorkerReport,
+    },
+    Started {
+        run_id: String,
+        started_unix_us: u64,
+    },
+    Fetched {
+        run_id: String,
+        snapshots: Vec<SnapshotMessage>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Phase {
+    Joining,
+    Ready,
+    Running,
+    Finishing,
+    Done,
+}
+
+struct Join {
+    accept: bool,
+    reason: Option<String>,
+    name: String,
+    labels: BTreeMap<String, String>,
+    weight: u32,
+}
+
+struct Run {
+    id: String,
+    origin: String,
+    hash: String,
+    plan_name: String,
+    requirements: Requirements,
+    phase: Phase,
+    plan: Option<Arc<CompiledPlan>>,
+    prepared_error: Option<String>,
+    // Join phase (origin).
+    joins: BTreeMap<String, Join>,
+    expected: BTreeSet<String>,
+    join_deadline: Instant,
+    my_join: Option<RunMessage>,
+    // Roster and leadership.
+    roster: Vec<RosterEntry>,
+    roster_msg: Option<RunMessage>,
+    my_index: Option<usize>,
+    term: u64,
+    leader: String,
+    lost: BTreeSet<String>,
+    // Barriers: name → member → detail.
+    barriers: BTreeMap<String, BTreeMap<String, BarrierDetail>>,
+    my_arrivals: BTreeMap<String, BarrierDetail>,
+    clock_offset_us: i64,
+    assign_msg: Option<RunMessage>,
+    live: Option<Arc<LiveAssignment>>,
+    split: Option<Split>,
+    start_unix_us: Option<u64>,
+    // Running.
+    engine: Option<StopHandle>,
+    collector: Option<NodeCollector>,
+    cpu: CpuSampler,
+    workers: usize,
+    agg: Option<RunAggregate>,
+    seen: BTreeMap<String, BTreeSet<u64>>,
+    cpu_max: BTreeMap<String, f64>,
+    published: u64,
+    fetch_asked: Instant,
+    events: Vec<Event>,
+    started_unix_ms: u64,
+    client: Option<ClientLink>,
+    stop_reason: Option<String>,
+    finished_at: Option<Instant>,
+}
+
+impl Run {
+    fn new(id: &str, origin: &str, hash: &str, plan_name: &str, requirements: Requirements) -> Run {
+        Run {
+            id: id.into(),
+            origin: origin.into(),
+            hash: hash.into(),
+            plan_name: plan_name.into(),
+            requirements,
+            phase: Phase::Joining,
+            plan: None,
+            prepared_error: None,
+            joins: BTreeMap::new(),
+            expected: BTreeSet::new(),
+            join_deadline: Instant::now() + JOIN_WINDOW,
+            my_join: None,
+            roster: Vec::new(),
+            roster_msg: None,
+            my_index: None,
+            term: 0,
+            leader: String::new(),
+            lost: BTreeSet::new(),
+            barriers: BTreeMap::new(),
+            my_arrivals: BTreeMap::new(),
+            clock_offset_us: 0,
+            assign_msg: None,
+            live: None,
+            split: None,
+            start_unix_us: None,
+            engine: None,
+            collector: None,
+            cpu: CpuSampler::default(),
+            workers: 1,
+            agg: None,
+            seen: BTreeMap::new(),
+            cpu_max: BTreeMap::new(),
+            published: 0,
+            fetch_asked: Instant::now(),
+            events: Vec::new(),
+            started_unix_ms: unix_ms(),
+            client: None,
+            stop_reason: None,
+            finished_at: None,
+        }
+    }
+
+    fn live_members(&self) -> impl Iterator<Item = &RosterEntry> {
+        self.roster.iter().filter(|m| !self.lost.contains(&m.id))
+    }
+
+    /// A barrier is complete when every live member has arrived.
+    fn barrier_complete(&self, name: &str) -> bool {
+        let arrived = self.barriers.get(name);
+        !self.roster.is_empty()
+            && self
+                .live_members()
+                .all(|m| arrived.is_some_and(|a| a.contains_key(&m.id)))
+    }
+
+    fn run_time_s(&self) -> f64 {
+        match self.start_unix_us {
+            Some(s) => (unix_us() as i64 + self.clock_offset_us - s as i64) as f64 / 1e6,
+            None => 0.0,
+        }
+    }
+
+    fn event(&mut self, kind: &str, detail: serde_json::Value) {
+        let t = (self.run_time_s().max(0.0) * 1000.0).round() / 1000.0;
+        let detail: BTreeMap<String, serde_json::Value> = match detail {
+            serde_json::Value::Object(m) => m.into_iter().collect(),
+            _ => BTreeMap::new(),
+        };
+        if let Some(c) = &self.client {
+            let mut line = serde_json::json!({"event": kind, "t": t});
+            for (k, v) in &detail {
+                line[k] = v.clone();
+            }
+            let _ = c.progress.send(line);
+        }
+        self.events.push(Event {
+            t,
+            kind: kind.into(),
+            detail,
+        });
+    }
+
+    fn tell(&self, line: serde_json::Value) {
+        if let Some(c) = &self.client {
+            let _ = c.progress.send(line);
+        }
+    }
+
+    fn name_of(&self, id: &str) -> String {
+        self.roster
+            .iter()
+            .find(|m| m.id == id)
+            .map(|m| m.name.clone())
+            .or_else(|| self.joins.get(id).map(|j| j.name.clone()))
+            .unwrap_or_else(|| id.to_string())
+    }
+}
+
+/// This node as it takes part in runs.
+pub struct NodeIdentity {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub allow_targets: Vec<String>,
+    pub workers: usize,
+    pub data_dir: PathBuf,
+    pub graceful_stop: Duration,
+}
+
+pub struct Coordinator {
+    me: NodeIdentity,
+    mesh: mpsc::Sender<MeshCommand>,
+    view: SharedView,
+    store: Arc<RunStore>,
+    runs: HashMap<String, Run>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+}
+
+/// Starts the coordinator actor; returns the channel the control endpoint uses.
+pub fn spawn(
+    me: NodeIdentity,
+    mesh: mpsc::Sender<MeshCommand>,
+    events: broadcast::Receiver<MeshEvent>,
+    view: SharedView,
+    store: Arc<RunStore>,
+) -> mpsc::Sender<CoordCommand> {
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+    let c = Coordinator {
+        me,
+        mesh,
+        view,
+        store,
+        runs: HashMap::new(),
+        internal_tx,
+    };
+    tokio::spawn(c.main(cmd_rx, events, internal_rx));
+    cmd_tx
+}
+
+impl Coordinator {
+    async fn main(
+        mut self,
+        mut cmds: mpsc::Receiver<CoordCommand>,
+        mut events: broadcast::Receiver<MeshEvent>,
+        mut internal: mpsc::UnboundedReceiver<Internal>,
+    ) {
+        let mut tick = tokio::time::interval(REPUBLISH);
+        loop {
+            tokio::select! {
+                c = cmds.recv() => match c {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                e = events.recv() => match e {
+                    Ok(MeshEvent::Gossip { from, body, .. }) => self.on_gossip(from, body),
+                    Ok(MeshEvent::Member(t)) => {
+                        if t.to == MemberState::Lost {
+                            self.on_lost(&t.peer.to_string());
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "run coordination fell behind the mesh; missed messages are re-fetched or republished");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                Some(i) = internal.recv() => self.on_internal(i),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    fn publish(&self, msg: RunMessage) {
+        self.publish_body(control_topic_body(msg), false);
+    }
+
+    fn publish_body(&self, body: GossipBody, metrics: bool) {
+        let topic = if metrics {
+            metrics_topic(stampede_protocol::mesh::PROTOCOL_VERSION)
+        } else {
+            control_topic(stampede_protocol::mesh::PROTOCOL_VERSION)
+        };
+        let (reply, _rx) = oneshot::channel();
+        // Publishing fails only when no peer has subscribed yet (a mesh of one): the
+        // message is for others, and we act on our own copy directly.
+        let _ = self
+            .mesh
+            .try_send(MeshCommand::Publish { topic, body, reply });
+    }
+
+    fn request(
+        &self,
+        peer: &str,
+        req: RunRequest,
+    ) -> Option<oneshot::Receiver<Result<MeshResponse, String>>> {
+        let peer: PeerId = peer.parse().ok()?;
+        let (reply, rx) = oneshot::channel();
+        self.mesh
+            .try_send(MeshCommand::Request {
+                peer,
+                request: MeshRequest::Run(req),
+                reply,
+            })
+            .ok()?;
+        Some(rx)
+    }
+
+    /// The run this node is committed to, if any: one it runs, one it accepted and
+    /// waits for the roster of, or one it started.
+    fn busy(&self) -> Option<&str> {
+        let me = &self.me.id;
+        self.runs
+            .values()
+            .find(|r| {
+                let accepted = matches!(r.my_join, Some(RunMessage::Join { accept: true, .. }));
+                r.phase < Phase::Done
+                    && (r.my_index.is_some()
+                        || (r.roster.is_empty() && accepted)
+                        || r.origin == *me)
+            })
+            .map(|r| r.id.as_str())
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    fn on_command(&mut self, c: CoordCommand) {
+        match c {
+            CoordCommand::Start {
+                bundle,
+                requirements,
+                client,
+            } => self.start(bundle, requirements, client),
+            CoordCommand::Stop { run_id, reply } => {
+                if self.runs.contains_key(&run_id) {
+                    let msg = RunMessage::Stop {
+                        run_id: run_id.clone(),
+                        reason: "stopped by `stampede stop`".into(),
+                    };
+                    self.publish(msg.clone());
+                    self.on_run_message(self.me.id.clone(), msg);
+                    let _ = reply.send(Ok(()));
+                } else {
+                    let _ = reply.send(Err(format!("no such run: {run_id}")));
+                }
+            }
+            CoordCommand::Status { reply } => {
+                let runs: Vec<serde_json::Value> = self
+                    .runs
+                    .values()
+                    .map(|r| {
+                        serde_json::json!({
+                            "run_id": r.id, "plan": r.plan_name, "bundle_hash": r.hash, "phase": r.phase,
+                            "origin": r.origin, "leader": r.leader, "term": r.term,
+                            "members": r.roster.iter().map(|m| &m.name).collect::<Vec<_>>(),
+                            "lost": r.lost.iter().map(|l| r.name_of(l)).collect::<Vec<_>>(),
+                            "elapsed_s": r.run_time_s().max(0.0),
+                        })
+                    })
+                    .collect();
+                let _ = reply.send(serde_json::json!({ "runs": runs }));
+            }
+        }
+    }
+
+    fn start(&mut self, bundle: Bundle, requirements: Requirements, client: ClientLink) {
+        if let Some(other) = self.busy() {
+            let _ = client
+                .done
+                .send(Err(format!("this node is busy with run {other}")));
+            return;
+        }
+        let run_id = crate::embedded::new_run_id();
+        let hash = bundle.hash();
+        let plan_name = bundle.plan_name.clone();
+        let mut run = Run::new(
+            &run_id,
+            &self.me.id,
+            &hash,
+            &plan_name,
+            requirements.clone(),
+        );
+        // Everyone alive and compatible is asked; the origin answers itself.
+        if let Ok(v) = self.view.read() {
+            run.expected = v.alive_peers().iter().map(|p| p.to_string()).collect();
+        }
+        run.expected.insert(self.me.id.clone());
+        let _ = client.progress.send(
+            serde_json::json!({"event": "proposed", "run_id": run_id, "asked": run.expected.len()}),
+        );
+        run.client = Some(client);
+        if let Ok(mut b) = self.store.bundles.lock() {
+            b.insert(hash.clone(), bundle.clone());
+        }
+        self.runs.insert(run_id.clone(), run);
+        self.publish(RunMessage::Propose {
+            run_id: run_id.clone(),
+            origin: self.me.id.clone(),
+            bundle_hash: hash,
+            plan: plan_name,
+            requirements,
+        });
+        self.prepare(run_id, Ok(bundle));
+    }
+
+    // ---------------------------------------------------------------- gossip
+
+    fn on_gossip(&mut self, from: PeerId, body: GossipBody) {
+        match body {
+            GossipBody::Run(m) => {
+                if let Err(e) = m.validate() {
+                    tracing::warn!(peer = %from, error = %e, "run message refused");
+                    return;
+                }
+                self.on_run_message(from.to_string(), *m)
+            }
+            GossipBody::Snapshot(s) => self.on_snapshot(&from.to_string(), *s),
+            _ => {}
+        }
+    }
+
+    fn on_run_message(&mut self, from: String, m: RunMessage) {
+        let run_id = m.run_id().to_string();
+        match m {
+            RunMessage::Propose {
+                run_id,
+                origin,
+                bundle_hash,
+                plan,
+                requirements,
+            } => {
+                if origin != from || self.runs.contains_key(&run_id) {
+                    return;
+                }
+                let busy = self.busy().map(str::to_string);
+                let mut run = Run::new(&run_id, &origin, &bundle_hash, &plan, requirements);
+                if let Some(other) = busy {
+                    let join =
+                        self.join_msg(&run_id, false, Some(format!("busy with run {other}")));
+                    run.my_join = Some(join.clone());
+                    run.phase = Phase::Done;
+                    self.runs.insert(run_id, run);
+                    self.publish(join);
+                    return;
+                }
+                self.runs.insert(run_id.clone(), run);
+                self.fetch_bundle(run_id, origin, bundle_hash);
+            }
+            RunMessage::Join {
+                accept,
+                reason,
+                name,
+                labels,
+                weight,
+                ..
+            } => {
+                let Some(run) = self.runs.get_mut(&run_id) else {
+                    return;
+                };
+                if run.origin != self.me.id
+                    || run.phase != Phase::Joining
+                    || run.joins.contains_key(&from)
+                {
+                    return;
+                }
+                if !accept {
+                    run.tell(
+                        serde_json::json!({"event": "refused", "node": name, "reason": reason}),
+                    );
+                }
+                run.joins.insert(
+                    from,
+                    Join {
+                        accept,
+                        reason,
+                        name,
+                        labels,
+                        weight: weight.max(1),
+                    },
+                );
+                self.maybe_close_joins(&run_id);
+            }
+            RunMessage::Roster {
+                members, refused, ..
+            } => {
+                let Some(run) = self.runs.get_mut(&run_id) else {
+                    return;
+                };
+                if from != run.origin || !run.roster.is_empty() {
+                    return;
+                }
+                run.roster = members;
+                run.term = 1;
+                run.leader = run.roster[0].id.clone();
+                run.my_index = run.roster.iter().position(|m| m.id == self.me.id);
+                run.phase = Phase::Ready;
+                let names: Vec<String> = run.roster.iter().map(|m| m.name.clone()).collect();
+                let leader = run.name_of(&run.leader.clone());
+                run.tell(serde_json::json!({"event": "roster", "members": names, "leader": leader, "refused": refused}));
+                run.agg = run
+                    .plan
+                    .as_ref()
+                    .map(|p| RunAggregate::new(p.layout.clone()));
+                if run.my_index.is_none() {
+                    if run.origin != self.me.id {
+                        // Not part of it: forget it (but stay busy-free).
+                        run.phase = Phase::Done;
+                    }
+                    return;
+                }
+                let leader = run.leader.clone();
+                if leader == self.me.id {
+                    self.arrive(
+                        &run_id,
+                        "ready",
+                        BarrierDetail {
+                            clock_offset_us: Some(0),
+                            ..Default::default()
+                        },
+                    );
+                } else {
+                    self.sync_clock(run_id, leader);
+                }
+            }
+            RunMessage::Abort { reason, .. } => {
+                if let Some(run) = self.runs.get_mut(&run_id) {
+                    if from == run.origin && run.phase < Phase::Done {
+                        run.phase = Phase::Done;
+                        if let Some(c) = run.client.take() {
+                            let _ = c.done.send(Err(reason));
+                        }
+                    }
+                }
+            }
+            RunMessage::Leader { term, leader, .. } => {
+                let Some(run) = self.runs.get_mut(&run_id) else {
+                    return;
+                };
+                if term > run.term && leader == from {
+                    run.term = term;
+                    run.leader = leader;
+                }
+            }
+            RunMessage::Arrive {
+                barrier, detail, ..
+            } => {
+                let Some(run) = self.runs.get_mut(&run_id) else {
+                    return;
+                };
+                if !run.roster.iter().any(|m| m.id == from) {
+                    return;
+                }
+                let fresh = run
+                    .barriers
+                    .entry(barrier.clone())
+                    .or_default()
+                    .insert(from.clone(), detail)
+                    .is_none();
+                if fresh {
+                    self.on_barrier_progress(&run_id, &barrier);
+                }
+            }
+            RunMessage::Assign {
+                term,
+                vus,
+                events,
+                start_unix_us,
+                ..
+            } => {
+                let Some(run) = self.runs.get_mut(&run_id) else {
+                    return;
+                };
+                if term < run.term || from != run.leader || run.start_unix_us.is_some() {
+                    return;
+                }
+                run.start_unix_us = Some(start_unix_us);
+                run.split = Some(Split { vus, events });
+                self.start_engine(&run_id);
+            }
+            RunMessage::Reassign {
+                term,
+                lost,
+                vus,
+                events,
+                at_s,
+                moved,
+                ..
+            } => {
+                let Some(run) = self.runs.get_mut(&run_id) else {
+                    return;
+                };
+                if term < run.term || from != run.leader {
+                    return;
+                }
+                run.lost.insert(lost.clone());
+                let split = Split { vus, events };
+                if let Some(live) = &run.live {
+                    live.replace(split.clone());
+                }
+                run.split = Some(split);
+                if from != self.me.id {
+                    let name = run.name_of(&lost);
+                    run.event(
+                        "reassigned",
+                        serde_json::json!({"lost": name, "from_s": at_s, "moved": moved}),
+                    );
+                }
+            }
+            RunMessage::Stop { reason, .. } => {
+                let Some(run) = self.runs.get_mut(&run_id) else {
+                    return;
+                };
+                if run.stop_reason.is_none() {
+                    run.stop_reason = Some(reason.clone());
+                    run.event("stop", serde_json::json!({"reason": reason}));
+                    if let Some(e) = &run.engine {
+                        e.stop(Stop::Graceful);
+                    }
+                }
+            }
+        }
+    }
+
+    fn join_msg(&self, run_id: &str, accept: bool, reason: Option<String>) -> RunMessage {
+        RunMessage::Join {
+            run_id: run_id.into(),
+            accept,
+            reason,
+            name: self.me.name.clone(),
+            labels: self.me.labels.clone(),
+            weight: self.me.workers as u32,
+        }
+    }
+
+    /// Fetches the bundle from the origin, verifies its hash and prepares the plan.
+    fn fetch_bundle(&self, run_id: String, origin: String, hash: String) {
+        let rx = self.request(
+            &origin,
+            RunRequest::Bundle {
+                run_id: run_id.clone(),
+                hash: hash.clone(),
+            },
+        );
+        let tx = self.internal_tx.clone();
+        let (dir, allow) = (
+            self.me.data_dir.join("runs").join(&run_id),
+            self.me.allow_targets.clone(),
+        );
+        tokio::spawn(async move {
+            let result = match rx {
+                None => Err("cannot ask the origin for the plan".to_string()),
+                Some(rx) => match tokio::time::timeout(Duration::from_secs(10), rx).await {
+                    Ok(Ok(Ok(MeshResponse::Run(RunResponse::Bundle { bundle })))) => {
+                        if bundle.hash() != hash {
+                            Err("the plan bundle does not match its hash".to_string())
+                        } else {
+                            prepare_bundle(&bundle, &dir, &allow).map(|p| (p, bundle))
+                        }
+                    }
+                    Ok(Ok(Ok(MeshResponse::Run(RunResponse::Refused { reason })))) => Err(reason),
+                    Ok(Ok(Ok(_))) => Err("unexpected answer to a bundle request".into()),
+                    Ok(Ok(Err(e))) => Err(e),
+                    Ok(Err(_)) => Err("the mesh went away".into()),
+                    Err(_) => Err("timed out fetching the plan bundle".into()),
+                },
+            };
+            let _ = tx.send(Internal::Prepared { run_id, result });
+        });
+    }
+
+    /// The origin prepares from its own bundle (no fetch).
+    fn prepare(&mut self, run_id: String, bundle: Result<Bundle, String>) {
+        let dir = self.me.data_dir.join("runs").join(&run_id);
+        let result =
+            bundle.and_then(|b| prepare_bundle(&b, &dir, &self.me.allow_targets).map(|p| (p, b)));
+        self.on_internal(Internal::Prepared { run_id, result });
+    }
+
+    fn maybe_close_joins(&mut self, run_id: &str) {
+        let me = self.me.id.clone();
+        let alive: BTreeSet<String> = self
+            .view
+            .read()
+            .map(|v| v.alive_peers().iter().map(|p| p.to_string()).collect())
+            .unwrap_or_default();
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if run.origin != me || run.phase != Phase::Joining {
+            return;
+        }
+        let all_answered = run
+            .expected
+            .iter()
+            .all(|p| run.joins.contains_key(p) || (*p != me && !alive.contains(p)));
+        if !all_answered && Instant::now() < run.join_deadline {
+            return;
+        }
+        let mut members = Vec::new();
+        let mut refused = Vec::new();
+        for (id, j) in &run.joins {
+            let labels_ok = run
+                .requirements
+                .labels
+                .iter()
+                .all(|(k, v)| j.labels.get(k) == Some(v));
+            if j.accept && labels_ok {
+                members.push(RosterEntry {
+                    id: id.clone(),
+                    name: j.name.clone(),
+                    labels: j.labels.clone(),
+                    weight: j.weight,
+                });
+            } else {
+                let why = if !labels_ok {
+                    "labels do not match the run's selector".to_string()
+                } else {
+                    j.reason.clone().unwrap_or_default()
+                };
+                refused.push((j.name.clone(), why));
+            }
+        }
+        for p in &run.expected {
+            if !run.joins.contains_key(p) {
+                refused.push((p.clone(), "did not answer in time".into()));
+            }
+        }
+        let min = run.requirements.min_nodes.max(1) as usize;
+        let abort = if run.requirements.require_all && !refused.is_empty() {
+            Some(format!(
+                "the plan requires all nodes, and {} refused: {}",
+                refused.len(),
+                refused
+                    .iter()
+                    .map(|(n, r)| format!("{n}: {r}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))
+        } else if members.len() < min {
+            Some(format!(
+                "{} node(s) accepted, the run needs {min}{}",
+                members.len(),
+                if refused.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (refused: {})",
+                        refused
+                            .iter()
+                            .map(|(n, r)| format!("{n}: {r}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )
+                }
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = abort {
+            run.phase = Phase::Done;
+            if let Some(c) = run.client.take() {
+                let _ = c.done.send(Err(reason.clone()));
+            }
+            let msg = RunMessage::Abort {
+                run_id: run_id.into(),
+                reason,
+            };
+            self.publish(msg);
+            return;
+        }
+        // The lowest id leads term 1: every member can recompute it.
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        let msg = RunMessage::Roster {
+            run_id: run_id.into(),
+            members,
+            refused,
+        };
+        run.roster_msg = Some(msg.clone());
+        self.publish(msg.clone());
+        self.on_run_message(me, msg);
+    }
+
+    fn sync_clock(&self, run_id: String, leader: String) {
+        let tx = self.internal_tx.clone();
+        let mesh = self.mesh.clone();
+        tokio::spawn(async move {
+            let mut best: Option<(u64, i64)> = None;
+            for _ in 0..CLOCK_SAMPLES {
+                let Ok(peer) = leader.parse::<PeerId>() else {
+                    break;
+                };
+                let (reply, rx) = oneshot::channel();
+                let t1 = unix_us();
+                let req = MeshRequest::Run(RunRequest::Clock { t1_us: t1 });
+                if mesh
+                    .send(MeshCommand::Request {
+                        peer,
+                        request: req,
+                        reply,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                if let Ok(Ok(Ok(MeshResponse::Run(RunResponse::Clock {
+                    t1_us,
+                    t2_us,
+                    t3_us,
+                })))) = tokio::time::timeout(Duration::from_secs(2), rx).await
+                {
+                    let (off, rtt) = clock_offset(t1_us, t2_us, t3_us, unix_us());
+                    if best.is_none_or(|(r, _)| rtt < r) {
+                        best = Some((rtt, off));
+                    }
+                }
+            }
+            let offset_us = best.map(|(_, o)| o).unwrap_or(0);
+            let _ = tx.send(Internal::Clock { run_id, offset_us });
+        });
+    }
+
+    fn arrive(&mut self, run_id: &str, barrier: &str, detail: BarrierDetail) {
+        let me = self.me.id.clone();
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        run.my_arrivals.insert(barrier.into(), detail.clone());
+        let msg = RunMessage::Arrive {
+            run_id: run_id.into(),
+            barrier: barrier.into(),
+            detail,
+        };
+        self.publish(msg.clone());
+        self.on_run_message(me, msg);
+    }
+
+    fn on_barrier_progress(&mut self, run_id: &str, barrier: &str) {
+        let me = self.me.id.clone();
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if !run.barrier_complete(barrier) {
+            return;
+        }
+        match barrier {
+            "ready" if run.leader == me && run.assign_msg.is_none() => {
+                // Capacity-weighted execution segments; the roster order is the node index.
+                let weights: Vec<u64> = run.roster.iter().map(|m| m.weight as u64).collect();
+                let base = match Striping::from_weights(&weights) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot split the run");
+                        return;
+                    }
+                };
+                let start = unix_us() + START_LEAD.as_micros() as u64;
+                let msg = RunMessage::Assign {
+                    run_id: run_id.into(),
+                    term: run.term,
+                    vus: Assignment::new(base.clone()),
+                    events: Assignment::new(base),
+                    start_unix_us: start,
+                };
+                run.assign_msg = Some(msg.clone());
+                self.publish(msg.clone());
+                self.on_run_message(me, msg);
+            }
+            "started" => {
+                let starts: Vec<u64> = run.barriers["started"]
+                    .values()
+                    .filter_map(|d| d.started_unix_us)
+                    .collect();
+                if let (Some(lo), Some(hi)) = (starts.iter().min(), starts.iter().max()) {
+                    let skew = hi - lo;
+                    run.tell(serde_json::json!({"event": "started", "nodes": starts.len(), "start_skew_us": skew}));
+                }
+            }
+            "finished" => self.maybe_report(run_id),
+            _ => {}
+        }
+    }
+
+    fn start_engine(&mut self, run_id: &str) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let (Some(index), Some(plan), Some(split), Some(start)) = (
+            run.my_index,
+            run.plan.clone(),
+            run.split.clone(),
+            run.start_unix_us,
+        ) else {
+            return;
+        };
+        run.phase = Phase::Running;
+        let local_start_us = start as i64 - run.clock_offset_us;
+        let now_us = unix_us() as i64;
+        let start_at =
+            Instant::now() + Duration::from_micros((local_start_us - now_us).max(0) as u64);
+        let settings = match client_settings(&plan, &self.me.allow_targets) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot configure HTTP for the run");
+                return;
+            }
+        };
+        let http = match Shared::new(settings) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot configure HTTP for the run");
+                return;
+            }
+        };
+        let live = LiveAssignment::new(split);
+        run.live = Some(live.clone());
+        let workers = self.me.workers.max(1);
+        run.workers = workers;
+        let spec = RunSpec {
+            plan: plan.clone(),
+            assignment: live,
+            node: index,
+            node_name: self.me.name.clone(),
+            workers,
+            http,
+            start_at,
+            graceful_stop: self.me.graceful_stop,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let engine = match Engine::start(spec, tx) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the engine");
+                return;
+            }
+        };
+        run.engine = Some(engine.stop.clone());
+        run.collector = Some(NodeCollector::new(plan.layout.clone(), workers));
+        run.cpu = CpuSampler::default();
+        let internal = self.internal_tx.clone();
+        let rid = run_id.to_string();
+        let offset = run.clock_offset_us;
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start_at.into()).await;
+            let started = (unix_us() as i64 + offset).max(0) as u64;
+            let _ = internal.send(Internal::Started {
+                run_id: rid.clone(),
+                started_unix_us: started,
+            });
+            while let Some(report) = rx.recv().await {
+                let _ = internal.send(Internal::Report {
+                    run_id: rid.clone(),
+                    report,
+                });
+            }
+        });
+        // The engine's threads end by themselves; join them off the actor.
+        std::thread::spawn(move || engine.join());
+        let duration = plan_duration(&plan);
+        run.tell(serde_json::json!({"event": "assigned", "node": self.me.name, "index": index, "duration_s": duration.as_secs_f64()}));
+    }
+
+    // ---------------------------------------------------------------- internal
+
+    fn on_internal(&mut self, i: Internal) {
+        match i {
+            Internal::Prepared { run_id, result } => {
+                let Some(run) = self.runs.get_mut(&run_id) else {
+                    return;
+                };
+                let join = match result {
+                    Ok((plan, _bundle)) => {
+                        run.agg = Some(RunAggregate::new(plan.layout.clone()));
+                        run.plan = Some(plan);
+                        self.join_msg(&run_id, true, None)
+                    }
+                    Err(e) => {
+                        run.prepared_error = Some(e.clone());
+                        self.join_msg(&run_id, false, Some(e))
+                    }
+                };
+                let run = self.runs.get_mut(&run_id).expect("present");
+                run.my_join = Some(join.clone());
+                let me = self.me.id.clone();
+                self.publish(join.clone());
+                self.on_run_message(me, join);
+            }
+            Internal::Clock { run_id, offset_us } => {
+                if let Some(run) = self.runs.get_mut(&run_id) {
+                    run.clock_offset_us = offset_us;
+                }
+                self.arrive(
+                    &run_id,
+                    "ready",
+                    BarrierDetail {
+                        clock_offset_us: Some(offset_us),
+                        ..Default::default()
+                    },
+                );
+            }
+            Internal::Started {
+                run_id,
+                started_unix_us,
+            } => {
+                self.arrive(
+                    &run_id,
+                    "started",
+                    BarrierDetail {
+                        started_unix_us: Some(started_unix_us),
+                        ..Default::default()
+                    },
+                );
+            }
+            Internal::Report { run_id, report } => self.on_report(&run_id, report),
+            Internal::Fetched { run_id, snapshots } => {
+                for s in snapshots {
+                    let node = s.node.clone();
+                    if s.run_id == run_id {
+                        self.on_snapshot(&node, s);
+                    }
+                }
+                self.maybe_report(&run_id);
+            }
+        }
+    }
+
+    fn on_report(&mut self, run_id: &str, report: WorkerReport) {
+        let me = self.me.id.clone();
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let Some(collector) = run.collector.as_mut() else {
+            return;
+        };
+        let seconds = collector.add(report);
+        let finished = collector.finished();
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let mut out = Vec::new();
+        for s in seconds {
+            let cpu = run.cpu.sample(run.workers.min(cores));
+            run.published = run.published.max(s.second + 1);
+            out.push(SnapshotMessage {
+                run_id: run_id.into(),
+                node: me.clone(),
+                seq: s.second,
+                vus: s.vus,
+                cpu,
+                metrics: s.metrics.encode(),
+            });
+        }
+        let count = run.published;
+        if finished {
+            run.collector = None;
+        }
+        for msg in out {
+            if let Ok(mut st) = self.store.snapshots.lock() {
+                st.insert((run_id.to_string(), msg.seq), msg.clone());
+            }
+            self.publish_body(GossipBody::Snapshot(Box::new(msg.clone())), true);
+            self.on_snapshot(&me, msg);
+        }
+        if finished {
+            self.arrive(
+                run_id,
+                "finished",
+                BarrierDetail {
+                    snapshots: Some(count),
+                    ..Default::default()
+                },
+            );
+        }
+    }
+
+    fn on_snapshot(&mut self, from: &str, s: SnapshotMessage) {
+        let Some(run) = self.runs.get_mut(&s.run_id) else {
+            return;
+        };
+        if s.node != from || !run.roster.iter().any(|m| m.id == s.node) {
+            return;
+        }
+        let Some(agg) = run.agg.as_mut() else { return };
+        if !run.seen.entry(s.node.clone()).or_default().insert(s.seq) {
+            return;
+        }
+        let metrics = match Metrics::decode(&s.metrics) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(node = %s.node, error = %e, "snapshot refused");
+                return;
+            }
+        };
+        let second = NodeSecond {
+            second: s.seq,
+            metrics,
+            vus: s.vus,
+        };
+        if let Err(e) = agg.add(&s.node, &second) {
+            tracing::warn!(node = %s.node, error = %e, "snapshot does not fit the plan");
+            return;
+        }
+        let cpu = run.cpu_max.entry(s.node.clone()).or_insert(0.0);
+        *cpu = cpu.max(s.cpu);
+        if run.client.is_some() {
+            if let Some(p) = agg.latest() {
+                let nodes = run.live_members().count();
+                run.tell(serde_json::json!({"progress": p, "nodes": nodes}));
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- loss
+
+    fn on_lost(&mut self, peer: &str) {
+        let me = self.me.id.clone();
+        let ids: Vec<String> = self.runs.keys().cloned().collect();
+        for run_id in ids {
+            let Some(run) = self.runs.get_mut(&run_id) else {
+                continue;
+            };
+            if run.phase >= Phase::Done
+                || !run.roster.iter().any(|m| m.id == peer)
+                || run.lost.contains(peer)
+            {
+                // The origin may still be waiting for joins.
+                if run.phase == Phase::Joining {
+                    self.maybe_close_joins(&run_id);
+                }
+                continue;
+            }
+            run.lost.insert(peer.to_string());
+            let name = run.name_of(peer);
+            let last = run
+                .seen
+                .get(peer)
+                .and_then(|s| s.iter().next_back().copied());
+            run.event(
+                "node_lost",
+                serde_json::json!({"node": name, "id": peer, "last_snapshot": last}),
+            );
+            let was_leader = run.leader == peer;
+            if was_leader {
+                // The lowest live id leads the next term.
+                if let Some(next) = run.live_members().map(|m| m.id.clone()).min() {
+                    run.term += 1;
+                    run.leader = next.clone();
+                    let term = run.term;
+                    let nname = run.name_of(&next);
+                    run.event(
+                        "leader_elected",
+                        serde_json::json!({"leader": nname, "term": term}),
+                    );
+                    if next == me {
+                        self.publish(RunMessage::Leader {
+                            run_id: run_id.clone(),
+                            term,
+                            leader: me.clone(),
+                        });
+                    }
+                }
+            }
+            let run = self.runs.get_mut(&run_id).expect("present");
+            if run.leader == me {
+                self.reassign(&run_id, peer);
+            }
+            // Barriers may now be complete without the lost member.
+            for b in ["ready", "started", "finished"] {
+                self.on_barrier_progress(&run_id, b);
+            }
+        }
+    }
+
+    /// The leader moves a lost member's share to the survivors, by capacity.
+    fn reassign(&mut self, run_id: &str, lost: &str) {
+        let me = self.me.id.clone();
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let (Some(split), Some(plan)) = (run.split.clone(), run.plan.clone()) else {
+            // Not started yet: the assignment will only name live members.
+            return;
+        };
+        let Some(lost_index) = run.roster.iter().position(|m| m.id == lost) else {
+            return;
+        };
+        let survivors: Vec<(usize, u64)> = run
+            .roster
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| !run.lost.contains(&m.id))
+            .map(|(i, m)| (i, m.weight as u64))
+            .collect();
+        if survivors.is_empty() || split.vus.is_lost(lost_index) {
+            return;
+        }
+        // Arrival events from a moment just ahead of now; every scenario's events
+        // share the index space, so take the earliest of their next indices.
+        let at = Duration::from_secs_f64((run.run_time_s() + FAILOVER_LEAD.as_secs_f64()).max(0.0));
+        let from_event = plan
+            .scenarios
+            .iter()
+            .filter_map(|s| {
+                let sched = s.executor.arrival_schedule().ok()??;
+                let t = at.checked_sub(s.start_after).unwrap_or_default();
+                Some(first_event_at(&sched, t))
+            })
+            .min()
+            .unwrap_or(0);
+        let mut vus = split.vus.clone();
+        let mut events = split.events.clone();
+        let ok = Reassignment::new(lost_index, 0, &survivors)
+            .and_then(|r| vus.reassign(r))
+            .and_then(|_| Reassignment::new(lost_index, from_event, &survivors))
+            .and_then(|r| events.reassign(r));
+        if let Err(e) = ok {
+            tracing::error!(error = %e, "cannot reassign the lost member's share");
+            return;
+        }
+        let names: Vec<String> = survivors
+            .iter()
+            .map(|(i, _)| run.roster[*i].name.clone())
+            .collect();
+        let moved = format!(
+            "VUs and arrival events from #{from_event} of {} to {}",
+            run.name_of(lost),
+            names.join(", ")
+        );
+        let term = run.term;
+        let at_s = at.as_secs_f64();
+        run.event(
+            "reassigned",
+            serde_json::json!({"lost": run.name_of(lost), "from_s": at_s, "moved": moved.clone()}),
+        );
+        let msg = RunMessage::Reassign {
+            run_id: run_id.into(),
+            term,
+            lost: lost.into(),
+            vus,
+            events,
+            at_s,
+            moved,
+        };
+        self.publish(msg.clone());
+        self.on_run_message(me, msg);
+    }
+
+    // ---------------------------------------------------------------- ticks
+
+    fn on_tick(&mut self) {
+        let me = self.me.id.clone();
+        let ids: Vec<String> = self.runs.keys().cloned().collect();
+        for run_id in ids {
+            let Some(run) = self.runs.get(&run_id) else {
+                continue;
+            };
+            // Best-effort gossip: republish what others may have missed.
+            let mut again = Vec::new();
+            if run.phase == Phase::Joining {
+                if let Some(j) = &run.my_join {
+                    again.push(j.clone());
+                }
+            }
+            if run.phase < Phase::Done {
+                if let Some(r) = &run.roster_msg {
+                    if !run.barrier_complete("ready") {
+                        again.push(r.clone());
+                    }
+                }
+                if let Some(a) = &run.assign_msg {
+                    if !run.barrier_complete("started") {
+                        again.push(a.clone());
+                    }
+                }
+                for (b, d) in &run.my_arrivals {
+                    if !run.barrier_complete(b) {
+                        again.push(RunMessage::Arrive {
+                            run_id: run_id.clone(),
+                            barrier: b.clone(),
+                            detail: d.clone(),
+                        });
+                    }
+                }
+            }
+            let joining_origin = run.phase == Phase::Joining && run.origin == me;
+            let finishing = run.phase == Phase::Finishing;
+            let done_long_ago = run
+                .finished_at
+                .is_some_and(|t| t.elapsed() > Duration::from_secs(600));
+            for m in again {
+                self.publish(m);
+            }
+            if joining_origin {
+                self.maybe_close_joins(&run_id);
+            }
+            if finishing {
+                self.maybe_report(&run_id);
+            }
+            if done_long_ago {
+                self.runs.remove(&run_id);
+                if let Ok(mut s) = self.store.snapshots.lock() {
+                    s.retain(|(r, _), _| *r != run_id);
+                }
+            }
+        }
+    }
+
+    /// Once every live member finished: re-fetch missing snapshots, then (on the
+    /// origin) build the summary for the CLI.
+    fn maybe_report(&mut self, run_id: &str) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        if run.phase >= Phase::Done || !run.barrier_complete("finished") {
+            return;
+        }
+        run.phase = Phase::Finishing;
+        let mut missing: Vec<(String, Vec<u64>)> = Vec::new();
+        if let Some(fin) = run.barriers.get("finished") {
+            for (node, d) in fin {
+                if run.lost.contains(node) {
+                    continue;
+                }
+                let count = d.snapshots.unwrap_or(0);
+                let seen = run.seen.get(node);
+                let gaps: Vec<u64> = (0..count)
+                    .filter(|s| !seen.is_some_and(|x| x.contains(s)))
+                    .collect();
+                if !gaps.is_empty() {
+                    missing.push((node.clone(), gaps));
+                }
+            }
+        }
+        if !missing.is_empty() {
+            if run.fetch_asked.elapsed() < Duration::from_millis(800) {
+                return;
+            }
+            run.fetch_asked = Instant::now();
+            for (node, seqs) in missing {
+                let Some(rx) = self.request(
+                    &node,
+                    RunRequest::Snapshots {
+                        run_id: run_id.into(),
+                        node: node.clone(),
+                        seqs,
+                    },
+                ) else {
+                    continue;
+                };
+                let tx = self.internal_tx.clone();
+                let rid = run_id.to_string();
+                tokio::spawn(async move {
+                    if let Ok(Ok(Ok(MeshResponse::Run(RunResponse::Snapshots { snapshots })))) =
+                        tokio::time::timeout(Duration::from_secs(5), rx).await
+                    {
+                        let _ = tx.send(Internal::Fetched {
+                            run_id: rid,
+                            snapshots,
+                        });
+                    }
+                });
+            }
+            return;
+        }
+        run.phase = Phase::Done;
+        run.finished_at = Some(Instant::now());
+        let Some(client) = run.client.take() else {
+            return;
+        };
+        let duration_s = run.run_time_s().max(0.0);
+        let Some(agg) = run.agg.as_mut() else {
+            let _ = client.done.send(Err("the run has no measurements".into()));
+            return;
+        };
+        agg.finish();
+        let nodes: Vec<NodeInfo> = run
+            .roster
+            .iter()
+            .map(|m| NodeInfo {
+                id: m.id.clone(),
+                name: m.name.clone(),
+                labels: m.labels.clone(),
+                status: if run.lost.contains(&m.id) {
+                    "lost".into()
+                } else {
+                    "completed".into()
+                },
+                cpu: run.cpu_max.get(&m.id).copied().unwrap_or(0.0),
+            })
+            .collect();
+        let starts: Vec<u64> = run
+            .barriers
+            .get("started")
+            .map(|b| b.values().filter_map(|d| d.started_unix_us).collect())
+            .unwrap_or_default();
+        let skew = match (starts.iter().min(), starts.iter().max()) {
+            (Some(a), Some(b)) => b - a,
+            _ => 0,
+        };
+        let Some(plan) = run.plan.clone() else {
+            let _ = client.done.send(Err("the run's plan is missing".into()));
+            return;
+        };
+        let summary = report::build(
+            agg,
+            SummaryInput {
+                run_id: &run.id,
+                plan: &plan.plan,
+                started_at_unix_ms: run
+                    .start_unix_us
+                    .map(|u| u / 1000)
+                    .unwrap_or(run.started_unix_ms),
+                duration_s,
+                nodes: &nodes,
+                events: run.events.clone(),
+                start_skew_us: skew,
+            },
+        );
+        let _ = client.done.send(Ok(summary));
+    }
+}
+
+fn control_topic_body(m: RunMessage) -> GossipBody {
+    GossipBody::Run(Box::new(m))
+}
+
+/// The index of the first arrival at or after `t`.
+fn first_event_at(s: &stampede_protocol::executor::ArrivalSchedule, t: Duration) -> u64 {
+    let total = s.total_arrivals();
+    let (mut lo, mut hi) = (0u64, total);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match s.arrival_time(mid) {
+            Some(at) if at < t => lo = mid + 1,
+            _ => hi = mid,
+        }
+    }
+    lo
+}
+
+/// Writes a bundle's files under `dir`, compiles its plan there and checks every
+/// target host against this node's allowlist. The error is the named refusal.
+pub fn prepare_bundle(
+    bundle: &Bundle,
+    dir: &std::path::Path,
+    allow: &[String],
+) -> Result<Arc<CompiledPlan>, String> {
+    bundle.validate()?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    for (name, data) in &bundle.files {
+        let p = dir.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        std::fs::write(&p, data).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    let plan = crate::commands::compile_text(&bundle.plan_name, &bundle.plan, &[], dir)
+        .map_err(|e| e.to_string())?;
+    check_targets(&plan, allow)?;
+    Ok(Arc::new(plan))
+}
+
+/// Refuses a plan whose fixed target hosts this node's operator did not allow.
+fn check_targets(plan: &CompiledPlan, allow: &[String]) -> Result<(), String> {
+    let list = crate::http::Allowlist::from_entries(allow.iter().filter(|a| *a != "loopback"))
+        .map_err(|e| e.to_string())?;
+    let mut hosts = BTreeSet::new();
+    if let Some(b) = &plan.plan.defaults.base_url {
+        if let Ok(u) = crate::http::Url::parse(b) {
+            hosts.insert(u.host().to_string());
+        }
+    }
+    for f in &plan.flows {
+        for s in &f.steps {
+            if let crate::compile::UrlTemplate::Static(u) = &s.url {
+                hosts.insert(u.host().to_string());
+            }
+        }
+    }
+    for h in hosts {
+        let ip: Option<std::net::IpAddr> = h.parse().ok();
+        let allowed = match ip {
+            Some(ip) => list.allows(&h, ip),
+            None => h == "localhost" || list.allows(&h, std::net::IpAddr::from([0, 0, 0, 0])),
+        };
+        if !allowed {
+            return Err(format!("target {h} is not in this node's allowlist (start the node with --allow-target {h})"));
+        }
+    }
+    Ok(())
+}
