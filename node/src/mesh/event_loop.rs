@@ -224,6 +224,12 @@ impl EventLoop {
                     tracing::warn!(peer = %id, name = %t.name, "member speaks another protocol version: incompatible, it will not take part in runs")
                 }
             }
+            // A member silent this long on an open connection sits behind a dead link
+            // (libp2p's ping reports the second failure only after a substream
+            // negotiation timeout); drop the connection so a redial can take over.
+            if t.to == MemberState::Lost && self.swarm.is_connected(&t.peer) {
+                let _ = self.swarm.disconnect_peer_id(t.peer);
+            }
             let _ = self.events.send(MeshEvent::Member(t));
         }
     }
@@ -363,7 +369,15 @@ impl EventLoop {
                 tracing::debug!(%peer, error = %e, "ping failed; closing the connection");
                 self.swarm.close_connection(connection);
             }
-            MeshBehaviourEvent::Ping(_) => {}
+            MeshBehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(_),
+                ..
+            }) => {
+                if let Ok(mut v) = self.view.write() {
+                    v.heard(peer, Instant::now());
+                }
+            }
             MeshBehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (p, a) in found {
