@@ -6,11 +6,14 @@
 //! report merging) happens elsewhere and talks to the loop through `MeshCommand`.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, PublishError};
-use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
@@ -26,7 +29,7 @@ use super::behaviour::{
 };
 use super::discovery::{dialable, Bootstrap, Redial};
 use super::membership::MemberState;
-use super::{MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView};
+use super::{InboundRequest, MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView};
 
 enum Pending {
     /// Our own "whom do you know?" on a new connection.
@@ -49,7 +52,21 @@ pub struct EventLoop {
     redial: Redial,
     pending: HashMap<OutboundRequestId, Pending>,
     announce_subscribers: HashSet<PeerId>,
+    inbound: mpsc::Sender<InboundRequest>,
+    /// Answers being prepared elsewhere for inbound requests, with their channels.
+    replies: FuturesUnordered<ReplyFuture>,
 }
+
+type ReplyFuture = Pin<
+    Box<
+        dyn Future<
+                Output = (
+                    ResponseChannel<MeshResponse>,
+                    Result<MeshResponse, oneshot::error::RecvError>,
+                ),
+            > + Send,
+    >,
+>;
 
 impl EventLoop {
     pub fn new(
@@ -58,6 +75,7 @@ impl EventLoop {
         cfg: MeshConfig,
         commands: mpsc::Receiver<MeshCommand>,
         events: broadcast::Sender<MeshEvent>,
+        inbound: mpsc::Sender<InboundRequest>,
         listen_addrs: Vec<Multiaddr>,
     ) -> Result<Self, String> {
         let announce_topic = announce_topic();
@@ -86,6 +104,8 @@ impl EventLoop {
             redial: Redial::default(),
             pending: HashMap::new(),
             announce_subscribers: HashSet::new(),
+            inbound,
+            replies: FuturesUnordered::new(),
         })
     }
 
@@ -108,6 +128,10 @@ impl EventLoop {
                 },
                 _ = announce.tick() => self.announce(),
                 _ = check.tick() => self.check(),
+                Some((channel, answer)) = self.replies.next(), if !self.replies.is_empty() => {
+                    let response = answer.unwrap_or_else(|_| MeshResponse::Refused { reason: "the node gave no answer".into() });
+                    let _ = self.swarm.behaviour_mut().request_response.send_response(channel, response);
+                }
             }
         }
         self.leave().await;
@@ -513,6 +537,25 @@ impl EventLoop {
                                 reason: "membership view unavailable".into(),
                             },
                         },
+                        // Kinds added by run coordination are answered outside the loop.
+                        #[allow(unreachable_patterns)]
+                        request => {
+                            let (tx, rx) = oneshot::channel();
+                            match self.inbound.try_send(InboundRequest {
+                                peer,
+                                request,
+                                reply: tx,
+                            }) {
+                                Ok(()) => {
+                                    self.replies
+                                        .push(Box::pin(async move { (channel, rx.await) }));
+                                    return;
+                                }
+                                Err(_) => MeshResponse::Refused {
+                                    reason: "this node cannot take the request now".into(),
+                                },
+                            }
+                        }
                     };
                     if self
                         .swarm
