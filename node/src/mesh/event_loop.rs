@@ -129,12 +129,25 @@ impl EventLoop {
                 _ = announce.tick() => self.announce(),
                 _ = check.tick() => self.check(),
                 Some((channel, answer)) = self.replies.next(), if !self.replies.is_empty() => {
-                    let response = answer.unwrap_or_else(|_| MeshResponse::Refused { reason: "the node gave no answer".into() });
-                    let _ = self.swarm.behaviour_mut().request_response.send_response(channel, response);
+                    self.answer(channel, answer);
                 }
             }
         }
         self.leave().await;
+    }
+
+    fn answer(
+        &mut self,
+        channel: ResponseChannel<MeshResponse>,
+        answer: Result<MeshResponse, oneshot::error::RecvError>,
+    ) {
+        let response = answer.unwrap_or_else(|_| MeshResponse::Refused {
+            reason: "the node gave no answer".into(),
+        });
+        let rr = &mut self.swarm.behaviour_mut().request_response;
+        if rr.send_response(channel, response).is_err() {
+            tracing::debug!("response not sent: the requester went away");
+        }
     }
 
     async fn leave(&mut self) {
