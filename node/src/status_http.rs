@@ -203,3 +203,53 @@ fn placeholder_page(view: &SharedView) -> String {
          <p><a href=\"/metrics\">/metrics</a> · <a href=\"/health\">/health</a></p></body></html>\n"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, RwLock};
+    use std::time::Duration;
+
+    use libp2p::PeerId;
+    use stampede_protocol::mesh::{Announce, NodeState, PROTOCOL_VERSION};
+
+    use crate::mesh::membership::View;
+
+    fn ann(id: &PeerId, name: &str) -> Announce {
+        Announce {
+            id: id.to_string(),
+            name: name.into(),
+            version: "0.1.0".into(),
+            protocol_version: PROTOCOL_VERSION,
+            labels: Default::default(),
+            capacity: 1,
+            state: NodeState::Idle,
+            allow_targets: vec![],
+            addrs: vec![],
+            seq: 1,
+        }
+    }
+
+    #[test]
+    fn metrics_count_states_and_escape_labels() {
+        let me = PeerId::random();
+        let other = PeerId::random();
+        let now = Instant::now();
+        let mut v = View::new(me, ann(&me, "me"), Duration::from_secs(3));
+        v.heard_announce(other, ann(&other, "evil\"name\nx"), now);
+        v.refresh(now);
+        let view = Arc::new(RwLock::new(v));
+        let text = metrics_text(&view);
+        assert!(text.contains("stampede_mesh_size 2\n"), "{text}");
+        assert!(text.contains("stampede_mesh_members{state=\"lost\"} 0\n"));
+        assert!(text.contains("name=\"evil\\\"name\\nx\""), "{text}");
+        // Every sample line is `name{labels} value` or `name value`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(
+                line.rsplit_once(' ')
+                    .is_some_and(|(_, v)| v.parse::<f64>().is_ok()),
+                "{line}"
+            );
+        }
+    }
+}

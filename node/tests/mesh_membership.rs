@@ -19,11 +19,12 @@ fn three_nodes_see_each_other_via_bootstrap() {
         &[],
     );
     let start = Instant::now();
-    // One bootstrap with /p2p/ID, one without.
     let a1 = n1.addr();
-    let bare = a1.split("/p2p/").next().unwrap().to_string();
+    // n2 bootstraps with /p2p/ID, n3 by DNS name and without /p2p/ID.
+    let port = a1.split('/').nth(4).unwrap().to_string();
+    let by_name = format!("/dns4/localhost/tcp/{port}");
     let n2 = mesh.node("n2", &["--bootstrap", &a1, "--label", "region=us"], &[]);
-    let n3 = mesh.node("n3", &["--bootstrap", &bare], &[]);
+    let n3 = mesh.node("n3", &["--bootstrap", &by_name], &[]);
     let ids = vec![n1.peer_id(), n2.peer_id(), n3.peer_id()];
     let ok = wait_until(FULL_VIEW_LIMIT, || all_see(&[&n1, &n2, &n3], &ids));
     assert!(
@@ -70,6 +71,7 @@ fn three_nodes_see_each_other_via_bootstrap() {
     let body = http_get(&http, "/metrics");
     assert!(body.contains("stampede_mesh_size 3"), "{body}");
     assert!(http_get(&http, "/health").contains("\"ok\""));
+    assert!(http_get(&http, "/").contains("stampede node"));
     // The startup log names the key's fingerprint, never the key.
     let key_hex = std::fs::read_to_string(&mesh.key)
         .unwrap()

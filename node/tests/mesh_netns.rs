@@ -122,11 +122,53 @@ fn nodes_in_namespaces_find_each_other_by_mdns() {
         start.elapsed()
     );
     // Regions from the script's round robin, as labels.
-    let regions: Vec<String> = peers_in(&dir, 1)
+    let rows = peers_in(&dir, 1);
+    let regions: Vec<&str> = rows
         .iter()
-        .map(|m| m["labels"]["region"].as_str().unwrap_or("").to_string())
+        .map(|m| m["labels"]["region"].as_str().unwrap_or(""))
         .collect();
     for r in ["us", "eu", "ap"] {
-        assert!(regions.iter().any(|x| x == r), "no {r} host in {regions:?}");
+        assert!(regions.contains(&r), "no {r} host in {regions:?}");
     }
+
+    // Partition host 3 (its cable pulled): the others mark it lost, then it comes back.
+    let id3 = peers_in(&dir, 3)
+        .iter()
+        .find(|m| m["self"] == true)
+        .map(|m| m["id"].clone())
+        .expect("host 3 lists itself");
+    let state_of_3 = |i: usize| {
+        peers_in(&dir, i)
+            .iter()
+            .find(|m| m["id"] == id3)
+            .map(|m| m["state"].as_str().unwrap_or("").to_string())
+    };
+    let cut = Command::new("ip")
+        .args(["link", "set", "sp-veth3", "down"])
+        .status()
+        .unwrap();
+    assert!(cut.success());
+    let cut_at = Instant::now();
+    let lost = wait_until(Duration::from_secs(30), || {
+        (1..=2).all(|i| state_of_3(i).as_deref() == Some("lost"))
+    });
+    assert!(
+        lost,
+        "partitioned host 3 not marked lost; host 1 sees {:?}",
+        peers_in(&dir, 1)
+    );
+    eprintln!("partitioned host marked lost after {:?}", cut_at.elapsed());
+    let heal = Command::new("ip")
+        .args(["link", "set", "sp-veth3", "up"])
+        .status()
+        .unwrap();
+    assert!(heal.success());
+    let healed_at = Instant::now();
+    let back = wait_until(Duration::from_secs(90), || (1..=HOSTS).all(all_alive));
+    assert!(
+        back,
+        "host 3 did not rejoin; host 1 sees {:?}",
+        peers_in(&dir, 1)
+    );
+    eprintln!("healed host rejoined after {:?}", healed_at.elapsed());
 }

@@ -61,12 +61,15 @@ pub fn gossipsub_config(
     max_transmit: usize,
 ) -> Result<gossipsub::Config, String> {
     gossipsub::ConfigBuilder::default()
-        // Small meshes: keep D low so 2-3 node meshes are "full" quickly, with
-        // mesh_n_low 1 so even a pair of nodes forms a mesh without grumbling.
+        // Meshes of 2 to 50 nodes, where every node dials every member it learns of:
+        // messages are flood-published to all subscribers anyway, so the mesh (D) only
+        // carries relays. D = 6 keeps relay duplicates low at 50 nodes; D_lo = 4 and
+        // D_hi = 12 leave room before re-grafting or pruning churns; with fewer peers
+        // than D_lo the mesh is simply everyone, which is what small meshes want.
         .mesh_n(6)
-        .mesh_n_low(1)
+        .mesh_n_low(4)
         .mesh_n_high(12)
-        .mesh_outbound_min(1)
+        .mesh_outbound_min(2)
         .gossip_lazy(6)
         .heartbeat_interval(heartbeat)
         // The default first heartbeat comes after ~5 s; a joining node should be grafted

@@ -6,11 +6,14 @@
 //! report merging) happens elsewhere and talks to the loop through `MeshCommand`.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, PublishError};
-use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
@@ -26,7 +29,7 @@ use super::behaviour::{
 };
 use super::discovery::{dialable, Bootstrap, Redial};
 use super::membership::MemberState;
-use super::{MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView};
+use super::{InboundRequest, MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView};
 
 enum Pending {
     /// Our own "whom do you know?" on a new connection.
@@ -50,7 +53,21 @@ pub struct EventLoop {
     pending: HashMap<OutboundRequestId, Pending>,
     announce_subscribers: HashSet<PeerId>,
     run_responder: super::RunResponder,
+    inbound: mpsc::Sender<InboundRequest>,
+    /// Answers being prepared elsewhere for inbound requests, with their channels.
+    replies: FuturesUnordered<ReplyFuture>,
 }
+
+type ReplyFuture = Pin<
+    Box<
+        dyn Future<
+                Output = (
+                    ResponseChannel<MeshResponse>,
+                    Result<MeshResponse, oneshot::error::RecvError>,
+                ),
+            > + Send,
+    >,
+>;
 
 impl EventLoop {
     pub fn new(
@@ -59,6 +76,7 @@ impl EventLoop {
         cfg: MeshConfig,
         commands: mpsc::Receiver<MeshCommand>,
         events: broadcast::Sender<MeshEvent>,
+        inbound: mpsc::Sender<InboundRequest>,
         listen_addrs: Vec<Multiaddr>,
     ) -> Result<Self, String> {
         let announce_topic = announce_topic();
@@ -88,6 +106,8 @@ impl EventLoop {
             pending: HashMap::new(),
             announce_subscribers: HashSet::new(),
             run_responder: cfg.run_responder,
+            inbound,
+            replies: FuturesUnordered::new(),
         })
     }
 
@@ -110,9 +130,26 @@ impl EventLoop {
                 },
                 _ = announce.tick() => self.announce(),
                 _ = check.tick() => self.check(),
+                Some((channel, answer)) = self.replies.next(), if !self.replies.is_empty() => {
+                    self.answer(channel, answer);
+                }
             }
         }
         self.leave().await;
+    }
+
+    fn answer(
+        &mut self,
+        channel: ResponseChannel<MeshResponse>,
+        answer: Result<MeshResponse, oneshot::error::RecvError>,
+    ) {
+        let response = answer.unwrap_or_else(|_| MeshResponse::Refused {
+            reason: "the node gave no answer".into(),
+        });
+        let rr = &mut self.swarm.behaviour_mut().request_response;
+        if rr.send_response(channel, response).is_err() {
+            tracing::debug!("response not sent: the requester went away");
+        }
     }
 
     async fn leave(&mut self) {
@@ -225,6 +262,12 @@ impl EventLoop {
                 MemberState::Incompatible => {
                     tracing::warn!(peer = %id, name = %t.name, "member speaks another protocol version: incompatible, it will not take part in runs")
                 }
+            }
+            // A member silent this long on an open connection sits behind a dead link
+            // (libp2p's ping reports the second failure only after a substream
+            // negotiation timeout); drop the connection so a redial can take over.
+            if t.to == MemberState::Lost && self.swarm.is_connected(&t.peer) {
+                let _ = self.swarm.disconnect_peer_id(t.peer);
             }
             let _ = self.events.send(MeshEvent::Member(t));
         }
@@ -365,7 +408,15 @@ impl EventLoop {
                 tracing::debug!(%peer, error = %e, "ping failed; closing the connection");
                 self.swarm.close_connection(connection);
             }
-            MeshBehaviourEvent::Ping(_) => {}
+            MeshBehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(_),
+                ..
+            }) => {
+                if let Ok(mut v) = self.view.write() {
+                    v.heard(peer, Instant::now());
+                }
+            }
             MeshBehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (p, a) in found {
@@ -507,6 +558,25 @@ impl EventLoop {
                                 reason: "membership view unavailable".into(),
                             },
                         },
+                        // Kinds added by run coordination are answered outside the loop.
+                        #[allow(unreachable_patterns)]
+                        request => {
+                            let (tx, rx) = oneshot::channel();
+                            match self.inbound.try_send(InboundRequest {
+                                peer,
+                                request,
+                                reply: tx,
+                            }) {
+                                Ok(()) => {
+                                    self.replies
+                                        .push(Box::pin(async move { (channel, rx.await) }));
+                                    return;
+                                }
+                                Err(_) => MeshResponse::Refused {
+                                    reason: "this node cannot take the request now".into(),
+                                },
+                            }
+                        }
                     };
                     if self
                         .swarm

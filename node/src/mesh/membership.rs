@@ -79,7 +79,8 @@ pub struct Transition {
     pub to: MemberState,
 }
 
-/// The view. `lost_after` is how long a member may be silent, with no live connection,
+/// The view. `lost_after` is how long a member may be silent (no announcement, no
+/// answered ping on a connection, no new connection)
 /// before it counts as lost.
 #[derive(Debug)]
 pub struct View {
@@ -187,6 +188,13 @@ impl View {
         Some(peer)
     }
 
+    /// A sign of life on a connection (an answered ping).
+    pub fn heard(&mut self, peer: PeerId, now: Instant) {
+        if let Some(m) = self.members.get_mut(&peer) {
+            m.last_heard = now;
+        }
+    }
+
     pub fn connected(&mut self, peer: PeerId, now: Instant) {
         let m = self.entry(peer, now);
         m.connections += 1;
@@ -212,7 +220,9 @@ impl View {
             let silent = now.saturating_duration_since(m.last_heard) > lost_after;
             // A node that said it is leaving is gone as soon as its connections are.
             let leaving = matches!(&m.announce, Some(a) if a.state == NodeState::Leaving);
-            let new = if (silent || leaving) && m.connections == 0 {
+            // A connection alone is not a sign of life: on a dead link it stays "open"
+            // until TCP gives up, while pings go unanswered.
+            let new = if silent || (leaving && m.connections == 0) {
                 MemberState::Lost
             } else if m.protocol_version.is_some_and(|v| v != ours) {
                 MemberState::Incompatible
@@ -365,7 +375,7 @@ mod tests {
     }
 
     #[test]
-    fn silence_without_connection_means_lost_and_back() {
+    fn silence_means_lost_and_an_announcement_brings_it_back() {
         let me = PeerId::random();
         let other = PeerId::random();
         let t0 = Instant::now();
@@ -378,11 +388,12 @@ mod tests {
         let ch = v.refresh(t0);
         assert_eq!(ch[0].to, MemberState::Alive);
         assert_eq!(v.alive_peers(), vec![other]);
-        // Connected: silence alone does not make it lost.
+        // Connected and answering pings: alive, even without announcements.
         v.connected(other, t0);
+        v.heard(other, t0 + Duration::from_secs(9));
         assert!(v.refresh(t0 + Duration::from_secs(10)).is_empty());
-        v.disconnected(other, 0);
-        let ch = v.refresh(t0 + Duration::from_secs(10));
+        // A connection whose pings go unanswered does not keep it alive.
+        let ch = v.refresh(t0 + Duration::from_secs(13));
         assert_eq!(
             ch,
             vec![Transition {
@@ -395,17 +406,17 @@ mod tests {
         assert!(v.heard_announce(
             other,
             ann(&other, "o", 2, PROTOCOL_VERSION),
-            t0 + Duration::from_secs(11)
+            t0 + Duration::from_secs(14)
         ));
         assert_eq!(
-            v.refresh(t0 + Duration::from_secs(11))[0].to,
+            v.refresh(t0 + Duration::from_secs(14))[0].to,
             MemberState::Alive
         );
         // Stale relayed copy ignored.
         assert!(!v.heard_announce(
             other,
             ann(&other, "o", 1, PROTOCOL_VERSION),
-            t0 + Duration::from_secs(11)
+            t0 + Duration::from_secs(14)
         ));
     }
 
