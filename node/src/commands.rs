@@ -96,7 +96,7 @@ fn run_mesh(args: RunArgs) -> Result<Outcome, Failure> {
     .map_err(Failure::usage)?;
     let request = crate::control::ControlRequest::Run {
         bundle,
-        requirements: Default::default(),
+        requirements: plan.plan.requirements.clone(),
     };
     // Ctrl-C: ask the node to stop the run everywhere; the summary still comes back.
     let run_id = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));

@@ -29,6 +29,8 @@ pub struct Plan {
     pub scenarios: Vec<Scenario>,
     pub flows: Vec<Flow>,
     pub thresholds: Vec<Threshold>,
+    /// What a mesh run of this plan needs from the nodes (`[requirements]`).
+    pub requirements: crate::run::Requirements,
 }
 
 #[derive(Debug, Clone)]
@@ -198,6 +200,19 @@ struct RawPlan {
     flows: BTreeMap<String, Spanned<RawFlow>>,
     #[serde(default)]
     thresholds: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    requirements: RawRequirements,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRequirements {
+    #[serde(default)]
+    min_nodes: u32,
+    #[serde(default)]
+    require_all: bool,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -494,6 +509,11 @@ impl Validator<'_> {
             scenarios,
             flows,
             thresholds,
+            requirements: crate::run::Requirements {
+                min_nodes: raw.requirements.min_nodes,
+                require_all: raw.requirements.require_all,
+                labels: raw.requirements.labels,
+            },
         })
     }
 

@@ -1,0 +1,326 @@
+//! Distributed runs across real node processes on 127.0.0.1 against a real
+//! stampede-target: a run started anywhere runs everywhere and counts exactly; it
+//! survives `kill -9` of a member and of its leader; refusals reach the CLI by name;
+//! two runs proposed at once do not corrupt each other.
+
+mod mesh_support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_support::{all_see, wait_until, Mesh, Node, BIN};
+use serde_json::Value;
+use stampede_tools::{TargetConfig, TargetHandle};
+
+/// Nodes with one worker each: three of them share this 2-core machine with the target.
+const NODE_ENV: &[(&str, &str)] = &[("STAMPEDE_CAPACITY", "1")];
+
+fn three_nodes(mesh: &Mesh, extra: [&[&str]; 3]) -> Vec<Node> {
+    let n1 = mesh.node("n1", extra[0], NODE_ENV);
+    let a1 = n1.addr();
+    let mut e2 = vec!["--bootstrap", a1.as_str()];
+    e2.extend_from_slice(extra[1]);
+    let mut e3 = vec!["--bootstrap", a1.as_str()];
+    e3.extend_from_slice(extra[2]);
+    let n2 = mesh.node("n2", &e2, NODE_ENV);
+    let n3 = mesh.node("n3", &e3, NODE_ENV);
+    let ids = vec![n1.peer_id(), n2.peer_id(), n3.peer_id()];
+    assert!(
+        wait_until(Duration::from_secs(30), || all_see(&[&n1, &n2, &n3], &ids)),
+        "the mesh did not form"
+    );
+    vec![n1, n2, n3]
+}
+
+fn target() -> TargetHandle {
+    stampede_tools::spawn(TargetConfig::default()).expect("start stampede-target")
+}
+
+fn rate_plan(dir: &Path, url: &str, rate: u32, duration: &str) -> PathBuf {
+    let p = dir.join("rate.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+name = "mesh-rate"
+[defaults]
+base_url = "{url}"
+timeout = "5s"
+[scenarios.steady]
+executor = "constant-arrival-rate"
+rate = {rate}
+duration = "{duration}"
+max_vus = 100
+flow = "get"
+[[flows.get.steps]]
+name = "product"
+request = {{ url = "/products/5" }}
+check = {{ status = 200 }}
+"#
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Starts `stampede run --mesh` against a node; the JSON summary goes to `json`.
+fn start_run(node: &Node, plan: &Path, json: &Path) -> Child {
+    Command::new(BIN)
+        .args(["run", "--mesh", "--quiet", "--data-dir"])
+        .arg(&node.dir)
+        .arg(plan)
+        .arg("--out")
+        .arg(format!("json={}", json.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run stampede")
+}
+
+fn finish(child: Child) -> Output {
+    child.wait_with_output().expect("wait for the CLI")
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn summary(json: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(json).expect("summary written")).unwrap()
+}
+
+/// The target's requests per whole second, oldest first.
+fn per_second(t: &TargetHandle) -> Vec<(u64, u64)> {
+    serde_json::to_value(t.stats()).unwrap()["per_second"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_u64().unwrap()))
+        .collect()
+}
+
+fn unix_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn a_run_started_on_node_2_runs_on_all_three_and_counts_exactly() {
+    let mesh = Mesh::new();
+    let nodes = three_nodes(&mesh, [&[], &[], &[]]);
+    let t = target();
+    let plan = rate_plan(mesh.tmp.path(), &t.url(), 90, "6s");
+    let json = mesh.tmp.path().join("summary.json");
+    let out = finish(start_run(&nodes[1], &plan, &json));
+    assert!(out.status.success(), "{}", show(&out));
+    let s = summary(&json);
+    assert_eq!(
+        s["totals"]["requests"].as_u64().unwrap(),
+        t.requests(),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(s["totals"]["iterations"], 540);
+    assert_eq!(s["totals"]["failed"], 0);
+    let ns = s["nodes"].as_array().unwrap();
+    assert_eq!(ns.len(), 3, "{}", s["nodes"]);
+    // Equal capacities: each node's segment is a third of the 540 arrivals.
+    for n in ns {
+        let r = n["requests"].as_i64().unwrap();
+        assert!((r - 180).abs() <= 1, "node {} ran {r} of 540", n["name"]);
+        assert_eq!(n["status"], "completed");
+    }
+    let skew = s["start_skew_us"].as_u64().unwrap();
+    eprintln!("start skew across 3 nodes: {skew} µs");
+    assert!(skew < 100_000, "start skew {skew} µs");
+    // The merged report has per-node timelines' worth of seconds and a per-label view.
+    assert!(s["timeline"].as_array().unwrap().len() >= 6);
+}
+
+/// Kills one member mid-run and checks that the run completes, the load returns to
+/// its planned rate within 3 s, the loss is recorded, and nothing but the lost
+/// member's last unreported second is missing from the totals.
+fn survive_kill(kill_leader: bool) {
+    let mesh = Mesh::new();
+    let mut nodes = three_nodes(&mesh, [&[], &[], &[]]);
+    // The leader is the member with the lowest id; the CLI talks to another node.
+    let mut order: Vec<usize> = (0..3).collect();
+    order.sort_by_key(|i| nodes[*i].peer_id());
+    let leader = order[0];
+    let victim = if kill_leader { leader } else { order[1] };
+    let origin = *order.iter().find(|i| **i != victim).unwrap();
+    let t = target();
+    let rate = 60;
+    let plan = rate_plan(mesh.tmp.path(), &t.url(), rate, "12s");
+    let json = mesh.tmp.path().join("summary.json");
+    let cli = start_run(&nodes[origin], &plan, &json);
+    // Kill once the run has been going for about 4 s.
+    let went = wait_until(Duration::from_secs(30), || t.requests() >= 4 * rate as u64);
+    assert!(went, "the run did not get going");
+    let killed_at = unix_s();
+    nodes[victim].kill9();
+    let out = finish(cli);
+    assert!(out.status.success(), "{}", show(&out));
+    let s = summary(&json);
+
+    let events = s["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert!(kinds.contains(&"node_lost"), "events {kinds:?}");
+    assert!(kinds.contains(&"reassigned"), "events {kinds:?}");
+    if kill_leader {
+        assert!(kinds.contains(&"leader_elected"), "events {kinds:?}");
+    }
+    let lost: Vec<&Value> = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["status"] == "lost")
+        .collect();
+    assert_eq!(lost.len(), 1, "{}", s["nodes"]);
+
+    // The planned rate is back within 3 s of the kill (whole seconds at the target).
+    let seconds = per_second(&t);
+    let back: Vec<u64> = seconds
+        .iter()
+        .filter(|(sec, _)| *sec >= killed_at + 3 && *sec <= killed_at + 6)
+        .map(|(_, n)| *n)
+        .collect();
+    eprintln!("target per second around the kill at {killed_at}: {seconds:?}");
+    assert!(!back.is_empty());
+    for n in &back {
+        assert!(
+            (*n as f64 - rate as f64).abs() <= rate as f64 * 0.15,
+            "rate {n}/s after the kill: {back:?}"
+        );
+    }
+
+    // Totals: the target's count minus at most the lost member's unreported last
+    // second (its share is a third of the rate), plus the requests in flight.
+    let counted = t.requests();
+    let reported = s["totals"]["requests"].as_u64().unwrap();
+    eprintln!("target counted {counted}, the summary holds {reported}");
+    assert!(
+        reported <= counted,
+        "reported {reported} > counted {counted}"
+    );
+    assert!(
+        counted - reported <= (rate as u64 / 3) * 2,
+        "lost {} requests",
+        counted - reported
+    );
+}
+
+#[test]
+fn a_run_survives_kill_9_of_a_member() {
+    survive_kill(false);
+}
+
+#[test]
+fn a_run_survives_kill_9_of_its_leader() {
+    survive_kill(true);
+}
+
+#[test]
+fn a_refusing_node_is_named_and_the_run_goes_on_or_refuses_as_a_whole() {
+    let mesh = Mesh::new();
+    // n1 and n2 allow the plan's target host, n3 does not.
+    let allow: &[&str] = &["--allow-target", "shop.stampede-test.invalid"];
+    let nodes = three_nodes(&mesh, [allow, allow, &[]]);
+    let plan = mesh.tmp.path().join("refuse.toml");
+    let text = r#"
+name = "refusal"
+[defaults]
+base_url = "http://shop.stampede-test.invalid:8080"
+timeout = "1s"
+[scenarios.s]
+executor = "per-vu-iterations"
+vus = 1
+iterations = 1
+flow = "get"
+[[flows.get.steps]]
+name = "home"
+request = { url = "/" }
+"#;
+    std::fs::write(&plan, text).unwrap();
+    let json = mesh.tmp.path().join("summary.json");
+    let out = finish(start_run(&nodes[0], &plan, &json));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refused") && err.contains("n3"),
+        "{}",
+        show(&out)
+    );
+    assert!(err.contains("allowlist"), "{}", show(&out));
+    // The run went on without n3 (its single request fails DNS: .invalid never
+    // resolves, so no traffic leaves this machine).
+    let s = summary(&json);
+    let names: Vec<&str> = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert!(!names.contains(&"n3"), "{names:?}");
+
+    // With `require_all`, the same refusal stops the run as a whole.
+    std::fs::write(
+        &plan,
+        format!("{text}\n[requirements]\nrequire_all = true\n"),
+    )
+    .unwrap();
+    let out = finish(start_run(
+        &nodes[0],
+        &plan,
+        &mesh.tmp.path().join("none.json"),
+    ));
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("requires all nodes") && err.contains("n3"),
+        "{}",
+        show(&out)
+    );
+}
+
+#[test]
+fn two_runs_proposed_at_once_do_not_corrupt_each_other() {
+    let mesh = Mesh::new();
+    let nodes = three_nodes(&mesh, [&[], &[], &[]]);
+    let t = target();
+    let plan = rate_plan(mesh.tmp.path(), &t.url(), 30, "3s");
+    let (ja, jb) = (
+        mesh.tmp.path().join("a.json"),
+        mesh.tmp.path().join("b.json"),
+    );
+    let started = Instant::now();
+    let a = start_run(&nodes[0], &plan, &ja);
+    let b = start_run(&nodes[2], &plan, &jb);
+    let (oa, ob) = (finish(a), finish(b));
+    eprintln!("both ended after {:?}", started.elapsed());
+    let mut total = 0;
+    let mut completed = 0;
+    for (o, j) in [(&oa, &ja), (&ob, &jb)] {
+        if o.status.success() {
+            completed += 1;
+            let s = summary(j);
+            // Each run ran its whole schedule on the nodes it got.
+            assert_eq!(s["totals"]["iterations"], 90, "{}", show(o));
+            total += s["totals"]["requests"].as_u64().unwrap();
+        } else {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains("busy"), "a refused run names why: {}", show(o));
+        }
+    }
+    assert!(completed >= 1, "{}\n{}", show(&oa), show(&ob));
+    // Nothing was counted twice or lost between the runs.
+    assert_eq!(total, t.requests());
+}
