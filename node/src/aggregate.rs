@@ -229,7 +229,8 @@ impl RunAggregate {
     }
 }
 
-fn point(t: u64, m: &Metrics, vus: u64, nodes: usize) -> TimelinePoint {
+/// One second of metrics as a timeline point (percentiles from its merged histogram).
+pub fn point(t: u64, m: &Metrics, vus: u64, nodes: usize) -> TimelinePoint {
     let mut lat = Hist::default();
     let mut p = TimelinePoint {
         t,

@@ -328,6 +328,7 @@ pub struct NodeIdentity {
 
 pub struct Coordinator {
     me: NodeIdentity,
+    live: Arc<crate::live::LiveRuns>,
     mesh: mpsc::Sender<MeshCommand>,
     view: SharedView,
     store: Arc<RunStore>,
@@ -342,11 +343,13 @@ pub fn spawn(
     events: broadcast::Receiver<MeshEvent>,
     view: SharedView,
     store: Arc<RunStore>,
+    live: Arc<crate::live::LiveRuns>,
 ) -> mpsc::Sender<CoordCommand> {
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (internal_tx, internal_rx) = mpsc::unbounded_channel();
     let c = Coordinator {
         me,
+        live,
         mesh,
         view,
         store,
@@ -1198,6 +1201,7 @@ impl Coordinator {
         if s.node != from || !run.roster.iter().any(|m| m.id == s.node) {
             return;
         }
+        let node_name = run.name_of(&s.node);
         let Some(agg) = run.agg.as_mut() else { return };
         if !run.seen.entry(s.node.clone()).or_default().insert(s.seq) {
             return;
@@ -1220,6 +1224,20 @@ impl Coordinator {
         }
         let cpu = run.cpu_max.entry(s.node.clone()).or_insert(0.0);
         *cpu = cpu.max(s.cpu);
+        let node_point = crate::aggregate::point(s.seq, &second.metrics, s.vus, 1);
+        let latest = agg.latest();
+        let totals = agg.totals.clone();
+        let node_totals = agg.nodes.get(&s.node).map(|n| n.totals.clone());
+        self.live.update(&run.id, &run.plan_name, |l| {
+            l.push_node_point(&node_name, node_point);
+            if let Some(p) = latest {
+                l.push_point(p);
+            }
+            l.totals = Some(totals);
+            if let Some(nt) = node_totals {
+                l.node_totals.insert(node_name.clone(), nt);
+            }
+        });
         if run.client.is_some() {
             if let Some(p) = agg.latest() {
                 let nodes = run.live_members().count();
@@ -1372,6 +1390,11 @@ impl Coordinator {
             let Some(run) = self.runs.get(&run_id) else {
                 continue;
             };
+            if run.phase < Phase::Done
+                || run.finished_at.is_some_and(|t| t.elapsed() < REPUBLISH * 3)
+            {
+                self.mirror_live(run);
+            }
             // Best-effort gossip: republish what others may have missed.
             let mut again = Vec::new();
             if run.phase == Phase::Joining {
@@ -1421,6 +1444,43 @@ impl Coordinator {
                 }
             }
         }
+    }
+
+    /// Copies the run's phase, members and events into the live view.
+    fn mirror_live(&self, run: &Run) {
+        let phase = serde_json::to_value(run.phase)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let members: Vec<crate::live::LiveMember> = run
+            .roster
+            .iter()
+            .map(|m| crate::live::LiveMember {
+                id: m.id.clone(),
+                name: m.name.clone(),
+                labels: m.labels.clone(),
+                status: if run.lost.contains(&m.id) {
+                    "lost".into()
+                } else if run.phase >= Phase::Done {
+                    "completed".into()
+                } else {
+                    "running".into()
+                },
+            })
+            .collect();
+        let leader = run.name_of(&run.leader);
+        let started = run.start_unix_us.map(|u| u / 1000).unwrap_or(0);
+        let layout = run.plan.as_ref().map(|p| p.layout.clone());
+        self.live.update(&run.id, &run.plan_name, |l| {
+            l.phase = phase;
+            l.members = members;
+            l.leader = leader;
+            l.started_unix_ms = started;
+            l.events = run.events.clone();
+            if l.layout.is_none() {
+                l.layout = layout;
+            }
+        });
     }
 
     /// Once every live member finished: re-fetch missing snapshots, then (on the
@@ -1534,6 +1594,7 @@ impl Coordinator {
                 start_skew_us: skew,
             },
         );
+        self.live.finish(summary.clone());
         let _ = client.done.send(Ok(summary));
     }
 }

@@ -132,6 +132,7 @@ async fn run_node(
     let labels = cfg.labels.clone();
     let run_allow = cfg.allow_targets.clone();
     let handle = mesh::start(cfg).await?;
+    let live = crate::live::LiveRuns::new();
     let coordinator = crate::coordinator::spawn(
         crate::coordinator::NodeIdentity {
             id: handle.peer_id.to_string(),
@@ -146,6 +147,7 @@ async fn run_node(
         handle.subscribe(),
         handle.view.clone(),
         run_store,
+        live.clone(),
     );
 
     let http_addr = if settings.http.is_empty() {

@@ -16,6 +16,7 @@ pub mod exit;
 pub mod html;
 pub mod http;
 pub mod jsonpath;
+pub mod live;
 pub mod mesh;
 pub mod outputs;
 pub mod report;

@@ -1,0 +1,142 @@
+//! What a node knows of runs right now, for the dashboard, `/metrics` and `status`:
+//! the current run's merged timeline, each node's own timeline, the merged totals,
+//! events, and the summaries of recent runs.
+//!
+//! The run coordinator writes it (once per snapshot: a second's worth of work, never
+//! per request); readers take a short read lock and copy what they need. It must not
+//! compute measurements itself.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+use stampede_protocol::snapshot::{Layout, Metrics};
+
+use crate::aggregate::TimelinePoint;
+use crate::report::{Event, Summary};
+
+/// Seconds of timeline kept per run and per node for live charts (an hour).
+pub const KEEP_SECONDS: usize = 3600;
+/// Finished runs whose summaries are kept for the dashboard.
+pub const KEEP_RUNS: usize = 10;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveMember {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// `running`, `lost`, `completed`.
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveRun {
+    pub run_id: String,
+    pub plan: String,
+    /// `joining`, `ready`, `running`, `finishing`, `done`.
+    pub phase: String,
+    pub leader: String,
+    pub started_unix_ms: u64,
+    pub members: Vec<LiveMember>,
+    /// The merged picture, one point per second.
+    pub timeline: VecDeque<TimelinePoint>,
+    /// Each node's own seconds, by node name.
+    pub per_node: BTreeMap<String, VecDeque<TimelinePoint>>,
+    pub events: Vec<Event>,
+    /// Merged counters and histograms so far (for `/metrics`).
+    #[serde(skip)]
+    pub totals: Option<Metrics>,
+    #[serde(skip)]
+    pub layout: Option<Layout>,
+    /// Each node's totals so far, by node name (for per-node `/metrics` series).
+    #[serde(skip)]
+    pub node_totals: BTreeMap<String, Metrics>,
+}
+
+impl LiveRun {
+    pub fn new(run_id: &str, plan: &str) -> LiveRun {
+        LiveRun {
+            run_id: run_id.into(),
+            plan: plan.into(),
+            phase: "joining".into(),
+            leader: String::new(),
+            started_unix_ms: 0,
+            members: Vec::new(),
+            timeline: VecDeque::new(),
+            per_node: BTreeMap::new(),
+            events: Vec::new(),
+            totals: None,
+            layout: None,
+            node_totals: BTreeMap::new(),
+        }
+    }
+
+    pub fn push_point(&mut self, p: TimelinePoint) {
+        push_bounded(&mut self.timeline, p);
+    }
+
+    pub fn push_node_point(&mut self, node: &str, p: TimelinePoint) {
+        push_bounded(self.per_node.entry(node.to_string()).or_default(), p);
+    }
+}
+
+fn push_bounded(q: &mut VecDeque<TimelinePoint>, p: TimelinePoint) {
+    // A second may be re-sent (a late snapshot): replace rather than duplicate.
+    if let Some(last) = q.iter_mut().rev().find(|x| x.t == p.t) {
+        *last = p;
+        return;
+    }
+    q.push_back(p);
+    while q.len() > KEEP_SECONDS {
+        q.pop_front();
+    }
+}
+
+/// Every run this node takes part in or started, and recent results.
+#[derive(Default)]
+pub struct LiveRuns {
+    pub runs: RwLock<BTreeMap<String, LiveRun>>,
+    pub finished: RwLock<VecDeque<Summary>>,
+}
+
+impl LiveRuns {
+    pub fn new() -> Arc<LiveRuns> {
+        Arc::new(LiveRuns::default())
+    }
+
+    /// Applies `f` to the run's live record, creating it if needed.
+    pub fn update(&self, run_id: &str, plan: &str, f: impl FnOnce(&mut LiveRun)) {
+        let mut runs = match self.runs.write() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        f(runs
+            .entry(run_id.to_string())
+            .or_insert_with(|| LiveRun::new(run_id, plan)));
+    }
+
+    pub fn finish(&self, summary: Summary) {
+        let mut f = match self.finished.write() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        f.retain(|s| s.run_id != summary.run_id);
+        f.push_front(summary);
+        f.truncate(KEEP_RUNS);
+    }
+
+    /// A copy of the runs (cheap enough for a page refresh or a scrape).
+    pub fn snapshot(&self) -> Vec<LiveRun> {
+        match self.runs.read() {
+            Ok(r) => r.values().cloned().collect(),
+            Err(p) => p.into_inner().values().cloned().collect(),
+        }
+    }
+
+    pub fn recent(&self) -> Vec<Summary> {
+        match self.finished.read() {
+            Ok(r) => r.iter().cloned().collect(),
+            Err(p) => p.into_inner().iter().cloned().collect(),
+        }
+    }
+}
