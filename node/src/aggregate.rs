@@ -117,6 +117,8 @@ pub struct NodeTotals {
     pub seconds: u64,
     pub last_second: Option<u64>,
     pub vus: u64,
+    /// This node's own seconds (compact points: regional differences stay visible).
+    pub timeline: Vec<TimelinePoint>,
 }
 
 /// Seconds kept in full before being folded into the timeline: late seconds from a slow
@@ -165,8 +167,14 @@ impl RunAggregate {
                 seconds: 0,
                 last_second: None,
                 vus: 0,
+                timeline: Vec::new(),
             });
         nt.totals.merge(&s.metrics)?;
+        let p = point(s.second, &s.metrics, s.vus, 1);
+        match nt.timeline.binary_search_by_key(&s.second, |x| x.t) {
+            Ok(i) => nt.timeline[i] = p,
+            Err(i) => nt.timeline.insert(i, p),
+        }
         nt.seconds += 1;
         if nt.last_second.is_none_or(|l| s.second >= l) {
             nt.last_second = Some(s.second);

@@ -209,7 +209,9 @@ pub fn compile_text(
         (format!("{file} (with --set)"), apply_sets(file, src, sets)?)
     };
     let plan = parse_plan(&file, &src).map_err(usage)?;
-    compile::compile(plan, &file, base).map_err(usage)
+    let mut compiled = compile::compile(plan, &file, base).map_err(usage)?;
+    compiled.source = src;
+    Ok(compiled)
 }
 
 /// `--set a.b.c=value`: the value is read as TOML (a number, a string in quotes, an

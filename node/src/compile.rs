@@ -25,6 +25,8 @@ use crate::template::{JsonTemplate, Scope, Template};
 #[derive(Debug)]
 pub struct CompiledPlan {
     pub plan: Plan,
+    /// The plan's TOML as it was compiled (overrides applied), for reports.
+    pub source: String,
     /// Where the plan file is; data files are relative to it.
     pub base_dir: PathBuf,
     pub layout: Layout,
@@ -168,7 +170,9 @@ pub fn load(path: &Path) -> Result<CompiledPlan, PlanError> {
     })?;
     let plan = plan::parse_plan(&file, &src)?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    compile(plan, &file, &base)
+    let mut compiled = compile(plan, &file, &base)?;
+    compiled.source = src;
+    Ok(compiled)
 }
 
 /// Compiles a validated plan; `file` names it in errors, `base_dir` resolves data files.
@@ -284,6 +288,7 @@ pub fn compile(plan: Plan, file: &str, base_dir: &Path) -> Result<CompiledPlan, 
 
     Ok(CompiledPlan {
         plan,
+        source: String::new(),
         base_dir: base_dir.to_path_buf(),
         layout,
         feeders,

@@ -1592,6 +1592,7 @@ impl Coordinator {
                 nodes: &nodes,
                 events: run.events.clone(),
                 start_skew_us: skew,
+                plan_source: &plan.source,
             },
         );
         self.live.finish(summary.clone());

@@ -172,6 +172,7 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
             nodes: &nodes,
             events,
             start_skew_us: 0,
+            plan_source: &plan.source,
         },
     ))
 }

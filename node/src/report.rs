@@ -31,6 +31,8 @@ pub struct Summary {
     pub generator: Generator,
     /// Spread of the nodes' actual start instants (0 on a single node).
     pub start_skew_us: u64,
+    /// The plan as it ran (TOML, with `--set` overrides applied).
+    pub plan_source: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -96,6 +98,8 @@ pub struct NodeSummary {
     pub failed: u64,
     pub iterations: u64,
     pub stats: Stats,
+    /// The node's own seconds.
+    pub timeline: Vec<TimelinePoint>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -154,6 +158,7 @@ pub struct SummaryInput<'a> {
     pub nodes: &'a [NodeInfo],
     pub events: Vec<Event>,
     pub start_skew_us: u64,
+    pub plan_source: &'a str,
 }
 
 /// A generator whose CPU stays above this share of its cores is saturated.
@@ -259,6 +264,7 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
             failed: st.failed,
             iterations: st.iterations,
             stats: st,
+            timeline: nt.timeline.clone(),
         });
     }
     let by_label = by_label
@@ -337,6 +343,7 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
         events: input.events,
         generator,
         start_skew_us: input.start_skew_us,
+        plan_source: input.plan_source.to_string(),
     }
 }
 
