@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use stampede_protocol::plan::{parse_plan, PlanError};
 
-use crate::cli::{DemoArgs, RunArgs, ValidateArgs};
+use crate::cli::{RunArgs, ValidateArgs};
 use crate::compile::{self, CompiledPlan};
 use crate::embedded::{self, LocalOptions};
 use crate::exit::{Failure, Outcome};
@@ -98,6 +98,18 @@ fn run_mesh(args: RunArgs) -> Result<Outcome, Failure> {
         bundle,
         requirements: plan.plan.requirements.clone(),
     };
+    let summary = follow_run(&target, request, args.quiet, embedded::plan_duration(&plan))?;
+    finish(&summary, &outs)
+}
+
+/// Sends a run request to a node, shows its progress as it streams in, and returns
+/// the merged summary. Ctrl-C asks the node to stop the run mesh-wide, gracefully.
+pub fn follow_run(
+    target: &crate::control::Target,
+    request: crate::control::ControlRequest,
+    quiet: bool,
+    total: Duration,
+) -> Result<Summary, Failure> {
     // Ctrl-C: ask the node to stop the run everywhere; the summary still comes back.
     let run_id = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
     {
@@ -128,10 +140,9 @@ fn run_mesh(args: RunArgs) -> Result<Outcome, Failure> {
             });
         });
     }
-    let total = embedded::plan_duration(&plan);
-    let mut progress = crate::terminal::Progress::new(args.quiet);
+    let mut progress = crate::terminal::Progress::new(quiet);
     let started = std::time::Instant::now();
-    let result = crate::control::call_streaming(&target, request, Duration::from_secs(120), |ev| {
+    let result = crate::control::call_streaming(target, request, Duration::from_secs(120), |ev| {
         if let Some(id) = ev.get("run_id").and_then(|v| v.as_str()) {
             if let Ok(mut g) = run_id.lock() {
                 *g = Some(id.to_string());
@@ -149,7 +160,7 @@ fn run_mesh(args: RunArgs) -> Result<Outcome, Failure> {
             if let Some(o) = rest.as_object_mut() {
                 o.remove("event");
             }
-            if !args.quiet || kind == "refused" || kind == "node_lost" {
+            if !quiet || kind == "refused" || kind == "node_lost" {
                 eprintln!("[{:>5.1}s] {kind}: {rest}", started.elapsed().as_secs_f64());
             }
         }
@@ -158,7 +169,7 @@ fn run_mesh(args: RunArgs) -> Result<Outcome, Failure> {
     let summary_json = result.map_err(Failure::run)?;
     let summary: Summary = serde_json::from_value(summary_json.clone())
         .map_err(|e| Failure::run(format!("the node sent an unreadable summary: {e}")))?;
-    finish(&summary, &outs)
+    Ok(summary)
 }
 
 /// Prints the summary, writes the outputs and judges the thresholds.
@@ -255,66 +266,6 @@ pub fn apply_sets(file: &str, src: &str, sets: &[String]) -> Result<String, Fail
 
 /// The retail example, embedded so that `stampede demo` needs no files.
 pub const RETAIL_PLAN: &str = include_str!("../../examples/retail.toml");
-
-pub fn demo(args: DemoArgs) -> Result<Outcome, Failure> {
-    let outs = parse_outputs(&args.outputs)?;
-    let duration = stampede_protocol::duration::parse_duration(&args.duration)
-        .map_err(|e| Failure::usage(format!("--duration \"{}\": {e}", args.duration)))?;
-    if duration < Duration::from_secs(3) {
-        return Err(Failure::usage("--duration: the demo needs at least 3s"));
-    }
-    let dir = std::env::temp_dir().join(format!("stampede-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Failure::run(format!("cannot create {}: {e}", dir.display())))?;
-    let result = (|| {
-        std::fs::write(dir.join("accounts.csv"), accounts_csv(2000))
-            .map_err(|e| Failure::run(format!("cannot write the demo accounts: {e}")))?;
-        let target = stampede_tools::spawn(stampede_tools::TargetConfig {
-            latency: "normal:3ms,1ms"
-                .parse()
-                .unwrap_or(stampede_tools::Latency::None),
-            ..Default::default()
-        })
-        .map_err(|e| Failure::run(format!("cannot start the demo shop: {e}")))?;
-        eprintln!("demo shop (stampede-target) listening on {}", target.url());
-        let ramp = (duration.as_secs() / 5).max(1);
-        let hold = duration.as_secs().saturating_sub(2 * ramp).max(1);
-        let sets = vec![
-            format!("defaults.base_url=\"{}\"", target.url()),
-            format!(
-                "scenarios.shoppers.stages=[{{target = 100, duration = \"{ramp}s\"}}, {{target = 100, duration = \"{hold}s\"}}, {{target = 0, duration = \"{ramp}s\"}}]"
-            ),
-        ];
-        let plan = compile_text("examples/retail.toml", RETAIL_PLAN, &sets, &dir)?;
-        eprintln!(
-            "running the retail example (60% browse, 25% purchase, 15% account) for {}s on this node…",
-            duration.as_secs()
-        );
-        let summary = embedded::run(
-            Arc::new(plan),
-            LocalOptions {
-                quiet: args.quiet,
-                ..LocalOptions::default()
-            },
-        )
-        .map_err(Failure::run)?;
-        let counted = target.requests();
-        let out = finish(&summary, &outs);
-        eprintln!(
-            "the shop counted {counted} requests; stampede measured {} ({})",
-            summary.totals.requests,
-            if counted == summary.totals.requests {
-                "exact"
-            } else {
-                "MISMATCH"
-            }
-        );
-        target.shutdown();
-        out
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
-}
 
 /// `user,password` rows for the demo shop's accounts user1..userN.
 pub fn accounts_csv(n: u64) -> String {

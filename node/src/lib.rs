@@ -10,6 +10,7 @@ pub mod coordinator;
 pub mod cpu;
 pub mod daemon;
 pub mod data;
+pub mod demo;
 pub mod embedded;
 pub mod engine;
 pub mod exit;

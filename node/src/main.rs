@@ -10,7 +10,7 @@ fn main() {
     let outcome = match cli.command {
         Command::Run(args) => stampede::commands::run(args),
         Command::Validate(args) => stampede::commands::validate(args),
-        Command::Demo(args) => stampede::commands::demo(args),
+        Command::Demo(args) => stampede::demo::demo(args),
         Command::Node(args) => stampede::daemon::node(args),
         Command::Peers(args) => stampede::daemon::peers(args),
         Command::Status(args) => stampede::daemon::status(args),
