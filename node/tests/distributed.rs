@@ -324,3 +324,53 @@ fn two_runs_proposed_at_once_do_not_corrupt_each_other() {
     // Nothing was counted twice or lost between the runs.
     assert_eq!(total, t.requests());
 }
+
+#[test]
+fn stop_ends_a_run_on_every_node_and_still_reports() {
+    let mesh = Mesh::new();
+    let nodes = three_nodes(&mesh, [&[], &[], &[]]);
+    let t = target();
+    let plan = rate_plan(mesh.tmp.path(), &t.url(), 30, "60s");
+    let json = mesh.tmp.path().join("summary.json");
+    let started = Instant::now();
+    let cli = start_run(&nodes[0], &plan, &json);
+    assert!(
+        wait_until(Duration::from_secs(30), || t.requests() >= 60),
+        "the run did not get going"
+    );
+    // Any member can stop it: ask n3, which did not start it.
+    let status = Command::new(BIN)
+        .args(["status", "--data-dir"])
+        .arg(&nodes[2].dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    let run_id = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["phase"] == "running")
+        .and_then(|r| r["run_id"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no running run in `stampede status`: {text}"));
+    let stop = Command::new(BIN)
+        .args(["stop", &run_id, "--data-dir"])
+        .arg(&nodes[2].dir)
+        .output()
+        .unwrap();
+    assert!(stop.status.success(), "{}", show(&stop));
+    let out = finish(cli);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "the run did not stop early"
+    );
+    let s = summary(&json);
+    let kinds: Vec<&str> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"stop"), "events {kinds:?}");
+    assert_eq!(s["totals"]["requests"].as_u64().unwrap(), t.requests());
+    assert!(s["totals"]["iterations"].as_u64().unwrap() < 1800);
+}
