@@ -100,6 +100,7 @@ cleanup() {
         kill -QUIT "$NGINX_PID" 2>/dev/null || true
         for _ in $(seq 50); do kill -0 "$NGINX_PID" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$NGINX_PID" 2>/dev/null || true
+        wait "$NGINX_PID" 2>/dev/null || true
     fi
     if [[ -n "$KEEP" ]]; then
         mkdir -p "$KEEP" && cp -r "$WORK"/. "$KEEP"/ && echo "results kept in $KEEP"
