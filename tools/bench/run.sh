@@ -25,7 +25,7 @@ ONLY="throughput,idle,arrival,rss"
 RATE=""
 
 usage() {
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
