@@ -1,0 +1,304 @@
+#!/usr/bin/env bash
+# Benchmark harness: stampede against wrk on this machine, plus the generator's own
+# figures (memory per idle VU, arrival-rate accuracy, schedule lag, RSS over a long run).
+# Run by hand, never by CI: it installs packages, builds in release and loads both cores.
+#
+#   tools/bench/run.sh [--rounds 3] [--duration 10s] [--idle-vus 10000]
+#                      [--short 5s] [--long 50s] [--skip-build] [--keep DIR]
+#                      [--only throughput,idle,arrival,rss] [--rate N]
+#
+# Layout: nginx (1 worker) pinned to CPU 1, the load generator (wrk or stampede) pinned
+# to CPU 0; wrk and stampede alternate round by round so that drift in the machine's
+# load hits both alike. Everything (config, logs, results) lives in a temp dir that is
+# removed on exit unless --keep is given. See docs/benchmarks.md.
+set -euo pipefail
+
+ROUNDS=3
+DURATION=10s
+IDLE_VUS=10000
+SHORT=5s
+LONG=50s
+BUILD=1
+KEEP=""
+CONNS=50
+ONLY="throughput,idle,arrival,rss"
+RATE=""
+
+usage() {
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    exit "${1:-0}"
+}
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --rounds) ROUNDS="$2"; shift 2 ;;
+        --duration) DURATION="$2"; shift 2 ;;
+        --idle-vus) IDLE_VUS="$2"; shift 2 ;;
+        --short) SHORT="$2"; shift 2 ;;
+        --long) LONG="$2"; shift 2 ;;
+        --skip-build) BUILD=0; shift ;;
+        --only) ONLY="$2"; shift 2 ;;
+        --rate) RATE="$2"; shift 2 ;;
+        --keep) KEEP="$2"; shift 2 ;;
+        -h|--help) usage 0 ;;
+        *) echo "run.sh: unknown argument '$1'" >&2; usage 2 ;;
+    esac
+done
+
+# Durations are whole seconds here ("10s" or "10"): wrk and the plans both take them.
+secs() {
+    local v="${1%s}"
+    [[ "$v" =~ ^[0-9]+$ ]] || { echo "run.sh: '$1' is not a whole number of seconds" >&2; exit 2; }
+    echo "$v"
+}
+DUR_S=$(secs "$DURATION")
+SHORT_S=$(secs "$SHORT")
+LONG_S=$(secs "$LONG")
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --rounds must be a positive integer" >&2; exit 2; }
+[[ -z "$RATE" || "$RATE" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --rate must be a positive integer" >&2; exit 2; }
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+[[ "$IDLE_VUS" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --idle-vus must be a positive integer" >&2; exit 2; }
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BENCH="$ROOT/tools/bench"
+STAMPEDE="$ROOT/target/release/stampede"
+
+log() { printf '\n== %s\n' "$*"; }
+
+# --- what the harness needs ------------------------------------------------------
+need_pkgs=()
+command -v wrk >/dev/null || need_pkgs+=(wrk)
+command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_pkgs+=(nginx-light)
+[[ -x /usr/bin/time ]] || need_pkgs+=(time)
+command -v jq >/dev/null || need_pkgs+=(jq)
+command -v taskset >/dev/null || need_pkgs+=(util-linux)
+if [[ ${#need_pkgs[@]} -gt 0 ]]; then
+    log "installing ${need_pkgs[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "${need_pkgs[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+NCPU=$(nproc)
+if [[ "$NCPU" -lt 2 ]]; then
+    echo "run.sh: needs at least 2 CPUs (generator on CPU 0, nginx on CPU 1)" >&2
+    exit 2
+fi
+
+if [[ "$BUILD" == 1 ]]; then
+    log "building stampede (release)"
+    (cd "$ROOT" && nice -n 10 cargo build --release -p stampede -p stampede-tools)
+fi
+[[ -x "$STAMPEDE" ]] || { echo "run.sh: $STAMPEDE is missing (drop --skip-build)" >&2; exit 2; }
+
+# 10k idle VUs each hold a connection: the generator and nginx need the descriptors.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+# --- the target ------------------------------------------------------------------
+WORK=$(mktemp -d /tmp/stampede-bench.XXXXXX)
+NGINX_PID=""
+cleanup() {
+    if [[ -n "$NGINX_PID" ]] && kill -0 "$NGINX_PID" 2>/dev/null; then
+        kill -QUIT "$NGINX_PID" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$NGINX_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$NGINX_PID" 2>/dev/null || true
+        wait "$NGINX_PID" 2>/dev/null || true
+    fi
+    if [[ -n "$KEEP" ]]; then
+        mkdir -p "$KEEP" && cp -r "$WORK"/. "$KEEP"/ && echo "results kept in $KEEP"
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    local p
+    for _ in $(seq 100); do
+        p=$((20000 + RANDOM % 20000))
+        if ! ss -Htln "sport = :$p" | grep -q .; then echo "$p"; return; fi
+    done
+    echo "run.sh: no free port found" >&2
+    exit 1
+}
+PORT=$(free_port)
+URL="http://127.0.0.1:$PORT"
+mkdir -p "$WORK"/{client_body,proxy,fastcgi,uwsgi,scgi}
+sed -e "s#@DIR@#$WORK#g" -e "s#@PORT@#$PORT#g" "$BENCH/nginx.conf.in" >"$WORK/nginx.conf"
+taskset -c 1 "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -e "$WORK/error.log" &
+NGINX_PID=$!
+up=0
+for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then up=1; break; fi
+    sleep 0.1
+done
+[[ "$up" == 1 ]] || { echo "run.sh: nginx did not come up; see its log:" >&2; cat "$WORK/error.log" >&2; exit 1; }
+
+# --- helpers -----------------------------------------------------------------------
+median() { sort -g | awk '{v[NR]=$1} END {if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
+# CPU ticks nginx's worker has used so far: tells whether the target, not the generator,
+# was the bottleneck of a round (a worker near 100% of CPU 1 is).
+NGINX_WORKER=$(pgrep -P "$NGINX_PID" | head -1)
+TCK=$(getconf CLK_TCK)
+nginx_ticks() { awk '{print $14 + $15}' "/proc/$NGINX_WORKER/stat"; }
+nginx_pct() { # TICKS_BEFORE SECONDS
+    awk -v a="$1" -v b="$(nginx_ticks)" -v t="$TCK" -v s="$2" 'BEGIN { printf "%.0f%%", 100 * (b - a) / t / s }'
+}
+# user + system CPU seconds of the process /usr/bin/time ran.
+cpu_s() { awk -F': ' '/User time|System time/ {t += $2} END {print t + 0}' "$1"; }
+maxrss_kb() { awk -F': ' '/Maximum resident set size/ {print $2}' "$1"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
+# stampede run PLAN OUT.json TIME.txt [--set ...]: pinned to CPU 0, one worker, peak RSS
+# from /usr/bin/time. A nonzero exit (e.g. a saturated generator failing nothing) is
+# tolerated as long as the JSON summary was written.
+run_stampede() {
+    local plan="$1" json="$2" timef="$3"
+    shift 3
+    taskset -c 0 /usr/bin/time -v -o "$timef" "$STAMPEDE" run "$plan" --workers 1 --quiet \
+        --out "json=$json" --set "defaults.base_url=\"$URL\"" "$@" \
+        >"$json.log" 2>&1 || true
+    if [[ ! -s "$json" ]]; then
+        echo "run.sh: stampede wrote no summary; its output:" >&2
+        cat "$json.log" >&2
+        exit 1
+    fi
+}
+
+WRK_VERSION=$(wrk -v 2>&1 | head -1 || true)
+NGINX_VERSION=$("$NGINX" -v 2>&1 | head -1)
+CPU_MODEL=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
+STAMPEDE_VERSION=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+log "machine"
+echo "date:      $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo "cpus:      $NCPU x $CPU_MODEL"
+echo "load avg:  $(cut -d' ' -f1-3 /proc/loadavg) (other work on the box skews every figure)"
+echo "kernel:    $(uname -r)"
+echo "wrk:       $WRK_VERSION"
+echo "nginx:     $NGINX_VERSION (1 worker, CPU 1, $URL)"
+echo "stampede:  $STAMPEDE_VERSION (release, --workers 1, CPU 0)"
+
+# --- 1. throughput, alternating ----------------------------------------------------
+MED_ST=""
+if want throughput; then
+log "throughput: wrk -t1 -c$CONNS vs stampede constant-vus $CONNS, ${DUR_S}s each, $ROUNDS rounds"
+printf '%-6s %10s %10s %6s %9s %11s %13s %13s %6s %9s %9s\n' round "wrk rps" "st. rps" ratio \
+    "wrk p99" "st. p99" "wrk req/cpu-s" "st. req/cpu-s" ratio "nginx(wrk)" "nginx(st)"
+: >"$WORK/ratios" ; : >"$WORK/st_rps" ; : >"$WORK/wrk_rps" ; : >"$WORK/eff_ratios"
+for r in $(seq "$ROUNDS"); do
+    t0=$(nginx_ticks)
+    taskset -c 0 /usr/bin/time -v -o "$WORK/wrk-$r.time" \
+        wrk -t1 -c"$CONNS" -d"${DUR_S}s" --latency "$URL/" >"$WORK/wrk-$r.txt" 2>&1
+    wrk_rps=$(awk '/^Requests\/sec:/ {print $2}' "$WORK/wrk-$r.txt")
+    wrk_req=$(awk '/requests in/ {print $1}' "$WORK/wrk-$r.txt")
+    wrk_ng=$(nginx_pct "$t0" "$DUR_S")
+    t0=$(nginx_ticks)
+    wrk_p99=$(awk '$1 == "99%" {print $2}' "$WORK/wrk-$r.txt")
+    [[ -n "$wrk_rps" ]] || { echo "run.sh: cannot read wrk's output:" >&2; cat "$WORK/wrk-$r.txt" >&2; exit 1; }
+    run_stampede "$BENCH/throughput.toml" "$WORK/st-$r.json" "$WORK/st-$r.time" \
+        --set "scenarios.hammer.vus=$CONNS" --set "scenarios.hammer.duration=\"${DUR_S}s\""
+    st_ng=$(nginx_pct "$t0" "$(jq -r .duration_s "$WORK/st-$r.json")")
+    st_rps=$(jq -r '.totals.rps' "$WORK/st-$r.json")
+    st_p99=$(jq -r '.totals.latency_us.p99' "$WORK/st-$r.json")
+    st_failed=$(jq -r '.totals.failed' "$WORK/st-$r.json")
+    st_req=$(jq -r '.totals.requests' "$WORK/st-$r.json")
+    rat=$(ratio "$st_rps" "$wrk_rps")
+    # Requests per CPU-second of the generator: less sensitive than rps to other work
+    # that steals CPU 0 from the generator (taskset pins us, it does not keep others off).
+    wrk_eff=$(awk -v n="$wrk_req" -v c="$(cpu_s "$WORK/wrk-$r.time")" 'BEGIN { printf "%.0f", (c > 0 ? n / c : 0) }')
+    st_eff=$(awk -v n="$st_req" -v c="$(cpu_s "$WORK/st-$r.time")" 'BEGIN { printf "%.0f", (c > 0 ? n / c : 0) }')
+    eff_rat=$(ratio "$st_eff" "$wrk_eff")
+    echo "$rat" >>"$WORK/ratios"; echo "$st_rps" >>"$WORK/st_rps"; echo "$wrk_rps" >>"$WORK/wrk_rps"
+    echo "$eff_rat" >>"$WORK/eff_ratios"
+    printf '%-6s %10.0f %10.0f %6s %9s %9sus %13s %13s %6s %9s %9s' "$r" "$wrk_rps" "$st_rps" \
+        "$rat" "$wrk_p99" "$st_p99" "$wrk_eff" "$st_eff" "$eff_rat" "$wrk_ng" "$st_ng"
+    [[ "$st_failed" == 0 ]] && echo || echo "  ($st_failed failed requests)"
+done
+MED_RATIO=$(median <"$WORK/ratios")
+MED_ST=$(median <"$WORK/st_rps")
+MED_WRK=$(median <"$WORK/wrk_rps")
+MED_EFF=$(median <"$WORK/eff_ratios")
+printf 'median: wrk %.0f rps, stampede %.0f rps, median ratio stampede/wrk = %s\n' \
+    "$MED_WRK" "$MED_ST" "$MED_RATIO"
+printf 'median ratio of requests per CPU-second of the generator, stampede/wrk = %s\n' "$MED_EFF"
+fi
+
+# --- 2. memory per idle VU ---------------------------------------------------------
+if want idle; then
+log "memory per idle VU: $IDLE_VUS VUs that send one request then think (5s run), vs 1 VU"
+run_stampede "$BENCH/idle-vus.toml" "$WORK/idle-1.json" "$WORK/idle-1.time" \
+    --set "scenarios.idle.vus=1"
+run_stampede "$BENCH/idle-vus.toml" "$WORK/idle-n.json" "$WORK/idle-n.time" \
+    --set "scenarios.idle.vus=$IDLE_VUS"
+RSS1=$(maxrss_kb "$WORK/idle-1.time")
+RSSN=$(maxrss_kb "$WORK/idle-n.time")
+IDLE_REQ=$(jq -r '.totals.requests' "$WORK/idle-n.json")
+IDLE_FAILED=$(jq -r '.totals.failed' "$WORK/idle-n.json")
+PER_VU=$(awk -v a="$RSSN" -v b="$RSS1" -v n="$IDLE_VUS" 'BEGIN { printf "%.0f", (a - b) * 1024 / (n > 1 ? n - 1 : 1) }')
+echo "peak RSS, 1 VU:        $RSS1 KiB"
+echo "peak RSS, $IDLE_VUS VUs:  $RSSN KiB  ($IDLE_REQ requests, $IDLE_FAILED failed)"
+echo "per idle VU:           $PER_VU bytes (each holding one open keep-alive connection)"
+fi
+
+# --- 3. arrival-rate accuracy and schedule lag ------------------------------------
+if [[ -z "$RATE" && -n "$MED_ST" ]]; then
+    RATE=$(awk -v m="$MED_ST" 'BEGIN { printf "%d", m * 0.8 }')
+fi
+if [[ -z "$RATE" ]] && { want arrival || want rss; }; then
+    echo "run.sh: the arrival and rss parts need --rate N when throughput is not run" >&2
+    exit 2
+fi
+# Enough VUs for the rate at 25 ms per iteration (10x the p50 seen here), so that drops
+# mean a late generator rather than a small pool.
+MAXVUS=$(awk -v r="$RATE" 'BEGIN { v = int(r / 40); print (v < 100 ? 100 : v) }')
+arrival() { # DURATION_S NAME
+    run_stampede "$BENCH/arrival.toml" "$WORK/$2.json" "$WORK/$2.time" \
+        --set "scenarios.arrivals.rate=$RATE" --set "scenarios.arrivals.max_vus=$MAXVUS" \
+        --set "scenarios.arrivals.duration=\"${1}s\""
+}
+report_arrival() { # DURATION_S NAME
+    local j="$WORK/$2.json"
+    jq -r --argjson d "$1" --argjson rate "$RATE" --argjson maxvus "$MAXVUS" '
+        "target rate:           \($rate)/s for \($d)s, max_vus \($maxvus)",
+        "achieved:              \((.totals.iterations / $d) | floor)/s  (\(.totals.iterations) iterations, \((100 * .totals.iterations / ($rate * $d)) * 10 | round / 10)% of target; run took \(.duration_s)s)",
+        "dropped iterations:    \(.totals.dropped_iterations)",
+        "schedule lag p99:      \(.generator.schedule_lag_us.p99) us",
+        "latency p50/p99:       \(.totals.latency_us.p50) / \(.totals.latency_us.p99) us (from the intended start)",
+        "generator cpu:         \(.generator.cpu)  saturated: \(.generator.saturated)"' "$j"
+}
+if want arrival; then
+log "arrival rate: constant-arrival-rate at $RATE/s (80% of stampede's median throughput unless --rate), ${DUR_S}s"
+arrival "$DUR_S" arrival
+report_arrival "$DUR_S" arrival
+# Half that rate as well: the open model costs more per iteration than the closed loop,
+# so 80% of the closed-loop maximum may already saturate the generator.
+FULL_RATE="$RATE"
+RATE=$((FULL_RATE / 2))
+MAXVUS=$(awk -v r="$RATE" 'BEGIN { v = int(r / 40); print (v < 100 ? 100 : v) }')
+log "arrival rate: constant-arrival-rate at $RATE/s (half the above), ${DUR_S}s"
+arrival "$DUR_S" arrival-half
+report_arrival "$DUR_S" arrival-half
+RATE="$FULL_RATE"
+MAXVUS=$(awk -v r="$RATE" 'BEGIN { v = int(r / 40); print (v < 100 ? 100 : v) }')
+fi
+
+# --- 4. RSS over a long run ----------------------------------------------------------
+if want rss; then
+# At half the rate, where the generator keeps up: a saturated run piles up busy VUs,
+# and its RSS then measures the backlog rather than growth over time.
+RATE=$((RATE / 2))
+MAXVUS=$(awk -v r="$RATE" 'BEGIN { v = int(r / 40); print (v < 100 ? 100 : v) }')
+log "RSS flat over time: the arrival plan at $RATE/s for ${SHORT_S}s and for ${LONG_S}s"
+arrival "$SHORT_S" rss-short
+arrival "$LONG_S" rss-long
+for run in short long; do
+    j="$WORK/rss-$run.json"
+    printf 'peak RSS, %-5s run: %7s KiB  (%s requests, %s dropped, up to %s VUs alive)\n' \
+        "$run" "$(maxrss_kb "$WORK/rss-$run.time")" "$(jq -r .totals.requests "$j")" \
+        "$(jq -r .totals.dropped_iterations "$j")" "$(jq -r '[.timeline[].vus] | max' "$j")"
+done
+fi
+
+# --- 5. mesh -------------------------------------------------------------------------
+log "mesh figures"
+echo "trigger-to-first-request: not available yet (needs distributed runs)"
+echo "start skew across nodes:  not available yet (needs distributed runs)"
+echo "failover time:            not available yet (needs distributed runs)"
