@@ -446,12 +446,17 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
                     let sc = &w2.spec.plan.scenarios[si];
                     let mut vu = Vu::new(&w2.ctx, si, sc.vu_offset + g);
                     w2.vus.set(w2.vus.get() + 1);
-                    while g < target2.get() && !w2.stop.stopping() && Instant::now() < end {
-                        match unless_hard_stop(&w2, &hard2, vu.iterate(&w2.ctx, None)).await {
-                            None | Some(IterationEnd::DataExhausted) => break,
-                            Some(_) => {}
+                    // One hard-stop guard around the whole loop, not one per
+                    // iteration: the iteration future is large, and re-wrapping it
+                    // would copy it every time.
+                    let iterate = async {
+                        while g < target2.get() && !w2.stop.stopping() && Instant::now() < end {
+                            if vu.iterate(&w2.ctx, None).await == IterationEnd::DataExhausted {
+                                break;
+                            }
                         }
-                    }
+                    };
+                    let _ = unless_hard_stop(&w2, &hard2, iterate).await;
                     w2.vus.set(w2.vus.get() - 1);
                     running2.borrow_mut()[i] = false;
                 }));
@@ -512,28 +517,30 @@ async fn closed_counted(
             let mut vu = Vu::new(&w2.ctx, si, sc.vu_offset + g);
             w2.vus.set(w2.vus.get() + 1);
             let mut done = 0u64;
-            while !w2.stop.stopping() && Instant::now() < end {
-                match per_vu {
-                    Some(n) if done >= n => break,
-                    Some(_) => {}
-                    None => {
-                        let left = &w2.shared_left[si];
-                        if left
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                                v.checked_sub(1)
-                            })
-                            .is_err()
-                        {
-                            break;
+            let iterate = async {
+                while !w2.stop.stopping() && Instant::now() < end {
+                    match per_vu {
+                        Some(n) if done >= n => break,
+                        Some(_) => {}
+                        None => {
+                            let left = &w2.shared_left[si];
+                            if left
+                                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                                    v.checked_sub(1)
+                                })
+                                .is_err()
+                            {
+                                break;
+                            }
                         }
                     }
+                    done += 1;
+                    if vu.iterate(&w2.ctx, None).await == IterationEnd::DataExhausted {
+                        break;
+                    }
                 }
-                done += 1;
-                match unless_hard_stop(&w2, &hard2, vu.iterate(&w2.ctx, None)).await {
-                    None | Some(IterationEnd::DataExhausted) => break,
-                    Some(_) => {}
-                }
-            }
+            };
+            let _ = unless_hard_stop(&w2, &hard2, iterate).await;
             w2.vus.set(w2.vus.get() - 1);
         }));
     }
@@ -569,7 +576,9 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     let mut split = w.spec.assignment.get();
     let pool: Rc<RefCell<Vec<Vu>>> = Rc::new(RefCell::new(Vec::new()));
     let busy = Rc::new(Cell::new(0u64));
-    let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    // Iterations in flight are counted, not kept as handles: an overloaded schedule
+    // must not spend its time sweeping a list of finished tasks.
+    let idle_again = Rc::new(tokio::sync::Notify::new());
     let mut stop_rx = w.stop_rx.clone();
     let mut rank = 0usize;
     let mut k = 0u64;
@@ -607,6 +616,9 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
             }
         } else if w.stop.stopping() {
             break;
+        } else {
+            // Behind schedule: let iterations in flight finish and free their VUs.
+            tokio::task::yield_now().await;
         }
         let vu = pool.borrow_mut().pop();
         let vu = match vu {
@@ -629,9 +641,14 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
             .schedule_lag
             .record(lag);
         busy.set(busy.get() + 1);
-        let (w2, pool2, busy2, hard2) = (w.clone(), pool.clone(), busy.clone(), hard_rx.clone());
-        tasks.retain(|t| !t.is_finished());
-        tasks.push(tokio::task::spawn_local(async move {
+        let (w2, pool2, busy2, hard2, idle2) = (
+            w.clone(),
+            pool.clone(),
+            busy.clone(),
+            hard_rx.clone(),
+            idle_again.clone(),
+        );
+        tokio::task::spawn_local(async move {
             let mut vu = vu;
             let outcome = unless_hard_stop(&w2, &hard2, vu.iterate(&w2.ctx, Some(intended))).await;
             busy2.set(busy2.get() - 1);
@@ -640,11 +657,17 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
                 Some(IterationEnd::DataExhausted) | None => w2.vus.set(w2.vus.get() - 1),
                 Some(_) => pool2.borrow_mut().push(vu),
             }
-        }));
+            idle2.notify_one();
+        });
     }
     let hard = arm_hard_stop(&w, end, hard_tx);
-    for t in tasks {
-        let _ = t.await;
+    // Wait for the iterations in flight (each one ends by itself or by the hard stop).
+    while busy.get() > 0 {
+        let notified = idle_again.notified();
+        if busy.get() == 0 {
+            break;
+        }
+        notified.await;
     }
     hard.abort();
     let idle = pool.borrow().len() as u64;

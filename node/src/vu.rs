@@ -147,9 +147,10 @@ impl Vu {
                 let mut m = ctx.recorder.borrow_mut();
                 let s = &mut m.series[series];
                 s.requests += 1;
-                s.bytes_sent += bytes_sent;
                 match &result {
                     Ok(resp) => {
+                        // Request line, headers and body as written, over every hop.
+                        s.bytes_sent += resp.bytes_sent;
                         s.latency.record(micros(
                             resp.done_at.saturating_duration_since(step_intended),
                         ));
@@ -169,6 +170,7 @@ impl Vu {
                         }
                     }
                     Err(e) => {
+                        s.bytes_sent += bytes_sent;
                         if !matches!(
                             e.kind(),
                             HttpErrorKind::Refused | HttpErrorKind::InvalidRequest

@@ -534,7 +534,7 @@ impl VuClient {
             Some(c) if !c.is_closed() => c,
             _ => {
                 opened = true;
-                connect(shared, url, &mut connecting).await?
+                Box::pin(connect(shared, url, &mut connecting)).await?
             }
         };
         let body_len = body.len();
@@ -548,7 +548,7 @@ impl VuClient {
             if let Err(e) = conn.ready().await {
                 if !opened {
                     opened = true;
-                    conn = connect(shared, url, &mut connecting).await?;
+                    conn = Box::pin(connect(shared, url, &mut connecting)).await?;
                     fit_to_connection(&mut request, url, conn.is_h2(), &origin.host_header);
                     continue;
                 }
@@ -561,7 +561,7 @@ impl VuClient {
                     Some(unsent) if !opened => {
                         request = unsent;
                         opened = true;
-                        conn = connect(shared, url, &mut connecting).await?;
+                        conn = Box::pin(connect(shared, url, &mut connecting)).await?;
                         fit_to_connection(&mut request, url, conn.is_h2(), &origin.host_header);
                     }
                     _ => return Err(classify_hyper(e.error(), url)),
@@ -678,6 +678,8 @@ fn request_size(req: &Request<Body>, body_len: usize) -> u64 {
 }
 
 /// Opens a connection, adding the time it took to `connecting`.
+/// Called boxed (`Box::pin(connect(..))`): DNS, TCP, TLS and the handshakes make a large
+/// future, and inlined into every request's future it would be moved on each request.
 async fn connect(shared: &Shared, url: &Url, connecting: &mut Duration) -> Result<Conn, HttpError> {
     let limit = shared.settings.connect_timeout;
     let started = Instant::now();

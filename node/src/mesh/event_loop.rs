@@ -6,14 +6,11 @@
 //! report merging) happens elsewhere and talks to the loop through `MeshCommand`.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, PublishError};
-use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
@@ -29,7 +26,7 @@ use super::behaviour::{
 };
 use super::discovery::{dialable, Bootstrap, Redial};
 use super::membership::MemberState;
-use super::{InboundRequest, MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView};
+use super::{MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView};
 
 enum Pending {
     /// Our own "whom do you know?" on a new connection.
@@ -53,21 +50,7 @@ pub struct EventLoop {
     pending: HashMap<OutboundRequestId, Pending>,
     announce_subscribers: HashSet<PeerId>,
     run_responder: super::RunResponder,
-    inbound: mpsc::Sender<InboundRequest>,
-    /// Answers being prepared elsewhere for inbound requests, with their channels.
-    replies: FuturesUnordered<ReplyFuture>,
 }
-
-type ReplyFuture = Pin<
-    Box<
-        dyn Future<
-                Output = (
-                    ResponseChannel<MeshResponse>,
-                    Result<MeshResponse, oneshot::error::RecvError>,
-                ),
-            > + Send,
-    >,
->;
 
 impl EventLoop {
     pub fn new(
@@ -76,7 +59,6 @@ impl EventLoop {
         cfg: MeshConfig,
         commands: mpsc::Receiver<MeshCommand>,
         events: broadcast::Sender<MeshEvent>,
-        inbound: mpsc::Sender<InboundRequest>,
         listen_addrs: Vec<Multiaddr>,
     ) -> Result<Self, String> {
         let announce_topic = announce_topic();
@@ -106,8 +88,6 @@ impl EventLoop {
             pending: HashMap::new(),
             announce_subscribers: HashSet::new(),
             run_responder: cfg.run_responder,
-            inbound,
-            replies: FuturesUnordered::new(),
         })
     }
 
@@ -130,26 +110,9 @@ impl EventLoop {
                 },
                 _ = announce.tick() => self.announce(),
                 _ = check.tick() => self.check(),
-                Some((channel, answer)) = self.replies.next(), if !self.replies.is_empty() => {
-                    self.answer(channel, answer);
-                }
             }
         }
         self.leave().await;
-    }
-
-    fn answer(
-        &mut self,
-        channel: ResponseChannel<MeshResponse>,
-        answer: Result<MeshResponse, oneshot::error::RecvError>,
-    ) {
-        let response = answer.unwrap_or_else(|_| MeshResponse::Refused {
-            reason: "the node gave no answer".into(),
-        });
-        let rr = &mut self.swarm.behaviour_mut().request_response;
-        if rr.send_response(channel, response).is_err() {
-            tracing::debug!("response not sent: the requester went away");
-        }
     }
 
     async fn leave(&mut self) {
@@ -517,8 +480,7 @@ impl EventLoop {
                     self.dial(source, addrs);
                 }
             }
-            // Run coordination adds gossip kinds; they go to the subscribers.
-            #[allow(unreachable_patterns)]
+            // Run coordination's kinds go to its subscriber (the coordinator).
             body => {
                 if env.protocol_version == self.protocol_version {
                     let _ = self.events.send(MeshEvent::Gossip {
@@ -558,25 +520,6 @@ impl EventLoop {
                                 reason: "membership view unavailable".into(),
                             },
                         },
-                        // Kinds added by run coordination are answered outside the loop.
-                        #[allow(unreachable_patterns)]
-                        request => {
-                            let (tx, rx) = oneshot::channel();
-                            match self.inbound.try_send(InboundRequest {
-                                peer,
-                                request,
-                                reply: tx,
-                            }) {
-                                Ok(()) => {
-                                    self.replies
-                                        .push(Box::pin(async move { (channel, rx.await) }));
-                                    return;
-                                }
-                                Err(_) => MeshResponse::Refused {
-                                    reason: "this node cannot take the request now".into(),
-                                },
-                            }
-                        }
                     };
                     if self
                         .swarm

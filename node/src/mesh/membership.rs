@@ -217,7 +217,11 @@ impl View {
                 // A connection that never told us it is a stampede node: not a member.
                 continue;
             }
-            let silent = now.saturating_duration_since(m.last_heard) > lost_after;
+            let quiet = now.saturating_duration_since(m.last_heard);
+            // Silent for lost_after; or, with no connection left at all (the peer's
+            // process died and its socket was reset), silent for half of it: a dead
+            // member is noticed sooner, while a live one redials well within that.
+            let silent = quiet > lost_after || (m.connections == 0 && quiet > lost_after / 2);
             // A node that said it is leaving is gone as soon as its connections are.
             let leaving = matches!(&m.announce, Some(a) if a.state == NodeState::Leaving);
             // A connection alone is not a sign of life: on a dead link it stays "open"

@@ -138,15 +138,6 @@ pub enum MeshEvent {
     Member(Transition),
 }
 
-/// A request from a peer that the mesh loop does not answer itself (run coordination
-/// kinds). Answer through `reply`; dropping it answers `Refused`.
-#[derive(Debug)]
-pub struct InboundRequest {
-    pub peer: PeerId,
-    pub request: MeshRequest,
-    pub reply: oneshot::Sender<MeshResponse>,
-}
-
 /// A running mesh part of a node.
 pub struct MeshHandle {
     pub peer_id: PeerId,
@@ -155,7 +146,6 @@ pub struct MeshHandle {
     pub listen_addrs: Vec<Multiaddr>,
     commands: mpsc::Sender<MeshCommand>,
     events: broadcast::Sender<MeshEvent>,
-    inbound: Option<mpsc::Receiver<InboundRequest>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -166,12 +156,6 @@ impl MeshHandle {
 
     pub fn subscribe(&self) -> broadcast::Receiver<MeshEvent> {
         self.events.subscribe()
-    }
-
-    /// The requests from peers for the rest of the node to answer (once; later calls
-    /// return None). Until taken, such requests queue up, then are refused.
-    pub fn take_inbound_requests(&mut self) -> Option<mpsc::Receiver<InboundRequest>> {
-        self.inbound.take()
     }
 
     /// Announces `leaving` and waits (bounded) for the loop to end.
@@ -256,14 +240,12 @@ pub async fn start(cfg: MeshConfig) -> Result<MeshHandle, String> {
     )));
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (ev_tx, _) = broadcast::channel(1024);
-    let (in_tx, in_rx) = mpsc::channel(64);
     let mut lp = event_loop::EventLoop::new(
         swarm,
         view.clone(),
         cfg,
         cmd_rx,
         ev_tx.clone(),
-        in_tx,
         listen_addrs.clone(),
     )?;
     lp.dial_bootstrap(Instant::now());
@@ -274,7 +256,6 @@ pub async fn start(cfg: MeshConfig) -> Result<MeshHandle, String> {
         listen_addrs,
         commands: cmd_tx,
         events: ev_tx,
-        inbound: Some(in_rx),
         task,
     })
 }
