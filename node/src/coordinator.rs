@@ -130,7 +130,8 @@ pub struct ClientLink {
 enum Internal {
     Prepared {
         run_id: String,
-        result: Result<(Arc<CompiledPlan>, Bundle), String>,
+        /// The plan, compiled, and this node's refusal to send its load, if it refuses.
+        result: Result<(Arc<CompiledPlan>, Option<String>), String>,
     },
     Clock {
         run_id: String,
@@ -775,7 +776,7 @@ impl Coordinator {
                         if bundle.hash() != hash {
                             Err("the plan bundle does not match its hash".to_string())
                         } else {
-                            prepare_bundle(&bundle, &dir, &allow).map(|p| (p, bundle))
+                            prepare_bundle(&bundle, &dir, &allow)
                         }
                     }
                     Ok(Ok(Ok(MeshResponse::Run(RunResponse::Refused { reason })))) => Err(reason),
@@ -792,8 +793,7 @@ impl Coordinator {
     /// The origin prepares from its own bundle (no fetch).
     fn prepare(&mut self, run_id: String, bundle: Result<Bundle, String>) {
         let dir = self.me.data_dir.join("runs").join(&run_id);
-        let result =
-            bundle.and_then(|b| prepare_bundle(&b, &dir, &self.me.allow_targets).map(|p| (p, b)));
+        let result = bundle.and_then(|b| prepare_bundle(&b, &dir, &self.me.allow_targets));
         self.on_internal(Internal::Prepared { run_id, result });
     }
 
@@ -1090,10 +1090,15 @@ impl Coordinator {
                     return;
                 };
                 let join = match result {
-                    Ok((plan, _bundle)) => {
+                    // A node that refuses to send the load still keeps the plan: as the
+                    // origin it merges the others' measurements for its CLI.
+                    Ok((plan, refusal)) => {
                         run.agg = Some(RunAggregate::new(plan.layout.clone()));
                         run.plan = Some(plan);
-                        self.join_msg(&run_id, true, None)
+                        match refusal {
+                            None => self.join_msg(&run_id, true, None),
+                            Some(why) => self.join_msg(&run_id, false, Some(why)),
+                        }
                     }
                     Err(e) => {
                         run.prepared_error = Some(e.clone());
@@ -1619,12 +1624,13 @@ fn first_event_at(s: &stampede_protocol::executor::ArrivalSchedule, t: Duration)
 }
 
 /// Writes a bundle's files under `dir`, compiles its plan there and checks every
-/// target host against this node's allowlist. The error is the named refusal.
+/// target host against this node's allowlist: an error means the plan itself is
+/// unusable here; `Some(reason)` beside the plan is this node's named refusal.
 pub fn prepare_bundle(
     bundle: &Bundle,
     dir: &std::path::Path,
     allow: &[String],
-) -> Result<Arc<CompiledPlan>, String> {
+) -> Result<(Arc<CompiledPlan>, Option<String>), String> {
     bundle.validate()?;
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     for (name, data) in &bundle.files {
@@ -1637,8 +1643,8 @@ pub fn prepare_bundle(
     }
     let plan = crate::commands::compile_text(&bundle.plan_name, &bundle.plan, &[], dir)
         .map_err(|e| e.to_string())?;
-    check_targets(&plan, allow)?;
-    Ok(Arc::new(plan))
+    let refusal = check_targets(&plan, allow).err();
+    Ok((Arc::new(plan), refusal))
 }
 
 /// Refuses a plan whose fixed target hosts this node's operator did not allow.

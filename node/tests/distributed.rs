@@ -252,7 +252,9 @@ request = { url = "/" }
 "#;
     std::fs::write(&plan, text).unwrap();
     let json = mesh.tmp.path().join("summary.json");
-    let out = finish(start_run(&nodes[0], &plan, &json));
+    // Started from the refusing node itself: it sends no load but still follows the
+    // run and reports the others' measurements to its CLI.
+    let out = finish(start_run(&nodes[2], &plan, &json));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("refused") && err.contains("n3"),
