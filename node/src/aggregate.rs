@@ -230,9 +230,22 @@ impl RunAggregate {
         self.fold_through(u64::MAX);
     }
 
-    /// The most recent complete-looking second, for live views.
+    /// The most recent second, for live views.
     pub fn latest(&self) -> Option<TimelinePoint> {
         let (t, (m, vus)) = self.window.iter().next_back()?;
+        Some(point(*t, m, vus.values().sum(), vus.len()))
+    }
+
+    /// The most recent second that `nodes` nodes have reported (or the oldest one
+    /// still open): a live view of a second that only some nodes sent yet would show a
+    /// fraction of the load.
+    pub fn latest_complete(&self, nodes: usize) -> Option<TimelinePoint> {
+        let (t, (m, vus)) = self
+            .window
+            .iter()
+            .rev()
+            .find(|(_, (_, v))| v.len() >= nodes)
+            .or_else(|| self.window.iter().next())?;
         Some(point(*t, m, vus.values().sum(), vus.len()))
     }
 }

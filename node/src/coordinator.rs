@@ -190,6 +190,11 @@ struct Run {
     term: u64,
     leader: String,
     lost: BTreeSet<String>,
+    /// Lost members whose share has been moved (each reassignment applies once).
+    reassigned: BTreeSet<String>,
+    /// What this node published as leader, republished until the run ends: gossip is
+    /// best-effort, and a member that missed a reassignment would keep a dead share.
+    leader_msgs: Vec<RunMessage>,
     // Barriers: name → member → detail.
     barriers: BTreeMap<String, BTreeMap<String, BarrierDetail>>,
     my_arrivals: BTreeMap<String, BarrierDetail>,
@@ -236,6 +241,8 @@ impl Run {
             term: 0,
             leader: String::new(),
             lost: BTreeSet::new(),
+            reassigned: BTreeSet::new(),
+            leader_msgs: Vec::new(),
             barriers: BTreeMap::new(),
             my_arrivals: BTreeMap::new(),
             clock_offset_us: 0,
@@ -661,6 +668,11 @@ impl Coordinator {
                 if term > run.term && leader == from {
                     run.term = term;
                     run.leader = leader;
+                    let name = run.name_of(&from);
+                    run.event(
+                        "leader_elected",
+                        serde_json::json!({"leader": name, "term": term}),
+                    );
                 }
             }
             RunMessage::Arrive {
@@ -711,10 +723,11 @@ impl Coordinator {
                 let Some(run) = self.runs.get_mut(&run_id) else {
                     return;
                 };
-                if term < run.term || from != run.leader {
+                if term < run.term || from != run.leader || run.reassigned.contains(&lost) {
                     return;
                 }
                 run.lost.insert(lost.clone());
+                run.reassigned.insert(lost.clone());
                 let split = Split { vus, events };
                 if let Some(live) = &run.live {
                     live.replace(split.clone());
@@ -976,11 +989,35 @@ impl Coordinator {
                     }
                 };
                 let start = unix_us() + START_LEAD.as_micros() as u64;
+                let mut vus = Assignment::new(base.clone());
+                let mut events = Assignment::new(base);
+                // Members lost before the start: their shares go to the survivors from
+                // the first index on, so nothing is planned on a dead node.
+                let survivors: Vec<(usize, u64)> = run
+                    .roster
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| !run.lost.contains(&m.id))
+                    .map(|(i, m)| (i, m.weight as u64))
+                    .collect();
+                for (i, m) in run.roster.iter().enumerate() {
+                    if run.lost.contains(&m.id) {
+                        let moved = Reassignment::new(i, 0, &survivors)
+                            .and_then(|r| vus.reassign(r))
+                            .and_then(|_| Reassignment::new(i, 0, &survivors))
+                            .and_then(|r| events.reassign(r));
+                        if let Err(e) = moved {
+                            tracing::error!(error = %e, "cannot move a lost member's share");
+                            return;
+                        }
+                        run.reassigned.insert(m.id.clone());
+                    }
+                }
                 let msg = RunMessage::Assign {
                     run_id: run_id.into(),
                     term: run.term,
-                    vus: Assignment::new(base.clone()),
-                    events: Assignment::new(base),
+                    vus,
+                    events,
                     start_unix_us: start,
                 };
                 run.assign_msg = Some(msg.clone());
@@ -1014,6 +1051,19 @@ impl Coordinator {
         ) else {
             return;
         };
+        if run.stop_reason.is_some() {
+            // Stopped before it started: nothing to run, but the barriers still close.
+            run.phase = Phase::Running;
+            self.arrive(
+                run_id,
+                "finished",
+                BarrierDetail {
+                    snapshots: Some(0),
+                    ..Default::default()
+                },
+            );
+            return;
+        }
         run.phase = Phase::Running;
         let local_start_us = start as i64 - run.clock_offset_us;
         let now_us = unix_us() as i64;
@@ -1207,6 +1257,7 @@ impl Coordinator {
             return;
         }
         let node_name = run.name_of(&s.node);
+        let live_nodes = run.live_members().count();
         let Some(agg) = run.agg.as_mut() else { return };
         if !run.seen.entry(s.node.clone()).or_default().insert(s.seq) {
             return;
@@ -1230,7 +1281,7 @@ impl Coordinator {
         let cpu = run.cpu_max.entry(s.node.clone()).or_insert(0.0);
         *cpu = cpu.max(s.cpu);
         let node_point = crate::aggregate::point(s.seq, &second.metrics, s.vus, 1);
-        let latest = agg.latest();
+        let latest = agg.latest_complete(live_nodes);
         let totals = agg.totals.clone();
         let node_totals = agg.nodes.get(&s.node).map(|n| n.totals.clone());
         self.live.update(&run.id, &run.plan_name, |l| {
@@ -1244,8 +1295,8 @@ impl Coordinator {
             }
         });
         if run.client.is_some() {
-            if let Some(p) = agg.latest() {
-                let nodes = run.live_members().count();
+            let nodes = live_nodes;
+            if let Some(p) = agg.latest_complete(nodes) {
                 run.tell(serde_json::json!({"progress": p, "nodes": nodes}));
             }
         }
@@ -1260,6 +1311,12 @@ impl Coordinator {
             let Some(run) = self.runs.get_mut(&run_id) else {
                 continue;
             };
+            // A proposal whose origin died before its roster will never start.
+            if run.origin == peer && run.roster.is_empty() && run.phase < Phase::Done {
+                run.phase = Phase::Done;
+                run.finished_at = Some(Instant::now());
+                continue;
+            }
             if run.phase >= Phase::Done
                 || !run.roster.iter().any(|m| m.id == peer)
                 || run.lost.contains(peer)
@@ -1293,11 +1350,13 @@ impl Coordinator {
                         serde_json::json!({"leader": nname, "term": term}),
                     );
                     if next == me {
-                        self.publish(RunMessage::Leader {
+                        let msg = RunMessage::Leader {
                             run_id: run_id.clone(),
                             term,
                             leader: me.clone(),
-                        });
+                        };
+                        run.leader_msgs.push(msg.clone());
+                        self.publish(msg);
                     }
                 }
             }
@@ -1382,6 +1441,7 @@ impl Coordinator {
             at_s,
             moved,
         };
+        run.leader_msgs.push(msg.clone());
         self.publish(msg.clone());
         self.on_run_message(me, msg);
     }
@@ -1418,6 +1478,7 @@ impl Coordinator {
                         again.push(a.clone());
                     }
                 }
+                again.extend(run.leader_msgs.iter().cloned());
                 for (b, d) in &run.my_arrivals {
                     if !run.barrier_complete(b) {
                         again.push(RunMessage::Arrive {
@@ -1428,7 +1489,14 @@ impl Coordinator {
                     }
                 }
             }
+            let undated = run.phase == Phase::Done && run.finished_at.is_none();
             let joining_origin = run.phase == Phase::Joining && run.origin == me;
+            // A member that never hears a roster or an abort gives up on the proposal
+            // rather than stay committed to it.
+            let stale_join = run.phase == Phase::Joining
+                && run.origin != me
+                && run.roster.is_empty()
+                && run.join_deadline.elapsed() > JOIN_WINDOW * 3;
             let finishing = run.phase == Phase::Finishing;
             let done_long_ago = run
                 .finished_at
@@ -1438,6 +1506,12 @@ impl Coordinator {
             }
             if joining_origin {
                 self.maybe_close_joins(&run_id);
+            }
+            if stale_join || undated {
+                if let Some(run) = self.runs.get_mut(&run_id) {
+                    run.phase = Phase::Done;
+                    run.finished_at = Some(Instant::now());
+                }
             }
             if finishing {
                 self.maybe_report(&run_id);

@@ -331,6 +331,15 @@ fn take_metrics(w: &Worker) -> Metrics {
     out
 }
 
+/// A well-mixed 64-bit hash of an index (splitmix64's finaliser), for dealing events
+/// over workers evenly whatever pattern the striping leaves.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
 /// Every VU index of `0..limit` that this node owns under the current split.
 fn node_indices(w: &Worker, limit: u64) -> Vec<u64> {
     let split = w.spec.assignment.get();
@@ -580,7 +589,6 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     // must not spend its time sweeping a list of finished tasks.
     let idle_again = Rc::new(tokio::sync::Notify::new());
     let mut stop_rx = w.stop_rx.clone();
-    let mut rank = 0usize;
     let mut k = 0u64;
     while let Some(t) = schedule.arrival_time(k) {
         let event = k;
@@ -600,9 +608,10 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
         if !split.events.owns(w.spec.node, event) {
             continue;
         }
-        let mine = rank % active == w.index;
-        rank += 1;
-        if !mine {
+        // Deal the node's events over its workers by a hash of the event's global
+        // index: every worker decides the same way whenever it picked up a new split
+        // (a count of owned events would differ between workers across a failover).
+        if (mix(event) % active as u64) as usize != w.index {
             continue;
         }
         let intended = begin + t;

@@ -145,7 +145,7 @@ impl<'de> Deserialize<'de> for Hist {
 }
 
 /// A byte string for serde without another crate: accepts CBOR bytes or a sequence.
-mod serde_bytes_compat {
+pub(crate) mod serde_bytes_compat {
     use serde::de::{SeqAccess, Visitor};
     use serde::Deserialize;
 
@@ -173,7 +173,9 @@ mod serde_bytes_compat {
                     Ok(ByteBuf(out))
                 }
             }
-            d.deserialize_bytes(V)
+            // byte_buf, not bytes: ciborium serves borrowed bytes only up to its scratch
+            // buffer (4 KiB); a larger histogram or data file must be read into a Vec.
+            d.deserialize_byte_buf(V)
         }
     }
 }
@@ -438,6 +440,18 @@ mod tests {
         assert!(Metrics::decode(b"\xff\x00garbage").is_err());
         let mut other = Metrics::new(&Layout::default());
         assert!(other.merge(&m).is_err());
+    }
+
+    #[test]
+    fn large_histograms_round_trip() {
+        // Many distinct values: the V2 encoding is well over ciborium's 4 KiB scratch.
+        let mut m = Metrics::new(&layout());
+        for v in 1..200_000u64 {
+            m.series[0].latency.record(v * 7);
+        }
+        let bytes = m.encode();
+        assert!(bytes.len() > 8192, "{} bytes", bytes.len());
+        assert_eq!(Metrics::decode(&bytes).unwrap(), m);
     }
 
     #[test]
