@@ -106,11 +106,11 @@ fn per_second(t: &TargetHandle) -> Vec<(u64, u64)> {
         .collect()
 }
 
-fn unix_s() -> u64 {
+fn unix_s_f64() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_secs()
+        .as_secs_f64()
 }
 
 #[test]
@@ -166,7 +166,7 @@ fn survive_kill(kill_leader: bool) {
     // Kill once the run has been going for about 4 s.
     let went = wait_until(Duration::from_secs(30), || t.requests() >= 4 * rate as u64);
     assert!(went, "the run did not get going");
-    let killed_at = unix_s();
+    let killed_at = unix_s_f64();
     nodes[victim].kill9();
     let out = finish(cli);
     assert!(out.status.success(), "{}", show(&out));
@@ -191,7 +191,8 @@ fn survive_kill(kill_leader: bool) {
     let seconds = per_second(&t);
     let back: Vec<u64> = seconds
         .iter()
-        .filter(|(sec, _)| *sec >= killed_at + 3 && *sec <= killed_at + 6)
+        // Whole seconds that start 3 s or more after the kill.
+        .filter(|(sec, _)| *sec as f64 >= killed_at + 3.0 && (*sec as f64) < killed_at + 7.0)
         .map(|(_, n)| *n)
         .collect();
     eprintln!("target per second around the kill at {killed_at}: {seconds:?}");
