@@ -37,7 +37,7 @@ pub enum Command {
     /// Show the mesh members as this node sees them.
     Peers(PeersArgs),
     /// Show runs in progress and recent runs.
-    Status(NodeClientArgs),
+    Status(StatusArgs),
     /// Stop a run mesh-wide, gracefully (the report is still written).
     Stop(StopArgs),
     /// Write a new mesh pre-shared key.
@@ -127,6 +127,15 @@ pub struct PeersArgs {
     #[command(flatten)]
     pub node_client: NodeClientArgs,
     /// Print a JSON array of members instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub node_client: NodeClientArgs,
+    /// Print one JSON object per run instead of a table.
     #[arg(long)]
     pub json: bool,
 }

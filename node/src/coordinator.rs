@@ -480,7 +480,7 @@ impl Coordinator {
                     .map(|r| {
                         serde_json::json!({
                             "run_id": r.id, "plan": r.plan_name, "bundle_hash": r.hash, "phase": r.phase,
-                            "origin": r.origin, "leader": r.leader, "term": r.term,
+                            "origin": r.origin, "leader": r.leader, "leader_name": r.name_of(&r.leader), "term": r.term,
                             "members": r.roster.iter().map(|m| &m.name).collect::<Vec<_>>(),
                             "lost": r.lost.iter().map(|l| r.name_of(l)).collect::<Vec<_>>(),
                             "elapsed_s": r.run_time_s().max(0.0),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use stampede_protocol::mesh::PROTOCOL_VERSION;
 use tokio::net::TcpListener;
 
-use crate::cli::{KeygenArgs, NodeArgs, NodeClientArgs, PeersArgs, StopArgs};
+use crate::cli::{KeygenArgs, NodeArgs, NodeClientArgs, PeersArgs, StatusArgs, StopArgs};
 use crate::control::{self, ControlInfo, ControlRequest, ControlState};
 use crate::exit::{Failure, Outcome};
 use crate::mesh::discovery::{parse_bootstrap, parse_listen};
@@ -335,19 +335,48 @@ pub fn peers_table(rows: &[MemberRow]) -> String {
     out
 }
 
-pub fn status(args: NodeClientArgs) -> Result<Outcome, Failure> {
-    let data = call(&args, ControlRequest::Status)?;
+pub fn status(args: StatusArgs) -> Result<Outcome, Failure> {
+    let data = call(&args.node_client, ControlRequest::Status)?;
     let runs = data
         .get("runs")
         .and_then(|r| r.as_array())
         .cloned()
         .unwrap_or_default();
-    if runs.is_empty() {
-        out("no runs yet\n");
-    } else {
-        for r in runs {
+    if args.json {
+        for r in &runs {
             out(&format!("{r}\n"));
         }
+    } else if runs.is_empty() {
+        out("no runs yet\n");
+    } else {
+        let mut t = format!(
+            "{:<18} {:<16} {:<10} {:>8}  {:<10} {:<24} {}\n",
+            "RUN", "PLAN", "PHASE", "ELAPSED", "LEADER", "MEMBERS", "LOST"
+        );
+        for r in &runs {
+            let list = |k: &str| {
+                r[k].as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default()
+            };
+            let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+            t.push_str(&format!(
+                "{:<18} {:<16} {:<10} {:>7.0}s  {:<10} {:<24} {}\n",
+                s("run_id"),
+                s("plan"),
+                s("phase"),
+                r["elapsed_s"].as_f64().unwrap_or(0.0),
+                s("leader_name"),
+                list("members"),
+                list("lost")
+            ));
+        }
+        out(&t);
     }
     Ok(Outcome::Success)
 }

@@ -343,7 +343,7 @@ fn stop_ends_a_run_on_every_node_and_still_reports() {
     );
     // Any member can stop it: ask n3, which did not start it.
     let status = Command::new(BIN)
-        .args(["status", "--data-dir"])
+        .args(["status", "--json", "--data-dir"])
         .arg(&nodes[2].dir)
         .output()
         .unwrap();
