@@ -117,6 +117,17 @@ pub fn run_json(r: &LiveRun, now_ms: u64) -> Value {
         .collect();
     let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
     if let Value::Object(o) = &mut v {
+        // Polled every second: the charts show the newest window, not the whole hour.
+        if let Some(Value::Array(t)) = o.get_mut("timeline") {
+            trim_front(t);
+        }
+        if let Some(Value::Object(per)) = o.get_mut("per_node") {
+            for t in per.values_mut() {
+                if let Value::Array(t) = t {
+                    trim_front(t);
+                }
+            }
+        }
         o.insert("totals".into(), json!(totals));
         o.insert("nodes".into(), Value::Array(nodes));
         o.insert("by_label".into(), json!(by_label));
@@ -124,6 +135,15 @@ pub fn run_json(r: &LiveRun, now_ms: u64) -> Value {
         o.insert("elapsed_s".into(), json!(wall));
     }
     v
+}
+
+/// Seconds of timeline `/api/live` sends per run and per node.
+pub const LIVE_WINDOW_SECONDS: usize = 600;
+
+fn trim_front(t: &mut Vec<Value>) {
+    if t.len() > LIVE_WINDOW_SECONDS {
+        t.drain(..t.len() - LIVE_WINDOW_SECONDS);
+    }
 }
 
 /// Saturation warnings for the newest seconds of each node, naming the node.
