@@ -131,8 +131,8 @@ async fn run_node(
     let name = cfg.name.clone();
     let labels = cfg.labels.clone();
     let run_allow = cfg.allow_targets.clone();
-    let handle = mesh::start(cfg).await?;
     let live = crate::live::LiveRuns::new();
+    let handle = mesh::start(cfg).await?;
     let coordinator = crate::coordinator::spawn(
         crate::coordinator::NodeIdentity {
             id: handle.peer_id.to_string(),
@@ -165,7 +165,11 @@ async fn run_node(
             Err(e) => return Err(format!("cannot bind --http {}: {e}", settings.http)),
         };
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        tokio::spawn(crate::status_http::serve(listener, handle.view.clone()));
+        tokio::spawn(crate::status_http::serve(
+            listener,
+            handle.view.clone(),
+            live.clone(),
+        ));
         Some(addr.to_string())
     };
 

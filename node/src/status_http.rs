@@ -1,9 +1,11 @@
-//! The node's HTTP status server (loopback by default): `/health`, `/metrics`
-//! (Prometheus text format: mesh size and per-peer state) and `/`, a placeholder page
-//! until the dashboard arrives.
+//! The node's HTTP status server (loopback by default): `/` the live dashboard,
+//! `/api/live` its JSON, `/runs/<id>/report.html` and `/runs/<id>/summary.json` for
+//! recent runs, `/health`, and `/metrics` (Prometheus text format: mesh gauges plus the
+//! current run's counters and histograms per node and step).
 //!
-//! It only reads the shared membership view; it must never block the mesh event loop
-//! (locks are held only while formatting) and never serve anything that changes state.
+//! It only reads the shared membership view and the live runs; it must never block the
+//! mesh event loop (locks are held only while copying) and never serve anything that
+//! changes state.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -18,11 +20,14 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use std::sync::Arc;
+
+use crate::live::LiveRuns;
 use crate::mesh::membership::MemberState;
 use crate::mesh::SharedView;
 
 /// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, view: SharedView) {
+pub async fn serve(listener: TcpListener, view: SharedView, live: Arc<LiveRuns>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(x) => x,
@@ -33,10 +38,12 @@ pub async fn serve(listener: TcpListener, view: SharedView) {
             }
         };
         let view = view.clone();
+        let live = live.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let view = view.clone();
-                async move { Ok::<_, Infallible>(route(&req, &view)) }
+                let live = live.clone();
+                async move { Ok::<_, Infallible>(route(&req, &view, &live)) }
             });
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -58,7 +65,7 @@ fn respond(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes
     r
 }
 
-fn route(req: &Request<Incoming>, view: &SharedView) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, view: &SharedView, live: &LiveRuns) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -75,17 +82,58 @@ fn route(req: &Request<Incoming>, view: &SharedView) -> Response<Full<Bytes>> {
                 format!("{{\"status\":\"ok\",\"peers_alive\":{alive}}}\n"),
             )
         }
-        "/metrics" => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics_text(view),
-        ),
-        "/" => respond(
+        "/metrics" => {
+            let mut text = metrics_text(view);
+            if let Some(run) = crate::prometheus::current_run(&live.snapshot()) {
+                crate::prometheus::run_text(run, &mut text);
+            }
+            respond(StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
+        "/" | "/index.html" => respond(
             StatusCode::OK,
             "text/html; charset=utf-8",
-            placeholder_page(view),
+            crate::dashboard::page(&crate::dashboard::api_json(view, live)),
         ),
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        "/api/live" => respond(
+            StatusCode::OK,
+            "application/json",
+            crate::dashboard::api_json(view, live).to_string(),
+        ),
+        path => match path
+            .strip_prefix("/runs/")
+            .and_then(|rest| rest.split_once('/'))
+        {
+            Some((id, file)) => run_file(live, id, file),
+            None => not_found(),
+        },
+    }
+}
+
+fn not_found() -> Response<Full<Bytes>> {
+    respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
+}
+
+/// A recent run's report or summary, by run id.
+fn run_file(live: &LiveRuns, id: &str, file: &str) -> Response<Full<Bytes>> {
+    let Some(s) = live.recent().into_iter().find(|s| s.run_id == id) else {
+        return respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no such recent run on this node (only runs started from it are kept)\n".into(),
+        );
+    };
+    match file {
+        "report.html" => respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            crate::html::render(&s),
+        ),
+        "summary.json" => respond(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&s).unwrap_or_default(),
+        ),
+        _ => not_found(),
     }
 }
 
@@ -93,13 +141,6 @@ fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
-}
-
-fn html(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// Prometheus text exposition of the membership view.
@@ -175,33 +216,6 @@ pub fn metrics_text(view: &SharedView) -> String {
         );
     }
     out
-}
-
-fn placeholder_page(view: &SharedView) -> String {
-    let rows = view
-        .read()
-        .map(|v| v.rows(Instant::now()))
-        .unwrap_or_default();
-    let mut table = String::new();
-    for r in &rows {
-        let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let _ = write!(
-            table,
-            "<tr><td>{}{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            html(&r.name),
-            if r.is_self { " (this node)" } else { "" },
-            html(&r.id),
-            r.state.as_str(),
-            html(&r.version),
-            html(&labels.join(", "))
-        );
-    }
-    format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>stampede node</title></head><body>\
-         <h1>stampede node</h1><p>The live dashboard is not built yet. Mesh members:</p>\
-         <table border=\"1\" cellpadding=\"4\"><tr><th>name</th><th>id</th><th>state</th><th>version</th><th>labels</th></tr>{table}</table>\
-         <p><a href=\"/metrics\">/metrics</a> · <a href=\"/health\">/health</a></p></body></html>\n"
-    )
 }
 
 #[cfg(test)]

@@ -1,0 +1,157 @@
+//! Shared helpers of the browser tests: find headless Chromium (a test FAILS without it
+//! under CI=true and prints SKIPPED otherwise), dump a page's DOM after its scripts ran,
+//! screenshot it, and a tiny HTTP GET over loopback.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// The browser, or None after printing SKIPPED (only outside CI: in CI it panics).
+pub fn chromium(test: &str) -> Option<PathBuf> {
+    let p = Path::new(CHROMIUM);
+    if p.exists() {
+        return Some(p.to_path_buf());
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(
+        !ci,
+        "{test}: {CHROMIUM} is missing; .ci/run installs chromium (apt-get install chromium)"
+    );
+    eprintln!("SKIPPED {test}: {CHROMIUM} not installed (install the chromium package)");
+    None
+}
+
+/// Runs headless Chromium with the network locked to loopback and a fresh profile.
+fn run(browser: &Path, extra: &[String], url: &str, offline: bool) -> std::process::Output {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let mut cmd = Command::new(browser);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--mute-audio",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()));
+    if offline {
+        // Any request that is not file:// goes to a closed port and fails.
+        cmd.arg("--proxy-server=127.0.0.1:9")
+            .arg("--proxy-bypass-list=<-loopback>");
+    }
+    cmd.args(extra).arg(url);
+    cmd.stdin(Stdio::null());
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start chromium");
+    wait_bounded(child, Duration::from_secs(90))
+}
+
+/// Waits for a child at most `limit`, killing it after that.
+fn wait_bounded(mut child: std::process::Child, limit: Duration) -> std::process::Output {
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => break,
+            Ok(None) if start.elapsed() > limit => {
+                let _ = child.kill();
+                break;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    child.wait_with_output().expect("chromium output")
+}
+
+/// The DOM after the page's scripts ran for `budget_ms` of virtual time.
+pub fn dump_dom(browser: &Path, url: &str, budget_ms: u64, offline: bool) -> String {
+    let out = run(
+        browser,
+        &[
+            "--dump-dom".into(),
+            format!("--virtual-time-budget={budget_ms}"),
+        ],
+        url,
+        offline,
+    );
+    let dom = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        dom.contains("</html>"),
+        "chromium printed no DOM for {url}: status {:?}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dom
+}
+
+/// A PNG screenshot of the page at 1400 px wide.
+pub fn screenshot(browser: &Path, url: &str, file: &Path, height: u32, offline: bool) -> bool {
+    let out = run(
+        browser,
+        &[
+            format!("--screenshot={}", file.display()),
+            format!("--window-size=1400,{height}"),
+            "--virtual-time-budget=1500".into(),
+        ],
+        url,
+        offline,
+    );
+    out.status.success() && file.exists()
+}
+
+/// `GET path` on a loopback `addr` (`127.0.0.1:PORT`): (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the node's HTTP server");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// The value of attribute `attr` on the element with `id` in a dumped DOM.
+pub fn attr_of_id(dom: &str, id: &str, attr: &str) -> Option<String> {
+    let re = regex::Regex::new(&format!(r#"<[^>]*\bid="{}"[^>]*>"#, regex::escape(id))).ok()?;
+    let tag = re.find(dom)?.as_str();
+    let re = regex::Regex::new(&format!(r#"\b{}="([^"]*)""#, regex::escape(attr))).ok()?;
+    re.captures(tag).map(|c| c[1].to_string())
+}
+
+/// Point counts of every chart line inside the chart `data-chart="id"`.
+pub fn chart_points(dom: &str, chart: &str) -> Vec<u64> {
+    let start = match dom.find(&format!("data-chart=\"{chart}\"")) {
+        Some(i) => i,
+        None => return Vec::new(),
+    };
+    let rest = &dom[start..];
+    let end = rest.find("</svg>").unwrap_or(rest.len());
+    let re = regex::Regex::new(r#"<path class="line"[^>]*data-points="(\d+)"[^>]*\sd="M[^"]+""#)
+        .expect("regex");
+    re.captures_iter(&rest[..end])
+        .filter_map(|c| c[1].parse().ok())
+        .collect()
+}
