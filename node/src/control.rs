@@ -1,10 +1,10 @@
-//! The local control endpoint: how the CLI (`peers`, `status`, `stop`, later
+//! The local control endpoint: how the CLI (`peers`, `status`, `stop`,
 //! `run --mesh`) talks to a running node, and the client side of it.
 //!
 //! Protection: the server binds to loopback (127.0.0.1, port chosen by the OS unless
 //! the `control` setting says otherwise) and writes its address together with a random
 //! token to `DATA_DIR/control.json` with mode 0600. Requests that change anything
-//! (`stop`, later `run`) must carry that token; read-only requests (`peers`, `status`)
+//! (`stop`, `run`) must carry that token; read-only requests (`peers`, `status`)
 //! may omit it so `--node ADDR` works without access to the data dir.
 //!
 //! Wire format: one JSON object per line. The client sends one request line
