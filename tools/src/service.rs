@@ -317,7 +317,12 @@ fn percent_decode(s: &str) -> String {
 
 async fn admin(shared: &Shared, route: Route, req: Request<Incoming>) -> Resp {
     match route {
-        Route::Stats => json_value(StatusCode::OK, &shared.stats.snapshot()),
+        Route::Stats => {
+            // Every request received counts, admin ones too, except this one.
+            let mut snap = shared.stats.snapshot();
+            snap.requests = snap.load_requests + snap.admin_requests.saturating_sub(1);
+            json_value(StatusCode::OK, &snap)
+        }
         Route::StatsReset => {
             shared.stats.reset();
             json_value(StatusCode::OK, &shared.stats.snapshot())

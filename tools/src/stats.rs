@@ -126,9 +126,12 @@ pub(crate) fn unix_second() -> u64 {
 /// A point-in-time copy of the counters, as served by `GET /_stats`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsSnapshot {
-    /// Every load request received (any route, any outcome, including 404s and injected
-    /// 500s). Admin requests (`/_stats`, `/_stats/reset`, `/_control`) are not counted here.
+    /// Every request received, the `/_stats` request answering excluded (spec §10): load
+    /// requests plus earlier admin requests. In-process snapshots count load requests only.
     pub requests: u64,
+    /// Every load request received (any route, any outcome, including 404s and injected
+    /// 500s); admin requests (`/_stats`, `/_stats/reset`, `/_control`) are not counted.
+    pub load_requests: u64,
     /// Requests received per route, keyed like `"POST /login"`; every key always present.
     pub endpoints: BTreeMap<String, u64>,
     /// Responses sent per status code (`"other"` for codes without their own counter).
@@ -252,8 +255,10 @@ impl Stats {
                 (n > 0).then_some((key, n))
             })
             .collect();
+        let load = sum(&|s| s.requests.load(Relaxed));
         StatsSnapshot {
-            requests: sum(&|s| s.requests.load(Relaxed)),
+            requests: load,
+            load_requests: load,
             endpoints,
             statuses,
             per_second: self.per_second(unix_second()),

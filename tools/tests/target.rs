@@ -238,14 +238,17 @@ async fn stats_count_every_load_request_exactly() {
     assert_eq!(s.connections_open, 1);
     assert_eq!(s.connections_accepted, 1);
 
-    // Reading stats is not load: a second read reports the same number.
+    // Every request received counts except the /_stats request answering (spec §10):
+    // the first read is counted by the second; load requests are kept apart.
     let again = http_stats(&mut c).await;
-    assert_eq!(again.requests, expected);
+    assert_eq!(again.requests, expected + 1);
+    assert_eq!(again.load_requests, expected);
     assert_eq!(again.admin_requests, 2);
 
     // The raw JSON carries the documented field names.
     let raw: Value = c.get("/_stats").await.json();
-    assert_eq!(raw["requests"], expected);
+    assert_eq!(raw["requests"], expected + 2);
+    assert_eq!(raw["load_requests"], expected);
     assert!(raw["endpoints"]["POST /login"].is_u64());
     assert!(raw["per_second"][0][0].is_u64() && raw["per_second"][0][1].is_u64());
 
@@ -253,7 +256,10 @@ async fn stats_count_every_load_request_exactly() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(t.requests(), 0);
     c.get("/products/1").await;
-    assert_eq!(http_stats(&mut c).await.requests, 1);
+    // The reset cleared every counter, its own admin count included.
+    let after = http_stats(&mut c).await;
+    assert_eq!(after.requests, 1);
+    assert_eq!(after.load_requests, 1);
     t.reset_stats();
     assert_eq!(t.stats().requests, 0);
     t.stop().await;
