@@ -15,13 +15,13 @@
   }
 
   function run(r, current) {
-    var evs = (r.events || []).map(function (x) { return x.t; });
+    var evs = ST.marks(r.events);
     var tl = r.timeline || [];
     var last = tl.length ? tl[tl.length - 1] : null;
     var h = '<section class="run" id="run-' + e(r.run_id) + '" data-run="' + e(r.run_id) + '" data-phase="' + e(r.phase) + '"><h2>' + (current ? "Current run" : "Last run") +
       ": " + e(r.plan) + ' <span class="note">run <code>' + e(r.run_id) + "</code> · phase <b>" + e(r.phase) + "</b> · leader " + e(r.leader) +
       " · " + (r.members || []).length + " node(s)" + (last ? " · second " + last.t : "") + "</span></h2>";
-    h += ST.alarm((r.saturation || []).slice());
+    h += ST.alarm((r.saturation || []).slice(), false);
     var extra = last ? [["rps now", last.rps.toFixed(0), last.rps], ["p99 now", ST.ms(last.p99_us), last.p99_us], ["VUs now", ST.int(last.vus), last.vus]] : [];
     h += r.totals ? ST.kpis(r.totals, extra) : '<p class="note">No measurements yet.</p>';
     h += "<h3>All nodes merged</h3>" + ST.mergedCharts(tl, evs, "live-merged-");
