@@ -84,7 +84,8 @@ fn route(req: &Request<Incoming>, view: &SharedView, live: &LiveRuns) -> Respons
         }
         "/metrics" => {
             let mut text = metrics_text(view);
-            if let Some(run) = crate::prometheus::current_run(&live.snapshot()) {
+            // The newest run still going, else the newest.
+            if let Some(run) = crate::dashboard::newest_runs(live, 1).first() {
                 crate::prometheus::run_text(run, &mut text);
             }
             respond(StatusCode::OK, "text/plain; version=0.0.4", text)

@@ -78,7 +78,7 @@ timeout = "5s"
 [scenarios.steady]
 executor = "constant-arrival-rate"
 rate = 30
-duration = "25s"
+duration = "30s"
 max_vus = 50
 flow = "shop"
 [[flows.shop.steps]]

@@ -51,7 +51,7 @@
   function render() {
     var d = state.data;
     var runs = d.runs || [];
-    var going = runs.filter(function (r) { return r.phase !== "done"; });
+    var going = runs.filter(function (r) { return r.phase !== "done" && r.started_unix_ms > 0; });
     var shown = going.length ? going : runs.slice(0, 1);
     var h = '<header class="top"><h1>stampede · ' + e(d.node.name) + '</h1><span class="sub">node <code>' + e(String(d.node.id).slice(-8)) + "</code> · " +
       (d.members || []).filter(function (m) { return m.state === "alive"; }).length + " alive member(s) · updated " +
