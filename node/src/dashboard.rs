@@ -265,6 +265,27 @@ mod tests {
     use crate::aggregate::TimelinePoint;
 
     #[test]
+    fn newest_going_run_first_and_unstarted_proposals_last() {
+        let live = LiveRuns::new();
+        for (id, phase, started) in [
+            ("old", "done", 1_000),
+            ("stuck", "joining", 0),
+            ("newer", "done", 3_000),
+            ("going", "running", 2_000),
+        ] {
+            live.update(id, "p", |r| {
+                r.phase = phase.into();
+                r.started_unix_ms = started;
+            });
+        }
+        let ids: Vec<String> = newest_runs(&live, 3)
+            .into_iter()
+            .map(|r| r.run_id)
+            .collect();
+        assert_eq!(ids, ["going", "newer", "old"]);
+    }
+
+    #[test]
     fn per_label_stats_merge_histograms_and_saturation_names_the_node() {
         let layout = stampede_protocol::snapshot::Layout {
             scenarios: vec!["s".into()],
