@@ -233,9 +233,13 @@ var ST = (function () {
   }
 
   // Loud warnings: the generator (not the target) may be what the numbers describe.
-  function saturation(perNode, generator) {
+  // `nodes` may carry `cpu` (fraction of the node's cores at its busiest second).
+  function saturation(perNode, generator, nodes) {
     var out = [];
     ((generator && generator.warnings) || []).forEach(function (w) { out.push(w); });
+    (nodes || []).forEach(function (n) {
+      if (typeof n.cpu === "number" && n.cpu >= 0.9) out.push("node " + n.name + ": CPU at " + Math.round(n.cpu * 100) + " % of its cores");
+    });
     Object.keys(perNode || {}).sort().forEach(function (n) {
       var bad = (perNode[n] || []).filter(function (p) { return p.schedule_lag_p99_us > LAG_SATURATED_US; });
       if (bad.length) {

@@ -11,7 +11,7 @@
     '<span class="badge verdict ' + (passed ? "pass" : "fail") + '" id="verdict">thresholds ' + (passed ? "passed" : "FAILED") + "</span>";
   var h = '<header class="top"><h1>stampede · ' + e(S.plan) + '</h1><span class="sub">run <code>' + e(S.run_id) + "</code> · started " + e(S.started_at) +
     " · " + (S.duration_s || 0).toFixed(1) + " s · " + (S.nodes || []).length + " node(s)</span>" + verdict + "</header><main>";
-  var sat = ST.saturation(perNode, S.generator);
+  var sat = ST.saturation(perNode, S.generator, S.nodes);
   h += ST.alarm(sat, !!(S.generator || {}).saturated);
   var g = S.generator || {}, lag = g.schedule_lag_us || {};
   h += '<section id="totals"><h2>Totals</h2>' + ST.kpis(S.totals || {}) + "</section>";
