@@ -247,7 +247,7 @@ pub fn page(api: &Value) -> String {
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>stampede · {name}</title><style>{css}</style></head>\n<body>\
+         <title>stampede node · {name}</title><style>{css}</style></head>\n<body>\
          <div id=\"app\"><noscript>The dashboard needs JavaScript; see <a href=\"/api/live\">/api/live</a>.</noscript></div>\n\
          <script type=\"application/json\" id=\"initial\">{json}</script>\n\
          <script>{charts}</script>\n<script>{dash}</script>\n</body></html>\n",

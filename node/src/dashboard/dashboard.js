@@ -61,7 +61,7 @@
       '<section><h2>No run yet</h2><p class="note">Start one with <code>stampede run --mesh PLAN</code>; it shows here live.</p></section>';
     h += '<section id="mesh"><h2>Mesh</h2>' + members(d.members || []) + "</section>";
     h += '<section id="recent"><h2>Recent runs</h2>' + recent(d.recent || []) + "</section>";
-    h += '<p class="note">Data: <a href="/api/live">/api/live</a> · <a href="/metrics">/metrics</a> (Prometheus) · <a href="/health">/health</a></p></main>';
+    h += '<p class="note">Data: <a href="/api/live">/api/live</a> (also as server-sent events on <code>/events</code>) · <a href="/metrics">/metrics</a> (Prometheus) · <a href="/health">/health</a></p></main>';
     document.getElementById("app").innerHTML = h;
   }
 
@@ -70,14 +70,18 @@
     x.open("GET", "/api/live");
     x.timeout = 5000;
     x.onload = function () {
-      if (x.status === 200) {
-        try { state.data = JSON.parse(x.responseText); state.updates++; state.error = ""; } catch (err) { state.error = "bad response"; }
-      } else { state.error = "node answered " + x.status; }
-      render();
+      if (x.status === 200) { take(x.responseText); } else { state.error = "node answered " + x.status; render(); }
     };
     x.onerror = x.ontimeout = function () { state.error = "node unreachable"; render(); };
     x.send();
   }
+  function take(text) {
+    try { state.data = JSON.parse(text); state.updates++; state.error = ""; } catch (err) { state.error = "bad update"; }
+    render();
+  }
   render();
-  if (location.protocol !== "file:") setInterval(poll, 1000);
+  if (location.protocol === "file:") return;
+  // Polling, not /events: a page holding a stream open never lets headless browsers
+  // (and their virtual time) settle, and once a second on loopback costs nothing.
+  setInterval(poll, 1000);
 })();
