@@ -171,6 +171,34 @@ pub fn saturation(r: &LiveRun) -> Vec<String> {
     out
 }
 
+/// Runs `/api/live` describes (the newest first); older ones are in "recent".
+pub const SHOWN_RUNS: usize = 3;
+
+/// Copies of the `n` newest runs (going ones first), without cloning the others: a
+/// long-lived node keeps many finished runs and this is read every second.
+pub fn newest_runs(live: &LiveRuns, n: usize) -> Vec<LiveRun> {
+    let runs = match live.runs.read() {
+        Ok(r) => r,
+        Err(p) => p.into_inner(),
+    };
+    let mut keys: Vec<(bool, u64, &String)> = runs
+        .values()
+        // A proposal that never started (refused, abandoned) must not shadow real runs.
+        .map(|r| {
+            (
+                r.phase != "done" && r.started_unix_ms > 0,
+                r.started_unix_ms,
+                &r.run_id,
+            )
+        })
+        .collect();
+    keys.sort_by(|a, b| b.cmp(a));
+    keys.iter()
+        .take(n)
+        .filter_map(|(_, _, id)| runs.get(*id).cloned())
+        .collect()
+}
+
 /// The `/api/live` document.
 pub fn api_json(view: &SharedView, live: &LiveRuns) -> Value {
     let rows = view
@@ -179,8 +207,7 @@ pub fn api_json(view: &SharedView, live: &LiveRuns) -> Value {
         .unwrap_or_default();
     let me = rows.iter().find(|r| r.is_self);
     let now = now_unix_ms();
-    let mut runs = live.snapshot();
-    runs.sort_by(|a, b| (b.started_unix_ms, &b.run_id).cmp(&(a.started_unix_ms, &a.run_id)));
+    let runs = newest_runs(live, SHOWN_RUNS);
     let recent: Vec<Value> = live
         .recent()
         .iter()
@@ -220,7 +247,7 @@ pub fn page(api: &Value) -> String {
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>stampede · {name}</title><style>{css}</style></head>\n<body>\
+         <title>stampede node · {name}</title><style>{css}</style></head>\n<body>\
          <div id=\"app\"><noscript>The dashboard needs JavaScript; see <a href=\"/api/live\">/api/live</a>.</noscript></div>\n\
          <script type=\"application/json\" id=\"initial\">{json}</script>\n\
          <script>{charts}</script>\n<script>{dash}</script>\n</body></html>\n",
@@ -236,6 +263,27 @@ pub fn page(api: &Value) -> String {
 mod tests {
     use super::*;
     use crate::aggregate::TimelinePoint;
+
+    #[test]
+    fn newest_going_run_first_and_unstarted_proposals_last() {
+        let live = LiveRuns::new();
+        for (id, phase, started) in [
+            ("old", "done", 1_000),
+            ("stuck", "joining", 0),
+            ("newer", "done", 3_000),
+            ("going", "running", 2_000),
+        ] {
+            live.update(id, "p", |r| {
+                r.phase = phase.into();
+                r.started_unix_ms = started;
+            });
+        }
+        let ids: Vec<String> = newest_runs(&live, 3)
+            .into_iter()
+            .map(|r| r.run_id)
+            .collect();
+        assert_eq!(ids, ["going", "newer", "old"]);
+    }
 
     #[test]
     fn per_label_stats_merge_histograms_and_saturation_names_the_node() {

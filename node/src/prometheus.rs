@@ -48,18 +48,6 @@ pub fn label_name(key: &str) -> String {
     o
 }
 
-/// Which run `/metrics` shows: the newest one still going, else the newest one.
-pub fn current_run(runs: &[LiveRun]) -> Option<&LiveRun> {
-    let going = runs
-        .iter()
-        .filter(|r| r.phase != "done")
-        .max_by_key(|r| (r.started_unix_ms, r.run_id.clone()));
-    going.or_else(|| {
-        runs.iter()
-            .max_by_key(|r| (r.started_unix_ms, r.run_id.clone()))
-    })
-}
-
 struct Family {
     name: &'static str,
     kind: &'static str,

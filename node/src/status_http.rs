@@ -1,7 +1,8 @@
 //! The node's HTTP status server (loopback by default): `/` the live dashboard,
-//! `/api/live` its JSON, `/runs/<id>/report.html` and `/runs/<id>/summary.json` for
-//! recent runs, `/health`, and `/metrics` (Prometheus text format: mesh gauges plus the
-//! current run's counters and histograms per node and step).
+//! `/api/live` its JSON, `/events` the same once per second as server-sent events,
+//! `/runs/<id>/report.html` and `/runs/<id>/summary.json` for recent runs, `/health`,
+//! and `/metrics` (Prometheus text format: mesh gauges plus the current run's counters
+//! and histograms per node and step).
 //!
 //! It only reads the shared membership view and the live runs; it must never block the
 //! mesh event loop (locks are held only while copying) and never serve anything that
@@ -13,7 +14,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -21,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::live::LiveRuns;
 use crate::mesh::membership::MemberState;
@@ -56,8 +60,11 @@ pub async fn serve(listener: TcpListener, view: SharedView, live: Arc<LiveRuns>)
     }
 }
 
-fn respond(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+/// Whole responses, or the `/events` stream.
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+fn respond(status: StatusCode, ctype: &str, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *r.status_mut() = status;
     if let Ok(v) = http::HeaderValue::from_str(ctype) {
         r.headers_mut().insert(http::header::CONTENT_TYPE, v);
@@ -65,7 +72,7 @@ fn respond(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes
     r
 }
 
-fn route(req: &Request<Incoming>, view: &SharedView, live: &LiveRuns) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, view: &SharedView, live: &Arc<LiveRuns>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -84,7 +91,8 @@ fn route(req: &Request<Incoming>, view: &SharedView, live: &LiveRuns) -> Respons
         }
         "/metrics" => {
             let mut text = metrics_text(view);
-            if let Some(run) = crate::prometheus::current_run(&live.snapshot()) {
+            // The newest run still going, else the newest.
+            if let Some(run) = crate::dashboard::newest_runs(live, 1).first() {
                 crate::prometheus::run_text(run, &mut text);
             }
             respond(StatusCode::OK, "text/plain; version=0.0.4", text)
@@ -94,6 +102,7 @@ fn route(req: &Request<Incoming>, view: &SharedView, live: &LiveRuns) -> Respons
             "text/html; charset=utf-8",
             crate::dashboard::page(&crate::dashboard::api_json(view, live)),
         ),
+        "/events" => events(view.clone(), live.clone()),
         "/api/live" => respond(
             StatusCode::OK,
             "application/json",
@@ -109,12 +118,36 @@ fn route(req: &Request<Incoming>, view: &SharedView, live: &LiveRuns) -> Respons
     }
 }
 
-fn not_found() -> Response<Full<Bytes>> {
+/// Server-sent events: the `/api/live` document once per second, as long as the
+/// client stays connected (a closed connection drops the stream).
+fn events(view: SharedView, live: Arc<LiveRuns>) -> Response<Body> {
+    let stream = futures::stream::unfold((view, live, true), |(view, live, first)| async move {
+        if !first {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let json = crate::dashboard::api_json(&view, &live).to_string();
+        let frame = Frame::data(Bytes::from(format!("data: {json}\n\n")));
+        Some((Ok::<_, Infallible>(frame), (view, live, false)))
+    });
+    let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
+    r
+}
+
+fn not_found() -> Response<Body> {
     respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
 }
 
 /// A recent run's report or summary, by run id.
-fn run_file(live: &LiveRuns, id: &str, file: &str) -> Response<Full<Bytes>> {
+fn run_file(live: &LiveRuns, id: &str, file: &str) -> Response<Body> {
     let Some(s) = live.recent().into_iter().find(|s| s.run_id == id) else {
         return respond(
             StatusCode::NOT_FOUND,

@@ -15,7 +15,9 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use browser_support::{attr_of_id, chart_points, chromium, dump_dom, http_get, screenshot};
+use browser_support::{
+    attr_of_id, chart_points, chromium, dump_dom, http_get, screenshot, sse_messages,
+};
 use mesh_support::{all_see, wait_until, Mesh, Node, BIN};
 use serde_json::Value;
 use stampede_tools::TargetConfig;
@@ -78,7 +80,7 @@ timeout = "5s"
 [scenarios.steady]
 executor = "constant-arrival-rate"
 rate = 30
-duration = "25s"
+duration = "30s"
 max_vus = 50
 flow = "shop"
 [[flows.shop.steps]]
@@ -128,6 +130,16 @@ check = {{ status = 200 }}
         .map(|m| m["name"].as_str().unwrap())
         .collect();
     assert_eq!(members, BTreeSet::from(["eu-1", "us-1"]));
+
+    // `/events` streams the same document once per second, moving with the run.
+    let msgs = sse_messages(&addr, "/events", 3, Duration::from_secs(20));
+    assert_eq!(msgs.len(), 3, "server-sent events: {msgs:?}");
+    let counts: Vec<u64> = msgs
+        .iter()
+        .map(|m| live_requests(&serde_json::from_str(m).expect("event is JSON")))
+        .collect();
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+    assert!(counts[2] > counts[0], "events did not move: {counts:?}");
 
     let test = "dashboard_api_and_metrics_show_a_live_mesh_run_per_node_and_region";
     if let Some(browser) = chromium(test) {

@@ -61,8 +61,19 @@ var ST = (function () {
       svg += '<text x="' + sx(xv).toFixed(1) + '" y="' + (H - 6) + '" text-anchor="middle">' + esc(xv + "s") + '</text>';
     }
     svg += '<line class="axis" x1="' + L + '" x2="' + (W - R) + '" y1="' + (H - B) + '" y2="' + (H - B) + '"/>';
-    (opts.events || []).forEach(function (t) {
-      if (t >= x0 && t <= x1) svg += '<line class="ev" x1="' + sx(t).toFixed(1) + '" x2="' + sx(t).toFixed(1) + '" y1="' + T + '" y2="' + (H - B) + '"/>';
+    // Events in the same second share one marker.
+    var marks = {}, order = [];
+    (opts.events || []).forEach(function (ev) {
+      var key = Math.round(ev[0]);
+      if (ev[0] < x0 || ev[0] > x1) return;
+      if (!marks[key]) { marks[key] = { t: ev[0], kinds: [] }; order.push(key); }
+      if (marks[key].kinds.indexOf(ev[1]) < 0) marks[key].kinds.push(ev[1]);
+    });
+    order.forEach(function (key) {
+      var m = marks[key], x = sx(m.t).toFixed(1), label = m.kinds.join(", ");
+      svg += '<line class="ev" x1="' + x + '" x2="' + x + '" y1="' + T + '" y2="' + (H - B) + '"><title>' + esc(label) + '</title></line>' +
+        (+x > W / 2 ? '<text class="evl" text-anchor="end" x="' + (+x - 3) : '<text class="evl" x="' + (+x + 3)) +
+        '" y="' + (T + 9) + '">' + esc(label) + '</text>';
     });
     series.forEach(function (s) {
       if (!s.points.length) return;
@@ -117,6 +128,8 @@ var ST = (function () {
     }).join("") + "</div>";
   }
 
+  // Events as chart markers: [t, kind].
+  function marks(events) { return (events || []).map(function (x) { return [x.t || 0, x.kind]; }); }
   function pts(tl, f) { return (tl || []).map(function (p) { return [p.t, f(p)]; }); }
 
   // The four golden signals over time for the merged timeline.
@@ -203,7 +216,8 @@ var ST = (function () {
   }
 
   function nodeTable(nodes) {
-    return table([{ h: "node" }, { h: "labels" }, { h: "status" }].concat(STAT_COLS), nodes.map(function (n) {
+    var sorted = nodes.slice().sort(function (a, b) { return a.name < b.name ? -1 : a.name > b.name ? 1 : 0; });
+    return table([{ h: "node" }, { h: "labels" }, { h: "status" }].concat(STAT_COLS), sorted.map(function (n) {
       return { attrs: ' data-node="' + esc(n.name) + '"', cells: [esc(n.name), labelChips(n.labels), '<span class="state-' + esc(n.status) + '">' + esc(n.status) + '</span>'].concat(statCells(n.stats || {})) };
     }), ' class="nodes"');
   }
@@ -219,9 +233,13 @@ var ST = (function () {
   }
 
   // Loud warnings: the generator (not the target) may be what the numbers describe.
-  function saturation(perNode, generator) {
+  // `nodes` may carry `cpu` (fraction of the node's cores at its busiest second).
+  function saturation(perNode, generator, nodes) {
     var out = [];
     ((generator && generator.warnings) || []).forEach(function (w) { out.push(w); });
+    (nodes || []).forEach(function (n) {
+      if (typeof n.cpu === "number" && n.cpu >= 0.9) out.push("node " + n.name + ": CPU at " + Math.round(n.cpu * 100) + " % of its cores");
+    });
     Object.keys(perNode || {}).sort().forEach(function (n) {
       var bad = (perNode[n] || []).filter(function (p) { return p.schedule_lag_p99_us > LAG_SATURATED_US; });
       if (bad.length) {
@@ -233,13 +251,16 @@ var ST = (function () {
     });
     return out;
   }
-  function alarm(list) {
+  // `whole`: the run as a whole was saturated (not only some seconds of some nodes).
+  function alarm(list, whole) {
     if (!list.length) return "";
-    return '<div class="alarm" id="saturation">⚠ GENERATOR SATURATED — these numbers may describe the load generator, not the target.<ul>' +
+    var head = whole ? "⚠ GENERATOR SATURATED — these numbers may describe the load generator, not the target." :
+      "⚠ GENERATOR SATURATED at times — in the seconds below, the numbers may describe the load generator, not the target.";
+    return '<div class="alarm" id="saturation">' + head + '<ul>' +
       list.map(function (w) { return "<li>" + esc(w) + "</li>"; }).join("") + "</ul></div>";
   }
 
   return { esc: esc, int: int, ms: ms, pct: pct, bytes: bytes, chart: chart, table: table, STAT_COLS: STAT_COLS, statCells: statCells,
     labelChips: labelChips, kpis: kpis, mergedCharts: mergedCharts, perNodeCharts: perNodeCharts, labelSection: labelSection,
-    nodeTable: nodeTable, eventsTable: eventsTable, saturation: saturation, alarm: alarm, PALETTE: PALETTE };
+    nodeTable: nodeTable, eventsTable: eventsTable, marks: marks, saturation: saturation, alarm: alarm, PALETTE: PALETTE };
 })();

@@ -15,13 +15,13 @@
   }
 
   function run(r, current) {
-    var evs = (r.events || []).map(function (x) { return x.t; });
+    var evs = ST.marks(r.events);
     var tl = r.timeline || [];
     var last = tl.length ? tl[tl.length - 1] : null;
     var h = '<section class="run" id="run-' + e(r.run_id) + '" data-run="' + e(r.run_id) + '" data-phase="' + e(r.phase) + '"><h2>' + (current ? "Current run" : "Last run") +
       ": " + e(r.plan) + ' <span class="note">run <code>' + e(r.run_id) + "</code> · phase <b>" + e(r.phase) + "</b> · leader " + e(r.leader) +
       " · " + (r.members || []).length + " node(s)" + (last ? " · second " + last.t : "") + "</span></h2>";
-    h += ST.alarm((r.saturation || []).slice());
+    h += ST.alarm((r.saturation || []).slice(), false);
     var extra = last ? [["rps now", last.rps.toFixed(0), last.rps], ["p99 now", ST.ms(last.p99_us), last.p99_us], ["VUs now", ST.int(last.vus), last.vus]] : [];
     h += r.totals ? ST.kpis(r.totals, extra) : '<p class="note">No measurements yet.</p>';
     h += "<h3>All nodes merged</h3>" + ST.mergedCharts(tl, evs, "live-merged-");
@@ -51,7 +51,7 @@
   function render() {
     var d = state.data;
     var runs = d.runs || [];
-    var going = runs.filter(function (r) { return r.phase !== "done"; });
+    var going = runs.filter(function (r) { return r.phase !== "done" && r.started_unix_ms > 0; });
     var shown = going.length ? going : runs.slice(0, 1);
     var h = '<header class="top"><h1>stampede · ' + e(d.node.name) + '</h1><span class="sub">node <code>' + e(String(d.node.id).slice(-8)) + "</code> · " +
       (d.members || []).filter(function (m) { return m.state === "alive"; }).length + " alive member(s) · updated " +
@@ -61,7 +61,7 @@
       '<section><h2>No run yet</h2><p class="note">Start one with <code>stampede run --mesh PLAN</code>; it shows here live.</p></section>';
     h += '<section id="mesh"><h2>Mesh</h2>' + members(d.members || []) + "</section>";
     h += '<section id="recent"><h2>Recent runs</h2>' + recent(d.recent || []) + "</section>";
-    h += '<p class="note">Data: <a href="/api/live">/api/live</a> · <a href="/metrics">/metrics</a> (Prometheus) · <a href="/health">/health</a></p></main>';
+    h += '<p class="note">Data: <a href="/api/live">/api/live</a> (also as server-sent events on <code>/events</code>) · <a href="/metrics">/metrics</a> (Prometheus) · <a href="/health">/health</a></p></main>';
     document.getElementById("app").innerHTML = h;
   }
 
@@ -70,14 +70,18 @@
     x.open("GET", "/api/live");
     x.timeout = 5000;
     x.onload = function () {
-      if (x.status === 200) {
-        try { state.data = JSON.parse(x.responseText); state.updates++; state.error = ""; } catch (err) { state.error = "bad response"; }
-      } else { state.error = "node answered " + x.status; }
-      render();
+      if (x.status === 200) { take(x.responseText); } else { state.error = "node answered " + x.status; render(); }
     };
     x.onerror = x.ontimeout = function () { state.error = "node unreachable"; render(); };
     x.send();
   }
+  function take(text) {
+    try { state.data = JSON.parse(text); state.updates++; state.error = ""; } catch (err) { state.error = "bad update"; }
+    render();
+  }
   render();
-  if (location.protocol !== "file:") setInterval(poll, 1000);
+  if (location.protocol === "file:") return;
+  // Polling, not /events: a page holding a stream open never lets headless browsers
+  // (and their virtual time) settle, and once a second on loopback costs nothing.
+  setInterval(poll, 1000);
 })();

@@ -155,3 +155,29 @@ pub fn chart_points(dom: &str, chart: &str) -> Vec<u64> {
         .filter_map(|c| c[1].parse().ok())
         .collect()
 }
+
+/// The first `n` server-sent events of `GET path` (their `data:` payloads), read for at
+/// most `limit`.
+pub fn sse_messages(addr: &str, path: &str, n: usize, limit: Duration) -> Vec<String> {
+    let mut s = TcpStream::connect(addr).expect("connect to the node's HTTP server");
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send request");
+    let re = regex::Regex::new(r"data: ([^\n]*)\n\n").expect("regex");
+    let start = Instant::now();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    while start.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => raw.extend_from_slice(&buf[..k]),
+            Err(_) => {}
+        }
+        let text = String::from_utf8_lossy(&raw);
+        let found: Vec<String> = re.captures_iter(&text).map(|c| c[1].to_string()).collect();
+        if found.len() >= n {
+            return found.into_iter().take(n).collect();
+        }
+    }
+    let text = String::from_utf8_lossy(&raw);
+    re.captures_iter(&text).map(|c| c[1].to_string()).collect()
+}
