@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use serde::Serialize;
-use stampede_protocol::mesh::{GossipBody, MeshRequest, MeshResponse};
+use stampede_protocol::mesh::{GossipBody, MeshRequest, MeshResponse, NodeState};
 use stampede_protocol::run::{
     clock_offset, BarrierDetail, Bundle, Requirements, RosterEntry, RunMessage, RunRequest,
     RunResponse, SnapshotMessage,
@@ -1065,6 +1065,9 @@ impl Coordinator {
             return;
         }
         run.phase = Phase::Running;
+        let _ = self
+            .mesh
+            .try_send(MeshCommand::SetState(NodeState::Running));
         let local_start_us = start as i64 - run.clock_offset_us;
         let now_us = unix_us() as i64;
         let start_at =
@@ -1238,6 +1241,7 @@ impl Coordinator {
             self.on_snapshot(&me, msg);
         }
         if finished {
+            let _ = self.mesh.try_send(MeshCommand::SetState(NodeState::Idle));
             self.arrive(
                 run_id,
                 "finished",
@@ -1518,6 +1522,7 @@ impl Coordinator {
             }
             if done_long_ago {
                 self.runs.remove(&run_id);
+                self.live.remove(&run_id);
                 if let Ok(mut s) = self.store.snapshots.lock() {
                     s.retain(|(r, _), _| *r != run_id);
                 }
@@ -1550,7 +1555,11 @@ impl Coordinator {
         let leader = run.name_of(&run.leader);
         let started = run.start_unix_us.map(|u| u / 1000).unwrap_or(0);
         let layout = run.plan.as_ref().map(|p| p.layout.clone());
+        let plan_name = run.plan.as_ref().map(|p| p.plan.name.clone());
         self.live.update(&run.id, &run.plan_name, |l| {
+            if let Some(n) = plan_name {
+                l.plan = n;
+            }
             l.phase = phase;
             l.members = members;
             l.leader = leader;

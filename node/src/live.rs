@@ -115,6 +115,14 @@ impl LiveRuns {
             .or_insert_with(|| LiveRun::new(run_id, plan)));
     }
 
+    /// Forgets a run's live record (the coordinator dropped the run).
+    pub fn remove(&self, run_id: &str) {
+        match self.runs.write() {
+            Ok(mut r) => r.remove(run_id),
+            Err(p) => p.into_inner().remove(run_id),
+        };
+    }
+
     pub fn finish(&self, summary: Summary) {
         let mut f = match self.finished.write() {
             Ok(r) => r,

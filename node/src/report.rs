@@ -98,6 +98,8 @@ pub struct NodeSummary {
     pub failed: u64,
     pub iterations: u64,
     pub stats: Stats,
+    /// Process CPU at the node's busiest second, as a fraction of its worker cores.
+    pub cpu: f64,
     /// The node's own seconds.
     pub timeline: Vec<TimelinePoint>,
 }
@@ -264,6 +266,7 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
             failed: st.failed,
             iterations: st.iterations,
             stats: st,
+            cpu: (info.cpu * 1000.0).round() / 1000.0,
             timeline: nt.timeline.clone(),
         });
     }
@@ -300,10 +303,11 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
         max: lag.0.max(),
     };
     let mut warnings = Vec::new();
-    if cpu >= CPU_SATURATED {
+    for n in nodes.iter().filter(|n| n.cpu >= CPU_SATURATED) {
         warnings.push(format!(
-            "generator CPU reached {:.0}% of its cores: the numbers may describe the generator, not the target",
-            cpu * 100.0
+            "node {}: generator CPU reached {:.0}% of its cores: its numbers may describe the generator, not the target",
+            n.name,
+            n.cpu * 100.0
         ));
     }
     if lag.p99 > LAG_SATURATED_US {
