@@ -218,6 +218,8 @@ struct Run {
     client: Option<ClientLink>,
     stop_reason: Option<String>,
     finished_at: Option<Instant>,
+    /// How long the run lasted, once it is done (for `status`).
+    ended_s: Option<f64>,
 }
 
 impl Run {
@@ -264,6 +266,7 @@ impl Run {
             client: None,
             stop_reason: None,
             finished_at: None,
+            ended_s: None,
         }
     }
 
@@ -483,7 +486,7 @@ impl Coordinator {
                             "origin": r.origin, "leader": r.leader, "leader_name": r.name_of(&r.leader), "term": r.term,
                             "members": r.roster.iter().map(|m| &m.name).collect::<Vec<_>>(),
                             "lost": r.lost.iter().map(|l| r.name_of(l)).collect::<Vec<_>>(),
-                            "elapsed_s": r.run_time_s().max(0.0),
+                            "elapsed_s": r.ended_s.unwrap_or_else(|| r.run_time_s().max(0.0)),
                         })
                     })
                     .collect();
@@ -1630,6 +1633,7 @@ impl Coordinator {
         }
         run.phase = Phase::Done;
         run.finished_at = Some(Instant::now());
+        run.ended_s = Some(run.run_time_s().max(0.0));
         let Some(client) = run.client.take() else {
             return;
         };
