@@ -82,6 +82,72 @@ pub struct TargetConfig {
     /// Runtime worker threads, used by [`spawn`] and the binary (not by [`start`], which
     /// runs on the caller's runtime).
     pub threads: usize,
+    /// Extra delay for load requests from these source networks: a region far from the
+    /// service, simulated at the service where the kernel has no netem.
+    pub delay_from: Vec<SourceDelay>,
+}
+
+/// `CIDR=DURATION`: load requests whose connection comes from inside `CIDR` wait
+/// `DURATION` more before they are served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceDelay {
+    pub net: std::net::IpAddr,
+    pub prefix: u8,
+    pub delay: Duration,
+}
+
+impl SourceDelay {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let bits = u32::from(self.prefix.min(32));
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let bits = u32::from(self.prefix.min(128));
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - bits)
+                };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for SourceDelay {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SourceDelay, String> {
+        let (net, delay) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected CIDR=DURATION, e.g. 10.77.0.3/32=150ms"))?;
+        let (addr, prefix) = match net.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (net, None),
+        };
+        let net: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?}: {addr:?} is not an IP address"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: bad prefix length {p:?}"))?,
+        };
+        let delay = latency::parse_duration(delay).map_err(|e| format!("{s:?}: {e}"))?;
+        Ok(SourceDelay { net, prefix, delay })
+    }
 }
 
 impl Default for TargetConfig {
@@ -94,6 +160,7 @@ impl Default for TargetConfig {
             concurrency_limit: None,
             stall: Duration::ZERO,
             threads: 1,
+            delay_from: Vec::new(),
         }
     }
 }
@@ -124,6 +191,7 @@ fn shared_for(cfg: &TargetConfig) -> Result<Arc<Shared>, ControlError> {
         shop: shop::Shop::new(cfg.accounts),
         stats: stats::Stats::new(),
         knobs: knobs::Knobs::new(),
+        delay_from: cfg.delay_from.clone(),
     };
     shared.knobs.set_latency(cfg.latency);
     shared.knobs.set_error_rate(cfg.error_rate)?;
@@ -214,9 +282,15 @@ async fn accept_loop(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    connections.spawn(serve_connection(stream, shared.clone(), builder.clone()));
+                    let delay = shared
+                        .delay_from
+                        .iter()
+                        .find(|d| d.contains(peer.ip()))
+                        .map(|d| d.delay)
+                        .unwrap_or_default();
+                    connections.spawn(serve_connection(stream, shared.clone(), builder.clone(), delay));
                 }
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.
@@ -236,11 +310,12 @@ async fn serve_connection(
     stream: tokio::net::TcpStream,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    source_delay: Duration,
 ) {
     shared.stats.connection_opened();
     let stats_shared = shared.clone();
     let _closed = service::OnDrop(move || stats_shared.stats.connection_closed());
-    let svc = service_fn(move |req| service::handle(shared.clone(), req));
+    let svc = service_fn(move |req| service::handle(shared.clone(), req, source_delay));
     if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
         tracing::debug!("stampede-target: connection: {e}");
     }
@@ -327,5 +402,25 @@ impl TargetHandle {
 impl Drop for TargetHandle {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
+    }
+}
+
+#[cfg(test)]
+mod source_delay_tests {
+    use super::SourceDelay;
+    use std::time::Duration;
+
+    #[test]
+    fn parses_and_matches() {
+        let d: SourceDelay = "10.77.0.0/24=150ms".parse().unwrap();
+        assert_eq!(d.delay, Duration::from_millis(150));
+        assert!(d.contains("10.77.0.3".parse().unwrap()));
+        assert!(!d.contains("10.77.1.3".parse().unwrap()));
+        assert!(!d.contains("::1".parse().unwrap()));
+        let one: SourceDelay = "::1=1s".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!("10.77.0.0/33=1s".parse::<SourceDelay>().is_err());
+        assert!("nothing".parse::<SourceDelay>().is_err());
+        assert!("10.0.0.1=soon".parse::<SourceDelay>().is_err());
     }
 }

@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub(crate) shop: Shop,
     pub(crate) stats: Stats,
     pub(crate) knobs: Knobs,
+    /// Per-source-network delays (fixed at start).
+    pub(crate) delay_from: Vec<crate::SourceDelay>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +103,7 @@ impl<F: FnMut()> Drop for OnDrop<F> {
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
+    source_delay: std::time::Duration,
 ) -> Result<Resp, Infallible> {
     let route = Route::of(req.method(), req.uri().path());
     let Some(endpoint) = route.endpoint() else {
@@ -108,6 +111,11 @@ pub(crate) async fn handle(
         return Ok(admin(&shared, route, req).await);
     };
     shared.stats.received(endpoint);
+    // A far-away client: its requests wait as if on a long network path, outside the
+    // service's concurrency limit.
+    if !source_delay.is_zero() {
+        tokio::time::sleep(source_delay).await;
+    }
     let resp = serve_load(&shared, route, req).await;
     shared.stats.responded(resp.status().as_u16());
     Ok(resp)

@@ -53,10 +53,19 @@ struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_duration)]
     stall: Duration,
 
+    /// Extra delay for load requests from a source network, e.g. 10.77.0.3/32=150ms
+    /// (a far-away region, where the kernel has no netem). Repeatable.
+    #[arg(long = "delay-from", value_name = "CIDR=DURATION", value_parser = parse_source_delay)]
+    delay_from: Vec<stampede_tools::SourceDelay>,
+
     /// Runtime worker threads.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     threads: u64,
+}
+
+fn parse_source_delay(s: &str) -> Result<stampede_tools::SourceDelay, String> {
+    s.parse()
 }
 
 fn parse_latency(s: &str) -> Result<Latency, String> {
@@ -98,6 +107,7 @@ fn main() -> ExitCode {
         concurrency_limit: (cli.concurrency_limit > 0).then_some(cli.concurrency_limit),
         stall: cli.stall,
         threads,
+        delay_from: cli.delay_from,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
