@@ -180,4 +180,38 @@ check = {{ status = 200 }}
     // The report carries the per-region rows (its embedded summary is what it draws).
     let report = std::fs::read_to_string(&html).unwrap();
     assert!(report.contains("\"by_label\"") && report.contains("\"ap\""));
+
+    // So does the dashboard of the node the run started from: its /api/live (served on
+    // the namespace's own loopback, read from inside it) keeps ap apart too.
+    let fetch = Command::new("ip")
+        .args(["netns", "exec", "sp-ns1", "python3", "-c"])
+        .arg("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:7401/api/live', timeout=10).read().decode())")
+        .output()
+        .expect("python3 inside the namespace");
+    assert!(
+        fetch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fetch.stderr)
+    );
+    let live: Value = serde_json::from_slice(&fetch.stdout).expect("/api/live is JSON");
+    let run_id = s["run_id"].as_str().unwrap();
+    let run = live["runs"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["run_id"] == run_id))
+        .expect("the run is on the dashboard");
+    let live_p50 = |r: &str| {
+        run["by_label"]["region"][r]["latency_us"]["p50"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(
+        live_p50("ap") >= 150_000,
+        "dashboard ap p50 {}",
+        live_p50("ap")
+    );
+    assert!(
+        live_p50("eu") < 50_000 && live_p50("us") < 50_000,
+        "dashboard {}",
+        run["by_label"]
+    );
 }
