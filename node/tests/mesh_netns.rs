@@ -5,58 +5,13 @@
 
 mod mesh_support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mesh_support::{wait_until, BIN};
+use mesh_support::{netns_script, netns_skip_reason, wait_until, NetnsDown, BIN};
 
 const HOSTS: usize = 3;
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testnet/netns.sh")
-}
-
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not running as root".into());
-    }
-    match Command::new("ip").args(["netns", "list"]).output() {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => {
-            return Some(format!(
-                "`ip netns list` failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ))
-        }
-        Err(e) => return Some(format!("`ip` is unavailable: {e}")),
-    }
-    if Command::new("ip")
-        .args(["link", "show", "sp-br0"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-    {
-        return Some("sp-br0 already exists (another netns testnet is up)".into());
-    }
-    None
-}
-
-/// Tears the namespaces down whatever happens.
-struct Down {
-    dir: PathBuf,
-}
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .arg("down")
-            .env("STAMPEDE_TESTNET_DIR", &self.dir)
-            .output();
-    }
-}
 
 fn peers_in(dir: &Path, i: usize) -> Vec<serde_json::Value> {
     let out = Command::new("ip")
@@ -79,15 +34,15 @@ fn peers_in(dir: &Path, i: usize) -> Vec<serde_json::Value> {
 
 #[test]
 fn nodes_in_namespaces_find_each_other_by_mdns() {
-    if let Some(why) = skip_reason() {
+    if let Some(why) = netns_skip_reason() {
         eprintln!("SKIPPED nodes_in_namespaces_find_each_other_by_mdns: {why}");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    let _down = Down { dir: dir.clone() };
+    let _down = NetnsDown(dir.clone());
     let up = Command::new("bash")
-        .arg(script())
+        .arg(netns_script())
         .args(["up", &HOSTS.to_string()])
         .env("STAMPEDE_TESTNET_DIR", &dir)
         .env("STAMPEDE_BIN", BIN)

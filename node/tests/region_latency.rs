@@ -9,50 +9,16 @@
 
 mod mesh_support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use mesh_support::{wait_until, BIN};
+use mesh_support::{netns_script, netns_skip_reason, wait_until, NetnsDown, BIN};
 use serde_json::Value;
 use stampede_tools::{SourceDelay, TargetConfig};
 
 const HOSTS: usize = 3;
 const BRIDGE_IP: &str = "10.77.0.254";
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testnet/netns.sh")
-}
-
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not running as root".into());
-    }
-    match Command::new("ip").args(["netns", "list"]).output() {
-        Ok(o) if o.status.success() => {}
-        _ => return Some("`ip netns` is unavailable".into()),
-    }
-    let bridge_up = Command::new("ip")
-        .args(["link", "show", "sp-br0"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    bridge_up.then(|| "sp-br0 already exists (another netns testnet is up)".into())
-}
-
-/// Tears the namespaces (and the bridge with its address) down whatever happens.
-struct Down(PathBuf);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .arg("down")
-            .env("STAMPEDE_TESTNET_DIR", &self.0)
-            .output();
-    }
-}
 
 fn in_ns(i: usize) -> Command {
     let mut c = Command::new("ip");
@@ -77,15 +43,15 @@ fn alive_seen_by(dir: &Path, i: usize) -> usize {
 
 #[test]
 fn a_far_region_shows_its_own_latency_in_the_summary_and_report() {
-    if let Some(why) = skip_reason() {
+    if let Some(why) = netns_skip_reason() {
         eprintln!("SKIPPED a_far_region_shows_its_own_latency_in_the_summary_and_report: {why}");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    let _down = Down(dir.clone());
+    let _down = NetnsDown(dir.clone());
     let up = Command::new("bash")
-        .arg(script())
+        .arg(netns_script())
         .args(["up", &HOSTS.to_string()])
         .env("STAMPEDE_TESTNET_DIR", &dir)
         .env("STAMPEDE_BIN", BIN)

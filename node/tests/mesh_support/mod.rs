@@ -224,3 +224,46 @@ pub fn all_see(nodes: &[&Node], ids: &[String]) -> bool {
         alive == want
     })
 }
+
+/// testnet/netns.sh: the project's own test hosts in network namespaces.
+pub fn netns_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testnet/netns.sh")
+}
+
+/// Why a namespace test cannot run here (not root, no `ip netns`, a testnet already
+/// up), or None when it can.
+pub fn netns_skip_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not running as root".into());
+    }
+    match Command::new("ip").args(["netns", "list"]).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            return Some(format!(
+                "`ip netns list` failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+        Err(e) => return Some(format!("`ip` is unavailable: {e}")),
+    }
+    let bridge_up = Command::new("ip")
+        .args(["link", "show", "sp-br0"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    bridge_up.then(|| "sp-br0 already exists (another netns testnet is up)".into())
+}
+
+/// Tears the namespaces (and the bridge) down whatever happens.
+pub struct NetnsDown(pub PathBuf);
+
+impl Drop for NetnsDown {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(netns_script())
+            .arg("down")
+            .env("STAMPEDE_TESTNET_DIR", &self.0)
+            .output();
+    }
+}
