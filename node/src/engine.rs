@@ -21,11 +21,11 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stampede_protocol::executor::Executor;
+use stampede_protocol::executor::{ArrivalSchedule, Executor};
 use stampede_protocol::segment::Assignment;
 use stampede_protocol::snapshot::Metrics;
 use tokio::sync::{mpsc, watch};
@@ -182,11 +182,11 @@ impl Engine {
                 .map(|_| SharedCursor::new(spec.node as u64, n))
                 .collect(),
         );
-        let claims: Arc<Vec<AtomicUsize>> = Arc::new(
+        let claims: Arc<Vec<std::sync::Mutex<VuSlots>>> = Arc::new(
             spec.plan
                 .scenarios
                 .iter()
-                .map(|_| AtomicUsize::new(0))
+                .map(|_| std::sync::Mutex::new(VuSlots::default()))
                 .collect(),
         );
         let mut threads = Vec::new();
@@ -224,9 +224,9 @@ struct Worker {
     stop: StopHandle,
     stop_rx: watch::Receiver<Stop>,
     shared_left: Arc<Vec<AtomicU64>>,
-    /// Per open-model scenario: how many of the node's VU slots the node's workers
-    /// have claimed, so that max_vus holds for the node, not per worker.
-    vu_claims: Arc<Vec<AtomicUsize>>,
+    /// Per open-model scenario: the node's VU slots and how many of them the node's
+    /// workers have claimed, so that max_vus holds for the node, not per worker.
+    vu_claims: Arc<Vec<std::sync::Mutex<VuSlots>>>,
     /// VUs alive on this worker.
     vus: Cell<u64>,
 }
@@ -238,7 +238,7 @@ fn worker_main(
     stop: StopHandle,
     shared_left: Arc<Vec<AtomicU64>>,
     cursors: Arc<Vec<SharedCursor>>,
-    vu_claims: Arc<Vec<AtomicUsize>>,
+    vu_claims: Arc<Vec<std::sync::Mutex<VuSlots>>>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -340,12 +340,122 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Every VU index of `0..limit` that this node owns under the current split.
-fn node_indices(w: &Worker, limit: u64) -> Vec<u64> {
+/// Which arrival events one worker of a node takes, under a split that failover may
+/// change while the run goes.
+///
+/// The node's events are dealt over its `active` workers by `mix(event)`, so every
+/// worker decides alike whenever it picks up a split. `next` is the first event not
+/// yet taken that may still be this worker's: while the worker waits for an event,
+/// the events between its last one and that event have been judged under the old
+/// split. A takeover can hand it some of them (the lost node's events from
+/// `from_event` on), so a new split rewinds `next` to the first event after the last
+/// one taken — but never to an event whose intended time has already passed when the
+/// split arrived: those were the lost node's while it was dying, and it may have run
+/// them.
+#[derive(Debug, Clone)]
+struct EventDealer {
+    node: usize,
+    worker: u64,
+    active: u64,
+    total: u64,
+    next: u64,
+    /// The event after the last one this worker took (ran or counted as dropped).
+    taken_to: u64,
+}
+
+impl EventDealer {
+    fn new(node: usize, worker: usize, active: usize, total: u64) -> EventDealer {
+        EventDealer {
+            node,
+            worker: worker as u64,
+            active: active.max(1) as u64,
+            total,
+            next: 0,
+            taken_to: 0,
+        }
+    }
+
+    /// This worker's next event under `events`, from the cursor on; the cursor stays on
+    /// it until it is `take`n, so a split change while waiting for it can rewind.
+    fn next_mine(&mut self, events: &Assignment) -> Option<u64> {
+        while self.next < self.total {
+            let e = self.next;
+            if events.owns(self.node, e) && mix(e) % self.active == self.worker {
+                return Some(e);
+            }
+            self.next += 1;
+        }
+        None
+    }
+
+    fn take(&mut self, event: u64) {
+        self.next = event + 1;
+        self.taken_to = event + 1;
+    }
+
+    /// The split changed when the scenario had run for `elapsed`: re-decide the events
+    /// skipped since the last one taken whose intended time is still ahead.
+    fn split_changed(&mut self, schedule: &ArrivalSchedule, elapsed: Duration) {
+        let (mut lo, mut hi) = (self.taken_to, self.next);
+        // First event in [taken_to, next) whose intended time is not before `elapsed`
+        // (or `next` itself): arrival times never decrease with the index.
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match schedule.arrival_time(mid) {
+                Some(t) if t < elapsed => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        self.next = lo;
+    }
+}
+
+/// The node's VU slots of one open-model scenario, shared by its workers: they claim
+/// slots one by one as they need a new VU, so max_vus holds for the node however the
+/// arrivals fall on its workers. A failover appends the slots it hands the node, once
+/// for the node, so the claimed ones keep their place and no VU index is used twice.
+#[derive(Debug, Default)]
+struct VuSlots {
+    ids: Vec<u64>,
+    claimed: usize,
+    /// The assignment generation `ids` reflects (`None`: not filled yet).
+    generation: Option<u64>,
+}
+
+impl VuSlots {
+    /// Appends the VU indices of `0..limit` that `node` owns under `vus` and that are
+    /// not listed yet, in ascending order.
+    fn extend(&mut self, vus: &Assignment, node: usize, limit: u64, generation: u64) {
+        if self.generation == Some(generation) {
+            return;
+        }
+        let known: std::collections::HashSet<u64> = self.ids.iter().copied().collect();
+        let more: Vec<u64> = (0..limit)
+            .filter(|g| !known.contains(g) && vus.owns(node, *g))
+            .collect();
+        self.ids.extend(more);
+        self.generation = Some(generation);
+    }
+
+    fn claim(&mut self) -> Option<u64> {
+        let g = self.ids.get(self.claimed).copied()?;
+        self.claimed += 1;
+        Some(g)
+    }
+}
+
+/// Claims one of the node's VU slots of scenario `si` for a new VU: its VU index.
+fn claim_slot(w: &Worker, si: usize, limit: u64) -> Option<u64> {
+    let mut slots = match w.vu_claims[si].lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    // The generation first: a split read after it is at least as new, so a slot
+    // list marked with it never misses a takeover.
+    let generation = *w.spec.assignment.generation.borrow();
     let split = w.spec.assignment.get();
-    (0..limit)
-        .filter(|g| split.vus.owns(w.spec.node, *g))
-        .collect()
+    slots.extend(&split.vus, w.spec.node, limit, generation);
+    slots.claim()
 }
 
 /// The VU indices this worker runs out of `0..limit`: the node's owned indices under
@@ -570,16 +680,20 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
         // Validated plans always have a schedule for arrival-rate executors.
         _ => return,
     };
-    // The node's VU slots; workers claim them one by one as they need a new VU, so
-    // max_vus holds for the node however the arrivals fall on its workers.
-    let mut ids = node_indices(&w, sc.vu_slots);
-    // With fewer slots than workers, only as many workers as slots take arrivals:
-    // an idle VU on one worker cannot serve an arrival on another.
-    let active = w.count.min(ids.len().max(1));
+    // With fewer VU slots than workers, only as many workers as slots take arrivals:
+    // an idle VU on one worker cannot serve an arrival on another. Counted on the base
+    // split, so that every worker deals alike even if a failover lands as they start.
+    let base_slots = w
+        .spec
+        .assignment
+        .get()
+        .vus
+        .base()
+        .scale(w.spec.node, sc.vu_slots);
+    let active = w.count.min(base_slots.max(1) as usize);
     if w.index >= active {
         return;
     }
-    let claims = &w.vu_claims[si];
     let (hard_tx, hard_rx) = watch::channel(false);
     let mut generation = w.spec.assignment.subscribe();
     let mut split = w.spec.assignment.get();
@@ -589,31 +703,22 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     // must not spend its time sweeping a list of finished tasks.
     let idle_again = Rc::new(tokio::sync::Notify::new());
     let mut stop_rx = w.stop_rx.clone();
-    let mut k = 0u64;
-    while let Some(t) = schedule.arrival_time(k) {
-        let event = k;
-        k += 1;
-        if generation.has_changed().unwrap_or(false) {
+    let mut dealer = EventDealer::new(w.spec.node, w.index, active, schedule.total_arrivals());
+    // A split change seen while waiting for an event (the wait consumed the change).
+    let mut split_stale = false;
+    loop {
+        if split_stale || generation.has_changed().unwrap_or(false) {
+            split_stale = false;
             generation.borrow_and_update();
             split = w.spec.assignment.get();
-            // Failover may hand this node more VU slots: extend the pool's ids (in the
-            // same order on every worker, so that claims stay consistent).
-            let more = node_indices(&w, sc.vu_slots);
-            for g in more {
-                if !ids.contains(&g) {
-                    ids.push(g);
-                }
-            }
+            dealer.split_changed(&schedule, Instant::now().saturating_duration_since(begin));
         }
-        if !split.events.owns(w.spec.node, event) {
-            continue;
-        }
-        // Deal the node's events over its workers by a hash of the event's global
-        // index: every worker decides the same way whenever it picked up a new split
-        // (a count of owned events would differ between workers across a failover).
-        if (mix(event) % active as u64) as usize != w.index {
-            continue;
-        }
+        let Some(event) = dealer.next_mine(&split.events) else {
+            break;
+        };
+        let Some(t) = schedule.arrival_time(event) else {
+            break;
+        };
         let intended = begin + t;
         if intended >= end {
             break;
@@ -621,6 +726,11 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
         if intended > Instant::now() {
             tokio::select! {
                 _ = tokio::time::sleep_until(intended.into()) => {}
+                // A takeover may hand this worker events before the one it waits for.
+                Ok(()) = generation.changed() => {
+                    split_stale = true;
+                    continue;
+                }
                 _ = stop_rx.wait_for(|s| *s != Stop::Running) => break,
             }
         } else if w.stop.stopping() {
@@ -629,17 +739,16 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
             // Behind schedule: let iterations in flight finish and free their VUs.
             tokio::task::yield_now().await;
         }
+        dealer.take(event);
         let vu = pool.borrow_mut().pop();
         let vu = match vu {
             Some(vu) => vu,
-            None => match claims.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                (c < ids.len()).then_some(c + 1)
-            }) {
-                Ok(c) => {
+            None => match claim_slot(&w, si, sc.vu_slots) {
+                Some(g) => {
                     w.vus.set(w.vus.get() + 1);
-                    Vu::new(&w.ctx, si, sc.vu_offset + ids[c])
+                    Vu::new(&w.ctx, si, sc.vu_offset + g)
                 }
-                Err(_) => {
+                None => {
                     w.ctx.recorder.borrow_mut().scenarios[si].dropped += 1;
                     continue;
                 }
@@ -682,4 +791,176 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     let idle = pool.borrow().len() as u64;
     w.vus.set(w.vus.get().saturating_sub(idle));
     pool.borrow_mut().clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stampede_protocol::segment::{Reassignment, Striping};
+    use std::collections::BTreeSet;
+
+    fn three_nodes() -> Assignment {
+        Assignment::new(Striping::from_weights(&[1, 1, 1]).unwrap())
+    }
+
+    /// Node `lost` taken over from event `from` by the other two, equally.
+    fn after_loss(lost: usize, from: u64) -> Assignment {
+        let mut a = three_nodes();
+        let survivors: Vec<(usize, u64)> = (0..3).filter(|n| *n != lost).map(|n| (n, 1)).collect();
+        a.reassign(Reassignment::new(lost, from, &survivors).unwrap())
+            .unwrap();
+        a
+    }
+
+    /// One worker following the open-model loop's decisions: the split changes to
+    /// `after` while it waits for an event due after `change_at`; a worker that dies
+    /// at `dies_at` takes nothing due from then on.
+    fn worker_events(
+        schedule: &ArrivalSchedule,
+        (node, worker, active): (usize, usize, usize),
+        before: &Assignment,
+        after: &Assignment,
+        change_at: Duration,
+        dies_at: Option<Duration>,
+    ) -> Vec<u64> {
+        let mut d = EventDealer::new(node, worker, active, schedule.total_arrivals());
+        let mut changed = false;
+        let mut taken = Vec::new();
+        for _ in 0..=schedule.total_arrivals() * 2 {
+            let split = if changed { after } else { before };
+            let Some(e) = d.next_mine(split) else {
+                break;
+            };
+            let t = schedule.arrival_time(e).unwrap();
+            if dies_at.is_some_and(|death| t >= death) {
+                break;
+            }
+            if !changed && t > change_at {
+                changed = true;
+                d.split_changed(schedule, change_at);
+                continue;
+            }
+            d.take(e);
+            taken.push(e);
+        }
+        taken
+    }
+
+    /// Kills node 2 at `death`, the survivors learn of it at `change_at`, taking over
+    /// from event `from`: every event is run at most once, and exactly the events the
+    /// takeover could not save are missing.
+    fn takeover(rate: f64, workers: usize, death: Duration, change_at: Duration, from: u64) {
+        let schedule = ArrivalSchedule::constant(rate, Duration::from_secs(20)).unwrap();
+        let (before, after) = (three_nodes(), after_loss(2, from));
+        let mut seen = BTreeSet::new();
+        for node in 0..3 {
+            for worker in 0..workers {
+                let dies_at = (node == 2).then_some(death);
+                let got = worker_events(
+                    &schedule,
+                    (node, worker, workers),
+                    &before,
+                    &after,
+                    change_at,
+                    dies_at,
+                );
+                for e in got {
+                    assert!(seen.insert(e), "event {e} ran twice");
+                    // The lost node ran its own events until it died.
+                    let owner = if node == 2 { &before } else { &after };
+                    assert!(owner.owns(node, e), "event {e} ran on node {node}");
+                }
+            }
+        }
+        // Lost: node 2's events due from its death until the takeover took effect
+        // (from event `from`, and never earlier than the moment the split arrived).
+        let due = |e: u64| schedule.arrival_time(e).unwrap();
+        let missing: Vec<u64> = (0..schedule.total_arrivals())
+            .filter(|e| !seen.contains(e))
+            .collect();
+        let expected: Vec<u64> = (0..schedule.total_arrivals())
+            .filter(|&e| before.owns(2, e) && due(e) >= death && (e < from || due(e) < change_at))
+            .collect();
+        assert_eq!(
+            missing, expected,
+            "rate {rate}/s, {workers} workers per node"
+        );
+    }
+
+    /// The first event due at or after `at`, as the leader picks `from_event`.
+    fn first_due(schedule: &ArrivalSchedule, at: Duration) -> u64 {
+        (0..schedule.total_arrivals())
+            .find(|&e| schedule.arrival_time(e).unwrap() >= at)
+            .unwrap_or(schedule.total_arrivals())
+    }
+
+    #[test]
+    fn a_takeover_hands_survivors_the_events_before_the_one_they_wait_for() {
+        // At low rates a worker's next own event is seconds away when the split
+        // changes: the lost node's events from `from` on before it must still run.
+        let lead = Duration::from_millis(300);
+        for rate in [3.0, 300.0] {
+            let schedule = ArrivalSchedule::constant(rate, Duration::from_secs(20)).unwrap();
+            for workers in [1, 2, 4] {
+                for ms in (4_500..7_000).step_by(250) {
+                    let change_at = Duration::from_millis(ms);
+                    let from = first_due(&schedule, change_at + lead);
+                    takeover(rate, workers, Duration::from_secs(4), change_at, from);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_takeover_from_an_event_already_due_never_reruns_the_lost_nodes_past() {
+        // With several scenarios the takeover point is the slowest one's: for a faster
+        // one it lies in the past. Events due before the split arrived stay lost
+        // (the dying node may have run them); those still ahead run.
+        for workers in [1, 2] {
+            takeover(
+                50.0,
+                workers,
+                Duration::from_secs(4),
+                Duration::from_secs(6),
+                10,
+            );
+        }
+    }
+
+    #[test]
+    fn a_worker_behind_schedule_keeps_its_place_when_the_split_changes() {
+        let schedule = ArrivalSchedule::constant(100.0, Duration::from_secs(10)).unwrap();
+        let after = after_loss(2, 500);
+        let mut d = EventDealer::new(0, 0, 2, schedule.total_arrivals());
+        let first = d.next_mine(&three_nodes()).unwrap();
+        d.take(first);
+        let pending = d.next_mine(&three_nodes()).unwrap();
+        // The change is seen 3 s late, after `pending` was due: it is not skipped.
+        d.split_changed(&schedule, Duration::from_secs(3));
+        assert_eq!(d.next_mine(&after), Some(pending));
+    }
+
+    #[test]
+    fn vu_slots_taken_over_are_appended_once_and_never_handed_out_twice() {
+        let limit = 30;
+        let mut slots = VuSlots::default();
+        let base = three_nodes();
+        slots.extend(&base, 0, limit, 0);
+        let mut claimed: Vec<u64> = (0..4).map(|_| slots.claim().unwrap()).collect();
+        // A second call for the same generation changes nothing.
+        slots.extend(&base, 0, limit, 0);
+        let mut a = after_loss(2, 0);
+        slots.extend(&a, 0, limit, 1);
+        a.reassign(Reassignment::new(1, 0, &[(0, 1)]).unwrap())
+            .unwrap();
+        slots.extend(&a, 0, limit, 2);
+        while let Some(g) = slots.claim() {
+            claimed.push(g);
+        }
+        let distinct: BTreeSet<u64> = claimed.iter().copied().collect();
+        assert_eq!(distinct.len(), claimed.len(), "{claimed:?}");
+        assert_eq!(distinct, (0..limit).collect::<BTreeSet<u64>>());
+        // The first claims keep the base slots, in order.
+        assert_eq!(&claimed[..4], &[0, 3, 6, 9]);
+    }
 }
