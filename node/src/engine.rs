@@ -517,6 +517,45 @@ async fn unless_hard_stop<F: std::future::Future>(
     }
 }
 
+/// Waits for the VU tasks of a closed-model scenario. A hard stop — the run's, or the
+/// scenario's own once its graceful window has passed — aborts the tasks still running,
+/// which cancels their in-flight iterations. Watching for it here, once, rather than
+/// around every VU's loop keeps the request path free of it: a `select!` there would
+/// poll two watch channels on every wake-up of every VU.
+async fn join_or_abort(
+    w: &Worker,
+    scenario_hard: &watch::Receiver<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) {
+    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+    let all = async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    };
+    tokio::pin!(all);
+    let mut run = w.stop_rx.clone();
+    let mut local = scenario_hard.clone();
+    tokio::select! {
+        _ = &mut all => return,
+        Ok(_) = run.wait_for(|s| *s == Stop::Hard) => {}
+        Ok(_) = local.wait_for(|h| *h) => {}
+    }
+    for a in &aborts {
+        a.abort();
+    }
+    all.await;
+}
+
+/// Runs a closure when dropped: bookkeeping that must happen however a task ends.
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
 /// Stops the scenario's in-flight iterations hard once the graceful window after
 /// `end` (or after a graceful stop of the run) has passed. Other scenarios go on.
 fn arm_hard_stop(
@@ -559,25 +598,21 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
             let i = g as usize;
             if g < target.get() && !running.borrow()[i] {
                 running.borrow_mut()[i] = true;
-                let (w2, target2, running2, hard2) =
-                    (w.clone(), target.clone(), running.clone(), hard_rx.clone());
+                let (w2, target2, running2) = (w.clone(), target.clone(), running.clone());
                 tasks.push(tokio::task::spawn_local(async move {
                     let sc = &w2.spec.plan.scenarios[si];
                     let mut vu = Vu::new(&w2.ctx, si, sc.vu_offset + g);
                     w2.vus.set(w2.vus.get() + 1);
-                    // One hard-stop guard around the whole loop, not one per
-                    // iteration: the iteration future is large, and re-wrapping it
-                    // would copy it every time.
-                    let iterate = async {
-                        while g < target2.get() && !w2.stop.stopping() && Instant::now() < end {
-                            if vu.iterate(&w2.ctx, None).await == IterationEnd::DataExhausted {
-                                break;
-                            }
+                    // Also when a hard stop aborts this task mid-iteration.
+                    let _alive = Defer(|| {
+                        w2.vus.set(w2.vus.get() - 1);
+                        running2.borrow_mut()[i] = false;
+                    });
+                    while g < target2.get() && !w2.stop.stopping() && Instant::now() < end {
+                        if vu.iterate(&w2.ctx, None).await == IterationEnd::DataExhausted {
+                            break;
                         }
-                    };
-                    let _ = unless_hard_stop(&w2, &hard2, iterate).await;
-                    w2.vus.set(w2.vus.get() - 1);
-                    running2.borrow_mut()[i] = false;
+                    }
                 }));
             }
         }
@@ -609,9 +644,7 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
     }
     target.set(0);
     let hard = arm_hard_stop(&w, end, hard_tx);
-    for t in tasks {
-        let _ = t.await;
-    }
+    join_or_abort(&w, &hard_rx, tasks).await;
     hard.abort();
 }
 
@@ -630,43 +663,39 @@ async fn closed_counted(
     let mine = my_indices(&w, vus);
     let mut tasks = Vec::new();
     for g in mine {
-        let (w2, hard2) = (w.clone(), hard_rx.clone());
+        let w2 = w.clone();
         tasks.push(tokio::task::spawn_local(async move {
             let sc = &w2.spec.plan.scenarios[si];
             let mut vu = Vu::new(&w2.ctx, si, sc.vu_offset + g);
             w2.vus.set(w2.vus.get() + 1);
+            // Also when a hard stop aborts this task mid-iteration.
+            let _alive = Defer(|| w2.vus.set(w2.vus.get() - 1));
             let mut done = 0u64;
-            let iterate = async {
-                while !w2.stop.stopping() && Instant::now() < end {
-                    match per_vu {
-                        Some(n) if done >= n => break,
-                        Some(_) => {}
-                        None => {
-                            let left = &w2.shared_left[si];
-                            if left
-                                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                                    v.checked_sub(1)
-                                })
-                                .is_err()
-                            {
-                                break;
-                            }
+            while !w2.stop.stopping() && Instant::now() < end {
+                match per_vu {
+                    Some(n) if done >= n => break,
+                    Some(_) => {}
+                    None => {
+                        let left = &w2.shared_left[si];
+                        if left
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                                v.checked_sub(1)
+                            })
+                            .is_err()
+                        {
+                            break;
                         }
                     }
-                    done += 1;
-                    if vu.iterate(&w2.ctx, None).await == IterationEnd::DataExhausted {
-                        break;
-                    }
                 }
-            };
-            let _ = unless_hard_stop(&w2, &hard2, iterate).await;
-            w2.vus.set(w2.vus.get() - 1);
+                done += 1;
+                if vu.iterate(&w2.ctx, None).await == IterationEnd::DataExhausted {
+                    break;
+                }
+            }
         }));
     }
     let hard = arm_hard_stop(&w, end, hard_tx);
-    for t in tasks {
-        let _ = t.await;
-    }
+    join_or_abort(&w, &hard_rx, tasks).await;
     hard.abort();
 }
 

@@ -114,6 +114,7 @@ impl Vu {
         let started = Instant::now();
         let mut failed = false;
         let mut step_intended = intended.unwrap_or(started);
+        let mut last_done = started;
         for (si, step) in flow.steps.iter().enumerate() {
             let series = sc.series_base[slot] + si;
             let vars = &mut self.vars[flow_index];
@@ -142,7 +143,6 @@ impl Vu {
             };
             let bytes_sent = req.body.len() as u64;
             let result = self.client.send(req, &mut self.jar).await;
-            let now = Instant::now();
             let ok = {
                 let mut m = ctx.recorder.borrow_mut();
                 let s = &mut m.series[series];
@@ -175,8 +175,9 @@ impl Vu {
                             e.kind(),
                             HttpErrorKind::Refused | HttpErrorKind::InvalidRequest
                         ) {
-                            s.latency
-                                .record(micros(now.saturating_duration_since(step_intended)));
+                            s.latency.record(micros(
+                                Instant::now().saturating_duration_since(step_intended),
+                            ));
                         }
                         s.failed += 1;
                         s.checks_failed += step.check.count();
@@ -186,7 +187,12 @@ impl Vu {
                 }
             };
             match result {
-                Ok(resp) if ok => extract(step, &resp, &self.jar, &mut self.vars[flow_index]),
+                Ok(resp) if ok => {
+                    extract(step, &resp, &self.jar, &mut self.vars[flow_index]);
+                    // Clock reads cost on this path: the response's own end stands for
+                    // "now" unless the step thinks.
+                    last_done = resp.done_at;
+                }
                 _ => {
                     // Later steps usually depend on this one (a token, a cart): stop here
                     // rather than send requests that can only fail.
@@ -202,14 +208,19 @@ impl Vu {
                     tokio::time::sleep(d).await;
                 }
             }
-            step_intended = Instant::now();
+            if !matches!(step.think, Think::None) {
+                last_done = Instant::now();
+            }
+            step_intended = last_done;
         }
 
         let mut m = ctx.recorder.borrow_mut();
         let st = &mut m.scenarios[self.scenario];
         st.iterations += 1;
         st.failed_iterations += failed as u64;
-        st.iteration_duration.record(micros(started.elapsed()));
+        let ended = if failed { Instant::now() } else { last_done };
+        st.iteration_duration
+            .record(micros(ended.saturating_duration_since(started)));
         m.flow_iterations[sc.flow_slot[slot]] += 1;
         self.iteration += 1;
         if failed {
@@ -258,7 +269,12 @@ fn build_request(
             Url::parse(text).map_err(|e| e.to_string())?
         }
     };
-    let mut headers = HeaderMap::with_capacity(step.headers.len() + 1);
+    // An empty map does not allocate; most steps send no header of their own.
+    let mut headers = if step.headers.is_empty() {
+        HeaderMap::new()
+    } else {
+        HeaderMap::with_capacity(step.headers.len() + 1)
+    };
     for (name, t) in &step.headers {
         let value = match t.static_text() {
             Some(s) => HeaderValue::from_str(s),
@@ -382,7 +398,7 @@ fn run_checks(c: &CompiledCheck, r: &Response) -> Verdict {
         );
     }
     for (name, want) in &c.headers {
-        tally(r.headers.get(name).and_then(|v| v.to_str().ok()) == Some(want.as_str()));
+        tally(r.headers.get(name.as_str()) == Some(want.as_str()));
     }
     if !c.json.is_empty() {
         let doc: Option<serde_json::Value> = serde_json::from_slice(&r.body).ok();
@@ -433,11 +449,7 @@ fn extract(step: &CompiledStep, r: &Response, jar: &CookieJar, vars: &mut [Optio
                         .unwrap_or_default()
                 })
             }),
-            CompiledExtract::Header(h) => r
-                .headers
-                .get(h)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+            CompiledExtract::Header(h) => r.headers.get(h.as_str()).map(str::to_string),
             CompiledExtract::Cookie(name) => jar.get(name).map(str::to_string),
         };
         vars[*slot] = value;

@@ -54,6 +54,10 @@ async fn route(req: hyper::Request<hyper::body::Incoming>) -> http::Response<Ful
     let mut resp = http::Response::builder().status(200);
     let out: Bytes = match path.as_str() {
         "/hang" => std::future::pending().await,
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            "slow".into()
+        }
         "/method" => method.as_str().to_owned().into(),
         "/echo" => body,
         "/host" => host.unwrap_or_else(|| "no host header".into()).into(),
@@ -86,6 +90,7 @@ async fn route(req: hyper::Request<hyper::body::Incoming>) -> http::Response<Ful
             "bye".into()
         }
         "/big" => vec![b'x'; BIG].into(),
+        p if p.starts_with("/p/") => format!("{method} {p}").into(),
         p if p.starts_with("/r/") => {
             let n: u32 = p[3..].parse().unwrap();
             if n == 0 {
@@ -234,6 +239,44 @@ async fn keep_alive_reuses_one_connection_for_100_requests() {
     assert_eq!(server.connections(), 2);
 }
 
+/// A VU repeating a plain request sends it from the bytes it encoded the first time;
+/// any difference (target, method, headers, body) must be encoded afresh.
+#[tokio::test]
+async fn repeated_and_changed_requests_on_one_connection_go_out_as_asked() {
+    let server = start_server().await;
+    let mut c = client();
+    let mut seen = Vec::new();
+    for (method, path, header) in [
+        (Method::GET, "/p/1", false),
+        (Method::GET, "/p/1", false),
+        (Method::GET, "/p/2", false),
+        (Method::DELETE, "/p/2", false),
+        (Method::DELETE, "/p/2", true),
+        (Method::GET, "/p/1", false),
+    ] {
+        let mut req = get(server.url(path));
+        req.method = method;
+        if header {
+            req.headers
+                .insert("x-extra", http::HeaderValue::from_static("1"));
+        }
+        let r = send(&mut c, req).await;
+        seen.push(String::from_utf8(r.body.to_vec()).unwrap());
+    }
+    assert_eq!(
+        seen,
+        [
+            "GET /p/1",
+            "GET /p/1",
+            "GET /p/2",
+            "DELETE /p/2",
+            "DELETE /p/2",
+            "GET /p/1"
+        ]
+    );
+    assert_eq!(server.connections(), 1);
+}
+
 #[tokio::test]
 async fn http1_sends_host_header_and_bodies() {
     let server = start_server().await;
@@ -366,6 +409,31 @@ async fn timeout_is_classified_and_its_connection_not_reused() {
     let r = c.send(get(server.url("/")), &mut jar).await.unwrap();
     assert_eq!(r.connections_opened, 1);
     assert_eq!(server.connections(), 2);
+}
+
+/// Each request gets its own timeout, whatever the one before it had: a short one after
+/// a long one fires, a long one after a short one does not fire early.
+#[tokio::test]
+async fn every_request_is_bounded_by_its_own_timeout() {
+    let server = start_server().await;
+    let mut c = client();
+    let mut jar = CookieJar::new();
+    let mut quick = get(server.url("/"));
+    quick.timeout = Duration::from_millis(100);
+    c.send(quick, &mut jar).await.unwrap();
+    let mut slow = get(server.url("/slow"));
+    slow.timeout = Duration::from_secs(20);
+    let r = c.send(slow, &mut jar).await.unwrap();
+    assert_eq!(&r.body[..], b"slow");
+
+    let mut long = get(server.url("/"));
+    long.timeout = Duration::from_secs(60);
+    c.send(long, &mut jar).await.unwrap();
+    let mut hang = get(server.url("/hang"));
+    hang.timeout = Duration::from_millis(200);
+    let bounded = tokio::time::timeout(Duration::from_secs(10), c.send(hang, &mut jar)).await;
+    let err = bounded.expect("the 200 ms timeout fired").unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Timeout);
 }
 
 #[tokio::test]
@@ -713,4 +781,219 @@ fn client_and_its_futures_are_send() {
         let fut = c.send(get(Url::parse("http://127.0.0.1:1/").unwrap()), &mut jar);
         is_send(&fut);
     });
+}
+
+/// What a scripted HTTP/1.1 server does with one request on a connection.
+enum Step {
+    /// Read the request, then write these pieces one after another.
+    Answer(Vec<&'static [u8]>),
+    /// Read the request and close the connection without a word (a server that closed
+    /// an idle keep-alive connection just as the request arrived).
+    Swallow,
+}
+
+/// A raw TCP server that plays one script per accepted connection, in order, so tests
+/// can send exactly the framing they are about. Returns its address and a counter of
+/// accepted connections.
+async fn scripted_server(scripts: Vec<Vec<Step>>) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        for script in scripts {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let _ = s.set_nodelay(true);
+            for step in script {
+                if !read_request(&mut s).await {
+                    break;
+                }
+                match step {
+                    Step::Answer(pieces) => {
+                        for p in pieces {
+                            let _ = s.write_all(p).await;
+                            let _ = s.flush().await;
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    Step::Swallow => break,
+                }
+            }
+            // The script is over: close (after the last answer, or without one).
+            drop(s);
+        }
+    });
+    (addr, accepted)
+}
+
+/// Reads one request (head and Content-Length body); false at end of stream.
+async fn read_request(s: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < end + 4 + len {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            return true;
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn addr_url(addr: SocketAddr, path: &str) -> Url {
+    Url::parse(&format!("http://{addr}{path}")).unwrap()
+}
+
+#[tokio::test]
+async fn chunked_bodies_are_decoded_and_the_connection_kept() {
+    let (addr, accepted) = scripted_server(vec![vec![
+        Step::Answer(vec![
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhel",
+            b"lo\r\n",
+            b"7\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n",
+        ]),
+        Step::Answer(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]),
+    ]])
+    .await;
+    let mut c = client();
+    let r = send(&mut c, get(addr_url(addr, "/a"))).await;
+    assert_eq!(&r.body[..], b"hello, world");
+    assert_eq!(r.version, Version::HTTP_11);
+    let r = send(&mut c, get(addr_url(addr, "/b"))).await;
+    assert_eq!(&r.body[..], b"ok");
+    assert_eq!(
+        r.connections_opened, 0,
+        "the chunked response left the connection reusable"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn bad_chunk_framing_is_a_protocol_error() {
+    let (addr, _) = scripted_server(vec![vec![Step::Answer(vec![
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    ])]])
+    .await;
+    let mut jar = CookieJar::new();
+    let err = client()
+        .send(get(addr_url(addr, "/")), &mut jar)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Protocol, "{err}");
+    assert!(err.message().contains("chunk size 'zz'"), "{err}");
+}
+
+#[tokio::test]
+async fn a_body_without_length_runs_until_close_and_the_next_request_reconnects() {
+    let (addr, accepted) = scripted_server(vec![
+        vec![Step::Answer(vec![
+            b"HTTP/1.0 200 OK\r\n\r\nuntil ",
+            b"the end",
+        ])],
+        vec![Step::Answer(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])],
+    ])
+    .await;
+    let mut c = client();
+    let r = send(&mut c, get(addr_url(addr, "/"))).await;
+    assert_eq!(&r.body[..], b"until the end");
+    assert_eq!(r.version, Version::HTTP_10);
+    let r = send(&mut c, get(addr_url(addr, "/"))).await;
+    assert_eq!(r.connections_opened, 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn interim_responses_are_skipped_and_head_has_no_body() {
+    let (addr, accepted) = scripted_server(vec![vec![
+        Step::Answer(vec![
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n",
+            b"HTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\ndone",
+        ]),
+        // A HEAD response announces a length but carries no body.
+        Step::Answer(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n"]),
+        Step::Answer(vec![b"HTTP/1.1 204 No Content\r\n\r\n"]),
+    ]])
+    .await;
+    let mut c = client();
+    let r = send(&mut c, get(addr_url(addr, "/"))).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(&r.body[..], b"done");
+    let mut head = get(addr_url(addr, "/"));
+    head.method = Method::HEAD;
+    let r = send(&mut c, head).await;
+    assert_eq!(r.headers.get("content-length"), Some("1000"));
+    assert!(r.body.is_empty());
+    let r = send(&mut c, get(addr_url(addr, "/"))).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_oversized_response_head_is_a_protocol_error() {
+    static HUGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let huge = HUGE.get_or_init(|| {
+        let mut h = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+        h.extend(std::iter::repeat_n(b'a', 70 * 1024));
+        h.extend_from_slice(b"\r\ncontent-length: 0\r\n\r\n");
+        h
+    });
+    let (addr, _) = scripted_server(vec![vec![Step::Answer(vec![huge.as_slice()])]]).await;
+    let mut jar = CookieJar::new();
+    let err = client()
+        .send(get(addr_url(addr, "/")), &mut jar)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Protocol, "{err}");
+    assert!(err.message().contains("64 KiB"), "{err}");
+}
+
+/// A keep-alive connection the server drops just as the next request arrives: an
+/// idempotent request is sent again on a fresh connection, a POST is not (it may have
+/// been processed) and fails as an I/O error.
+#[tokio::test]
+async fn only_idempotent_requests_are_retried_after_a_keep_alive_race() {
+    let ok: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let (addr, accepted) = scripted_server(vec![
+        vec![Step::Answer(vec![ok]), Step::Swallow],
+        vec![Step::Answer(vec![ok]), Step::Swallow],
+        vec![Step::Answer(vec![ok])],
+    ])
+    .await;
+    let mut c = client();
+    send(&mut c, get(addr_url(addr, "/"))).await;
+    let r = send(&mut c, get(addr_url(addr, "/"))).await;
+    assert_eq!(&r.body[..], b"ok");
+    assert_eq!(
+        r.connections_opened, 1,
+        "the GET went out again on a fresh connection"
+    );
+
+    let mut post = get(addr_url(addr, "/"));
+    post.method = Method::POST;
+    post.body = Bytes::from_static(b"order=1");
+    let mut jar = CookieJar::new();
+    let err = c.send(post, &mut jar).await.unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Io, "{err}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the POST was not sent twice"
+    );
 }

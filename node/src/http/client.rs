@@ -14,28 +14,32 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, LOCATION,
-    PROXY_AUTHORIZATION, SET_COOKIE, TRANSFER_ENCODING, USER_AGENT,
+    HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE,
+    PROXY_AUTHORIZATION, TRANSFER_ENCODING, USER_AGENT,
 };
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2, TrySendError};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
+use tokio::time::Sleep;
 use tokio_rustls::TlsConnector;
 
 use super::allow::Allowlist;
 use super::cookies::CookieJar;
 use super::dns::{Addrs, Dns};
 use super::error::{root_cause_text, HttpError, HttpErrorKind};
+use super::h1::{H1Conn, H1Error, H1Request, Io};
+use super::headers::ResponseHeaders;
 use super::tls::client_config;
 use super::url::{Scheme, Url};
 
@@ -160,7 +164,7 @@ impl OutRequest {
 pub struct Response {
     pub status: StatusCode,
     pub version: Version,
-    pub headers: HeaderMap,
+    pub headers: ResponseHeaders,
     pub body: Bytes,
     /// True when the body exceeded `max_body_bytes` and only its start was kept.
     pub body_truncated: bool,
@@ -197,50 +201,40 @@ impl Response {
 
 type Body = Full<Bytes>;
 
-enum Sender {
-    H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
-}
-
-/// An open connection. Dropping it aborts its driver task, which closes the socket: a
-/// connection abandoned mid-request (timeout, cancelled VU) is never reused.
-struct Conn {
-    sender: Sender,
+/// An HTTP/2 connection: hyper's sender and the task driving the connection. Dropping it
+/// aborts the task, which closes the socket.
+struct H2Conn {
+    sender: http2::SendRequest<Body>,
     driver: JoinHandle<()>,
 }
 
-impl Drop for Conn {
+impl Drop for H2Conn {
     fn drop(&mut self) {
         self.driver.abort();
     }
 }
 
+/// An open connection. A connection abandoned mid-request (timeout, cancelled VU) is
+/// dropped with the request's future and so never reused.
+enum Conn {
+    /// Our own HTTP/1.1 framing, driven by the VU's task itself (see `h1`).
+    H1(H1Conn),
+    H2(H2Conn),
+}
+
 impl Conn {
-    fn is_h2(&self) -> bool {
-        matches!(self.sender, Sender::H2(_))
+    /// Whether a new request may be sent on it.
+    fn can_send(&self) -> bool {
+        match self {
+            Conn::H1(c) => c.can_send(),
+            Conn::H2(c) => !c.sender.is_closed(),
+        }
     }
 
     fn is_closed(&self) -> bool {
-        match &self.sender {
-            Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
-        }
-    }
-
-    async fn ready(&mut self) -> Result<(), hyper::Error> {
-        match &mut self.sender {
-            Sender::H1(s) => s.ready().await,
-            Sender::H2(s) => s.ready().await,
-        }
-    }
-
-    fn send(
-        &mut self,
-        req: Request<Body>,
-    ) -> impl Future<Output = Result<http::Response<Incoming>, TrySendError<Request<Body>>>> {
-        match &mut self.sender {
-            Sender::H1(s) => futures::future::Either::Left(s.try_send_request(req)),
-            Sender::H2(s) => futures::future::Either::Right(s.try_send_request(req)),
+        match self {
+            Conn::H1(c) => !c.is_reusable(),
+            Conn::H2(c) => c.sender.is_closed(),
         }
     }
 }
@@ -261,6 +255,14 @@ const MAX_ORIGINS: usize = 8;
 
 /// The HTTP client of one VU.
 pub struct VuClient {
+    conns: Conns,
+    /// Bounds each request's exchange (see `send`): armed once, re-armed only when it
+    /// fires before the request in flight is due, so a request costs no timer operation.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// The VU's connections, one slot per origin.
+struct Conns {
     shared: Arc<Shared>,
     origins: Vec<Origin>,
     clock: u64,
@@ -281,7 +283,7 @@ struct Followed {
 struct Hop {
     status: StatusCode,
     version: Version,
-    headers: HeaderMap,
+    headers: ResponseHeaders,
     body: Bytes,
     truncated: bool,
     sent_at: Instant,
@@ -296,28 +298,32 @@ struct Hop {
 impl VuClient {
     pub fn new(shared: Arc<Shared>) -> Self {
         VuClient {
-            shared,
-            origins: Vec::new(),
-            clock: 0,
+            conns: Conns {
+                shared,
+                origins: Vec::new(),
+                clock: 0,
+            },
+            timer: None,
         }
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+        &self.conns.shared
     }
 
     /// Number of origins with an open connection (for tests and diagnostics).
     pub fn open_connections(&self) -> usize {
-        self.origins
+        self.conns
+            .origins
             .iter()
-            .filter(|o| o.conn.as_ref().is_some_and(|c| !c.is_closed()))
+            .filter(|o| o.conn.as_ref().is_some_and(|c| c.can_send()))
             .count()
     }
 
     /// Closes every connection of this VU (end of iteration with fresh connections, or
     /// end of run).
     pub fn close_all(&mut self) {
-        self.origins.clear();
+        self.conns.origins.clear();
     }
 
     /// Sends `req`, following redirects, applying and updating `jar`. The whole exchange
@@ -334,15 +340,44 @@ impl VuClient {
             body,
             timeout,
         } = req;
-        let deadline = tokio::time::Instant::now() + timeout;
-        let following = self.send_following(method, &mut url, headers, body, jar);
-        let done = match tokio::time::timeout_at(deadline, following).await {
-            Ok(result) => result?,
-            Err(_) => {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+        if timer.deadline().into_std() > deadline {
+            // A shorter timeout than the one the timer was last armed for.
+            timer.as_mut().reset(deadline.into());
+        }
+        let outcome = {
+            let following = self
+                .conns
+                .send_following(method, &mut url, headers, body, jar, started);
+            let mut following = std::pin::pin!(following);
+            // The timer may still be armed for an earlier request's deadline: when it fires
+            // before this request is due, it is moved on to this request's deadline.
+            std::future::poll_fn(move |cx| {
+                if let Poll::Ready(result) = following.as_mut().poll(cx) {
+                    return Poll::Ready(Some(result));
+                }
+                while timer.as_mut().poll(cx).is_ready() {
+                    if Instant::now() >= deadline {
+                        return Poll::Ready(None);
+                    }
+                    timer.as_mut().reset(deadline.into());
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        let done = match outcome {
+            Some(result) => result?,
+            None => {
+                // The exchange's future (and with it the connection in use) is dropped.
                 return Err(HttpError::new(
                     HttpErrorKind::Timeout,
                     format!("{url}: no complete response within {timeout:?}"),
-                ))
+                ));
             }
         };
         let Followed {
@@ -371,9 +406,11 @@ impl VuClient {
             connecting,
         })
     }
+}
 
+impl Conns {
     /// The redirect loop. `url` is updated in place so that a timeout can name the hop
-    /// that was in flight.
+    /// that was in flight. `started` is when the request was handed over.
     async fn send_following(
         &mut self,
         mut method: Method,
@@ -381,6 +418,7 @@ impl VuClient {
         mut headers: HeaderMap,
         mut body: Bytes,
         jar: &mut CookieJar,
+        started: Instant,
     ) -> Result<Followed, HttpError> {
         let max = self.shared.settings.max_redirects;
         let mut redirects = 0u32;
@@ -401,23 +439,26 @@ impl VuClient {
                     std::mem::take(&mut body),
                 )
             };
+            // The first hop on a kept connection starts when the request was handed over;
+            // any other takes its own time after connecting.
+            let hop_start = (redirects == 0).then_some(started);
             let hop = self
-                .exchange(hop_method, url, hop_headers, hop_body, jar)
+                .exchange(hop_method, url, hop_headers, hop_body, jar, hop_start)
                 .await?;
             bytes_received += hop.bytes_received;
             bytes_sent += hop.bytes_sent;
             connections_opened += u32::from(hop.opened);
             connecting += hop.connecting;
             let sent_at = *first_sent_at.get_or_insert(hop.sent_at);
-            if hop.headers.contains_key(SET_COOKIE) {
-                jar.store_response_cookies(url, &hop.headers);
+            if hop.headers.has_set_cookie() {
+                jar.store_response_cookies(url, hop.headers.get_all("set-cookie"));
             }
             let location = match hop.status.as_u16() {
-                301 | 302 | 303 | 307 | 308 if may_follow => hop.headers.get(LOCATION),
+                301 | 302 | 303 | 307 | 308 if may_follow => hop.headers.get_all("location").next(),
                 _ => None,
             };
             if let Some(location) = location {
-                let location = location.to_str().map_err(|_| {
+                let location = std::str::from_utf8(location).map_err(|_| {
                     HttpError::new(
                         HttpErrorKind::Protocol,
                         format!("{url}: redirect Location header is not valid text"),
@@ -468,7 +509,19 @@ impl VuClient {
 
     fn origin_index(&mut self, url: &Url) -> Result<usize, HttpError> {
         self.clock += 1;
-        let (scheme, port, host) = (url.scheme(), url.port(), url.host());
+        let scheme = url.scheme();
+        // The usual case, the same authority as written before: a byte comparison, without
+        // taking the host apart (`Authority::host` parses on every call).
+        let written = url.authority().as_str().as_bytes();
+        if let Some(i) = self
+            .origins
+            .iter()
+            .position(|o| o.scheme == scheme && o.host_header.as_bytes() == written)
+        {
+            self.origins[i].last_used = self.clock;
+            return Ok(i);
+        }
+        let (port, host) = (url.port(), url.host());
         if let Some(i) = self
             .origins
             .iter()
@@ -505,123 +558,202 @@ impl VuClient {
     }
 
     /// One request/response on one connection, reusing the origin's connection when it is
-    /// still open. A request that the connection gave back unsent (the server closed an
-    /// idle keep-alive connection) is retried once on a fresh connection; nothing else is.
+    /// still open. Retried once on a fresh connection, and only when nothing can have
+    /// been processed: hyper gave the request back unsent (HTTP/2), or a reused HTTP/1.1
+    /// connection turned out closed before any byte of an idempotent request's response
+    /// (the server closed it while idle, a race every keep-alive client has).
     async fn exchange(
         &mut self,
         method: Method,
         url: &Url,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         body: Bytes,
         jar: &CookieJar,
+        hop_start: Option<Instant>,
     ) -> Result<Hop, HttpError> {
         let i = self.origin_index(url)?;
         let shared = &*self.shared;
         let origin = &mut self.origins[i];
-
-        if let Some(cookies) = jar.header_for(url) {
-            merge_cookie_header(&mut headers, cookies);
-        }
-        if let Some(ua) = &shared.user_agent {
-            if !headers.contains_key(USER_AGENT) {
-                headers.insert(USER_AGENT, ua.clone());
-            }
-        }
+        let cookies = jar.header_for(url);
 
         let mut opened = false;
         let mut connecting = Duration::ZERO;
         let mut conn = match origin.conn.take() {
-            Some(c) if !c.is_closed() => c,
+            Some(c) if c.can_send() => c,
             _ => {
                 opened = true;
                 Box::pin(connect(shared, url, &mut connecting)).await?
             }
         };
-        let body_len = body.len();
-        let mut request = Request::new(Full::new(body));
-        *request.method_mut() = method;
-        *request.headers_mut() = headers;
-        fit_to_connection(&mut request, url, conn.is_h2(), &origin.host_header);
-        let bytes_sent = request_size(&request, body_len);
-
-        let (response, sent_at) = loop {
-            if let Err(e) = conn.ready().await {
-                if !opened {
+        let max_body = shared.settings.max_body_bytes;
+        let hop = loop {
+            let Conn::H1(h1) = &mut conn else {
+                break None;
+            };
+            let request = H1Request {
+                method: &method,
+                url,
+                host: &origin.host_header,
+                user_agent: shared.user_agent.as_ref(),
+                cookies: cookies.as_ref(),
+                headers: &headers,
+                body: &body,
+            };
+            let sent_at = match hop_start {
+                Some(t) if !opened => t,
+                _ => Instant::now(),
+            };
+            match h1.exchange(&request, max_body).await {
+                Ok((r, bytes_sent)) => {
+                    break Some(Hop {
+                        status: r.status,
+                        version: r.version,
+                        headers: r.headers,
+                        body: r.body,
+                        truncated: r.truncated,
+                        sent_at,
+                        first_byte_at: r.first_byte_at,
+                        done_at: r.done_at,
+                        bytes_received: r.wire_bytes,
+                        bytes_sent,
+                        opened,
+                        connecting,
+                    })
+                }
+                Err(H1Error::ClosedBeforeResponse(_))
+                    if h1.is_reused() && !opened && method.is_idempotent() =>
+                {
                     opened = true;
                     conn = Box::pin(connect(shared, url, &mut connecting)).await?;
-                    fit_to_connection(&mut request, url, conn.is_h2(), &origin.host_header);
-                    continue;
                 }
-                return Err(classify_hyper(&e, url));
+                Err(e) => return Err(classify_h1(e, url)),
             }
-            let sent_at = Instant::now();
-            match conn.send(request).await {
-                Ok(resp) => break (resp, sent_at),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if !opened => {
-                        request = unsent;
-                        opened = true;
-                        conn = Box::pin(connect(shared, url, &mut connecting)).await?;
-                        fit_to_connection(&mut request, url, conn.is_h2(), &origin.host_header);
+        };
+        let hop = match hop {
+            Some(hop) => hop,
+            None => {
+                let Conn::H2(h2) = &mut conn else {
+                    unreachable!("the HTTP/1.1 loop only ends without a hop on HTTP/2")
+                };
+                let mut headers = headers;
+                if let Some(cookies) = cookies {
+                    merge_cookie_header(&mut headers, cookies);
+                }
+                if let Some(ua) = &shared.user_agent {
+                    if !headers.contains_key(USER_AGENT) {
+                        headers.insert(USER_AGENT, ua.clone());
                     }
-                    _ => return Err(classify_hyper(e.error(), url)),
-                },
-            }
-        };
-        let first_byte_at = Instant::now();
-        let (parts, mut incoming) = response.into_parts();
-        let mut bytes_received = head_size(&parts.headers);
-        let max_body = shared.settings.max_body_bytes;
-        let mut single: Option<Bytes> = None;
-        let mut joined: Option<BytesMut> = None;
-        let mut kept = 0usize;
-        let mut truncated = false;
-        while let Some(frame) = incoming.frame().await {
-            let frame = frame.map_err(|e| classify_hyper(&e, url))?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            bytes_received += data.len() as u64;
-            if truncated || kept + data.len() > max_body {
-                truncated = true;
-                continue;
-            }
-            kept += data.len();
-            // The common single-chunk body is kept without copying.
-            match (&mut single, &mut joined) {
-                (None, None) => single = Some(data),
-                (Some(first), None) => {
-                    let mut buf = BytesMut::with_capacity(first.len() + data.len());
-                    buf.extend_from_slice(first);
-                    buf.extend_from_slice(&data);
-                    single = None;
-                    joined = Some(buf);
                 }
-                (_, Some(buf)) => buf.extend_from_slice(&data),
+                // Boxed: hyper's future is large, and inline it would be moved on every
+                // HTTP/1.1 request too.
+                Box::pin(h2_exchange(
+                    h2, method, url, headers, body, opened, connecting, max_body,
+                ))
+                .await?
             }
-        }
-        let done_at = Instant::now();
-        let body = match (single, joined) {
-            (Some(b), _) => b,
-            (None, Some(buf)) => buf.freeze(),
-            (None, None) => Bytes::new(),
         };
-        origin.conn = Some(conn);
-        Ok(Hop {
-            status: parts.status,
-            version: parts.version,
-            headers: parts.headers,
-            body,
-            truncated,
-            sent_at,
-            first_byte_at,
-            done_at,
-            bytes_received,
-            bytes_sent,
-            opened,
-            connecting,
-        })
+        if hop_keeps(&conn) {
+            origin.conn = Some(conn);
+        }
+        Ok(hop)
     }
+}
+
+/// Whether a connection goes back to its origin after an exchange. HTTP/2 always does
+/// (its own state says when it is closed); HTTP/1.1 says so itself in `can_send`.
+fn hop_keeps(conn: &Conn) -> bool {
+    !conn.is_closed()
+}
+
+/// One request/response on an HTTP/2 connection through hyper.
+#[allow(clippy::too_many_arguments)]
+async fn h2_exchange(
+    conn: &mut H2Conn,
+    method: Method,
+    url: &Url,
+    headers: HeaderMap,
+    body: Bytes,
+    opened: bool,
+    connecting: Duration,
+    max_body: usize,
+) -> Result<Hop, HttpError> {
+    let body_len = body.len();
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = method;
+    *request.headers_mut() = headers;
+    *request.uri_mut() = url.as_uri().clone();
+    let bytes_sent = request_size(&request, body_len);
+    if let Err(e) = conn.sender.ready().await {
+        return Err(classify_hyper(&e, url));
+    }
+    let sent_at = Instant::now();
+    let response = match conn.sender.try_send_request(request).await {
+        Ok(resp) => resp,
+        Err(mut e) => {
+            let _unsent = e.take_message();
+            return Err(classify_hyper(e.error(), url));
+        }
+    };
+    let first_byte_at = Instant::now();
+    let (parts, mut incoming) = response.into_parts();
+    let headers = ResponseHeaders::from_map(parts.headers);
+    let mut bytes_received = 19 + headers.wire_len(); // status line and final CRLF
+    let mut single: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut kept = 0usize;
+    let mut truncated = false;
+    while let Some(frame) = incoming.frame().await {
+        let frame = frame.map_err(|e| classify_hyper(&e, url))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        bytes_received += data.len() as u64;
+        if truncated || kept + data.len() > max_body {
+            truncated = true;
+            continue;
+        }
+        kept += data.len();
+        // The common single-chunk body is kept without copying.
+        match (&mut single, &mut joined) {
+            (None, None) => single = Some(data),
+            (Some(first), None) => {
+                let mut buf = BytesMut::with_capacity(first.len() + data.len());
+                buf.extend_from_slice(first);
+                buf.extend_from_slice(&data);
+                single = None;
+                joined = Some(buf);
+            }
+            (_, Some(buf)) => buf.extend_from_slice(&data),
+        }
+    }
+    let done_at = Instant::now();
+    let body = match (single, joined) {
+        (Some(b), _) => b,
+        (None, Some(buf)) => buf.freeze(),
+        (None, None) => Bytes::new(),
+    };
+    Ok(Hop {
+        status: parts.status,
+        version: parts.version,
+        headers,
+        body,
+        truncated,
+        sent_at,
+        first_byte_at,
+        done_at,
+        bytes_received,
+        bytes_sent,
+        opened,
+        connecting,
+    })
+}
+
+fn classify_h1(err: H1Error, url: &Url) -> HttpError {
+    let (kind, text) = match err {
+        H1Error::ClosedBeforeResponse(t) | H1Error::Io(t) => (HttpErrorKind::Io, t),
+        H1Error::Protocol(t) => (HttpErrorKind::Protocol, t),
+    };
+    HttpError::new(kind, format!("{url}: {text}"))
 }
 
 fn same_origin(a: &Url, b: &Url) -> bool {
@@ -643,28 +775,6 @@ fn merge_cookie_header(headers: &mut HeaderMap, jar_cookies: HeaderValue) {
             headers.insert(COOKIE, jar_cookies);
         }
     }
-}
-
-/// HTTP/1.1 wants an origin-form target and a Host header; HTTP/2 an absolute URI (hyper
-/// turns it into :scheme/:authority/:path).
-fn fit_to_connection(req: &mut Request<Body>, url: &Url, h2: bool, host: &HeaderValue) {
-    if h2 {
-        *req.uri_mut() = url.as_uri().clone();
-    } else {
-        *req.uri_mut() = url.origin_form();
-        if !req.headers().contains_key(HOST) {
-            req.headers_mut().insert(HOST, host.clone());
-        }
-    }
-}
-
-/// Approximate bytes of a response head on the wire: status line, headers, blank line.
-fn head_size(headers: &HeaderMap) -> u64 {
-    let mut n = 17 + 2; // "HTTP/1.1 200 OK\r\n" and the final "\r\n"
-    for (name, value) in headers {
-        n += name.as_str().len() + 2 + value.len() + 2;
-    }
-    n as u64
 }
 
 /// Approximate bytes of a request on the wire: request line, headers, blank line, body.
@@ -747,7 +857,7 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
             if pref == HttpVersionPref::Http2 {
                 handshake_h2(stream, url).await
             } else {
-                handshake_h1(stream, url).await
+                Ok(Conn::H1(H1Conn::new(Io::Tcp(stream))))
             }
         }
         Scheme::Https => {
@@ -772,27 +882,10 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
                     format!("{url}: {host}:{port} did not agree to HTTP/2 (ALPN)"),
                 ))
             } else {
-                handshake_h1(tls, url).await
+                Ok(Conn::H1(H1Conn::new(Io::Tls(Box::new(tls)))))
             }
         }
     }
-}
-
-async fn handshake_h1<T>(io: T, url: &Url) -> Result<Conn, HttpError>
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = http1::Builder::new()
-        .handshake::<_, Body>(TokioIo::new(io))
-        .await
-        .map_err(|e| classify_hyper(&e, url))?;
-    let driver = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(Conn {
-        sender: Sender::H1(sender),
-        driver,
-    })
 }
 
 async fn handshake_h2<T>(io: T, url: &Url) -> Result<Conn, HttpError>
@@ -806,10 +899,7 @@ where
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
-    Ok(Conn {
-        sender: Sender::H2(sender),
-        driver,
-    })
+    Ok(Conn::H2(H2Conn { sender, driver }))
 }
 
 fn classify_hyper(err: &hyper::Error, url: &Url) -> HttpError {

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http::header::{HeaderMap, HeaderValue, SET_COOKIE};
+use http::header::HeaderValue;
 
 use super::url::{Scheme, Url};
 
@@ -90,10 +90,14 @@ impl CookieJar {
             .map(|c| c.value.as_str())
     }
 
-    /// Stores every `Set-Cookie` of a response to `url`.
-    pub fn store_response_cookies(&mut self, url: &Url, headers: &HeaderMap) {
-        for value in headers.get_all(SET_COOKIE) {
-            if let Ok(text) = value.to_str() {
+    /// Stores the `Set-Cookie` values of a response to `url`.
+    pub fn store_response_cookies<'a>(
+        &mut self,
+        url: &Url,
+        set_cookies: impl Iterator<Item = &'a [u8]>,
+    ) {
+        for value in set_cookies {
+            if let Ok(text) = std::str::from_utf8(value) {
                 self.store(url, text);
             }
         }

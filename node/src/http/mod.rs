@@ -15,6 +15,8 @@ mod client;
 mod cookies;
 mod dns;
 mod error;
+mod h1;
+mod headers;
 mod tls;
 mod url;
 
@@ -22,4 +24,5 @@ pub use allow::{Allowlist, AllowlistError};
 pub use client::{ClientSettings, HttpVersionPref, OutRequest, Response, Shared, VuClient};
 pub use cookies::{Cookie, CookieJar};
 pub use error::{HttpError, HttpErrorKind};
+pub use headers::ResponseHeaders;
 pub use url::{Scheme, Url};

@@ -156,11 +156,6 @@ impl Url {
         &self.uri
     }
 
-    /// The origin-form URI HTTP/1.1 puts on the request line.
-    pub(crate) fn origin_form(&self) -> Uri {
-        Uri::from(self.path_and_query().clone())
-    }
-
     /// Resolves a reference (e.g. a redirect's Location) against this URL, RFC 3986 style:
     /// absolute URLs, `//host/...`, `/path`, `?query` and relative paths with `.`/`..`.
     pub fn resolve(&self, reference: &str) -> Result<Url, HttpError> {
@@ -286,13 +281,13 @@ mod tests {
         assert_eq!(u.host(), "Example.com");
         assert_eq!(u.port(), 80);
         assert_eq!(u.path_and_query().as_str(), "/a/b?x=1");
-        assert_eq!(u.origin_form().to_string(), "/a/b?x=1");
+        assert_eq!(u.path_and_query().as_str(), "/a/b?x=1");
         let u = Url::parse("HTTPS://h:8443").unwrap();
         assert_eq!((u.scheme(), u.port(), u.path()), (Scheme::Https, 8443, "/"));
         assert_eq!(u.to_string(), "https://h:8443/");
         assert_eq!(Url::parse("https://h").unwrap().port(), 443);
         let u = Url::parse("http://h?x=1").unwrap();
-        assert_eq!(u.origin_form().to_string(), "/?x=1");
+        assert_eq!(u.path_and_query().as_str(), "/?x=1");
         assert_eq!(u.query(), Some("x=1"));
     }
 
