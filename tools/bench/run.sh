@@ -344,8 +344,10 @@ if [[ -s "$WORK/mesh.json" && -n "$first" ]]; then
     echo "trigger-to-first-request: $(awk -v a="$t0" -v b="$first" 'BEGIN {printf "%.0f ms", (b - a) * 1000}') (CLI call to the first request the target counted; polled every ~5 ms)"
     echo "start skew across nodes:  $(jq -r .start_skew_us "$WORK/mesh.json") us (as reported by the run; the nodes' start reports wake on tokio's 1 ms timer)"
     # The first whole second after the kill from which every second is within 5 % of 300/s.
-    # Whole seconds after the kill and before the schedule's end (first request + 12 s).
-    run_end=$(awk -v f="$first" 'BEGIN {printf "%.3f", f + 12}')
+    # Whole seconds after the kill and before the schedule's end: the run's own start
+    # (millisecond precision, from the summary) + 12 s. The poll that saw the first
+    # request can be 30-150 ms late, which would count a partial last second.
+    run_end=$(awk -v s="$(date -d "$(jq -r .started_at "$WORK/mesh.json")" +%s.%N)" 'BEGIN {printf "%.3f", s + 12}')
     back=$(printf '%s' "$stats" | jq -r --argjson k "$killed" --argjson e "$run_end" '
         [.per_second[] | select(.[0] > ($k | floor) and .[0] + 1 <= $e)] as $s
         | [range(0; $s | length) | select(all($s[.:][]; .[1] >= 285 and .[1] <= 315))]
