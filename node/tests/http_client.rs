@@ -855,6 +855,12 @@ async fn read_request(s: &mut tokio::net::TcpStream) -> bool {
     }
 }
 
+/// A GET from a fresh client that must fail.
+async fn send_expecting_error(url: Url) -> stampede::http::HttpError {
+    let mut jar = CookieJar::new();
+    client().send(get(url), &mut jar).await.unwrap_err()
+}
+
 fn addr_url(addr: SocketAddr, path: &str) -> Url {
     Url::parse(&format!("http://{addr}{path}")).unwrap()
 }
@@ -889,11 +895,7 @@ async fn bad_chunk_framing_is_a_protocol_error() {
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
     ])]])
     .await;
-    let mut jar = CookieJar::new();
-    let err = client()
-        .send(get(addr_url(addr, "/")), &mut jar)
-        .await
-        .unwrap_err();
+    let err = send_expecting_error(addr_url(addr, "/")).await;
     assert_eq!(err.kind(), HttpErrorKind::Protocol, "{err}");
     assert!(err.message().contains("chunk size 'zz'"), "{err}");
 }
@@ -955,11 +957,7 @@ async fn an_oversized_response_head_is_a_protocol_error() {
         h
     });
     let (addr, _) = scripted_server(vec![vec![Step::Answer(vec![huge.as_slice()])]]).await;
-    let mut jar = CookieJar::new();
-    let err = client()
-        .send(get(addr_url(addr, "/")), &mut jar)
-        .await
-        .unwrap_err();
+    let err = send_expecting_error(addr_url(addr, "/")).await;
     assert_eq!(err.kind(), HttpErrorKind::Protocol, "{err}");
     assert!(err.message().contains("64 KiB"), "{err}");
 }
