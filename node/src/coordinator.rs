@@ -1034,7 +1034,10 @@ impl Coordinator {
                     .collect();
                 if let (Some(lo), Some(hi)) = (starts.iter().min(), starts.iter().max()) {
                     let skew = hi - lo;
-                    run.tell(serde_json::json!({"event": "started", "nodes": starts.len(), "start_skew_us": skew}));
+                    // How far after the agreed instant the last node began (on the
+                    // leader's clock; negative only through clock-offset error).
+                    let late = run.start_unix_us.map(|at| *hi as i64 - at as i64);
+                    run.tell(serde_json::json!({"event": "started", "nodes": starts.len(), "start_skew_us": skew, "start_late_us": late}));
                 }
             }
             "finished" => self.maybe_report(run_id),
@@ -1117,9 +1120,15 @@ impl Coordinator {
         let internal = self.internal_tx.clone();
         let rid = run_id.to_string();
         let offset = run.clock_offset_us;
+        let mut engine_started = engine.started.clone();
         tokio::spawn(async move {
-            tokio::time::sleep_until(start_at.into()).await;
-            let started = (unix_us() as i64 + offset).max(0) as u64;
+            // The engine's own stamp of when its workers passed the start instant (on
+            // this node's wall clock), not a wake-up of this task on tokio's 1 ms timer.
+            let local = match engine_started.wait_for(Option::is_some).await {
+                Ok(at) => at.unwrap_or_else(unix_us),
+                Err(_) => unix_us(),
+            };
+            let started = (local as i64 + offset).max(0) as u64;
             let _ = internal.send(Internal::Started {
                 run_id: rid.clone(),
                 started_unix_us: started,

@@ -21,7 +21,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use crate::compile::CompiledPlan;
 use crate::data::SharedCursor;
 use crate::http::Shared;
+use crate::pacing::{self, Pacer};
 use crate::vu::{micros, IterationEnd, Vu, WorkerCtx};
 
 /// How the run's global indices are split over the nodes right now: VU indices and
@@ -152,6 +153,45 @@ impl StopHandle {
 pub struct Engine {
     threads: Vec<std::thread::JoinHandle<()>>,
     pub stop: StopHandle,
+    /// When this node actually started: see [`StartMark`].
+    pub started: watch::Receiver<Option<u64>>,
+}
+
+/// When the node's workers actually passed the run's start instant, for the start
+/// skew across the mesh. Each worker stamps the wall clock (Unix µs) right after its
+/// own wait for the instant returned; the node's start is its latest worker's, so a
+/// worker that woke late makes the node late. Published once every worker stamped (a
+/// worker that cannot run, or a run stopped before its start, stamps when it gives up).
+struct StartMark {
+    left: AtomicUsize,
+    latest_unix_us: AtomicU64,
+    tx: watch::Sender<Option<u64>>,
+}
+
+impl StartMark {
+    fn new(workers: usize) -> (Arc<StartMark>, watch::Receiver<Option<u64>>) {
+        let (tx, rx) = watch::channel(None);
+        let mark = StartMark {
+            left: AtomicUsize::new(workers),
+            latest_unix_us: AtomicU64::new(0),
+            tx,
+        };
+        (Arc::new(mark), rx)
+    }
+
+    fn stamp(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(micros)
+            .unwrap_or(0);
+        let latest = self
+            .latest_unix_us
+            .fetch_max(now, Ordering::AcqRel)
+            .max(now);
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _ = self.tx.send(Some(latest));
+        }
+    }
 }
 
 impl Engine {
@@ -189,6 +229,7 @@ impl Engine {
                 .map(|_| std::sync::Mutex::new(VuSlots::default()))
                 .collect(),
         );
+        let (mark, started) = StartMark::new(spec.workers.max(1));
         let mut threads = Vec::new();
         for w in 0..spec.workers.max(1) {
             let (spec, reports, stop, left, cursors) = (
@@ -198,14 +239,20 @@ impl Engine {
                 shared_left.clone(),
                 cursors.clone(),
             );
-            let claims = claims.clone();
+            let (claims, mark) = (claims.clone(), mark.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("stampede-worker-{w}"))
-                    .spawn(move || worker_main(w, spec, reports, stop, left, cursors, claims))?,
+                    .spawn(move || {
+                        worker_main(w, spec, reports, stop, left, cursors, claims, mark)
+                    })?,
             );
         }
-        Ok(Engine { threads, stop })
+        Ok(Engine {
+            threads,
+            stop,
+            started,
+        })
     }
 
     /// Waits for every worker to finish.
@@ -231,6 +278,7 @@ struct Worker {
     vus: Cell<u64>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn worker_main(
     index: usize,
     spec: Arc<RunSpec>,
@@ -239,6 +287,7 @@ fn worker_main(
     shared_left: Arc<Vec<AtomicU64>>,
     cursors: Arc<Vec<SharedCursor>>,
     vu_claims: Arc<Vec<std::sync::Mutex<VuSlots>>>,
+    mark: Arc<StartMark>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -247,6 +296,7 @@ fn worker_main(
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(worker = index, "cannot start a worker runtime: {e}");
+            mark.stamp();
             let _ = reports.send(WorkerReport {
                 worker: index,
                 second: 0,
@@ -277,6 +327,19 @@ fn worker_main(
     });
     local.block_on(&rt, async move {
         let start = tokio::time::Instant::from_std(worker.spec.start_at);
+        // Wait for the agreed instant precisely here, once, so that the stamp says
+        // when this worker really started; scenarios starting at 0 then go at once.
+        let mut stop_rx = worker.stop_rx.clone();
+        tokio::select! {
+            _ = pacing::wait_until(worker.spec.start_at) => {}
+            _ = stop_rx.wait_for(|s| *s != Stop::Running) => {}
+        }
+        mark.stamp();
+        tracing::debug!(
+            worker = worker.index,
+            late_us = micros(Instant::now().saturating_duration_since(worker.spec.start_at)),
+            "worker passed the run's start instant"
+        );
         let mut scenarios = Vec::new();
         for si in 0..worker.spec.plan.scenarios.len() {
             scenarios.push(tokio::task::spawn_local(run_scenario(worker.clone(), si)));
@@ -480,7 +543,7 @@ async fn run_scenario(w: Rc<Worker>, si: usize) {
     let begin = w.spec.start_at + sc.start_after;
     let mut stop_rx = w.stop_rx.clone();
     tokio::select! {
-        _ = tokio::time::sleep_until(begin.into()) => {}
+        _ = pacing::wait_until(begin) => {}
         _ = stop_rx.wait_for(|s| *s != Stop::Running) => return,
     }
     match sc.executor.clone() {
@@ -699,6 +762,11 @@ async fn closed_counted(
     hard.abort();
 }
 
+/// How many due events the open model hands out before it gives the runtime back when
+/// it is behind: one yield per event would cost an epoll poll per event exactly when
+/// the worker is short of time; a small batch keeps in-flight iterations served.
+const DUE_BATCH: u32 = 16;
+
 /// constant-arrival-rate and ramping-arrival-rate.
 async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     let sc = &w.spec.plan.scenarios[si];
@@ -735,6 +803,9 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     let mut dealer = EventDealer::new(w.spec.node, w.index, active, schedule.total_arrivals());
     // A split change seen while waiting for an event (the wait consumed the change).
     let mut split_stale = false;
+    let mut pacer = Pacer::for_events();
+    // Events handed out since this loop last gave the runtime back.
+    let mut since_yield = 0u32;
     loop {
         if split_stale || generation.has_changed().unwrap_or(false) {
             split_stale = false;
@@ -753,8 +824,10 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
             break;
         }
         if intended > Instant::now() {
+            // The pacer gives the runtime back while it waits: in-flight iterations
+            // run, and the event still goes within microseconds of its instant.
             tokio::select! {
-                _ = tokio::time::sleep_until(intended.into()) => {}
+                _ = pacer.until(intended) => {}
                 // A takeover may hand this worker events before the one it waits for.
                 Ok(()) = generation.changed() => {
                     split_stale = true;
@@ -762,13 +835,17 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
                 }
                 _ = stop_rx.wait_for(|s| *s != Stop::Running) => break,
             }
+            since_yield = 0;
         } else if w.stop.stopping() {
             break;
-        } else {
-            // Behind schedule: let iterations in flight finish and free their VUs.
+        } else if since_yield >= DUE_BATCH {
+            // Behind schedule: hand out due events in batches, then let the
+            // iterations in flight (and the ones just handed out) run.
             tokio::task::yield_now().await;
+            since_yield = 0;
         }
         dealer.take(event);
+        since_yield += 1;
         let vu = pool.borrow_mut().pop();
         let vu = match vu {
             Some(vu) => vu,
@@ -779,14 +856,13 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
                 }
                 None => {
                     w.ctx.recorder.borrow_mut().scenarios[si].dropped += 1;
+                    // Out of VUs: let the iterations in flight free some before the
+                    // next due event.
+                    since_yield = DUE_BATCH;
                     continue;
                 }
             },
         };
-        let lag = micros(Instant::now().saturating_duration_since(intended));
-        w.ctx.recorder.borrow_mut().scenarios[si]
-            .schedule_lag
-            .record(lag);
         busy.set(busy.get() + 1);
         let (w2, pool2, busy2, hard2, idle2) = (
             w.clone(),
@@ -796,6 +872,12 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
             idle_again.clone(),
         );
         tokio::task::spawn_local(async move {
+            // The lag is taken when the iteration really begins (the task's first
+            // poll), not when the event was handed out, so a batch's queueing counts.
+            let lag = micros(Instant::now().saturating_duration_since(intended));
+            w2.ctx.recorder.borrow_mut().scenarios[si]
+                .schedule_lag
+                .record(lag);
             let mut vu = vu;
             let outcome = unless_hard_stop(&w2, &hard2, vu.iterate(&w2.ctx, Some(intended))).await;
             busy2.set(busy2.get() - 1);

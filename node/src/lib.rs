@@ -21,6 +21,7 @@ pub mod jsonpath;
 pub mod live;
 pub mod mesh;
 pub mod outputs;
+pub mod pacing;
 pub mod prometheus;
 pub mod report;
 pub mod settings;
