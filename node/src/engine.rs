@@ -564,23 +564,7 @@ async fn run_scenario(w: Rc<Worker>, si: usize) {
     }
 }
 
-/// Runs `fut` unless a hard stop comes first: the run's (Ctrl-C twice) or the
-/// scenario's own (its graceful window after its end has passed).
-async fn unless_hard_stop<F: std::future::Future>(
-    w: &Worker,
-    scenario_hard: &watch::Receiver<bool>,
-    fut: F,
-) -> Option<F::Output> {
-    let mut rx = w.stop_rx.clone();
-    let mut local = scenario_hard.clone();
-    tokio::select! {
-        out = fut => Some(out),
-        _ = rx.wait_for(|s| *s == Stop::Hard) => None,
-        _ = local.wait_for(|h| *h) => None,
-    }
-}
-
-/// Waits for the VU tasks of a closed-model scenario. A hard stop — the run's, or the
+/// Waits for the VU tasks of a scenario. A hard stop — the run's, or the
 /// scenario's own once its graceful window has passed — aborts the tasks still running,
 /// which cancels their in-flight iterations. Watching for it here, once, rather than
 /// around every VU's loop keeps the request path free of it: a `select!` there would
@@ -794,11 +778,11 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     let (hard_tx, hard_rx) = watch::channel(false);
     let mut generation = w.spec.assignment.subscribe();
     let mut split = w.spec.assignment.get();
-    let pool: Rc<RefCell<Vec<Vu>>> = Rc::new(RefCell::new(Vec::new()));
-    let busy = Rc::new(Cell::new(0u64));
-    // Iterations in flight are counted, not kept as handles: an overloaded schedule
-    // must not spend its time sweeping a list of finished tasks.
-    let idle_again = Rc::new(tokio::sync::Notify::new());
+    // The VUs of this worker wait in their own tasks, idle ones in this pool; an event
+    // goes to an idle VU's mailbox. No task is spawned per iteration.
+    let idle: Rc<RefCell<Vec<Rc<Mailbox>>>> = Rc::new(RefCell::new(Vec::new()));
+    let mut mailboxes: Vec<Rc<Mailbox>> = Vec::new();
+    let mut tasks = Vec::new();
     let mut stop_rx = w.stop_rx.clone();
     let mut dealer = EventDealer::new(w.spec.node, w.index, active, schedule.total_arrivals());
     // A split change seen while waiting for an event (the wait consumed the change).
@@ -846,62 +830,103 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
         }
         dealer.take(event);
         since_yield += 1;
-        let vu = pool.borrow_mut().pop();
-        let vu = match vu {
-            Some(vu) => vu,
+        let mailbox = idle.borrow_mut().pop();
+        match mailbox {
+            Some(m) => m.post(intended),
             None => match claim_slot(&w, si, sc.vu_slots) {
                 Some(g) => {
-                    w.vus.set(w.vus.get() + 1);
-                    Vu::new(&w.ctx, si, sc.vu_offset + g)
+                    let m = Rc::new(Mailbox::default());
+                    m.post(intended);
+                    mailboxes.push(m.clone());
+                    tasks.push(spawn_open_vu(&w, si, sc.vu_offset + g, m, idle.clone()));
                 }
                 None => {
                     w.ctx.recorder.borrow_mut().scenarios[si].dropped += 1;
                     // Out of VUs: let the iterations in flight free some before the
                     // next due event.
                     since_yield = DUE_BATCH;
-                    continue;
                 }
             },
-        };
-        busy.set(busy.get() + 1);
-        let (w2, pool2, busy2, hard2, idle2) = (
-            w.clone(),
-            pool.clone(),
-            busy.clone(),
-            hard_rx.clone(),
-            idle_again.clone(),
-        );
-        tokio::task::spawn_local(async move {
-            // The lag is taken when the iteration really begins (the task's first
-            // poll), not when the event was handed out, so a batch's queueing counts.
-            let lag = micros(Instant::now().saturating_duration_since(intended));
-            w2.ctx.recorder.borrow_mut().scenarios[si]
-                .schedule_lag
-                .record(lag);
-            let mut vu = vu;
-            let outcome = unless_hard_stop(&w2, &hard2, vu.iterate(&w2.ctx, Some(intended))).await;
-            busy2.set(busy2.get() - 1);
-            match outcome {
-                // A VU whose data ran out leaves the pool for good.
-                Some(IterationEnd::DataExhausted) | None => w2.vus.set(w2.vus.get() - 1),
-                Some(_) => pool2.borrow_mut().push(vu),
-            }
-            idle2.notify_one();
-        });
+        }
+    }
+    // No more events: idle VUs end now, busy ones after their iteration.
+    for m in &mailboxes {
+        m.close();
     }
     let hard = arm_hard_stop(&w, end, hard_tx);
-    // Wait for the iterations in flight (each one ends by itself or by the hard stop).
-    while busy.get() > 0 {
-        let notified = idle_again.notified();
-        if busy.get() == 0 {
-            break;
-        }
-        notified.await;
-    }
+    join_or_abort(&w, &hard_rx, tasks).await;
     hard.abort();
-    let idle = pool.borrow().len() as u64;
-    w.vus.set(w.vus.get().saturating_sub(idle));
-    pool.borrow_mut().clear();
+}
+
+/// Where the open model hands a VU its next iteration: the intended start, or the news
+/// that there will be none. Single-threaded (the worker's); a post wakes the VU's task.
+#[derive(Default)]
+struct Mailbox {
+    event: Cell<Option<Instant>>,
+    closed: Cell<bool>,
+    waker: Cell<Option<std::task::Waker>>,
+}
+
+impl Mailbox {
+    fn post(&self, intended: Instant) {
+        self.event.set(Some(intended));
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn close(&self) {
+        self.closed.set(true);
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// The next intended start, or `None` once closed and empty.
+    async fn next(&self) -> Option<Instant> {
+        std::future::poll_fn(|cx| {
+            if let Some(at) = self.event.take() {
+                return std::task::Poll::Ready(Some(at));
+            }
+            if self.closed.get() {
+                return std::task::Poll::Ready(None);
+            }
+            self.waker.set(Some(cx.waker().clone()));
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
+/// One open-model VU: runs an iteration per event posted to its mailbox, going back
+/// to the idle pool between them, until the mailbox closes or its data runs out.
+fn spawn_open_vu(
+    w: &Rc<Worker>,
+    si: usize,
+    global_id: u64,
+    mailbox: Rc<Mailbox>,
+    idle: Rc<RefCell<Vec<Rc<Mailbox>>>>,
+) -> tokio::task::JoinHandle<()> {
+    let w = w.clone();
+    tokio::task::spawn_local(async move {
+        let mut vu = Vu::new(&w.ctx, si, global_id);
+        w.vus.set(w.vus.get() + 1);
+        // Also when a hard stop aborts this task mid-iteration.
+        let _alive = Defer(|| w.vus.set(w.vus.get() - 1));
+        while let Some(intended) = mailbox.next().await {
+            // The lag is taken when the iteration really begins, so the time the event
+            // spent queued behind other work on this worker counts.
+            let lag = micros(Instant::now().saturating_duration_since(intended));
+            w.ctx.recorder.borrow_mut().scenarios[si]
+                .schedule_lag
+                .record(lag);
+            if vu.iterate(&w.ctx, Some(intended)).await == IterationEnd::DataExhausted {
+                // A VU whose data ran out leaves the pool for good.
+                break;
+            }
+            idle.borrow_mut().push(mailbox.clone());
+        }
+    })
 }
 
 #[cfg(test)]
