@@ -137,6 +137,8 @@ pub struct CompiledScenario {
     pub name: String,
     pub executor: Executor,
     pub start_after: Duration,
+    /// The scenario's own graceful-stop window, if the plan sets one.
+    pub graceful_stop: Option<Duration>,
     /// Flows with cumulative weights for a weighted pick: (flow index, cumulative).
     pub flows: Vec<(usize, u64)>,
     pub total_weight: u64,
@@ -266,6 +268,7 @@ pub fn compile(plan: Plan, file: &str, base_dir: &Path) -> Result<CompiledPlan, 
             name: s.name.clone(),
             executor: s.executor.clone(),
             start_after: s.start_after,
+            graceful_stop: s.graceful_stop,
             flows: weighted,
             total_weight: cum,
             series_base,

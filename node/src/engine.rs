@@ -607,10 +607,14 @@ impl<F: FnMut()> Drop for Defer<F> {
 /// `end` (or after a graceful stop of the run) has passed. Other scenarios go on.
 fn arm_hard_stop(
     w: &Rc<Worker>,
+    si: usize,
     end: Instant,
     hard: watch::Sender<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    let (w, grace) = (w.clone(), w.spec.graceful_stop);
+    let grace = w.spec.plan.scenarios[si]
+        .graceful_stop
+        .unwrap_or(w.spec.graceful_stop);
+    let w = w.clone();
     tokio::task::spawn_local(async move {
         let mut rx = w.stop_rx.clone();
         tokio::select! {
@@ -690,7 +694,7 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
         }
     }
     target.set(0);
-    let hard = arm_hard_stop(&w, end, hard_tx);
+    let hard = arm_hard_stop(&w, si, end, hard_tx);
     join_or_abort(&w, &hard_rx, tasks).await;
     hard.abort();
 }
@@ -741,7 +745,7 @@ async fn closed_counted(
             }
         }));
     }
-    let hard = arm_hard_stop(&w, end, hard_tx);
+    let hard = arm_hard_stop(&w, si, end, hard_tx);
     join_or_abort(&w, &hard_rx, tasks).await;
     hard.abort();
 }
@@ -853,7 +857,7 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     for m in &mailboxes {
         m.close();
     }
-    let hard = arm_hard_stop(&w, end, hard_tx);
+    let hard = arm_hard_stop(&w, si, end, hard_tx);
     join_or_abort(&w, &hard_rx, tasks).await;
     hard.abort();
 }

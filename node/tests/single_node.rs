@@ -497,3 +497,57 @@ request = {{ url = "/products/2" }}
     assert_eq!(s["totals"]["dropped_iterations"], 0, "{}", s["totals"]);
     assert_eq!(s["totals"]["iterations"], 30);
 }
+
+/// A target that stops answering: once a scenario's graceful window after its end has
+/// passed, its in-flight iterations are cut off — closed and open model alike — and the
+/// run ends, reporting what completed, instead of waiting for 60 s request timeouts.
+#[test]
+fn a_hung_target_is_cut_off_after_the_graceful_stop() {
+    let t = target(TargetConfig {
+        stall: Duration::from_secs(120),
+        ..TargetConfig::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        "hung.toml",
+        &format!(
+            r#"
+name = "hung"
+[defaults]
+base_url = "{}"
+timeout = "60s"
+[scenarios.closed]
+executor = "constant-vus"
+vus = 3
+duration = "1s"
+graceful_stop = "300ms"
+flow = "get"
+[scenarios.open]
+executor = "constant-arrival-rate"
+rate = 10
+duration = "1s"
+max_vus = 20
+graceful_stop = "300ms"
+flow = "get"
+[[flows.get.steps]]
+name = "product"
+request = {{ url = "/products/7" }}
+"#,
+            t.url()
+        ),
+    );
+    let started = Instant::now();
+    let (out, s) = run(&plan, &[], dir.path());
+    let took = started.elapsed();
+    let s = s.unwrap_or_else(|| panic!("no summary: {}", show(&out)));
+    // Generous: 1 s + 300 ms of schedule, plus start-up and report on a loaded box.
+    assert!(
+        took < Duration::from_secs(20),
+        "took {took:?}: {}",
+        show(&out)
+    );
+    // Every request hung, so none completed; the VUs and the arrivals were all in flight.
+    assert_eq!(s["totals"]["requests"], 0, "{}", show(&out));
+    assert!(t.requests() >= 3 + 5, "target saw {}", t.requests());
+}

@@ -93,6 +93,9 @@ pub struct Scenario {
     pub name: String,
     pub executor: Executor,
     pub start_after: Duration,
+    /// How long in-flight iterations may run on after the scenario's end (or a graceful
+    /// stop of the run) before they are abandoned; `None`: the node's default (30 s).
+    pub graceful_stop: Option<Duration>,
     /// (index into `Plan::flows`, weight); weights are > 0.
     pub flows: Vec<(usize, u32)>,
 }
@@ -264,6 +267,7 @@ struct RawScenario {
     iterations: Option<u64>,
     max_duration: Option<Dur>,
     start_after: Option<Dur>,
+    graceful_stop: Option<Dur>,
     flows: Option<Vec<RawFlowWeight>>,
     flow: Option<String>,
 }
@@ -836,6 +840,7 @@ impl Validator<'_> {
             name: name.to_string(),
             executor,
             start_after: s.start_after.map(|d| d.0).unwrap_or_default(),
+            graceful_stop: s.graceful_stop.map(|d| d.0),
             flows,
         })
     }
@@ -980,6 +985,7 @@ vus = 3
 duration = "1m"
 flow = "browse"
 start_after = "5s"
+graceful_stop = "2s"
 
 [[flows.browse.steps]]
 name = "search"
@@ -1009,6 +1015,7 @@ think = "1s..3s"
         assert_eq!(shoppers.flows, vec![(0, 60), (1, 40)]);
         let steady = p.scenarios.iter().find(|s| s.name == "steady").unwrap();
         assert_eq!(steady.start_after, Duration::from_secs(5));
+        assert_eq!(steady.graceful_stop, Some(Duration::from_secs(2)));
         let login = &p.flows[1].steps[0];
         assert_eq!(login.request.method, "POST");
         assert!(matches!(login.request.body, Body::Json(_)));
