@@ -340,10 +340,13 @@ fn worker_main(
             late_us = micros(Instant::now().saturating_duration_since(worker.spec.start_at)),
             "worker passed the run's start instant"
         );
-        let mut scenarios = Vec::new();
-        for si in 0..worker.spec.plan.scenarios.len() {
-            scenarios.push(tokio::task::spawn_local(run_scenario(worker.clone(), si)));
-        }
+        // The scenarios run in this, the worker's main future, not as tasks of their
+        // own: the LocalSet polls its main future before every batch of at most 31
+        // tasks, so an open model's schedule is looked at every few dozen task polls
+        // instead of waiting its turn behind every VU that a burst of responses woke.
+        let scenarios = futures::future::join_all(
+            (0..worker.spec.plan.scenarios.len()).map(|si| run_scenario(worker.clone(), si)),
+        );
         let done = Rc::new(Cell::new(false));
         let flusher = {
             let (worker, done, reports) = (worker.clone(), done.clone(), reports.clone());
@@ -369,9 +372,7 @@ fn worker_main(
                 }
             })
         };
-        for s in scenarios {
-            let _ = s.await;
-        }
+        scenarios.await;
         done.set(true);
         flusher.abort();
         // The final report covers whatever the current second holds.

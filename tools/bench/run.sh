@@ -257,7 +257,17 @@ fi
 # Enough VUs for the rate at 25 ms per iteration (10x the p50 seen here), so that drops
 # mean a late generator rather than a small pool.
 MAXVUS=$(awk -v r="$RATE" 'BEGIN { v = int(r / 40); print (v < 100 ? 100 : v) }')
+# CPU 0's time stolen by the hypervisor (the `steal` column of /proc/stat), in ticks: a
+# VM whose vCPU is descheduled for milliseconds shows it as schedule lag no program
+# can avoid, so the arrival figures print it beside the lag.
+steal_ticks() { awk '$1 == "cpu0" {print $9}' /proc/stat; }
 arrival() { # DURATION_S NAME
+    local s0
+    s0=$(steal_ticks)
+    arrival_run "$@"
+    echo $(( $(steal_ticks) - s0 )) >"$WORK/$2.steal"
+}
+arrival_run() { # DURATION_S NAME
     run_stampede "$BENCH/arrival.toml" "$WORK/$2.json" "$WORK/$2.time" \
         --set "scenarios.arrivals.rate=$RATE" --set "scenarios.arrivals.max_vus=$MAXVUS" \
         --set "scenarios.arrivals.duration=\"${1}s\""
@@ -268,9 +278,11 @@ report_arrival() { # DURATION_S NAME
         "target rate:           \($rate)/s for \($d)s, max_vus \($maxvus)",
         "achieved:              \((.totals.iterations / $d) | floor)/s  (\(.totals.iterations) iterations, \((100 * .totals.iterations / ($rate * $d)) * 10 | round / 10)% of target; run took \(.duration_s)s)",
         "dropped iterations:    \(.totals.dropped_iterations)",
-        "schedule lag p99:      \(.generator.schedule_lag_us.p99) us",
+        "schedule lag p50/p99:  \(.generator.schedule_lag_us.p50) / \(.generator.schedule_lag_us.p99) us over the whole run",
+        "  per second, from 1 s on: p99 median \([.timeline[1:][] | select(.requests > 0) | .schedule_lag_p99_us] | sort | .[length / 2 | floor]) us, best \([.timeline[1:][] | select(.requests > 0) | .schedule_lag_p99_us] | min) us, worst \([.timeline[1:][] | select(.requests > 0) | .schedule_lag_p99_us] | max) us",
         "latency p50/p99:       \(.totals.latency_us.p50) / \(.totals.latency_us.p99) us (from the intended start)",
         "generator cpu:         \(.generator.cpu)  saturated: \(.generator.saturated)"' "$j"
+    echo "CPU 0 stolen by the VM host during the run: $(awk -v t="$(cat "$WORK/$2.steal")" -v d="$1" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f%%", 100 * t / hz / d}')"
 }
 if want arrival; then
 log "arrival rate: constant-arrival-rate at $RATE/s (80% of stampede's median throughput unless --rate), ${DUR_S}s"
@@ -342,7 +354,7 @@ wait "$RUN_PID" || true
 stats=$(target_count "$TPORT")
 if [[ -s "$WORK/mesh.json" && -n "$first" ]]; then
     echo "trigger-to-first-request: $(awk -v a="$t0" -v b="$first" 'BEGIN {printf "%.0f ms", (b - a) * 1000}') (CLI call to the first request the target counted; polled every ~5 ms)"
-    echo "start skew across nodes:  $(jq -r .start_skew_us "$WORK/mesh.json") us (as reported by the run; the nodes' start reports wake on tokio's 1 ms timer)"
+    echo "start skew across nodes:  $(jq -r .start_skew_us "$WORK/mesh.json") us (max - min of the nodes' engine start stamps, on the leader's clock)"
     # The first whole second after the kill from which every second is within 5 % of 300/s.
     # Whole seconds after the kill and before the schedule's end: the run's own start
     # (millisecond precision, from the summary) + 12 s. The poll that saw the first
