@@ -25,10 +25,13 @@ const EVENT_SPIN: Duration = Duration::from_micros(10);
 /// once per this interval and then hands out every event that has come due. A wake-up
 /// costs a few syscalls and a context switch; at tens of thousands of events a second
 /// one per event would eat the CPU the iterations need, while this bounds the added
-/// lag of dense schedules to about this much.
-/// Measured on a 2-vCPU VM: one wake-up per event at 12k events/s took 0.83 of a core,
-/// one per 200 µs 0.51, one per 500 µs 0.42 (lag p50 72, 204 and 323 µs).
-const EVENT_MIN_GAP: Duration = Duration::from_micros(250);
+/// lag of dense schedules to about this much. Sparser events (up to 10k/s per worker)
+/// each get their own precise wake-up.
+/// Measured on a 2-vCPU VM (6 s runs, one worker, schedule lag p99 / generator CPU):
+/// at 5k/s, no coalescing 0.25 ms / 0.43; at 20k/s, none 0.67 ms / 0.94, 100 µs
+/// 0.55 ms / 0.58, 250 µs 4.4 ms / 0.51; at 50k/s, none 1.5 ms / 1.0, 100 µs 4.0 ms /
+/// 0.84, 250 µs 6.7 ms / 0.72. Single runs on this VM vary by several ms at p99.
+const EVENT_MIN_GAP: Duration = Duration::from_micros(100);
 
 /// The spin before a one-off instant (the run's start). Short as well: every worker of
 /// every node on a machine wakes for the same instant, and threads that spin while
