@@ -172,6 +172,11 @@ run_stampede() {
 }
 
 WRK_VERSION=$(wrk -v 2>&1 | head -1 || true)
+# oha joins the throughput rounds when it is installed (`cargo install oha`; it has no
+# Debian package); OHA=/path/to/oha picks one off the PATH.
+OHA="${OHA:-$(command -v oha || true)}"
+OHA_VERSION=""
+[[ -n "$OHA" ]] && OHA_VERSION=$("$OHA" --version 2>&1 | head -1 || true)
 NGINX_VERSION=$("$NGINX" -v 2>&1 | head -1)
 CPU_MODEL=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 STAMPEDE_VERSION=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -181,6 +186,7 @@ echo "cpus:      $NCPU x $CPU_MODEL"
 echo "load avg:  $(cut -d' ' -f1-3 /proc/loadavg) (other work on the box skews every figure)"
 echo "kernel:    $(uname -r)"
 echo "wrk:       $WRK_VERSION"
+echo "oha:       ${OHA_VERSION:-not installed (cargo install oha adds it to the throughput rounds)}"
 echo "nginx:     $NGINX_VERSION (1 worker, CPU 1, $URL)"
 echo "stampede:  $STAMPEDE_VERSION (release, --workers 1, CPU 0)"
 
@@ -191,6 +197,7 @@ log "throughput: wrk -t1 -c$CONNS vs stampede constant-vus $CONNS, ${DUR_S}s eac
 printf '%-6s %10s %10s %6s %9s %11s %13s %13s %6s %9s %9s\n' round "wrk rps" "st. rps" ratio \
     "wrk p99" "st. p99" "wrk req/cpu-s" "st. req/cpu-s" ratio "nginx(wrk)" "nginx(st)"
 : >"$WORK/ratios" ; : >"$WORK/st_rps" ; : >"$WORK/wrk_rps" ; : >"$WORK/eff_ratios"
+: >"$WORK/oha_ratios" ; : >"$WORK/oha_eff_ratios"
 for r in $(seq "$ROUNDS"); do
     t0=$(nginx_ticks)
     taskset -c 0 /usr/bin/time -v -o "$WORK/wrk-$r.time" \
@@ -219,6 +226,22 @@ for r in $(seq "$ROUNDS"); do
     printf '%-6s %10.0f %10.0f %6s %9s %9sus %13s %13s %6s %9s %9s' "$r" "$wrk_rps" "$st_rps" \
         "$rat" "$wrk_p99" "$st_p99" "$wrk_eff" "$st_eff" "$eff_rat" "$wrk_ng" "$st_ng"
     [[ "$st_failed" == 0 ]] && echo || echo "  ($st_failed failed requests)"
+    if [[ -n "$OHA" ]]; then
+        taskset -c 0 /usr/bin/time -v -o "$WORK/oha-$r.time" \
+            "$OHA" -z "${DUR_S}s" -c "$CONNS" --no-tui --output-format json "$URL/" \
+            >"$WORK/oha-$r.json" 2>"$WORK/oha-$r.err" || true
+        oha_rps=$(jq -r '.summary.requestsPerSec // empty' "$WORK/oha-$r.json" 2>/dev/null || true)
+        if [[ -n "$oha_rps" ]]; then
+            oha_req=$(jq -r '[.statusCodeDistribution[]] | add // 0' "$WORK/oha-$r.json")
+            oha_eff=$(awk -v n="$oha_req" -v c="$(cpu_s "$WORK/oha-$r.time")" 'BEGIN { printf "%.0f", (c > 0 ? n / c : 0) }')
+            echo "$(ratio "$st_rps" "$oha_rps")" >>"$WORK/oha_ratios"
+            echo "$(ratio "$st_eff" "$oha_eff")" >>"$WORK/oha_eff_ratios"
+            printf '  oha   %10.0f rps, %13s req/cpu-s; stampede/oha %s, per CPU-second %s\n' \
+                "$oha_rps" "$oha_eff" "$(ratio "$st_rps" "$oha_rps")" "$(ratio "$st_eff" "$oha_eff")"
+        else
+            echo "  oha: no result (see $WORK/oha-$r.err)"
+        fi
+    fi
 done
 MED_RATIO=$(median <"$WORK/ratios")
 MED_ST=$(median <"$WORK/st_rps")
@@ -227,6 +250,10 @@ MED_EFF=$(median <"$WORK/eff_ratios")
 printf 'median: wrk %.0f rps, stampede %.0f rps, median ratio stampede/wrk = %s\n' \
     "$MED_WRK" "$MED_ST" "$MED_RATIO"
 printf 'median ratio of requests per CPU-second of the generator, stampede/wrk = %s\n' "$MED_EFF"
+if [[ -s "$WORK/oha_ratios" ]]; then
+    printf 'median ratio stampede/oha = %s, per CPU-second = %s\n' \
+        "$(median <"$WORK/oha_ratios")" "$(median <"$WORK/oha_eff_ratios")"
+fi
 fi
 
 # --- 2. memory per idle VU ---------------------------------------------------------
