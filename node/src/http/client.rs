@@ -231,10 +231,13 @@ impl Conn {
         }
     }
 
-    fn is_closed(&self) -> bool {
+    /// Whether it goes back to its origin after an exchange: the framing of HTTP/1.1's
+    /// last exchange allows another, or HTTP/2's connection is still open. Cheaper than
+    /// `can_send`, which is asked when the connection is next taken.
+    fn is_reusable(&self) -> bool {
         match self {
-            Conn::H1(c) => !c.is_reusable(),
-            Conn::H2(c) => c.sender.is_closed(),
+            Conn::H1(c) => c.is_reusable(),
+            Conn::H2(c) => !c.sender.is_closed(),
         }
     }
 }
@@ -510,26 +513,18 @@ impl Conns {
     fn origin_index(&mut self, url: &Url) -> Result<usize, HttpError> {
         self.clock += 1;
         let scheme = url.scheme();
-        // The usual case, the same authority as written before: a byte comparison, without
-        // taking the host apart (`Authority::host` parses on every call).
+        // The same authority as written before is a byte comparison; only an origin
+        // written differently takes the host apart (`Authority::host` parses each call).
         let written = url.authority().as_str().as_bytes();
-        if let Some(i) = self
-            .origins
-            .iter()
-            .position(|o| o.scheme == scheme && o.host_header.as_bytes() == written)
-        {
+        if let Some(i) = self.origins.iter().position(|o| {
+            o.scheme == scheme
+                && (o.host_header.as_bytes() == written
+                    || (o.port == url.port() && o.host.eq_ignore_ascii_case(url.host())))
+        }) {
             self.origins[i].last_used = self.clock;
             return Ok(i);
         }
         let (port, host) = (url.port(), url.host());
-        if let Some(i) = self
-            .origins
-            .iter()
-            .position(|o| o.scheme == scheme && o.port == port && o.host.eq_ignore_ascii_case(host))
-        {
-            self.origins[i].last_used = self.clock;
-            return Ok(i);
-        }
         if self.origins.len() >= MAX_ORIGINS {
             if let Some((lru, _)) = self
                 .origins
@@ -652,17 +647,11 @@ impl Conns {
                 .await?
             }
         };
-        if hop_keeps(&conn) {
+        if conn.is_reusable() {
             origin.conn = Some(conn);
         }
         Ok(hop)
     }
-}
-
-/// Whether a connection goes back to its origin after an exchange. HTTP/2 always does
-/// (its own state says when it is closed); HTTP/1.1 says so itself in `can_send`.
-fn hop_keeps(conn: &Conn) -> bool {
-    !conn.is_closed()
 }
 
 /// One request/response on an HTTP/2 connection through hyper.

@@ -152,8 +152,8 @@ pub(super) struct H1Conn {
     /// False once either side said `Connection: close`, a body was close-delimited, or an
     /// exchange failed half-way: such a connection must not carry another request.
     reusable: bool,
-    /// Completed exchanges; a connection that has served one is a reused connection.
-    served: u64,
+    /// Whether an exchange has completed on it (it is then a reused connection).
+    reused: bool,
     /// The method and target of the request `write` holds, when that request had no
     /// headers, cookies or body of its own: the next identical request (a load step
     /// repeated by one VU) is sent from the buffer as it is, without encoding it again.
@@ -167,7 +167,7 @@ impl H1Conn {
             read: BytesMut::new(),
             write: Vec::new(),
             reusable: true,
-            served: 0,
+            reused: false,
             encoded: None,
         }
     }
@@ -179,7 +179,7 @@ impl H1Conn {
 
     /// True when this connection has already carried a request.
     pub fn is_reused(&self) -> bool {
-        self.served > 0
+        self.reused
     }
 
     /// Whether another request may be sent on this connection. Besides the framing of
@@ -221,6 +221,8 @@ impl H1Conn {
             self.encoded = plain.then(|| (req.method.clone(), target.to_vec()));
         }
         let sent = self.write.len() as u64 + if inline { 0 } else { req.body.len() as u64 };
+        // Until this exchange completes, nothing more may go on this connection.
+        self.reusable = false;
         // A write that fails on a reused connection failed before the server could have
         // answered anything: the same case as a close before the response.
         let written = async {
@@ -232,15 +234,13 @@ impl H1Conn {
         }
         .await;
         if let Err(e) = written {
-            self.reusable = false;
             return Err(H1Error::ClosedBeforeResponse(format!(
                 "sending the request failed: {e}"
             )));
         }
-        self.reusable = false;
         let response = self.read_response(head_only, max_body).await?;
         self.reusable = response.1 && !close_requested;
-        self.served += 1;
+        self.reused = true;
         Ok((response.0, sent))
     }
 
@@ -312,31 +312,18 @@ impl H1Conn {
             let headers =
                 ResponseHeaders::from_head(self.read.split_to(head.len).freeze(), head.set_cookie);
             let framing = body_framing(&head, status, head_only)?;
-            let mut keep_alive = head.keeps_alive();
-            let mut done_at = first_byte_at;
-            let (body, truncated, body_wire) = match framing {
-                Framing::None => (Bytes::new(), false, 0),
+            let keep_alive = head.keeps_alive() && !matches!(framing, Framing::UntilClose);
+            let ((body, truncated, body_wire), done_at) = match framing {
+                Framing::None => ((Bytes::new(), false, 0), first_byte_at),
                 // The usual case: the whole body came with the head. Keep it without
                 // copying, and it was complete when the head was.
                 Framing::Length(n) if self.read.len() as u64 >= n && n as usize <= max_body => {
-                    (self.read.split_to(n as usize).freeze(), false, n)
+                    let body = self.read.split_to(n as usize).freeze();
+                    ((body, false, n), first_byte_at)
                 }
-                Framing::Length(n) => {
-                    let body = self.read_sized(n, max_body).await?;
-                    done_at = Instant::now();
-                    body
-                }
-                Framing::Chunked => {
-                    let body = self.read_chunked(max_body).await?;
-                    done_at = Instant::now();
-                    body
-                }
-                Framing::UntilClose => {
-                    keep_alive = false;
-                    let body = self.read_until_close(max_body).await?;
-                    done_at = Instant::now();
-                    body
-                }
+                Framing::Length(n) => (self.read_sized(n, max_body).await?, Instant::now()),
+                Framing::Chunked => (self.read_chunked(max_body).await?, Instant::now()),
+                Framing::UntilClose => (self.read_until_close(max_body).await?, Instant::now()),
             };
             wire += body_wire;
             return Ok((
@@ -361,18 +348,11 @@ impl H1Conn {
         max_body: usize,
     ) -> Result<(Bytes, bool, u64), H1Error> {
         let mut sink = BodySink::new(max_body, len);
-        let mut left = len;
-        while left > 0 {
-            if self.read.is_empty() && !self.fill_body().await? {
-                return Err(H1Error::Io(format!(
-                    "the server closed the connection after {} of {len} body bytes",
-                    len - left
-                )));
-            }
-            let take = left.min(self.read.len() as u64) as usize;
-            sink.push(&self.read[..take]);
-            self.read.advance(take);
-            left -= take as u64;
+        let copied = self.copy_body(&mut sink, len).await?;
+        if copied < len {
+            return Err(H1Error::Io(format!(
+                "the server closed the connection after {copied} of {len} body bytes"
+            )));
         }
         let (body, truncated) = sink.finish();
         Ok((body, truncated, len))
@@ -412,17 +392,10 @@ impl H1Conn {
                     }
                 }
             }
-            let mut left = size;
-            while left > 0 {
-                if self.read.is_empty() && !self.fill_body().await? {
-                    return Err(H1Error::Io(
-                        "the server closed the connection in the middle of a chunk".into(),
-                    ));
-                }
-                let take = left.min(self.read.len() as u64) as usize;
-                sink.push(&self.read[..take]);
-                self.read.advance(take);
-                left -= take as u64;
+            if self.copy_body(&mut sink, size).await? < size {
+                return Err(H1Error::Io(
+                    "the server closed the connection in the middle of a chunk".into(),
+                ));
             }
             wire += size;
             let end = self.read_line("chunk end").await?;
@@ -433,6 +406,22 @@ impl H1Conn {
                 ));
             }
         }
+    }
+
+    /// Moves the next `len` body bytes into `sink`, reading as needed. Returns how many
+    /// it moved: fewer than `len` when the stream ended first.
+    async fn copy_body(&mut self, sink: &mut BodySink, len: u64) -> Result<u64, H1Error> {
+        let mut left = len;
+        while left > 0 {
+            if self.read.is_empty() && !self.fill_body().await? {
+                break;
+            }
+            let take = left.min(self.read.len() as u64) as usize;
+            sink.push(&self.read[..take]);
+            self.read.advance(take);
+            left -= take as u64;
+        }
+        Ok(len - left)
     }
 
     /// `fill` for body reads: an I/O error mid-body is an `Io` error.
