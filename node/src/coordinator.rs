@@ -1225,9 +1225,7 @@ impl Coordinator {
         };
         let seconds = collector.add(report);
         let finished = collector.finished();
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cores = crate::cpu::cores();
         let mut out = Vec::new();
         for s in seconds {
             let cpu = run.cpu.sample(run.workers.min(cores));

@@ -97,11 +97,9 @@ async fn run_node(
     }
     let mut allow_targets = vec!["loopback".to_string()];
     allow_targets.extend(settings.allow_target.iter().cloned());
-    let capacity = settings.capacity.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1)
-    });
+    let capacity = settings
+        .capacity
+        .unwrap_or_else(|| crate::cpu::cores() as u32);
     let run_store = Arc::new(crate::coordinator::RunStore::default());
     let cfg = MeshConfig {
         keypair,

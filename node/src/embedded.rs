@@ -30,9 +30,7 @@ pub struct LocalOptions {
 impl Default for LocalOptions {
     fn default() -> Self {
         LocalOptions {
-            workers: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            workers: crate::cpu::cores(),
             quiet: false,
             allow_target: Vec::new(),
             graceful_stop: Duration::from_secs(30),
@@ -127,7 +125,7 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
                     for second in collector.add(r) {
                         // Skip the last partial second's CPU sample: it covers shutdown.
                         if !collector.finished() {
-                            cpu_max = cpu_max.max(cpu.sample(workers.min(num_cpus())));
+                            cpu_max = cpu_max.max(cpu.sample(workers.min(crate::cpu::cores())));
                         }
                         let _ = agg.add(&node_id, &second);
                         if let Some(p) = agg.latest() {
@@ -175,12 +173,6 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
             plan_source: &plan.source,
         },
     ))
-}
-
-fn num_cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
 }
 
 /// The longest any scenario runs, with its start offset.

@@ -11,21 +11,31 @@
 //! last couple of milliseconds. A wait never returns before its instant; how late it
 //! returns is for the caller to measure, never to hide. This module must not know what
 //! it waits for.
+//!
+//! Yielding until an instant keeps the core busy while nothing else is to be done.
+//! That time is counted ([`spun_seconds`]) so that the generator's CPU figure, which
+//! tells a saturated generator from a slow target, reports it as the idle time it is.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// How much of a wait for an arrival event is covered by yielding rather than
-/// sleeping: about a sleeping thread's wake-up latency on an idle VM. Longer buys
-/// precision with CPU: the spin costs up to this much per event when the worker is
-/// idle (1% of a core at 1000 events/s). On a loaded machine the wake-up itself is
-/// later than this and the spin never happens.
-const EVENT_SPIN: Duration = Duration::from_micros(10);
+/// A wait for an arrival event this short is covered by yielding rather than sleeping,
+/// and a longer one sleeps until this much before its instant and yields for the rest.
+/// Going to sleep and being woken costs a worker on a VM about this much CPU and
+/// wake-up latency (a context switch from and to the idle task, paravirtual halts): at
+/// 50k events/s a sleep per 100 µs burned ~14 % of the core in `finish_task_switch`
+/// alone and started events 100–150 µs late (p50), where yielding starts them 1 µs
+/// late. The cost is a busy core while a dense schedule runs (events under this far
+/// apart), which is reported as idle (see [`spun_seconds`]). Sparse events spin for
+/// at most this much each (5 % of a core at 1000 events/s).
+const EVENT_SPIN: Duration = Duration::from_micros(50);
 
-/// Arrival events closer together than this share a wake-up: the worker sleeps at most
-/// once per this interval and then hands out every event that has come due. A wake-up
+/// Arrival events that would need a sleep of their own (more than [`EVENT_SPIN`]
+/// away) closer together than this share a wake-up: the worker sleeps at most once
+/// per this interval and then hands out every event that has come due. A wake-up
 /// costs a few syscalls and a context switch; at tens of thousands of events a second
 /// one per event would eat the CPU the iterations need, while this bounds the added
-/// lag of dense schedules to about this much. Sparser events (up to 10k/s per worker)
+/// lag of such schedules to about this much. Sparser events (up to 10k/s per worker)
 /// each get their own precise wake-up.
 /// Measured on a 2-vCPU VM (6 s runs, one worker, schedule lag p99 / generator CPU):
 /// at 5k/s, no coalescing 0.25 ms / 0.43; at 20k/s, none 0.67 ms / 0.94, 100 µs
@@ -43,6 +53,32 @@ const INSTANT_SPIN: Duration = Duration::from_micros(10);
 /// The spin before a one-off instant when sleeping on tokio's timer, which wakes up to
 /// 1 ms late.
 const COARSE_INSTANT_SPIN: Duration = Duration::from_micros(2_000);
+
+/// A runtime tick that gave the pacer back within this long ran nothing but the
+/// runtime's own I/O poll (an `epoll_wait` that returned at once): it counts as idle.
+/// Longer ticks ran other tasks and count as work.
+const IDLE_TICK: Duration = Duration::from_micros(4);
+
+/// Nanoseconds this process's pacers have spent yielding with nothing else to run.
+static SPUN_NS: AtomicU64 = AtomicU64::new(0);
+
+/// CPU seconds this process has spent spinning for instants with nothing else to do:
+/// idle time on a busy core, to be taken off the process's CPU time when telling
+/// how loaded the generator is.
+pub fn spun_seconds() -> f64 {
+    SPUN_NS.load(Ordering::Relaxed) as f64 / 1e9
+}
+
+/// Gives the runtime one tick (its I/O poll and whatever tasks are ready) and counts
+/// the tick as idle when it came back at once.
+async fn spin_tick() {
+    let before = Instant::now();
+    tokio::task::yield_now().await;
+    let took = before.elapsed();
+    if took <= IDLE_TICK {
+        SPUN_NS.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
 
 /// Waits for instants on the current (single-threaded) tokio runtime. One per task that
 /// waits; a wait may be cancelled (dropped) at any point and the pacer reused.
@@ -78,11 +114,12 @@ impl Pacer {
     }
 
     /// For a stream of arrival events: precise for sparse events, one wake-up per
-    /// [`EVENT_MIN_GAP`] for dense ones. On tokio's timer (no timerfd) it does not
-    /// spin at all: events then start up to about a millisecond late. Must be made
-    /// inside a tokio runtime with I/O enabled.
+    /// [`EVENT_MIN_GAP`] for dense ones, and no sleep at all for events under
+    /// [`EVENT_SPIN`] apart. On tokio's timer (no timerfd) waits longer than that
+    /// start up to about a millisecond late. Must be made inside a tokio runtime with
+    /// I/O enabled.
     pub fn for_events() -> Pacer {
-        Pacer::make(EVENT_SPIN, Duration::ZERO, EVENT_MIN_GAP)
+        Pacer::make(EVENT_SPIN, EVENT_SPIN, EVENT_MIN_GAP)
     }
 
     /// For a one-off instant (the run's start, a scenario's start): as precise as
@@ -117,13 +154,15 @@ impl Pacer {
     /// Returns at once, without yielding, when the deadline has passed. Other tasks of
     /// the runtime run while it waits.
     pub async fn until(&mut self, deadline: Instant) {
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             return;
         }
-        // Never before the deadline; not before the least gap after the last wake-up.
+        // Never before the deadline; a wait that needs a sleep not before the least gap
+        // after the last wake-up. A wait short enough to spin never waits for the gap.
         let wake_at = match self.last_wake {
-            Some(last) => deadline.max(last + self.min_gap),
-            None => deadline,
+            Some(last) if deadline - now > self.spin => deadline.max(last + self.min_gap),
+            _ => deadline,
         };
         // A coalesced wake-up is late anyway: no point spinning for it.
         let coalesced = wake_at > deadline;
@@ -143,7 +182,7 @@ impl Pacer {
                     }
                     self.last_wake = Some(Instant::now());
                 } else {
-                    tokio::task::yield_now().await;
+                    spin_tick().await;
                 }
                 continue;
             }
@@ -156,7 +195,7 @@ impl Pacer {
                 tokio::time::sleep_until((wake_at - spin).into()).await;
                 self.last_wake = Some(Instant::now());
             } else {
-                tokio::task::yield_now().await;
+                spin_tick().await;
             }
         }
     }
@@ -266,6 +305,11 @@ mod timerfd {
                     )
                 };
                 if n == 8 {
+                    // The expiry is consumed and the timer is one-shot: nothing can
+                    // make it readable again before the next `arm`, so the readiness
+                    // tokio still holds is stale. Clearing it now saves the next wait
+                    // a read that would only say "would block".
+                    guard.clear_ready();
                     return Ok(());
                 }
                 let err = io::Error::last_os_error();
@@ -341,20 +385,55 @@ mod tests {
             let first = Instant::now() + Duration::from_micros(500);
             pacer.until(first).await;
             let woke = pacer.last_wake.expect("the first wait slept");
-            // Due 50 µs after the first: it waits for the least gap after the wake-up
-            // (late, and its lag will say so) rather than for a wake-up of its own,
-            // unless this thread was held up for so long that it is due already.
-            let second = first + Duration::from_micros(50);
-            let due_already = Instant::now() >= second;
+            // Due 80 µs after the first (too far to spin for, closer than the least
+            // gap): it waits for the least gap after the wake-up (late, and its lag
+            // will say so) rather than for a wake-up of its own, unless this thread was
+            // held up for so long that it is within the spin window already.
+            let second = first + Duration::from_micros(80);
+            let needs_sleep = second.saturating_duration_since(Instant::now()) > EVENT_SPIN;
             pacer.until(second).await;
             let now = Instant::now();
             assert!(now >= second);
-            if !due_already {
+            if needs_sleep {
                 assert!(now >= woke + EVENT_MIN_GAP, "{:?}", now - woke);
             }
             // A due event never waits for the gap.
             let due = Instant::now() - Duration::from_micros(1);
             assert!(futures::FutureExt::now_or_never(pacer.until(due)).is_some());
+        });
+    }
+
+    #[test]
+    fn close_events_are_spun_for_and_the_spin_counts_as_idle() {
+        runtime().block_on(async {
+            let mut pacer = Pacer::for_events();
+            // Sleep once so that coalescing would apply to a wait that needed a sleep.
+            pacer
+                .until(Instant::now() + Duration::from_micros(300))
+                .await;
+            let woke = pacer.last_wake.expect("the first wait slept");
+            let spun_before = SPUN_NS.load(Ordering::Relaxed);
+            // Within the spin window: no sleep, so no wait for the least gap either.
+            let close = Instant::now() + EVENT_SPIN / 2;
+            pacer.until(close).await;
+            let now = Instant::now();
+            assert!(now >= close);
+            assert_eq!(pacer.last_wake, Some(woke), "a spun wait does not sleep");
+            // Other tests' pacers add to the counter too; it only grows.
+            assert!(SPUN_NS.load(Ordering::Relaxed) >= spun_before);
+        });
+    }
+
+    #[test]
+    fn idle_ticks_are_counted_as_spun_time() {
+        runtime().block_on(async {
+            let before = spun_seconds();
+            // An empty runtime gives a yield back at once: a thousand ticks cannot all
+            // take longer than IDLE_TICK short of the thread being starved throughout.
+            for _ in 0..1_000 {
+                spin_tick().await;
+            }
+            assert!(spun_seconds() > before);
         });
     }
 
