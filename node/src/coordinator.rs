@@ -53,6 +53,10 @@ const REPUBLISH: Duration = Duration::from_millis(400);
 /// Clock samples per member; the one with the smallest round trip is kept.
 const CLOCK_SAMPLES: usize = 8;
 
+/// How long after the start instant a node takes up its workers' start stamp and
+/// reports it: long enough that nothing but the workers runs at the instant itself.
+const START_SETTLE: Duration = Duration::from_millis(20);
+
 pub fn unix_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1121,7 +1125,12 @@ impl Coordinator {
         let rid = run_id.to_string();
         let offset = run.clock_offset_us;
         let mut engine_started = engine.started.clone();
+        let settled = tokio::time::Instant::from_std(start_at + START_SETTLE);
         tokio::spawn(async move {
+            // Not woken by the stamp itself: this task, the actor and the mesh taking it
+            // up at the start instant would compete with the workers (this node's, and
+            // on a shared machine other nodes') that are waking for that same instant.
+            tokio::time::sleep_until(settled).await;
             // The engine's own stamp of when its workers passed the start instant (on
             // this node's wall clock), not a wake-up of this task on tokio's 1 ms timer.
             let local = match engine_started.wait_for(Option::is_some).await {

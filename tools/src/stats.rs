@@ -96,6 +96,8 @@ pub(crate) struct Stats {
     queued: AtomicU64,
     connections_accepted: AtomicU64,
     connections_open: AtomicU64,
+    /// Wall-clock µs of the first load request since start or the last reset; 0 before.
+    first_load_unix_us: AtomicU64,
 }
 
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
@@ -151,6 +153,11 @@ pub struct StatsSnapshot {
     pub connections_open: u64,
     /// Admin requests received (not part of `requests`).
     pub admin_requests: u64,
+    /// When the first load request since start or the last reset arrived (Unix µs, this
+    /// machine's wall clock): a load generator's time to first request, read afterwards
+    /// instead of by polling while the generator starts.
+    #[serde(default)]
+    pub first_load_unix_us: Option<u64>,
 }
 
 impl Stats {
@@ -162,11 +169,23 @@ impl Stats {
             queued: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
+            first_load_unix_us: AtomicU64::new(0),
         }
     }
 
     /// Counts a load request at the moment it arrives, before any delay or queueing.
     pub(crate) fn received(&self, endpoint: Endpoint) {
+        // One shared load per request; the clock and the exchange only for the first.
+        if self.first_load_unix_us.load(Relaxed) == 0 {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(1)
+                .max(1);
+            let _ = self
+                .first_load_unix_us
+                .compare_exchange(0, now, Relaxed, Relaxed);
+        }
         let shard = &self.shards[my_shard()];
         shard.requests.fetch_add(1, Relaxed);
         shard.endpoints[endpoint as usize].fetch_add(1, Relaxed);
@@ -231,6 +250,7 @@ impl Stats {
         self.max_in_service
             .store(self.in_service.load(Relaxed), Relaxed);
         self.connections_accepted.store(0, Relaxed);
+        self.first_load_unix_us.store(0, Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
@@ -268,6 +288,10 @@ impl Stats {
             connections_accepted: self.connections_accepted.load(Relaxed),
             connections_open: self.connections_open.load(Relaxed),
             admin_requests: sum(&|s| s.admin.load(Relaxed)),
+            first_load_unix_us: match self.first_load_unix_us.load(Relaxed) {
+                0 => None,
+                us => Some(us),
+            },
         }
     }
 
@@ -330,6 +354,25 @@ mod tests {
         let snap = stats.snapshot();
         assert_eq!(snap.requests, 0);
         assert!(snap.per_second.is_empty());
+    }
+
+    #[test]
+    fn the_first_load_request_is_stamped_once_until_a_reset() {
+        let stats = Stats::new();
+        assert_eq!(stats.snapshot().first_load_unix_us, None);
+        let before = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
+        stats.received(Endpoint::Search);
+        let first = stats.snapshot().first_load_unix_us.expect("stamped");
+        assert!(first >= before, "{first} < {before}");
+        stats.received(Endpoint::Cart);
+        assert_eq!(stats.snapshot().first_load_unix_us, Some(first));
+        stats.reset();
+        assert_eq!(stats.snapshot().first_load_unix_us, None);
+        stats.received(Endpoint::Other);
+        assert!(stats.snapshot().first_load_unix_us.unwrap() >= first);
     }
 
     #[test]
