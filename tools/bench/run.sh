@@ -5,7 +5,8 @@
 #
 #   tools/bench/run.sh [--rounds 3] [--duration 10s] [--idle-vus 10000]
 #                      [--short 5s] [--long 50s] [--skip-build] [--keep DIR]
-#                      [--only throughput,idle,arrival,rss,mesh] [--rate N]
+#                      [--only throughput,idle,arrival,rss,mesh] [--max N] [--rate N]
+#                      [--lag-runs 3]
 #
 # Layout: nginx (1 worker) pinned to CPU 1, the load generator (wrk or stampede) pinned
 # to CPU 0; wrk and stampede alternate round by round so that drift in the machine's
@@ -23,6 +24,9 @@ KEEP=""
 CONNS=50
 ONLY="throughput,idle,arrival,rss,mesh"
 RATE=""
+RATE_GIVEN=""
+MAX_REF=""
+LAG_RUNS=3
 
 usage() {
     sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
@@ -38,7 +42,9 @@ while [[ $# -gt 0 ]]; do
         --long) LONG="$2"; shift 2 ;;
         --skip-build) BUILD=0; shift ;;
         --only) ONLY="$2"; shift 2 ;;
-        --rate) RATE="$2"; shift 2 ;;
+        --rate) RATE="$2"; RATE_GIVEN=1; shift 2 ;;
+        --max) MAX_REF="$2"; shift 2 ;;
+        --lag-runs) LAG_RUNS="$2"; shift 2 ;;
         --keep) KEEP="$2"; shift 2 ;;
         -h|--help) usage 0 ;;
         *) echo "run.sh: unknown argument '$1'" >&2; usage 2 ;;
@@ -56,6 +62,8 @@ SHORT_S=$(secs "$SHORT")
 LONG_S=$(secs "$LONG")
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --rounds must be a positive integer" >&2; exit 2; }
 [[ -z "$RATE" || "$RATE" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --rate must be a positive integer" >&2; exit 2; }
+[[ -z "$MAX_REF" || "$MAX_REF" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --max must be a positive integer" >&2; exit 2; }
+[[ "$LAG_RUNS" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --lag-runs must be a positive integer" >&2; exit 2; }
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 [[ "$IDLE_VUS" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --idle-vus must be a positive integer" >&2; exit 2; }
 
@@ -274,16 +282,22 @@ echo "per idle VU:           $PER_VU bytes (each holding one open keep-alive con
 fi
 
 # --- 3. arrival-rate accuracy and schedule lag ------------------------------------
-if [[ -z "$RATE" && -n "$MED_ST" ]]; then
-    RATE=$(awk -v m="$MED_ST" 'BEGIN { printf "%d", m * 0.8 }')
+# The reference maximum: stampede's median closed-loop throughput, or --max N.
+MAX_REF="${MAX_REF:-}"
+if [[ -z "$MAX_REF" && -n "$MED_ST" ]]; then
+    MAX_REF=$(awk -v m="$MED_ST" 'BEGIN { printf "%d", m }')
+fi
+if [[ -z "$RATE" && -n "$MAX_REF" ]]; then
+    RATE=$(awk -v m="$MAX_REF" 'BEGIN { printf "%d", m * 0.8 }')
 fi
 if [[ -z "$RATE" ]] && { want arrival || want rss; }; then
-    echo "run.sh: the arrival and rss parts need --rate N when throughput is not run" >&2
+    echo "run.sh: the arrival and rss parts need --max N or --rate N when throughput is not run" >&2
     exit 2
 fi
 # Enough VUs for the rate at 25 ms per iteration (10x the p50 seen here), so that drops
 # mean a late generator rather than a small pool.
-MAXVUS=$(awk -v r="$RATE" 'BEGIN { v = int(r / 40); print (v < 100 ? 100 : v) }')
+max_vus_for() { awk -v r="$1" 'BEGIN { v = int(r / 40); print (v < 100 ? 100 : v) }'; }
+MAXVUS=$(max_vus_for "$RATE")
 # CPU 0's time stolen by the hypervisor (the `steal` column of /proc/stat), in ticks: a
 # VM whose vCPU is descheduled for milliseconds shows it as schedule lag no program
 # can avoid, so the arrival figures print it beside the lag.
@@ -299,6 +313,11 @@ arrival_run() { # DURATION_S NAME
         --set "scenarios.arrivals.rate=$RATE" --set "scenarios.arrivals.max_vus=$MAXVUS" \
         --set "scenarios.arrivals.duration=\"${1}s\""
 }
+stolen_pct() { # DURATION_S NAME
+    awk -v t="$(cat "$WORK/$2.steal")" -v d="$1" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f%%", 100 * t / hz / d}'
+}
+# Per-second lag p99 from the second second on (the first opens every connection).
+PER_SECOND='[.timeline[1:][] | select(.requests > 0) | .schedule_lag_p99_us] | sort'
 report_arrival() { # DURATION_S NAME
     local j="$WORK/$2.json"
     jq -r --argjson d "$1" --argjson rate "$RATE" --argjson maxvus "$MAXVUS" '
@@ -306,25 +325,77 @@ report_arrival() { # DURATION_S NAME
         "achieved:              \((.totals.iterations / $d) | floor)/s  (\(.totals.iterations) iterations, \((100 * .totals.iterations / ($rate * $d)) * 10 | round / 10)% of target; run took \(.duration_s)s)",
         "dropped iterations:    \(.totals.dropped_iterations)",
         "schedule lag p50/p99:  \(.generator.schedule_lag_us.p50) / \(.generator.schedule_lag_us.p99) us over the whole run",
-        "  per second, from 1 s on: p99 median \([.timeline[1:][] | select(.requests > 0) | .schedule_lag_p99_us] | sort | .[length / 2 | floor]) us, best \([.timeline[1:][] | select(.requests > 0) | .schedule_lag_p99_us] | min) us, worst \([.timeline[1:][] | select(.requests > 0) | .schedule_lag_p99_us] | max) us",
+        "  per second, from 1 s on: p99 median \('"$PER_SECOND"' | .[length / 2 | floor]) us, best \('"$PER_SECOND"' | min) us, worst \('"$PER_SECOND"' | max) us",
         "latency p50/p99:       \(.totals.latency_us.p50) / \(.totals.latency_us.p99) us (from the intended start)",
-        "generator cpu:         \(.generator.cpu)  saturated: \(.generator.saturated)"' "$j"
-    echo "CPU 0 stolen by the VM host during the run: $(awk -v t="$(cat "$WORK/$2.steal")" -v d="$1" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f%%", 100 * t / hz / d}')"
+        "generator cpu:         \(.generator.cpu) (spin for close events counted as idle)  saturated: \(.generator.saturated)"' "$j"
+    echo "CPU 0 stolen by the VM host during the run: $(stolen_pct "$1" "$2")"
+}
+# One line of the rate ladder: rate, achieved, dropped, lag, CPU, saturation, steal.
+ladder_row() { # DURATION_S NAME SHARE
+    jq -r --argjson d "$1" --argjson rate "$RATE" --arg share "$3" --arg stolen "$(stolen_pct "$1" "$2")" '
+        [$share, $rate, "\((1000 * .totals.iterations / ($rate * $d)) | round / 10)%",
+         .totals.dropped_iterations, .generator.schedule_lag_us.p50,
+         .generator.schedule_lag_us.p99, ('"$PER_SECOND"' | .[length / 2 | floor]),
+         ('"$PER_SECOND"' | min), .generator.cpu, .generator.saturated, $stolen]
+        | @tsv' "$WORK/$2.json" | awk -F'\t' '{ printf "%-5s %8s %8s %7s %8s %9s %11s %9s %5s %6s %7s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 }'
+}
+kept_up() { # NAME: achieved within 1 % and the generator did not call itself saturated
+    jq -e --argjson rate "$RATE" --argjson d "$DUR_S" \
+        '(.totals.iterations >= 0.99 * $rate * $d) and (.generator.saturated | not)' \
+        "$WORK/$1.json" >/dev/null
 }
 if want arrival; then
-log "arrival rate: constant-arrival-rate at $RATE/s (80% of stampede's median throughput unless --rate), ${DUR_S}s"
-arrival "$DUR_S" arrival
-report_arrival "$DUR_S" arrival
-# Half that rate as well: the open model costs more per iteration than the closed loop,
-# so 80% of the closed-loop maximum may already saturate the generator.
-FULL_RATE="$RATE"
-RATE=$((FULL_RATE / 2))
-MAXVUS=$(awk -v r="$RATE" 'BEGIN { v = int(r / 40); print (v < 100 ? 100 : v) }')
-log "arrival rate: constant-arrival-rate at $RATE/s (half the above), ${DUR_S}s"
-arrival "$DUR_S" arrival-half
-report_arrival "$DUR_S" arrival-half
-RATE="$FULL_RATE"
-MAXVUS=$(awk -v r="$RATE" 'BEGIN { v = int(r / 40); print (v < 100 ? 100 : v) }')
+# What the machine itself takes from a busy thread on the generator's core: lag that no
+# generator on this core can avoid (see stampede-noise).
+NOISE="$ROOT/target/release/stampede-noise"
+if [[ -x "$NOISE" ]]; then
+    log "noise on CPU 0 (stampede-noise: a thread spinning on the clock, 3 s)"
+    taskset -c 0 "$NOISE" --duration 3s
+fi
+if [[ -n "$MAX_REF" && -z "$RATE_GIVEN" ]]; then
+    log "arrival rate ladder: constant-arrival-rate at 20-100% of the reference maximum $MAX_REF/s (stampede's closed-loop median unless --max), ${DUR_S}s each"
+    printf '%-5s %8s %8s %7s %8s %9s %11s %9s %5s %6s %7s\n' share rate achieved dropped "lag p50" "lag p99" "p99/s med" "p99/s min" cpu satur. stolen
+    OPEN_MAX=""
+    for pct in 20 40 60 80 100; do
+        RATE=$(awk -v m="$MAX_REF" -v p="$pct" 'BEGIN { printf "%d", m * p / 100 }')
+        MAXVUS=$(max_vus_for "$RATE")
+        # Several runs per rung, the median one (by per-second p99) shown: the host's
+        # noise comes and goes over minutes and moves single runs by 10x at p99.
+        : >"$WORK/ladder-$pct.runs"
+        for k in $(seq "$LAG_RUNS"); do
+            arrival "$DUR_S" "ladder-$pct-$k"
+            printf '%s %s\n' "$(jq -r "$PER_SECOND"' | .[length / 2 | floor] // 0' "$WORK/ladder-$pct-$k.json")" "$k" >>"$WORK/ladder-$pct.runs"
+        done
+        mid=$(sort -g "$WORK/ladder-$pct.runs" | awk -v n="$LAG_RUNS" 'NR == int((n + 1) / 2) {print $2}')
+        for f in json time steal; do cp "$WORK/ladder-$pct-$mid.$f" "$WORK/ladder-$pct.$f"; done
+        ladder_row "$DUR_S" "ladder-$pct" "$pct%"
+        if kept_up "ladder-$pct"; then OPEN_MAX="$RATE"; fi
+    done
+    echo "(the median of $LAG_RUNS runs per rung; lag in us; p99/s: per-second p99 from 1 s on, median and best second; cpu: generator CPU, spin counted as idle)"
+    if [[ -n "$OPEN_MAX" ]]; then
+        echo "open-model maximum: $OPEN_MAX/s (the highest rung achieved within 1 % with the generator not saturated)"
+        RATE=$(awk -v m="$OPEN_MAX" 'BEGIN { printf "%d", m * 0.8 }')
+        MAXVUS=$(max_vus_for "$RATE")
+        log "arrival rate: constant-arrival-rate at $RATE/s (80% of the open-model maximum), ${DUR_S}s"
+        arrival "$DUR_S" arrival-open
+        report_arrival "$DUR_S" arrival-open
+    else
+        echo "open-model maximum: not found (no rung kept up)"
+    fi
+    RATE=$(awk -v m="$MAX_REF" 'BEGIN { printf "%d", m * 0.8 }')
+    MAXVUS=$(max_vus_for "$RATE")
+    echo
+    echo "at 80% of the reference maximum ($RATE/s), the median run in full:"
+    report_arrival "$DUR_S" ladder-80
+else
+    log "arrival rate: constant-arrival-rate at $RATE/s, ${DUR_S}s"
+    arrival "$DUR_S" arrival
+    report_arrival "$DUR_S" arrival
+fi
+if [[ -x "$NOISE" ]]; then
+    log "noise on CPU 0 again, after the arrival runs"
+    taskset -c 0 "$NOISE" --duration 3s
+fi
 fi
 
 # --- 4. RSS over a long run ----------------------------------------------------------
