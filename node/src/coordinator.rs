@@ -57,12 +57,7 @@ const CLOCK_SAMPLES: usize = 8;
 /// reports it: long enough that nothing but the workers runs at the instant itself.
 const START_SETTLE: Duration = Duration::from_millis(20);
 
-pub fn unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
+pub use stampede_protocol::run::unix_us;
 
 /// Bundles and own snapshots, shared with the mesh event loop so that it can answer
 /// peers' requests without a round trip through the actor.
@@ -82,6 +77,7 @@ impl RunStore {
                     t1_us,
                     t2_us: t,
                     t3_us: t,
+                    received_us: None,
                 }
             }
             RunRequest::Bundle { hash, .. } => {
@@ -931,8 +927,8 @@ impl Coordinator {
                     break;
                 };
                 let (reply, rx) = oneshot::channel();
-                let t1 = unix_us();
-                let req = MeshRequest::Run(RunRequest::Clock { t1_us: t1 });
+                // Re-stamped by the event loop as it sends the request.
+                let req = MeshRequest::Run(RunRequest::Clock { t1_us: unix_us() });
                 if mesh
                     .send(MeshCommand::Request {
                         peer,
@@ -948,9 +944,14 @@ impl Coordinator {
                     t1_us,
                     t2_us,
                     t3_us,
+                    received_us,
                 })))) = tokio::time::timeout(Duration::from_secs(2), rx).await
                 {
-                    let (off, rtt) = clock_offset(t1_us, t2_us, t3_us, unix_us());
+                    // Both ends of the sample are the event loop's (see the mesh's
+                    // `stamp_clock_request`/`stamp_clock_response`), so the hops between it and this task count
+                    // in neither direction.
+                    let t4 = received_us.unwrap_or_else(unix_us);
+                    let (off, rtt) = clock_offset(t1_us, t2_us, t3_us, t4);
                     if best.is_none_or(|(r, _)| rtt < r) {
                         best = Some((rtt, off));
                     }
@@ -1672,6 +1673,18 @@ impl Coordinator {
                     "completed".into()
                 },
                 cpu: run.cpu_max.get(&m.id).copied().unwrap_or(0.0),
+                start_late_us: run
+                    .barriers
+                    .get("started")
+                    .and_then(|b| b.get(&m.id))
+                    .and_then(|d| d.started_unix_us)
+                    .zip(run.start_unix_us)
+                    .map(|(started, at)| started as i64 - at as i64),
+                clock_offset_us: run
+                    .barriers
+                    .get("ready")
+                    .and_then(|b| b.get(&m.id))
+                    .and_then(|d| d.clock_offset_us),
             })
             .collect();
         let starts: Vec<u64> = run

@@ -159,6 +159,7 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
         labels: opts.labels.clone(),
         status: "completed".into(),
         cpu: cpu_max,
+        ..Default::default()
     }];
     Ok(report::build(
         &agg,

@@ -100,6 +100,14 @@ pub struct NodeSummary {
     pub stats: Stats,
     /// Process CPU at the node's busiest second, as a fraction of its worker cores.
     pub cpu: f64,
+    /// How long after the run's agreed start instant this node's workers passed it, on
+    /// the leader's clock (µs; negative only through clock-offset error). Mesh runs only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_late_us: Option<i64>,
+    /// This node's clock offset to the leader's as the run measured it (µs, leader −
+    /// local). Mesh runs only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset_us: Option<i64>,
     /// The node's own seconds.
     pub timeline: Vec<TimelinePoint>,
 }
@@ -149,6 +157,10 @@ pub struct NodeInfo {
     pub status: String,
     /// Process CPU (fraction of the worker cores) at its highest second.
     pub cpu: f64,
+    /// See [`NodeSummary::start_late_us`].
+    pub start_late_us: Option<i64>,
+    /// See [`NodeSummary::clock_offset_us`].
+    pub clock_offset_us: Option<i64>,
 }
 
 /// Inputs to a summary besides the aggregate.
@@ -267,6 +279,8 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
             iterations: st.iterations,
             stats: st,
             cpu: (info.cpu * 1000.0).round() / 1000.0,
+            start_late_us: info.start_late_us,
+            clock_offset_us: info.clock_offset_us,
             timeline: nt.timeline.clone(),
         });
     }

@@ -146,6 +146,26 @@ fn a_run_started_on_node_2_runs_on_all_three_and_counts_exactly() {
     let skew = s["start_skew_us"].as_u64().unwrap();
     eprintln!("start skew across 3 nodes: {skew} µs");
     assert!(skew < 100_000, "start skew {skew} µs");
+    // Each node says how late it started and how far its clock was from the leader's;
+    // the spread of the lateness is the start skew. On one machine every clock is the
+    // same one, so (late - offset) is each node's start on that clock: its spread is the
+    // true skew, offset-estimate error included.
+    let late: Vec<i64> = ns
+        .iter()
+        .map(|n| n["start_late_us"].as_i64().unwrap())
+        .collect();
+    let offsets: Vec<i64> = ns
+        .iter()
+        .map(|n| n["clock_offset_us"].as_i64().unwrap())
+        .collect();
+    let spread = |v: &[i64]| v.iter().max().unwrap() - v.iter().min().unwrap();
+    assert_eq!(spread(&late) as u64, skew, "late {late:?}");
+    let on_one_clock: Vec<i64> = late.iter().zip(&offsets).map(|(l, o)| l - o).collect();
+    eprintln!(
+        "offsets {offsets:?} µs; true skew {} µs",
+        spread(&on_one_clock)
+    );
+    assert!(spread(&on_one_clock) < 100_000, "{on_one_clock:?}");
     // The merged report has per-node timelines' worth of seconds and a per-label view.
     assert!(s["timeline"].as_array().unwrap().len() >= 6);
 }

@@ -295,6 +295,7 @@ pub enum RunRequest {
     /// The plan bundle of a run, by hash.
     Bundle { run_id: String, hash: String },
     /// An NTP-style clock sample: the responder answers with its receive and send times.
+    /// `t1_us` is stamped by the requester's mesh event loop as the request goes out.
     Clock { t1_us: u64 },
     /// Snapshots a receiver missed, by sequence number.
     Snapshots {
@@ -307,10 +308,34 @@ pub enum RunRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "run_resp", rename_all = "snake_case")]
 pub enum RunResponse {
-    Bundle { bundle: Bundle },
-    Clock { t1_us: u64, t2_us: u64, t3_us: u64 },
-    Snapshots { snapshots: Vec<SnapshotMessage> },
-    Refused { reason: String },
+    Bundle {
+        bundle: Bundle,
+    },
+    Clock {
+        t1_us: u64,
+        t2_us: u64,
+        t3_us: u64,
+        /// When the response reached the requester's mesh event loop (µs, its clock).
+        /// Noted there on receipt and never sent: the requester's own hops after the
+        /// wire (a channel, a task wake-up) would otherwise count as network delay on
+        /// the way back only, and bias the offset by half of them.
+        #[serde(default, skip_serializing)]
+        received_us: Option<u64>,
+    },
+    Snapshots {
+        snapshots: Vec<SnapshotMessage>,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+/// This machine's wall clock in Unix µs: what every stamp in the run protocol is.
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// NTP offset and round trip from one clock sample (all µs): offset = server − client.
@@ -324,6 +349,25 @@ pub fn clock_offset(t1: u64, t2: u64, t3: u64, t4: u64) -> (i64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_receive_stamp_of_a_clock_sample_never_goes_on_the_wire() {
+        let stamped = RunResponse::Clock {
+            t1_us: 1,
+            t2_us: 2,
+            t3_us: 3,
+            received_us: Some(4),
+        };
+        let wire = serde_json::to_string(&stamped).unwrap();
+        assert!(!wire.contains("received_us"), "{wire}");
+        // A peer's response arrives without it; the receiving event loop adds it.
+        match serde_json::from_str::<RunResponse>(&wire).unwrap() {
+            RunResponse::Clock {
+                t1_us, received_us, ..
+            } => assert_eq!((t1_us, received_us), (1, None)),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn bundle_hash_covers_names_and_contents() {

@@ -457,6 +457,10 @@ if [[ -s "$WORK/mesh.json" && -n "$first" ]]; then
         echo "run.sh: the run started after the kill; the failover figure below is void" >&2
     fi
     echo "start skew across nodes:  $(jq -r .start_skew_us "$WORK/mesh.json") us (max - min of the nodes' engine start stamps, on the leader's clock)"
+    # On one machine every node reads the same clock, so a node's start on it is its
+    # lateness minus its measured offset: the spread is the true skew, including what
+    # the clock-offset estimate got wrong (which cancels out of start_skew_us).
+    echo "true start skew:          $(jq -r '[.nodes[] | select(.start_late_us != null) | .start_late_us - .clock_offset_us] | if length > 1 then (max - min | tostring) + " us" else "n/a" end' "$WORK/mesh.json") (one clock; clock offsets measured: $(jq -r '[.nodes[].clock_offset_us // empty] | map(tostring) | join(", ")' "$WORK/mesh.json") us)"
     # The first whole second after the kill from which every second is within 5 % of 300/s.
     # Whole seconds after the kill and before the schedule's end: the run's own start
     # (millisecond precision, from the summary) + 12 s, so that a partial last second
