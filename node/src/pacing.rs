@@ -19,18 +19,22 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// A wait for an arrival event this short is covered by yielding rather than sleeping,
-/// and a longer one sleeps until this much before its instant and yields for the rest.
+/// A wait for an arrival event this short is covered by yielding rather than sleeping.
 /// Going to sleep and being woken costs a worker on a VM about this much CPU and
 /// wake-up latency (a context switch from and to the idle task, paravirtual halts): at
 /// 50k events/s a sleep per 100 µs burned ~14 % of the core in `finish_task_switch`
 /// alone and started events 100–150 µs late (p50), where yielding starts them 1 µs
 /// late. The cost is a busy core while a dense schedule runs (events under this far
-/// apart), which is reported as idle (see [`spun_seconds`]). Sparse events spin for
-/// at most this much each (5 % of a core at 1000 events/s).
-const EVENT_SPIN: Duration = Duration::from_micros(50);
+/// apart, over ~20k/s on one worker), which is reported as idle (see
+/// [`spun_seconds`]).
+const EVENT_NO_SLEEP: Duration = Duration::from_micros(50);
 
-/// Arrival events that would need a sleep of their own (more than [`EVENT_SPIN`]
+/// A longer wait for an arrival event sleeps until this much before its instant and
+/// yields for the rest: about a sleeping thread's wake-up latency on an idle machine.
+/// Short, so that sparse events cost little spin (1 % of a core at 1000 events/s).
+const EVENT_SPIN: Duration = Duration::from_micros(10);
+
+/// Arrival events that would need a sleep of their own (more than [`EVENT_NO_SLEEP`]
 /// away) closer together than this share a wake-up: the worker sleeps at most once
 /// per this interval and then hands out every event that has come due. A wake-up
 /// costs a few syscalls and a context switch; at tens of thousands of events a second
@@ -83,7 +87,9 @@ async fn spin_tick() {
 /// Waits for instants on the current (single-threaded) tokio runtime. One per task that
 /// waits; a wait may be cancelled (dropped) at any point and the pacer reused.
 pub struct Pacer {
-    /// The last part of a wait on the precise timer, covered by yielding.
+    /// A wait this short does not sleep at all: it is covered by yielding.
+    no_sleep: Duration,
+    /// The last part of a longer wait on the precise timer, covered by yielding.
     spin: Duration,
     /// The same on tokio's timer (the fallback).
     coarse_spin: Duration,
@@ -96,8 +102,9 @@ pub struct Pacer {
 }
 
 impl Pacer {
-    fn make(spin: Duration, coarse_spin: Duration, min_gap: Duration) -> Pacer {
+    fn make(no_sleep: Duration, spin: Duration, coarse_spin: Duration, min_gap: Duration) -> Pacer {
         Pacer {
+            no_sleep,
             spin,
             coarse_spin,
             min_gap,
@@ -114,18 +121,23 @@ impl Pacer {
     }
 
     /// For a stream of arrival events: precise for sparse events, one wake-up per
-    /// [`EVENT_MIN_GAP`] for dense ones, and no sleep at all for events under
-    /// [`EVENT_SPIN`] apart. On tokio's timer (no timerfd) waits longer than that
+    /// [`EVENT_MIN_GAP`] for denser ones, and no sleep at all for events under
+    /// [`EVENT_NO_SLEEP`] apart. On tokio's timer (no timerfd) waits longer than that
     /// start up to about a millisecond late. Must be made inside a tokio runtime with
     /// I/O enabled.
     pub fn for_events() -> Pacer {
-        Pacer::make(EVENT_SPIN, EVENT_SPIN, EVENT_MIN_GAP)
+        Pacer::make(EVENT_NO_SLEEP, EVENT_SPIN, Duration::ZERO, EVENT_MIN_GAP)
     }
 
     /// For a one-off instant (the run's start, a scenario's start): as precise as
     /// the machine allows. Must be made inside a tokio runtime with I/O enabled.
     pub fn for_instant() -> Pacer {
-        Pacer::make(INSTANT_SPIN, COARSE_INSTANT_SPIN, Duration::ZERO)
+        Pacer::make(
+            INSTANT_SPIN,
+            INSTANT_SPIN,
+            COARSE_INSTANT_SPIN,
+            Duration::ZERO,
+        )
     }
 
     /// The same pacer on tokio's timer only (the fallback where there is no timerfd).
@@ -159,13 +171,21 @@ impl Pacer {
             return;
         }
         // Never before the deadline; a wait that needs a sleep not before the least gap
-        // after the last wake-up. A wait short enough to spin never waits for the gap.
+        // after the last wake-up. A wait short enough not to sleep never waits for it.
+        let short = deadline - now <= self.no_sleep;
         let wake_at = match self.last_wake {
-            Some(last) if deadline - now > self.spin => deadline.max(last + self.min_gap),
+            Some(last) if !short => deadline.max(last + self.min_gap),
             _ => deadline,
         };
-        // A coalesced wake-up is late anyway: no point spinning for it.
-        let coalesced = wake_at > deadline;
+        // How much of the wait is yielded: all of a short one; none of a coalesced one
+        // (it is late anyway); the last few µs of any other.
+        let (spin, coarse_spin) = if short {
+            (self.no_sleep, self.no_sleep)
+        } else if wake_at > deadline {
+            (Duration::ZERO, Duration::ZERO)
+        } else {
+            (self.spin, self.coarse_spin)
+        };
         loop {
             let now = Instant::now();
             if now >= wake_at {
@@ -174,7 +194,6 @@ impl Pacer {
             let left = wake_at - now;
             #[cfg(target_os = "linux")]
             if let Some(timer) = self.timer.as_mut() {
-                let spin = if coalesced { Duration::ZERO } else { self.spin };
                 if left > spin {
                     if timer.sleep_until(wake_at - spin).await.is_err() {
                         // A timerfd that fails once is not trusted again.
@@ -186,13 +205,8 @@ impl Pacer {
                 }
                 continue;
             }
-            let spin = if coalesced {
-                Duration::ZERO
-            } else {
-                self.coarse_spin
-            };
-            if left > spin {
-                tokio::time::sleep_until((wake_at - spin).into()).await;
+            if left > coarse_spin {
+                tokio::time::sleep_until((wake_at - coarse_spin).into()).await;
                 self.last_wake = Some(Instant::now());
             } else {
                 spin_tick().await;
@@ -390,7 +404,7 @@ mod tests {
             // will say so) rather than for a wake-up of its own, unless this thread was
             // held up for so long that it is within the spin window already.
             let second = first + Duration::from_micros(80);
-            let needs_sleep = second.saturating_duration_since(Instant::now()) > EVENT_SPIN;
+            let needs_sleep = second.saturating_duration_since(Instant::now()) > EVENT_NO_SLEEP;
             pacer.until(second).await;
             let now = Instant::now();
             assert!(now >= second);
@@ -414,7 +428,7 @@ mod tests {
             let woke = pacer.last_wake.expect("the first wait slept");
             let spun_before = SPUN_NS.load(Ordering::Relaxed);
             // Within the spin window: no sleep, so no wait for the least gap either.
-            let close = Instant::now() + EVENT_SPIN / 2;
+            let close = Instant::now() + EVENT_NO_SLEEP / 2;
             pacer.until(close).await;
             let now = Instant::now();
             assert!(now >= close);
