@@ -947,9 +947,9 @@ impl Coordinator {
                     received_us,
                 })))) = tokio::time::timeout(Duration::from_secs(2), rx).await
                 {
-                    // Both ends of the sample are the event loop's (see the mesh's
-                    // `stamp_clock_request`/`stamp_clock_response`), so the hops between it and this task count
-                    // in neither direction.
+                    // Both ends of the sample are the event loop's (the mesh's
+                    // `stamp_clock_request` and `stamp_clock_response`), so the hops
+                    // between it and this task count in neither direction.
                     let t4 = received_us.unwrap_or_else(unix_us);
                     let (off, rtt) = clock_offset(t1_us, t2_us, t3_us, t4);
                     if best.is_none_or(|(r, _)| rtt < r) {
