@@ -1235,10 +1235,9 @@ impl Coordinator {
         };
         let seconds = collector.add(report);
         let finished = collector.finished();
-        let cores = crate::cpu::cores();
         let mut out = Vec::new();
         for s in seconds {
-            let cpu = run.cpu.sample(run.workers.min(cores));
+            let cpu = run.cpu.sample(run.workers);
             run.published = run.published.max(s.second + 1);
             out.push(SnapshotMessage {
                 run_id: run_id.into(),

@@ -45,9 +45,10 @@ impl Default for CpuSampler {
 }
 
 impl CpuSampler {
-    /// CPU used since the last sample, as a fraction of `cores` (0..1, may exceed 1
-    /// briefly when other threads of the process are busy too).
-    pub fn sample(&mut self, cores: usize) -> f64 {
+    /// CPU used since the last sample, as a fraction of the cores `workers` threads can
+    /// use (at most this process's cores; 0..1, may exceed 1 briefly when other threads
+    /// of the process are busy too).
+    pub fn sample(&mut self, workers: usize) -> f64 {
         let (cpu, now) = (process_cpu_seconds(), Instant::now());
         let wall = now.duration_since(self.last_at).as_secs_f64();
         let used = (cpu - self.last_cpu).max(0.0);
@@ -56,7 +57,7 @@ impl CpuSampler {
         if wall <= 0.0 {
             return 0.0;
         }
-        used / wall / cores.max(1) as f64
+        used / wall / workers.min(cores()).max(1) as f64
     }
 }
 

@@ -125,7 +125,7 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
                     for second in collector.add(r) {
                         // Skip the last partial second's CPU sample: it covers shutdown.
                         if !collector.finished() {
-                            cpu_max = cpu_max.max(cpu.sample(workers.min(crate::cpu::cores())));
+                            cpu_max = cpu_max.max(cpu.sample(workers));
                         }
                         let _ = agg.add(&node_id, &second);
                         if let Some(p) = agg.latest() {

@@ -180,10 +180,7 @@ impl StartMark {
     }
 
     fn stamp(&self) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(micros)
-            .unwrap_or(0);
+        let now = stampede_protocol::run::unix_us();
         let latest = self
             .latest_unix_us
             .fetch_max(now, Ordering::AcqRel)
@@ -899,13 +896,15 @@ struct Mailbox {
 impl Mailbox {
     fn post(&self, intended: Instant) {
         self.event.set(Some(intended));
-        if let Some(waker) = self.waker.take() {
-            waker.wake();
-        }
+        self.wake();
     }
 
     fn close(&self) {
         self.closed.set(true);
+        self.wake();
+    }
+
+    fn wake(&self) {
         if let Some(waker) = self.waker.take() {
             waker.wake();
         }

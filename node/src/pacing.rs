@@ -191,27 +191,29 @@ impl Pacer {
             if now >= wake_at {
                 return;
             }
-            let left = wake_at - now;
-            #[cfg(target_os = "linux")]
-            if let Some(timer) = self.timer.as_mut() {
-                if left > spin {
-                    if timer.sleep_until(wake_at - spin).await.is_err() {
-                        // A timerfd that fails once is not trusted again.
-                        self.timer = None;
-                    }
-                    self.last_wake = Some(Instant::now());
-                } else {
-                    spin_tick().await;
-                }
-                continue;
-            }
-            if left > coarse_spin {
-                tokio::time::sleep_until((wake_at - coarse_spin).into()).await;
+            // Asked each time round: a timerfd that fails is dropped for tokio's timer.
+            let tail = if self.precise() { spin } else { coarse_spin };
+            if wake_at - now > tail {
+                self.sleep_until(wake_at - tail).await;
                 self.last_wake = Some(Instant::now());
             } else {
                 spin_tick().await;
             }
         }
+    }
+
+    /// Sleeps until about `at` on the timerfd, or on tokio's timer where there is none.
+    /// May return early; the caller checks the clock.
+    async fn sleep_until(&mut self, at: Instant) {
+        #[cfg(target_os = "linux")]
+        if let Some(timer) = self.timer.as_mut() {
+            if timer.sleep_until(at).await.is_err() {
+                // A timerfd that fails once is not trusted again.
+                self.timer = None;
+            }
+            return;
+        }
+        tokio::time::sleep_until(at.into()).await;
     }
 }
 

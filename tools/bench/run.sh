@@ -314,7 +314,7 @@ arrival_run() { # DURATION_S NAME
         --set "scenarios.arrivals.duration=\"${1}s\""
 }
 stolen_pct() { # DURATION_S NAME
-    awk -v t="$(cat "$WORK/$2.steal")" -v d="$1" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f%%", 100 * t / hz / d}'
+    awk -v t="$(cat "$WORK/$2.steal")" -v d="$1" -v hz="$TCK" 'BEGIN {printf "%.1f%%", 100 * t / hz / d}'
 }
 # Per-second lag p99 from the second second on (the first opens every connection).
 PER_SECOND='[.timeline[1:][] | select(.requests > 0) | .schedule_lag_p99_us] | sort'
@@ -403,7 +403,7 @@ if want rss; then
 # At half the rate, where the generator keeps up: a saturated run piles up busy VUs,
 # and its RSS then measures the backlog rather than growth over time.
 RATE=$((RATE / 2))
-MAXVUS=$(awk -v r="$RATE" 'BEGIN { v = int(r / 40); print (v < 100 ? 100 : v) }')
+MAXVUS=$(max_vus_for "$RATE")
 log "RSS flat over time: the arrival plan at $RATE/s for ${SHORT_S}s and for ${LONG_S}s"
 arrival "$SHORT_S" rss-short
 arrival "$LONG_S" rss-long

@@ -10,31 +10,17 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use stampede_tools::latency::parse_duration;
 
 #[derive(Parser)]
 #[command(about = "Spin on the clock and report the gaps in which this thread did not run")]
 struct Args {
-    /// How long to spin, e.g. "3s" or "500ms".
+    /// How long to spin, e.g. "3s" or "500ms" (ns, us, ms, s or m).
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     duration: Duration,
     /// The least gap that counts, in microseconds (a clock read takes well under 1 µs).
     #[arg(long, default_value_t = 20)]
     threshold_us: u64,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (digits, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration like 3s or 500ms"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        _ => Err(format!("'{s}': the unit must be s or ms")),
-    }
 }
 
 /// Upper bounds (µs) of the gap classes reported; the last class is open-ended.
