@@ -44,11 +44,16 @@ impl NodeCollector {
         }
     }
 
-    /// Takes one worker report; returns the node seconds it completed, in order.
+    /// Takes one worker report; returns the node seconds it completed, in order and
+    /// without gaps: the mesh asks a node for every second below its count, so a second
+    /// that no worker reported goes out empty rather than missing.
     pub fn add(&mut self, r: WorkerReport) -> Vec<NodeSecond> {
         let layout = &self.layout;
-        let entry = self.pending.entry(r.second).or_insert_with(|| NodeSecond {
-            second: r.second,
+        // A report for a second already sent on counts in the first one not sent: the
+        // totals stay exact and nothing waits in `pending` forever.
+        let second = r.second.max(self.next);
+        let entry = self.pending.entry(second).or_insert_with(|| NodeSecond {
+            second,
             metrics: Metrics::new(layout),
             vus: 0,
         });
@@ -69,11 +74,12 @@ impl NodeCollector {
             if !complete || (self.pending.is_empty() && self.finished()) {
                 break;
             }
-            if let Some(ns) = self.pending.remove(&s) {
-                out.push(ns);
-            } else if self.finished() && self.pending.keys().all(|k| *k < s) {
-                break;
-            }
+            let ns = self.pending.remove(&s).unwrap_or_else(|| NodeSecond {
+                second: s,
+                metrics: Metrics::new(&self.layout),
+                vus: 0,
+            });
+            out.push(ns);
             self.next += 1;
         }
         out
@@ -344,6 +350,37 @@ mod tests {
             vec![(2, 4)]
         );
         assert!(c.finished());
+    }
+
+    /// The mesh asks a node for every second below its count: a second that no worker
+    /// reported must still go out (empty), and a late report must not be lost.
+    #[test]
+    fn node_seconds_have_no_gaps_and_lose_nothing() {
+        let mut c = NodeCollector::new(layout(), 2);
+        assert_eq!(c.add(report(0, 0, 1, false)).len(), 0);
+        assert_eq!(c.add(report(1, 0, 1, false)).len(), 1);
+        // Worker 0 skips second 1 and ends at 3; worker 1 ends at 2.
+        assert!(c.add(report(0, 3, 4, true)).is_empty());
+        let out = c.add(report(1, 2, 2, true));
+        assert_eq!(
+            out.iter()
+                .map(|s| (s.second, s.metrics.total_requests()))
+                .collect::<Vec<_>>(),
+            vec![(1, 0), (2, 2), (3, 4)]
+        );
+        assert!(c.finished());
+
+        // A report for a second already sent lands in the next one.
+        let mut c = NodeCollector::new(layout(), 1);
+        assert_eq!(c.add(report(0, 0, 1, false)).len(), 1);
+        assert_eq!(c.add(report(0, 1, 1, false)).len(), 1);
+        let out = c.add(report(0, 0, 5, true));
+        assert_eq!(
+            out.iter()
+                .map(|s| (s.second, s.metrics.total_requests()))
+                .collect::<Vec<_>>(),
+            vec![(2, 5)]
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use serde::Serialize;
 use stampede_protocol::mesh::{GossipBody, MeshRequest, MeshResponse, NodeState};
 use stampede_protocol::run::{
     clock_offset, BarrierDetail, Bundle, Requirements, RosterEntry, RunMessage, RunRequest,
-    RunResponse, SnapshotMessage,
+    RunResponse, SnapshotMessage, SNAPSHOTS_PER_REQUEST,
 };
 use stampede_protocol::segment::{Assignment, Reassignment, Striping};
 use stampede_protocol::snapshot::Metrics;
@@ -50,6 +50,9 @@ const START_LEAD: Duration = Duration::from_millis(600);
 const FAILOVER_LEAD: Duration = Duration::from_millis(300);
 /// Barrier and roster messages are republished this often until they complete.
 const REPUBLISH: Duration = Duration::from_millis(400);
+/// How long the origin keeps asking for seconds it is missing once every member
+/// finished; then it reports without them and names them in the run's events.
+const FINISH_WAIT: Duration = Duration::from_secs(20);
 /// Clock samples per member; the one with the smallest round trip is kept.
 const CLOCK_SAMPLES: usize = 8;
 
@@ -95,7 +98,7 @@ impl RunStore {
                 };
                 let snapshots = seqs
                     .iter()
-                    .take(256)
+                    .take(SNAPSHOTS_PER_REQUEST)
                     .filter_map(|s| store.get(&(run_id.clone(), *s)).cloned())
                     .collect();
                 RunResponse::Snapshots { snapshots }
@@ -145,8 +148,11 @@ enum Internal {
         run_id: String,
         started_unix_us: u64,
     },
+    /// A member's answer to a request for the seconds `asked`.
     Fetched {
         run_id: String,
+        node: String,
+        asked: Vec<u64>,
         snapshots: Vec<SnapshotMessage>,
     },
 }
@@ -210,6 +216,10 @@ struct Run {
     workers: usize,
     agg: Option<RunAggregate>,
     seen: BTreeMap<String, BTreeSet<u64>>,
+    /// Seconds a member answered that it does not have: not asked for again.
+    absent: BTreeMap<String, BTreeSet<u64>>,
+    /// When every member had finished and the origin began collecting what it missed.
+    finishing_since: Option<Instant>,
     cpu_max: BTreeMap<String, f64>,
     published: u64,
     fetch_asked: Instant,
@@ -217,6 +227,9 @@ struct Run {
     started_unix_ms: u64,
     client: Option<ClientLink>,
     stop_reason: Option<String>,
+    /// The stop this node asked for: republished until every member finished, since a
+    /// member that missed it would run its whole schedule.
+    stop_msg: Option<RunMessage>,
     finished_at: Option<Instant>,
     /// How long the run lasted, once it is done (for `status`).
     ended_s: Option<f64>,
@@ -258,6 +271,8 @@ impl Run {
             workers: 1,
             agg: None,
             seen: BTreeMap::new(),
+            absent: BTreeMap::new(),
+            finishing_since: None,
             cpu_max: BTreeMap::new(),
             published: 0,
             fetch_asked: Instant::now(),
@@ -265,6 +280,7 @@ impl Run {
             started_unix_ms: unix_ms(),
             client: None,
             stop_reason: None,
+            stop_msg: None,
             finished_at: None,
             ended_s: None,
         }
@@ -470,7 +486,10 @@ impl Coordinator {
                         reason: "stopped by `stampede stop`".into(),
                     };
                     self.publish(msg.clone());
-                    self.on_run_message(self.me.id.clone(), msg);
+                    self.on_run_message(self.me.id.clone(), msg.clone());
+                    if let Some(run) = self.runs.get_mut(&run_id) {
+                        run.stop_msg = Some(msg);
+                    }
                     let _ = reply.send(Ok(()));
                 } else {
                     let _ = reply.send(Err(format!("no such run: {run_id}")));
@@ -1213,12 +1232,25 @@ impl Coordinator {
                 );
             }
             Internal::Report { run_id, report } => self.on_report(&run_id, report),
-            Internal::Fetched { run_id, snapshots } => {
+            Internal::Fetched {
+                run_id,
+                node,
+                asked,
+                snapshots,
+            } => {
+                let got: BTreeSet<u64> = snapshots
+                    .iter()
+                    .filter(|s| s.run_id == run_id && s.node == node)
+                    .map(|s| s.seq)
+                    .collect();
                 for s in snapshots {
-                    let node = s.node.clone();
-                    if s.run_id == run_id {
+                    if s.run_id == run_id && s.node == node {
                         self.on_snapshot(&node, s);
                     }
+                }
+                if let Some(run) = self.runs.get_mut(&run_id) {
+                    let absent = run.absent.entry(node).or_default();
+                    absent.extend(asked.into_iter().filter(|q| !got.contains(q)));
                 }
                 self.maybe_report(&run_id);
             }
@@ -1502,6 +1534,11 @@ impl Coordinator {
                     }
                 }
                 again.extend(run.leader_msgs.iter().cloned());
+                if let Some(stop) = &run.stop_msg {
+                    if !run.barrier_complete("finished") {
+                        again.push(stop.clone());
+                    }
+                }
                 for (b, d) in &run.my_arrivals {
                     if !run.barrier_complete(b) {
                         again.push(RunMessage::Arrive {
@@ -1600,7 +1637,9 @@ impl Coordinator {
             return;
         }
         run.phase = Phase::Finishing;
+        let since = *run.finishing_since.get_or_insert_with(Instant::now);
         let mut missing: Vec<(String, Vec<u64>)> = Vec::new();
+        let mut unavailable: Vec<(String, Vec<u64>)> = Vec::new();
         if let Some(fin) = run.barriers.get("finished") {
             for (node, d) in fin {
                 if run.lost.contains(node) {
@@ -1608,26 +1647,37 @@ impl Coordinator {
                 }
                 let count = d.snapshots.unwrap_or(0);
                 let seen = run.seen.get(node);
-                let gaps: Vec<u64> = (0..count)
+                let absent = run.absent.get(node);
+                let (gone, gaps): (Vec<u64>, Vec<u64>) = (0..count)
                     .filter(|s| !seen.is_some_and(|x| x.contains(s)))
-                    .collect();
+                    .partition(|s| absent.is_some_and(|x| x.contains(s)));
                 if !gaps.is_empty() {
                     missing.push((node.clone(), gaps));
                 }
+                if !gone.is_empty() {
+                    unavailable.push((node.clone(), gone));
+                }
             }
+        }
+        // Waiting on for what a member does not have, or cannot send, would leave the
+        // CLI without any report: past FINISH_WAIT the report goes out without those
+        // seconds, and its events say which ones.
+        if !missing.is_empty() && since.elapsed() >= FINISH_WAIT {
+            unavailable.append(&mut missing);
         }
         if !missing.is_empty() {
             if run.fetch_asked.elapsed() < Duration::from_millis(800) {
                 return;
             }
             run.fetch_asked = Instant::now();
-            for (node, seqs) in missing {
+            for (node, mut seqs) in missing {
+                seqs.truncate(SNAPSHOTS_PER_REQUEST);
                 let Some(rx) = self.request(
                     &node,
                     RunRequest::Snapshots {
                         run_id: run_id.into(),
                         node: node.clone(),
-                        seqs,
+                        seqs: seqs.clone(),
                     },
                 ) else {
                     continue;
@@ -1640,12 +1690,23 @@ impl Coordinator {
                     {
                         let _ = tx.send(Internal::Fetched {
                             run_id: rid,
+                            node,
+                            asked: seqs,
                             snapshots,
                         });
                     }
                 });
             }
             return;
+        }
+        let run = self.runs.get_mut(run_id).expect("present");
+        for (node, seconds) in unavailable {
+            let name = run.name_of(&node);
+            tracing::warn!(node = %name, ?seconds, "reporting without seconds a member could not send");
+            run.event(
+                "snapshots_missing",
+                serde_json::json!({"node": name, "seconds": seconds}),
+            );
         }
         run.phase = Phase::Done;
         run.finished_at = Some(Instant::now());

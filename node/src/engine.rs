@@ -345,14 +345,20 @@ fn worker_main(
             (0..worker.spec.plan.scenarios.len()).map(|si| run_scenario(worker.clone(), si)),
         );
         let done = Rc::new(Cell::new(false));
+        // The first second not yet reported. The final report takes it, never the
+        // clock's second: a flusher whose timer fired but that was not polled before
+        // the scenarios ended would otherwise leave a second that no report covers,
+        // and the mesh would wait for that snapshot forever.
+        let unreported = Rc::new(Cell::new(0u64));
         let flusher = {
             let (worker, done, reports) = (worker.clone(), done.clone(), reports.clone());
+            let unreported = unreported.clone();
             tokio::task::spawn_local(async move {
-                let mut second = 0u64;
                 loop {
+                    let second = unreported.get();
                     tokio::time::sleep_until(start + Duration::from_secs(second + 1)).await;
                     if done.get() {
-                        return second;
+                        return;
                     }
                     let metrics = take_metrics(&worker);
                     let report = WorkerReport {
@@ -363,21 +369,20 @@ fn worker_main(
                         last: false,
                     };
                     if reports.send(report).is_err() {
-                        return second;
+                        return;
                     }
-                    second += 1;
+                    unreported.set(second + 1);
                 }
             })
         };
         scenarios.await;
         done.set(true);
         flusher.abort();
-        // The final report covers whatever the current second holds.
-        let second = (Instant::now().saturating_duration_since(worker.spec.start_at)).as_secs();
+        // The final report covers whatever was measured since the last one.
         let metrics = take_metrics(&worker);
         let _ = reports.send(WorkerReport {
             worker: worker.index,
-            second,
+            second: unreported.get(),
             metrics,
             vus: 0,
             last: true,

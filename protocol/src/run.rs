@@ -297,7 +297,9 @@ pub enum RunRequest {
     /// An NTP-style clock sample: the responder answers with its receive and send times.
     /// `t1_us` is stamped by the requester's mesh event loop as the request goes out.
     Clock { t1_us: u64 },
-    /// Snapshots a receiver missed, by sequence number.
+    /// Snapshots a receiver missed, by sequence number: at most
+    /// [`SNAPSHOTS_PER_REQUEST`] of them are answered, and one asked for but not in the
+    /// answer is one the responder does not have.
     Snapshots {
         run_id: String,
         node: String,
@@ -329,6 +331,9 @@ pub enum RunResponse {
         reason: String,
     },
 }
+
+/// The most snapshots one request is answered with (the rest are asked again).
+pub const SNAPSHOTS_PER_REQUEST: usize = 256;
 
 /// This machine's wall clock in Unix µs: what every stamp in the run protocol is.
 pub fn unix_us() -> u64 {

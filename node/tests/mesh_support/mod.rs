@@ -184,6 +184,35 @@ impl Mesh {
     }
 }
 
+/// A failed test shows the end of every node's log: a CI run leaves nothing else behind.
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.tmp.path()) else {
+            return;
+        };
+        let mut logs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!("--- last {} lines of {}:", tail.len(), log.display());
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// How much of each node's log a failed test prints.
+const LOG_TAIL_LINES: usize = 80;
+
 pub fn write_key(path: &Path) {
     let out = Command::new(BIN)
         .args(["keygen", "--out"])
