@@ -199,6 +199,22 @@ impl Engine {
     ) -> std::io::Result<Engine> {
         let stop = StopHandle::new();
         let spec = Arc::new(spec);
+        // Every VU may hold a connection: grow the descriptor table now, before the
+        // start, rather than stall a worker in socket() mid-run (see `fds`).
+        // Twice this node's share: a failover can hand it a lost node's VUs.
+        let split = spec.assignment.get();
+        let vus: u64 = (spec.plan.scenarios.iter())
+            .map(|s| split.vus.scale(spec.node, s.vu_slots))
+            .sum();
+        let needed = vus.saturating_add(crate::fds::OWN);
+        if crate::fds::reserve(needed.saturating_mul(2)) < needed {
+            tracing::warn!(
+                vus,
+                limit = crate::fds::limit(),
+                "the open-files limit is below the run's VUs: connections beyond it fail \
+                 with `too many open files` (raise the hard limit: ulimit -Hn)"
+            );
+        }
         let shared_left: Arc<Vec<AtomicU64>> = Arc::new(
             spec.plan
                 .scenarios

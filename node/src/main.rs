@@ -6,6 +6,8 @@ use stampede::cli::{Cli, Command};
 use stampede::exit::Outcome;
 
 fn main() {
+    // Before any thread exists: see `fds` for why the table is grown now.
+    stampede::fds::prepare();
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Run(args) => stampede::commands::run(args),
