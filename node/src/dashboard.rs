@@ -52,13 +52,6 @@ pub fn stats_of(m: &Metrics, dur_s: f64) -> Stats {
     }
 }
 
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// A run as the dashboard shows it: the live record plus exact stats so far.
 pub fn run_json(r: &LiveRun, now_ms: u64) -> Value {
     // Seconds covered so far: the timeline's extent, else wall time since the start.
@@ -206,7 +199,7 @@ pub fn api_json(view: &SharedView, live: &LiveRuns) -> Value {
         .map(|v| v.rows(Instant::now()))
         .unwrap_or_default();
     let me = rows.iter().find(|r| r.is_self);
-    let now = now_unix_ms();
+    let now = crate::embedded::unix_ms();
     let runs = newest_runs(live, SHOWN_RUNS);
     let recent: Vec<Value> = live
         .recent()

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::aggregate::{NodeCollector, RunAggregate};
 use crate::compile::CompiledPlan;
@@ -69,11 +69,9 @@ pub fn client_settings(
     })
 }
 
+/// This machine's wall clock in Unix ms (the run protocol's µs clock, coarser).
 pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    stampede_protocol::run::unix_us() / 1000
 }
 
 /// A short, unique-enough run id: time plus randomness.
