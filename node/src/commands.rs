@@ -160,7 +160,12 @@ pub fn follow_run(
             if let Some(o) = rest.as_object_mut() {
                 o.remove("event");
             }
-            if !quiet || kind == "refused" || kind == "node_lost" {
+            // What makes the report incomplete is said even with --quiet.
+            let loud = matches!(
+                kind,
+                "refused" | "node_lost" | "node_failed" | "snapshots_missing"
+            );
+            if !quiet || loud {
                 eprintln!("[{:>5.1}s] {kind}: {rest}", started.elapsed().as_secs_f64());
             }
         }

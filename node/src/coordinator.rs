@@ -24,8 +24,8 @@ use libp2p::PeerId;
 use serde::Serialize;
 use stampede_protocol::mesh::{GossipBody, MeshRequest, MeshResponse, NodeState};
 use stampede_protocol::run::{
-    clock_offset, BarrierDetail, Bundle, Requirements, RosterEntry, RunMessage, RunRequest,
-    RunResponse, SnapshotMessage, SNAPSHOTS_PER_REQUEST,
+    clip_reason, clock_offset, BarrierDetail, Bundle, Requirements, RosterEntry, RunMessage,
+    RunRequest, RunResponse, SnapshotMessage, SNAPSHOTS_PER_REQUEST, SNAPSHOT_ANSWER_BYTES,
 };
 use stampede_protocol::segment::{Assignment, Reassignment, Striping};
 use stampede_protocol::snapshot::Metrics;
@@ -96,12 +96,19 @@ impl RunStore {
                     Ok(s) => s,
                     Err(p) => p.into_inner(),
                 };
-                let snapshots = seqs
-                    .iter()
-                    .take(SNAPSHOTS_PER_REQUEST)
-                    .filter_map(|s| store.get(&(run_id.clone(), *s)).cloned())
-                    .collect();
-                RunResponse::Snapshots { snapshots }
+                let (mut snapshots, mut missing, mut bytes) = (Vec::new(), Vec::new(), 0);
+                for seq in seqs.iter().take(SNAPSHOTS_PER_REQUEST) {
+                    match store.get(&(run_id.clone(), *seq)) {
+                        // The rest is asked for again.
+                        Some(_) if bytes >= SNAPSHOT_ANSWER_BYTES => break,
+                        Some(s) => {
+                            bytes += s.metrics.len();
+                            snapshots.push(s.clone());
+                        }
+                        None => missing.push(*seq),
+                    }
+                }
+                RunResponse::Snapshots { snapshots, missing }
             }
         }
     }
@@ -148,12 +155,13 @@ enum Internal {
         run_id: String,
         started_unix_us: u64,
     },
-    /// A member's answer to a request for the seconds `asked`.
+    /// A member's answer to a request for seconds it published.
     Fetched {
         run_id: String,
         node: String,
-        asked: Vec<u64>,
         snapshots: Vec<SnapshotMessage>,
+        /// Seconds it answered it does not have.
+        missing: Vec<u64>,
     },
 }
 
@@ -706,12 +714,20 @@ impl Coordinator {
                 if !run.roster.iter().any(|m| m.id == from) {
                     return;
                 }
+                let error = detail.error.clone();
                 let fresh = run
                     .barriers
                     .entry(barrier.clone())
                     .or_default()
                     .insert(from.clone(), detail)
                     .is_none();
+                if let (true, Some(error)) = (fresh, error) {
+                    let name = run.name_of(&from);
+                    run.event(
+                        "node_failed",
+                        serde_json::json!({"node": name, "error": error}),
+                    );
+                }
                 if fresh {
                     self.on_barrier_progress(&run_id, &barrier);
                 }
@@ -782,7 +798,8 @@ impl Coordinator {
         RunMessage::Join {
             run_id: run_id.into(),
             accept,
-            reason,
+            // A plan error can be long; cut, it still names the problem.
+            reason: reason.map(clip_reason),
             name: self.me.name.clone(),
             labels: self.me.labels.clone(),
             weight: self.me.workers as u32,
@@ -1102,17 +1119,12 @@ impl Coordinator {
         let now_us = unix_us() as i64;
         let start_at =
             Instant::now() + Duration::from_micros((local_start_us - now_us).max(0) as u64);
-        let settings = match client_settings(&plan, &self.me.allow_targets) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot configure HTTP for the run");
-                return;
-            }
-        };
-        let http = match Shared::new(settings) {
+        let http = match client_settings(&plan, &self.me.allow_targets)
+            .and_then(|s| Shared::new(s).map_err(|e| e.to_string()))
+        {
             Ok(h) => h,
             Err(e) => {
-                tracing::error!(error = %e, "cannot configure HTTP for the run");
+                self.cannot_run(run_id, format!("cannot configure HTTP for the run: {e}"));
                 return;
             }
         };
@@ -1134,9 +1146,12 @@ impl Coordinator {
         let engine = match Engine::start(spec, tx) {
             Ok(e) => e,
             Err(e) => {
-                tracing::error!(error = %e, "cannot start the engine");
+                self.cannot_run(run_id, format!("cannot start the engine: {e}"));
                 return;
             }
+        };
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
         };
         run.engine = Some(engine.stop.clone());
         run.collector = Some(NodeCollector::new(plan.layout.clone(), workers));
@@ -1173,6 +1188,23 @@ impl Coordinator {
         std::thread::spawn(move || engine.join());
         let duration = plan_duration(&plan);
         run.tell(serde_json::json!({"event": "assigned", "node": self.me.name, "index": index, "duration_s": duration.as_secs_f64()}));
+    }
+
+    /// This node cannot send its share: it says why and arrives at `finished` with no
+    /// snapshots, so the run ends everywhere and the origin reports (without this
+    /// node's share, which the report's `node_failed` event names) instead of waiting.
+    fn cannot_run(&mut self, run_id: &str, error: String) {
+        tracing::error!(run = run_id, %error, "this node cannot run its share");
+        let _ = self.mesh.try_send(MeshCommand::SetState(NodeState::Idle));
+        self.arrive(
+            run_id,
+            "finished",
+            BarrierDetail {
+                snapshots: Some(0),
+                error: Some(clip_reason(error)),
+                ..Default::default()
+            },
+        );
     }
 
     // ---------------------------------------------------------------- internal
@@ -1235,22 +1267,16 @@ impl Coordinator {
             Internal::Fetched {
                 run_id,
                 node,
-                asked,
                 snapshots,
+                missing,
             } => {
-                let got: BTreeSet<u64> = snapshots
-                    .iter()
-                    .filter(|s| s.run_id == run_id && s.node == node)
-                    .map(|s| s.seq)
-                    .collect();
                 for s in snapshots {
                     if s.run_id == run_id && s.node == node {
                         self.on_snapshot(&node, s);
                     }
                 }
                 if let Some(run) = self.runs.get_mut(&run_id) {
-                    let absent = run.absent.entry(node).or_default();
-                    absent.extend(asked.into_iter().filter(|q| !got.contains(q)));
+                    run.absent.entry(node).or_default().extend(missing);
                 }
                 self.maybe_report(&run_id);
             }
@@ -1639,7 +1665,7 @@ impl Coordinator {
         run.phase = Phase::Finishing;
         let since = *run.finishing_since.get_or_insert_with(Instant::now);
         let mut missing: Vec<(String, Vec<u64>)> = Vec::new();
-        let mut unavailable: Vec<(String, Vec<u64>)> = Vec::new();
+        let mut unavailable: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         if let Some(fin) = run.barriers.get("finished") {
             for (node, d) in fin {
                 if run.lost.contains(node) {
@@ -1655,7 +1681,7 @@ impl Coordinator {
                     missing.push((node.clone(), gaps));
                 }
                 if !gone.is_empty() {
-                    unavailable.push((node.clone(), gone));
+                    unavailable.insert(node.clone(), gone);
                 }
             }
         }
@@ -1663,7 +1689,11 @@ impl Coordinator {
         // CLI without any report: past FINISH_WAIT the report goes out without those
         // seconds, and its events say which ones.
         if !missing.is_empty() && since.elapsed() >= FINISH_WAIT {
-            unavailable.append(&mut missing);
+            for (node, gaps) in missing.drain(..) {
+                let all = unavailable.entry(node).or_default();
+                all.extend(gaps);
+                all.sort_unstable();
+            }
         }
         if !missing.is_empty() {
             if run.fetch_asked.elapsed() < Duration::from_millis(800) {
@@ -1677,7 +1707,7 @@ impl Coordinator {
                     RunRequest::Snapshots {
                         run_id: run_id.into(),
                         node: node.clone(),
-                        seqs: seqs.clone(),
+                        seqs,
                     },
                 ) else {
                     continue;
@@ -1685,14 +1715,16 @@ impl Coordinator {
                 let tx = self.internal_tx.clone();
                 let rid = run_id.to_string();
                 tokio::spawn(async move {
-                    if let Ok(Ok(Ok(MeshResponse::Run(RunResponse::Snapshots { snapshots })))) =
-                        tokio::time::timeout(Duration::from_secs(5), rx).await
+                    if let Ok(Ok(Ok(MeshResponse::Run(RunResponse::Snapshots {
+                        snapshots,
+                        missing,
+                    })))) = tokio::time::timeout(Duration::from_secs(5), rx).await
                     {
                         let _ = tx.send(Internal::Fetched {
                             run_id: rid,
                             node,
-                            asked: seqs,
                             snapshots,
+                            missing,
                         });
                     }
                 });
@@ -1702,7 +1734,8 @@ impl Coordinator {
         let run = self.runs.get_mut(run_id).expect("present");
         for (node, seconds) in unavailable {
             let name = run.name_of(&node);
-            tracing::warn!(node = %name, ?seconds, "reporting without seconds a member could not send");
+            let seconds = second_ranges(&seconds);
+            tracing::warn!(node = %name, %seconds, "reporting without seconds a member could not send");
             run.event(
                 "snapshots_missing",
                 serde_json::json!({"node": name, "seconds": seconds}),
@@ -1781,6 +1814,27 @@ impl Coordinator {
     }
 }
 
+/// Sorted seconds as short text: `3-7, 9`.
+fn second_ranges(seconds: &[u64]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < seconds.len() {
+        let start = seconds[i];
+        let mut end = start;
+        while i + 1 < seconds.len() && seconds[i + 1] == end + 1 {
+            i += 1;
+            end = seconds[i];
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    out.join(", ")
+}
+
 fn control_topic_body(m: RunMessage) -> GossipBody {
     GossipBody::Run(Box::new(m))
 }
@@ -1851,4 +1905,16 @@ fn check_targets(plan: &CompiledPlan, allow: &[String]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_seconds_read_as_ranges() {
+        assert_eq!(second_ranges(&[]), "");
+        assert_eq!(second_ranges(&[4]), "4");
+        assert_eq!(second_ranges(&[3, 4, 5, 6, 7, 9, 11, 12]), "3-7, 9, 11-12");
+    }
 }

@@ -207,7 +207,8 @@ impl Engine {
             .map(|s| split.vus.scale(spec.node, s.vu_slots))
             .sum();
         let needed = vus.saturating_add(crate::fds::OWN);
-        if crate::fds::reserve(needed.saturating_mul(2)) < needed {
+        crate::fds::reserve(needed.saturating_mul(2));
+        if crate::fds::limit() < needed {
             tracing::warn!(
                 vus,
                 limit = crate::fds::limit(),

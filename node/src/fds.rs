@@ -26,6 +26,11 @@ const AT_START: u64 = 4096;
 /// the control endpoint, data files.
 pub const OWN: u64 = 256;
 
+/// The largest table reserved ahead (2 MiB of kernel memory, kept for the process's
+/// life): beyond it the kernel grows the table as connections open, one grace period
+/// per doubling, rather than a table of a billion slots for a huge hard limit.
+const MAX_AHEAD: u64 = 1 << 18;
+
 /// The largest table size reserved so far (a reservation never needs repeating).
 static RESERVED: AtomicU64 = AtomicU64::new(0);
 
@@ -64,11 +69,12 @@ fn raise_limit() {
     }
 }
 
-/// Grows the descriptor table so that `count` descriptors (capped at the limit) fit
-/// without the kernel growing it again. Returns the size now reserved. Costs one RCU
-/// grace period when the process already has threads and the table must grow.
+/// Grows the descriptor table so that `count` descriptors (capped at the limit and at
+/// [`MAX_AHEAD`]) fit without the kernel growing it again. Returns the size now
+/// reserved. Costs one RCU grace period when the process already has threads and the
+/// table must grow.
 pub fn reserve(count: u64) -> u64 {
-    let want = count.min(limit());
+    let want = count.min(limit()).min(MAX_AHEAD);
     let have = RESERVED.load(Ordering::Relaxed);
     if want <= have || want < 2 {
         return have;
@@ -101,7 +107,8 @@ mod tests {
         prepare();
         let want = 3000.min(limit());
         assert!(reserve(want) >= want);
-        assert!(reserve(limit() * 2) <= limit(), "capped at the limit");
+        let most = reserve(u64::MAX);
+        assert!(most <= limit() && most <= MAX_AHEAD, "capped: {most}");
         // The table now covers descriptor want - 1: /proc/self/status says how big it is.
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let fd_size: u64 = status

@@ -251,6 +251,10 @@ impl RunMessage {
             RunMessage::Abort { reason, .. } | RunMessage::Stop { reason, .. } => {
                 short("reason", reason)?
             }
+            RunMessage::Arrive {
+                detail: BarrierDetail { error: Some(e), .. },
+                ..
+            } => short("error", e)?,
             RunMessage::Assign { vus, events, .. } | RunMessage::Reassign { vus, events, .. }
                 if vus.nodes() > MAX_MEMBERS || events.nodes() > MAX_MEMBERS =>
             {
@@ -271,6 +275,10 @@ pub struct BarrierDetail {
     pub snapshots: Option<u64>,
     /// `ready`: this node's clock offset to the leader (µs, leader − local).
     pub clock_offset_us: Option<i64>,
+    /// `finished` without running: why this node could not send its share (its
+    /// engine or HTTP set-up failed). Absent from older nodes' arrivals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One node's measurements for one second of a run, on the metrics topic.
@@ -297,9 +305,9 @@ pub enum RunRequest {
     /// An NTP-style clock sample: the responder answers with its receive and send times.
     /// `t1_us` is stamped by the requester's mesh event loop as the request goes out.
     Clock { t1_us: u64 },
-    /// Snapshots a receiver missed, by sequence number: at most
-    /// [`SNAPSHOTS_PER_REQUEST`] of them are answered, and one asked for but not in the
-    /// answer is one the responder does not have.
+    /// Snapshots a receiver missed, by sequence number. The answer holds at most
+    /// [`SNAPSHOTS_PER_REQUEST`] of them and about [`SNAPSHOT_ANSWER_BYTES`]; the rest
+    /// are asked for again.
     Snapshots {
         run_id: String,
         node: String,
@@ -326,14 +334,35 @@ pub enum RunResponse {
     },
     Snapshots {
         snapshots: Vec<SnapshotMessage>,
+        /// Seconds asked for that the responder does not have (and never will): the
+        /// asker stops asking for them. Absent from older nodes' answers.
+        #[serde(default)]
+        missing: Vec<u64>,
     },
     Refused {
         reason: String,
     },
 }
 
+/// A reason or error cut to [`MAX_REASON`] bytes (at a character boundary), so that a
+/// long one still goes out rather than being refused by every receiver.
+pub fn clip_reason(mut s: String) -> String {
+    if s.len() > MAX_REASON {
+        let mut cut = MAX_REASON;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
 /// The most snapshots one request is answered with (the rest are asked again).
 pub const SNAPSHOTS_PER_REQUEST: usize = 256;
+
+/// Snapshot bytes past which an answer stops taking more, well under
+/// [`crate::mesh::MAX_RESPONSE_BYTES`]: a snapshot may be up to the 1 MiB gossip limit.
+pub const SNAPSHOT_ANSWER_BYTES: usize = 8 * 1024 * 1024;
 
 /// This machine's wall clock in Unix µs: what every stamp in the run protocol is.
 pub fn unix_us() -> u64 {
@@ -354,6 +383,31 @@ pub fn clock_offset(t1: u64, t2: u64, t3: u64, t4: u64) -> (i64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_reason_is_cut_at_a_character_boundary_and_then_passes() {
+        let long = "é".repeat(MAX_REASON); // 2 bytes each
+        let cut = clip_reason(long);
+        assert!(cut.len() <= MAX_REASON && cut.len() >= MAX_REASON - 1);
+        assert!(cut.chars().all(|c| c == 'é'));
+        assert_eq!(clip_reason("short".into()), "short");
+        let arrive = RunMessage::Arrive {
+            run_id: "r".into(),
+            barrier: "finished".into(),
+            detail: BarrierDetail {
+                error: Some("x".repeat(MAX_REASON + 1)),
+                ..Default::default()
+            },
+        };
+        assert!(arrive.validate().is_err(), "an overlong error is refused");
+        // An arrival from a node without the error field still reads.
+        let old: BarrierDetail = serde_json::from_str(
+            r#"{"started_unix_us":null,"snapshots":3,"clock_offset_us":null}"#,
+        )
+        .unwrap();
+        assert_eq!(old.snapshots, Some(3));
+        assert!(old.error.is_none());
+    }
 
     #[test]
     fn the_receive_stamp_of_a_clock_sample_never_goes_on_the_wire() {
