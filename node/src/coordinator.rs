@@ -340,6 +340,24 @@ impl Run {
         }
     }
 
+    /// Marks a roster member lost and records `node_lost` with the last second of it
+    /// merged here; false if it was already lost.
+    fn note_lost(&mut self, peer: &str) -> bool {
+        if !self.lost.insert(peer.to_string()) {
+            return false;
+        }
+        let name = self.name_of(peer);
+        let last = self
+            .seen
+            .get(peer)
+            .and_then(|s| s.iter().next_back().copied());
+        self.event(
+            "node_lost",
+            serde_json::json!({"node": name, "id": peer, "last_snapshot": last}),
+        );
+        true
+    }
+
     fn name_of(&self, id: &str) -> String {
         self.roster
             .iter()
@@ -764,7 +782,9 @@ impl Coordinator {
                 if term < run.term || from != run.leader || run.reassigned.contains(&lost) {
                     return;
                 }
-                run.lost.insert(lost.clone());
+                // The leader may see the loss before this node's own membership does:
+                // the report still gets its node_lost, and barriers stop waiting now.
+                let newly_lost = run.note_lost(&lost);
                 run.reassigned.insert(lost.clone());
                 let split = Split { vus, events };
                 if let Some(live) = &run.live {
@@ -777,6 +797,11 @@ impl Coordinator {
                         "reassigned",
                         serde_json::json!({"lost": name, "from_s": at_s, "moved": moved}),
                     );
+                }
+                if newly_lost {
+                    for b in ["ready", "started", "finished"] {
+                        self.on_barrier_progress(&run_id, b);
+                    }
                 }
             }
             RunMessage::Stop { reason, .. } => {
@@ -1408,16 +1433,7 @@ impl Coordinator {
                 }
                 continue;
             }
-            run.lost.insert(peer.to_string());
-            let name = run.name_of(peer);
-            let last = run
-                .seen
-                .get(peer)
-                .and_then(|s| s.iter().next_back().copied());
-            run.event(
-                "node_lost",
-                serde_json::json!({"node": name, "id": peer, "last_snapshot": last}),
-            );
+            run.note_lost(peer);
             let was_leader = run.leader == peer;
             if was_leader {
                 // The lowest live id leads the next term.
