@@ -425,13 +425,42 @@ RATE=$((RATE / 2))
 MAXVUS=$(max_vus_for "$RATE")
 log "RSS flat over time: the arrival plan at $RATE/s for ${SHORT_S}s and for ${LONG_S}s"
 arrival "$SHORT_S" rss-short
+# The long run's RSS every 5 s, read from CPU 1 (the target's core; the generator's is
+# left alone), beside the VUs alive then: RSS that follows the VUs and not the clock
+# is flat over time.
+: >"$WORK/rss-long.samples"
+(
+    pid=""
+    for _ in $(seq 100); do
+        pid=$(pgrep -n -x stampede || true)
+        [[ -n "$pid" ]] && break
+        sleep 0.1
+    done
+    t=0
+    while [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; do
+        sleep 5
+        t=$((t + 5))
+        awk -v t="$t" '/^VmRSS:/ {print t, $2}' "/proc/$pid/status" 2>/dev/null >>"$WORK/rss-long.samples" || true
+    done
+) &
+SAMPLER=$!
+taskset -p -c 1 "$SAMPLER" >/dev/null 2>&1 || true
 arrival "$LONG_S" rss-long
+wait "$SAMPLER" 2>/dev/null || true
 for run in short long; do
     j="$WORK/rss-$run.json"
     printf 'peak RSS, %-5s run: %7s KiB  (%s requests, %s dropped, up to %s VUs alive)\n' \
         "$run" "$(maxrss_kb "$WORK/rss-$run.time")" "$(jq -r .totals.requests "$j")" \
         "$(jq -r .totals.dropped_iterations "$j")" "$(jq -r '[.timeline[].vus] | max' "$j")"
 done
+if [[ -s "$WORK/rss-long.samples" ]]; then
+    printf 'long run, every 5 s:  '
+    while read -r t kb; do
+        vus=$(jq -r --argjson t "$((t - 1))" '[.timeline[] | select(.t <= $t) | .vus] | max // 0' "$WORK/rss-long.json")
+        printf '%ss %s KiB (%s VUs)  ' "$t" "$kb" "$vus"
+    done <"$WORK/rss-long.samples"
+    echo
+fi
 fi
 
 # --- 5. mesh -------------------------------------------------------------------------
