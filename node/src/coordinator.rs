@@ -833,35 +833,44 @@ impl Coordinator {
 
     /// Fetches the bundle from the origin, verifies its hash and prepares the plan.
     fn fetch_bundle(&self, run_id: String, origin: String, hash: String) {
-        let rx = self.request(
-            &origin,
-            RunRequest::Bundle {
-                run_id: run_id.clone(),
-                hash: hash.clone(),
-            },
-        );
+        let mesh = self.mesh.clone();
         let tx = self.internal_tx.clone();
         let (dir, allow) = (
             self.me.data_dir.join("runs").join(&run_id),
             self.me.allow_targets.clone(),
         );
         tokio::spawn(async move {
-            let result = match rx {
-                None => Err("cannot ask the origin for the plan".to_string()),
-                Some(rx) => match tokio::time::timeout(Duration::from_secs(10), rx).await {
-                    Ok(Ok(Ok(MeshResponse::Run(RunResponse::Bundle { bundle })))) => {
-                        if bundle.hash() != hash {
-                            Err("the plan bundle does not match its hash".to_string())
-                        } else {
-                            prepare_bundle(&bundle, &dir, &allow)
-                        }
+            let request = RunRequest::Bundle {
+                run_id: run_id.clone(),
+                hash: hash.clone(),
+            };
+            // A member that learnt of the origin through gossip may have no connection
+            // to it yet, and the first dial can fail (two nodes dialling each other at
+            // once): a failed request is tried again, within the join window.
+            let mut attempt = 0;
+            let answer = loop {
+                attempt += 1;
+                match ask(&mesh, &origin, request.clone(), Duration::from_secs(10)).await {
+                    Err(AskError::Transport(e)) if attempt < BUNDLE_ATTEMPTS => {
+                        tracing::debug!(attempt, error = %e, "plan bundle request failed; trying again");
+                        tokio::time::sleep(BUNDLE_RETRY_AFTER * attempt).await;
                     }
-                    Ok(Ok(Ok(MeshResponse::Run(RunResponse::Refused { reason })))) => Err(reason),
-                    Ok(Ok(Ok(_))) => Err("unexpected answer to a bundle request".into()),
-                    Ok(Ok(Err(e))) => Err(e),
-                    Ok(Err(_)) => Err("the mesh went away".into()),
-                    Err(_) => Err("timed out fetching the plan bundle".into()),
-                },
+                    other => break other,
+                }
+            };
+            let result = match answer {
+                Ok(MeshResponse::Run(RunResponse::Bundle { bundle })) => {
+                    if bundle.hash() != hash {
+                        Err("the plan bundle does not match its hash".to_string())
+                    } else {
+                        prepare_bundle(&bundle, &dir, &allow)
+                    }
+                }
+                Ok(MeshResponse::Run(RunResponse::Refused { reason })) => Err(reason),
+                Ok(_) => Err("unexpected answer to a bundle request".into()),
+                Err(AskError::Transport(e) | AskError::Other(e)) => {
+                    Err(format!("cannot fetch the plan from the origin: {e}"))
+                }
             };
             let _ = tx.send(Internal::Prepared { run_id, result });
         });
@@ -1827,6 +1836,46 @@ impl Coordinator {
         );
         self.live.finish(summary.clone());
         let _ = client.done.send(Ok(summary));
+    }
+}
+
+/// How often a member asks the origin for the plan bundle before it refuses the run,
+/// and the pause before the next try (times the attempt): all within `JOIN_WINDOW`.
+const BUNDLE_ATTEMPTS: u32 = 4;
+const BUNDLE_RETRY_AFTER: Duration = Duration::from_millis(200);
+
+/// Why a request to a peer got no answer.
+enum AskError {
+    /// The mesh could not carry it (no connection, a failed dial, a closed stream):
+    /// worth trying again.
+    Transport(String),
+    /// Anything else (a timeout, the mesh gone, a bad peer id): not.
+    Other(String),
+}
+
+/// Sends a run request to a peer from outside the actor and waits for the answer.
+async fn ask(
+    mesh: &mpsc::Sender<MeshCommand>,
+    peer: &str,
+    req: RunRequest,
+    limit: Duration,
+) -> Result<MeshResponse, AskError> {
+    let peer: PeerId = peer
+        .parse()
+        .map_err(|_| AskError::Other(format!("`{peer}` is not a peer id")))?;
+    let (reply, rx) = oneshot::channel();
+    mesh.send(MeshCommand::Request {
+        peer,
+        request: MeshRequest::Run(req),
+        reply,
+    })
+    .await
+    .map_err(|_| AskError::Other("the mesh went away".into()))?;
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(Ok(answer))) => Ok(answer),
+        Ok(Ok(Err(e))) => Err(AskError::Transport(e)),
+        Ok(Err(_)) => Err(AskError::Other("the mesh went away".into())),
+        Err(_) => Err(AskError::Other("timed out".into())),
     }
 }
 

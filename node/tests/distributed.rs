@@ -204,6 +204,12 @@ fn survive_kill_with(kill_leader: bool, env: &[(&str, &str)], rate: u32) {
 
     let events = s["events"].as_array().unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        s["nodes"].as_array().unwrap().len(),
+        3,
+        "a node was left out of the run: {}",
+        show(&out)
+    );
     assert!(kinds.contains(&"node_lost"), "events {kinds:?}");
     assert!(kinds.contains(&"reassigned"), "events {kinds:?}");
     if kill_leader {
