@@ -463,23 +463,6 @@ impl Coordinator {
             .try_send(MeshCommand::Publish { topic, body, reply });
     }
 
-    fn request(
-        &self,
-        peer: &str,
-        req: RunRequest,
-    ) -> Option<oneshot::Receiver<Result<MeshResponse, String>>> {
-        let peer: PeerId = peer.parse().ok()?;
-        let (reply, rx) = oneshot::channel();
-        self.mesh
-            .try_send(MeshCommand::Request {
-                peer,
-                request: MeshRequest::Run(req),
-                reply,
-            })
-            .ok()?;
-        Some(rx)
-    }
-
     /// The run this node is committed to, if any: one it runs, one it accepted and
     /// waits for the roster of, or one it started.
     fn busy(&self) -> Option<&str> {
@@ -993,29 +976,14 @@ impl Coordinator {
         tokio::spawn(async move {
             let mut best: Option<(u64, i64)> = None;
             for _ in 0..CLOCK_SAMPLES {
-                let Ok(peer) = leader.parse::<PeerId>() else {
-                    break;
-                };
-                let (reply, rx) = oneshot::channel();
                 // Re-stamped by the event loop as it sends the request.
-                let req = MeshRequest::Run(RunRequest::Clock { t1_us: unix_us() });
-                if mesh
-                    .send(MeshCommand::Request {
-                        peer,
-                        request: req,
-                        reply,
-                    })
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                if let Ok(Ok(Ok(MeshResponse::Run(RunResponse::Clock {
+                let req = RunRequest::Clock { t1_us: unix_us() };
+                if let Ok(MeshResponse::Run(RunResponse::Clock {
                     t1_us,
                     t2_us,
                     t3_us,
                     received_us,
-                })))) = tokio::time::timeout(Duration::from_secs(2), rx).await
+                })) = ask(&mesh, &leader, req, Duration::from_secs(2)).await
                 {
                     // Both ends of the sample are the event loop's (the mesh's
                     // `stamp_clock_request` and `stamp_clock_response`), so the hops
@@ -1727,23 +1695,16 @@ impl Coordinator {
             run.fetch_asked = Instant::now();
             for (node, mut seqs) in missing {
                 seqs.truncate(SNAPSHOTS_PER_REQUEST);
-                let Some(rx) = self.request(
-                    &node,
-                    RunRequest::Snapshots {
-                        run_id: run_id.into(),
-                        node: node.clone(),
-                        seqs,
-                    },
-                ) else {
-                    continue;
+                let req = RunRequest::Snapshots {
+                    run_id: run_id.into(),
+                    node: node.clone(),
+                    seqs,
                 };
-                let tx = self.internal_tx.clone();
+                let (tx, mesh) = (self.internal_tx.clone(), self.mesh.clone());
                 let rid = run_id.to_string();
                 tokio::spawn(async move {
-                    if let Ok(Ok(Ok(MeshResponse::Run(RunResponse::Snapshots {
-                        snapshots,
-                        missing,
-                    })))) = tokio::time::timeout(Duration::from_secs(5), rx).await
+                    if let Ok(MeshResponse::Run(RunResponse::Snapshots { snapshots, missing })) =
+                        ask(&mesh, &node, req, Duration::from_secs(5)).await
                     {
                         let _ = tx.send(Internal::Fetched {
                             run_id: rid,
