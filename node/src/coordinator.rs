@@ -1937,6 +1937,39 @@ fn check_targets(plan: &CompiledPlan, allow: &[String]) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    /// A re-fetch answer says which asked seconds the node does not have, and stops
+    /// taking snapshots once its byte budget is spent (the rest are asked again).
+    #[test]
+    fn a_refetch_answer_names_what_it_lacks_and_keeps_to_its_byte_budget() {
+        let store = RunStore::default();
+        let third = vec![0u8; SNAPSHOT_ANSWER_BYTES / 3 + 1];
+        {
+            let mut stored = store.snapshots.lock().unwrap();
+            for seq in [0u64, 1, 2, 3, 5] {
+                let s = SnapshotMessage {
+                    run_id: "r".into(),
+                    node: "n".into(),
+                    seq,
+                    vus: 0,
+                    cpu: 0.0,
+                    metrics: third.clone(),
+                };
+                stored.insert(("r".into(), seq), s);
+            }
+        }
+        let answer = store.respond(RunRequest::Snapshots {
+            run_id: "r".into(),
+            node: "n".into(),
+            seqs: vec![4, 0, 1, 2, 3, 5],
+        });
+        let RunResponse::Snapshots { snapshots, missing } = answer else {
+            panic!("not a snapshots answer: {answer:?}");
+        };
+        assert_eq!(missing, vec![4]);
+        let seqs: Vec<u64> = snapshots.iter().map(|s| s.seq).collect();
+        assert_eq!(seqs, vec![0, 1, 2], "three thirds fill the budget");
+    }
+
     #[test]
     fn missing_seconds_read_as_ranges() {
         assert_eq!(second_ranges(&[]), "");
