@@ -782,9 +782,7 @@ impl Coordinator {
                     );
                 }
                 if newly_lost {
-                    for b in ["ready", "started", "finished"] {
-                        self.on_barrier_progress(&run_id, b);
-                    }
+                    self.recheck_barriers(&run_id);
                 }
             }
             RunMessage::Stop { reason, .. } => {
@@ -1013,6 +1011,13 @@ impl Coordinator {
         };
         self.publish(msg.clone());
         self.on_run_message(me, msg);
+    }
+
+    /// After a member is lost: every barrier may now be complete without it.
+    fn recheck_barriers(&mut self, run_id: &str) {
+        for b in ["ready", "started", "finished"] {
+            self.on_barrier_progress(run_id, b);
+        }
     }
 
     fn on_barrier_progress(&mut self, run_id: &str, barrier: &str) {
@@ -1438,10 +1443,7 @@ impl Coordinator {
             if run.leader == me {
                 self.reassign(&run_id, peer);
             }
-            // Barriers may now be complete without the lost member.
-            for b in ["ready", "started", "finished"] {
-                self.on_barrier_progress(&run_id, b);
-            }
+            self.recheck_barriers(&run_id);
         }
     }
 
@@ -1717,7 +1719,6 @@ impl Coordinator {
             }
             return;
         }
-        let run = self.runs.get_mut(run_id).expect("present");
         for (node, seconds) in unavailable {
             let name = run.name_of(&node);
             let seconds = second_ranges(&seconds);

@@ -208,10 +208,11 @@ impl Engine {
             .sum();
         let needed = vus.saturating_add(crate::fds::OWN);
         crate::fds::reserve(needed.saturating_mul(2));
-        if crate::fds::limit() < needed {
+        let limit = crate::fds::limit();
+        if limit < needed {
             tracing::warn!(
                 vus,
-                limit = crate::fds::limit(),
+                limit,
                 "the open-files limit is below the run's VUs: connections beyond it fail \
                  with `too many open files` (raise the hard limit: ulimit -Hn)"
             );
