@@ -4,6 +4,7 @@
 
 pub mod duration;
 pub mod executor;
+pub mod machine;
 pub mod mesh;
 pub mod plan;
 pub mod run;

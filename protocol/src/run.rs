@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::segment::Assignment;
+use crate::machine::events::Barrier;
+use crate::machine::version::Version;
 
 /// Limits on what a peer may send, checked before anything else is done with it.
 /// (The CLI hands the bundle to its node as JSON, about 3.5 bytes per data byte, under
@@ -172,35 +173,38 @@ pub enum RunMessage {
     },
     /// The run will not happen (refusals, too few nodes).
     Abort { run_id: String, reason: String },
-    /// A new leader after the old one was lost; higher terms win.
-    Leader {
-        run_id: String,
-        term: u64,
-        leader: String,
-    },
-    /// A barrier arrival (`ready`, `started`, `finished`), republished until complete.
+    /// A barrier arrival, republished until the barrier is complete.
     Arrive {
         run_id: String,
-        barrier: String,
+        barrier: Barrier,
         detail: BarrierDetail,
     },
-    /// The leader's split of the work and the common start instant (leader clock).
+    /// The leader of `term` (the member the election rule names for it) issues an
+    /// assignment version: the common start and every move of a lost member's share.
     Assign {
         run_id: String,
         term: u64,
-        vus: Assignment,
-        events: Assignment,
-        start_unix_us: u64,
+        version: Version,
     },
-    /// The leader's answer to a lost member: its share moves to the survivors.
-    Reassign {
+    /// Every member's heartbeat within a run, several times a second: its term, its
+    /// assignment version, and the latest heartbeat stamp of every member it heard
+    /// with the same version (`echoes`) — the acknowledgements that make up the
+    /// others' leases — and the members it has fenced (stopped answering).
+    Beat {
         run_id: String,
         term: u64,
-        lost: String,
-        vus: Assignment,
-        events: Assignment,
-        at_s: f64,
-        moved: String,
+        /// The sender's monotonic clock (µs) when it sent this beat.
+        sent_us: u64,
+        version: Option<Version>,
+        /// (roster index, that member's `sent_us` as last heard here).
+        echoes: Vec<(u32, u64)>,
+        /// Roster indices this member has fenced.
+        fenced: Vec<u32>,
+        /// Every barrier this member has arrived at: arrivals ride on heartbeats, so
+        /// a member that missed one hears it again within a beat, whatever the
+        /// sender believes of the barrier.
+        #[serde(default)]
+        arrived: Vec<(Barrier, BarrierDetail)>,
     },
     /// Stop the run everywhere, gracefully.
     Stop { run_id: String, reason: String },
@@ -213,10 +217,9 @@ impl RunMessage {
             | RunMessage::Join { run_id, .. }
             | RunMessage::Roster { run_id, .. }
             | RunMessage::Abort { run_id, .. }
-            | RunMessage::Leader { run_id, .. }
             | RunMessage::Arrive { run_id, .. }
             | RunMessage::Assign { run_id, .. }
-            | RunMessage::Reassign { run_id, .. }
+            | RunMessage::Beat { run_id, .. }
             | RunMessage::Stop { run_id, .. } => run_id,
         }
     }
@@ -255,10 +258,33 @@ impl RunMessage {
                 detail: BarrierDetail { error: Some(e), .. },
                 ..
             } => short("error", e)?,
-            RunMessage::Assign { vus, events, .. } | RunMessage::Reassign { vus, events, .. }
-                if vus.nodes() > MAX_MEMBERS || events.nodes() > MAX_MEMBERS =>
-            {
-                return Err("assignment too large".into());
+            RunMessage::Assign { version, .. } if version.moves.len() > MAX_MEMBERS => {
+                return Err("assignment version with too many moves".into());
+            }
+            RunMessage::Beat {
+                version,
+                echoes,
+                fenced,
+                arrived,
+                ..
+            } => {
+                if echoes.len() > MAX_MEMBERS
+                    || fenced.len() > MAX_MEMBERS
+                    || arrived.len() > Barrier::ALL.len()
+                {
+                    return Err("heartbeat too large".into());
+                }
+                for (_, d) in arrived {
+                    if let Some(e) = &d.error {
+                        short("error", e)?;
+                    }
+                }
+                if version
+                    .as_ref()
+                    .is_some_and(|v| v.moves.len() > MAX_MEMBERS)
+                {
+                    return Err("assignment version with too many moves".into());
+                }
             }
             _ => {}
         }
@@ -393,7 +419,7 @@ mod tests {
         assert_eq!(clip_reason("short".into()), "short");
         let arrive = RunMessage::Arrive {
             run_id: "r".into(),
-            barrier: "finished".into(),
+            barrier: Barrier::Finished,
             detail: BarrierDetail {
                 error: Some("x".repeat(MAX_REASON + 1)),
                 ..Default::default()

@@ -31,6 +31,7 @@
 //! This module owns start-up, the accept loop and shutdown; it must not hold shop rules.
 
 pub mod latency;
+pub mod sim;
 
 mod knobs;
 mod service;

@@ -1,0 +1,180 @@
+//! The snapshot ledger and the report: which (member, second) pairs go into the
+//! merged report, which are re-fetched at the end, and which are named as missing.
+//!
+//! Exact accounting rests on this: a snapshot is merged once per (member, second),
+//! only from its own author; at the end every second of every member is either in
+//! the report or named in a `snapshots_missing` event (`after` for everything past a
+//! lost member's last second). Reporters are the origin and the leader at the end, so
+//! the result survives the origin.
+//!
+//! Must not merge measurements itself (the node does, on `Merge`).
+
+use super::events::{second_ranges, Barrier, MemberStatus, RunEvent};
+use super::{MemberFact, Now, ReportFacts, RunMachine};
+use crate::run::SNAPSHOTS_PER_REQUEST;
+
+/// The most seconds a run's ledger tracks per member: 30 days. A peer's claim of more
+/// is cut here before anything loops over it.
+pub const MAX_SECONDS: u64 = 30 * 24 * 3600;
+
+impl RunMachine {
+    pub(super) fn on_snapshot(&mut self, from: &str, node: &str, seq: u64, _now: Now) {
+        if from != node || seq >= MAX_SECONDS {
+            return;
+        }
+        let Some(j) = self.index_of(node) else { return };
+        if self.seen[j].insert(seq) {
+            self.out.push(super::Effect::Merge {
+                node: node.to_string(),
+                seq,
+            });
+        }
+    }
+
+    pub(super) fn on_fetched(&mut self, node: &str, got: Vec<u64>, missing: Vec<u64>, now: Now) {
+        let Some(j) = self.index_of(node) else { return };
+        for seq in got.into_iter().take(SNAPSHOTS_PER_REQUEST) {
+            self.on_snapshot(node, node, seq, now);
+        }
+        for seq in missing.into_iter().take(SNAPSHOTS_PER_REQUEST) {
+            if seq < MAX_SECONDS {
+                self.absent[j].insert(seq);
+            }
+        }
+    }
+
+    /// The origin reports; so does the leader, and — when the origin is gone — the
+    /// first member this node sees alive, so that a result survives the origin even
+    /// when no majority is left to elect anyone.
+    fn is_reporter(&self) -> bool {
+        if self.origin == self.me.id || self.am_leader() {
+            return true;
+        }
+        let origin_gone = self
+            .index_of(&self.origin)
+            .is_none_or(|o| self.peers[o].gone);
+        origin_gone
+            && self.my_index.is_some()
+            && (0..self.peers.len()).find(|&j| !self.peers[j].gone) == self.my_index
+    }
+
+    /// Finishing: reporters fetch what they lack, then report; others are done.
+    pub(super) fn finish(&mut self, now: Now) {
+        if !self.is_reporter() {
+            self.set_done();
+            return;
+        }
+        let since = *self.finishing_since.get_or_insert(now.mono_us);
+        let waited_enough = now.mono_us.saturating_sub(since) >= self.timing.finish_wait_us;
+        let finished = self
+            .arrivals
+            .get(&Barrier::Finished)
+            .cloned()
+            .unwrap_or_default();
+        let mut to_fetch: Vec<(usize, Vec<u64>)> = Vec::new();
+        let mut unreported: Vec<(usize, Vec<u64>, Option<u64>)> = Vec::new();
+        for j in 0..self.roster.len() {
+            let seen = &self.seen[j];
+            match finished.get(&j).and_then(|d| d.snapshots) {
+                Some(count) => {
+                    let count = count.min(MAX_SECONDS);
+                    let (gone, gaps): (Vec<u64>, Vec<u64>) = (0..count)
+                        .filter(|s| !seen.contains(s))
+                        .partition(|s| self.absent[j].contains(s));
+                    let mut lacking = gone;
+                    if !gaps.is_empty() {
+                        if self.peers[j].gone || waited_enough {
+                            lacking.extend(gaps);
+                            lacking.sort_unstable();
+                        } else {
+                            to_fetch.push((j, gaps));
+                        }
+                    }
+                    if !lacking.is_empty() {
+                        unreported.push((j, lacking, None));
+                    }
+                }
+                None => {
+                    // Lost before it said how many seconds it had: every gap below
+                    // its last known second, and everything after it, is missing.
+                    let next = seen.iter().next_back().map_or(0, |s| s + 1);
+                    let gaps: Vec<u64> = (0..next).filter(|s| !seen.contains(s)).collect();
+                    unreported.push((j, gaps, Some(next)));
+                }
+            }
+        }
+        if !to_fetch.is_empty() {
+            if now.mono_us.saturating_sub(self.fetch_asked) >= self.timing.fetch_every_us {
+                self.fetch_asked = now.mono_us;
+                for (j, mut seqs) in to_fetch {
+                    seqs.truncate(SNAPSHOTS_PER_REQUEST);
+                    let node = self.roster[j].id.clone();
+                    self.out.push(super::Effect::Fetch { node, seqs });
+                }
+            }
+            return;
+        }
+        for (j, seconds, after) in unreported {
+            let node = self.roster[j].name.clone();
+            let seconds = second_ranges(&seconds);
+            self.event(
+                now,
+                RunEvent::SnapshotsMissing {
+                    node,
+                    seconds,
+                    after,
+                },
+            );
+        }
+        self.report(now);
+        self.set_done();
+    }
+
+    fn report(&mut self, now: Now) {
+        if self.reported {
+            return;
+        }
+        self.reported = true;
+        let started = self.arrivals.get(&Barrier::Started);
+        let ready = self.arrivals.get(&Barrier::Ready);
+        let members: Vec<MemberFact> = (0..self.roster.len())
+            .map(|i| {
+                let m = &self.roster[i];
+                let status = match self.member_status(i) {
+                    MemberStatus::Running => MemberStatus::Completed,
+                    s => s,
+                };
+                MemberFact {
+                    index: i,
+                    id: m.id.clone(),
+                    name: m.name.clone(),
+                    labels: m.labels.clone(),
+                    status,
+                    start_late_us: started
+                        .and_then(|b| b.get(&i))
+                        .and_then(|d| d.started_unix_us)
+                        .zip(self.version.as_ref().map(|v| v.start_unix_us))
+                        .map(|(s, at)| s as i64 - at as i64),
+                    clock_offset_us: ready
+                        .and_then(|b| b.get(&i))
+                        .and_then(|d| d.clock_offset_us),
+                }
+            })
+            .collect();
+        let starts: Vec<u64> = started
+            .map(|b| b.values().filter_map(|d| d.started_unix_us).collect())
+            .unwrap_or_default();
+        let skew = match (starts.iter().min(), starts.iter().max()) {
+            (Some(a), Some(b)) => b - a,
+            _ => 0,
+        };
+        let facts = ReportFacts {
+            members,
+            start_unix_us: self.version.as_ref().map(|v| v.start_unix_us),
+            start_skew_us: skew,
+            duration_s: self.run_time_us(now).unwrap_or(0) as f64 / 1e6,
+            seconds: self.seen.iter().map(|s| s.len()).sum(),
+        };
+        self.out.push(super::Effect::Report(facts));
+    }
+}

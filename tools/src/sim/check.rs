@@ -1,0 +1,249 @@
+//! The invariants every simulated schedule is checked against (docs/protocol.md lists
+//! them with the command that runs them).
+//!
+//! Must not change the world: it only reads what happened.
+
+use std::collections::BTreeSet;
+
+use stampede_protocol::machine::events::RunEvent;
+
+use super::engine::LATE_LIMIT_US;
+use super::faults::Fault;
+use super::{World, FORGED_EVENT};
+
+/// How soon after a loss the rate must be back (spec: within 3 s).
+pub const RECOVERY_US: u64 = 3_000_000;
+
+/// The invariants, by name, in the order they are checked.
+pub const INVARIANTS: [&str; 7] = [
+    "at-most-once",
+    "never-more-than-planned",
+    "liveness",
+    "one-leader-per-term",
+    "exact-accounting",
+    "termination",
+    "forgery-has-no-effect",
+];
+
+/// What broke, if anything.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    pub invariant: &'static str,
+    pub detail: String,
+}
+
+/// Checks every invariant; the first violation of each kind is returned.
+pub fn check(w: &World) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let mut fail = |invariant: &'static str, detail: String| {
+        if !out.iter().any(|v: &Violation| v.invariant == invariant) {
+            out.push(Violation { invariant, detail });
+        }
+    };
+    let plan = w.setup.plan;
+
+    // At most once: no arrival event started twice anywhere.
+    for (k, s) in w.starts.iter().enumerate() {
+        if s.len() > 1 {
+            let who: Vec<String> = s
+                .iter()
+                .map(|x| format!("n{} at {:.3}s", x.node, x.at as f64 / 1e6))
+                .collect();
+            fail(
+                "at-most-once",
+                format!("event {k} started {} times: {}", s.len(), who.join(", ")),
+            );
+        }
+    }
+
+    // Never more than planned: per second of the true run clock, the starts are at
+    // most the events planned in that second and the start-boundary tolerance before.
+    let tolerance = LATE_LIMIT_US as i64 + w.schedule.offset_error_us + 1_000;
+    let seconds = plan.duration_us.div_ceil(1_000_000) as i64 + 2;
+    let mut per_second = vec![0u64; seconds as usize + 1];
+    for s in w.starts.iter().flatten() {
+        let sec = s.true_run_us.div_euclid(1_000_000).clamp(0, seconds);
+        per_second[sec as usize] += 1;
+    }
+    for (sec, &n) in per_second.iter().enumerate() {
+        let from = (sec as i64 * 1_000_000 - tolerance).max(0) as u64;
+        let to = (sec as u64 + 1) * 1_000_000 + w.schedule.offset_error_us as u64 + 1;
+        let planned = plan.first_at_or_after(to) - plan.first_at_or_after(from);
+        if n > planned {
+            fail(
+                "never-more-than-planned",
+                format!("second {sec}: {n} started, {planned} planned (with tolerance)"),
+            );
+        }
+    }
+
+    // Liveness: with a majority alive and connected, every event from 3 s after the
+    // last fault on is started (the takeover is complete by then).
+    let recovered_from = w
+        .schedule
+        .faults
+        .iter()
+        .map(|f| match f {
+            Fault::Crash { at, .. } => at + RECOVERY_US,
+            // A pause: its share moves within 3 s of its start; on resume it is an
+            // observer (or, after a short pause, carries on).
+            Fault::Pause { at, until, .. } => (at + RECOVERY_US).max(*until + RECOVERY_US),
+            Fault::Partition { until, .. } => until + RECOVERY_US,
+        })
+        .max()
+        .unwrap_or(0);
+    // Virtual time of the run's start: when node 0's wall clock reads the start.
+    let start_at_virtual = w
+        .run_start_unix
+        .map(|s| s as i64 - 1_000_000_000_000 - w.nodes[0].wall_offset)
+        .unwrap_or(0)
+        .max(0) as u64;
+    let first_checked = recovered_from
+        .saturating_sub(start_at_virtual)
+        .max(1_000_000);
+    let lossy = w.schedule.loss > 0.0 || w.schedule.spike > 0.0;
+    if !lossy && w.schedule.delay_max < 50_000 {
+        let from = plan.first_at_or_after(first_checked);
+        let to = plan.first_at_or_after(plan.duration_us.saturating_sub(500_000));
+        if let Some(k) = (from..to).find(|&k| w.starts[k as usize].is_empty()) {
+            fail(
+                "liveness",
+                format!(
+                    "event {k} (planned at {:.3}s of run time) was never started",
+                    plan.at(k) as f64 / 1e6
+                ),
+            );
+        }
+    }
+
+    // One leader per term, and survivors converge on the highest term.
+    let survivors: Vec<usize> = (0..w.nodes.len())
+        .filter(|&i| !w.nodes[i].crashed && w.nodes[i].done_at.is_some())
+        .collect();
+    let rosters: BTreeSet<&Vec<String>> = survivors
+        .iter()
+        .map(|&i| &w.nodes[i].roster)
+        .filter(|r| !r.is_empty())
+        .collect();
+    if rosters.len() > 1 {
+        fail(
+            "one-leader-per-term",
+            "members hold different rosters, so the election rule names different leaders".into(),
+        );
+    }
+    let terms: BTreeSet<u64> = survivors
+        .iter()
+        .filter(|&&i| !w.nodes[i].roster.is_empty())
+        .map(|&i| w.nodes[i].term_at_done)
+        .collect();
+    if recovered_from + 5_000_000 < plan.duration_us && terms.len() > 1 {
+        fail(
+            "one-leader-per-term",
+            format!("survivors ended in different terms: {terms:?}"),
+        );
+    }
+
+    // Exact accounting: every second a node published is in a report or named
+    // there as missing; a report never holds a second that was never published.
+    let reporters: Vec<usize> = (0..w.nodes.len())
+        .filter(|&i| w.nodes[i].report.is_some())
+        .collect();
+    let roster_alive = (0..w.nodes.len())
+        .filter(|&i| !w.nodes[i].crashed && !w.nodes[i].roster.is_empty())
+        .count();
+    if reporters.is_empty() && roster_alive > 0 {
+        fail(
+            "exact-accounting",
+            "no node built the report: the result is lost".into(),
+        );
+    }
+    for &r in &reporters {
+        let node = &w.nodes[r];
+        for &(j, s) in &node.merged {
+            if !w.nodes[j].published.contains(&s) {
+                fail(
+                    "exact-accounting",
+                    format!("n{r}'s report holds second {s} of n{j}, which n{j} never published"),
+                );
+            }
+        }
+        for j in 0..w.nodes.len() {
+            let named = missing_of(&node.events, &format!("n{j}"));
+            for &s in &w.nodes[j].published {
+                if !node.merged.contains(&(j, s)) && !named.covers(s) {
+                    fail(
+                        "exact-accounting",
+                        format!("n{r}'s report lacks second {s} of n{j} and does not say so"),
+                    );
+                }
+            }
+        }
+    }
+
+    // Termination: every node that was not killed left the run.
+    for (i, n) in w.nodes.iter().enumerate() {
+        if !n.crashed && n.machine.is_some() && n.done_at.is_none() {
+            let phase = n.machine.as_ref().map(|m| m.phase().name()).unwrap_or("-");
+            fail(
+                "termination",
+                format!("n{i} never left the run (still {phase})"),
+            );
+        }
+    }
+
+    // Forgery has no effect: no honest node ever held a forged version.
+    for (i, n) in w.nodes.iter().enumerate() {
+        if Some(i) == w.schedule.hostile {
+            continue;
+        }
+        if n.versions
+            .iter()
+            .any(|v| v.moves.iter().any(|m| m.from_event == FORGED_EVENT))
+        {
+            fail(
+                "forgery-has-no-effect",
+                format!("n{i} took up a forged version"),
+            );
+        }
+    }
+    out
+}
+
+/// The seconds a report names as missing for one node.
+#[derive(Debug, Default)]
+pub struct Missing {
+    pub seconds: BTreeSet<u64>,
+    pub after: Option<u64>,
+}
+
+impl Missing {
+    pub fn covers(&self, s: u64) -> bool {
+        self.seconds.contains(&s) || self.after.is_some_and(|a| s >= a)
+    }
+}
+
+fn missing_of(events: &[RunEvent], node: &str) -> Missing {
+    let mut m = Missing::default();
+    for e in events {
+        if let RunEvent::SnapshotsMissing {
+            node: n,
+            seconds,
+            after,
+        } = e
+        {
+            if n != node {
+                continue;
+            }
+            if let Some(a) = after {
+                m.after = Some(m.after.map_or(*a, |x: u64| x.min(*a)));
+            }
+            for part in seconds.split(", ").filter(|p| !p.is_empty()) {
+                let (a, b) = part.split_once('-').unwrap_or((part, part));
+                if let (Ok(a), Ok(b)) = (a.parse::<u64>(), b.parse::<u64>()) {
+                    m.seconds.extend(a..=b);
+                }
+            }
+        }
+    }
+    m
+}

@@ -1,0 +1,717 @@
+//! A deterministic simulation of the run protocol (`stampede-sim`): N real
+//! [`RunMachine`]s exchange real protocol messages over a simulated network with a
+//! virtual clock, seeded faults (loss, duplication, delay and reordering, partitions
+//! that heal, crashes, pauses longer or shorter than the failure timeout, clock
+//! offsets, a member forging leader messages), and a simulated engine per node that
+//! starts arrival events the way the real one does. Every schedule is then checked
+//! against the protocol's invariants (`check`).
+//!
+//! The same seed always gives the same run: one RNG, one event queue ordered by
+//! (time, sequence), no threads, no wall clock.
+//!
+//! Must not contain protocol logic of its own: every decision is the machine's.
+
+pub mod check;
+pub mod engine;
+pub mod faults;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
+use std::sync::Arc;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use stampede_protocol::machine::events::RunEvent;
+use stampede_protocol::machine::version::{Move, Version, VersionId};
+pub use stampede_protocol::machine::Flaw;
+use stampede_protocol::machine::{
+    Effect, Input, Me, Now, Phase, ReportFacts, RunMachine, RunSchedule, Timing,
+};
+use stampede_protocol::run::{Requirements, RunMessage};
+
+use engine::{Engine, Plan};
+use faults::{Fault, Schedule};
+
+/// A marker no honest leader ever puts in a version: forged versions carry it.
+pub const FORGED_EVENT: u64 = 4_242_424_242;
+
+/// How often a node's driver ticks its machine (virtual µs).
+const TICK_US: u64 = 50_000;
+/// How often the engines step.
+const ENGINE_STEP_US: u64 = 5_000;
+
+/// What a simulated run is asked to do.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub nodes: usize,
+    pub plan: Plan,
+    pub timing: Timing,
+    /// How long after the plan's end the simulation gives the nodes to finish.
+    pub tail_us: u64,
+    /// A deliberate flaw in every machine, for the mutation check.
+    pub flaw: Flaw,
+}
+
+/// Runs one seeded schedule and checks it.
+pub fn run_one(
+    setup: &Setup,
+    kinds: &[faults::FaultKind],
+    seed: u64,
+) -> (World, Vec<check::Violation>) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let schedule = Schedule::draw(
+        &mut rng,
+        setup.nodes,
+        kinds,
+        3_000_000,
+        setup
+            .plan
+            .duration_us
+            .saturating_sub(2_000_000)
+            .max(3_000_001),
+    );
+    let mut w = World::new(setup.clone(), schedule, seed);
+    w.run();
+    let v = check::check(&w);
+    (w, v)
+}
+
+#[derive(Debug, Clone)]
+enum Payload {
+    Msg(Arc<RunMessage>),
+    Snapshot { node: usize, seq: u64 },
+    Prepared,
+    Clock,
+    Fetched { from: usize, seqs: Vec<u64> },
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Deliver {
+        to: usize,
+        from: usize,
+        payload: Payload,
+    },
+    Tick {
+        node: usize,
+    },
+    EngineStep,
+    Crash {
+        node: usize,
+    },
+    Pause {
+        node: usize,
+    },
+    Resume {
+        node: usize,
+    },
+}
+
+/// One simulated node.
+pub struct Node {
+    pub id: String,
+    pub machine: Option<RunMachine>,
+    pub mono_base: u64,
+    pub wall_offset: i64,
+    pub crashed: bool,
+    pub paused: bool,
+    inbox: VecDeque<(usize, Payload)>,
+    pub engine: Engine,
+    /// Seconds this node published (what a re-fetch can answer).
+    pub published: BTreeSet<u64>,
+    /// (node, second) merged into this node's aggregate.
+    pub merged: BTreeSet<(usize, u64)>,
+    pub events: Vec<RunEvent>,
+    pub report: Option<ReportFacts>,
+    pub done_at: Option<u64>,
+    pub versions: Vec<Version>,
+    pub term_at_done: u64,
+    pub roster: Vec<String>,
+}
+
+/// A started event: who, when (virtual time), and the run time it happened at by the
+/// true run clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Start {
+    pub node: usize,
+    pub at: u64,
+    pub true_run_us: i64,
+}
+
+/// The simulated world of one schedule.
+pub struct World {
+    pub setup: Setup,
+    pub schedule: Schedule,
+    rng: SmallRng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: Vec<Option<Ev>>,
+    pub nodes: Vec<Node>,
+    pub starts: Vec<Vec<Start>>,
+    pub trace: VecDeque<String>,
+    pub run_start_unix: Option<u64>,
+    partitions: Vec<(Vec<usize>, u64, u64)>,
+}
+
+const TRACE_KEEP: usize = 400;
+
+impl World {
+    pub fn new(setup: Setup, schedule: Schedule, seed: u64) -> World {
+        let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed_5eed);
+        let nodes = (0..setup.nodes)
+            .map(|i| Node {
+                id: format!("p{i:04}"),
+                machine: None,
+                mono_base: rng.random_range(1_000_000..1_000_000_000),
+                wall_offset: schedule.wall_offsets[i],
+                crashed: false,
+                paused: false,
+                inbox: VecDeque::new(),
+                engine: Engine::default(),
+                published: BTreeSet::new(),
+                merged: BTreeSet::new(),
+                events: Vec::new(),
+                report: None,
+                done_at: None,
+                versions: Vec::new(),
+                term_at_done: 0,
+                roster: Vec::new(),
+            })
+            .collect();
+        let partitions = schedule
+            .faults
+            .iter()
+            .filter_map(|f| match f {
+                Fault::Partition { side, at, until } => Some((side.clone(), *at, *until)),
+                _ => None,
+            })
+            .collect();
+        let total = setup.plan.total() as usize;
+        World {
+            setup,
+            schedule,
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: Vec::new(),
+            nodes,
+            starts: vec![Vec::new(); total],
+            trace: VecDeque::new(),
+            run_start_unix: None,
+            partitions,
+        }
+    }
+
+    fn at(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        let slot = self.events.len();
+        self.events.push(Some(ev));
+        self.queue.push(Reverse((t, self.seq, slot)));
+    }
+
+    fn note(&mut self, line: String) {
+        if self.trace.len() >= TRACE_KEEP {
+            self.trace.pop_front();
+        }
+        self.trace
+            .push_back(format!("{:>10.3}s {line}", self.now as f64 / 1e6));
+    }
+
+    fn clocks(&self, i: usize) -> Now {
+        let n = &self.nodes[i];
+        Now {
+            mono_us: self.now + n.mono_base,
+            wall_us: (self.now as i64 + 1_000_000_000_000 + n.wall_offset) as u64,
+        }
+    }
+
+    fn me(&self, i: usize) -> Me {
+        Me {
+            id: self.nodes[i].id.clone(),
+            name: format!("n{i}"),
+            labels: Default::default(),
+            weight: 1,
+        }
+    }
+
+    fn cut(&self, a: usize, b: usize) -> bool {
+        self.partitions.iter().any(|(side, from, until)| {
+            self.now >= *from && self.now < *until && (side.contains(&a) != side.contains(&b))
+        })
+    }
+
+    /// Sends over the simulated network: loss, duplication, delay (so reordering),
+    /// partitions.
+    fn send(&mut self, from: usize, to: usize, payload: Payload) {
+        if self.cut(from, to) || self.rng.random_bool(self.schedule.loss) {
+            return;
+        }
+        let copies = if self.rng.random_bool(self.schedule.duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let mut d = self
+                .rng
+                .random_range(self.schedule.delay_min..=self.schedule.delay_max);
+            if self.schedule.spike > 0.0 && self.rng.random_bool(self.schedule.spike) {
+                d += self.schedule.spike_us;
+            }
+            let t = self.now + d;
+            self.at(
+                t,
+                Ev::Deliver {
+                    to,
+                    from,
+                    payload: payload.clone(),
+                },
+            );
+        }
+    }
+
+    fn broadcast(&mut self, from: usize, payload: Payload) {
+        for to in 0..self.nodes.len() {
+            if to != from {
+                self.send(from, to, payload.clone());
+            }
+        }
+    }
+
+    /// Runs the whole schedule; returns once every node is done or the time is up.
+    pub fn run(&mut self) {
+        let end = self.setup.plan.duration_us + 5_000_000 + self.setup.tail_us;
+        for f in self.schedule.faults.clone() {
+            match f {
+                Fault::Crash { node, at } => self.at(at, Ev::Crash { node }),
+                Fault::Pause { node, at, until } => {
+                    self.at(at, Ev::Pause { node });
+                    self.at(until, Ev::Resume { node });
+                }
+                Fault::Partition { .. } => {}
+            }
+        }
+        for i in 0..self.nodes.len() {
+            let jitter = self.rng.random_range(0..TICK_US);
+            self.at(jitter, Ev::Tick { node: i });
+        }
+        self.at(ENGINE_STEP_US, Ev::EngineStep);
+        // The CLI of node 0 starts the run.
+        let now = self.clocks(0);
+        let asked: BTreeSet<String> = self.nodes.iter().skip(1).map(|n| n.id.clone()).collect();
+        let (m, effects) = RunMachine::new_origin(
+            self.me(0),
+            "sim-run",
+            "hash",
+            "sim.toml",
+            Requirements::default(),
+            asked,
+            self.setup.timing,
+            now,
+        );
+        self.nodes[0].machine = Some(m);
+        if let Some(m) = self.nodes[0].machine.as_mut() {
+            m.set_flaw(self.setup.flaw);
+        }
+        self.apply(0, effects);
+        self.deliver_local(0, Payload::Prepared);
+        while let Some(Reverse((t, _, slot))) = self.queue.pop() {
+            if t > end {
+                break;
+            }
+            self.now = t;
+            let Some(ev) = self.events[slot].take() else {
+                continue;
+            };
+            self.dispatch(ev);
+            if self.all_done() {
+                break;
+            }
+        }
+        for i in 0..self.nodes.len() {
+            let line = match &self.nodes[i].machine {
+                Some(m) => format!(
+                    "n{i} at the end: {} term {} roster {} index {:?} version {:?} lease {:?} (mono now {}) ready {:?}",
+                    m.phase().name(),
+                    m.term(),
+                    m.roster().len(),
+                    m.my_index(),
+                    m.version().map(|v| v.id),
+                    m.lease(),
+                    self.clocks(i).mono_us,
+                    m.arrived(stampede_protocol::machine::events::Barrier::Ready)
+                ),
+                None => format!("n{i} at the end: never heard of the run"),
+            };
+            self.note(line);
+        }
+    }
+
+    fn all_done(&self) -> bool {
+        self.nodes
+            .iter()
+            .all(|n| n.crashed || (n.machine.is_some() && n.done_at.is_some()))
+    }
+
+    fn dispatch(&mut self, ev: Ev) {
+        match ev {
+            Ev::Deliver { to, from, payload } => {
+                if self.nodes[to].crashed {
+                    return;
+                }
+                if self.nodes[to].paused {
+                    self.nodes[to].inbox.push_back((from, payload));
+                    return;
+                }
+                self.deliver(to, from, payload);
+            }
+            Ev::Tick { node } => {
+                if self.nodes[node].crashed {
+                    return;
+                }
+                let next = self.now + TICK_US + self.rng.random_range(0..TICK_US / 5);
+                self.at(next, Ev::Tick { node });
+                if self.nodes[node].paused {
+                    return;
+                }
+                self.input(node, Input::Tick);
+                self.forge(node);
+            }
+            Ev::EngineStep => {
+                self.at(self.now + ENGINE_STEP_US, Ev::EngineStep);
+                for i in 0..self.nodes.len() {
+                    if !self.nodes[i].crashed && !self.nodes[i].paused {
+                        self.step_engine(i);
+                    }
+                }
+            }
+            Ev::Crash { node } => {
+                self.note(format!("n{node} crashes"));
+                self.nodes[node].crashed = true;
+            }
+            Ev::Pause { node } => {
+                if !self.nodes[node].crashed {
+                    self.note(format!("n{node} paused"));
+                    self.nodes[node].paused = true;
+                }
+            }
+            Ev::Resume { node } => {
+                if self.nodes[node].crashed {
+                    return;
+                }
+                self.note(format!("n{node} resumed"));
+                self.nodes[node].paused = false;
+                // The engine's threads may run before the event loop catches up.
+                self.step_engine(node);
+                while let Some((from, p)) = self.nodes[node].inbox.pop_front() {
+                    self.deliver(node, from, p);
+                }
+            }
+        }
+    }
+
+    fn deliver_local(&mut self, to: usize, payload: Payload) {
+        let d = self.rng.random_range(1_000..20_000);
+        self.at(
+            self.now + d,
+            Ev::Deliver {
+                to,
+                from: to,
+                payload,
+            },
+        );
+    }
+
+    fn deliver(&mut self, to: usize, from: usize, payload: Payload) {
+        match payload {
+            Payload::Msg(msg) => {
+                if self.nodes[to].machine.is_none() {
+                    if let RunMessage::Propose { .. } = msg.as_ref() {
+                        let now = self.clocks(to);
+                        let from_id = self.nodes[from].id.clone();
+                        if let Some((m, effects)) = RunMachine::new_member(
+                            self.me(to),
+                            &from_id,
+                            &msg,
+                            None,
+                            self.setup.timing,
+                            now,
+                        ) {
+                            self.nodes[to].machine = Some(m);
+                            if let Some(m) = self.nodes[to].machine.as_mut() {
+                                m.set_flaw(self.setup.flaw);
+                            }
+                            self.apply(to, effects);
+                        }
+                    }
+                    return;
+                }
+                let from_id = self.nodes[from].id.clone();
+                self.input(to, Input::Message { from: from_id, msg });
+            }
+            Payload::Snapshot { node, seq } => {
+                let id = self.nodes[node].id.clone();
+                let from_id = self.nodes[from].id.clone();
+                self.input(
+                    to,
+                    Input::Snapshot {
+                        from: from_id,
+                        node: id,
+                        seq,
+                    },
+                );
+            }
+            Payload::Prepared => {
+                let plan: Arc<dyn RunSchedule> = Arc::new(self.setup.plan);
+                self.input(to, Input::Prepared(Ok(plan)));
+            }
+            Payload::Clock => {
+                // The true offset to node 0, give or take the sync's error.
+                let err = if self.schedule.offset_error_us > 0 {
+                    self.rng.random_range(
+                        -self.schedule.offset_error_us..=self.schedule.offset_error_us,
+                    )
+                } else {
+                    0
+                };
+                let offset = self.nodes[0].wall_offset - self.nodes[to].wall_offset + err;
+                self.input(to, Input::ClockSynced { offset_us: offset });
+            }
+            Payload::Fetched { from: node, seqs } => {
+                let have = &self.nodes[node].published;
+                let (got, missing): (Vec<u64>, Vec<u64>) =
+                    seqs.iter().partition(|s| have.contains(s));
+                let id = self.nodes[node].id.clone();
+                self.input(
+                    to,
+                    Input::Fetched {
+                        node: id,
+                        got,
+                        missing,
+                    },
+                );
+            }
+        }
+    }
+
+    fn input(&mut self, i: usize, input: Input) {
+        let now = self.clocks(i);
+        let Some(m) = self.nodes[i].machine.as_mut() else {
+            return;
+        };
+        let effects = m.handle(input, now);
+        self.apply(i, effects);
+    }
+
+    fn apply(&mut self, i: usize, effects: Vec<Effect>) {
+        for e in effects {
+            match e {
+                Effect::Publish(msg) => {
+                    if let RunMessage::Assign { version, term, .. } = msg.as_ref() {
+                        self.note(format!("n{i} issues {:?} (term {term})", version.id));
+                    }
+                    self.broadcast(i, Payload::Msg(msg));
+                }
+                Effect::FetchBundle { origin } => {
+                    let o = self.index(&origin);
+                    if o.is_some_and(|o| !self.cut(i, o) && !self.nodes[o].crashed) {
+                        self.deliver_local(i, Payload::Prepared);
+                    }
+                }
+                Effect::SyncClock { peer } => {
+                    if self.index(&peer).is_some() {
+                        self.deliver_local(i, Payload::Clock);
+                    }
+                }
+                Effect::StartEngine {
+                    split,
+                    start_local_wall_us,
+                    index,
+                } => {
+                    self.note(format!("n{i} starts its engine as member {index}"));
+                    let e = &mut self.nodes[i].engine;
+                    e.running = true;
+                    e.index = index;
+                    e.split = Some(split);
+                    e.start_local_wall = start_local_wall_us;
+                }
+                Effect::SwapSplit(split) => self.nodes[i].engine.split = Some(split),
+                Effect::Lease(l) => self.nodes[i].engine.lease = l,
+                Effect::StopEngine(_) => self.nodes[i].engine.stopped = true,
+                Effect::PublishSnapshot { seq } => {
+                    self.nodes[i].published.insert(seq);
+                    self.broadcast(i, Payload::Snapshot { node: i, seq });
+                }
+                Effect::Merge { node, seq } => {
+                    if let Some(j) = self.index(&node) {
+                        self.nodes[i].merged.insert((j, seq));
+                    }
+                }
+                Effect::Fetch { node, seqs } => {
+                    if let Some(j) = self.index(&node) {
+                        if !self.nodes[j].crashed && !self.cut(i, j) {
+                            let d = self.rng.random_range(1_000..30_000);
+                            self.at(
+                                self.now + d,
+                                Ev::Deliver {
+                                    to: i,
+                                    from: j,
+                                    payload: Payload::Fetched { from: j, seqs },
+                                },
+                            );
+                        }
+                    }
+                }
+                Effect::Event { event, .. } => {
+                    self.note(format!("n{i} event {event:?}"));
+                    self.nodes[i].events.push(event);
+                }
+                Effect::Report(facts) => {
+                    self.note(format!("n{i} reports"));
+                    self.nodes[i].report = Some(facts);
+                }
+                Effect::Aborted(why) => self.note(format!("n{i} aborted: {why}")),
+                Effect::Done => {
+                    let (term, version, roster) = match &self.nodes[i].machine {
+                        Some(m) => (
+                            m.term(),
+                            m.version().cloned(),
+                            m.roster().iter().map(|r| r.id.clone()).collect(),
+                        ),
+                        None => (0, None, Vec::new()),
+                    };
+                    let n = &mut self.nodes[i];
+                    n.done_at = Some(self.now);
+                    n.term_at_done = term;
+                    n.roster = roster;
+                    if let Some(v) = version {
+                        n.versions.push(v);
+                    }
+                }
+                Effect::Progress(_) | Effect::Busy(_) => {}
+            }
+        }
+        // Every version a node holds is kept for the forgery check.
+        if let Some(v) = self.nodes[i].machine.as_ref().and_then(|m| m.version()) {
+            if self.nodes[i].versions.last() != Some(v) {
+                let v = v.clone();
+                self.nodes[i].versions.push(v);
+            }
+        }
+        if self.run_start_unix.is_none() {
+            if let Some(v) = self.nodes[i].machine.as_ref().and_then(|m| m.version()) {
+                self.run_start_unix = Some(v.start_unix_us);
+            }
+        }
+    }
+
+    fn index(&self, id: &str) -> Option<usize> {
+        // Ids are `p` and the node's number.
+        id.strip_prefix('p')
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&i| i < self.nodes.len())
+    }
+
+    fn step_engine(&mut self, i: usize) {
+        let now = self.clocks(i);
+        let plan = self.setup.plan;
+        let step = self.nodes[i].engine.step(&plan, now.wall_us, now.mono_us);
+        if !step.started.is_empty() {
+            let start = self.run_start_unix.unwrap_or(0) as i64;
+            // The true run clock is node 0's wall clock.
+            let true_run =
+                (self.now as i64 + 1_000_000_000_000 + self.nodes[0].wall_offset) - start;
+            for (k, _) in &step.started {
+                self.starts[*k as usize].push(Start {
+                    node: i,
+                    at: self.now,
+                    true_run_us: true_run,
+                });
+            }
+        }
+        if step.told_started {
+            self.input(
+                i,
+                Input::EngineStarted {
+                    at_wall_us: now.wall_us,
+                },
+            );
+        }
+        for s in step.seconds {
+            self.input(i, Input::OwnSecond { seq: s });
+        }
+        if step.finished {
+            self.input(i, Input::EngineFinished { error: None });
+        }
+    }
+
+    /// The hostile member's forgeries: versions for terms it does not lead, rosters
+    /// it may not send, and terms at the end of the number range.
+    fn forge(&mut self, i: usize) {
+        if self.schedule.hostile != Some(i) || self.rng.random_bool(0.5) {
+            return;
+        }
+        let Some(m) = self.nodes[i].machine.as_ref() else {
+            return;
+        };
+        let n = m.roster().len() as u64;
+        if n == 0 {
+            return;
+        }
+        let term = m.term();
+        let victim = self.rng.random_range(0..n) as u32;
+        let version = Version {
+            id: VersionId {
+                term: 0,
+                seq: u64::MAX,
+            },
+            start_unix_us: m.version().map_or(0, |v| v.start_unix_us),
+            moves: vec![Move {
+                lost: victim,
+                from_event: FORGED_EVENT,
+                at_us: 0,
+            }],
+        };
+        let mut forged = Vec::new();
+        for t in [
+            term,
+            term.saturating_add(1),
+            term.saturating_add(2),
+            u64::MAX,
+        ] {
+            // Only terms this member is not entitled to lead.
+            if t == 0 || (t - 1) % n == i as u64 {
+                continue;
+            }
+            let mut v = version.clone();
+            v.id.term = t;
+            forged.push(RunMessage::Assign {
+                run_id: "sim-run".into(),
+                term: t,
+                version: v,
+            });
+        }
+        forged.push(RunMessage::Roster {
+            run_id: "sim-run".into(),
+            members: m.roster().iter().rev().cloned().collect(),
+            refused: vec![],
+        });
+        forged.push(RunMessage::Stop {
+            run_id: "other-run".into(),
+            reason: "forged".into(),
+        });
+        for msg in forged {
+            self.broadcast(i, Payload::Msg(Arc::new(msg)));
+        }
+    }
+
+    /// The phase each node's machine is in (for traces).
+    pub fn phases(&self) -> Vec<Option<Phase>> {
+        self.nodes
+            .iter()
+            .map(|n| n.machine.as_ref().map(|m| m.phase()))
+            .collect()
+    }
+}
