@@ -40,10 +40,74 @@ use crate::vu::{micros, IterationEnd, Vu, WorkerCtx};
 /// arrival events have their own [`Assignment`] (same base, their own failover
 /// points). Failover replaces it while the run goes; workers notice through a
 /// generation number checked once per scheduling decision, never per request.
-#[derive(Debug, Clone)]
-pub struct Split {
-    pub vus: Assignment,
-    pub events: Assignment,
+pub use stampede_protocol::machine::version::Split;
+
+/// Whether this node may start iterations now: the run protocol's lease (see
+/// `protocol::machine`), kept as a monotonic deadline in µs since `base`. Checked
+/// before every iteration starts — one clock read and one atomic load — so a node that
+/// resumes from a pause, or is cut off from the majority of its run, starts nothing
+/// even before its event loop has caught up. An embedded run holds it for ever.
+pub struct Lease {
+    base: Instant,
+    until_us: AtomicU64,
+    changed: watch::Sender<u64>,
+}
+
+/// How late an iteration held up by a lapsed lease may still start: later ones are
+/// counted as dropped, never started in a burst (the start-boundary tolerance of
+/// "never more load than planned", docs/protocol.md).
+pub const LEASE_LATE_LIMIT: Duration = Duration::from_millis(100);
+
+impl Lease {
+    /// A lease that never lapses (a run on one node).
+    pub fn always() -> Arc<Lease> {
+        let l = Lease::none(Instant::now());
+        l.set(Some(u64::MAX));
+        l
+    }
+
+    /// No lease yet; `base` is the instant the run protocol's monotonic µs count from.
+    pub fn none(base: Instant) -> Arc<Lease> {
+        Arc::new(Lease {
+            base,
+            until_us: AtomicU64::new(0),
+            changed: watch::channel(0).0,
+        })
+    }
+
+    /// The protocol's new lease deadline (`None`: none).
+    pub fn set(&self, until_us: Option<u64>) {
+        self.until_us.store(until_us.unwrap_or(0), Ordering::Release);
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    pub fn holds(&self) -> bool {
+        let now = Instant::now().saturating_duration_since(self.base).as_micros() as u64;
+        now < self.until_us.load(Ordering::Acquire)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Waits until the lease holds, the run stops or `give_up` passes; true if held.
+    async fn wait(&self, stop: &mut watch::Receiver<Stop>, give_up: Instant) -> bool {
+        let mut rx = self.subscribe();
+        loop {
+            if self.holds() {
+                return true;
+            }
+            if *stop.borrow() != Stop::Running || Instant::now() >= give_up {
+                return false;
+            }
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = stop.changed() => {}
+                // The deadline may pass while nothing changes.
+                _ = tokio::time::sleep_until(give_up.into()) => {}
+            }
+        }
+    }
 }
 
 pub struct LiveAssignment {
@@ -86,6 +150,8 @@ impl LiveAssignment {
 pub struct RunSpec {
     pub plan: Arc<CompiledPlan>,
     pub assignment: Arc<LiveAssignment>,
+    /// The run protocol's lease: no iteration starts without it.
+    pub lease: Arc<Lease>,
     /// This node's index in `assignment`.
     pub node: usize,
     pub node_name: String,
@@ -680,7 +746,11 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
                         w2.vus.set(w2.vus.get() - 1);
                         running2.borrow_mut()[i] = false;
                     });
+                    let mut stop = w2.stop_rx.clone();
                     while g < target2.get() && !w2.stop.stopping() && Instant::now() < end {
+                        if !w2.spec.lease.holds() && !w2.spec.lease.wait(&mut stop, end).await {
+                            continue;
+                        }
                         if vu.iterate(&w2.ctx, None).await == IterationEnd::DataExhausted {
                             break;
                         }
@@ -743,7 +813,11 @@ async fn closed_counted(
             // Also when a hard stop aborts this task mid-iteration.
             let _alive = Defer(|| w2.vus.set(w2.vus.get() - 1));
             let mut done = 0u64;
+            let mut stop = w2.stop_rx.clone();
             while !w2.stop.stopping() && Instant::now() < end {
+                if !w2.spec.lease.holds() && !w2.spec.lease.wait(&mut stop, end).await {
+                    continue;
+                }
                 match per_vu {
                     Some(n) if done >= n => break,
                     Some(_) => {}
@@ -818,6 +892,9 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     let mut pacer = Pacer::for_events();
     // Events handed out since this loop last gave the runtime back.
     let mut since_yield = 0u32;
+    // The lease lapsed while events came due: the overdue ones are dropped, not
+    // started in a burst.
+    let mut held_up = false;
     loop {
         if split_stale || generation.has_changed().unwrap_or(false) {
             split_stale = false;
@@ -865,6 +942,28 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
             // iterations in flight (and the ones just handed out) run.
             tokio::task::yield_now().await;
             since_yield = 0;
+        }
+        if !w.spec.lease.holds() {
+            // No lease (paused, cut off from the run's majority, or between two
+            // versions): start nothing. The event is looked at again when the lease
+            // or the split changes; if it is then past LEASE_LATE_LIMIT it is dropped.
+            held_up = true;
+            let mut lease_rx = w.spec.lease.subscribe();
+            tokio::select! {
+                _ = lease_rx.changed() => {}
+                Ok(()) = generation.changed() => split_stale = true,
+                _ = stop_rx.wait_for(|s| *s != Stop::Running) => break,
+                _ = tokio::time::sleep_until(end.into()) => break,
+            }
+            continue;
+        }
+        if held_up {
+            if Instant::now().saturating_duration_since(intended) > LEASE_LATE_LIMIT {
+                dealer.take(event);
+                w.ctx.recorder.borrow_mut().scenarios[si].dropped += 1;
+                continue;
+            }
+            held_up = false;
         }
         dealer.take(event);
         let mut mailbox = idle.borrow_mut().pop();
