@@ -32,6 +32,7 @@ use stampede_protocol::snapshot::Metrics;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::aggregate::{NodeCollector, NodeSecond, RunAggregate};
+use crate::bundle::prepare_bundle;
 use crate::compile::CompiledPlan;
 use crate::cpu::CpuSampler;
 use crate::embedded::{client_settings, plan_duration, unix_ms};
@@ -1878,60 +1879,6 @@ fn first_event_at(s: &stampede_protocol::executor::ArrivalSchedule, t: Duration)
         }
     }
     lo
-}
-
-/// Writes a bundle's files under `dir`, compiles its plan there and checks every
-/// target host against this node's allowlist: an error means the plan itself is
-/// unusable here; `Some(reason)` beside the plan is this node's named refusal.
-pub fn prepare_bundle(
-    bundle: &Bundle,
-    dir: &std::path::Path,
-    allow: &[String],
-) -> Result<(Arc<CompiledPlan>, Option<String>), String> {
-    bundle.validate()?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    for (name, data) in &bundle.files {
-        let p = dir.join(name);
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        }
-        std::fs::write(&p, data).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-    }
-    let plan = crate::commands::compile_text(&bundle.plan_name, &bundle.plan, &[], dir)
-        .map_err(|e| e.to_string())?;
-    let refusal = check_targets(&plan, allow).err();
-    Ok((Arc::new(plan), refusal))
-}
-
-/// Refuses a plan whose fixed target hosts this node's operator did not allow.
-fn check_targets(plan: &CompiledPlan, allow: &[String]) -> Result<(), String> {
-    let list = crate::http::Allowlist::from_entries(allow.iter().filter(|a| *a != "loopback"))
-        .map_err(|e| e.to_string())?;
-    let mut hosts = BTreeSet::new();
-    if let Some(b) = &plan.plan.defaults.base_url {
-        if let Ok(u) = crate::http::Url::parse(b) {
-            hosts.insert(u.host().to_string());
-        }
-    }
-    for f in &plan.flows {
-        for s in &f.steps {
-            if let crate::compile::UrlTemplate::Static(u) = &s.url {
-                hosts.insert(u.host().to_string());
-            }
-        }
-    }
-    for h in hosts {
-        let ip: Option<std::net::IpAddr> = h.parse().ok();
-        let allowed = match ip {
-            Some(ip) => list.allows(&h, ip),
-            None => h == "localhost" || list.allows(&h, std::net::IpAddr::from([0, 0, 0, 0])),
-        };
-        if !allowed {
-            return Err(format!("target {h} is not in this node's allowlist (start the node with --allow-target {h})"));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
