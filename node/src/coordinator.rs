@@ -817,10 +817,7 @@ impl Coordinator {
     fn fetch_bundle(&self, run_id: String, origin: String, hash: String) {
         let mesh = self.mesh.clone();
         let tx = self.internal_tx.clone();
-        let (dir, allow) = (
-            self.me.data_dir.join("runs").join(&run_id),
-            self.me.allow_targets.clone(),
-        );
+        let (dir, allow) = (self.me.data_dir.clone(), self.me.allow_targets.clone());
         tokio::spawn(async move {
             let request = RunRequest::Bundle {
                 run_id: run_id.clone(),
@@ -845,7 +842,7 @@ impl Coordinator {
                     if bundle.hash() != hash {
                         Err("the plan bundle does not match its hash".to_string())
                     } else {
-                        prepare_bundle(&bundle, &dir, &allow)
+                        prepare_bundle(&bundle, &dir, &run_id, &allow)
                     }
                 }
                 Ok(MeshResponse::Run(RunResponse::Refused { reason })) => Err(reason),
@@ -860,8 +857,8 @@ impl Coordinator {
 
     /// The origin prepares from its own bundle (no fetch).
     fn prepare(&mut self, run_id: String, bundle: Result<Bundle, String>) {
-        let dir = self.me.data_dir.join("runs").join(&run_id);
-        let result = bundle.and_then(|b| prepare_bundle(&b, &dir, &self.me.allow_targets));
+        let dir = &self.me.data_dir;
+        let result = bundle.and_then(|b| prepare_bundle(&b, dir, &run_id, &self.me.allow_targets));
         self.on_internal(Internal::Prepared { run_id, result });
     }
 
