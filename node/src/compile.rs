@@ -280,7 +280,14 @@ pub fn compile_from(plan: Plan, file: &str, files: DataFiles) -> Result<Compiled
         let mut series_base = Vec::new();
         let mut flow_slot = Vec::new();
         for &(fi, w) in &s.flows {
-            cum += w as u64;
+            // u32 weights, at most one per flow entry of an 8 MiB plan: cannot wrap,
+            // but a plan number is never added unchecked.
+            cum = cum.checked_add(u64::from(w)).ok_or_else(|| {
+                err(
+                    format!("scenarios.{}.flows", s.name),
+                    "the weights add up to too much".into(),
+                )
+            })?;
             weighted.push((fi, cum));
             flow_slot.push(layout.flow_slots.len());
             layout.flow_slots.push((si, fi));
@@ -307,7 +314,18 @@ pub fn compile_from(plan: Plan, file: &str, files: DataFiles) -> Result<Compiled
             vu_offset,
             vu_slots,
         });
-        vu_offset += vu_slots;
+        vu_offset = vu_offset
+            .checked_add(vu_slots)
+            .filter(|v| *v <= plan::MAX_PLAN_VUS)
+            .ok_or_else(|| {
+                err(
+                    format!("scenarios.{}", s.name),
+                    format!(
+                        "the scenarios use more than {} VUs in all",
+                        plan::MAX_PLAN_VUS
+                    ),
+                )
+            })?;
     }
     let total_vu_slots = vu_offset;
 

@@ -1,0 +1,109 @@
+//! The real `stampede` binary against hostile input of its own user: plans whose
+//! numbers are out of bounds (a one-line `file:line: field: message`, exit 2, never an
+//! abort or a hang).
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn stampede() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_stampede"))
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn scenario_plan(keys: &str) -> String {
+    format!(
+        "name = \"bounds\"\n\n[scenarios.s]\n{keys}\n\n[flows.f]\nsteps = [{{ request = {{ url = \"http://127.0.0.1:9/\" }} }}]\n"
+    )
+}
+
+/// Each bad plan of the hardening issue, under `validate` and `run`: exit 2 within
+/// seconds, one line naming file, line and field. Before the bounds, a VU count of
+/// 1e12 aborted the process (rc 134, ~4.4 GB) and a huge start_after hung the run.
+#[test]
+fn out_of_bound_plan_numbers_are_one_line_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "executor = \"constant-vus\"\nvus = 1000000000000\nduration = \"1s\"",
+            "p.toml:5: scenarios.s.vus: ",
+            "must be at most 1000000",
+        ),
+        (
+            "executor = \"constant-arrival-rate\"\nrate = 10\nduration = \"1s\"\nmax_vus = 1000000000000",
+            "p.toml:7: scenarios.s.max_vus: ",
+            "must be at most 1000000",
+        ),
+        (
+            "executor = \"ramping-vus\"\nstages = [{ target = 1e12, duration = \"1s\" }]",
+            "p.toml:5: scenarios.s.stages: ",
+            "stages[0].target (1000000000000) must be at most 1000000",
+        ),
+        (
+            "executor = \"per-vu-iterations\"\nvus = 1000000000000\niterations = 1",
+            "p.toml:5: scenarios.s.vus: ",
+            "must be at most 1000000",
+        ),
+        (
+            "executor = \"shared-iterations\"\nvus = 1\niterations = 10000000000000",
+            "p.toml:6: scenarios.s.iterations: ",
+            "must be at most 1000000000000",
+        ),
+        (
+            "executor = \"constant-vus\"\nvus = 1\nduration = \"1s\"\nstart_after = \"100000000000000000s\"",
+            "p.toml:7: scenarios.s.start_after: ",
+            "is longer than the limit of 720h",
+        ),
+        (
+            "executor = \"constant-vus\"\nvus = 1\nduration = \"20d\"\nstart_after = \"20d\"",
+            "p.toml:7: scenarios.s.start_after: ",
+            "plus the scenario's length (480h) is over the limit of 720h",
+        ),
+        (
+            "executor = \"constant-arrival-rate\"\nrate = 10\nduration = \"1s\"\nmax_vus = 3\npre_allocated_vus = 5",
+            "p.toml:8: scenarios.s.pre_allocated_vus: ",
+            "pre_allocated_vus (5) must not exceed max_vus (3)",
+        ),
+        (
+            "executor = \"constant-vus\"\nvus = 1\nduration = \"1s\"\ngraceful_stop = \"31d\"",
+            "p.toml:7: scenarios.s.graceful_stop: ",
+            "longer than the limit of 720h",
+        ),
+    ];
+    for (keys, at, message) in cases {
+        let plan = dir.path().join("p.toml");
+        std::fs::write(&plan, scenario_plan(keys)).unwrap();
+        for cmd in ["validate", "run"] {
+            let started = Instant::now();
+            let quiet: &[&str] = if cmd == "run" { &["--quiet"] } else { &[] };
+            let out = stampede()
+                .arg(cmd)
+                .arg(&plan)
+                .args(quiet)
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            let took = started.elapsed();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd} {keys:?}\n{}", show(&out));
+            assert!(
+                took < Duration::from_secs(30),
+                "{cmd} {keys:?} took {took:?}"
+            );
+            let line = stderr.trim();
+            assert_eq!(line.lines().count(), 1, "{cmd} {keys:?}: {line}");
+            assert!(
+                line.contains(at) && line.contains(message),
+                "{cmd} {keys:?}: wanted {at}…{message}, got {line}"
+            );
+        }
+    }
+}
