@@ -1,10 +1,13 @@
 //! The real `stampede` binary against hostile input of its own user: plans whose
 //! numbers are out of bounds (a one-line `file:line: field: message`, exit 2, never an
-//! abort or a hang).
+//! abort or a hang), and result files that cannot all be written (every one is
+//! attempted, each failure named, exit 3).
 
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+
+use stampede_tools::{TargetConfig, TargetHandle};
 
 fn stampede() -> Command {
     Command::new(env!("CARGO_BIN_EXE_stampede"))
@@ -106,4 +109,64 @@ fn out_of_bound_plan_numbers_are_one_line_usage_errors() {
             );
         }
     }
+}
+
+fn target() -> TargetHandle {
+    stampede_tools::spawn(TargetConfig {
+        threads: 1,
+        ..TargetConfig::default()
+    })
+    .expect("start stampede-target")
+}
+
+/// `--out json=/dev/full --out html=ok.html`: the full device fails, the HTML report
+/// is still written, the failure is named, the exit code is 3. Before, the first
+/// failure ended the command and `ok.html` was never written.
+#[test]
+fn every_result_file_is_attempted_and_each_failure_named() {
+    if !Path::new("/dev/full").exists() {
+        eprintln!("no /dev/full on this machine; skipped");
+        return;
+    }
+    let t = target();
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("p.toml");
+    std::fs::write(
+        &plan,
+        format!(
+            "[scenarios.s]\nexecutor = \"shared-iterations\"\nvus = 1\niterations = 3\n\n[flows.f]\nsteps = [{{ request = {{ url = \"{}/\" }} }}]\n",
+            t.url()
+        ),
+    )
+    .unwrap();
+    let html = dir.path().join("ok.html");
+    let csv = dir.path().join("missing-dir").join("t.csv");
+    let out = stampede()
+        .arg("run")
+        .arg(&plan)
+        .args(["--quiet", "--out", "json=/dev/full", "--out"])
+        .arg(format!("html={}", html.display()))
+        .arg("--out")
+        .arg(format!("csv={}", csv.display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert!(html.exists(), "ok.html was not written\n{}", show(&out));
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<html"), "{page:.200}");
+    assert!(stderr.contains("/dev/full"), "{stderr}");
+    assert!(stderr.contains("t.csv"), "{stderr}");
+    // /dev/full is still the device (not replaced by a renamed temp file), and no
+    // temp file is left beside ok.html.
+    let meta = std::fs::metadata("/dev/full").unwrap();
+    assert!(!meta.is_file(), "/dev/full was replaced by a regular file");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        left.iter().all(|n| !n.contains(".tmp")),
+        "temp files left: {left:?}"
+    );
 }
