@@ -1,7 +1,10 @@
 //! The real `stampede` binary against hostile input of its own user: plans whose
 //! numbers are out of bounds (a one-line `file:line: field: message`, exit 2, never an
 //! abort or a hang), and result files that cannot all be written (every one is
-//! attempted, each failure named, exit 3).
+//! attempted, each failure named, exit 3); and a real node given a plan bundle that
+//! names a file it did not ship.
+
+mod mesh_support;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -169,4 +172,48 @@ fn every_result_file_is_attempted_and_each_failure_named() {
         left.iter().all(|n| !n.contains(".tmp")),
         "temp files left: {left:?}"
     );
+}
+
+/// A bundle sent straight to a node's control endpoint, naming `../../secret.csv` (the
+/// node's own data dir, from `DATA_DIR/runs/<id>/`) and shipping nothing: the node
+/// refuses it naming the field, and neither the answer nor the node's log holds
+/// anything of the file. Before, the node read its own file, and the refusal sent
+/// across the mesh carried its header (`columns: SECRET_1, x`).
+#[test]
+fn a_node_reads_data_only_from_the_bundle_and_never_echoes_a_file() {
+    use stampede::control::{call_streaming, find_node, ControlRequest};
+    let mesh = mesh_support::Mesh::new();
+    let node = mesh.node("n1", &[], &[]);
+    std::fs::write(node.dir.join("secret.csv"), "SECRET_1,x\nhunter2,y\n").unwrap();
+    let target = find_node(None, Some(&node.dir)).unwrap();
+    for file in ["../../secret.csv", "/etc/passwd"] {
+        let plan = format!(
+            "[data.s]\nfile = \"{file}\"\nformat = \"csv\"\n\n[scenarios.a]\nexecutor = \"shared-iterations\"\nvus = 1\niterations = 1\n\n[flows.f]\nsteps = [{{ request = {{ url = \"http://127.0.0.1:9/?u={{{{ s.nosuch }}}}\" }} }}]\n"
+        );
+        let bundle = stampede_protocol::run::Bundle {
+            plan_name: "p.toml".into(),
+            plan,
+            files: Default::default(),
+        };
+        let mut events = Vec::new();
+        let answer = call_streaming(
+            &target,
+            ControlRequest::Run {
+                bundle,
+                requirements: Default::default(),
+            },
+            Duration::from_secs(60),
+            |e| events.push(e),
+        );
+        let seen = format!("{answer:?} {events:?}");
+        assert!(answer.is_err(), "the run was not refused: {seen}");
+        assert!(seen.contains("data.s.file"), "{file}: {seen}");
+        for secret in ["SECRET_1", "hunter2", "root:"] {
+            assert!(!seen.contains(secret), "{file}: {secret} leaked: {seen}");
+            assert!(
+                !node.log_text().contains(secret),
+                "{file}: {secret} in the node's log"
+            );
+        }
+    }
 }
