@@ -8,7 +8,7 @@
 //! depend on things only a node knows (its data partition, its allowlist).
 
 use std::collections::BTreeMap;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::ops::Range;
 use std::time::Duration;
 
@@ -178,14 +178,32 @@ pub struct PlanError {
 
 impl fmt::Display for PlanError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file)?;
+        write!(f, "{}", Printable(&self.file))?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
         }
         if let Some(field) = &self.field {
-            write!(f, ": {field}")?;
+            write!(f, ": {}", Printable(field))?;
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", Printable(&self.message))
+    }
+}
+
+/// Text from the plan shown with control characters escaped (`\r`, `\u{e}`): a field
+/// name or value taken from a plan must not break the error's one line, or move the
+/// terminal's cursor.
+struct Printable<'a>(&'a str);
+
+impl fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1195,5 +1213,16 @@ think = "1s..3s"
             Think::Fixed(Duration::from_secs(2))
         );
         assert!(parse_think("3s..1s").is_err());
+    }
+
+    /// Found by tools/fuzz.sh (fuzz_plan_bytes): a key made of a carriage return and a
+    /// control character was echoed raw as the error's field, breaking its one line.
+    #[test]
+    fn control_characters_from_the_plan_never_break_the_error_line() {
+        let e = parse_plan("p.toml", "\"\r\u{e}=\0")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains(['\r', '\n', '\u{e}']), "{e:?}");
+        assert!(e.starts_with("p.toml:1: "), "{e}");
     }
 }
