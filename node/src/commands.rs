@@ -180,10 +180,7 @@ pub fn follow_run(
 /// Prints the summary, writes the outputs and judges the thresholds.
 pub fn finish(summary: &Summary, outs: &[Output]) -> Result<Outcome, Failure> {
     print!("{}", terminal::summary_table(summary));
-    for o in outs {
-        outputs::write(o, summary).map_err(Failure::run)?;
-        eprintln!("wrote {}", o.path.display());
-    }
+    outputs::write_all(outs, summary).map_err(Failure::run)?;
     if report::thresholds_passed(summary) {
         Ok(Outcome::Success)
     } else {

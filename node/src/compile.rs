@@ -6,6 +6,7 @@
 //! send or measure anything. Errors name the plan file, line and field, like the
 //! plan's own.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,8 +178,24 @@ pub fn load(path: &Path) -> Result<CompiledPlan, PlanError> {
     Ok(compiled)
 }
 
+/// Where a plan's data files come from.
+#[derive(Debug, Clone, Copy)]
+pub enum DataFiles<'a> {
+    /// A local run: files on disk, relative to the plan's directory.
+    Dir(&'a Path),
+    /// A mesh run: only the files shipped in the plan bundle, by the name the plan
+    /// gives. Nothing is read from this node's disk, so a plan cannot make a node read
+    /// (or echo back) its own files.
+    Bundle(&'a BTreeMap<String, Vec<u8>>),
+}
+
 /// Compiles a validated plan; `file` names it in errors, `base_dir` resolves data files.
 pub fn compile(plan: Plan, file: &str, base_dir: &Path) -> Result<CompiledPlan, PlanError> {
+    compile_from(plan, file, DataFiles::Dir(base_dir))
+}
+
+/// Compiles a validated plan with its data files from `files`.
+pub fn compile_from(plan: Plan, file: &str, files: DataFiles) -> Result<CompiledPlan, PlanError> {
     let err = |field: String, message: String| PlanError {
         file: file.to_string(),
         line: None,
@@ -188,13 +205,27 @@ pub fn compile(plan: Plan, file: &str, base_dir: &Path) -> Result<CompiledPlan, 
 
     let mut feeders = Vec::new();
     for d in &plan.data {
-        let path = base_dir.join(&d.file);
         let format = match d.format {
             plan::DataFormat::Csv => data::DataFormat::Csv,
             plan::DataFormat::Jsonl => data::DataFormat::JsonLines,
         };
-        let set = data::load(&d.name, &path, Some(format))
-            .map_err(|e| err(format!("data.{}.file", d.name), e.to_string()))?;
+        let field = || format!("data.{}.file", d.name);
+        let set = match files {
+            DataFiles::Dir(base) => data::load(&d.name, &base.join(&d.file), Some(format)),
+            DataFiles::Bundle(shipped) => {
+                let Some(bytes) = shipped.get(&d.file) else {
+                    return Err(err(
+                        field(),
+                        format!(
+                            "{:?} is not a file of the plan bundle (a mesh run reads data only from the files shipped with its plan)",
+                            d.file
+                        ),
+                    ));
+                };
+                data::parse(&d.name, &d.file, bytes, format)
+            }
+        }
+        .map_err(|e| err(field(), e.to_string()))?;
         feeders.push(Feeder {
             data: Arc::new(set),
             mode: match d.mode {
@@ -249,7 +280,14 @@ pub fn compile(plan: Plan, file: &str, base_dir: &Path) -> Result<CompiledPlan, 
         let mut series_base = Vec::new();
         let mut flow_slot = Vec::new();
         for &(fi, w) in &s.flows {
-            cum += w as u64;
+            // u32 weights, at most one per flow entry of an 8 MiB plan: cannot wrap,
+            // but a plan number is never added unchecked.
+            cum = cum.checked_add(u64::from(w)).ok_or_else(|| {
+                err(
+                    format!("scenarios.{}.flows", s.name),
+                    "the weights add up to too much".into(),
+                )
+            })?;
             weighted.push((fi, cum));
             flow_slot.push(layout.flow_slots.len());
             layout.flow_slots.push((si, fi));
@@ -276,7 +314,18 @@ pub fn compile(plan: Plan, file: &str, base_dir: &Path) -> Result<CompiledPlan, 
             vu_offset,
             vu_slots,
         });
-        vu_offset += vu_slots;
+        vu_offset = vu_offset
+            .checked_add(vu_slots)
+            .filter(|v| *v <= plan::MAX_PLAN_VUS)
+            .ok_or_else(|| {
+                err(
+                    format!("scenarios.{}", s.name),
+                    format!(
+                        "the scenarios use more than {} VUs in all",
+                        plan::MAX_PLAN_VUS
+                    ),
+                )
+            })?;
     }
     let total_vu_slots = vu_offset;
 
@@ -292,7 +341,10 @@ pub fn compile(plan: Plan, file: &str, base_dir: &Path) -> Result<CompiledPlan, 
     Ok(CompiledPlan {
         plan,
         source: String::new(),
-        base_dir: base_dir.to_path_buf(),
+        base_dir: match files {
+            DataFiles::Dir(base) => base.to_path_buf(),
+            DataFiles::Bundle(_) => PathBuf::new(),
+        },
         layout,
         feeders,
         flows,

@@ -32,6 +32,7 @@ use stampede_protocol::snapshot::Metrics;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::aggregate::{NodeCollector, NodeSecond, RunAggregate};
+use crate::bundle::prepare_bundle;
 use crate::compile::CompiledPlan;
 use crate::cpu::CpuSampler;
 use crate::embedded::{client_settings, plan_duration, unix_ms};
@@ -816,10 +817,7 @@ impl Coordinator {
     fn fetch_bundle(&self, run_id: String, origin: String, hash: String) {
         let mesh = self.mesh.clone();
         let tx = self.internal_tx.clone();
-        let (dir, allow) = (
-            self.me.data_dir.join("runs").join(&run_id),
-            self.me.allow_targets.clone(),
-        );
+        let (dir, allow) = (self.me.data_dir.clone(), self.me.allow_targets.clone());
         tokio::spawn(async move {
             let request = RunRequest::Bundle {
                 run_id: run_id.clone(),
@@ -844,7 +842,7 @@ impl Coordinator {
                     if bundle.hash() != hash {
                         Err("the plan bundle does not match its hash".to_string())
                     } else {
-                        prepare_bundle(&bundle, &dir, &allow)
+                        prepare_bundle(&bundle, &dir, &run_id, &allow)
                     }
                 }
                 Ok(MeshResponse::Run(RunResponse::Refused { reason })) => Err(reason),
@@ -859,8 +857,8 @@ impl Coordinator {
 
     /// The origin prepares from its own bundle (no fetch).
     fn prepare(&mut self, run_id: String, bundle: Result<Bundle, String>) {
-        let dir = self.me.data_dir.join("runs").join(&run_id);
-        let result = bundle.and_then(|b| prepare_bundle(&b, &dir, &self.me.allow_targets));
+        let dir = &self.me.data_dir;
+        let result = bundle.and_then(|b| prepare_bundle(&b, dir, &run_id, &self.me.allow_targets));
         self.on_internal(Internal::Prepared { run_id, result });
     }
 
@@ -1878,60 +1876,6 @@ fn first_event_at(s: &stampede_protocol::executor::ArrivalSchedule, t: Duration)
         }
     }
     lo
-}
-
-/// Writes a bundle's files under `dir`, compiles its plan there and checks every
-/// target host against this node's allowlist: an error means the plan itself is
-/// unusable here; `Some(reason)` beside the plan is this node's named refusal.
-pub fn prepare_bundle(
-    bundle: &Bundle,
-    dir: &std::path::Path,
-    allow: &[String],
-) -> Result<(Arc<CompiledPlan>, Option<String>), String> {
-    bundle.validate()?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    for (name, data) in &bundle.files {
-        let p = dir.join(name);
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        }
-        std::fs::write(&p, data).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-    }
-    let plan = crate::commands::compile_text(&bundle.plan_name, &bundle.plan, &[], dir)
-        .map_err(|e| e.to_string())?;
-    let refusal = check_targets(&plan, allow).err();
-    Ok((Arc::new(plan), refusal))
-}
-
-/// Refuses a plan whose fixed target hosts this node's operator did not allow.
-fn check_targets(plan: &CompiledPlan, allow: &[String]) -> Result<(), String> {
-    let list = crate::http::Allowlist::from_entries(allow.iter().filter(|a| *a != "loopback"))
-        .map_err(|e| e.to_string())?;
-    let mut hosts = BTreeSet::new();
-    if let Some(b) = &plan.plan.defaults.base_url {
-        if let Ok(u) = crate::http::Url::parse(b) {
-            hosts.insert(u.host().to_string());
-        }
-    }
-    for f in &plan.flows {
-        for s in &f.steps {
-            if let crate::compile::UrlTemplate::Static(u) = &s.url {
-                hosts.insert(u.host().to_string());
-            }
-        }
-    }
-    for h in hosts {
-        let ip: Option<std::net::IpAddr> = h.parse().ok();
-        let allowed = match ip {
-            Some(ip) => list.allows(&h, ip),
-            None => h == "localhost" || list.allows(&h, std::net::IpAddr::from([0, 0, 0, 0])),
-        };
-        if !allowed {
-            return Err(format!("target {h} is not in this node's allowlist (start the node with --allow-target {h})"));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -25,6 +25,13 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
+/// Most bytes of one data file: every node holds all of its rows in memory.
+pub const MAX_DATA_BYTES: u64 = 256 * 1024 * 1024;
+/// Most rows of one data file (a row costs tens of bytes beyond its text).
+pub const MAX_DATA_ROWS: usize = 10_000_000;
+/// Most columns of one data file.
+pub const MAX_DATA_COLUMNS: usize = 1024;
+
 /// The file format of a data feeder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataFormat {
@@ -158,11 +165,19 @@ pub fn load(name: &str, path: &Path, format: Option<DataFormat>) -> Result<DataS
             ),
         });
     };
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+    let io = |source| DataError::Io {
         name: name.to_string(),
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    // Read at most one byte past the limit: a bigger file is refused without being
+    // read whole (it may also be growing, or not a regular file).
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open(path).map_err(io)?, MAX_DATA_BYTES + 1),
+        &mut bytes,
+    )
+    .map_err(io)?;
     let file = path
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
@@ -184,6 +199,14 @@ pub fn parse(
         line,
         message,
     };
+    if bytes.len() as u64 > MAX_DATA_BYTES {
+        return Err(DataError::Invalid {
+            name: name.to_string(),
+            message: format!(
+                "data.{name}: {file} is larger than the limit of {MAX_DATA_BYTES} bytes"
+            ),
+        });
+    }
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let line = bytes[..e.valid_up_to()]
             .iter()
@@ -304,6 +327,13 @@ fn csv_records(text: &str) -> Result<Vec<Record>, (usize, String)> {
             break;
         }
         let blank = !any_quoted && fields.len() == 1 && fields[0].trim().is_empty();
+        if blank {
+            continue;
+        }
+        // The header and the row limit: stop before holding more than that.
+        if records.len() > MAX_DATA_ROWS {
+            return Err((start_line, format!("more than {MAX_DATA_ROWS} rows")));
+        }
         records.push(Record {
             fields,
             line: start_line,
@@ -321,6 +351,15 @@ fn parse_csv(text: &str) -> Result<Parsed, (usize, String)> {
             "the file is empty; a CSV feeder needs a header row".to_string(),
         ));
     };
+    if header.fields.len() > MAX_DATA_COLUMNS {
+        return Err((
+            header.line,
+            format!(
+                "the header has {} columns, limit {MAX_DATA_COLUMNS}",
+                header.fields.len()
+            ),
+        ));
+    }
     let columns: Vec<String> = header.fields.iter().map(|c| c.trim().to_string()).collect();
     for (i, c) in columns.iter().enumerate() {
         if c.is_empty() {
@@ -332,6 +371,9 @@ fn parse_csv(text: &str) -> Result<Parsed, (usize, String)> {
     }
     let mut rows = Vec::new();
     for r in records {
+        if rows.len() == MAX_DATA_ROWS {
+            return Err((r.line, format!("more than {MAX_DATA_ROWS} rows")));
+        }
         if r.fields.len() != columns.len() {
             return Err((
                 r.line,
@@ -376,7 +418,19 @@ fn parse_jsonl(text: &str) -> Result<Parsed, (usize, String)> {
                 format!("expected a JSON object, found {}", json_kind(&v)),
             ));
         };
+        if rows.len() == MAX_DATA_ROWS {
+            return Err((line, format!("more than {MAX_DATA_ROWS} rows")));
+        }
         let cols = columns.get_or_insert_with(|| map.keys().cloned().collect());
+        if cols.len() > MAX_DATA_COLUMNS {
+            return Err((
+                line,
+                format!(
+                    "the first object has {} keys, limit {MAX_DATA_COLUMNS}",
+                    cols.len()
+                ),
+            ));
+        }
         if cols.is_empty() {
             return Err((
                 line,
@@ -1026,5 +1080,16 @@ mod tests {
                 let _ = jsonl(&text);
             }
         }
+    }
+
+    #[test]
+    fn too_many_columns_are_refused_by_count_not_by_content() {
+        let header: Vec<String> = (0..=MAX_DATA_COLUMNS).map(|i| format!("c{i}")).collect();
+        let csv = format!("{}\n", header.join(","));
+        let e = parse("d", "d.csv", csv.as_bytes(), DataFormat::Csv).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "data.d: d.csv line 1: the header has 1025 columns, limit 1024"
+        );
     }
 }

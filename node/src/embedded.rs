@@ -74,7 +74,9 @@ pub fn unix_ms() -> u64 {
     stampede_protocol::run::unix_us() / 1000
 }
 
-/// A short, unique-enough run id: time plus randomness.
+/// A short, unique-enough run id: time plus randomness. This is the one format
+/// every node accepts (`stampede_protocol::run::validate_run_id`): a run id becomes a
+/// directory name, so a change here must change the check with it.
 pub fn new_run_id() -> String {
     format!("{:x}-{:04x}", unix_ms() / 1000, rand::random::<u16>())
 }
@@ -181,4 +183,17 @@ pub fn plan_duration(plan: &CompiledPlan) -> Duration {
         .map(|s| s.start_after + s.executor.total_duration())
         .max()
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_run_ids_pass_the_check_every_node_makes() {
+        for _ in 0..100 {
+            let id = new_run_id();
+            stampede_protocol::run::validate_run_id(&id).unwrap();
+        }
+    }
 }

@@ -440,7 +440,8 @@ fn worker_main(
             tokio::task::spawn_local(async move {
                 loop {
                     let second = unreported.get();
-                    tokio::time::sleep_until(start + Duration::from_secs(second + 1)).await;
+                    tokio::time::sleep_until(start + Duration::from_secs(second.saturating_add(1)))
+                        .await;
                     if done.get() {
                         return;
                     }
@@ -625,9 +626,18 @@ fn my_indices(w: &Worker, limit: u64) -> Vec<u64> {
     out
 }
 
+/// `at + d` without the panic of `Instant + Duration` on overflow: plan durations are
+/// bounded (30 days), but a sum of them must not be able to abort a worker; past the
+/// end of `Instant` it is a year ahead, which no bounded run reaches.
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(at)
+}
+
 async fn run_scenario(w: Rc<Worker>, si: usize) {
     let sc = &w.spec.plan.scenarios[si];
-    let begin = w.spec.start_at + sc.start_after;
+    let begin = later(w.spec.start_at, sc.start_after);
     let mut stop_rx = w.stop_rx.clone();
     tokio::select! {
         _ = pacing::wait_until(begin) => {}
@@ -705,7 +715,7 @@ fn arm_hard_stop(
     tokio::task::spawn_local(async move {
         let mut rx = w.stop_rx.clone();
         tokio::select! {
-            _ = tokio::time::sleep_until((end + grace).into()) => {}
+            _ = tokio::time::sleep_until(later(end, grace).into()) => {}
             _ = rx.wait_for(|s| *s == Stop::Graceful) => {
                 tokio::time::sleep(grace).await;
             }
@@ -719,7 +729,7 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
     let sc = &w.spec.plan.scenarios[si];
     let exec = sc.executor.clone();
     let total = exec.total_duration();
-    let end = begin + total;
+    let end = later(begin, total);
     let (hard_tx, hard_rx) = watch::channel(false);
     let mut mine = my_indices(&w, sc.vu_slots);
     let target = Rc::new(Cell::new(exec.vus_at(Duration::ZERO).unwrap_or(0)));
@@ -761,7 +771,7 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
         // Sleep until the VU target changes, the split changes (failover hands us
         // VUs of a lost node), the scenario ends or the run stops.
         let wake = match next_change {
-            Some((next, _)) if next < total => begin + next,
+            Some((next, _)) if next < total => later(begin, next),
             _ => end,
         };
         tokio::select! {
@@ -800,7 +810,7 @@ async fn closed_counted(
     per_vu: Option<u64>,
     max_duration: Duration,
 ) {
-    let end = begin + max_duration;
+    let end = later(begin, max_duration);
     let (hard_tx, hard_rx) = watch::channel(false);
     let mine = my_indices(&w, vus);
     let mut tasks = Vec::new();
@@ -857,7 +867,7 @@ const SHORT_WAIT: Duration = Duration::from_millis(2);
 async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     let sc = &w.spec.plan.scenarios[si];
     let exec = sc.executor.clone();
-    let end = begin + exec.total_duration();
+    let end = later(begin, exec.total_duration());
     let schedule = match exec.arrival_schedule() {
         Ok(Some(s)) => s,
         // Validated plans always have a schedule for arrival-rate executors.
@@ -908,7 +918,7 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
         let Some(t) = schedule.arrival_time(event) else {
             break;
         };
-        let intended = begin + t;
+        let intended = later(begin, t);
         if intended >= end {
             break;
         }

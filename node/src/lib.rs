@@ -2,6 +2,7 @@
 //! concern lives in a module of this library so that tests and the mesh reuse it.
 
 pub mod aggregate;
+pub mod bundle;
 pub mod cli;
 pub mod commands;
 pub mod compile;

@@ -2,10 +2,14 @@
 //! timeline) and junit (thresholds as test cases), written once the run has ended.
 //!
 //! Parsing of the `--out` flags happens before the run starts, so a typo is a usage
-//! error and never costs an hour of load. This module must not compute results.
+//! error and never costs an hour of load. Writing attempts every file, each one
+//! atomically (a temp file in the same directory, then a rename: a reader never sees
+//! half a report, and a failed write leaves the old file), and reports every failure.
+//! This module must not compute results.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 
 use crate::report::Summary;
 
@@ -55,7 +59,62 @@ pub fn write(out: &Output, s: &Summary) -> Result<(), String> {
         Format::Junit => junit(s),
         Format::Html => crate::html::render(s),
     };
-    std::fs::write(&out.path, text).map_err(|e| format!("cannot write {}: {e}", out.path.display()))
+    write_file(&out.path, text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", out.path.display()))
+}
+
+/// Writes every output, whatever fails before it; says `wrote FILE` for each one
+/// written, and returns every failure, one per line.
+pub fn write_all(outs: &[Output], s: &Summary) -> Result<(), String> {
+    let mut failed = Vec::new();
+    for o in outs {
+        match write(o, s) {
+            Ok(()) => eprintln!("wrote {}", o.path.display()),
+            Err(e) => failed.push(e),
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("\n"))
+    }
+}
+
+/// A regular file (or a new one) is replaced atomically: temp file beside it, then
+/// rename. Anything else that exists — `/dev/stdout`, a FIFO, `/dev/full` — is written
+/// in place: renaming over it would replace the device or pipe the user named.
+fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => {
+            let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+            f.write_all(bytes)?;
+            return f.flush();
+        }
+        _ => {}
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn csv(s: &Summary) -> String {
@@ -147,5 +206,18 @@ mod tests {
             .contains("unknown format \"xml\""));
         assert!(parse("json").is_err());
         assert!(parse("json=").is_err());
+    }
+
+    #[test]
+    fn a_file_is_replaced_whole_and_no_temp_file_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.json");
+        std::fs::write(&p, "old").unwrap();
+        write_file(&p, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "new");
+        let err = write_file(&dir.path().join("no/such/r.json"), b"x");
+        assert!(err.is_err());
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
     }
 }

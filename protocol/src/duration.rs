@@ -18,6 +18,25 @@ const NANOS_PER: [(&str, u128); 8] = [
     ("d", 86_400_000_000_000),
 ];
 
+/// The longest duration a plan may give anywhere (a scenario's length, `start_after`,
+/// `graceful_stop`, a timeout, a think time), and the longest a scenario may last from
+/// the run's start: a load test of a month is already unusual, and the bound keeps
+/// every sum of plan durations far from overflowing an `Instant`.
+pub const MAX_PLAN_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// `d`, or an error saying it is over [`MAX_PLAN_DURATION`].
+pub fn check_plan_duration(d: Duration) -> Result<Duration, String> {
+    if d > MAX_PLAN_DURATION {
+        Err(format!(
+            "{} is longer than the limit of {}",
+            format_duration(d),
+            format_duration(MAX_PLAN_DURATION)
+        ))
+    } else {
+        Ok(d)
+    }
+}
+
 /// Parses a duration such as `500ms`, `10s`, `4m`, `1h30m`, `1m30s`, `0s`, `1.5s`.
 ///
 /// Units: `ns`, `us` (or `µs`), `ms`, `s`, `m`, `h`, `d`. Components may repeat in any

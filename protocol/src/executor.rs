@@ -22,13 +22,24 @@
 //! rate, constant rate r gives exactly t_k = k/r (to the ns, rounded down), no event ever
 //! fires inside a stretch of rate 0, and there are ⌈A(end)⌉ events in all.
 
-use crate::duration::human;
+use crate::duration::{check_plan_duration, human, MAX_PLAN_DURATION};
 use crate::segment::Assignment;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// Highest rate accepted, in iterations per second.
 pub const MAX_RATE: f64 = 1e9;
+
+/// Most VUs one scenario may use (`vus`, `max_vus`, `start_vus`, ramping-vus stage
+/// targets): each is a task with its own connections and state on some node, and
+/// the engine keeps per-VU bookkeeping for the whole range.
+pub const MAX_VUS: u64 = 1_000_000;
+
+/// Most iterations an iteration executor may ask for (`iterations`).
+pub const MAX_ITERATIONS: u64 = 1_000_000_000_000;
+
+/// Most stages of a ramp.
+pub const MAX_STAGES: usize = 10_000;
 
 /// `max_duration` of the iteration executors when the plan gives none (k6's default).
 pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(600);
@@ -150,17 +161,25 @@ impl Executor {
                 Ok(())
             }
         };
-        let nonzero_duration = |field: &str, d: Duration| {
-            if d.is_zero() {
-                Err(refuse(kind, field, "must be longer than 0s"))
-            } else if d.as_nanos() > u128::from(u64::MAX) {
-                Err(refuse(kind, field, "is too long"))
+        let at_most = |field: &str, v: u64, max: u64| {
+            if v > max {
+                Err(refuse(kind, field, format!("({v}) must be at most {max}")))
             } else {
                 Ok(())
             }
         };
+        let nonzero_duration = |field: &str, d: Duration| {
+            if d.is_zero() {
+                Err(refuse(kind, field, "must be longer than 0s"))
+            } else {
+                check_plan_duration(d)
+                    .map(|_| ())
+                    .map_err(|m| refuse(kind, field, m))
+            }
+        };
         let vu_pool = |max_vus: u64, pre: u64| {
             positive("max_vus", max_vus)?;
+            at_most("max_vus", max_vus, MAX_VUS)?;
             if pre > max_vus {
                 return Err(refuse(
                     kind,
@@ -173,9 +192,16 @@ impl Executor {
         match self {
             Executor::ConstantVus { vus, duration } => {
                 positive("vus", *vus)?;
+                at_most("vus", *vus, MAX_VUS)?;
                 nonzero_duration("duration", *duration)
             }
-            Executor::RampingVus { stages, .. } => stages_total(kind, stages).map(|_| ()),
+            Executor::RampingVus { start_vus, stages } => {
+                at_most("start_vus", *start_vus, MAX_VUS)?;
+                for (i, s) in stages.iter().enumerate() {
+                    at_most(&format!("stages[{i}].target"), s.target, MAX_VUS)?;
+                }
+                stages_total(kind, stages).map(|_| ())
+            }
             Executor::ConstantArrivalRate {
                 rate,
                 duration,
@@ -212,7 +238,9 @@ impl Executor {
                 max_duration,
             } => {
                 positive("vus", *vus)?;
+                at_most("vus", *vus, MAX_VUS)?;
                 positive("iterations", *iterations)?;
+                at_most("iterations", *iterations, MAX_ITERATIONS)?;
                 nonzero_duration("max_duration", *max_duration)
             }
         }
@@ -376,21 +404,34 @@ impl Executor {
     }
 }
 
-/// Sum of the stage durations; refuses no stages, a zero total and overflow.
+/// Sum of the stage durations; refuses no stages, too many, a zero total and a total
+/// over [`MAX_PLAN_DURATION`].
 fn stages_total(kind: &'static str, stages: &[Stage]) -> Result<u64, ExecutorError> {
     if stages.is_empty() {
         return Err(refuse(kind, "stages", "needs at least one stage"));
     }
+    if stages.len() > MAX_STAGES {
+        return Err(refuse(
+            kind,
+            "stages",
+            format!("has {} stages, limit {MAX_STAGES}", stages.len()),
+        ));
+    }
+    let max = ns(MAX_PLAN_DURATION);
     let mut total: u64 = 0;
     for (i, s) in stages.iter().enumerate() {
         total = u64::try_from(s.duration.as_nanos())
             .ok()
             .and_then(|d| total.checked_add(d))
+            .filter(|t| *t <= max)
             .ok_or_else(|| {
                 refuse(
                     kind,
                     format!("stages[{i}].duration"),
-                    "makes the run too long",
+                    format!(
+                        "makes the stages longer than the limit of {}",
+                        crate::duration::format_duration(MAX_PLAN_DURATION)
+                    ),
                 )
             })?;
     }

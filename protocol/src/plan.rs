@@ -8,16 +8,23 @@
 //! depend on things only a node knows (its data partition, its allowlist).
 
 use std::collections::BTreeMap;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::ops::Range;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::duration::parse_duration;
-use crate::executor::{Executor, Stage};
+use crate::duration::{check_plan_duration, format_duration, parse_duration, MAX_PLAN_DURATION};
+use crate::executor::{Executor, Stage, MAX_VUS};
 use crate::threshold::{Threshold, ThresholdExpr};
+
+/// Most bytes of plan text (the whole plan bundle is bounded the same way).
+pub const MAX_PLAN_BYTES: usize = crate::run::MAX_BUNDLE_BYTES;
+/// Most VU slots of all scenarios of a plan together (each scenario: `MAX_VUS`).
+pub const MAX_PLAN_VUS: u64 = 10 * MAX_VUS;
+/// Most redirects a step may follow (`defaults.max_redirects`).
+pub const MAX_REDIRECTS: u32 = 100;
 
 /// A plan that parsed and passed every static check.
 #[derive(Debug, Clone)]
@@ -171,14 +178,32 @@ pub struct PlanError {
 
 impl fmt::Display for PlanError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file)?;
+        write!(f, "{}", Printable(&self.file))?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
         }
         if let Some(field) = &self.field {
-            write!(f, ": {field}")?;
+            write!(f, ": {}", Printable(field))?;
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", Printable(&self.message))
+    }
+}
+
+/// Text from the plan shown with control characters escaped (`\r`, `\u{e}`): a field
+/// name or value taken from a plan must not break the error's one line, or move the
+/// terminal's cursor.
+struct Printable<'a>(&'a str);
+
+impl fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -361,6 +386,7 @@ impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         parse_duration(&s)
+            .and_then(check_plan_duration)
             .map(Dur)
             .map_err(|e| serde::de::Error::custom(format!("bad duration \"{s}\": {e}")))
     }
@@ -370,6 +396,14 @@ impl<'de> Deserialize<'de> for Dur {
 
 /// Parses and validates a plan. `file` is only used to name the plan in errors.
 pub fn parse_plan(file: &str, src: &str) -> Result<Plan, PlanError> {
+    if src.len() > MAX_PLAN_BYTES {
+        return Err(PlanError {
+            file: file.to_string(),
+            line: None,
+            field: None,
+            message: format!("the plan is {} bytes, limit {MAX_PLAN_BYTES}", src.len()),
+        });
+    }
     let raw: RawPlan = toml::from_str(src).map_err(|e| {
         let span = e.span();
         PlanError {
@@ -400,7 +434,11 @@ impl Validator<'_> {
     /// An error about `key` inside the table at `span`: points at the key's own line
     /// when it is written there, at the table otherwise (a missing key).
     fn err_key(&self, span: &Range<usize>, path: &str, key: &str, msg: &str) -> PlanError {
-        let at = find_key(self.src, span.clone(), key).unwrap_or(span.start);
+        // A table's span may cover only its `[header]`: look on to the next header.
+        let table_end = self.src[span.end.min(self.src.len())..]
+            .find("\n[")
+            .map_or(self.src.len(), |i| span.end + i);
+        let at = find_key(self.src, span.start..table_end.max(span.end), key).unwrap_or(span.start);
         self.err(at..at, format!("{path}.{key}"), msg)
     }
 
@@ -487,9 +525,43 @@ impl Validator<'_> {
                 message: "the plan has no scenario: add a [scenarios.NAME] table".into(),
             });
         }
-        let mut scenarios = Vec::new();
+        let mut scenarios: Vec<Scenario> = Vec::new();
+        let mut vu_slots: u64 = 0;
         for (name, s) in raw.scenarios {
-            scenarios.push(self.scenario(&name, s, &flow_names)?);
+            let span = s.span();
+            let sc = self.scenario(&name, s, &flow_names)?;
+            vu_slots = vu_slots.saturating_add(sc.executor.max_vus());
+            if vu_slots > MAX_PLAN_VUS {
+                return Err(self.err(
+                    span,
+                    format!("scenarios.{name}"),
+                    format!("the scenarios up to this one use {vu_slots} VUs in all, limit {MAX_PLAN_VUS}"),
+                ));
+            }
+            scenarios.push(sc);
+        }
+        if defaults.max_redirects > MAX_REDIRECTS {
+            let at = find_key(self.src, 0..self.src.len(), "max_redirects").unwrap_or(0);
+            return Err(self.err(
+                at..at,
+                "defaults.max_redirects".into(),
+                format!(
+                    "({}) must be at most {MAX_REDIRECTS}",
+                    defaults.max_redirects
+                ),
+            ));
+        }
+        if raw.requirements.min_nodes as usize > crate::run::MAX_MEMBERS {
+            let at = find_key(self.src, 0..self.src.len(), "min_nodes").unwrap_or(0);
+            return Err(self.err(
+                at..at,
+                "requirements.min_nodes".into(),
+                format!(
+                    "({}) must be at most {}",
+                    raw.requirements.min_nodes,
+                    crate::run::MAX_MEMBERS
+                ),
+            ));
         }
 
         let mut thresholds = Vec::new();
@@ -743,7 +815,7 @@ impl Validator<'_> {
                     rate: per_second(rate),
                     duration: need_dur(s.duration, "duration")?,
                     max_vus,
-                    pre_allocated_vus: s.pre_allocated_vus.unwrap_or(max_vus).min(max_vus),
+                    pre_allocated_vus: s.pre_allocated_vus.unwrap_or(max_vus),
                 }
             }
             ExecutorKind::RampingArrivalRate => {
@@ -756,7 +828,7 @@ impl Validator<'_> {
                     start_rate: s.start_rate.unwrap_or(0.0),
                     stages: st,
                     max_vus,
-                    pre_allocated_vus: s.pre_allocated_vus.unwrap_or(max_vus).min(max_vus),
+                    pre_allocated_vus: s.pre_allocated_vus.unwrap_or(max_vus),
                 }
             }
             ExecutorKind::PerVuIterations => Executor::PerVuIterations {
@@ -836,10 +908,25 @@ impl Validator<'_> {
                 .to_string();
             return Err(self.err_key(&span, &path, &key, &format!("{} {}", e.field, e.reason)));
         }
+        let start_after = s.start_after.map(|d| d.0).unwrap_or_default();
+        let ends = start_after.checked_add(executor.total_duration());
+        if ends.is_none_or(|e| e > MAX_PLAN_DURATION) {
+            return Err(self.err_key(
+                &span,
+                &path,
+                "start_after",
+                &format!(
+                    "start_after ({}) plus the scenario's length ({}) is over the limit of {}",
+                    format_duration(start_after),
+                    format_duration(executor.total_duration()),
+                    format_duration(MAX_PLAN_DURATION)
+                ),
+            ));
+        }
         Ok(Scenario {
             name: name.to_string(),
             executor,
-            start_after: s.start_after.map(|d| d.0).unwrap_or_default(),
+            start_after,
             graceful_stop: s.graceful_stop.map(|d| d.0),
             flows,
         })
@@ -861,11 +948,16 @@ fn kind_name(k: ExecutorKind) -> &'static str {
 pub fn parse_think(s: &str) -> Result<Think, String> {
     match s.split_once("..") {
         None => parse_duration(s)
+            .and_then(check_plan_duration)
             .map(Think::Fixed)
             .map_err(|e| format!("bad think time \"{s}\": {e}")),
         Some((a, b)) => {
-            let a = parse_duration(a).map_err(|e| format!("bad think time \"{s}\": {e}"))?;
-            let b = parse_duration(b).map_err(|e| format!("bad think time \"{s}\": {e}"))?;
+            let part = |p: &str| {
+                parse_duration(p)
+                    .and_then(check_plan_duration)
+                    .map_err(|e| format!("bad think time \"{s}\": {e}"))
+            };
+            let (a, b) = (part(a)?, part(b)?);
             if b < a {
                 return Err(format!(
                     "bad think time \"{s}\": the range ends before it starts"
@@ -1121,5 +1213,16 @@ think = "1s..3s"
             Think::Fixed(Duration::from_secs(2))
         );
         assert!(parse_think("3s..1s").is_err());
+    }
+
+    /// Found by tools/fuzz.sh (fuzz_plan_bytes): a key made of a carriage return and a
+    /// control character was echoed raw as the error's field, breaking its one line.
+    #[test]
+    fn control_characters_from_the_plan_never_break_the_error_line() {
+        let e = parse_plan("p.toml", "\"\r\u{e}=\0")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains(['\r', '\n', '\u{e}']), "{e:?}");
+        assert!(e.starts_with("p.toml:1: "), "{e}");
     }
 }

@@ -23,6 +23,32 @@ pub const MAX_BUNDLE_FILES: usize = 64;
 pub const MAX_MEMBERS: usize = 1024;
 pub const MAX_REASON: usize = 1024;
 
+/// Checks a run id against the one format nodes make (`embedded::new_run_id`): the
+/// run's start in Unix seconds as lowercase hex, `-`, four lowercase hex digits. A run
+/// id becomes a directory name under a node's runs dir, so nothing else passes: no
+/// `/`, no `..`, no empty or overlong id.
+pub fn validate_run_id(id: &str) -> Result<(), String> {
+    let hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let ok = match id.split_once('-') {
+        Some((secs, rand)) => {
+            (1..=16).contains(&secs.len()) && hex(secs) && rand.len() == 4 && hex(rand)
+        }
+        None => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        // Cut, so that a hostile id does not fill the log line that reports it.
+        let shown: String = id.chars().take(40).collect();
+        Err(format!(
+            "run id {shown:?} is not of the form SECONDS-XXXX (lowercase hex)"
+        ))
+    }
+}
+
 /// A plan with the data files it names: what every node of a run needs, verified by
 /// its content hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,7 +259,7 @@ impl RunMessage {
                 Ok(())
             }
         };
-        short("run id", self.run_id())?;
+        validate_run_id(self.run_id())?;
         match self {
             RunMessage::Roster {
                 members, refused, ..
@@ -341,6 +367,25 @@ pub enum RunRequest {
     },
 }
 
+impl RunRequest {
+    /// The run id of a request that names one is of the one format.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            RunRequest::Bundle { run_id, .. } | RunRequest::Snapshots { run_id, .. } => {
+                validate_run_id(run_id)
+            }
+            RunRequest::Clock { .. } => Ok(()),
+        }
+    }
+}
+
+impl SnapshotMessage {
+    /// The run id is of the one format.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_run_id(&self.run_id)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "run_resp", rename_all = "snake_case")]
 pub enum RunResponse {
@@ -418,7 +463,7 @@ mod tests {
         assert!(cut.chars().all(|c| c == 'é'));
         assert_eq!(clip_reason("short".into()), "short");
         let arrive = RunMessage::Arrive {
-            run_id: "r".into(),
+            run_id: "6932a8b2-0f3c".into(),
             barrier: Barrier::Finished,
             detail: BarrierDetail {
                 error: Some("x".repeat(MAX_REASON + 1)),
@@ -498,6 +543,43 @@ mod tests {
     }
 
     #[test]
+    fn run_ids_have_one_format_and_never_name_a_path() {
+        assert!(validate_run_id("6932a8b2-0f3c").is_ok());
+        assert!(validate_run_id("0-0000").is_ok());
+        for bad in [
+            "",
+            "r",
+            "../../home/u/.ssh",
+            "/etc/cron.d/x",
+            "6932a8b2-0f3c/..",
+            "6932a8b2-0f3",
+            "6932a8b2-0f3cc",
+            "6932A8B2-0f3c",
+            "-0f3c",
+            "11111111111111111-0f3c",
+            "6932a8b2_0f3c",
+            "6932a8b2-0f3c\n",
+        ] {
+            assert!(validate_run_id(bad).is_err(), "{bad:?} passed");
+        }
+        let long = "x".repeat(100_000);
+        let e = validate_run_id(&long).unwrap_err();
+        assert!(e.len() < 120, "the error quotes a cut id: {e}");
+        // Every message and request that names a run checks it at decode.
+        let stop = RunMessage::Stop {
+            run_id: "../../etc".into(),
+            reason: String::new(),
+        };
+        assert!(stop.validate().is_err());
+        let ask = RunRequest::Bundle {
+            run_id: "/tmp/x".into(),
+            hash: String::new(),
+        };
+        assert!(ask.validate().is_err());
+        assert!(RunRequest::Clock { t1_us: 0 }.validate().is_ok());
+    }
+
+    #[test]
     fn ntp_offset() {
         // Server 1000 µs ahead, 200 µs each way.
         let (off, rtt) = clock_offset(10_000, 11_200, 11_250, 10_450);
@@ -507,7 +589,7 @@ mod tests {
     #[test]
     fn messages_round_trip_cbor() {
         let m = RunMessage::Join {
-            run_id: "r".into(),
+            run_id: "6932a8b2-0f3c".into(),
             accept: false,
             reason: Some("target 10.0.0.1 not allowed".into()),
             name: "n".into(),
