@@ -313,6 +313,10 @@ pub enum RunRequest {
         node: String,
         seqs: Vec<u64>,
     },
+    /// A finished run's summary (JSON, as the responder saved it): how `stampede
+    /// report` finds a run whose report another node built. Answered from the
+    /// responder's data dir, or `Refused` when it does not have it.
+    Summary { run_id: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -339,6 +343,11 @@ pub enum RunResponse {
         #[serde(default)]
         missing: Vec<u64>,
     },
+    /// A saved summary, at most [`MAX_SUMMARY_BYTES`] of JSON; the asker checks the
+    /// size and that it names the run asked for before it uses it.
+    Summary {
+        json: String,
+    },
     Refused {
         reason: String,
     },
@@ -363,6 +372,10 @@ pub const SNAPSHOTS_PER_REQUEST: usize = 256;
 /// Snapshot bytes past which an answer stops taking more, well under
 /// [`crate::mesh::MAX_RESPONSE_BYTES`]: a snapshot may be up to the 1 MiB gossip limit.
 pub const SNAPSHOT_ANSWER_BYTES: usize = 8 * 1024 * 1024;
+
+/// The largest run summary a node saves, sends or accepts (JSON bytes), well under
+/// [`crate::mesh::MAX_RESPONSE_BYTES`]: an hour-long run's summary is a few hundred KiB.
+pub const MAX_SUMMARY_BYTES: usize = 4 * 1024 * 1024;
 
 /// This machine's wall clock in Unix µs: what every stamp in the run protocol is.
 pub fn unix_us() -> u64 {
@@ -493,5 +506,26 @@ mod tests {
         let back: RunMessage = ciborium::from_reader(&buf[..]).unwrap();
         assert_eq!(back, m);
         assert!(back.validate().is_ok());
+    }
+
+    #[test]
+    fn the_largest_summary_answer_fits_a_response() {
+        let answer = crate::mesh::MeshResponse::Run(RunResponse::Summary {
+            json: "x".repeat(MAX_SUMMARY_BYTES),
+        });
+        let mut buf = Vec::new();
+        ciborium::into_writer(&answer, &mut buf).unwrap();
+        assert!(
+            buf.len() <= crate::mesh::MAX_RESPONSE_BYTES,
+            "{}",
+            buf.len()
+        );
+        let ask = crate::mesh::MeshRequest::Run(RunRequest::Summary {
+            run_id: "6931f0a2-1b2c".into(),
+        });
+        let mut buf = Vec::new();
+        ciborium::into_writer(&ask, &mut buf).unwrap();
+        let back: crate::mesh::MeshRequest = ciborium::from_reader(&buf[..]).unwrap();
+        assert_eq!(back, ask);
     }
 }
