@@ -71,7 +71,8 @@ pub fn valid_run_id(id: &str) -> bool {
     }
 }
 
-fn check_run_id(id: &str) -> Result<(), String> {
+/// [`valid_run_id`], as the one-sentence error a user or a peer gets.
+pub fn check_run_id(id: &str) -> Result<(), String> {
     if valid_run_id(id) {
         Ok(())
     } else {
