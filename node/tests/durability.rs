@@ -204,3 +204,77 @@ fn a_node_that_did_not_build_the_report_fetches_it_from_the_mesh() {
         show(&out)
     );
 }
+
+#[test]
+fn when_the_origin_dies_mid_run_the_leader_saves_the_report_and_any_node_finds_it() {
+    let mesh = Mesh::new();
+    let (mut n1, n2) = two_nodes(&mesh);
+    let n3 = mesh.node("n3", &["--bootstrap", n2.addr().as_str()], NODE_ENV);
+    let ids = vec![n1.peer_id(), n2.peer_id(), n3.peer_id()];
+    assert!(
+        wait_until(Duration::from_secs(30), || all_see(&[&n1, &n2, &n3], &ids)),
+        "the mesh did not form"
+    );
+    let t = target();
+    let plan = rate_plan(mesh.tmp.path(), &t.url(), 30, "6s");
+    let mut cli = Command::new(BIN)
+        .args(["run", "--mesh", "--quiet", "--data-dir", path(&n1.dir)])
+        .arg(&plan)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run stampede");
+    assert!(
+        wait_until(Duration::from_secs(30), || t.requests() > 30),
+        "the run did not start"
+    );
+    let run_id = status(&n2)[0]["run_id"].as_str().unwrap().to_string();
+    n1.kill9();
+    let _ = cli.wait();
+
+    // Ask the survivor that is not the leader: it finds the report on the one that is.
+    let leader = ids[1..].iter().min().unwrap().clone();
+    let asked = if leader == ids[1] { &n3 } else { &n2 };
+    let control = asked.control().unwrap()["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let json = mesh.tmp.path().join("recovered.json");
+    let mut last = None;
+    let found = wait_until(Duration::from_secs(90), || {
+        let out = stampede(
+            &[
+                "report",
+                &run_id,
+                "--out",
+                &format!("json={}", json.display()),
+            ],
+            ("--node", &control),
+        );
+        let ok = out.status.success();
+        last = Some(out);
+        ok
+    });
+    assert!(found, "{}", show(last.as_ref().unwrap()));
+    let s = read_json(&json);
+    let leader_dir = if leader == ids[1] { &n2.dir } else { &n3.dir };
+    assert_eq!(
+        read_json(&leader_dir.join("runs").join(&run_id).join("summary.json")),
+        s
+    );
+    let requests = s["totals"]["requests"].as_u64().unwrap();
+    assert!(
+        requests > 0 && requests <= t.requests(),
+        "{requests} of {}",
+        t.requests()
+    );
+    let origin = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "n1")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(origin["status"], "lost", "{}", s["nodes"]);
+}
