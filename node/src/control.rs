@@ -542,4 +542,28 @@ mod tests {
         assert!(!token_ok(None, "abc"));
         assert_eq!(new_token().len(), 32);
     }
+
+    #[tokio::test]
+    async fn status_lists_saved_runs_after_those_in_memory_once_each() {
+        let tmp = tempfile::tempdir().unwrap();
+        let results = crate::results::Results::new(tmp.path());
+        let saved = |id: &str| {
+            let s = crate::results::tests::summary(id, 80, 0);
+            results.save_summary(&s).unwrap();
+        };
+        saved("1-0001");
+        saved("1-0002");
+        let in_memory = serde_json::json!({"runs": [
+            {"run_id": "1-0002", "phase": "done"},
+            {"run_id": "1-0003", "phase": "running"},
+        ]});
+        let v = with_saved_runs(in_memory, &results).await;
+        let runs = v["runs"].as_array().unwrap();
+        let ids: Vec<&str> = runs.iter().map(|r| r["run_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["1-0002", "1-0003", "1-0001"]);
+        assert_eq!(runs[0]["saved"], true);
+        assert_eq!(runs[1]["saved"], false);
+        assert_eq!(runs[2]["phase"], "done");
+        assert_eq!(runs[2]["requests"], 80);
+    }
 }

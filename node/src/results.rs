@@ -38,7 +38,11 @@ use crate::report::Summary;
 /// Finished runs kept in the data dir; saving one more removes the oldest.
 pub const KEEP_RUNS: usize = 50;
 /// The summaries kept may take at most this much (the newest is always kept).
-pub const KEEP_SUMMARY_BYTES: u64 = 64 * 1024 * 1024;
+pub const KEEP_SUMMARY_BYTES: u64 = 512 * 1024 * 1024;
+/// The largest summary saved or read back here (JSON bytes): about 260 bytes per second
+/// of the run and of each node, so some 70 node-hours. Only those up to
+/// [`MAX_SUMMARY_BYTES`] can also be sent to another node.
+pub const MAX_SAVED_SUMMARY_BYTES: usize = 64 * 1024 * 1024;
 /// Snapshot logs kept of runs that never got their report here (a node that crashed
 /// mid-run, a member whose run was never forgotten): the oldest beyond it go.
 pub const KEEP_LOGS: usize = 20;
@@ -266,9 +270,9 @@ impl Results {
     pub fn save_summary(&self, s: &Summary) -> Result<(), String> {
         let dir = self.run_dir(&s.run_id)?;
         let json = serde_json::to_vec(s).map_err(|e| format!("cannot encode the summary: {e}"))?;
-        if json.len() > MAX_SUMMARY_BYTES {
+        if json.len() > MAX_SAVED_SUMMARY_BYTES {
             return Err(format!(
-                "the summary of run {} is {} bytes, over the {MAX_SUMMARY_BYTES} a node keeps",
+                "the summary of run {} is {} bytes, over the {MAX_SAVED_SUMMARY_BYTES} a node keeps",
                 s.run_id,
                 json.len()
             ));
@@ -293,7 +297,7 @@ impl Results {
     /// The saved summary's JSON, if this node has it (size-checked before reading).
     pub fn load_summary_json(&self, run_id: &str) -> Result<Option<String>, String> {
         let path = self.run_dir(run_id)?.join(SUMMARY_FILE);
-        match read_bounded(&path, MAX_SUMMARY_BYTES as u64)? {
+        match read_bounded(&path, MAX_SAVED_SUMMARY_BYTES as u64)? {
             Some(bytes) => String::from_utf8(bytes)
                 .map(Some)
                 .map_err(|_| format!("{} is not UTF-8", path.display())),
@@ -309,16 +313,29 @@ impl Results {
         parse_summary(run_id, &json).map(Some)
     }
 
-    /// The answer to a peer's `RunRequest::Summary`: quick (one bounded file read).
+    /// The answer to a peer's `RunRequest::Summary`: quick (the size is looked at
+    /// first, then one read of at most [`MAX_SUMMARY_BYTES`]).
     pub fn summary_answer(&self, run_id: &str) -> RunResponse {
-        match self.load_summary_json(run_id) {
-            Ok(Some(json)) => RunResponse::Summary { json },
-            Ok(None) => RunResponse::Refused {
-                reason: format!("no summary of run {run_id} here"),
+        let refused = |reason: String| RunResponse::Refused {
+            reason: stampede_protocol::run::clip_reason(reason),
+        };
+        let path = match self.run_dir(run_id) {
+            Ok(dir) => dir.join(SUMMARY_FILE),
+            Err(e) => return refused(e),
+        };
+        let size = fs::symlink_metadata(&path).map_or(0, |m| m.len());
+        if size > MAX_SUMMARY_BYTES as u64 {
+            return refused(format!(
+                "the summary of run {run_id} is {size} bytes, more than the mesh carries ({MAX_SUMMARY_BYTES}): run `stampede report` on this node"
+            ));
+        }
+        match read_bounded(&path, MAX_SUMMARY_BYTES as u64) {
+            Ok(Some(bytes)) => match String::from_utf8(bytes) {
+                Ok(json) => RunResponse::Summary { json },
+                Err(_) => refused(format!("the summary of run {run_id} is not UTF-8")),
             },
-            Err(e) => RunResponse::Refused {
-                reason: stampede_protocol::run::clip_reason(e),
-            },
+            Ok(None) => refused(format!("no summary of run {run_id} here")),
+            Err(_) => refused(format!("the summary of run {run_id} cannot be read here")),
         }
     }
 
@@ -391,9 +408,9 @@ impl Results {
 
 /// A summary's JSON, checked to name `run_id`.
 pub fn parse_summary(run_id: &str, json: &str) -> Result<Summary, String> {
-    if json.len() > MAX_SUMMARY_BYTES {
+    if json.len() > MAX_SAVED_SUMMARY_BYTES {
         return Err(format!(
-            "a summary of {} bytes is over the {MAX_SUMMARY_BYTES} limit",
+            "a summary of {} bytes is over the {MAX_SAVED_SUMMARY_BYTES} limit",
             json.len()
         ));
     }
@@ -553,14 +570,15 @@ fn confined(root: &Path, path: &Path) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
     use crate::report::{Generator, Stats};
 
-    fn summary(run_id: &str, requests: u64, padding: usize) -> Summary {
+    /// A summary with `requests` in its totals and `padding` bytes of plan source.
+    pub(crate) fn summary(run_id: &str, requests: u64, padding: usize) -> Summary {
         Summary {
             run_id: run_id.into(),
             plan: "shop".into(),
@@ -635,12 +653,20 @@ mod tests {
         .unwrap();
         let e = r.load_summary("6931f0a2-0000").unwrap_err();
         assert!(e.contains("is of run 6931f0a2-1b2c"), "{e}");
-        let big = summary("6931f0a2-2222", 1, MAX_SUMMARY_BYTES);
+        let big = summary("6931f0a2-2222", 1, MAX_SAVED_SUMMARY_BYTES);
         let e = r.save_summary(&big).unwrap_err();
         assert!(e.contains("over the"), "{e}");
+        // One the mesh cannot carry is kept here, and a peer is told where to read it.
+        let large = summary("6931f0a2-3333", 1, MAX_SUMMARY_BYTES);
+        r.save_summary(&large).unwrap();
+        assert_eq!(r.load_summary("6931f0a2-3333").unwrap(), Some(large));
+        match r.summary_answer("6931f0a2-3333") {
+            RunResponse::Refused { reason } => assert!(reason.contains("on this node"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
         // A file grown past the limit is refused before it is read.
         let f = fs::File::create(other.join("summary.json")).unwrap();
-        f.set_len(MAX_SUMMARY_BYTES as u64 + 1).unwrap();
+        f.set_len(MAX_SAVED_SUMMARY_BYTES as u64 + 1).unwrap();
         let e = r.load_summary("6931f0a2-0000").unwrap_err();
         assert!(e.contains("over the"), "{e}");
         assert!(matches!(

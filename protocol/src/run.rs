@@ -373,9 +373,11 @@ pub const SNAPSHOTS_PER_REQUEST: usize = 256;
 /// [`crate::mesh::MAX_RESPONSE_BYTES`]: a snapshot may be up to the 1 MiB gossip limit.
 pub const SNAPSHOT_ANSWER_BYTES: usize = 8 * 1024 * 1024;
 
-/// The largest run summary a node saves, sends or accepts (JSON bytes), well under
-/// [`crate::mesh::MAX_RESPONSE_BYTES`]: an hour-long run's summary is a few hundred KiB.
-pub const MAX_SUMMARY_BYTES: usize = 4 * 1024 * 1024;
+/// The largest run summary one node sends another (JSON bytes), just under
+/// [`crate::mesh::MAX_RESPONSE_BYTES`]. A summary holds a timeline point (about 260
+/// bytes) per second for the run and for each node: an hour on 3 nodes is about 4 MB,
+/// so this carries about 16 node-hours. A larger one is read on the node that saved it.
+pub const MAX_SUMMARY_BYTES: usize = 15 * 1024 * 1024;
 
 /// This machine's wall clock in Unix µs: what every stamp in the run protocol is.
 pub fn unix_us() -> u64 {
