@@ -15,6 +15,8 @@ pub const EXIT_THRESHOLDS_FAILED: i32 = 99;
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code for a run that started but could not complete (or could not start).
 pub const EXIT_RUN_FAILED: i32 = 3;
+/// Exit code of `stampede report` when neither this node nor any alive member has the run.
+pub const EXIT_NOT_FOUND: i32 = 4;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,6 +42,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Stop a run mesh-wide, gracefully (the report is still written).
     Stop(StopArgs),
+    /// Print a finished run's summary and write its files, from whichever node has it.
+    Report(ReportArgs),
     /// Write a new mesh pre-shared key.
     Keygen(KeygenArgs),
     /// One command, no setup: a local demo shop and the retail example run against it.
@@ -144,6 +148,17 @@ pub struct StatusArgs {
 pub struct StopArgs {
     /// The run to stop.
     pub run_id: String,
+    #[command(flatten)]
+    pub node_client: NodeClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The finished run (as `stampede status` lists it).
+    pub run_id: String,
+    /// Write a result file: json=FILE, html=FILE, junit=FILE or csv=FILE. Repeatable.
+    #[arg(long = "out", value_name = "FORMAT=FILE")]
+    pub outputs: Vec<String>,
     #[command(flatten)]
     pub node_client: NodeClientArgs,
 }

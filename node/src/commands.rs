@@ -179,14 +179,19 @@ pub fn follow_run(
 
 /// Prints the summary, writes the outputs and judges the thresholds.
 pub fn finish(summary: &Summary, outs: &[Output]) -> Result<Outcome, Failure> {
-    print!("{}", terminal::summary_table(summary));
-    outputs::write_all(outs, summary).map_err(Failure::run)?;
+    print_and_write(summary, outs)?;
     if report::thresholds_passed(summary) {
         Ok(Outcome::Success)
     } else {
         eprintln!("some thresholds failed");
         Ok(Outcome::ThresholdsFailed)
     }
+}
+
+/// The summary table on stdout, then every `--out` file.
+pub fn print_and_write(summary: &Summary, outs: &[Output]) -> Result<(), Failure> {
+    print!("{}", terminal::summary_table(summary));
+    outputs::write_all(outs, summary).map_err(Failure::run)
 }
 
 pub fn parse_outputs(specs: &[String]) -> Result<Vec<Output>, Failure> {

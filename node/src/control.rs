@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
+use stampede_protocol::mesh::{MeshRequest, MeshResponse};
+use stampede_protocol::run::{RunRequest, RunResponse};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -42,6 +44,10 @@ pub enum ControlRequest {
     Status,
     /// Stop a run mesh-wide.
     Stop { run_id: String },
+    /// A finished run's summary: from this node's data dir, else from the first alive
+    /// member that has it. The answer is `{"found": true, "from", "summary"}` or
+    /// `{"found": false, "asked"}`.
+    Report { run_id: String },
     /// Run a plan bundle across the mesh; progress lines stream back, then the summary.
     Run {
         bundle: stampede_protocol::run::Bundle,
@@ -54,7 +60,7 @@ impl ControlRequest {
     /// Whether the request changes something (and so needs the token).
     pub fn mutates(&self) -> bool {
         match self {
-            ControlRequest::Peers | ControlRequest::Status => false,
+            ControlRequest::Peers | ControlRequest::Status | ControlRequest::Report { .. } => false,
             ControlRequest::Stop { .. } | ControlRequest::Run { .. } => true,
         }
     }
@@ -152,6 +158,8 @@ pub struct ControlState {
     pub view: SharedView,
     pub commands: mpsc::Sender<MeshCommand>,
     pub coordinator: mpsc::Sender<crate::coordinator::CoordCommand>,
+    /// The node's saved run results (`status` after a restart, `report`).
+    pub results: crate::results::Results,
 }
 
 /// Serves the control endpoint until the listener fails or the task is dropped.
@@ -280,7 +288,7 @@ async fn answer(req: RequestLine, state: &ControlState) -> Reply {
             let cmd = crate::coordinator::CoordCommand::Status { reply };
             match state.coordinator.send(cmd).await {
                 Ok(()) => match rx.await {
-                    Ok(v) => Reply::ok(v),
+                    Ok(v) => Reply::ok(with_saved_runs(v, &state.results).await),
                     Err(_) => Reply::err("no answer from the run coordinator"),
                 },
                 Err(_) => Reply::err("the node's run coordinator is not running"),
@@ -298,7 +306,101 @@ async fn answer(req: RequestLine, state: &ControlState) -> Reply {
                 Err(_) => Reply::err("the node's run coordinator is not running"),
             }
         }
+        ControlRequest::Report { run_id } => report(run_id, state).await,
         ControlRequest::Run { .. } => Reply::err("a run request is streamed, not answered here"),
+    }
+}
+
+/// How long one member may take to answer a summary request.
+const REPORT_ASK_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long `report` asks the mesh in all (the CLI waits 30 s for an answer).
+const REPORT_MESH_WAIT: Duration = Duration::from_secs(20);
+
+/// Adds the finished runs saved in the data dir to the coordinator's runs in memory
+/// (which win for a run in both), so `status` lists them after a restart.
+async fn with_saved_runs(
+    mut status: serde_json::Value,
+    results: &crate::results::Results,
+) -> serde_json::Value {
+    let r = results.clone();
+    let saved = tokio::task::spawn_blocking(move || r.list())
+        .await
+        .unwrap_or_default();
+    let Some(runs) = status.get_mut("runs").and_then(|v| v.as_array_mut()) else {
+        return status;
+    };
+    for run in runs.iter_mut() {
+        let id = run["run_id"].as_str().unwrap_or_default();
+        let is_saved = saved.iter().any(|s| s.run_id == id);
+        run["saved"] = serde_json::Value::Bool(is_saved);
+    }
+    for s in saved {
+        if runs.iter().any(|r| r["run_id"] == s.run_id.as_str()) {
+            continue;
+        }
+        runs.push(serde_json::json!({
+            "run_id": s.run_id, "plan": s.plan, "phase": "done", "saved": true,
+            "started_at": s.started_at, "elapsed_s": s.duration_s,
+            "requests": s.requests, "failed": s.failed,
+            "members": s.members, "lost": s.lost, "leader_name": "",
+        }));
+    }
+    status
+}
+
+/// Finds a finished run's summary: here first, then each alive member in turn.
+async fn report(run_id: String, state: &ControlState) -> Reply {
+    if let Err(e) = crate::results::check_run_id(&run_id) {
+        return Reply::err(e);
+    }
+    let (r, id) = (state.results.clone(), run_id.clone());
+    match tokio::task::spawn_blocking(move || r.load_summary_json(&id)).await {
+        Ok(Ok(Some(json))) => return found(&run_id, &json, "this node"),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(run = %run_id, error = %e, "saved summary unreadable; asking the mesh")
+        }
+        Err(e) => tracing::warn!(error = %e, "summary read failed"),
+    }
+    let peers = match state.view.read() {
+        Ok(v) => v.alive_peers(),
+        Err(_) => Vec::new(),
+    };
+    let deadline = tokio::time::Instant::now() + REPORT_MESH_WAIT;
+    let mut asked = 0;
+    for peer in peers {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        asked += 1;
+        let req = MeshRequest::Run(RunRequest::Summary {
+            run_id: run_id.clone(),
+        });
+        match crate::mesh::request(&state.commands, peer, req, left.min(REPORT_ASK_TIMEOUT)).await {
+            Ok(MeshResponse::Run(RunResponse::Summary { json })) => {
+                let reply = found(&run_id, &json, &peer.to_string());
+                if reply.ok {
+                    return reply;
+                }
+                tracing::warn!(%peer, error = ?reply.error, "a member sent an unusable summary");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(%peer, error = %e, "no summary from a member"),
+        }
+    }
+    Reply::ok(serde_json::json!({ "found": false, "asked": asked }))
+}
+
+/// The reply for a summary found at `from`, once it is checked to be the run's.
+fn found(run_id: &str, json: &str, from: &str) -> Reply {
+    match crate::results::parse_summary(run_id, json)
+        .and_then(|s| serde_json::to_value(s).map_err(|e| e.to_string()))
+    {
+        Ok(summary) => Reply::ok(serde_json::json!({
+            "found": true, "from": from, "summary": summary,
+        })),
+        Err(e) => Reply::err(format!("the summary of run {run_id} from {from}: {e}")),
     }
 }
 
@@ -439,5 +541,29 @@ mod tests {
         assert!(!token_ok(Some("ab"), "abc"));
         assert!(!token_ok(None, "abc"));
         assert_eq!(new_token().len(), 32);
+    }
+
+    #[tokio::test]
+    async fn status_lists_saved_runs_after_those_in_memory_once_each() {
+        let tmp = tempfile::tempdir().unwrap();
+        let results = crate::results::Results::new(tmp.path());
+        let saved = |id: &str| {
+            let s = crate::results::tests::summary(id, 80, 0);
+            results.save_summary(&s).unwrap();
+        };
+        saved("1-0001");
+        saved("1-0002");
+        let in_memory = serde_json::json!({"runs": [
+            {"run_id": "1-0002", "phase": "done"},
+            {"run_id": "1-0003", "phase": "running"},
+        ]});
+        let v = with_saved_runs(in_memory, &results).await;
+        let runs = v["runs"].as_array().unwrap();
+        let ids: Vec<&str> = runs.iter().map(|r| r["run_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["1-0002", "1-0003", "1-0001"]);
+        assert_eq!(runs[0]["saved"], true);
+        assert_eq!(runs[1]["saved"], false);
+        assert_eq!(runs[2]["phase"], "done");
+        assert_eq!(runs[2]["requests"], 80);
     }
 }

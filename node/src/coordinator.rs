@@ -111,6 +111,10 @@ impl RunStore {
                 }
                 RunResponse::Snapshots { snapshots, missing }
             }
+            // durability: answered by the mesh event loop from `results`, never here.
+            RunRequest::Summary { .. } => RunResponse::Refused {
+                reason: "summaries are answered from the data dir".into(),
+            },
         }
     }
 }
@@ -388,6 +392,7 @@ pub struct Coordinator {
     store: Arc<RunStore>,
     runs: HashMap<String, Run>,
     internal_tx: mpsc::UnboundedSender<Internal>,
+    results: crate::results::Results, // durability: snapshot logs and saved summaries
 }
 
 /// Starts the coordinator actor; returns the channel the control endpoint uses.
@@ -401,6 +406,7 @@ pub fn spawn(
 ) -> mpsc::Sender<CoordCommand> {
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+    let me_dir = me.data_dir.clone(); // durability
     let c = Coordinator {
         me,
         live,
@@ -409,6 +415,7 @@ pub fn spawn(
         store,
         runs: HashMap::new(),
         internal_tx,
+        results: crate::results::Results::new(&me_dir), // durability
     };
     tokio::spawn(c.main(cmd_rx, events, internal_rx));
     cmd_tx
@@ -1364,6 +1371,9 @@ impl Coordinator {
             tracing::warn!(node = %s.node, error = %e, "snapshot does not fit the plan");
             return;
         }
+        if let Err(e) = self.results.append_snapshot(&s) {
+            tracing::warn!(error = %e, "snapshot not logged"); // durability
+        }
         let cpu = run.cpu_max.entry(s.node.clone()).or_insert(0.0);
         *cpu = cpu.max(s.cpu);
         let node_point = crate::aggregate::point(s.seq, &second.metrics, s.vus, 1);
@@ -1596,6 +1606,7 @@ impl Coordinator {
                 self.maybe_report(&run_id);
             }
             if done_long_ago {
+                let _ = self.results.remove(&run_id); // durability: the run is forgotten
                 self.runs.remove(&run_id);
                 self.live.remove(&run_id);
                 if let Ok(mut s) = self.store.snapshots.lock() {
@@ -1729,12 +1740,21 @@ impl Coordinator {
         run.phase = Phase::Done;
         run.finished_at = Some(Instant::now());
         run.ended_s = Some(run.run_time_s().max(0.0));
-        let Some(client) = run.client.take() else {
+        // durability: the origin builds the report even when its CLI went away, and the
+        // leader does when the origin is lost.
+        let client = run.client.take();
+        let me = &self.me.id;
+        if client.is_none()
+            && run.origin != *me
+            && !(run.lost.contains(&run.origin) && run.leader == *me)
+        {
             return;
-        };
+        }
         let duration_s = run.run_time_s().max(0.0);
         let Some(agg) = run.agg.as_mut() else {
-            let _ = client.done.send(Err("the run has no measurements".into()));
+            if let Some(client) = client {
+                let _ = client.done.send(Err("the run has no measurements".into()));
+            }
             return;
         };
         agg.finish();
@@ -1775,7 +1795,9 @@ impl Coordinator {
             _ => 0,
         };
         let Some(plan) = run.plan.clone() else {
-            let _ = client.done.send(Err("the run's plan is missing".into()));
+            if let Some(client) = client {
+                let _ = client.done.send(Err("the run's plan is missing".into()));
+            }
             return;
         };
         let summary = report::build(
@@ -1794,8 +1816,14 @@ impl Coordinator {
                 plan_source: &plan.source,
             },
         );
+        if let Err(e) = self.results.save_summary(&summary) {
+            tracing::error!(run = %summary.run_id, error = %e, "the summary was not saved");
+            // durability
+        }
         self.live.finish(summary.clone());
-        let _ = client.done.send(Ok(summary));
+        if let Some(client) = client {
+            let _ = client.done.send(Ok(summary));
+        }
     }
 }
 

@@ -10,7 +10,9 @@ use std::time::Duration;
 use stampede_protocol::mesh::PROTOCOL_VERSION;
 use tokio::net::TcpListener;
 
-use crate::cli::{KeygenArgs, NodeArgs, NodeClientArgs, PeersArgs, StatusArgs, StopArgs};
+use crate::cli::{
+    KeygenArgs, NodeArgs, NodeClientArgs, PeersArgs, ReportArgs, StatusArgs, StopArgs,
+};
 use crate::control::{self, ControlInfo, ControlRequest, ControlState};
 use crate::exit::{Failure, Outcome};
 use crate::mesh::discovery::{parse_bootstrap, parse_listen};
@@ -125,6 +127,7 @@ async fn run_node(
             let store = run_store.clone();
             crate::mesh::RunResponder(Some(Arc::new(move |req| store.respond(req))))
         },
+        results: Some(crate::results::Results::new(&data_dir)),
     };
     let name = cfg.name.clone();
     let labels = cfg.labels.clone();
@@ -200,6 +203,7 @@ async fn run_node(
             view: handle.view.clone(),
             commands: handle.commands(),
             coordinator,
+            results: crate::results::Results::new(&data_dir),
         },
     ));
     tracing::info!(
@@ -420,5 +424,40 @@ pub fn keygen(args: KeygenArgs) -> Result<Outcome, Failure> {
         }
         None => out(&text),
     }
+    Ok(Outcome::Success)
+}
+
+// ---------------------------------------------------------------- `stampede report`
+
+/// `stampede report RUN_ID`: the node looks in its data dir, then asks the mesh; the
+/// summary is printed as at a run's end and the `--out` files are written.
+pub fn report(args: ReportArgs) -> Result<Outcome, Failure> {
+    let outs = crate::commands::parse_outputs(&args.outputs)?;
+    crate::results::check_run_id(&args.run_id).map_err(Failure::usage)?;
+    let data = call(
+        &args.node_client,
+        ControlRequest::Report {
+            run_id: args.run_id.clone(),
+        },
+    )?;
+    if data["found"] != true {
+        let asked = data["asked"].as_u64().unwrap_or(0);
+        return Err(Failure::NotFound(format!(
+            "no node has run {}: it is not in this node's data dir, and none of the {asked} alive member(s) asked has it",
+            args.run_id
+        )));
+    }
+    let summary: crate::report::Summary = serde_json::from_value(data["summary"].clone())
+        .map_err(|e| Failure::run(format!("the node sent an unreadable summary: {e}")))?;
+    if summary.run_id != args.run_id {
+        return Err(Failure::run(format!(
+            "the node answered with run {} for run {}",
+            summary.run_id, args.run_id
+        )));
+    }
+    if let Some(from) = data["from"].as_str() {
+        eprintln!("run {} found on {from}", args.run_id);
+    }
+    crate::commands::print_and_write(&summary, &outs)?;
     Ok(Outcome::Success)
 }

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::cli::{EXIT_RUN_FAILED, EXIT_THRESHOLDS_FAILED, EXIT_USAGE};
+use crate::cli::{EXIT_NOT_FOUND, EXIT_RUN_FAILED, EXIT_THRESHOLDS_FAILED, EXIT_USAGE};
 
 /// A command that finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +22,8 @@ pub enum Failure {
     Usage(String),
     /// Something went wrong while running (or starting) the run.
     Run(String),
+    /// What was asked for (a finished run's report) is on no node that could be asked.
+    NotFound(String),
 }
 
 impl Failure {
@@ -36,7 +38,7 @@ impl Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Usage(m) | Failure::Run(m) => f.write_str(m),
+            Failure::Usage(m) | Failure::Run(m) | Failure::NotFound(m) => f.write_str(m),
         }
     }
 }
@@ -63,6 +65,7 @@ impl Outcome {
                 match f {
                     Failure::Usage(_) => EXIT_USAGE,
                     Failure::Run(_) => EXIT_RUN_FAILED,
+                    Failure::NotFound(_) => EXIT_NOT_FOUND,
                 }
             }
         }

@@ -26,6 +26,7 @@ pub mod outputs;
 pub mod pacing;
 pub mod prometheus;
 pub mod report;
+pub mod results;
 pub mod settings;
 pub mod status_http;
 pub mod template;

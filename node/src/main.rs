@@ -17,6 +17,7 @@ fn main() {
         Command::Peers(args) => stampede::daemon::peers(args),
         Command::Status(args) => stampede::daemon::status(args),
         Command::Stop(args) => stampede::daemon::stop(args),
+        Command::Report(args) => stampede::daemon::report(args),
         Command::Keygen(args) => stampede::daemon::keygen(args),
     };
     std::process::exit(Outcome::exit_code(outcome));

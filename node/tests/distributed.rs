@@ -5,11 +5,11 @@
 
 mod mesh_support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use mesh_support::{all_see, wait_until, Mesh, Node, BIN};
+use mesh_support::{all_see, rate_plan, show, wait_until, Mesh, Node, BIN};
 use serde_json::Value;
 use stampede_tools::{TargetConfig, TargetHandle};
 
@@ -41,33 +41,6 @@ fn target() -> TargetHandle {
     stampede_tools::spawn(TargetConfig::default()).expect("start stampede-target")
 }
 
-fn rate_plan(dir: &Path, url: &str, rate: u32, duration: &str) -> PathBuf {
-    let p = dir.join("rate.toml");
-    std::fs::write(
-        &p,
-        format!(
-            r#"
-name = "mesh-rate"
-[defaults]
-base_url = "{url}"
-timeout = "5s"
-[scenarios.steady]
-executor = "constant-arrival-rate"
-rate = {rate}
-duration = "{duration}"
-max_vus = 100
-flow = "get"
-[[flows.get.steps]]
-name = "product"
-request = {{ url = "/products/5" }}
-check = {{ status = 200 }}
-"#
-        ),
-    )
-    .unwrap();
-    p
-}
-
 /// Starts `stampede run --mesh` against a node; the JSON summary goes to `json`.
 fn start_run(node: &Node, plan: &Path, json: &Path) -> Child {
     Command::new(BIN)
@@ -85,15 +58,6 @@ fn start_run(node: &Node, plan: &Path, json: &Path) -> Child {
 
 fn finish(child: Child) -> Output {
     child.wait_with_output().expect("wait for the CLI")
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn summary(json: &Path) -> Value {

@@ -365,6 +365,10 @@ pub enum RunRequest {
         node: String,
         seqs: Vec<u64>,
     },
+    /// A finished run's summary (JSON, as the responder saved it): how `stampede
+    /// report` finds a run whose report another node built. Answered from the
+    /// responder's data dir, or `Refused` when it does not have it.
+    Summary { run_id: String },
 }
 
 impl RunRequest {
@@ -410,6 +414,11 @@ pub enum RunResponse {
         #[serde(default)]
         missing: Vec<u64>,
     },
+    /// A saved summary, at most [`MAX_SUMMARY_BYTES`] of JSON; the asker checks the
+    /// size and that it names the run asked for before it uses it.
+    Summary {
+        json: String,
+    },
     Refused {
         reason: String,
     },
@@ -434,6 +443,12 @@ pub const SNAPSHOTS_PER_REQUEST: usize = 256;
 /// Snapshot bytes past which an answer stops taking more, well under
 /// [`crate::mesh::MAX_RESPONSE_BYTES`]: a snapshot may be up to the 1 MiB gossip limit.
 pub const SNAPSHOT_ANSWER_BYTES: usize = 8 * 1024 * 1024;
+
+/// The largest run summary one node sends another (JSON bytes), just under
+/// [`crate::mesh::MAX_RESPONSE_BYTES`]. A summary holds a timeline point (about 260
+/// bytes) per second for the run and for each node: an hour on 3 nodes is about 4 MB,
+/// so this carries about 16 node-hours. A larger one is read on the node that saved it.
+pub const MAX_SUMMARY_BYTES: usize = 15 * 1024 * 1024;
 
 /// This machine's wall clock in Unix µs: what every stamp in the run protocol is.
 pub fn unix_us() -> u64 {
@@ -601,5 +616,26 @@ mod tests {
         let back: RunMessage = ciborium::from_reader(&buf[..]).unwrap();
         assert_eq!(back, m);
         assert!(back.validate().is_ok());
+    }
+
+    #[test]
+    fn the_largest_summary_answer_fits_a_response() {
+        let answer = crate::mesh::MeshResponse::Run(RunResponse::Summary {
+            json: "x".repeat(MAX_SUMMARY_BYTES),
+        });
+        let mut buf = Vec::new();
+        ciborium::into_writer(&answer, &mut buf).unwrap();
+        assert!(
+            buf.len() <= crate::mesh::MAX_RESPONSE_BYTES,
+            "{}",
+            buf.len()
+        );
+        let ask = crate::mesh::MeshRequest::Run(RunRequest::Summary {
+            run_id: "6931f0a2-1b2c".into(),
+        });
+        let mut buf = Vec::new();
+        ciborium::into_writer(&ask, &mut buf).unwrap();
+        let back: crate::mesh::MeshRequest = ciborium::from_reader(&buf[..]).unwrap();
+        assert_eq!(back, ask);
     }
 }

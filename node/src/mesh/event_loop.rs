@@ -51,6 +51,8 @@ pub struct EventLoop {
     pending: HashMap<OutboundRequestId, Pending>,
     announce_subscribers: HashSet<PeerId>,
     run_responder: super::RunResponder,
+    /// Where peers' requests for a finished run's summary are answered from.
+    results: Option<crate::results::Results>,
 }
 
 impl EventLoop {
@@ -89,6 +91,7 @@ impl EventLoop {
             pending: HashMap::new(),
             announce_subscribers: HashSet::new(),
             run_responder: cfg.run_responder,
+            results: cfg.results,
         })
     }
 
@@ -503,6 +506,15 @@ impl EventLoop {
                     request, channel, ..
                 } => {
                     let response = match request {
+                        // One bounded file read (a few MiB at most), from the data dir.
+                        MeshRequest::Run(RunRequest::Summary { run_id }) => {
+                            MeshResponse::Run(match &self.results {
+                                Some(r) => r.summary_answer(&run_id),
+                                None => RunResponse::Refused {
+                                    reason: "this node keeps no run results".into(),
+                                },
+                            })
+                        }
                         MeshRequest::Run(req) => match &self.run_responder.0 {
                             Some(answer) => MeshResponse::Run(answer(req)),
                             None => MeshResponse::Refused {

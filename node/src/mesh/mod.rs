@@ -79,6 +79,8 @@ pub struct MeshConfig {
     pub timing: MeshTiming,
     /// Answers peers' run requests (plan bundles, clock samples, missed snapshots).
     pub run_responder: RunResponder,
+    /// Answers peers' requests for finished runs' summaries (`stampede report`).
+    pub results: Option<crate::results::Results>,
 }
 
 /// The run coordinator's answer to a peer's request, called on the event loop (it
@@ -123,6 +125,30 @@ pub enum MeshCommand {
     SetState(NodeState),
     /// Announce `leaving` and stop the loop.
     Shutdown,
+}
+
+/// Sends a request to a peer through the event loop and waits at most `limit` for its
+/// answer. (The coordinator's `ask` is the same with its retry classes.)
+pub async fn request(
+    commands: &mpsc::Sender<MeshCommand>,
+    peer: PeerId,
+    request: MeshRequest,
+    limit: Duration,
+) -> Result<MeshResponse, String> {
+    let (reply, rx) = oneshot::channel();
+    commands
+        .send(MeshCommand::Request {
+            peer,
+            request,
+            reply,
+        })
+        .await
+        .map_err(|_| "the mesh went away".to_string())?;
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => Err("the mesh went away".into()),
+        Err(_) => Err(format!("no answer within {} s", limit.as_secs())),
+    }
 }
 
 /// What the loop tells subscribers (run coordination, dashboard).

@@ -296,3 +296,42 @@ impl Drop for NetnsDown {
             .output();
     }
 }
+
+/// A constant-arrival-rate plan against `url` (`GET /products/5`, status 200 checked),
+/// written to `dir/rate.toml`: `rate` × `duration` iterations in all.
+pub fn rate_plan(dir: &Path, url: &str, rate: u32, duration: &str) -> PathBuf {
+    let p = dir.join("rate.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+name = "mesh-rate"
+[defaults]
+base_url = "{url}"
+timeout = "5s"
+[scenarios.steady]
+executor = "constant-arrival-rate"
+rate = {rate}
+duration = "{duration}"
+max_vus = 100
+flow = "get"
+[[flows.get.steps]]
+name = "product"
+request = {{ url = "/products/5" }}
+check = {{ status = 200 }}
+"#
+        ),
+    )
+    .expect("write the plan");
+    p
+}
+
+/// A finished command's status and output, for an assertion's message.
+pub fn show(out: &std::process::Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
