@@ -154,18 +154,28 @@ pub fn follow_run(
                 let nodes = ev.get("nodes").and_then(|n| n.as_u64()).unwrap_or(0) as usize;
                 progress.update(Duration::from_secs(point.t + 1), total, &point, nodes);
             }
+        } else if let Some(e) = ev.get("run_event") {
+            // A run event, typed: what makes the report incomplete is said even with
+            // --quiet.
+            if let Ok(e) = serde_json::from_value::<crate::report::Event>(e.clone()) {
+                progress.finish();
+                if !quiet || e.event.is_warning() {
+                    eprintln!(
+                        "[{:>5.1}s] {}: {}",
+                        started.elapsed().as_secs_f64(),
+                        e.event.kind(),
+                        crate::terminal::event_detail(&e.event)
+                    );
+                }
+            }
         } else if let Some(kind) = ev.get("event").and_then(|v| v.as_str()) {
+            // A progress note of the run's set-up (proposed, refused, roster, ...).
             progress.finish();
             let mut rest = ev.clone();
             if let Some(o) = rest.as_object_mut() {
                 o.remove("event");
             }
-            // What makes the report incomplete is said even with --quiet.
-            let loud = matches!(
-                kind,
-                "refused" | "node_lost" | "node_failed" | "snapshots_missing"
-            );
-            if !quiet || loud {
+            if !quiet || kind == "refused" {
                 eprintln!("[{:>5.1}s] {kind}: {rest}", started.elapsed().as_secs_f64());
             }
         }

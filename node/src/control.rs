@@ -157,7 +157,7 @@ pub struct ControlState {
     pub token: String,
     pub view: SharedView,
     pub commands: mpsc::Sender<MeshCommand>,
-    pub coordinator: mpsc::Sender<crate::coordinator::CoordCommand>,
+    pub coordinator: mpsc::Sender<crate::run::CoordCommand>,
     /// The node's saved run results (`status` after a restart, `report`).
     pub results: crate::results::Results,
 }
@@ -226,10 +226,10 @@ async fn stream_run<W: tokio::io::AsyncWrite + Unpin>(
 ) -> std::io::Result<Reply> {
     let (progress, mut progress_rx) = mpsc::unbounded_channel();
     let (done, mut done_rx) = tokio::sync::oneshot::channel();
-    let cmd = crate::coordinator::CoordCommand::Start {
+    let cmd = crate::run::CoordCommand::Start {
         bundle,
         requirements,
-        client: crate::coordinator::ClientLink { progress, done },
+        client: crate::run::ClientLink { progress, done },
     };
     if state.coordinator.send(cmd).await.is_err() {
         return Ok(Reply::err("the node's run coordinator is not running"));
@@ -285,7 +285,7 @@ async fn answer(req: RequestLine, state: &ControlState) -> Reply {
         },
         ControlRequest::Status => {
             let (reply, rx) = tokio::sync::oneshot::channel();
-            let cmd = crate::coordinator::CoordCommand::Status { reply };
+            let cmd = crate::run::CoordCommand::Status { reply };
             match state.coordinator.send(cmd).await {
                 Ok(()) => match rx.await {
                     Ok(v) => Reply::ok(with_saved_runs(v, &state.results).await),
@@ -296,7 +296,7 @@ async fn answer(req: RequestLine, state: &ControlState) -> Reply {
         }
         ControlRequest::Stop { run_id } => {
             let (reply, rx) = tokio::sync::oneshot::channel();
-            let cmd = crate::coordinator::CoordCommand::Stop { run_id, reply };
+            let cmd = crate::run::CoordCommand::Stop { run_id, reply };
             match state.coordinator.send(cmd).await {
                 Ok(()) => match rx.await {
                     Ok(Ok(())) => Reply::ok(serde_json::json!({ "stopping": true })),

@@ -102,7 +102,7 @@ async fn run_node(
     let capacity = settings
         .capacity
         .unwrap_or_else(|| crate::cpu::cores() as u32);
-    let run_store = Arc::new(crate::coordinator::RunStore::default());
+    let run_store = Arc::new(crate::run::RunStore::default());
     let cfg = MeshConfig {
         keypair,
         psk,
@@ -134,8 +134,8 @@ async fn run_node(
     let run_allow = cfg.allow_targets.clone();
     let live = crate::live::LiveRuns::new();
     let handle = mesh::start(cfg).await?;
-    let coordinator = crate::coordinator::spawn(
-        crate::coordinator::NodeIdentity {
+    let coordinator = crate::run::spawn(
+        crate::run::NodeIdentity {
             id: handle.peer_id.to_string(),
             name: name.clone(),
             labels,

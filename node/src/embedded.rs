@@ -17,6 +17,7 @@ use crate::engine::{Engine, RunSpec, Stop};
 use crate::http::{Allowlist, ClientSettings, HttpVersionPref, Shared};
 use crate::report::{self, NodeInfo, Summary, SummaryInput};
 use crate::terminal::Progress;
+use stampede_protocol::machine::events::RunEvent;
 
 pub struct LocalOptions {
     pub workers: usize,
@@ -97,6 +98,7 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
     let spec = RunSpec {
         plan: plan.clone(),
         assignment: crate::engine::LiveAssignment::single(),
+        lease: crate::engine::Lease::always(),
         node: 0,
         node_name: opts.node_name.clone(),
         workers,
@@ -141,8 +143,9 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
                     let how = if ctrl_c == 1 { Stop::Graceful } else { Stop::Hard };
                     events.push(report::Event {
                         t: start_at.elapsed().as_secs_f64(),
-                        kind: "stop_requested".into(),
-                        detail: BTreeMap::from([("how".to_string(), serde_json::json!(if ctrl_c == 1 { "graceful" } else { "hard" }))]),
+                        event: RunEvent::StopRequested {
+                            how: if ctrl_c == 1 { "graceful" } else { "hard" }.into(),
+                        },
                     });
                     stop.stop(how);
                 }

@@ -77,12 +77,15 @@ impl Lease {
 
     /// The protocol's new lease deadline (`None`: none).
     pub fn set(&self, until_us: Option<u64>) {
-        self.until_us.store(until_us.unwrap_or(0), Ordering::Release);
+        self.until_us
+            .store(until_us.unwrap_or(0), Ordering::Release);
         self.changed.send_modify(|g| *g += 1);
     }
 
     pub fn holds(&self) -> bool {
-        let now = Instant::now().saturating_duration_since(self.base).as_micros() as u64;
+        let now = Instant::now()
+            .saturating_duration_since(self.base)
+            .as_micros() as u64;
         now < self.until_us.load(Ordering::Acquire)
     }
 

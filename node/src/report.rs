@@ -121,13 +121,14 @@ pub struct ThresholdResult {
     pub passed: bool,
 }
 
+/// Something that happened to the run, at `t` seconds of run time: one of the
+/// protocol's typed events, `{"t", "kind", ...}` in JSON.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Event {
     /// Seconds since the run started.
     pub t: f64,
-    pub kind: String,
     #[serde(flatten)]
-    pub detail: BTreeMap<String, serde_json::Value>,
+    pub event: stampede_protocol::machine::events::RunEvent,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]

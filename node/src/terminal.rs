@@ -174,8 +174,8 @@ pub fn summary_table(s: &Summary) -> String {
             out,
             "event at {:.1}s: {} {}",
             e.t,
-            e.kind,
-            serde_json::to_string(&e.detail).unwrap_or_default()
+            e.event.kind(),
+            event_detail(&e.event)
         );
     }
     if !s.thresholds.is_empty() {
@@ -231,4 +231,13 @@ fn bytes(b: u64) -> String {
     } else {
         format!("{b} B")
     }
+}
+
+/// An event's fields other than its kind, as compact JSON.
+pub fn event_detail(e: &stampede_protocol::machine::events::RunEvent) -> String {
+    let mut v = serde_json::to_value(e).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("kind");
+    }
+    v.to_string()
 }

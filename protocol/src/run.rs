@@ -375,9 +375,9 @@ impl RunRequest {
     /// The run id of a request that names one is of the one format.
     pub fn validate(&self) -> Result<(), String> {
         match self {
-            RunRequest::Bundle { run_id, .. } | RunRequest::Snapshots { run_id, .. } => {
-                validate_run_id(run_id)
-            }
+            RunRequest::Bundle { run_id, .. }
+            | RunRequest::Snapshots { run_id, .. }
+            | RunRequest::Summary { run_id } => validate_run_id(run_id),
             RunRequest::Clock { .. } => Ok(()),
         }
     }

@@ -87,6 +87,8 @@ pub enum RunEvent {
     LeaseLost { node: String },
     /// A graceful stop of the whole run.
     Stop { reason: String },
+    /// Ctrl-C in a run on one node: `graceful` the first time, `hard` the second.
+    StopRequested { how: String },
     /// A member could not run its share (HTTP set-up or engine failed to start).
     NodeFailed { node: String, error: String },
     /// Seconds of a member the report does not contain: ranges such as `3-7, 9`;
@@ -110,6 +112,7 @@ impl RunEvent {
             RunEvent::Reassigned { .. } => "reassigned",
             RunEvent::LeaseLost { .. } => "lease_lost",
             RunEvent::Stop { .. } => "stop",
+            RunEvent::StopRequested { .. } => "stop_requested",
             RunEvent::NodeFailed { .. } => "node_failed",
             RunEvent::SnapshotsMissing { .. } => "snapshots_missing",
         }

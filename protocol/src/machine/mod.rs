@@ -453,6 +453,7 @@ pub struct RunMachine {
 }
 
 impl RunMachine {
+    #[allow(clippy::too_many_arguments)]
     fn blank(
         me: Me,
         run_id: &str,
@@ -602,9 +603,7 @@ impl RunMachine {
         let moved = self.version.as_ref().is_some_and(|v| v.is_moved(i));
         if p.gone {
             MemberStatus::Lost
-        } else if (p.fenced_by_me || moved) && Some(i) != self.my_index {
-            MemberStatus::Observer
-        } else if Some(i) == self.my_index && moved {
+        } else if moved || (p.fenced_by_me && Some(i) != self.my_index) {
             MemberStatus::Observer
         } else if self.phase >= Phase::Done {
             MemberStatus::Completed

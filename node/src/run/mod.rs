@@ -1,0 +1,645 @@
+//! Runs across the mesh on this node: the thin async driver around the run protocol's
+//! state machine ([`stampede_protocol::machine::RunMachine`], one per run).
+//!
+//! The driver turns what happens — a gossip message, a member lost, the control
+//! endpoint's command, a tick, the engine's seconds, a task's answer — into the
+//! machine's typed inputs, and carries out the effects it answers with: publish,
+//! fetch, start or swap the engine, set the lease, merge a snapshot into the run's
+//! aggregate, record an event, build and keep the report. Every decision is the
+//! machine's; the driver owns the I/O and the measurements (aggregate, collector,
+//! snapshot bytes), which the machine never sees.
+//!
+//! Must not decide anything about a run (no protocol rules here) and must not touch
+//! the swarm directly (it sends [`MeshCommand`]s) or the load (the engine runs on its
+//! own threads).
+
+mod execute;
+pub mod store;
+mod tasks;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use stampede_protocol::machine::{self, Command, Input, Me, Now, Phase, RunMachine};
+use stampede_protocol::mesh::GossipBody;
+use stampede_protocol::run::{Bundle, Requirements, RunMessage, SnapshotMessage};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::aggregate::{NodeCollector, RunAggregate};
+use crate::compile::CompiledPlan;
+use crate::cpu::CpuSampler;
+use crate::engine::{Lease, LiveAssignment, StopHandle, WorkerReport};
+use crate::mesh::membership::MemberState;
+use crate::mesh::{MeshCommand, MeshEvent, SharedView};
+use crate::report::{Event, Summary};
+
+pub use stampede_protocol::run::unix_us;
+pub use store::RunStore;
+
+/// How often the driver ticks every machine (the machine asks for at least every
+/// half heartbeat).
+const TICK: Duration = Duration::from_millis(50);
+/// How long a finished run stays in memory (for `status` and late re-fetches).
+const KEEP_DONE: Duration = Duration::from_secs(600);
+/// Most runs held in memory at once; the oldest finished ones go first, and a
+/// proposal beyond it is ignored (a key holder cannot grow this without bound).
+const MAX_RUNS: usize = 64;
+
+/// What the CLI asks of the driver through the control endpoint.
+pub enum CoordCommand {
+    Start {
+        bundle: Bundle,
+        requirements: Requirements,
+        client: ClientLink,
+    },
+    Stop {
+        run_id: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Status {
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+}
+
+/// The CLI that started a run: progress lines while it goes, the summary at the end.
+pub struct ClientLink {
+    pub progress: mpsc::UnboundedSender<serde_json::Value>,
+    pub done: oneshot::Sender<Result<Summary, String>>,
+}
+
+/// This node as it takes part in runs.
+pub struct NodeIdentity {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub allow_targets: Vec<String>,
+    pub workers: usize,
+    pub data_dir: PathBuf,
+    pub graceful_stop: Duration,
+}
+
+/// Things the engine reports back.
+enum EngineNews {
+    Started {
+        run_id: String,
+        at_wall_us: u64,
+    },
+    Report {
+        run_id: String,
+        report: WorkerReport,
+    },
+    Failed {
+        run_id: String,
+        error: String,
+    },
+}
+
+/// One run on this node: its machine and what the driver keeps for it.
+struct Run {
+    machine: RunMachine,
+    client: Option<ClientLink>,
+    plan: Option<Arc<CompiledPlan>>,
+    agg: Option<RunAggregate>,
+    collector: Option<NodeCollector>,
+    cpu: CpuSampler,
+    workers: usize,
+    engine: Option<StopHandle>,
+    live_split: Option<Arc<LiveAssignment>>,
+    lease: Arc<Lease>,
+    events: Vec<Event>,
+    cpu_max: BTreeMap<String, f64>,
+    started_unix_ms: u64,
+    finished_at: Option<Instant>,
+    ended_s: Option<f64>,
+}
+
+pub struct Driver {
+    me: NodeIdentity,
+    base: Instant,
+    live: Arc<crate::live::LiveRuns>,
+    mesh: mpsc::Sender<MeshCommand>,
+    view: SharedView,
+    store: Arc<RunStore>,
+    results: crate::results::Results,
+    runs: HashMap<String, Run>,
+    tasks_tx: mpsc::UnboundedSender<tasks::Done>,
+    engine_tx: mpsc::UnboundedSender<EngineNews>,
+    /// The snapshot whose bytes a `Merge` or `PublishSnapshot` effect refers to.
+    current: Option<SnapshotMessage>,
+}
+
+/// Starts the driver; returns the channel the control endpoint uses.
+pub fn spawn(
+    me: NodeIdentity,
+    mesh: mpsc::Sender<MeshCommand>,
+    events: broadcast::Receiver<MeshEvent>,
+    view: SharedView,
+    store: Arc<RunStore>,
+    live: Arc<crate::live::LiveRuns>,
+) -> mpsc::Sender<CoordCommand> {
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (tasks_tx, tasks_rx) = mpsc::unbounded_channel();
+    let (engine_tx, engine_rx) = mpsc::unbounded_channel();
+    let results = crate::results::Results::new(&me.data_dir);
+    let d = Driver {
+        me,
+        base: Instant::now(),
+        live,
+        mesh,
+        view,
+        store,
+        results,
+        runs: HashMap::new(),
+        tasks_tx,
+        engine_tx,
+        current: None,
+    };
+    tokio::spawn(d.main(cmd_rx, events, tasks_rx, engine_rx));
+    cmd_tx
+}
+
+impl Driver {
+    async fn main(
+        mut self,
+        mut cmds: mpsc::Receiver<CoordCommand>,
+        mut events: broadcast::Receiver<MeshEvent>,
+        mut tasks: mpsc::UnboundedReceiver<tasks::Done>,
+        mut engine: mpsc::UnboundedReceiver<EngineNews>,
+    ) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                c = cmds.recv() => match c {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                e = events.recv() => match e {
+                    Ok(MeshEvent::Gossip { from, body, .. }) => self.on_gossip(from, body),
+                    Ok(MeshEvent::Member(t)) => {
+                        if t.to == MemberState::Lost {
+                            let peer = t.peer.to_string();
+                            self.each(|| Input::PeerGone { peer: peer.clone() });
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "run driver fell behind the mesh; heartbeats and republishing repair what was missed");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                Some(t) = tasks.recv() => self.on_task(t),
+                Some(n) = engine.recv() => self.on_engine(n),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            mono_us: self.base.elapsed().as_micros() as u64,
+            wall_us: unix_us(),
+        }
+    }
+
+    fn me(&self) -> Me {
+        Me {
+            id: self.me.id.clone(),
+            name: self.me.name.clone(),
+            labels: self.me.labels.clone(),
+            weight: self.me.workers.max(1) as u32,
+        }
+    }
+
+    /// Feeds one input to one run's machine and carries out its effects.
+    fn input(&mut self, run_id: &str, input: Input) {
+        let now = self.now();
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let effects = run.machine.handle(input, now);
+        self.execute(run_id, effects);
+    }
+
+    /// The same input to every run.
+    fn each(&mut self, make: impl Fn() -> Input) {
+        let ids: Vec<String> = self.runs.keys().cloned().collect();
+        for id in ids {
+            self.input(&id, make());
+        }
+    }
+
+    /// The run this node is committed to, if any.
+    fn busy(&self) -> Option<&str> {
+        self.runs
+            .values()
+            .find(|r| r.machine.is_busy())
+            .map(|r| r.machine.run_id())
+    }
+
+    fn new_run(&mut self, machine: RunMachine, client: Option<ClientLink>) {
+        // Bounded: finished runs go first, oldest first.
+        while self.runs.len() >= MAX_RUNS {
+            let oldest = self
+                .runs
+                .iter()
+                .filter(|(_, r)| r.machine.phase() == Phase::Done)
+                .min_by_key(|(_, r)| r.finished_at)
+                .map(|(id, _)| id.clone());
+            match oldest {
+                Some(id) => self.forget(&id),
+                None => return,
+            }
+        }
+        let id = machine.run_id().to_string();
+        self.runs.insert(
+            id,
+            Run {
+                machine,
+                client,
+                plan: None,
+                agg: None,
+                collector: None,
+                cpu: CpuSampler::default(),
+                workers: 1,
+                engine: None,
+                live_split: None,
+                lease: Lease::none(self.base),
+                events: Vec::new(),
+                cpu_max: BTreeMap::new(),
+                started_unix_ms: crate::embedded::unix_ms(),
+                finished_at: None,
+                ended_s: None,
+            },
+        );
+    }
+
+    fn forget(&mut self, run_id: &str) {
+        self.runs.remove(run_id);
+        self.live.remove(run_id);
+        let _ = self.results.remove(run_id);
+        if let Ok(mut s) = self.store.snapshots.lock() {
+            s.retain(|(r, _), _| r != run_id);
+        }
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    fn on_command(&mut self, c: CoordCommand) {
+        match c {
+            CoordCommand::Start {
+                bundle,
+                requirements,
+                client,
+            } => self.start(bundle, requirements, client),
+            CoordCommand::Stop { run_id, reply } => {
+                if self.runs.contains_key(&run_id) {
+                    self.input(
+                        &run_id,
+                        Input::Command(Command::Stop {
+                            reason: "stopped by `stampede stop`".into(),
+                        }),
+                    );
+                    let _ = reply.send(Ok(()));
+                } else {
+                    let _ = reply.send(Err(format!("no such run: {run_id}")));
+                }
+            }
+            CoordCommand::Status { reply } => {
+                let runs: Vec<serde_json::Value> = self.runs.values().map(status_of).collect();
+                let _ = reply.send(serde_json::json!({ "runs": runs }));
+            }
+        }
+    }
+
+    fn start(&mut self, bundle: Bundle, requirements: Requirements, client: ClientLink) {
+        if let Some(other) = self.busy() {
+            let _ = client
+                .done
+                .send(Err(format!("this node is busy with run {other}")));
+            return;
+        }
+        let run_id = crate::embedded::new_run_id();
+        let hash = bundle.hash();
+        if let Ok(mut b) = self.store.bundles.lock() {
+            b.insert(hash.clone(), bundle.clone());
+        }
+        let asked: BTreeSet<String> = self
+            .view
+            .read()
+            .map(|v| v.alive_peers().iter().map(|p| p.to_string()).collect())
+            .unwrap_or_default();
+        let now = self.now();
+        let (machine, effects) = RunMachine::new_origin(
+            self.me(),
+            &run_id,
+            &hash,
+            &bundle.plan_name,
+            requirements,
+            asked,
+            machine::Timing::mesh(),
+            now,
+        );
+        self.new_run(machine, Some(client));
+        self.execute(&run_id, effects);
+        // The origin prepares from its own bundle (no fetch).
+        let result = crate::bundle::prepare_bundle(
+            &bundle,
+            &self.me.data_dir,
+            &run_id,
+            &self.me.allow_targets,
+        );
+        self.on_task(tasks::Done::Prepared { run_id, result });
+    }
+
+    // ---------------------------------------------------------------- gossip
+
+    fn on_gossip(&mut self, from: PeerId, body: GossipBody) {
+        match body {
+            GossipBody::Run(m) => {
+                if let Err(e) = m.validate() {
+                    tracing::warn!(peer = %from, error = %e, "run message refused");
+                    return;
+                }
+                self.on_run_message(from.to_string(), *m)
+            }
+            GossipBody::Snapshot(s) => {
+                if let Err(e) = s.validate() {
+                    tracing::warn!(peer = %from, error = %e, "snapshot refused");
+                    return;
+                }
+                self.on_snapshot(from.to_string(), *s)
+            }
+            _ => {}
+        }
+    }
+
+    fn on_run_message(&mut self, from: String, m: RunMessage) {
+        let run_id = m.run_id().to_string();
+        if !self.runs.contains_key(&run_id) {
+            if !matches!(m, RunMessage::Propose { .. }) || self.runs.len() >= MAX_RUNS * 2 {
+                return;
+            }
+            let busy = self.busy().map(str::to_string);
+            let now = self.now();
+            if let Some((machine, effects)) = RunMachine::new_member(
+                self.me(),
+                &from,
+                &m,
+                busy.as_deref(),
+                machine::Timing::mesh(),
+                now,
+            ) {
+                self.new_run(machine, None);
+                self.execute(&run_id, effects);
+            }
+            return;
+        }
+        self.input(
+            &run_id,
+            Input::Message {
+                from,
+                msg: Arc::new(m),
+            },
+        );
+    }
+
+    fn on_snapshot(&mut self, from: String, s: SnapshotMessage) {
+        let (run_id, node, seq) = (s.run_id.clone(), s.node.clone(), s.seq);
+        self.current = Some(s);
+        self.input(&run_id, Input::Snapshot { from, node, seq });
+        self.current = None;
+    }
+
+    // ---------------------------------------------------------------- tasks
+
+    fn on_task(&mut self, t: tasks::Done) {
+        match t {
+            tasks::Done::Prepared { run_id, result } => {
+                let Some(run) = self.runs.get_mut(&run_id) else {
+                    return;
+                };
+                let input = match result {
+                    // A node that refuses to send the load still keeps the plan: as the
+                    // origin it merges the others' measurements for its CLI.
+                    Ok((plan, refusal)) => {
+                        run.agg = Some(RunAggregate::new(plan.layout.clone()));
+                        run.plan = Some(plan.clone());
+                        match refusal {
+                            None => Input::Prepared(Ok(Arc::new(PlanSchedule(plan)))),
+                            Some(why) => Input::Prepared(Err(why)),
+                        }
+                    }
+                    Err(e) => Input::Prepared(Err(e)),
+                };
+                self.input(&run_id, input);
+            }
+            tasks::Done::Clock { run_id, offset_us } => {
+                self.input(&run_id, Input::ClockSynced { offset_us })
+            }
+            tasks::Done::Fetched {
+                run_id,
+                node,
+                snapshots,
+                missing,
+            } => {
+                for s in snapshots {
+                    if s.run_id == run_id && s.node == node && s.validate().is_ok() {
+                        self.on_snapshot(node.clone(), s);
+                    }
+                }
+                self.input(
+                    &run_id,
+                    Input::Fetched {
+                        node,
+                        got: Vec::new(),
+                        missing,
+                    },
+                );
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- engine
+
+    fn on_engine(&mut self, n: EngineNews) {
+        match n {
+            EngineNews::Started { run_id, at_wall_us } => {
+                self.input(&run_id, Input::EngineStarted { at_wall_us })
+            }
+            EngineNews::Failed { run_id, error } => {
+                tracing::error!(run = %run_id, %error, "this node cannot run its share");
+                self.input(&run_id, Input::EngineFinished { error: Some(error) })
+            }
+            EngineNews::Report { run_id, report } => self.on_report(&run_id, report),
+        }
+    }
+
+    fn on_report(&mut self, run_id: &str, report: WorkerReport) {
+        let me = self.me.id.clone();
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let Some(collector) = run.collector.as_mut() else {
+            return;
+        };
+        let seconds = collector.add(report);
+        let finished = collector.finished();
+        if finished {
+            run.collector = None;
+        }
+        let mut out = Vec::new();
+        for s in seconds {
+            let cpu = run.cpu.sample(run.workers);
+            out.push(SnapshotMessage {
+                run_id: run_id.into(),
+                node: me.clone(),
+                seq: s.second,
+                vus: s.vus,
+                cpu,
+                metrics: s.metrics.encode(),
+            });
+        }
+        for msg in out {
+            if let Ok(mut st) = self.store.snapshots.lock() {
+                st.insert((run_id.to_string(), msg.seq), msg.clone());
+            }
+            let seq = msg.seq;
+            self.current = Some(msg);
+            self.input(run_id, Input::OwnSecond { seq });
+            self.current = None;
+        }
+        if finished {
+            self.input(run_id, Input::EngineFinished { error: None });
+        }
+    }
+
+    // ---------------------------------------------------------------- ticks
+
+    fn on_tick(&mut self) {
+        self.each(|| Input::Tick);
+        let ids: Vec<String> = self.runs.keys().cloned().collect();
+        for id in ids {
+            let Some(run) = self.runs.get(&id) else {
+                continue;
+            };
+            let recent = run.finished_at.is_none_or(|t| t.elapsed() < TICK * 10);
+            if recent {
+                self.mirror_live(&id);
+            }
+            if run.finished_at.is_some_and(|t| t.elapsed() > KEEP_DONE) {
+                self.forget(&id);
+            }
+        }
+    }
+
+    /// Copies the run's phase, members and events into the live view.
+    fn mirror_live(&self, run_id: &str) {
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        let m = &run.machine;
+        let members: Vec<crate::live::LiveMember> = m
+            .roster()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| crate::live::LiveMember {
+                id: r.id.clone(),
+                name: r.name.clone(),
+                labels: r.labels.clone(),
+                status: m.member_status(i).name().into(),
+            })
+            .collect();
+        let leader = m.name_of(m.leader());
+        let started = m.version().map(|v| v.start_unix_us / 1000).unwrap_or(0);
+        let layout = run.plan.as_ref().map(|p| p.layout.clone());
+        let plan_name = run.plan.as_ref().map(|p| p.plan.name.clone());
+        let phase = m.phase().name().to_string();
+        self.live.update(run_id, m.plan_name(), |l| {
+            if let Some(n) = plan_name {
+                l.plan = n;
+            }
+            l.phase = phase;
+            l.members = members;
+            l.leader = leader;
+            l.started_unix_ms = started;
+            l.events = run.events.clone();
+            if l.layout.is_none() {
+                l.layout = layout;
+            }
+        });
+    }
+}
+
+/// A run's row in `stampede status`.
+fn status_of(r: &Run) -> serde_json::Value {
+    let m = &r.machine;
+    let lost: Vec<String> = (0..m.roster().len())
+        .filter(|&i| m.member_status(i) == machine::events::MemberStatus::Lost)
+        .map(|i| m.roster()[i].name.clone())
+        .collect();
+    let elapsed = r.ended_s.unwrap_or_else(|| {
+        (crate::embedded::unix_ms().saturating_sub(r.started_unix_ms)) as f64 / 1000.0
+    });
+    serde_json::json!({
+        "run_id": m.run_id(), "plan": m.plan_name(), "bundle_hash": m.bundle_hash(),
+        "phase": m.phase().name(), "origin": m.origin(), "leader": m.leader(),
+        "leader_name": m.name_of(m.leader()), "term": m.term(),
+        "members": m.roster().iter().map(|x| &x.name).collect::<Vec<_>>(),
+        "lost": lost,
+        "elapsed_s": elapsed,
+    })
+}
+
+/// What the state machine needs of a compiled plan.
+struct PlanSchedule(Arc<CompiledPlan>);
+
+impl machine::RunSchedule for PlanSchedule {
+    fn first_event_at(&self, t_us: u64) -> u64 {
+        let at = Duration::from_micros(t_us);
+        self.0
+            .scenarios
+            .iter()
+            .filter_map(|s| {
+                let sched = s.executor.arrival_schedule().ok()??;
+                let t = at.checked_sub(s.start_after).unwrap_or_default();
+                Some(first_event_at(&sched, t))
+            })
+            .min()
+            .unwrap_or(0)
+    }
+
+    fn duration_us(&self) -> u64 {
+        let d = crate::embedded::plan_duration(&self.0) + Duration::from_secs(30);
+        d.as_micros().min(u64::MAX as u128) as u64
+    }
+}
+
+/// The index of the first arrival at or after `t`.
+fn first_event_at(s: &stampede_protocol::executor::ArrivalSchedule, t: Duration) -> u64 {
+    let total = s.total_arrivals();
+    let (mut lo, mut hi) = (0u64, total);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match s.arrival_time(mid) {
+            Some(at) if at < t => lo = mid + 1,
+            _ => hi = mid,
+        }
+    }
+    lo
+}
+
+/// Effects not tied to a run's measurements go straight to the mesh.
+fn publish(mesh: &mpsc::Sender<MeshCommand>, body: GossipBody, metrics: bool) {
+    let topic = if metrics {
+        crate::mesh::behaviour::metrics_topic(stampede_protocol::mesh::PROTOCOL_VERSION)
+    } else {
+        crate::mesh::behaviour::control_topic(stampede_protocol::mesh::PROTOCOL_VERSION)
+    };
+    let (reply, _rx) = oneshot::channel();
+    // Publishing fails only when no peer has subscribed yet (a mesh of one): the
+    // message is for others, and the machine has acted on its own copy.
+    let _ = mesh.try_send(MeshCommand::Publish { topic, body, reply });
+}
