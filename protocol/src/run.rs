@@ -231,6 +231,10 @@ pub enum RunMessage {
         /// sender believes of the barrier.
         #[serde(default)]
         arrived: Vec<(Barrier, BarrierDetail)>,
+        /// The sender holds no lease now (it just took up a version): members at its
+        /// version answer at once instead of at their next beat.
+        #[serde(default)]
+        wants_echo: bool,
     },
     /// Stop the run everywhere, gracefully.
     Stop { run_id: String, reason: String },

@@ -72,11 +72,13 @@ impl Driver {
                 index,
             } => self.start_engine(run_id, split, start_local_wall_us, index),
             Effect::SwapSplit(split) => {
+                tracing::debug!(run = run_id, "split swapped");
                 if let Some(live) = self.runs.get(run_id).and_then(|r| r.live_split.clone()) {
                     live.replace(split);
                 }
             }
             Effect::Lease(until) => {
+                tracing::debug!(run = run_id, ?until, now = self.now().mono_us, "lease");
                 if let Some(r) = self.runs.get(run_id) {
                     r.lease.set(until);
                 }

@@ -16,6 +16,10 @@ use super::events::RunEvent;
 use super::{Now, Phase, RunMachine};
 use crate::run::RunMessage;
 
+/// The least time between two heartbeats sent at once in answer to the same member
+/// (two members without a lease would otherwise answer each other without end).
+const IMMEDIATE_GAP_US: u64 = 50_000;
+
 /// How many of its own heartbeat stamps a node remembers to check echoes against.
 const BEATS_KEPT: usize = 64;
 
@@ -61,6 +65,7 @@ impl RunMachine {
             .iter()
             .map(|(b, d)| (*b, d.clone()))
             .collect();
+        let wants_echo = !self.holds_lease(now);
         self.publish(RunMessage::Beat {
             run_id: self.run_id.clone(),
             term: self.term,
@@ -69,6 +74,7 @@ impl RunMachine {
             echoes,
             fenced,
             arrived,
+            wants_echo,
         });
         // Own knowledge of itself, so that the counts include this node.
         let digest = self.digest;
@@ -90,6 +96,7 @@ impl RunMachine {
             echoes,
             fenced,
             arrived,
+            wants_echo,
             ..
         } = msg
         else {
@@ -154,15 +161,19 @@ impl RunMachine {
                 .find(|(s, _)| *s == ts)
                 .map_or(u64::MAX, |(_, d)| *d);
         }
-        // A member that just reached this node's version hears back at once, so a
-        // version switch costs a round trip of leases rather than a beat period.
+        // A member at this node's version that has no lease (it just took the
+        // version up), or this node lacking one, is answered at once: a version
+        // switch costs a round trip rather than a beat period. Once both hold a
+        // lease the exchange stops; between two members that cannot get one it is
+        // limited to one answer per IMMEDIATE_GAP_US.
+        let lacking = *wants_echo || !self.holds_lease(now);
+        let replied = self.peers[j].replied_at;
         if digest == self.digest
-            && self.digest != 0
-            && self
-                .lease
-                .is_none_or(|l| l <= now.mono_us + self.timing.lease_us / 2)
-            && now.mono_us.saturating_sub(self.beat_sent) >= self.timing.beat_us / 8
+            && lacking
+            && !self.peers[j].fenced_by_me
+            && (replied == 0 || now.mono_us.saturating_sub(replied) >= IMMEDIATE_GAP_US)
         {
+            self.peers[j].replied_at = now.mono_us;
             self.send_beat(now);
         }
     }

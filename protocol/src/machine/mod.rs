@@ -352,6 +352,8 @@ struct Peer {
     /// this node had when it sent that heartbeat.
     echo_of_me: u64,
     echo_digest: u64,
+    /// When this node last answered its heartbeat at once (mono µs).
+    replied_at: u64,
     /// This node fenced it: no echo, and it counts towards moving its share. A fence
     /// holds while this node stays at the version it was set at (`fenced_digest`);
     /// once the member is heard again and this node has moved to another version (or

@@ -100,10 +100,12 @@ fn run(args: &Args) -> Result<bool, String> {
     let began = Instant::now();
     let (mut violations, mut checked, mut failed_seeds) = (0usize, 0usize, Vec::new());
     let mut starts = 0usize;
+    let mut dropped = 0u64;
     for &seed in &seeds {
         let (world, found) = run_one(&setup, &kinds, seed);
         checked += INVARIANTS.len();
         starts += world.starts.iter().map(Vec::len).sum::<usize>();
+        dropped += world.nodes.iter().map(|n| n.engine.dropped).sum::<u64>();
         if !found.is_empty() || args.verbose || args.seed.is_some() {
             println!("seed {seed}: schedule {:?}", world.schedule);
             for line in &world.trace {
@@ -121,7 +123,7 @@ fn run(args: &Args) -> Result<bool, String> {
         }
     }
     println!(
-        "stampede-sim: {} schedules of {} nodes, {checked} invariant checks, {starts} iterations started, {violations} violations{} ({:.1} s)",
+        "stampede-sim: {} schedules of {} nodes, {checked} invariant checks, {starts} iterations started ({dropped} dropped late after a lapsed lease), {violations} violations{} ({:.1} s)",
         seeds.len(),
         args.nodes,
         if failed_seeds.is_empty() {
