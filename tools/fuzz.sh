@@ -58,12 +58,12 @@ while [ "$(date +%s)" -lt "$deadline" ]; do
     [ -z "${failed[$name]:-}" ] || continue
     log=$(mktemp)
     # shellcheck disable=SC2046
-    if cargo test -q $(selector "$pkg" "$test") -- --exact "$name" >"$log" 2>&1; then
+    if RUST_BACKTRACE=0 cargo test -q $(selector "$pkg" "$test") -- --exact "$name" >"$log" 2>&1; then
       runs[$name]=$(( ${runs[$name]:-0} + 1 ))
     else
       failed[$name]=1
       echo "FAILED: $name (round $round)"
-      grep -E "minimal failing input|panicked|Test failed" -A3 "$log" | head -40 || tail -40 "$log"
+      { grep -m1 -A1 "panicked" "$log"; grep -A20 "minimal failing input" "$log"; } | head -40 || tail -40 "$log"
     fi
     rm -f "$log"
   done

@@ -195,6 +195,9 @@ fn apply(src: &str, m: &Mutation) -> String {
         }
         Mutation::DeleteLine(n) | Mutation::DuplicateLine(n) => {
             let mut lines: Vec<&str> = src.lines().collect();
+            if lines.is_empty() {
+                return src.to_string();
+            }
             let i = n % lines.len();
             if matches!(m, Mutation::DeleteLine(_)) {
                 lines.remove(i);

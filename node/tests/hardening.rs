@@ -217,3 +217,47 @@ fn a_node_reads_data_only_from_the_bundle_and_never_echoes_a_file() {
         }
     }
 }
+
+/// A mesh run's copy of its data files (which often hold credentials) is private:
+/// `DATA_DIR/runs` and the run's directory 0700, the files 0600. Before, they were
+/// created with the process umask (0755 / 0644) and never removed.
+#[test]
+fn a_node_keeps_a_run_s_data_files_private() {
+    use stampede::control::{call_streaming, find_node, ControlRequest};
+    use std::os::unix::fs::PermissionsExt;
+    let mesh = mesh_support::Mesh::new();
+    let node = mesh.node("n1", &[], &[]);
+    let target = find_node(None, Some(&node.dir)).unwrap();
+    let plan = "[data.s]\nfile = \"creds/users.csv\"\n\n[scenarios.a]\nexecutor = \"shared-iterations\"\nvus = 1\niterations = 1\n\n[flows.f]\nsteps = [{ request = { url = \"http://127.0.0.1:9/?u={{ s.user }}\", timeout = \"1s\" } }]\n";
+    let bundle = stampede_protocol::run::Bundle {
+        plan_name: "p.toml".into(),
+        plan: plan.into(),
+        files: [(
+            "creds/users.csv".to_string(),
+            b"user,password\nann,hunter2\n".to_vec(),
+        )]
+        .into(),
+    };
+    let answer = call_streaming(
+        &target,
+        ControlRequest::Run {
+            bundle,
+            requirements: Default::default(),
+        },
+        Duration::from_secs(60),
+        |_| {},
+    );
+    assert!(answer.is_ok(), "the run failed: {answer:?}");
+    let runs = node.dir.join("runs");
+    let run_dirs: Vec<_> = std::fs::read_dir(&runs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(run_dirs.len(), 1, "{run_dirs:?}");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let run = &run_dirs[0];
+    assert_eq!(mode(&runs), 0o700, "runs dir");
+    assert_eq!(mode(run), 0o700, "run dir");
+    assert_eq!(mode(&run.join("creds")), 0o700, "a directory of the bundle");
+    assert_eq!(mode(&run.join("creds/users.csv")), 0o600, "a data file");
+}

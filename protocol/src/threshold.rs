@@ -159,6 +159,11 @@ impl ThresholdExpr {
             let d = parse_duration(rhs).map_err(|e| bad(&format!("bad value \"{rhs}\": {e}")))?;
             (d.as_secs_f64() * 1e6, true)
         };
+        // `nan` and `inf` parse as f64; a comparison with NaN is never true, so such a
+        // threshold could only ever fail, whatever was measured.
+        if !value.is_finite() {
+            return Err(bad("the value must be a finite number"));
+        }
         Ok(ThresholdExpr {
             aggregate,
             percentile,
@@ -294,5 +299,14 @@ mod tests {
             ThresholdExpr::parse("p(95) < 1").unwrap()
         )
         .is_err());
+    }
+
+    #[test]
+    fn values_that_are_not_finite_are_refused() {
+        for bad in ["p(95) < inf", "rate < NaN", "count > 1e400", "avg < -inf%"] {
+            let e = ThresholdExpr::parse(bad).unwrap_err();
+            assert!(e.contains("must be a finite number"), "{bad}: {e}");
+        }
+        assert!(ThresholdExpr::parse("count > 1e300").is_ok());
     }
 }
