@@ -145,6 +145,21 @@ fn a_run_whose_cli_was_killed_is_saved_listed_after_a_restart_and_reported() {
     // The same table as at a run's end.
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(&run_id), "{}", show(&out));
+
+    // With no node running on the data dir, the report is read from it directly.
+    drop(n1);
+    let again = mesh.tmp.path().join("again.json");
+    let out = stampede(
+        &[
+            "report",
+            &run_id,
+            "--out",
+            &format!("json={}", again.display()),
+        ],
+        ("--data-dir", path(&mesh.tmp.path().join("n1"))),
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(read_json(&again), on_disk);
 }
 
 #[test]
