@@ -1373,8 +1373,9 @@ impl Coordinator {
             tracing::warn!(node = %s.node, error = %e, "snapshot does not fit the plan");
             return;
         }
+        // durability: every merged snapshot (this node's own included) goes to disk.
         if let Err(e) = self.results.append_snapshot(&s) {
-            tracing::warn!(error = %e, "snapshot not logged"); // durability
+            tracing::warn!(error = %e, "snapshot not logged");
         }
         let cpu = run.cpu_max.entry(s.node.clone()).or_insert(0.0);
         *cpu = cpu.max(s.cpu);
@@ -1818,9 +1819,9 @@ impl Coordinator {
                 plan_source: &plan.source,
             },
         );
+        // durability: saved before anything else, so a lost CLI loses nothing.
         if let Err(e) = self.results.save_summary(&summary) {
             tracing::error!(run = %summary.run_id, error = %e, "the summary was not saved");
-            // durability
         }
         self.live.finish(summary.clone());
         if let Some(client) = client {
