@@ -415,14 +415,7 @@ pub struct Target {
 /// (`--data-dir`, `STAMPEDE_DATA_DIR`, or the default). The token comes from
 /// `STAMPEDE_CONTROL_TOKEN` or that file.
 pub fn find_node(node: Option<&str>, data_dir: Option<&Path>) -> Result<Target, String> {
-    let dir = data_dir
-        .map(Path::to_path_buf)
-        .or_else(|| {
-            std::env::var_os("STAMPEDE_DATA_DIR")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        })
-        .unwrap_or_else(crate::settings::default_data_dir);
+    let dir = client_data_dir(data_dir);
     let env_token = std::env::var("STAMPEDE_CONTROL_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
@@ -442,6 +435,18 @@ pub fn find_node(node: Option<&str>, data_dir: Option<&Path>) -> Result<Target, 
             })
         }
     }
+}
+
+/// The data dir a CLI command means: `--data-dir`, `STAMPEDE_DATA_DIR`, or the default.
+pub fn client_data_dir(data_dir: Option<&Path>) -> PathBuf {
+    data_dir
+        .map(Path::to_path_buf)
+        .or_else(|| {
+            std::env::var_os("STAMPEDE_DATA_DIR")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(crate::settings::default_data_dir)
 }
 
 /// Sends one request and returns the final reply's data (blocking; the CLI has no

@@ -429,11 +429,22 @@ pub fn keygen(args: KeygenArgs) -> Result<Outcome, Failure> {
 
 // ---------------------------------------------------------------- `stampede report`
 
-/// `stampede report RUN_ID`: the node looks in its data dir, then asks the mesh; the
-/// summary is printed as at a run's end and the `--out` files are written.
+/// `stampede report RUN_ID`: the data dir first (no node needs to run for a run saved
+/// there), then the node, which asks the mesh; the summary is printed as at a run's end
+/// and the `--out` files are written.
 pub fn report(args: ReportArgs) -> Result<Outcome, Failure> {
     let outs = crate::commands::parse_outputs(&args.outputs)?;
     crate::results::check_run_id(&args.run_id).map_err(Failure::usage)?;
+    if args.node_client.node.is_none() {
+        let dir = control::client_data_dir(args.node_client.data_dir.as_deref());
+        let saved = crate::results::Results::new(&dir)
+            .load_summary(&args.run_id)
+            .map_err(Failure::run)?;
+        if let Some(summary) = saved {
+            crate::commands::print_and_write(&summary, &outs)?;
+            return Ok(Outcome::Success);
+        }
+    }
     let data = call(
         &args.node_client,
         ControlRequest::Report {

@@ -7,7 +7,7 @@
 mod mesh_support;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use mesh_support::{all_see, rate_plan, show, wait_until, Mesh, Node, BIN};
@@ -58,6 +58,24 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 temp path")
 }
 
+/// Starts `stampede run --mesh` on `origin` and returns once the target has seen more
+/// than `requests`.
+fn run_until_load(origin: &Node, plan: &Path, t: &TargetHandle, requests: u64) -> Child {
+    let cli = Command::new(BIN)
+        .args(["run", "--mesh", "--quiet", "--data-dir", path(&origin.dir)])
+        .arg(plan)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run stampede");
+    assert!(
+        wait_until(Duration::from_secs(30), || t.requests() > requests),
+        "the run did not start"
+    );
+    cli
+}
+
 fn read_json(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).expect("file written")).expect("JSON")
 }
@@ -68,19 +86,8 @@ fn a_run_whose_cli_was_killed_is_saved_listed_after_a_restart_and_reported() {
     let (n1, n2) = two_nodes(&mesh);
     let t = target();
     let plan = rate_plan(mesh.tmp.path(), &t.url(), 20, "4s");
-    let mut cli = Command::new(BIN)
-        .args(["run", "--mesh", "--quiet", "--data-dir", path(&n1.dir)])
-        .arg(&plan)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run stampede");
     // The CLI goes away once the load is flowing.
-    assert!(
-        wait_until(Duration::from_secs(30), || t.requests() > 0),
-        "the run did not start"
-    );
+    let mut cli = run_until_load(&n1, &plan, &t, 0);
     cli.kill().expect("kill the CLI");
     let _ = cli.wait();
     let mut run_id = String::new();
@@ -138,6 +145,21 @@ fn a_run_whose_cli_was_killed_is_saved_listed_after_a_restart_and_reported() {
     // The same table as at a run's end.
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(&run_id), "{}", show(&out));
+
+    // With no node running on the data dir, the report is read from it directly.
+    drop(n1);
+    let again = mesh.tmp.path().join("again.json");
+    let out = stampede(
+        &[
+            "report",
+            &run_id,
+            "--out",
+            &format!("json={}", again.display()),
+        ],
+        ("--data-dir", path(&mesh.tmp.path().join("n1"))),
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(read_json(&again), on_disk);
 }
 
 #[test]
@@ -217,18 +239,7 @@ fn when_the_origin_dies_mid_run_the_leader_saves_the_report_and_any_node_finds_i
     );
     let t = target();
     let plan = rate_plan(mesh.tmp.path(), &t.url(), 30, "6s");
-    let mut cli = Command::new(BIN)
-        .args(["run", "--mesh", "--quiet", "--data-dir", path(&n1.dir)])
-        .arg(&plan)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run stampede");
-    assert!(
-        wait_until(Duration::from_secs(30), || t.requests() > 30),
-        "the run did not start"
-    );
+    let mut cli = run_until_load(&n1, &plan, &t, 30);
     let run_id = status(&n2)[0]["run_id"].as_str().unwrap().to_string();
     n1.kill9();
     let _ = cli.wait();
