@@ -98,7 +98,7 @@ fn a_run_whose_cli_was_killed_is_saved_listed_after_a_restart_and_reported() {
         })
     });
     assert!(saved, "the origin did not save the run: {:?}", status(&n1));
-    let file = n1.dir.join("runs").join(&run_id).join("summary.json");
+    let file = n1.dir.join("results").join(&run_id).join("summary.json");
     let on_disk = read_json(&file);
     assert_eq!(on_disk["totals"]["requests"].as_u64(), Some(t.requests()));
     assert_eq!(on_disk["totals"]["iterations"], 80);
@@ -271,7 +271,12 @@ fn when_the_origin_dies_mid_run_the_leader_saves_the_report_and_any_node_finds_i
     let s = read_json(&json);
     let leader_dir = if leader == ids[1] { &n2.dir } else { &n3.dir };
     assert_eq!(
-        read_json(&leader_dir.join("runs").join(&run_id).join("summary.json")),
+        read_json(
+            &leader_dir
+                .join("results")
+                .join(&run_id)
+                .join("summary.json")
+        ),
         s
     );
     let requests = s["totals"]["requests"].as_u64().unwrap();

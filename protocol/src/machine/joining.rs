@@ -177,6 +177,9 @@ impl RunMachine {
     }
 
     pub(super) fn on_peer_gone(&mut self, peer: &str, now: Now) {
+        if peer == self.origin {
+            self.origin_silent = true;
+        }
         if self.phase != Phase::Joining {
             return;
         }

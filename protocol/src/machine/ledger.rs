@@ -43,19 +43,22 @@ impl RunMachine {
         }
     }
 
-    /// The origin reports; so does the leader, and — when the origin is gone — the
-    /// first member this node sees alive, so that a result survives the origin even
-    /// when no majority is left to elect anyone.
+    /// The origin reports. When the origin is gone (or outside the roster and
+    /// silent), the leader does, and so does the first member this node sees alive,
+    /// so that a result survives the origin even when no majority is left to elect
+    /// anyone. One report per run while the origin lives: every copy is the same.
     fn is_reporter(&self) -> bool {
-        if self.origin == self.me.id || self.am_leader() {
+        if self.origin == self.me.id {
             return true;
         }
-        let origin_gone = self
-            .index_of(&self.origin)
-            .is_none_or(|o| self.peers[o].gone);
+        let origin_gone = match self.index_of(&self.origin) {
+            Some(o) => self.peers[o].gone,
+            None => self.origin_silent,
+        };
         origin_gone
             && self.my_index.is_some()
-            && (0..self.peers.len()).find(|&j| !self.peers[j].gone) == self.my_index
+            && (self.am_leader()
+                || (0..self.peers.len()).find(|&j| !self.peers[j].gone) == self.my_index)
     }
 
     /// Finishing: reporters fetch what they lack, then report; others are done.

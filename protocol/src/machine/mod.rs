@@ -450,6 +450,8 @@ pub struct RunMachine {
     deadline: Option<u64>,
     reported: bool,
     flaw: Flaw,
+    /// An origin outside the roster was reported gone by the mesh's membership.
+    origin_silent: bool,
     /// The last heartbeat changed an echo of this node, a fence or a term.
     beat_news: bool,
 }
@@ -520,6 +522,7 @@ impl RunMachine {
             deadline: None,
             reported: false,
             flaw: Flaw::None,
+            origin_silent: false,
             beat_news: false,
         }
     }
