@@ -412,3 +412,57 @@ fn stop_ends_a_run_on_every_node_and_still_reports() {
     assert_eq!(s["totals"]["requests"].as_u64().unwrap(), t.requests());
     assert!(s["totals"]["iterations"].as_u64().unwrap() < 1800);
 }
+
+/// A member paused past the failure timeout (SIGSTOP 20 s, then SIGCONT) — here the
+/// leader of term 1 — must not send the load it held when it resumes: the survivors
+/// fenced it and took its share over, and its lease lapsed. The target never sees
+/// more than the plan in any second (10 % for the second boundaries), the merged
+/// total is at most the schedule, and the paused node is named.
+#[test]
+fn a_member_paused_past_its_lease_sends_no_load_when_it_resumes() {
+    let mesh = Mesh::new();
+    let nodes = three_nodes(&mesh, [&[], &[], &[]]);
+    let mut order: Vec<usize> = (0..3).collect();
+    order.sort_by_key(|i| nodes[*i].peer_id());
+    let (paused, origin) = (order[0], order[2]);
+    let t = target();
+    let rate = 60u32;
+    let plan = rate_plan(mesh.tmp.path(), &t.url(), rate, "30s");
+    let json = mesh.tmp.path().join("summary.json");
+    let cli = start_run(&nodes[origin], &plan, &json);
+    let went = wait_until(Duration::from_secs(30), || t.requests() >= 3 * rate as u64);
+    assert!(went, "the run did not get going");
+    let pid = nodes[paused].pid() as i32;
+    // SAFETY: signals to a child process this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(20));
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let out = finish(cli);
+    assert!(out.status.success(), "{}", show(&out));
+    let s = summary(&json);
+
+    let seconds = per_second(&t);
+    eprintln!("target per second: {seconds:?}");
+    let limit = (rate as f64 * 1.1).ceil() as u64;
+    for (sec, n) in &seconds {
+        assert!(*n <= limit, "second {sec}: the target saw {n} requests, the plan is {rate}/s: {seconds:?}");
+    }
+    let reported = s["totals"]["requests"].as_u64().unwrap();
+    let planned = rate as u64 * 30;
+    assert!(reported <= planned, "merged {reported} > the schedule's {planned}");
+    assert!(t.requests() <= planned, "the target saw {} > the schedule's {planned}", t.requests());
+    let paused_id = nodes[paused].peer_id();
+    let entry = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == paused_id.as_str())
+        .unwrap_or_else(|| panic!("the paused node is not in the report: {}", s["nodes"]));
+    assert_ne!(entry["status"], "completed", "the paused node is not named: {entry}");
+    let named = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["kind"] == "node_lost" && e["id"] == paused_id.as_str());
+    assert!(named, "no node_lost event names the paused node: {}", s["events"]);
+}
