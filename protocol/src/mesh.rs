@@ -164,6 +164,16 @@ impl Announce {
         for a in &self.allow_targets {
             text("allow_targets", a)?;
         }
+        if self.capacity > crate::run::MAX_WEIGHT {
+            return Err(DecodeError::Invalid {
+                field: "capacity",
+                reason: format!(
+                    "{} worker threads, limit {}",
+                    self.capacity,
+                    crate::run::MAX_WEIGHT
+                ),
+            });
+        }
         Ok(())
     }
 }
@@ -327,6 +337,24 @@ mod tests {
         assert!(matches!(
             Envelope::decode(&env.encode()),
             Err(DecodeError::Invalid { field: "name", .. })
+        ));
+    }
+
+    #[test]
+    fn an_overstated_capacity_is_rejected() {
+        let mut a = announce();
+        a.capacity = u32::MAX;
+        let env = Envelope {
+            protocol_version: PROTOCOL_VERSION,
+            sender: "x".into(),
+            body: GossipBody::Announce(a),
+        };
+        assert!(matches!(
+            Envelope::decode(&env.encode()),
+            Err(DecodeError::Invalid {
+                field: "capacity",
+                ..
+            })
         ));
     }
 

@@ -227,7 +227,8 @@ pub async fn start(cfg: MeshConfig) -> Result<MeshHandle, String> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         protocol_version: cfg.protocol_version,
         labels: cfg.labels.clone(),
-        capacity: cfg.capacity,
+        // Peers refuse an announcement beyond MAX_WEIGHT; settings should refuse it first.
+        capacity: cfg.capacity.clamp(1, stampede_protocol::run::MAX_WEIGHT),
         state: NodeState::Idle,
         allow_targets: cfg.allow_targets.clone(),
         addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
