@@ -16,7 +16,7 @@ use crate::segment::Assignment;
 
 /// Limits on what a peer may send, checked before anything else is done with it.
 /// (The CLI hands the bundle to its node as JSON, about 3.5 bytes per data byte, under
-/// the control endpoint's 32 MiB line limit.)
+/// the control endpoint's 32 MiB body line limit.)
 pub const MAX_BUNDLE_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_BUNDLE_FILES: usize = 64;
 pub const MAX_MEMBERS: usize = 1024;
