@@ -269,13 +269,15 @@ fn not_found() -> Response<Body> {
 
 /// A recent run's report or summary, by run id.
 fn run_file(live: &LiveRuns, id: &str, file: &str) -> Response<Body> {
-    let Some(s) = live.recent().into_iter().find(|s| s.run_id == id) else {
+    let Some(mut s) = live.recent().into_iter().find(|s| s.run_id == id) else {
         return respond(
             StatusCode::NOT_FOUND,
             "text/plain",
             "no such recent run on this node (only runs started from it are kept)\n".into(),
         );
     };
+    // Served to whoever can reach the port: the plan's secrets stay out.
+    s.plan_source = stampede_protocol::redact::redact_plan_source(&s.plan_source);
     match file {
         "report.html" => respond(
             StatusCode::OK,

@@ -6,6 +6,7 @@ pub mod duration;
 pub mod executor;
 pub mod mesh;
 pub mod plan;
+pub mod redact;
 pub mod run;
 pub mod segment;
 pub mod snapshot;
