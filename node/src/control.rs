@@ -557,6 +557,108 @@ mod tests {
         assert_eq!(body.bundle, bundle);
     }
 
+    /// A real control endpoint on 127.0.0.1 (no coordinator behind it) and its address.
+    async fn endpoint() -> std::net::SocketAddr {
+        use stampede_protocol::mesh::{Announce, NodeState, PROTOCOL_VERSION};
+        let me = libp2p::PeerId::random();
+        let announce = Announce {
+            id: me.to_string(),
+            name: "n".into(),
+            version: "0".into(),
+            protocol_version: PROTOCOL_VERSION,
+            labels: Default::default(),
+            capacity: 1,
+            state: NodeState::Idle,
+            allow_targets: vec![],
+            addrs: vec![],
+            seq: 1,
+        };
+        let view = Arc::new(std::sync::RwLock::new(crate::mesh::membership::View::new(
+            me,
+            announce,
+            Duration::from_secs(3),
+        )));
+        let (commands, _) = mpsc::channel(1);
+        let (coordinator, _) = mpsc::channel(1);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(
+            listener,
+            ControlState {
+                token: "secret".into(),
+                view,
+                commands,
+                coordinator,
+            },
+        ));
+        addr
+    }
+
+    /// Sends `bytes`, closes the sending side, and returns what the node answered.
+    async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(bytes).await;
+        let _ = s.shutdown().await;
+        let mut out = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out));
+        assert!(read.await.is_ok(), "no answer within 10 s to {bytes:?}");
+        out
+    }
+
+    fn fuzz_cases() -> u32 {
+        std::env::var("STAMPEDE_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: fuzz_cases(),
+            max_shrink_iters: 512,
+            ..Default::default()
+        })]
+
+        /// Arbitrary bytes, and valid requests cut or with a byte changed: every
+        /// connection gets exactly one reply line, and nothing mutates without the token.
+        #[test]
+        fn fuzz_control_requests(
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            pick in 0usize..5,
+            at in proptest::prelude::any::<usize>(),
+            byte in proptest::prelude::any::<u8>(),
+            use_junk in proptest::prelude::any::<bool>(),
+        ) {
+            let valid: [&[u8]; 5] = [
+                b"{\"op\":\"peers\"}\n",
+                b"{\"op\":\"status\"}\n",
+                b"{\"op\":\"stop\",\"run_id\":\"r\"}\n",
+                b"{\"op\":\"run\"}\n{\"bundle\":{\"plan_name\":\"p\",\"plan\":\"\",\"files\":{}}}\n",
+                b"{\"op\":\"run\",\"token\":\"secret\"}\n{\"bundle\":{\"plan_name\":\"p\",\"plan\":\"\",\"files\":{\"a\":[1,2]}}}\n",
+            ];
+            let bytes = if use_junk {
+                junk
+            } else {
+                let mut b = valid[pick].to_vec();
+                let i = at % b.len();
+                b[i] = byte;
+                b
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let answer = rt.block_on(async {
+                let addr = endpoint().await;
+                raw(addr, &bytes).await
+            });
+            let lines: Vec<&str> = answer.lines().collect();
+            proptest::prop_assert_eq!(lines.len(), 1, "{:?}", answer);
+            let reply: Reply = serde_json::from_str(lines[0]).unwrap();
+            if reply.ok {
+                // Only the read-only requests can succeed without a coordinator.
+                proptest::prop_assert!(reply.data.is_some());
+            }
+        }
+    }
+
     #[test]
     fn token_comparison() {
         assert!(token_ok(Some("abc"), "abc"));
