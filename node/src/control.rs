@@ -572,6 +572,7 @@ mod tests {
             allow_targets: vec![],
             addrs: vec![],
             seq: 1,
+            signature: vec![],
         };
         let view = Arc::new(std::sync::RwLock::new(crate::mesh::membership::View::new(
             me,

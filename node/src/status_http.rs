@@ -397,6 +397,7 @@ mod tests {
             allow_targets: vec![],
             addrs: vec![],
             seq: 1,
+            signature: vec![],
         }
     }
 

@@ -189,6 +189,7 @@ fn valid_messages() -> Vec<Vec<u8>> {
             allow_targets: vec!["127.0.0.1".into()],
             addrs: vec!["/ip4/127.0.0.1/tcp/7400".into()],
             seq: 99,
+            signature: vec![7; 64],
         })),
         run(RunMessage::Propose {
             run_id: "r-1".into(),

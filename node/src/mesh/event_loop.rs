@@ -51,6 +51,8 @@ pub struct EventLoop {
     pending: HashMap<OutboundRequestId, Pending>,
     announce_subscribers: HashSet<PeerId>,
     run_responder: super::RunResponder,
+    /// Signs this node's announcements, so that others can relay them.
+    keypair: libp2p::identity::Keypair,
 }
 
 impl EventLoop {
@@ -89,6 +91,7 @@ impl EventLoop {
             pending: HashMap::new(),
             announce_subscribers: HashSet::new(),
             run_responder: cfg.run_responder,
+            keypair: cfg.keypair,
         })
     }
 
@@ -131,6 +134,7 @@ impl EventLoop {
     fn set_state(&mut self, state: NodeState) {
         if let Ok(mut v) = self.view.write() {
             v.self_announce.state = state;
+            super::membership::sign(&mut v.self_announce, &self.keypair);
         }
     }
 
@@ -139,6 +143,7 @@ impl EventLoop {
             let Ok(mut v) = self.view.write() else { return };
             v.self_announce.seq += 1;
             v.self_announce.addrs = self.listen_addrs.iter().map(|a| a.to_string()).collect();
+            super::membership::sign(&mut v.self_announce, &self.keypair);
             Envelope {
                 protocol_version: self.protocol_version,
                 sender: v.self_id.to_string(),
