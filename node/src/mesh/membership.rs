@@ -20,6 +20,10 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use stampede_protocol::mesh::{Announce, NodeState, MAX_SEQ_AHEAD_US};
 
+/// Most members the view takes in from third parties' lists (a run has at most as
+/// many members): past it, a list can no longer add ids, only update known ones.
+pub const MAX_VIEW_MEMBERS: usize = stampede_protocol::run::MAX_MEMBERS;
+
 /// Signs `announce` as its subject, with the subject's identity key.
 pub fn sign(announce: &mut Announce, keypair: &Keypair) {
     match keypair.sign(&announce.signed_bytes()) {
@@ -226,6 +230,7 @@ impl View {
         if peer == self.self_id {
             return None;
         }
+        let full = self.members.len() >= MAX_VIEW_MEMBERS;
         match self.members.get_mut(&peer) {
             Some(m) => {
                 let newer = !matches!(&m.announce, Some(a) if a.seq >= announce.seq);
@@ -233,6 +238,10 @@ impl View {
                     m.protocol_version = Some(announce.protocol_version);
                     m.announce = Some(announce);
                 }
+            }
+            None if full => {
+                tracing::debug!(%peer, "relayed announcement refused: the view is full");
+                return None;
             }
             None => {
                 let m = self.entry(peer, now);
@@ -549,6 +558,29 @@ mod tests {
         sign(&mut ahead, &real);
         assert!(verify(&ahead, now_us).unwrap_err().contains("ahead"));
         assert!(!v.heard_announce(real_id, ahead, t0));
+    }
+
+    #[test]
+    fn a_members_list_cannot_grow_the_view_past_its_bound() {
+        let me = PeerId::random();
+        let t0 = Instant::now();
+        let mut v = View::new(
+            me,
+            ann(&me, "me", 1, PROTOCOL_VERSION),
+            Duration::from_secs(3),
+        );
+        let now_us = stampede_protocol::run::unix_us();
+        let signed = |name: &str| {
+            let key = Keypair::generate_ed25519();
+            let mut a = ann(&key.public().to_peer_id(), name, now_us, PROTOCOL_VERSION);
+            sign(&mut a, &key);
+            a
+        };
+        for i in 0..MAX_VIEW_MEMBERS {
+            assert!(v.learned_announce(signed(&format!("n{i}")), t0).is_some());
+        }
+        assert_eq!(v.learned_announce(signed("one too many"), t0), None);
+        assert_eq!(v.members().count(), MAX_VIEW_MEMBERS);
     }
 
     #[test]
