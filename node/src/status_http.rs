@@ -402,6 +402,52 @@ mod tests {
     }
 
     #[test]
+    fn a_served_summary_and_report_carry_no_secret_of_the_plan() {
+        let source = r#"name = "t"
+[defaults]
+base_url = "http://127.0.0.1:9"
+headers = { authorization = "Bearer s3cret-tok" }
+
+[scenarios.s]
+executor = "constant-vus"
+vus = 1
+duration = "1s"
+flows = [ { flow = "f", weight = 1 } ]
+
+[[flows.f.steps]]
+request = { url = "/" }
+"#;
+        let plan = stampede_protocol::plan::parse_plan("t.toml", source).unwrap();
+        let agg = crate::aggregate::RunAggregate::new(Default::default());
+        let summary = crate::report::build(
+            &agg,
+            crate::report::SummaryInput {
+                run_id: "r1",
+                plan: &plan,
+                started_at_unix_ms: 0,
+                duration_s: 1.0,
+                nodes: &[],
+                events: vec![],
+                start_skew_us: 0,
+                plan_source: source,
+            },
+        );
+        assert!(summary.plan_source.contains("s3cret-tok"));
+        let live = LiveRuns::new();
+        live.finish(summary);
+        for file in ["summary.json", "report.html"] {
+            let r = run_file(&live, "r1", file);
+            assert_eq!(r.status(), StatusCode::OK);
+            let body = futures::executor::block_on(r.into_body().collect())
+                .unwrap()
+                .to_bytes();
+            let text = String::from_utf8_lossy(&body);
+            assert!(!text.contains("s3cret-tok"), "{file} leaks the token");
+            assert!(text.contains("[redacted]"), "{file}");
+        }
+    }
+
+    #[test]
     fn hosts_and_origins_that_name_this_server() {
         let h = AllowedHosts::new(["Dash.Example.org".to_string()]);
         for ok in [
