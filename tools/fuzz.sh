@@ -23,6 +23,13 @@ TARGETS=(
   "stampede fuzz_plans fuzz_csv_bytes"
   "stampede fuzz_plans fuzz_jsonl_bytes"
   "stampede fuzz_plans fuzz_csv_round_trip"
+  "stampede-protocol fuzz_wire fuzz_wire_bytes"
+  "stampede-protocol fuzz_wire fuzz_wire_mutations"
+  "stampede-protocol fuzz_wire fuzz_striping_sequences"
+  "stampede lib control::tests::fuzz_control_requests"
+  "stampede fuzz_http fuzz_http_response_bytes"
+  "stampede fuzz_http fuzz_http_response_mutations"
+  "stampede fuzz_http fuzz_set_cookie"
 )
 
 usage() { echo "usage: tools/fuzz.sh DURATION   (seconds, or e.g. 90s, 10m, 1h)" >&2; exit 2; }

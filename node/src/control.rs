@@ -7,16 +7,21 @@
 //! (`stop`, `run`) must carry that token; read-only requests (`peers`, `status`)
 //! may omit it so `--node ADDR` works without access to the data dir.
 //!
-//! Wire format: one JSON object per line. The client sends one request line
-//! `{"op": "...", "token": "...", ...}`; the node answers with zero or more event lines
-//! (`{"event": ...}`, reserved for streaming run progress) and one final line
-//! `{"ok": true, "data": ...}` or `{"ok": false, "error": "..."}`. New request kinds are
-//! new `op`s in [`ControlRequest`]. This module must not touch the swarm directly: it
-//! reads the shared view and sends `MeshCommand`s.
+//! Wire format: one JSON object per line. The client sends a head line
+//! `{"op": "...", "token": "...", ...}` of at most 4 KiB; a `run` head is followed by a
+//! body line `{"bundle": ..., "requirements": ...}` (up to 32 MiB), which the node reads
+//! only after the head's token checked out, so that nobody without the token can make it
+//! read or parse more than 4 KiB. The node answers with zero or more event lines
+//! (`{"event": ...}`, streamed run progress) and one final line
+//! `{"ok": true, "data": ...}` or `{"ok": false, "error": "..."}`. At most
+//! [`MAX_CONNECTIONS`] connections are served at once; every read has a timeout. New
+//! request kinds are new `op`s in [`ControlRequest`]. This module must not touch the
+//! swarm directly: it reads the shared view and sends `MeshCommand`s.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::RngCore;
@@ -25,13 +30,21 @@ use stampede_protocol::mesh::{MeshRequest, MeshResponse};
 use stampede_protocol::run::{RunRequest, RunResponse};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::mesh::{MeshCommand, SharedView};
 
-/// The largest request line the server reads.
-/// (A run request carries the plan bundle, data files included.)
-const MAX_REQUEST_LINE: usize = 32 * 1024 * 1024;
+/// The largest head line the server reads: op, token and small arguments.
+const MAX_HEAD_LINE: usize = 4 * 1024;
+/// The largest body line the server reads, after the token checked out.
+/// (A run's body carries the plan bundle, data files included.)
+const MAX_BODY_LINE: usize = 32 * 1024 * 1024;
+/// Connections served at once; more are told so and closed.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long the head line may take to arrive.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the body line may take to arrive (32 MiB over loopback takes milliseconds).
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 const CONTROL_FILE: &str = "control.json";
 
 /// What the CLI asks of a node.
@@ -56,22 +69,77 @@ pub enum ControlRequest {
     },
 }
 
-impl ControlRequest {
+/// The first line of a request: everything but a run's bundle.
+#[derive(Debug, Serialize, Deserialize)]
+struct HeadLine {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+    #[serde(flatten)]
+    head: Head,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Head {
+    Peers,
+    Status,
+    Stop {
+        run_id: String,
+    },
+    /// A finished run's summary, from this node or the mesh.
+    Report {
+        run_id: String,
+    },
+    /// The bundle follows in a [`RunBody`] line.
+    Run,
+}
+
+impl Head {
     /// Whether the request changes something (and so needs the token).
-    pub fn mutates(&self) -> bool {
+    fn mutates(&self) -> bool {
         match self {
-            ControlRequest::Peers | ControlRequest::Status | ControlRequest::Report { .. } => false,
-            ControlRequest::Stop { .. } | ControlRequest::Run { .. } => true,
+            Head::Peers | Head::Status | Head::Report { .. } => false,
+            Head::Stop { .. } | Head::Run => true,
         }
     }
 }
 
+/// The second line of a `run` request.
 #[derive(Debug, Serialize, Deserialize)]
-struct RequestLine {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+struct RunBody {
+    bundle: stampede_protocol::run::Bundle,
+    #[serde(default)]
+    requirements: stampede_protocol::run::Requirements,
+}
+
+/// The lines a client sends for a request: the head, and the body if it has one.
+fn request_lines(
     token: Option<String>,
-    #[serde(flatten)]
     request: ControlRequest,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let (head, body) = match request {
+        ControlRequest::Peers => (Head::Peers, None),
+        ControlRequest::Status => (Head::Status, None),
+        ControlRequest::Stop { run_id } => (Head::Stop { run_id }, None),
+        ControlRequest::Report { run_id } => (Head::Report { run_id }, None),
+        ControlRequest::Run {
+            bundle,
+            requirements,
+        } => (
+            Head::Run,
+            Some(RunBody {
+                bundle,
+                requirements,
+            }),
+        ),
+    };
+    let mut out = serde_json::to_vec(&HeadLine { token, head })?;
+    out.push(b'\n');
+    if let Some(body) = body {
+        serde_json::to_writer(&mut out, &body)?;
+        out.push(b'\n');
+    }
+    Ok(out)
 }
 
 /// The final line of an answer.
@@ -164,6 +232,7 @@ pub struct ControlState {
 
 /// Serves the control endpoint until the listener fails or the task is dropped.
 pub async fn serve(listener: TcpListener, state: ControlState) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -173,47 +242,95 @@ pub async fn serve(listener: TcpListener, state: ControlState) {
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Said without waiting (the socket buffer takes one line) and closed: a flood
+            // of connections costs a socket each, never a task or a buffer.
+            let _ = stream.try_write(&reply_line(&Reply::err(format!(
+                "the node serves {MAX_CONNECTIONS} control connections at once; try again"
+            ))));
+            tracing::debug!(%peer, "control connection refused: all slots taken");
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(stream, &state).await {
                 tracing::debug!(%peer, error = %e, "control connection ended with an error");
             }
+            drop(slot);
         });
     }
 }
 
+fn reply_line(reply: &Reply) -> Vec<u8> {
+    let mut out = serde_json::to_vec(reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    out
+}
+
+/// Reads one line of at most `limit` bytes within `wait`; the error is the reply.
+async fn read_line_within<R: tokio::io::AsyncBufRead + Unpin>(
+    rd: &mut R,
+    limit: usize,
+    wait: Duration,
+    what: &str,
+) -> Result<String, Reply> {
+    let mut line = String::new();
+    let mut limited = rd.take(limit as u64);
+    match tokio::time::timeout(wait, limited.read_line(&mut line)).await {
+        Err(_) => Err(Reply::err(format!(
+            "timed out after {} s waiting for the {what} line",
+            wait.as_secs()
+        ))),
+        Ok(Err(e)) => Err(Reply::err(format!("cannot read the {what} line: {e}"))),
+        Ok(Ok(_)) if !line.ends_with('\n') => Err(Reply::err(format!(
+            "{what} line missing or longer than {limit} bytes"
+        ))),
+        Ok(Ok(_)) => Ok(line),
+    }
+}
+
+const NEEDS_TOKEN: &str = "this request needs the node's control token (from DATA_DIR/control.json or STAMPEDE_CONTROL_TOKEN)";
+
 async fn handle(stream: tokio::net::TcpStream, state: &ControlState) -> std::io::Result<()> {
     let (rd, mut wr) = stream.into_split();
-    let mut rd = TokioBufReader::new(rd).take(MAX_REQUEST_LINE as u64);
-    let mut line = String::new();
-    let reply = match tokio::time::timeout(Duration::from_secs(10), rd.read_line(&mut line)).await {
-        Err(_) => Reply::err("timed out waiting for a request"),
-        Ok(Err(e)) => Reply::err(format!("cannot read the request: {e}")),
-        Ok(Ok(_)) if !line.ends_with('\n') => Reply::err(format!(
-            "request line missing or longer than {MAX_REQUEST_LINE} bytes"
-        )),
-        Ok(Ok(_)) => match serde_json::from_str::<RequestLine>(&line) {
+    let mut rd = TokioBufReader::new(rd);
+    let reply = match read_line_within(&mut rd, MAX_HEAD_LINE, HEAD_TIMEOUT, "request").await {
+        Err(reply) => reply,
+        Ok(line) => match serde_json::from_str::<HeadLine>(&line) {
             Err(e) => Reply::err(format!("not a control request: {e}")),
-            Ok(RequestLine {
-                token,
-                request:
-                    ControlRequest::Run {
-                        bundle,
-                        requirements,
-                    },
-            }) => {
-                if !token_ok(token.as_deref(), &state.token) {
-                    Reply::err("this request needs the node's control token (from DATA_DIR/control.json or STAMPEDE_CONTROL_TOKEN)")
+            Ok(HeadLine { token, head }) => {
+                if head.mutates() && !token_ok(token.as_deref(), &state.token) {
+                    Reply::err(NEEDS_TOKEN)
                 } else {
-                    stream_run(&mut wr, state, bundle, requirements).await?
+                    match head {
+                        Head::Run => {
+                            match read_line_within(&mut rd, MAX_BODY_LINE, BODY_TIMEOUT, "run body")
+                                .await
+                            {
+                                Err(reply) => reply,
+                                Ok(body) => match serde_json::from_str::<RunBody>(&body) {
+                                    Err(e) => Reply::err(format!("not a run body: {e}")),
+                                    Ok(RunBody {
+                                        bundle,
+                                        requirements,
+                                    }) => stream_run(&mut wr, state, bundle, requirements).await?,
+                                },
+                            }
+                        }
+                        Head::Peers => answer(ControlRequest::Peers, state).await,
+                        Head::Status => answer(ControlRequest::Status, state).await,
+                        Head::Stop { run_id } => {
+                            answer(ControlRequest::Stop { run_id }, state).await
+                        }
+                        Head::Report { run_id } => {
+                            answer(ControlRequest::Report { run_id }, state).await
+                        }
+                    }
                 }
             }
-            Ok(req) => answer(req, state).await,
         },
     };
-    let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
-    out.push(b'\n');
-    wr.write_all(&out).await?;
+    wr.write_all(&reply_line(&reply)).await?;
     wr.shutdown().await
 }
 
@@ -272,11 +389,9 @@ fn token_ok(given: Option<&str>, expected: &str) -> bool {
             == 0
 }
 
-async fn answer(req: RequestLine, state: &ControlState) -> Reply {
-    if req.request.mutates() && !token_ok(req.token.as_deref(), &state.token) {
-        return Reply::err("this request needs the node's control token (from DATA_DIR/control.json or STAMPEDE_CONTROL_TOKEN)");
-    }
-    match req.request {
+/// Answers a request whose token, if it needs one, was checked.
+async fn answer(request: ControlRequest, state: &ControlState) -> Reply {
+    match request {
         ControlRequest::Peers => match state.view.read() {
             Ok(v) => Reply::ok(
                 serde_json::to_value(v.rows(std::time::Instant::now())).unwrap_or_default(),
@@ -480,12 +595,7 @@ pub fn call_streaming(
     stream
         .set_read_timeout(Some(quiet))
         .map_err(|e| e.to_string())?;
-    let line = RequestLine {
-        token: target.token.clone(),
-        request,
-    };
-    let mut bytes = serde_json::to_vec(&line).map_err(|e| e.to_string())?;
-    bytes.push(b'\n');
+    let bytes = request_lines(target.token.clone(), request).map_err(|e| e.to_string())?;
     stream
         .write_all(&bytes)
         .map_err(|e| format!("cannot send to the node at {}: {e}", target.addr))?;
@@ -526,17 +636,146 @@ mod tests {
 
     #[test]
     fn request_lines_are_stable_json() {
-        let l = RequestLine {
-            token: Some("t".into()),
-            request: ControlRequest::Stop {
+        let bytes = request_lines(
+            Some("t".into()),
+            ControlRequest::Stop {
                 run_id: "r1".into(),
             },
-        };
-        let s = serde_json::to_string(&l).unwrap();
-        assert_eq!(s, r#"{"token":"t","op":"stop","run_id":"r1"}"#);
-        let back: RequestLine = serde_json::from_str(r#"{"op":"peers"}"#).unwrap();
-        assert_eq!(back.request, ControlRequest::Peers);
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            "{\"token\":\"t\",\"op\":\"stop\",\"run_id\":\"r1\"}\n"
+        );
+        let back: HeadLine = serde_json::from_str(r#"{"op":"peers"}"#).unwrap();
+        assert_eq!(back.head, Head::Peers);
         assert!(back.token.is_none());
+        // A run: the head carries only op and token; the bundle is on the second line.
+        let bundle = stampede_protocol::run::Bundle {
+            plan_name: "p.toml".into(),
+            plan: "x".repeat(10_000),
+            files: Default::default(),
+        };
+        let bytes = request_lines(
+            Some("t".into()),
+            ControlRequest::Run {
+                bundle: bundle.clone(),
+                requirements: Default::default(),
+            },
+        )
+        .unwrap();
+        let text = String::from_utf8(bytes).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], r#"{"token":"t","op":"run"}"#);
+        assert!(lines[0].len() <= MAX_HEAD_LINE);
+        let body: RunBody = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(body.bundle, bundle);
+    }
+
+    /// A real control endpoint on 127.0.0.1 (no coordinator behind it) and its address.
+    async fn endpoint() -> std::net::SocketAddr {
+        use stampede_protocol::mesh::{Announce, NodeState, PROTOCOL_VERSION};
+        let me = libp2p::PeerId::random();
+        let announce = Announce {
+            id: me.to_string(),
+            name: "n".into(),
+            version: "0".into(),
+            protocol_version: PROTOCOL_VERSION,
+            labels: Default::default(),
+            capacity: 1,
+            state: NodeState::Idle,
+            allow_targets: vec![],
+            addrs: vec![],
+            seq: 1,
+            signature: vec![],
+        };
+        let view = Arc::new(std::sync::RwLock::new(crate::mesh::membership::View::new(
+            me,
+            announce,
+            Duration::from_secs(3),
+        )));
+        let (commands, _) = mpsc::channel(1);
+        let (coordinator, _) = mpsc::channel(1);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(
+            listener,
+            ControlState {
+                token: "secret".into(),
+                view,
+                commands,
+                coordinator,
+                results: crate::results::Results::new(
+                    &std::env::temp_dir().join("stampede-fuzz-control"),
+                ),
+            },
+        ));
+        addr
+    }
+
+    /// Sends `bytes`, closes the sending side, and returns what the node answered.
+    async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(bytes).await;
+        let _ = s.shutdown().await;
+        let mut out = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out));
+        assert!(read.await.is_ok(), "no answer within 10 s to {bytes:?}");
+        out
+    }
+
+    fn fuzz_cases() -> u32 {
+        std::env::var("STAMPEDE_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: fuzz_cases(),
+            max_shrink_iters: 512,
+            ..Default::default()
+        })]
+
+        /// Arbitrary bytes, and valid requests cut or with a byte changed: every
+        /// connection gets exactly one reply line, and nothing mutates without the token.
+        #[test]
+        fn fuzz_control_requests(
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            pick in 0usize..5,
+            at in proptest::prelude::any::<usize>(),
+            byte in proptest::prelude::any::<u8>(),
+            use_junk in proptest::prelude::any::<bool>(),
+        ) {
+            let valid: [&[u8]; 5] = [
+                b"{\"op\":\"peers\"}\n",
+                b"{\"op\":\"status\"}\n",
+                b"{\"op\":\"stop\",\"run_id\":\"r\"}\n",
+                b"{\"op\":\"run\"}\n{\"bundle\":{\"plan_name\":\"p\",\"plan\":\"\",\"files\":{}}}\n",
+                b"{\"op\":\"run\",\"token\":\"secret\"}\n{\"bundle\":{\"plan_name\":\"p\",\"plan\":\"\",\"files\":{\"a\":[1,2]}}}\n",
+            ];
+            let bytes = if use_junk {
+                junk
+            } else {
+                let mut b = valid[pick].to_vec();
+                let i = at % b.len();
+                b[i] = byte;
+                b
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let answer = rt.block_on(async {
+                let addr = endpoint().await;
+                raw(addr, &bytes).await
+            });
+            let lines: Vec<&str> = answer.lines().collect();
+            proptest::prop_assert_eq!(lines.len(), 1, "{:?}", answer);
+            let reply: Reply = serde_json::from_str(lines[0]).unwrap();
+            if reply.ok {
+                // Only the read-only requests can succeed without a coordinator.
+                proptest::prop_assert!(reply.data.is_some());
+            }
+        }
     }
 
     #[test]

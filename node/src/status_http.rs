@@ -7,6 +7,12 @@
 //! It only reads the shared membership view and the live runs; it must never block the
 //! mesh event loop (locks are held only while copying) and never serve anything that
 //! changes state.
+//!
+//! DNS rebinding: a web page in the operator's browser can make its own name resolve to
+//! 127.0.0.1 and then read this server as if it were its own origin. So every request's
+//! `Host` must name this server — an IP literal, `localhost`, this machine's host name or
+//! a configured name ([`AllowedHosts`]) — or it is answered 421; an `Origin`, when
+//! present, must name one of those too, or it is answered 403.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -30,8 +36,115 @@ use crate::live::LiveRuns;
 use crate::mesh::membership::MemberState;
 use crate::mesh::SharedView;
 
-/// Serves until the task is dropped.
+/// The `Host` names the server answers to besides IP literals, `localhost` and this
+/// machine's host name (e.g. the name a reverse proxy or a Prometheus scraper uses).
+#[derive(Debug, Clone, Default)]
+pub struct AllowedHosts {
+    names: Vec<String>,
+}
+
+impl AllowedHosts {
+    /// This machine's host name plus `names`, compared without case.
+    pub fn new(names: impl IntoIterator<Item = String>) -> AllowedHosts {
+        let mut all: Vec<String> = names.into_iter().map(|n| normalise(&n)).collect();
+        all.extend(machine_host_name().map(|n| normalise(&n)));
+        AllowedHosts { names: all }
+    }
+
+    /// Whether a `Host` header value (`name`, `name:port`, `[v6]:port`) names us.
+    /// IP literals are safe: rebinding needs a name that the attacker's DNS answers.
+    pub fn host_ok(&self, host: &str) -> bool {
+        let name = normalise(strip_port(host));
+        !name.is_empty()
+            && (name.parse::<std::net::IpAddr>().is_ok()
+                || name == "localhost"
+                || self.names.contains(&name))
+    }
+
+    /// Whether an `Origin` header value (`http://name:port`) names us.
+    pub fn origin_ok(&self, origin: &str) -> bool {
+        origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .is_some_and(|rest| !rest.contains('/') && self.host_ok(rest))
+    }
+
+    /// The answer to a request that does not name us, if it does not.
+    fn refuse(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
+        let header = |name| {
+            req.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+        };
+        // A request without Host is not from a browser (browsers always send it).
+        if let Some(host) = header(http::header::HOST) {
+            if !self.host_ok(host) {
+                return Some(respond(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "text/plain",
+                    "this server answers only to its IP address, localhost or its host name\n"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(origin) = header(http::header::ORIGIN) {
+            if !self.origin_ok(origin) {
+                return Some(respond(
+                    StatusCode::FORBIDDEN,
+                    "text/plain",
+                    "requests from other origins are refused\n".into(),
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// Lower case, without a trailing dot (`LOCALHOST.` is `localhost`).
+fn normalise(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// `name:port` → `name`, `[::1]:port` → `::1`, `name` → `name`.
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split_once(']').map_or(rest, |(ip, _)| ip);
+    }
+    match host.rsplit_once(':') {
+        // More than one colon and no brackets: a bare IPv6 address.
+        Some((name, _)) if !name.contains(':') => name,
+        _ => host,
+    }
+}
+
+fn machine_host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that much.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    std::str::from_utf8(&buf[..end])
+        .ok()
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+}
+
+/// Serves until the task is dropped, answering only to IP literals, `localhost` and this
+/// machine's host name.
 pub async fn serve(listener: TcpListener, view: SharedView, live: Arc<LiveRuns>) {
+    serve_with_hosts(listener, view, live, AllowedHosts::new([])).await
+}
+
+/// Like [`serve`], also answering to the configured `hosts`.
+pub async fn serve_with_hosts(
+    listener: TcpListener,
+    view: SharedView,
+    live: Arc<LiveRuns>,
+    hosts: AllowedHosts,
+) {
+    let hosts = Arc::new(hosts);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(x) => x,
@@ -43,11 +156,19 @@ pub async fn serve(listener: TcpListener, view: SharedView, live: Arc<LiveRuns>)
         };
         let view = view.clone();
         let live = live.clone();
+        let hosts = hosts.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let view = view.clone();
                 let live = live.clone();
-                async move { Ok::<_, Infallible>(route(&req, &view, &live)) }
+                let hosts = hosts.clone();
+                async move {
+                    Ok::<_, Infallible>(
+                        hosts
+                            .refuse(&req)
+                            .unwrap_or_else(|| route(&req, &view, &live)),
+                    )
+                }
             });
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -148,13 +269,15 @@ fn not_found() -> Response<Body> {
 
 /// A recent run's report or summary, by run id.
 fn run_file(live: &LiveRuns, id: &str, file: &str) -> Response<Body> {
-    let Some(s) = live.recent().into_iter().find(|s| s.run_id == id) else {
+    let Some(mut s) = live.recent().into_iter().find(|s| s.run_id == id) else {
         return respond(
             StatusCode::NOT_FOUND,
             "text/plain",
             "no such recent run on this node (only runs started from it are kept)\n".into(),
         );
     };
+    // Served to whoever can reach the port: the plan's secrets stay out.
+    s.plan_source = stampede_protocol::redact::redact_plan_source(&s.plan_source);
     match file {
         "report.html" => respond(
             StatusCode::OK,
@@ -274,6 +397,89 @@ mod tests {
             allow_targets: vec![],
             addrs: vec![],
             seq: 1,
+            signature: vec![],
+        }
+    }
+
+    #[test]
+    fn a_served_summary_and_report_carry_no_secret_of_the_plan() {
+        let source = r#"name = "t"
+[defaults]
+base_url = "http://127.0.0.1:9"
+headers = { authorization = "Bearer s3cret-tok" }
+
+[scenarios.s]
+executor = "constant-vus"
+vus = 1
+duration = "1s"
+flows = [ { flow = "f", weight = 1 } ]
+
+[[flows.f.steps]]
+request = { url = "/" }
+"#;
+        let plan = stampede_protocol::plan::parse_plan("t.toml", source).unwrap();
+        let agg = crate::aggregate::RunAggregate::new(Default::default());
+        let summary = crate::report::build(
+            &agg,
+            crate::report::SummaryInput {
+                run_id: "r1",
+                plan: &plan,
+                started_at_unix_ms: 0,
+                duration_s: 1.0,
+                nodes: &[],
+                events: vec![],
+                start_skew_us: 0,
+                plan_source: source,
+            },
+        );
+        assert!(summary.plan_source.contains("s3cret-tok"));
+        let live = LiveRuns::new();
+        live.finish(summary);
+        for file in ["summary.json", "report.html"] {
+            let r = run_file(&live, "r1", file);
+            assert_eq!(r.status(), StatusCode::OK);
+            let body = futures::executor::block_on(r.into_body().collect())
+                .unwrap()
+                .to_bytes();
+            let text = String::from_utf8_lossy(&body);
+            assert!(!text.contains("s3cret-tok"), "{file} leaks the token");
+            assert!(text.contains("[redacted]"), "{file}");
+        }
+    }
+
+    #[test]
+    fn hosts_and_origins_that_name_this_server() {
+        let h = AllowedHosts::new(["Dash.Example.org".to_string()]);
+        for ok in [
+            "127.0.0.1:8080",
+            "127.0.0.1",
+            "[::1]:9",
+            "::1",
+            "localhost:80",
+            "LOCALHOST.",
+            "10.77.0.3:7401",
+            "dash.example.org:443",
+        ] {
+            assert!(h.host_ok(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8080",
+            "",
+            ":80",
+            "127.0.0.1.evil.example",
+        ] {
+            assert!(!h.host_ok(bad), "{bad}");
+        }
+        assert!(h.origin_ok("http://127.0.0.1:8080"));
+        assert!(h.origin_ok("https://dash.example.org"));
+        for bad in [
+            "null",
+            "http://evil.example:8080",
+            "file://",
+            "http://127.0.0.1/x",
+        ] {
+            assert!(!h.origin_ok(bad), "{bad}");
         }
     }
 

@@ -445,12 +445,22 @@ fn a_member_paused_past_its_lease_sends_no_load_when_it_resumes() {
     eprintln!("target per second: {seconds:?}");
     let limit = (rate as f64 * 1.1).ceil() as u64;
     for (sec, n) in &seconds {
-        assert!(*n <= limit, "second {sec}: the target saw {n} requests, the plan is {rate}/s: {seconds:?}");
+        assert!(
+            *n <= limit,
+            "second {sec}: the target saw {n} requests, the plan is {rate}/s: {seconds:?}"
+        );
     }
     let reported = s["totals"]["requests"].as_u64().unwrap();
     let planned = rate as u64 * 30;
-    assert!(reported <= planned, "merged {reported} > the schedule's {planned}");
-    assert!(t.requests() <= planned, "the target saw {} > the schedule's {planned}", t.requests());
+    assert!(
+        reported <= planned,
+        "merged {reported} > the schedule's {planned}"
+    );
+    assert!(
+        t.requests() <= planned,
+        "the target saw {} > the schedule's {planned}",
+        t.requests()
+    );
     let paused_id = nodes[paused].peer_id();
     let entry = s["nodes"]
         .as_array()
@@ -458,11 +468,18 @@ fn a_member_paused_past_its_lease_sends_no_load_when_it_resumes() {
         .iter()
         .find(|n| n["id"] == paused_id.as_str())
         .unwrap_or_else(|| panic!("the paused node is not in the report: {}", s["nodes"]));
-    assert_ne!(entry["status"], "completed", "the paused node is not named: {entry}");
+    assert_ne!(
+        entry["status"], "completed",
+        "the paused node is not named: {entry}"
+    );
     let named = s["events"]
         .as_array()
         .unwrap()
         .iter()
         .any(|e| e["kind"] == "node_lost" && e["id"] == paused_id.as_str());
-    assert!(named, "no node_lost event names the paused node: {}", s["events"]);
+    assert!(
+        named,
+        "no node_lost event names the paused node: {}",
+        s["events"]
+    );
 }

@@ -229,6 +229,7 @@ async fn garbage_from_a_keyed_peer_does_not_crash_a_node() {
             allow_targets: vec![],
             addrs: vec![],
             seq: u64::MAX,
+            signature: vec![],
         }),
     };
     let payloads: Vec<Vec<u8>> = vec![

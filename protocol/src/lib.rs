@@ -7,6 +7,7 @@ pub mod executor;
 pub mod machine;
 pub mod mesh;
 pub mod plan;
+pub mod redact;
 pub mod run;
 pub mod segment;
 pub mod snapshot;

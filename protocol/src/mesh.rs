@@ -116,11 +116,45 @@ pub struct Announce {
     pub allow_targets: Vec<String>,
     pub addrs: Vec<String>,
     /// Increases with every announcement of this node's lifetime; lets receivers drop
-    /// stale relayed copies.
+    /// stale relayed copies. Starts at the node's start time in Unix µs, so it stays
+    /// near the clock: receivers refuse one more than [`MAX_SEQ_AHEAD_US`] ahead of theirs.
     pub seq: u64,
+    /// The subject's signature (its libp2p identity key, the one its peer id names) over
+    /// [`Announce::signed_bytes`]: lets a node pass on another's announcement in a
+    /// members list without being able to forge or alter it. Empty from older nodes.
+    #[serde(default, with = "signature_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// How far ahead of the receiver's clock (µs) an announcement's `seq` may be.
+pub const MAX_SEQ_AHEAD_US: u64 = 3600 * 1_000_000;
+
+/// The longest signature accepted (ed25519 signs in 64 bytes; other key types more).
+pub const MAX_SIGNATURE: usize = 1024;
+
+mod signature_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::snapshot::serde_bytes_compat::ByteBuf;
+
+    pub fn serialize<S: Serializer>(sig: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(sig)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        Ok(ByteBuf::deserialize(d)?.0)
+    }
 }
 
 impl Announce {
+    /// The bytes its subject signs: the announcement's CBOR with an empty signature
+    /// (struct fields in order and sorted maps, so every node computes the same bytes).
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut unsigned = self.clone();
+        unsigned.signature = Vec::new();
+        to_cbor(&unsigned)
+    }
+
     /// Checks the caps, so a hostile but keyed peer cannot bloat the view.
     pub fn validate(&self) -> Result<(), DecodeError> {
         let text = |field: &'static str, s: &str| {
@@ -163,6 +197,22 @@ impl Announce {
         }
         for a in &self.allow_targets {
             text("allow_targets", a)?;
+        }
+        if self.signature.len() > MAX_SIGNATURE {
+            return Err(DecodeError::Invalid {
+                field: "signature",
+                reason: format!("{} bytes, limit {MAX_SIGNATURE}", self.signature.len()),
+            });
+        }
+        if self.capacity > crate::run::MAX_WEIGHT {
+            return Err(DecodeError::Invalid {
+                field: "capacity",
+                reason: format!(
+                    "{} worker threads, limit {}",
+                    self.capacity,
+                    crate::run::MAX_WEIGHT
+                ),
+            });
         }
         Ok(())
     }
@@ -265,6 +315,7 @@ mod tests {
             allow_targets: vec!["127.0.0.1".into()],
             addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
             seq: 7,
+            signature: vec![],
         }
     }
 
@@ -327,6 +378,24 @@ mod tests {
         assert!(matches!(
             Envelope::decode(&env.encode()),
             Err(DecodeError::Invalid { field: "name", .. })
+        ));
+    }
+
+    #[test]
+    fn an_overstated_capacity_is_rejected() {
+        let mut a = announce();
+        a.capacity = u32::MAX;
+        let env = Envelope {
+            protocol_version: PROTOCOL_VERSION,
+            sender: "x".into(),
+            body: GossipBody::Announce(a),
+        };
+        assert!(matches!(
+            Envelope::decode(&env.encode()),
+            Err(DecodeError::Invalid {
+                field: "capacity",
+                ..
+            })
         ));
     }
 

@@ -38,6 +38,9 @@ pub struct Plan {
     pub thresholds: Vec<Threshold>,
     /// What a mesh run of this plan needs from the nodes (`[requirements]`).
     pub requirements: crate::run::Requirements,
+    /// Key names whose values reports redact, besides the built-in ones (`redact`; see
+    /// `crate::redact`).
+    pub redact: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -230,6 +233,8 @@ struct RawPlan {
     thresholds: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     requirements: RawRequirements,
+    #[serde(default)]
+    redact: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -590,6 +595,7 @@ impl Validator<'_> {
                 require_all: raw.requirements.require_all,
                 labels: raw.requirements.labels,
             },
+            redact: raw.redact,
         })
     }
 
@@ -1167,6 +1173,12 @@ think = "1s..3s"
         assert_eq!(e.line, Some(line), "{e}");
         assert_eq!(e.field.as_deref(), Some("scenarios.steady.duration"), "{e}");
         assert!(e.message.contains("fortnight"), "{e}");
+    }
+
+    #[test]
+    fn redact_names_keys() {
+        let plan = parse_plan("p.toml", &format!("redact = [\"x-tenant\"]\n{GOOD}")).unwrap();
+        assert_eq!(plan.redact, ["x-tenant"]);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::machine::version::Version;
 
 /// Limits on what a peer may send, checked before anything else is done with it.
 /// (The CLI hands the bundle to its node as JSON, about 3.5 bytes per data byte, under
-/// the control endpoint's 32 MiB line limit.)
+/// the control endpoint's 32 MiB body line limit.)
 pub const MAX_BUNDLE_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_BUNDLE_FILES: usize = 64;
 pub const MAX_MEMBERS: usize = 1024;
@@ -48,6 +48,15 @@ pub fn validate_run_id(id: &str) -> Result<(), String> {
         ))
     }
 }
+
+/// The largest capacity (worker threads) a member may claim in a `Join` or a roster
+/// entry: its weight in the split of the work. The coordinator must also hold a claim to
+/// what that node announced (`Announce::capacity`), which is bounded the same way.
+pub const MAX_WEIGHT: u32 = 1024;
+
+/// The most seconds (snapshots) one node may report for a run: a week. Anything that
+/// iterates over a node's seconds is bounded by it.
+pub const MAX_RUN_SECONDS: u64 = 7 * 24 * 3600;
 
 /// A plan with the data files it names: what every node of a run needs, verified by
 /// its content hash.
@@ -277,17 +286,34 @@ impl RunMessage {
                 if members.iter().any(|m| m.weight == 0) {
                     return Err("roster member with weight 0".into());
                 }
+                if let Some(m) = members.iter().find(|m| m.weight > MAX_WEIGHT) {
+                    return Err(format!(
+                        "roster member {} has weight {}, limit {MAX_WEIGHT}",
+                        m.id, m.weight
+                    ));
+                }
             }
-            RunMessage::Join {
-                reason: Some(r), ..
-            } => short("reason", r)?,
+            RunMessage::Join { weight, reason, .. } => {
+                if *weight > MAX_WEIGHT {
+                    return Err(format!("join weight {weight} exceeds {MAX_WEIGHT}"));
+                }
+                if let Some(r) = reason {
+                    short("reason", r)?;
+                }
+            }
             RunMessage::Abort { reason, .. } | RunMessage::Stop { reason, .. } => {
                 short("reason", reason)?
             }
-            RunMessage::Arrive {
-                detail: BarrierDetail { error: Some(e), .. },
-                ..
-            } => short("error", e)?,
+            RunMessage::Arrive { detail, .. } => {
+                if let Some(e) = &detail.error {
+                    short("error", e)?;
+                }
+                if let Some(n) = detail.snapshots.filter(|&n| n > MAX_RUN_SECONDS) {
+                    return Err(format!(
+                        "arrival reports {n} snapshots, more than {MAX_RUN_SECONDS} (a week of seconds)"
+                    ));
+                }
+            }
             RunMessage::Assign { version, .. } if version.moves.len() > MAX_MEMBERS => {
                 return Err("assignment version with too many moves".into());
             }
@@ -307,6 +333,9 @@ impl RunMessage {
                 for (_, d) in arrived {
                     if let Some(e) = &d.error {
                         short("error", e)?;
+                    }
+                    if d.snapshots.is_some_and(|n| n > MAX_RUN_SECONDS) {
+                        return Err("heartbeat reports more snapshots than a run can have".into());
                     }
                 }
                 if version
@@ -497,6 +526,49 @@ mod tests {
         .unwrap();
         assert_eq!(old.snapshots, Some(3));
         assert!(old.error.is_none());
+    }
+
+    #[test]
+    fn an_arrival_claiming_more_snapshots_than_a_run_can_have_is_refused() {
+        let arrive = |n| RunMessage::Arrive {
+            run_id: "r".into(),
+            barrier: "finished".into(),
+            detail: BarrierDetail {
+                snapshots: Some(n),
+                ..Default::default()
+            },
+        };
+        let err = arrive(1_000_000_000_000).validate().unwrap_err();
+        assert!(err.contains("1000000000000 snapshots"), "{err}");
+        assert!(arrive(MAX_RUN_SECONDS).validate().is_ok());
+        assert!(arrive(MAX_RUN_SECONDS + 1).validate().is_err());
+    }
+
+    #[test]
+    fn a_claimed_weight_is_bounded() {
+        let join = |weight| RunMessage::Join {
+            run_id: "r".into(),
+            accept: true,
+            reason: None,
+            name: "n".into(),
+            labels: BTreeMap::new(),
+            weight,
+        };
+        assert!(join(MAX_WEIGHT).validate().is_ok());
+        let err = join(u32::MAX).validate().unwrap_err();
+        assert!(err.contains("join weight 4294967295 exceeds 1024"), "{err}");
+        let roster = |weight| RunMessage::Roster {
+            run_id: "r".into(),
+            members: vec![RosterEntry {
+                id: "a".into(),
+                name: "a".into(),
+                labels: BTreeMap::new(),
+                weight,
+            }],
+            refused: vec![],
+        };
+        assert!(roster(4).validate().is_ok());
+        assert!(roster(MAX_WEIGHT + 1).validate().is_err());
     }
 
     #[test]

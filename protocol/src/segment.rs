@@ -17,10 +17,13 @@
 //! Bounding L: weights such as 997 and 1009 would give L = 2006. `SegmentSequence::
 //! from_weights` therefore rounds capacity weights to at most `max(MAX_PARTS, n)` parts
 //! (each node keeps at least one part), so L ≤ 2·max(MAX_PARTS, n); sequences built from
-//! explicit fractions are refused when L exceeds `MAX_PERIOD`.
+//! explicit fractions are refused when L exceeds `MAX_PERIOD`, or when they have more
+//! than `MAX_SEGMENTS` segments. Everything here can arrive from a peer, so building a
+//! striping costs O(L·log n) and an assignment at most `MAX_REASSIGNMENTS` failovers.
 
 use serde::{Deserialize, Serialize};
-use std::cmp::Ordering;
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
 use std::fmt;
 
 /// Capacity weights are rounded to this many parts (or one per node, if more) so that the
@@ -29,6 +32,11 @@ pub const MAX_PARTS: u64 = 1000;
 
 /// Largest striping period (lowest common denominator of segment lengths) accepted.
 pub const MAX_PERIOD: u64 = 20_000;
+
+/// Most segments (nodes) a sequence may have: a run's roster is at most this long
+/// (`run::MAX_MEMBERS`), and a sequence from a peer is refused past it before its
+/// striping is built.
+pub const MAX_SEGMENTS: usize = 1024;
 
 /// Why a segment sequence, striping or assignment was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -158,6 +166,12 @@ pub struct SegmentSequence {
 impl SegmentSequence {
     /// Validates the boundaries: at least two, first 0, last 1, strictly increasing.
     pub fn new(bounds: Vec<Ratio>) -> Result<SegmentSequence, SegmentError> {
+        if bounds.len() > MAX_SEGMENTS + 1 {
+            return Err(SegmentError::BadSequence(format!(
+                "{} segments, more than the limit of {MAX_SEGMENTS}",
+                bounds.len() - 1
+            )));
+        }
         if bounds.len() < 2 {
             return Err(SegmentError::BadSequence(format!(
                 "needs at least the boundaries 0 and 1, got {} boundaries",
@@ -312,16 +326,34 @@ impl Striping {
             .map(|&n| Vec::with_capacity(n as usize))
             .collect();
         let l = u128::from(period);
+        // Segment s qualifies for index e once e ≥ tₛ = ⌈cₛ·L/nₛ⌉. Instead of trying every
+        // segment for every index (L × segments steps: 4·10⁸ for a sequence of 20,000
+        // segments from a peer), segments wait in `pending` by tₛ and move to `ready`
+        // (by position in `order`) when e reaches it: L·log(segments) steps.
+        let threshold =
+            |s: usize, held: usize| (held as u128 * l).div_ceil(u128::from(shares[s])) as u64;
+        let mut pending: BinaryHeap<Reverse<(u64, usize)>> =
+            (0..order.len()).map(|pos| Reverse((0, pos))).collect();
+        let mut ready: BinaryHeap<Reverse<usize>> = BinaryHeap::with_capacity(order.len());
         for e in 0..period {
+            while let Some(&Reverse((t, pos))) = pending.peek() {
+                if t > e {
+                    break;
+                }
+                pending.pop();
+                ready.push(Reverse(pos));
+            }
             // Some segment always qualifies: if none did, summing e·nₛ < cₛ·L over all s
             // would give e·L < e·L.
-            let chosen = order
-                .iter()
-                .copied()
-                .find(|&s| u128::from(e) * u128::from(shares[s]) >= offsets[s].len() as u128 * l)
-                .unwrap_or(order[0]);
+            let Some(Reverse(pos)) = ready.pop() else {
+                return Err(SegmentError::BadSequence(format!(
+                    "no segment qualifies for index {e}"
+                )));
+            };
+            let chosen = order[pos];
             owners.push(chosen as u32);
             offsets[chosen].push(e);
+            pending.push(Reverse((threshold(chosen, offsets[chosen].len()), pos)));
         }
         Ok(Striping {
             sequence,
@@ -488,7 +520,20 @@ pub struct Assignment {
     /// For reassignment j: how many indices below `from_index` its lost node owned just
     /// before it (a cache; not serialised).
     lost_before: Vec<u64>,
+    /// For reassignment j, by node: its position among the survivors, or `NOT_SURVIVOR`
+    /// (a cache; not serialised). Keeps a count at level j linear in the nodes tracked
+    /// rather than in nodes × survivors.
+    survivor_pos: Vec<Vec<u32>>,
+    /// By node: lost in some reassignment (a cache; not serialised).
+    lost: Vec<bool>,
 }
+
+const NOT_SURVIVOR: u32 = u32::MAX;
+
+/// Most failovers one assignment may carry. Decoding an assignment replays every
+/// reassignment, at a cost that grows with the cube of their number; a run that loses
+/// more nodes than this must stop rather than reassign again.
+pub const MAX_REASSIGNMENTS: usize = 256;
 
 #[derive(Serialize, Deserialize)]
 struct AssignmentWire {
@@ -518,10 +563,13 @@ impl From<Assignment> for AssignmentWire {
 
 impl Assignment {
     pub fn new(base: Striping) -> Assignment {
+        let nodes = base.segments();
         Assignment {
             base,
             reassignments: Vec::new(),
             lost_before: Vec::new(),
+            survivor_pos: Vec::new(),
+            lost: vec![false; nodes],
         }
     }
 
@@ -544,7 +592,7 @@ impl Assignment {
     }
 
     pub fn is_lost(&self, node: usize) -> bool {
-        self.reassignments.iter().any(|r| r.lost == node)
+        self.lost.get(node).copied().unwrap_or(false)
     }
 
     /// Applies a failover. Refused if the lost node is unknown or already lost, or the
@@ -556,6 +604,11 @@ impl Assignment {
             lost: r.lost,
             reason,
         };
+        if position >= MAX_REASSIGNMENTS {
+            return Err(bad(format!(
+                "more than {MAX_REASSIGNMENTS} reassignments in one run"
+            )));
+        }
         if r.lost >= self.nodes() {
             return Err(bad(format!("the run has only {} nodes", self.nodes())));
         }
@@ -572,6 +625,7 @@ impl Assignment {
                 r.striping.segments()
             )));
         }
+        let mut pos = vec![NOT_SURVIVOR; self.nodes()];
         for (i, &s) in r.survivors.iter().enumerate() {
             if s >= self.nodes() {
                 return Err(bad(format!("survivor {s} is not a node of the run")));
@@ -579,12 +633,15 @@ impl Assignment {
             if s == r.lost || self.is_lost(s) {
                 return Err(bad(format!("survivor {s} is lost")));
             }
-            if r.survivors[..i].contains(&s) {
+            if pos[s] != NOT_SURVIVOR {
                 return Err(bad(format!("survivor {s} is listed twice")));
             }
+            pos[s] = i as u32;
         }
         let before = self.count_at(r.lost, r.from_index, position);
         self.lost_before.push(before);
+        self.survivor_pos.push(pos);
+        self.lost[r.lost] = true;
         self.reassignments.push(r);
         Ok(())
     }
@@ -645,8 +702,11 @@ impl Assignment {
             for (x, c) in counts.iter_mut() {
                 if *x == r.lost {
                     *c = lost_prev - moved;
-                } else if let Some(p) = r.survivors.iter().position(|s| s == x) {
-                    *c += r.striping.scale(p, moved);
+                } else {
+                    let p = self.survivor_pos[j][*x];
+                    if p != NOT_SURVIVOR {
+                        *c += r.striping.scale(p as usize, moved);
+                    }
                 }
             }
         }
@@ -942,7 +1002,87 @@ mod tests {
         a
     }
 
+    /// The k6 rule exactly as stated: every index tries the segments in order.
+    fn naive_owners(seq: &SegmentSequence) -> Vec<u32> {
+        let s = Striping::new(seq.clone()).unwrap();
+        let l = u128::from(s.period());
+        let shares: Vec<u64> = (0..s.segments()).map(|i| s.share(i)).collect();
+        let mut order: Vec<usize> = (0..shares.len()).collect();
+        order.sort_by(|&a, &b| shares[b].cmp(&shares[a]));
+        let mut held = vec![0u128; shares.len()];
+        (0..s.period())
+            .map(|e| {
+                let c = order
+                    .iter()
+                    .copied()
+                    .find(|&x| u128::from(e) * u128::from(shares[x]) >= held[x] * l)
+                    .unwrap();
+                held[c] += 1;
+                c as u32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_sequence_of_too_many_segments_is_refused_when_decoded() {
+        // 20,000 segments of 1/20,000: the period is within MAX_PERIOD, but striping it
+        // the old way took L × segments = 4·10⁸ steps on the receiving event loop.
+        let bounds: Vec<(u64, u64)> = (0..=20_000u64).map(|i| (i, 20_000)).collect();
+        let mut cbor = Vec::new();
+        ciborium::into_writer(&bounds, &mut cbor).unwrap();
+        let err = ciborium::from_reader::<Striping, _>(&cbor[..]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("20000 segments, more than the limit of 1024"),
+            "{err}"
+        );
+        // The largest allowed sequence still stripes, and exactly as the k6 rule says.
+        let bounds: Vec<Ratio> = (0..=MAX_SEGMENTS as u64)
+            .map(|i| r(i, MAX_SEGMENTS as u64))
+            .collect();
+        let seq = SegmentSequence::new(bounds).unwrap();
+        let s = Striping::new(seq.clone()).unwrap();
+        assert_eq!(s.owners, naive_owners(&seq));
+    }
+
+    #[test]
+    fn reassignments_are_bounded() {
+        let nodes = MAX_REASSIGNMENTS + 2;
+        let mut a = Assignment::new(Striping::from_weights(&vec![1; nodes]).unwrap());
+        let last = nodes - 1;
+        for lost in 0..MAX_REASSIGNMENTS {
+            a.reassign(Reassignment::new(lost, 10, &[(last, 1)]).unwrap())
+                .unwrap();
+        }
+        let err = a
+            .reassign(Reassignment::new(MAX_REASSIGNMENTS, 10, &[(last, 1)]).unwrap())
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("more than 256 reassignments"),
+            "{err}"
+        );
+        // Everything from index 10 on that the lost nodes owned went to the last node.
+        assert_eq!(a.owner(5_000), last);
+    }
+
     proptest! {
+        #[test]
+        fn owners_follow_the_k6_rule(w in weights()) {
+            let seq = SegmentSequence::from_weights(&w).unwrap();
+            prop_assert_eq!(Striping::new(seq.clone()).unwrap().owners, naive_owners(&seq));
+        }
+
+        #[test]
+        fn owners_of_explicit_fractions_follow_the_k6_rule(
+            cuts in proptest::collection::btree_set(1u64..360, 0..12)
+        ) {
+            let mut bounds = vec![r(0, 1)];
+            bounds.extend(cuts.iter().map(|&c| r(c, 360)));
+            bounds.push(r(1, 1));
+            let seq = SegmentSequence::new(bounds).unwrap();
+            prop_assert_eq!(Striping::new(seq.clone()).unwrap().owners, naive_owners(&seq));
+        }
+
         #[test]
         fn striping_shares_are_exact_and_monotone(w in weights(), v in 0u64..50_000) {
             let s = Striping::from_weights(&w).unwrap();

@@ -14,6 +14,20 @@ use serde::{Deserialize, Serialize};
 /// Significant digits kept by every latency histogram (±0.1 %).
 pub const SIGFIG: u8 = 3;
 
+/// The largest value a histogram tracks, in µs (2^40 µs, about 12.7 days): larger values
+/// are recorded as this one. Bounds a histogram's memory (about 260 KB at [`SIGFIG`]), so a
+/// few bytes from a peer that claim a huge range cannot make a receiver allocate more.
+pub const MAX_TRACKABLE_US: u64 = 1 << 40;
+
+/// Histogram memory a [`Metrics::decode`] may allocate, beyond
+/// [`DECODE_BYTES_PER_BYTE`] per byte received: a legitimate second of a plan with a few
+/// hundred series fits; a hostile message is refused before the histograms exist.
+pub const DECODE_BASE_BUDGET: usize = 64 * 1024 * 1024;
+
+/// Histogram memory a [`Metrics::decode`] may allocate per byte received, on top of
+/// [`DECODE_BASE_BUDGET`].
+pub const DECODE_BYTES_PER_BYTE: usize = 64;
+
 /// Classes of failed requests, the "errors" golden signal (spec §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ErrorClass {
@@ -100,12 +114,13 @@ impl Default for Hist {
 }
 
 impl Hist {
-    /// Records a value in microseconds; 0 is recorded as 1 µs (the lowest trackable).
+    /// Records a value in microseconds; 0 is recorded as 1 µs (the lowest trackable),
+    /// anything above [`MAX_TRACKABLE_US`] as that.
     #[inline]
     pub fn record(&mut self, us: u64) {
-        // Auto-resize makes recording infallible for any u64 below the histogram's
-        // hard limit; saturate anyway rather than panic on a corrupt clock.
-        let _ = self.0.record(us.max(1));
+        // Auto-resize makes recording infallible; the cap keeps every histogram one that
+        // a receiver accepts (see `check_v2_header`).
+        let _ = self.0.record(us.clamp(1, MAX_TRACKABLE_US));
     }
     pub fn add(&mut self, other: &Hist) {
         // Same significant digits on both sides and auto-resize on ours: add cannot fail
@@ -136,11 +151,112 @@ impl Serialize for Hist {
 impl<'de> Deserialize<'de> for Hist {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let bytes: serde_bytes_compat::ByteBuf = Deserialize::deserialize(d)?;
+        let memory = check_v2_header(&bytes.0)
+            .map_err(|e| serde::de::Error::custom(format!("histogram: {e}")))?;
+        take_from_budget(memory).map_err(serde::de::Error::custom)?;
         let mut h: Histogram<u64> = HistDe::new()
             .deserialize(&mut &bytes.0[..])
             .map_err(|e| serde::de::Error::custom(format!("histogram: {e:?}")))?;
         h.auto(true);
         Ok(Hist(h))
+    }
+}
+
+/// The V2 header: cookie, payload length, normalizing offset, digits, low, high, ratio.
+const V2_HEADER_BYTES: usize = 40;
+/// HdrHistogram's cookie of an uncompressed V2 histogram (the only kind we write).
+const V2_COOKIE: u32 = 0x1c84_9303 | 0x10;
+
+/// Checks a V2 histogram's header against what we write, before the hdrhistogram crate
+/// trusts it: the crate allocates `payload_len` and a counts array sized by `high` as
+/// read. Returns the bytes its counts array will take.
+fn check_v2_header(bytes: &[u8]) -> Result<usize, String> {
+    let Some(header) = bytes.get(..V2_HEADER_BYTES) else {
+        return Err(format!(
+            "{} bytes, shorter than the {V2_HEADER_BYTES}-byte header",
+            bytes.len()
+        ));
+    };
+    let u32_at = |i: usize| u32::from_be_bytes(header[i..i + 4].try_into().expect("4 bytes"));
+    let u64_at = |i: usize| u64::from_be_bytes(header[i..i + 8].try_into().expect("8 bytes"));
+    if u32_at(0) != V2_COOKIE {
+        return Err(format!(
+            "cookie {:#x} is not an uncompressed V2 histogram",
+            u32_at(0)
+        ));
+    }
+    let payload = u32_at(4) as usize;
+    let present = bytes.len() - V2_HEADER_BYTES;
+    if payload != present {
+        return Err(format!(
+            "header claims {payload} payload bytes, {present} are present"
+        ));
+    }
+    if u32_at(12) != u32::from(SIGFIG) {
+        return Err(format!(
+            "{} significant digits, expected {SIGFIG}",
+            u32_at(12)
+        ));
+    }
+    let (low, high) = (u64_at(16), u64_at(24));
+    if low != 1 || !(2..=MAX_TRACKABLE_US.saturating_mul(2)).contains(&high) {
+        return Err(format!(
+            "range {low}..{high} is not 1..(2..={})",
+            MAX_TRACKABLE_US * 2
+        ));
+    }
+    Ok(counts_len(high) * std::mem::size_of::<u64>())
+}
+
+/// Length of the counts array of a histogram of range 1..`high` at [`SIGFIG`]: the
+/// hdrhistogram crate's `num_bins(buckets_to_cover(high))`, computed without allocating.
+fn counts_len(high: u64) -> usize {
+    let sub_bucket_count: u64 = 2048; // 2·10^3 rounded up to a power of two
+    let mut smallest_untrackable = sub_bucket_count;
+    let mut buckets = 1usize;
+    while smallest_untrackable <= high {
+        if smallest_untrackable > u64::MAX / 2 {
+            buckets += 1;
+            break;
+        }
+        smallest_untrackable <<= 1;
+        buckets += 1;
+    }
+    (buckets + 1) * (sub_bucket_count as usize / 2)
+}
+
+thread_local! {
+    /// Histogram bytes the decode under way on this thread may still allocate; `None`
+    /// outside [`Metrics::decode`] (one histogram is bounded by its header check alone).
+    static HIST_BUDGET: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+fn take_from_budget(memory: usize) -> Result<(), String> {
+    HIST_BUDGET.with(|b| match b.get() {
+        None => Ok(()),
+        Some(left) if memory <= left => {
+            b.set(Some(left - memory));
+            Ok(())
+        }
+        Some(_) => Err(
+            "histograms would take more memory than a message of this size may ask for".to_string(),
+        ),
+    })
+}
+
+/// Sets the histogram budget of this thread for one decode, and clears it when dropped
+/// (also when the decode fails or panics).
+struct BudgetGuard(Option<usize>);
+
+impl BudgetGuard {
+    fn set(budget: usize) -> BudgetGuard {
+        BudgetGuard(HIST_BUDGET.with(|b| b.replace(Some(budget))))
+    }
+}
+
+impl Drop for BudgetGuard {
+    fn drop(&mut self) {
+        HIST_BUDGET.with(|b| b.set(self.0));
     }
 }
 
@@ -166,7 +282,8 @@ pub(crate) mod serde_bytes_compat {
                     Ok(ByteBuf(v))
                 }
                 fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ByteBuf, A::Error> {
-                    let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                    // The hint is the sender's claim: trust it only as far as a page.
+                    let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
                     while let Some(b) = seq.next_element::<u8>()? {
                         out.push(b);
                     }
@@ -178,6 +295,12 @@ pub(crate) mod serde_bytes_compat {
             d.deserialize_byte_buf(V)
         }
     }
+}
+
+/// Adds a counter into a total, stopping at `u64::MAX` instead of wrapping.
+#[inline]
+fn add_sat(total: &mut u64, n: u64) {
+    *total = total.saturating_add(n);
 }
 
 /// What happened to the requests of one series (one step of one flow of one scenario).
@@ -200,15 +323,17 @@ impl SeriesStats {
     pub fn add(&mut self, o: &SeriesStats) {
         self.latency.add(&o.latency);
         self.service.add(&o.service);
-        self.requests += o.requests;
-        self.failed += o.failed;
-        self.bytes_received += o.bytes_received;
-        self.bytes_sent += o.bytes_sent;
+        // Counters from peers saturate: a hostile or corrupt count must not wrap the
+        // run's totals around (or panic a debug build).
+        add_sat(&mut self.requests, o.requests);
+        add_sat(&mut self.failed, o.failed);
+        add_sat(&mut self.bytes_received, o.bytes_received);
+        add_sat(&mut self.bytes_sent, o.bytes_sent);
         for (a, b) in self.errors.iter_mut().zip(o.errors.iter()) {
-            *a += b;
+            add_sat(a, *b);
         }
-        self.checks_passed += o.checks_passed;
-        self.checks_failed += o.checks_failed;
+        add_sat(&mut self.checks_passed, o.checks_passed);
+        add_sat(&mut self.checks_failed, o.checks_failed);
     }
     pub fn reset(&mut self) {
         let (l, s) = (
@@ -240,9 +365,9 @@ pub struct ScenarioStats {
 
 impl ScenarioStats {
     pub fn add(&mut self, o: &ScenarioStats) {
-        self.iterations += o.iterations;
-        self.failed_iterations += o.failed_iterations;
-        self.dropped += o.dropped;
+        add_sat(&mut self.iterations, o.iterations);
+        add_sat(&mut self.failed_iterations, o.failed_iterations);
+        add_sat(&mut self.dropped, o.dropped);
         self.schedule_lag.add(&o.schedule_lag);
         self.iteration_duration.add(&o.iteration_duration);
     }
@@ -303,7 +428,7 @@ impl Metrics {
             a.add(b);
         }
         for (a, b) in self.flow_iterations.iter_mut().zip(&o.flow_iterations) {
-            *a += b;
+            add_sat(a, *b);
         }
         Ok(())
     }
@@ -316,7 +441,9 @@ impl Metrics {
     }
 
     pub fn total_requests(&self) -> u64 {
-        self.series.iter().map(|s| s.requests).sum()
+        self.series
+            .iter()
+            .fold(0u64, |t, s| t.saturating_add(s.requests))
     }
 
     /// CBOR bytes (histograms inside in HdrHistogram's V2 format).
@@ -326,7 +453,13 @@ impl Metrics {
         out
     }
 
+    /// Decodes CBOR from a peer. Histograms may take at most [`DECODE_BASE_BUDGET`] +
+    /// [`DECODE_BYTES_PER_BYTE`] × `bytes.len()` of memory, checked from their headers
+    /// before each is allocated.
     pub fn decode(bytes: &[u8]) -> Result<Metrics, MetricsError> {
+        let _budget = BudgetGuard::set(
+            DECODE_BASE_BUDGET.saturating_add(bytes.len().saturating_mul(DECODE_BYTES_PER_BYTE)),
+        );
         ciborium::from_reader(bytes).map_err(|e| MetricsError::Decode(e.to_string()))
     }
 }
@@ -459,6 +592,141 @@ mod tests {
         let mut m = sample(4, 100);
         m.reset();
         assert_eq!(m, Metrics::new(&layout()));
+    }
+
+    /// A V2 header as hdrhistogram writes it, with the fields given.
+    fn v2_header(payload_len: u32, digits: u32, low: u64, high: u64) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend(V2_COOKIE.to_be_bytes());
+        b.extend(payload_len.to_be_bytes());
+        b.extend(0u32.to_be_bytes());
+        b.extend(digits.to_be_bytes());
+        b.extend(low.to_be_bytes());
+        b.extend(high.to_be_bytes());
+        b.extend(1.0f64.to_be_bytes());
+        b
+    }
+
+    fn decode_hist(v2: &[u8]) -> Result<Hist, String> {
+        let mut cbor = Vec::new();
+        ciborium::into_writer(&ciborium::Value::Bytes(v2.to_vec()), &mut cbor).unwrap();
+        ciborium::from_reader::<Hist, _>(&cbor[..]).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_histogram_claiming_4_gib_is_refused_from_its_header() {
+        // 48 bytes that claim a 4 GiB payload: the crate would allocate it before reading.
+        let mut v2 = v2_header(u32::MAX, 3, 1, 2048);
+        v2.extend([0u8; 8]);
+        assert_eq!(v2.len(), 48);
+        let err = decode_hist(&v2).unwrap_err();
+        assert!(
+            err.contains("claims 4294967295 payload bytes, 8 are present"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_histogram_claiming_a_huge_range_or_precision_is_refused() {
+        // high = u64::MAX or 5 digits: tens of MB of counts from a 40-byte header.
+        let err = decode_hist(&v2_header(0, 3, 1, u64::MAX)).unwrap_err();
+        assert!(err.contains("range 1.."), "{err}");
+        let err = decode_hist(&v2_header(0, 5, 1, 2048)).unwrap_err();
+        assert!(err.contains("5 significant digits"), "{err}");
+        let mut compressed = v2_header(0, 3, 1, 2048);
+        compressed[3] = 0x14;
+        let err = decode_hist(&compressed).unwrap_err();
+        assert!(err.contains("not an uncompressed V2"), "{err}");
+        assert!(decode_hist(&[0x1c, 0x84]).is_err());
+    }
+
+    #[test]
+    fn counts_len_matches_the_crate() {
+        for high in [
+            2,
+            2047,
+            2048,
+            4096,
+            1 << 20,
+            3_600_000_000,
+            MAX_TRACKABLE_US * 2,
+        ] {
+            let h = Histogram::<u64>::new_with_bounds(1, high, SIGFIG).unwrap();
+            assert_eq!(counts_len(high), h.distinct_values(), "high {high}");
+        }
+    }
+
+    /// Serialises one series `n` times without holding `n` copies.
+    struct Repeat<'a>(&'a SeriesStats, usize);
+
+    impl Serialize for Repeat<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeSeq;
+            let mut seq = s.serialize_seq(Some(self.1))?;
+            for _ in 0..self.1 {
+                seq.serialize_element(self.0)?;
+            }
+            seq.end()
+        }
+    }
+
+    #[test]
+    fn many_sparse_histograms_are_refused_by_the_decode_budget() {
+        // One value at the top of the range: ~45 bytes on the wire, ~270 KB in memory.
+        let mut series = SeriesStats::default();
+        series.latency.record(MAX_TRACKABLE_US);
+        series.service.record(MAX_TRACKABLE_US);
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            series: Repeat<'a>,
+            scenarios: Vec<ScenarioStats>,
+            flow_iterations: Vec<u64>,
+        }
+        let encode = |n| {
+            let mut out = Vec::new();
+            let wire = Wire {
+                series: Repeat(&series, n),
+                scenarios: vec![],
+                flow_iterations: vec![],
+            };
+            ciborium::into_writer(&wire, &mut out).unwrap();
+            out
+        };
+        // A few are fine.
+        assert_eq!(Metrics::decode(&encode(3)).unwrap().series.len(), 3);
+        // 2,000 of them (~400 KB) would need ~1 GB: refused before it is allocated.
+        let bytes = encode(2000);
+        assert!(bytes.len() < 500_000, "{}", bytes.len());
+        let err = Metrics::decode(&bytes).unwrap_err().to_string();
+        assert!(err.contains("more memory than a message"), "{err}");
+        // The budget is per decode: a later decode on this thread starts afresh.
+        assert!(Metrics::decode(&encode(3)).is_ok());
+    }
+
+    #[test]
+    fn merged_counters_saturate() {
+        let mut a = sample(1, 10);
+        let mut b = a.clone();
+        b.series[0].requests = u64::MAX - 1;
+        b.series[0].errors[0] = u64::MAX;
+        b.scenarios[0].iterations = u64::MAX;
+        b.flow_iterations[0] = u64::MAX;
+        a.merge(&b).unwrap();
+        assert_eq!(a.series[0].requests, u64::MAX);
+        assert_eq!(a.series[0].errors[0], u64::MAX);
+        assert_eq!(a.scenarios[0].iterations, u64::MAX);
+        assert_eq!(a.flow_iterations[0], u64::MAX);
+        assert_eq!(a.total_requests(), u64::MAX);
+    }
+
+    #[test]
+    fn values_above_the_trackable_maximum_are_recorded_at_it_and_round_trip() {
+        let mut m = Metrics::new(&layout());
+        m.series[0].latency.record(u64::MAX);
+        m.series[0].latency.record(MAX_TRACKABLE_US);
+        assert_eq!(m.series[0].latency.len(), 2);
+        assert!(m.series[0].latency.0.max() <= MAX_TRACKABLE_US * 2);
+        assert_eq!(Metrics::decode(&m.encode()).unwrap(), m);
     }
 
     #[test]

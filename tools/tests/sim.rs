@@ -39,13 +39,20 @@ fn every_invariant_holds_under_seeded_faults() {
 fn without_leases_a_paused_or_cut_off_member_doubles_load_and_the_simulator_says_so() {
     let s = setup(5, Flaw::NoLease);
     let caught = (1..=40).find_map(|seed| {
-        let (_, found) = run_one(&s, &[FaultKind::Pause, FaultKind::Partition, FaultKind::Crash], seed);
+        let (_, found) = run_one(
+            &s,
+            &[FaultKind::Pause, FaultKind::Partition, FaultKind::Crash],
+            seed,
+        );
         found
             .iter()
             .find(|v| v.invariant == "at-most-once")
             .map(|v| (seed, v.detail.clone()))
     });
-    assert!(caught.is_some(), "no schedule caught a protocol without leases");
+    assert!(
+        caught.is_some(),
+        "no schedule caught a protocol without leases"
+    );
 }
 
 #[test]
@@ -58,5 +65,8 @@ fn without_the_authority_rule_a_forged_version_is_taken_up_and_the_simulator_say
             .find(|v| v.invariant == "forgery-has-no-effect")
             .map(|v| (seed, v.detail.clone()))
     });
-    assert!(caught.is_some(), "no schedule caught a protocol without the authority rule");
+    assert!(
+        caught.is_some(),
+        "no schedule caught a protocol without the authority rule"
+    );
 }

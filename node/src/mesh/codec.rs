@@ -38,10 +38,26 @@ pub async fn read_frame<T: AsyncRead + Unpin + Send>(
             format!("frame of {len} bytes exceeds the limit of {limit} bytes"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
+    // The length is the peer's claim: grow with the bytes that actually arrive, so a
+    // header claiming 16 MiB followed by silence costs a chunk, not 16 MiB.
+    let mut buf = Vec::with_capacity(len.min(FRAME_CHUNK));
+    let mut chunk = [0u8; FRAME_CHUNK];
+    while buf.len() < len {
+        let want = (len - buf.len()).min(FRAME_CHUNK);
+        let n = io.read(&mut chunk[..want]).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("frame ended after {} of its {len} bytes", buf.len()),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
     Ok(buf)
 }
+
+/// How much of a frame is read (and allocated) at a time.
+const FRAME_CHUNK: usize = 64 * 1024;
 
 /// Writes one length-prefixed frame.
 pub async fn write_frame<T: AsyncWrite + Unpin + Send>(
@@ -169,6 +185,60 @@ mod tests {
         let mut rd = Cursor::new(vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
         let err = block(BulkCodec.read_request(&BULK_PROTOCOL, &mut rd)).unwrap_err();
         assert!(err.to_string().contains("exceeds the limit"), "{err}");
+    }
+
+    /// A reader that counts how many bytes the frame reader asked for at most at once.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        largest_ask: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.largest_ask = self.largest_ask.max(buf.len());
+            let n = buf.len().min(self.data.len() - self.at).min(1000);
+            let at = self.at;
+            buf[..n].copy_from_slice(&self.data[at..at + n]);
+            self.at += n;
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn a_claimed_length_is_not_allocated_before_the_bytes_arrive() {
+        // 16 MiB claimed (within the response limit), 10 bytes sent, then the stream ends.
+        let mut data = (MAX_RESPONSE_BYTES as u32).to_be_bytes().to_vec();
+        data.extend([7u8; 10]);
+        let mut rd = Trickle {
+            data,
+            at: 0,
+            largest_ask: 0,
+        };
+        let err = block(read_frame(&mut rd, MAX_RESPONSE_BYTES)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(
+            err.to_string().contains("after 10 of its 16777216 bytes"),
+            "{err}"
+        );
+        assert!(rd.largest_ask <= FRAME_CHUNK, "asked {}", rd.largest_ask);
+        // A whole frame arriving in small pieces is read in full.
+        let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let mut data = (payload.len() as u32).to_be_bytes().to_vec();
+        data.extend(&payload);
+        let mut rd = Trickle {
+            data,
+            at: 0,
+            largest_ask: 0,
+        };
+        assert_eq!(
+            block(read_frame(&mut rd, MAX_RESPONSE_BYTES)).unwrap(),
+            payload
+        );
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub struct EventLoop {
     run_responder: super::RunResponder,
     /// Where peers' requests for a finished run's summary are answered from.
     results: Option<crate::results::Results>,
+    /// Signs this node's announcements, so that others can relay them.
+    keypair: libp2p::identity::Keypair,
 }
 
 impl EventLoop {
@@ -92,6 +94,7 @@ impl EventLoop {
             announce_subscribers: HashSet::new(),
             run_responder: cfg.run_responder,
             results: cfg.results,
+            keypair: cfg.keypair,
         })
     }
 
@@ -134,6 +137,7 @@ impl EventLoop {
     fn set_state(&mut self, state: NodeState) {
         if let Ok(mut v) = self.view.write() {
             v.self_announce.state = state;
+            super::membership::sign(&mut v.self_announce, &self.keypair);
         }
     }
 
@@ -142,6 +146,7 @@ impl EventLoop {
             let Ok(mut v) = self.view.write() else { return };
             v.self_announce.seq += 1;
             v.self_announce.addrs = self.listen_addrs.iter().map(|a| a.to_string()).collect();
+            super::membership::sign(&mut v.self_announce, &self.keypair);
             Envelope {
                 protocol_version: self.protocol_version,
                 sender: v.self_id.to_string(),

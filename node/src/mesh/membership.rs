@@ -5,13 +5,64 @@
 //! protocol versions seen); readers (control endpoint, HTTP status) take snapshots. It
 //! must not do I/O: every method is a quick in-memory update, because it runs under a
 //! lock shared with the HTTP and control handlers.
+//!
+//! An announcement that reaches us from a third party (a members list) is installed
+//! only when its subject signed it ([`verify`]): no member can make up or alter another
+//! node's name, labels, state or sequence number. Sequence numbers start at the
+//! subject's clock (Unix µs) and are refused past [`MAX_SEQ_AHEAD_US`] ahead of ours, so
+//! no announcement can pin a node's record for ever.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use libp2p::identity::{Keypair, PublicKey};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
-use stampede_protocol::mesh::{Announce, NodeState};
+use stampede_protocol::mesh::{Announce, NodeState, MAX_SEQ_AHEAD_US};
+
+/// Most members the view takes in from third parties' lists (a run has at most as
+/// many members): past it, a list can no longer add ids, only update known ones.
+pub const MAX_VIEW_MEMBERS: usize = stampede_protocol::run::MAX_MEMBERS;
+
+/// Signs `announce` as its subject, with the subject's identity key.
+pub fn sign(announce: &mut Announce, keypair: &Keypair) {
+    match keypair.sign(&announce.signed_bytes()) {
+        Ok(sig) => announce.signature = sig,
+        // Every key type we make (ed25519) signs; an unsigned record is only refused by
+        // third parties, never by the peers that hear it from us.
+        Err(e) => tracing::warn!(error = %e, "cannot sign this node's announcement"),
+    }
+}
+
+/// The subject of an announcement, if the announcement is signed by the identity key its
+/// peer id names and its sequence number is not from the future.
+pub fn verify(announce: &Announce, now_unix_us: u64) -> Result<PeerId, String> {
+    let peer: PeerId = announce
+        .id
+        .parse()
+        .map_err(|_| format!("announcement id {} is not a peer id", announce.id))?;
+    check_seq(announce, now_unix_us)?;
+    // Ed25519 peer ids hold the public key itself (an identity multihash).
+    let hash = peer.as_ref();
+    let key = (hash.code() == 0)
+        .then(|| PublicKey::try_decode_protobuf(hash.digest()).ok())
+        .flatten()
+        .ok_or_else(|| format!("peer id {peer} does not carry its public key"))?;
+    if !key.verify(&announce.signed_bytes(), &announce.signature) {
+        return Err(format!("announcement of {peer} is not signed by {peer}"));
+    }
+    Ok(peer)
+}
+
+fn check_seq(announce: &Announce, now_unix_us: u64) -> Result<(), String> {
+    if announce.seq > now_unix_us.saturating_add(MAX_SEQ_AHEAD_US) {
+        return Err(format!(
+            "announcement of {} has seq {}, more than an hour ahead of this clock",
+            announce.id, announce.seq
+        ));
+    }
+    Ok(())
+}
 
 /// A member's state as the user sees it (spec §10: `alive` | `lost` | `incompatible`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,7 +181,8 @@ impl View {
     /// An announcement heard from the member itself (directly or relayed by gossip).
     /// Returns false when it is older than one already seen.
     pub fn heard_announce(&mut self, peer: PeerId, announce: Announce, now: Instant) -> bool {
-        if peer == self.self_id {
+        if peer == self.self_id || check_seq(&announce, stampede_protocol::run::unix_us()).is_err()
+        {
             return false;
         }
         let m = self.entry(peer, now);
@@ -165,12 +217,20 @@ impl View {
 
     /// An announcement relayed by another member (a members list). It teaches us a node
     /// and its addresses, but it is not a sign of life of that node: only a node we
-    /// did not know yet gets one `lost_after` of grace to be reached.
+    /// did not know yet gets one `lost_after` of grace to be reached. Installed only when
+    /// signed by its subject ([`verify`]).
     pub fn learned_announce(&mut self, announce: Announce, now: Instant) -> Option<PeerId> {
-        let peer: PeerId = announce.id.parse().ok()?;
+        let peer = match verify(&announce, stampede_protocol::run::unix_us()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "relayed announcement refused");
+                return None;
+            }
+        };
         if peer == self.self_id {
             return None;
         }
+        let full = self.members.len() >= MAX_VIEW_MEMBERS;
         match self.members.get_mut(&peer) {
             Some(m) => {
                 let newer = !matches!(&m.announce, Some(a) if a.seq >= announce.seq);
@@ -178,6 +238,10 @@ impl View {
                     m.protocol_version = Some(announce.protocol_version);
                     m.announce = Some(announce);
                 }
+            }
+            None if full => {
+                tracing::debug!(%peer, "relayed announcement refused: the view is full");
+                return None;
             }
             None => {
                 let m = self.entry(peer, now);
@@ -375,6 +439,7 @@ mod tests {
             allow_targets: vec![],
             addrs: vec![],
             seq,
+            signature: vec![],
         }
     }
 
@@ -444,6 +509,78 @@ mod tests {
         let json = serde_json::to_value(&rows).unwrap();
         assert_eq!(json[0]["self"], true);
         assert_eq!(json[1]["state"], "incompatible");
+    }
+
+    #[test]
+    fn a_relayed_announcement_is_installed_only_when_its_subject_signed_it() {
+        let me = PeerId::random();
+        let t0 = Instant::now();
+        let mut v = View::new(
+            me,
+            ann(&me, "me", 1, PROTOCOL_VERSION),
+            Duration::from_secs(3),
+        );
+        let now_us = stampede_protocol::run::unix_us();
+        let real = Keypair::generate_ed25519();
+        let real_id = real.public().to_peer_id();
+        let mut signed = ann(&real_id, "real", now_us, PROTOCOL_VERSION);
+        sign(&mut signed, &real);
+
+        // A record for the real node forged by another key (name pinned, seq huge).
+        let forger = Keypair::generate_ed25519();
+        let mut forged = signed.clone();
+        forged.name = "pinned".into();
+        forged.seq = now_us + 1;
+        sign(&mut forged, &forger);
+        assert!(verify(&forged, now_us).is_err());
+        assert_eq!(v.learned_announce(forged, t0), None);
+        // The subject's own record, altered after signing: refused too.
+        let mut altered = signed.clone();
+        altered.labels.insert("region".into(), "evil".into());
+        assert_eq!(v.learned_announce(altered, t0), None);
+        // Unsigned (an older node's) records are not installed from third parties.
+        let mut unsigned = signed.clone();
+        unsigned.signature.clear();
+        assert_eq!(v.learned_announce(unsigned, t0), None);
+        assert!(v.member(&real_id).is_none(), "nothing was installed");
+
+        // Signed by its subject: installed.
+        assert_eq!(v.learned_announce(signed.clone(), t0), Some(real_id));
+        assert_eq!(
+            v.member(&real_id).unwrap().announce.as_ref().unwrap().name,
+            "real"
+        );
+
+        // Signed but with a seq more than an hour ahead of our clock: refused, so no
+        // record can outrank every later one the node sends.
+        let mut ahead = signed;
+        ahead.seq = now_us + MAX_SEQ_AHEAD_US + 10_000_000;
+        sign(&mut ahead, &real);
+        assert!(verify(&ahead, now_us).unwrap_err().contains("ahead"));
+        assert!(!v.heard_announce(real_id, ahead, t0));
+    }
+
+    #[test]
+    fn a_members_list_cannot_grow_the_view_past_its_bound() {
+        let me = PeerId::random();
+        let t0 = Instant::now();
+        let mut v = View::new(
+            me,
+            ann(&me, "me", 1, PROTOCOL_VERSION),
+            Duration::from_secs(3),
+        );
+        let now_us = stampede_protocol::run::unix_us();
+        let signed = |name: &str| {
+            let key = Keypair::generate_ed25519();
+            let mut a = ann(&key.public().to_peer_id(), name, now_us, PROTOCOL_VERSION);
+            sign(&mut a, &key);
+            a
+        };
+        for i in 0..MAX_VIEW_MEMBERS {
+            assert!(v.learned_announce(signed(&format!("n{i}")), t0).is_some());
+        }
+        assert_eq!(v.learned_announce(signed("one too many"), t0), None);
+        assert_eq!(v.members().count(), MAX_VIEW_MEMBERS);
     }
 
     #[test]

@@ -247,18 +247,21 @@ pub async fn start(cfg: MeshConfig) -> Result<MeshHandle, String> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64 * 1000)
         .unwrap_or(0);
-    let self_announce = Announce {
+    let mut self_announce = Announce {
         id: peer_id.to_string(),
         name: cfg.name.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         protocol_version: cfg.protocol_version,
         labels: cfg.labels.clone(),
-        capacity: cfg.capacity,
+        // Peers refuse an announcement beyond MAX_WEIGHT; settings should refuse it first.
+        capacity: cfg.capacity.clamp(1, stampede_protocol::run::MAX_WEIGHT),
         state: NodeState::Idle,
         allow_targets: cfg.allow_targets.clone(),
         addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
         seq: seq0,
+        signature: Vec::new(),
     };
+    membership::sign(&mut self_announce, &cfg.keypair);
     let view: SharedView = Arc::new(RwLock::new(View::new(
         peer_id,
         self_announce,

@@ -12,8 +12,7 @@ use super::{JoinInfo, Me, Now, Peer, Phase, Progress, RunMachine, RunSchedule, T
 use crate::run::{clip_reason, BarrierDetail, Requirements, RosterEntry, RunMessage};
 use crate::run::{MAX_MEMBERS, MAX_REASON};
 
-/// Capacity a member may claim: more than any machine has worker threads.
-pub const MAX_WEIGHT: u32 = 4096;
+use crate::run::MAX_WEIGHT;
 
 impl RunMachine {
     /// The machine of the node whose CLI started the run: it proposes to `asked`

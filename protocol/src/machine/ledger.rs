@@ -13,9 +13,9 @@ use super::events::{second_ranges, Barrier, MemberStatus, RunEvent};
 use super::{MemberFact, Now, ReportFacts, RunMachine};
 use crate::run::SNAPSHOTS_PER_REQUEST;
 
-/// The most seconds a run's ledger tracks per member: 30 days. A peer's claim of more
-/// is cut here before anything loops over it.
-pub const MAX_SECONDS: u64 = 30 * 24 * 3600;
+/// The most seconds a run's ledger tracks per member (a week): a peer's claim of more
+/// is refused at decode and cut here before anything loops over it.
+pub const MAX_SECONDS: u64 = crate::run::MAX_RUN_SECONDS;
 
 impl RunMachine {
     pub(super) fn on_snapshot(&mut self, from: &str, node: &str, seq: u64, _now: Now) {
