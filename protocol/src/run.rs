@@ -532,7 +532,7 @@ mod tests {
     fn an_arrival_claiming_more_snapshots_than_a_run_can_have_is_refused() {
         let arrive = |n| RunMessage::Arrive {
             run_id: "r".into(),
-            barrier: "finished".into(),
+            barrier: Barrier::Finished,
             detail: BarrierDetail {
                 snapshots: Some(n),
                 ..Default::default()

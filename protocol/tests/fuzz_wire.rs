@@ -214,7 +214,7 @@ fn valid_messages() -> Vec<Vec<u8>> {
         }),
         run(RunMessage::Arrive {
             run_id: "r-1".into(),
-            barrier: "finished".into(),
+            barrier: stampede_protocol::machine::events::Barrier::Finished,
             detail: BarrierDetail {
                 snapshots: Some(30),
                 ..Default::default()
@@ -223,9 +223,31 @@ fn valid_messages() -> Vec<Vec<u8>> {
         run(RunMessage::Assign {
             run_id: "r-1".into(),
             term: 1,
-            vus: assignment.clone(),
-            events: assignment,
-            start_unix_us: 1_700_000_000_000_000,
+            version: stampede_protocol::machine::version::Version {
+                id: stampede_protocol::machine::version::VersionId { term: 1, seq: 2 },
+                start_unix_us: 1_700_000_000_000_000,
+                moves: vec![stampede_protocol::machine::version::Move {
+                    lost: 1,
+                    from_event: 300,
+                    at_us: 5_000_000,
+                }],
+            },
+        }),
+        run(RunMessage::Beat {
+            run_id: "r-1".into(),
+            term: 2,
+            sent_us: 123_456,
+            version: None,
+            echoes: vec![(0, 99), (2, 101)],
+            fenced: vec![1],
+            arrived: vec![(
+                stampede_protocol::machine::events::Barrier::Ready,
+                BarrierDetail {
+                    clock_offset_us: Some(-40),
+                    ..Default::default()
+                },
+            )],
+            wants_echo: true,
         }),
         envelope(GossipBody::Snapshot(Box::new(SnapshotMessage {
             run_id: "r-1".into(),
