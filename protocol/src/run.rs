@@ -531,7 +531,7 @@ mod tests {
     #[test]
     fn an_arrival_claiming_more_snapshots_than_a_run_can_have_is_refused() {
         let arrive = |n| RunMessage::Arrive {
-            run_id: "r".into(),
+            run_id: "6932a8b2-0f3c".into(),
             barrier: Barrier::Finished,
             detail: BarrierDetail {
                 snapshots: Some(n),
@@ -547,7 +547,7 @@ mod tests {
     #[test]
     fn a_claimed_weight_is_bounded() {
         let join = |weight| RunMessage::Join {
-            run_id: "r".into(),
+            run_id: "6932a8b2-0f3c".into(),
             accept: true,
             reason: None,
             name: "n".into(),
@@ -558,7 +558,7 @@ mod tests {
         let err = join(u32::MAX).validate().unwrap_err();
         assert!(err.contains("join weight 4294967295 exceeds 1024"), "{err}");
         let roster = |weight| RunMessage::Roster {
-            run_id: "r".into(),
+            run_id: "6932a8b2-0f3c".into(),
             members: vec![RosterEntry {
                 id: "a".into(),
                 name: "a".into(),
