@@ -329,7 +329,21 @@ fn build_request(
     req.headers = headers;
     req.body = Bytes::copy_from_slice(body);
     req.timeout = step.timeout;
+    req.keep_body = reads_body(step);
     Ok(req)
+}
+
+/// Whether a check or an extraction of this step reads the response body. A body no one
+/// reads is counted as received but never kept: a target's large body costs no memory.
+fn reads_body(step: &CompiledStep) -> bool {
+    let c = &step.check;
+    c.body_contains.is_some()
+        || c.body_regex.is_some()
+        || !c.json.is_empty()
+        || step
+            .extract
+            .iter()
+            .any(|(_, e)| matches!(e, CompiledExtract::Json(_) | CompiledExtract::Regex(_)))
 }
 
 fn append_query(step: &CompiledStep, rctx: &mut RenderCtx<'_>, out: &mut String) {

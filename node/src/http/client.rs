@@ -55,6 +55,11 @@ pub enum HttpVersionPref {
     Auto,
 }
 
+/// The default bound on what is kept of one response body: a check or an extraction
+/// sees at most this much (docs/plan-reference.md). One response is kept per VU at a
+/// time, so this bounds a VU's memory for bodies.
+pub const MAX_KEPT_BODY: usize = 1 << 20;
+
 /// Node-wide client settings, fixed for a run.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
@@ -72,7 +77,9 @@ pub struct ClientSettings {
     pub dns_servers: Vec<SocketAddr>,
     /// Sent when the request has no User-Agent of its own.
     pub user_agent: Option<String>,
-    /// Response bodies beyond this many bytes are read and counted but not kept.
+    /// Of a body that is kept (see `OutRequest::keep_body`), at most this many bytes
+    /// are; the rest is read and counted but not kept. Bounds a VU's memory whatever
+    /// the target sends.
     pub max_body_bytes: usize,
 }
 
@@ -87,7 +94,7 @@ impl Default for ClientSettings {
             resolve: HashMap::new(),
             dns_servers: Vec::new(),
             user_agent: Some(concat!("stampede/", env!("CARGO_PKG_VERSION")).to_owned()),
-            max_body_bytes: 64 << 20,
+            max_body_bytes: MAX_KEPT_BODY,
         }
     }
 }
@@ -144,6 +151,9 @@ pub struct OutRequest {
     pub body: Bytes,
     /// Whole-request bound: connecting, sending, redirects and reading the body.
     pub timeout: Duration,
+    /// Whether anything will read the body (a check or an extraction). When not, the
+    /// body is read and counted as received but none of it is kept.
+    pub keep_body: bool,
 }
 
 impl OutRequest {
@@ -155,18 +165,20 @@ impl OutRequest {
             headers: HeaderMap::new(),
             body: Bytes::new(),
             timeout: Duration::from_secs(60),
+            keep_body: true,
         }
     }
 }
 
-/// A complete response (body fully read).
+/// A complete response (body fully read; kept only as far as asked, see `body_truncated`).
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: StatusCode,
     pub version: Version,
     pub headers: ResponseHeaders,
     pub body: Bytes,
-    /// True when the body exceeded `max_body_bytes` and only its start was kept.
+    /// True when the body is not all here: it exceeded `max_body_bytes`, or was not
+    /// kept at all (`OutRequest::keep_body` false).
     pub body_truncated: bool,
     /// The URL that produced this response (differs from the request's after redirects).
     pub url: Url,
@@ -342,6 +354,7 @@ impl VuClient {
             headers,
             body,
             timeout,
+            keep_body,
         } = req;
         let started = Instant::now();
         let deadline = started + timeout;
@@ -355,21 +368,21 @@ impl VuClient {
         let outcome = {
             let following = self
                 .conns
-                .send_following(method, &mut url, headers, body, jar, started);
+                .send_following(method, &mut url, headers, body, jar, started, keep_body);
             let mut following = std::pin::pin!(following);
             // The timer may still be armed for an earlier request's deadline: when it fires
             // before this request is due, it is moved on to this request's deadline.
+            // It is polled first: a target that streams a body as fast as loopback
+            // carries it keeps the exchange busy until tokio's cooperative budget runs
+            // out, and a timer polled after that would never see its deadline.
             std::future::poll_fn(move |cx| {
-                if let Poll::Ready(result) = following.as_mut().poll(cx) {
-                    return Poll::Ready(Some(result));
-                }
                 while timer.as_mut().poll(cx).is_ready() {
                     if Instant::now() >= deadline {
                         return Poll::Ready(None);
                     }
                     timer.as_mut().reset(deadline.into());
                 }
-                Poll::Pending
+                following.as_mut().poll(cx).map(Some)
             })
             .await
         };
@@ -414,6 +427,7 @@ impl VuClient {
 impl Conns {
     /// The redirect loop. `url` is updated in place so that a timeout can name the hop
     /// that was in flight. `started` is when the request was handed over.
+    #[allow(clippy::too_many_arguments)]
     async fn send_following(
         &mut self,
         mut method: Method,
@@ -422,6 +436,7 @@ impl Conns {
         mut body: Bytes,
         jar: &mut CookieJar,
         started: Instant,
+        keep_body: bool,
     ) -> Result<Followed, HttpError> {
         let max = self.shared.settings.max_redirects;
         let mut redirects = 0u32;
@@ -446,7 +461,15 @@ impl Conns {
             // any other takes its own time after connecting.
             let hop_start = (redirects == 0).then_some(started);
             let hop = self
-                .exchange(hop_method, url, hop_headers, hop_body, jar, hop_start)
+                .exchange(
+                    hop_method,
+                    url,
+                    hop_headers,
+                    hop_body,
+                    jar,
+                    hop_start,
+                    keep_body,
+                )
                 .await?;
             bytes_received += hop.bytes_received;
             bytes_sent += hop.bytes_sent;
@@ -557,6 +580,7 @@ impl Conns {
     /// been processed: hyper gave the request back unsent (HTTP/2), or a reused HTTP/1.1
     /// connection turned out closed before any byte of an idempotent request's response
     /// (the server closed it while idle, a race every keep-alive client has).
+    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &mut self,
         method: Method,
@@ -565,6 +589,7 @@ impl Conns {
         body: Bytes,
         jar: &CookieJar,
         hop_start: Option<Instant>,
+        keep_body: bool,
     ) -> Result<Hop, HttpError> {
         let i = self.origin_index(url)?;
         let shared = &*self.shared;
@@ -580,7 +605,11 @@ impl Conns {
                 Box::pin(connect(shared, url, &mut connecting)).await?
             }
         };
-        let max_body = shared.settings.max_body_bytes;
+        let max_body = if keep_body {
+            shared.settings.max_body_bytes
+        } else {
+            0
+        };
         let hop = loop {
             let Conn::H1(h1) = &mut conn else {
                 break None;
