@@ -64,7 +64,8 @@ start() {
         mkdir -p "$d"
         rm -f "$d/control.json"
         local args=(node --name "n$i" --data-dir "$d" --key-file "$DIR/swarm.key"
-                    --listen /ip4/127.0.0.1/tcp/0 --http 127.0.0.1:0 --label "index=$i")
+                    --listen /ip4/127.0.0.1/tcp/0 --http 127.0.0.1:0 --label "index=$i"
+                    --allow-target loopback)
         [ -n "$boot" ] && args+=(--bootstrap "$boot")
         STAMPEDE_MDNS=false "$BIN" "${args[@]}" > "$DIR/n$i.log" 2>&1 < /dev/null &
         local pid=$!

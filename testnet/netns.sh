@@ -85,7 +85,8 @@ up() {
         mkdir -p "$d"
         rm -f "$d/control.json"
         args=(node --name "$ns" --data-dir "$d" --key-file "$DIR/swarm.key"
-              --listen "/ip4/$NET.$i/tcp/7400" --http 127.0.0.1:7401 --label "region=$region")
+              --listen "/ip4/$NET.$i/tcp/7400" --http 127.0.0.1:7401 --label "region=$region"
+              --allow-target loopback)
         if [ "${NETNS_BOOTSTRAP:-0}" = 1 ] && [ "$i" -gt 1 ]; then
             args+=(--bootstrap "/ip4/$NET.1/tcp/7400")
         fi

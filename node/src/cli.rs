@@ -69,7 +69,8 @@ pub struct RunArgs {
     /// Worker threads that generate load (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Hosts or CIDRs this embedded node may send load to (loopback is always allowed).
+    /// Hosts or CIDRs this embedded node may send load to, besides loopback (always
+    /// allowed for an embedded run).
     #[arg(long = "allow-target", value_name = "HOST_OR_CIDR")]
     pub allow_target: Vec<String>,
 }
@@ -105,7 +106,8 @@ pub struct NodeArgs {
     /// A label of this node, e.g. region=eu. Repeatable.
     #[arg(long = "label", value_name = "K=V")]
     pub label: Vec<String>,
-    /// A host or CIDR this node may send load to (loopback is always allowed). Repeatable.
+    /// A host, CIDR or `loopback` (127.0.0.0/8 and ::1) this node may send load to;
+    /// nothing is allowed unless listed. Repeatable.
     #[arg(long = "allow-target", value_name = "HOST_OR_CIDR")]
     pub allow_target: Vec<String>,
     /// Serve the dashboard and /metrics here (loopback by default).

@@ -23,12 +23,18 @@ pub fn run(args: RunArgs) -> Result<Outcome, Failure> {
     }
     let outs = parse_outputs(&args.outputs)?;
     let plan = load_plan(&args.plan, &args.set)?;
-    let opts = LocalOptions {
+    let mut opts = LocalOptions {
         workers: args.workers.unwrap_or(LocalOptions::default().workers),
         quiet: args.quiet,
-        allow_target: args.allow_target.clone(),
         ..LocalOptions::default()
     };
+    opts.allow_target.extend(args.allow_target.iter().cloned());
+    // Before anything resolves or sends: a target the operator did not allow is a usage
+    // error, not millions of failed requests.
+    let allow = crate::http::Allowlist::from_entries(&opts.allow_target)
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    embedded::refuse_unallowed_targets(&plan, &allow)
+        .map_err(|e| Failure::usage(format!("{}: {e}", args.plan.display())))?;
     let summary = embedded::run(Arc::new(plan), opts).map_err(Failure::run)?;
     finish(&summary, &outs)
 }

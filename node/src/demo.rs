@@ -92,6 +92,9 @@ fn run_demo(
             "127.0.0.1:0",
             "--label",
             &format!("region={}", regions[i % regions.len()]),
+            // The demo shop runs on this machine's loopback.
+            "--allow-target",
+            "loopback",
         ])
         .arg("--key-file")
         .arg(&key)

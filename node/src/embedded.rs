@@ -32,7 +32,8 @@ impl Default for LocalOptions {
         LocalOptions {
             workers: crate::cpu::cores(),
             quiet: false,
-            allow_target: Vec::new(),
+            // An embedded run is its operator's own command: loopback is allowed.
+            allow_target: vec![crate::http::LOOPBACK.to_string()],
             graceful_stop: Duration::from_secs(30),
             node_name: hostname(),
             labels: BTreeMap::new(),
@@ -67,6 +68,27 @@ pub fn client_settings(
         allow,
         ..ClientSettings::default()
     })
+}
+
+/// Refuses a plan whose fixed target hosts (`base_url`, static step URLs) no entry of
+/// `allow` can match, before anything resolves them: one line naming the host and the
+/// `--allow-target` that would allow it. Hosts known only at run time are checked per
+/// connection by the HTTP client.
+pub fn refuse_unallowed_targets(plan: &CompiledPlan, allow: &Allowlist) -> Result<(), String> {
+    let mut hosts = std::collections::BTreeSet::new();
+    if let Some(b) = &plan.plan.defaults.base_url {
+        if let Ok(u) = crate::http::Url::parse(b) {
+            hosts.insert(u.host().to_string());
+        }
+    }
+    for f in &plan.flows {
+        for s in &f.steps {
+            if let crate::compile::UrlTemplate::Static(u) = &s.url {
+                hosts.insert(u.host().to_string());
+            }
+        }
+    }
+    hosts.iter().try_for_each(|h| allow.refuse_unmatchable(h))
 }
 
 /// This machine's wall clock in Unix ms (the run protocol's µs clock, coarser).
