@@ -29,6 +29,9 @@ pub struct Plan {
     pub scenarios: Vec<Scenario>,
     pub flows: Vec<Flow>,
     pub thresholds: Vec<Threshold>,
+    /// The plan expects every request may fail (e.g. it probes a service that is down):
+    /// a run in which every request failed is then not an error of its own.
+    pub expect_failures: bool,
     /// What a mesh run of this plan needs from the nodes (`[requirements]`).
     pub requirements: crate::run::Requirements,
 }
@@ -193,6 +196,8 @@ impl std::error::Error for PlanError {}
 struct RawPlan {
     name: Option<String>,
     seed: Option<u64>,
+    #[serde(default)]
+    expect_failures: bool,
     #[serde(default)]
     defaults: RawDefaults,
     #[serde(default)]
@@ -513,6 +518,7 @@ impl Validator<'_> {
             scenarios,
             flows,
             thresholds,
+            expect_failures: raw.expect_failures,
             requirements: crate::run::Requirements {
                 min_nodes: raw.requirements.min_nodes,
                 require_all: raw.requirements.require_all,
