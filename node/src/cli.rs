@@ -15,6 +15,9 @@ pub const EXIT_THRESHOLDS_FAILED: i32 = 99;
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code for a run that started but could not complete (or could not start).
 pub const EXIT_RUN_FAILED: i32 = 3;
+/// Exit code for a run that completed but in which every request failed, when the plan
+/// does not say so is expected (`expect_failures = true`) and no threshold failed.
+pub const EXIT_ALL_FAILED: i32 = 4;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -35,8 +35,9 @@ pub fn run(args: RunArgs) -> Result<Outcome, Failure> {
         .map_err(|e| Failure::usage(e.to_string()))?;
     embedded::refuse_unallowed_targets(&plan, &allow)
         .map_err(|e| Failure::usage(format!("{}: {e}", args.plan.display())))?;
+    let expect_failures = plan.plan.expect_failures;
     let summary = embedded::run(Arc::new(plan), opts).map_err(Failure::run)?;
-    finish(&summary, &outs)
+    finish(&summary, &outs, expect_failures)
 }
 
 pub fn validate(args: ValidateArgs) -> Result<Outcome, Failure> {
@@ -105,7 +106,7 @@ fn run_mesh(args: RunArgs) -> Result<Outcome, Failure> {
         requirements: plan.plan.requirements.clone(),
     };
     let summary = follow_run(&target, request, args.quiet, embedded::plan_duration(&plan))?;
-    finish(&summary, &outs)
+    finish(&summary, &outs, plan.plan.expect_failures)
 }
 
 /// Sends a run request to a node, shows its progress as it streams in, and returns
@@ -183,18 +184,34 @@ pub fn follow_run(
     Ok(summary)
 }
 
-/// Prints the summary, writes the outputs and judges the thresholds.
-pub fn finish(summary: &Summary, outs: &[Output]) -> Result<Outcome, Failure> {
+/// Prints the summary, writes the outputs and judges the run: failed thresholds first
+/// (what the user asked to be judged by), then a run in which every request failed
+/// (unless the plan expects failures).
+pub fn finish(
+    summary: &Summary,
+    outs: &[Output],
+    expect_failures: bool,
+) -> Result<Outcome, Failure> {
     print!("{}", terminal::summary_table(summary));
     for o in outs {
         outputs::write(o, summary).map_err(Failure::run)?;
         eprintln!("wrote {}", o.path.display());
     }
-    if report::thresholds_passed(summary) {
-        Ok(Outcome::Success)
-    } else {
+    let t = &summary.totals;
+    if !report::thresholds_passed(summary) {
         eprintln!("some thresholds failed");
         Ok(Outcome::ThresholdsFailed)
+    } else if t.requests > 0 && t.failed == t.requests && !expect_failures {
+        eprintln!(
+            "every request failed ({} of {}); exit code {} (set expect_failures = true in \
+             the plan when that is the point)",
+            t.failed,
+            t.requests,
+            crate::cli::EXIT_ALL_FAILED
+        );
+        Ok(Outcome::AllFailed)
+    } else {
+        Ok(Outcome::Success)
     }
 }
 

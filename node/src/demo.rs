@@ -166,7 +166,7 @@ fn run_demo(
         crate::embedded::plan_duration(&plan),
     )?;
     let counted = shop.requests();
-    let out = finish(&summary, outs);
+    let out = finish(&summary, outs, plan.plan.expect_failures);
     eprintln!(
         "the shop counted {counted} requests; the mesh measured {} ({})",
         summary.totals.requests,

@@ -105,6 +105,7 @@ pub fn new_run_id() -> String {
 pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, String> {
     let settings = client_settings(&plan, &opts.allow_target)?;
     let http = Shared::new(settings).map_err(|e| e.to_string())?;
+    let diagnosed = http.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -136,6 +137,8 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
     let mut cpu_max: f64 = 0.0;
     let node_id = "local".to_string();
     let mut events = Vec::new();
+    let mut watch = crate::failing::Watch::default();
+    let mut refusals_said = 0;
     rt.block_on(async {
         let mut ctrl_c = 0;
         loop {
@@ -149,7 +152,19 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
                         }
                         let _ = agg.add(&node_id, &second);
                         if let Some(p) = agg.latest() {
-                            progress.update(start_at.elapsed(), total, &p, 1);
+                            let t = start_at.elapsed();
+                            let diagnoses = diagnosed.diagnoses();
+                            let refusals: Vec<_> = crate::failing::refusals(&diagnoses).collect();
+                            for d in refusals.iter().skip(refusals_said) {
+                                progress.say(&d.line);
+                                events.push(crate::failing::event(t.as_secs_f64(), crate::failing::EVENT_TARGET_REFUSED, &d.line));
+                            }
+                            refusals_said = refusals.len();
+                            if let Some(line) = watch.second(&p, &diagnoses) {
+                                progress.say(&line);
+                                events.push(crate::failing::event(t.as_secs_f64(), crate::failing::EVENT_ONLY_FAILING, &line));
+                            }
+                            progress.update(t, total, &p, 1);
                         }
                     }
                     if collector.finished() {

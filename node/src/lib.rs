@@ -15,6 +15,7 @@ pub mod demo;
 pub mod embedded;
 pub mod engine;
 pub mod exit;
+pub mod failing;
 pub mod fds;
 pub mod html;
 pub mod http;

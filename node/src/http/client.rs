@@ -99,12 +99,25 @@ impl Default for ClientSettings {
     }
 }
 
-/// What every VU of a node shares, behind an `Arc`. Only read when a connection is opened.
+/// What every VU of a node shares, behind an `Arc`. Only read when a connection is
+/// opened, and written only when a VU meets a diagnosis it has not just noted.
 pub struct Shared {
     settings: ClientSettings,
     dns: Dns,
     tls: TlsConnector,
     user_agent: Option<HeaderValue>,
+    diagnoses: std::sync::Mutex<Vec<Diagnosis>>,
+}
+
+/// Distinct diagnoses kept per run: a plan reaches a handful of origins.
+const MAX_DIAGNOSES: usize = 16;
+
+/// Why requests to a target could not even be sent, said once per target: the first
+/// time a VU met it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnosis {
+    pub kind: HttpErrorKind,
+    pub line: String,
 }
 
 impl Shared {
@@ -129,7 +142,28 @@ impl Shared {
             settings,
             tls,
             user_agent,
+            diagnoses: std::sync::Mutex::new(Vec::new()),
         }))
+    }
+
+    /// The distinct diagnoses of this run's failures to reach a target, first seen
+    /// first (at most 16).
+    pub fn diagnoses(&self) -> Vec<Diagnosis> {
+        self.diagnoses.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    fn note(&self, kind: HttpErrorKind, line: &str) {
+        let Ok(mut d) = self.diagnoses.lock() else {
+            return;
+        };
+        if d.len() < MAX_DIAGNOSES && !d.iter().any(|x| x.line == line) {
+            // Said once per target in the node's log; the CLI shows them too.
+            tracing::warn!(kind = kind.as_str(), "{line}");
+            d.push(Diagnosis {
+                kind,
+                line: line.to_string(),
+            });
+        }
     }
 
     pub fn settings(&self) -> &ClientSettings {
@@ -271,6 +305,9 @@ const MAX_ORIGINS: usize = 8;
 /// The HTTP client of one VU.
 pub struct VuClient {
     conns: Conns,
+    /// The diagnosis this VU noted last: a VU failing the same way again and again
+    /// takes the shared lock once, not per request.
+    noted: Option<Box<str>>,
     /// Bounds each request's exchange (see `send`): armed once, re-armed only when it
     /// fires before the request in flight is due, so a request costs no timer operation.
     timer: Option<Pin<Box<Sleep>>>,
@@ -318,6 +355,7 @@ impl VuClient {
                 origins: Vec::new(),
                 clock: 0,
             },
+            noted: None,
             timer: None,
         }
     }
@@ -387,7 +425,16 @@ impl VuClient {
             .await
         };
         let done = match outcome {
-            Some(result) => result?,
+            Some(Err(e)) => {
+                if let Some(line) = e.diagnosis() {
+                    if self.noted.as_deref() != Some(line) {
+                        self.conns.shared.note(e.kind(), line);
+                        self.noted = Some(line.into());
+                    }
+                }
+                return Err(e);
+            }
+            Some(Ok(done)) => done,
             None => {
                 // The exchange's future (and with it the connection in use) is dropped.
                 return Err(HttpError::new(
@@ -822,14 +869,22 @@ async fn connect(shared: &Shared, url: &Url, connecting: &mut Duration) -> Resul
                 url.host(),
                 url.port()
             ),
-        )),
+        )
+        .with_diagnosis(format!(
+            "{}:{}: no connection within {limit:?} — is the host reachable?",
+            url.host(),
+            url.port()
+        ))),
     }
 }
 
 async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
     let host = url.host();
     let port = url.port();
-    let addrs: Addrs = shared.dns.resolve(host).await?;
+    let addrs: Addrs = shared.dns.resolve(host).await.map_err(|e| {
+        let line = format!("{host}: the name does not resolve — is it spelled right?");
+        e.with_diagnosis(line)
+    })?;
     let mut refused: Option<HttpError> = None;
     let mut failed: Option<(IpAddr, std::io::Error)> = None;
     let mut stream = None;
@@ -850,6 +905,10 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
     let stream = match (stream, failed, refused) {
         (Some(s), _, _) => s,
         (None, Some((ip, e)), _) => {
+            let why = match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+                _ => e.to_string(),
+            };
             return Err(HttpError::new(
                 HttpErrorKind::Connect,
                 if host.parse::<IpAddr>().is_ok() {
@@ -857,9 +916,13 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
                 } else {
                     format!("{url}: cannot connect to {host}:{port} ({ip}): {e}")
                 },
-            ))
+            )
+            .with_diagnosis(format!("{host}:{port}: {why} — is the service up?")));
         }
-        (None, None, Some(refusal)) => return Err(refusal),
+        (None, None, Some(refusal)) => {
+            let line = refusal.message().to_string();
+            return Err(refusal.with_diagnosis(line));
+        }
         (None, None, None) => {
             return Err(HttpError::new(
                 HttpErrorKind::Dns,
@@ -890,6 +953,10 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
                     HttpErrorKind::Tls,
                     format!("{url}: TLS handshake with {host}:{port} failed: {e}"),
                 )
+                .with_diagnosis(format!(
+                    "{host}:{port}: TLS handshake failed ({e}) — does it speak TLS here, \
+                     with a certificate this machine trusts?"
+                ))
             })?;
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
