@@ -17,7 +17,7 @@ use toml::Spanned;
 
 use crate::duration::parse_duration;
 use crate::executor::{Executor, Stage};
-use crate::threshold::{Threshold, ThresholdExpr};
+use crate::threshold::{Threshold, ThresholdEntry};
 
 /// A plan that parsed and passed every static check.
 #[derive(Debug, Clone)]
@@ -207,7 +207,7 @@ struct RawPlan {
     #[serde(default)]
     flows: BTreeMap<String, Spanned<RawFlow>>,
     #[serde(default)]
-    thresholds: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+    thresholds: BTreeMap<String, Spanned<Vec<Spanned<ThresholdEntry>>>>,
     #[serde(default)]
     requirements: RawRequirements,
 }
@@ -499,13 +499,12 @@ impl Validator<'_> {
 
         let mut thresholds = Vec::new();
         for (metric, exprs) in raw.thresholds {
-            let span = exprs.span();
             for e in exprs.into_inner() {
                 let e_span = e.span();
-                let parsed = ThresholdExpr::parse(e.get_ref())
+                let t: Threshold = e
+                    .get_ref()
+                    .parse(&metric)
                     .map_err(|m| self.err(e_span.clone(), format!("thresholds.\"{metric}\""), m))?;
-                let t = Threshold::new(&metric, e.get_ref(), parsed)
-                    .map_err(|m| self.err(span.clone(), format!("thresholds.\"{metric}\""), m))?;
                 thresholds.push(t);
             }
         }
