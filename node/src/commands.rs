@@ -198,7 +198,11 @@ pub fn finish(
         eprintln!("wrote {}", o.path.display());
     }
     let t = &summary.totals;
-    if !report::thresholds_passed(summary) {
+    let aborted = summary
+        .events
+        .iter()
+        .any(|e| e.kind == crate::failing::EVENT_THRESHOLD_ABORT);
+    if aborted || !report::thresholds_passed(summary) {
         eprintln!("some thresholds failed");
         Ok(Outcome::ThresholdsFailed)
     } else if t.requests > 0 && t.failed == t.requests && !expect_failures {

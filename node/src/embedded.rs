@@ -139,6 +139,14 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
     let mut events = Vec::new();
     let mut watch = crate::failing::Watch::default();
     let mut refusals_said = 0;
+    let watches_abort = plan.plan.thresholds.iter().any(|t| t.abort_on_fail);
+    let mut aborted = false;
+    let live_nodes = vec![NodeInfo {
+        id: node_id.clone(),
+        name: opts.node_name.clone(),
+        labels: opts.labels.clone(),
+        ..Default::default()
+    }];
     rt.block_on(async {
         let mut ctrl_c = 0;
         loop {
@@ -165,6 +173,16 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
                                 events.push(crate::failing::event(t.as_secs_f64(), crate::failing::EVENT_ONLY_FAILING, &line));
                             }
                             progress.update(t, total, &p, 1);
+                            if watches_abort && !aborted {
+                                if let Some(r) = crate::abort::check(&plan.plan, &agg, &live_nodes, t) {
+                                    // k6's abortOnFail: stop now; what was measured stays.
+                                    aborted = true;
+                                    let line = r.message();
+                                    progress.say(&line);
+                                    events.push(crate::failing::event(t.as_secs_f64(), crate::failing::EVENT_THRESHOLD_ABORT, &line));
+                                    stop.stop(Stop::Hard);
+                                }
+                            }
                         }
                     }
                     if collector.finished() {

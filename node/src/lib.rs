@@ -1,6 +1,7 @@
 //! stampede: a distributed load tester. The binary (`main.rs`) is only wiring; every
 //! concern lives in a module of this library so that tests and the mesh reuse it.
 
+pub mod abort;
 pub mod aggregate;
 pub mod cli;
 pub mod commands;

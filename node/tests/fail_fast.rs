@@ -167,3 +167,80 @@ request = { url = "http://10.{{ random_int(1, 2) }}.0.1/" }
         .count();
     assert_eq!(said, lines.len(), "{s}");
 }
+
+/// A threshold with `abort_on_fail` stops a 60 s run soon after its
+/// `delay_abort_eval`, names itself and the time, exits 99, and the report holds what
+/// was measured up to the stop (it equals what the target counted).
+#[test]
+fn an_abort_on_fail_threshold_stops_the_run_and_exits_99() {
+    let t = stampede_tools::spawn(stampede_tools::TargetConfig {
+        threads: 1,
+        error_rate: 0.5,
+        ..Default::default()
+    })
+    .expect("start stampede-target");
+    let dir = tempfile::tempdir().unwrap();
+    let plan = format!(
+        r#"
+name = "abort"
+[defaults]
+base_url = "{}"
+timeout = "2s"
+[scenarios.s]
+executor = "constant-arrival-rate"
+rate = 50
+duration = "60s"
+max_vus = 20
+flow = "f"
+[[flows.f.steps]]
+name = "product"
+request = {{ url = "/products/7" }}
+[thresholds]
+"http_req_failed" = [{{ threshold = "rate < 10%", abort_on_fail = true, delay_abort_eval = "2s" }}]
+"http_req_duration" = ["p(99) < 10s"]
+"#,
+        t.url()
+    );
+    let (out, s, took) = run(&write_plan(dir.path(), &plan), dir.path());
+    assert_eq!(out.status.code(), Some(99), "{}", show(&out));
+    assert!(
+        took < Duration::from_secs(20),
+        "took {took:?}: {}",
+        show(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("threshold http_req_failed: rate < 10% failed at"),
+        "{}",
+        show(&out)
+    );
+    let event = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "threshold_abort")
+        .unwrap_or_else(|| panic!("no threshold_abort event: {s}"));
+    let at = event["t"].as_f64().unwrap();
+    assert!((2.0..6.0).contains(&at), "stopped at {at}: {event}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.find("abort_on_fail").unwrap() < stdout.find("TOTAL").unwrap(),
+        "the summary leads with it: {stdout}"
+    );
+    // Complete up to the stop: every request the target saw is in the report.
+    let requests = s["totals"]["requests"].as_u64().unwrap();
+    assert!(requests >= 100, "{requests}");
+    assert!(t.requests() >= requests, "{} < {requests}", t.requests());
+    assert!(
+        t.requests() - requests <= 20,
+        "{} vs {requests}",
+        t.requests()
+    );
+    let failed = s["thresholds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["metric"] == "http_req_failed")
+        .unwrap();
+    assert_eq!(failed["passed"], false, "{s}");
+}
