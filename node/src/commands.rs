@@ -171,7 +171,7 @@ pub fn follow_run(
             let loud = matches!(
                 kind,
                 "refused" | "node_lost" | "node_failed" | "snapshots_missing"
-            );
+            ) || crate::failing::HEADLINE_EVENTS.contains(&kind);
             if !quiet || loud {
                 eprintln!("[{:>5.1}s] {kind}: {rest}", started.elapsed().as_secs_f64());
             }
