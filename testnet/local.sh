@@ -66,7 +66,9 @@ start() {
         local args=(node --name "n$i" --data-dir "$d" --key-file "$DIR/swarm.key"
                     --listen /ip4/127.0.0.1/tcp/0 --http 127.0.0.1:0 --label "index=$i")
         [ -n "$boot" ] && args+=(--bootstrap "$boot")
-        STAMPEDE_MDNS=false "$BIN" "${args[@]}" > "$DIR/n$i.log" 2>&1 < /dev/null &
+        # Loopback plus what the caller allows (a flag would replace the caller's list).
+        STAMPEDE_ALLOW_TARGET="loopback${STAMPEDE_ALLOW_TARGET:+,$STAMPEDE_ALLOW_TARGET}" \
+            STAMPEDE_MDNS=false "$BIN" "${args[@]}" > "$DIR/n$i.log" 2>&1 < /dev/null &
         local pid=$!
         echo "$pid" >> "$DIR/pids"
         wait_control "$d" "$pid" || { cat "$DIR/n$i.log" >&2; false; }

@@ -89,6 +89,8 @@ up() {
         if [ "${NETNS_BOOTSTRAP:-0}" = 1 ] && [ "$i" -gt 1 ]; then
             args+=(--bootstrap "/ip4/$NET.1/tcp/7400")
         fi
+        # Loopback plus what the caller allows (a flag would replace the caller's list).
+        STAMPEDE_ALLOW_TARGET="loopback${STAMPEDE_ALLOW_TARGET:+,$STAMPEDE_ALLOW_TARGET}" \
         STAMPEDE_MDNS_QUERY_INTERVAL_MS="${STAMPEDE_MDNS_QUERY_INTERVAL_MS:-1000}" \
             ip netns exec "$ns" "$BIN" "${args[@]}" > "$DIR/n$i.log" 2>&1 < /dev/null &
         echo $! >> "$DIR/pids"

@@ -10,7 +10,6 @@
 //! pruning cannot disturb a run in progress; the directory being created is never
 //! removed.
 
-use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -196,32 +195,8 @@ pub fn prune_runs(data_dir: &Path, keep: usize, current: Option<&str>) -> Result
 
 /// Refuses a plan whose fixed target hosts this node's operator did not allow.
 fn check_targets(plan: &CompiledPlan, allow: &[String]) -> Result<(), String> {
-    let list = crate::http::Allowlist::from_entries(allow.iter().filter(|a| *a != "loopback"))
-        .map_err(|e| e.to_string())?;
-    let mut hosts = BTreeSet::new();
-    if let Some(b) = &plan.plan.defaults.base_url {
-        if let Ok(u) = crate::http::Url::parse(b) {
-            hosts.insert(u.host().to_string());
-        }
-    }
-    for f in &plan.flows {
-        for s in &f.steps {
-            if let crate::compile::UrlTemplate::Static(u) = &s.url {
-                hosts.insert(u.host().to_string());
-            }
-        }
-    }
-    for h in hosts {
-        let ip: Option<std::net::IpAddr> = h.parse().ok();
-        let allowed = match ip {
-            Some(ip) => list.allows(&h, ip),
-            None => h == "localhost" || list.allows(&h, std::net::IpAddr::from([0, 0, 0, 0])),
-        };
-        if !allowed {
-            return Err(format!("target {h} is not in this node's allowlist (start the node with --allow-target {h})"));
-        }
-    }
-    Ok(())
+    let list = crate::http::Allowlist::from_entries(allow).map_err(|e| e.to_string())?;
+    crate::embedded::refuse_unallowed_targets(plan, &list)
 }
 
 #[cfg(test)]

@@ -15,8 +15,11 @@ pub const EXIT_THRESHOLDS_FAILED: i32 = 99;
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code for a run that started but could not complete (or could not start).
 pub const EXIT_RUN_FAILED: i32 = 3;
+/// Exit code for a run that completed but in which every request failed, when the plan
+/// does not say so is expected (`expect_failures = true`) and no threshold failed.
+pub const EXIT_ALL_FAILED: i32 = 4;
 /// Exit code of `stampede report` when neither this node nor any alive member has the run.
-pub const EXIT_NOT_FOUND: i32 = 4;
+pub const EXIT_NOT_FOUND: i32 = 5;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -73,7 +76,8 @@ pub struct RunArgs {
     /// Worker threads that generate load (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Hosts or CIDRs this embedded node may send load to (loopback is always allowed).
+    /// Hosts or CIDRs this embedded node may send load to, besides loopback (always
+    /// allowed for an embedded run).
     #[arg(long = "allow-target", value_name = "HOST_OR_CIDR")]
     pub allow_target: Vec<String>,
 }
@@ -109,7 +113,8 @@ pub struct NodeArgs {
     /// A label of this node, e.g. region=eu. Repeatable.
     #[arg(long = "label", value_name = "K=V")]
     pub label: Vec<String>,
-    /// A host or CIDR this node may send load to (loopback is always allowed). Repeatable.
+    /// A host, CIDR or `loopback` (127.0.0.0/8 and ::1) this node may send load to;
+    /// nothing is allowed unless listed. Repeatable.
     #[arg(long = "allow-target", value_name = "HOST_OR_CIDR")]
     pub allow_target: Vec<String>,
     /// Serve the dashboard and /metrics here (loopback by default).

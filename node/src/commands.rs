@@ -16,6 +16,7 @@ use crate::exit::{Failure, Outcome};
 use crate::outputs::{self, Output};
 use crate::report::{self, Summary};
 use crate::terminal;
+use stampede_protocol::machine::events::RunEvent;
 
 pub fn run(args: RunArgs) -> Result<Outcome, Failure> {
     if args.mesh || args.node_client.node.is_some() {
@@ -23,14 +24,21 @@ pub fn run(args: RunArgs) -> Result<Outcome, Failure> {
     }
     let outs = parse_outputs(&args.outputs)?;
     let plan = load_plan(&args.plan, &args.set)?;
-    let opts = LocalOptions {
+    let mut opts = LocalOptions {
         workers: args.workers.unwrap_or(LocalOptions::default().workers),
         quiet: args.quiet,
-        allow_target: args.allow_target.clone(),
         ..LocalOptions::default()
     };
+    opts.allow_target.extend(args.allow_target.iter().cloned());
+    // Before anything resolves or sends: a target the operator did not allow is a usage
+    // error, not millions of failed requests.
+    let allow = crate::http::Allowlist::from_entries(&opts.allow_target)
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    embedded::refuse_unallowed_targets(&plan, &allow)
+        .map_err(|e| Failure::usage(format!("{}: {e}", args.plan.display())))?;
+    let expect_failures = plan.plan.expect_failures;
     let summary = embedded::run(Arc::new(plan), opts).map_err(Failure::run)?;
-    finish(&summary, &outs)
+    finish(&summary, &outs, expect_failures)
 }
 
 pub fn validate(args: ValidateArgs) -> Result<Outcome, Failure> {
@@ -99,7 +107,7 @@ fn run_mesh(args: RunArgs) -> Result<Outcome, Failure> {
         requirements: plan.plan.requirements.clone(),
     };
     let summary = follow_run(&target, request, args.quiet, embedded::plan_duration(&plan))?;
-    finish(&summary, &outs)
+    finish(&summary, &outs, plan.plan.expect_failures)
 }
 
 /// Sends a run request to a node, shows its progress as it streams in, and returns
@@ -175,6 +183,7 @@ pub fn follow_run(
             if let Some(o) = rest.as_object_mut() {
                 o.remove("event");
             }
+            // A refusal is said even with --quiet.
             if !quiet || kind == "refused" {
                 eprintln!("[{:>5.1}s] {kind}: {rest}", started.elapsed().as_secs_f64());
             }
@@ -187,14 +196,34 @@ pub fn follow_run(
     Ok(summary)
 }
 
-/// Prints the summary, writes the outputs and judges the thresholds.
-pub fn finish(summary: &Summary, outs: &[Output]) -> Result<Outcome, Failure> {
+/// Prints the summary, writes the outputs and judges the run: failed thresholds first
+/// (what the user asked to be judged by), then a run in which every request failed
+/// (unless the plan expects failures).
+pub fn finish(
+    summary: &Summary,
+    outs: &[Output],
+    expect_failures: bool,
+) -> Result<Outcome, Failure> {
     print_and_write(summary, outs)?;
-    if report::thresholds_passed(summary) {
-        Ok(Outcome::Success)
-    } else {
+    let t = &summary.totals;
+    let aborted = summary
+        .events
+        .iter()
+        .any(|e| matches!(e.event, RunEvent::ThresholdAbort { .. }));
+    if aborted || !report::thresholds_passed(summary) {
         eprintln!("some thresholds failed");
         Ok(Outcome::ThresholdsFailed)
+    } else if t.requests > 0 && t.failed == t.requests && !expect_failures {
+        eprintln!(
+            "every request failed ({} of {}); exit code {} (set expect_failures = true in \
+             the plan when that is the point)",
+            t.failed,
+            t.requests,
+            crate::cli::EXIT_ALL_FAILED
+        );
+        Ok(Outcome::AllFailed)
+    } else {
+        Ok(Outcome::Success)
     }
 }
 

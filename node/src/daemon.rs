@@ -97,8 +97,9 @@ async fn run_node(
     for l in &settings.listen {
         listen.push(parse_listen(l)?);
     }
-    let mut allow_targets = vec!["loopback".to_string()];
-    allow_targets.extend(settings.allow_target.iter().cloned());
+    // Exactly what the operator listed: a long-running node reachable by every key
+    // holder sends load to its own loopback only when told to (`--allow-target loopback`).
+    let allow_targets = settings.allow_target.clone();
     let capacity = settings
         .capacity
         .unwrap_or_else(|| crate::cpu::cores() as u32);

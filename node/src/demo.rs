@@ -92,6 +92,9 @@ fn run_demo(
             "127.0.0.1:0",
             "--label",
             &format!("region={}", regions[i % regions.len()]),
+            // The demo shop runs on this machine's loopback.
+            "--allow-target",
+            "loopback",
         ])
         .arg("--key-file")
         .arg(&key)
@@ -163,7 +166,7 @@ fn run_demo(
         crate::embedded::plan_duration(&plan),
     )?;
     let counted = shop.requests();
-    let out = finish(&summary, outs);
+    let out = finish(&summary, outs, plan.plan.expect_failures);
     eprintln!(
         "the shop counted {counted} requests; the mesh measured {} ({})",
         summary.totals.requests,

@@ -33,7 +33,8 @@ impl Default for LocalOptions {
         LocalOptions {
             workers: crate::cpu::cores(),
             quiet: false,
-            allow_target: Vec::new(),
+            // An embedded run is its operator's own command: loopback is allowed.
+            allow_target: vec![crate::http::LOOPBACK.to_string()],
             graceful_stop: Duration::from_secs(30),
             node_name: hostname(),
             labels: BTreeMap::new(),
@@ -70,6 +71,27 @@ pub fn client_settings(
     })
 }
 
+/// Refuses a plan whose fixed target hosts (`base_url`, static step URLs) no entry of
+/// `allow` can match, before anything resolves them: one line naming the host and the
+/// `--allow-target` that would allow it. Hosts known only at run time are checked per
+/// connection by the HTTP client.
+pub fn refuse_unallowed_targets(plan: &CompiledPlan, allow: &Allowlist) -> Result<(), String> {
+    let mut hosts = std::collections::BTreeSet::new();
+    if let Some(b) = &plan.plan.defaults.base_url {
+        if let Ok(u) = crate::http::Url::parse(b) {
+            hosts.insert(u.host().to_string());
+        }
+    }
+    for f in &plan.flows {
+        for s in &f.steps {
+            if let crate::compile::UrlTemplate::Static(u) = &s.url {
+                hosts.insert(u.host().to_string());
+            }
+        }
+    }
+    hosts.iter().try_for_each(|h| allow.refuse_unmatchable(h))
+}
+
 /// This machine's wall clock in Unix ms (the run protocol's µs clock, coarser).
 pub fn unix_ms() -> u64 {
     stampede_protocol::run::unix_us() / 1000
@@ -86,6 +108,7 @@ pub fn new_run_id() -> String {
 pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, String> {
     let settings = client_settings(&plan, &opts.allow_target)?;
     let http = Shared::new(settings).map_err(|e| e.to_string())?;
+    let diagnosed = http.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -118,6 +141,16 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
     let mut cpu_max: f64 = 0.0;
     let node_id = "local".to_string();
     let mut events = Vec::new();
+    let mut watch = crate::failing::Watch::default();
+    let mut refusals_said = 0;
+    let watches_abort = plan.plan.thresholds.iter().any(|t| t.abort_on_fail);
+    let mut aborted = false;
+    let live_nodes = vec![NodeInfo {
+        id: node_id.clone(),
+        name: opts.node_name.clone(),
+        labels: opts.labels.clone(),
+        ..Default::default()
+    }];
     rt.block_on(async {
         let mut ctrl_c = 0;
         loop {
@@ -131,7 +164,29 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
                         }
                         let _ = agg.add(&node_id, &second);
                         if let Some(p) = agg.latest() {
-                            progress.update(start_at.elapsed(), total, &p, 1);
+                            let t = start_at.elapsed();
+                            let diagnoses = diagnosed.diagnoses();
+                            let refusals: Vec<_> = crate::failing::refusals(&diagnoses).collect();
+                            for d in refusals.iter().skip(refusals_said) {
+                                progress.say(&d.line);
+                                events.push(crate::failing::event(t.as_secs_f64(), RunEvent::TargetRefused { message: d.line.clone() }));
+                            }
+                            refusals_said = refusals.len();
+                            if let Some(line) = watch.second(&p, &diagnoses) {
+                                progress.say(&line);
+                                events.push(crate::failing::event(t.as_secs_f64(), RunEvent::OnlyFailing { message: line.clone() }));
+                            }
+                            progress.update(t, total, &p, 1);
+                            if watches_abort && !aborted {
+                                if let Some(r) = crate::abort::check(&plan.plan, &agg, &live_nodes, t) {
+                                    // k6's abortOnFail: stop now; what was measured stays.
+                                    aborted = true;
+                                    let line = r.message();
+                                    progress.say(&line);
+                                    events.push(crate::failing::event(t.as_secs_f64(), RunEvent::ThresholdAbort { message: line.clone() }));
+                                    stop.stop(Stop::Hard);
+                                }
+                            }
                         }
                     }
                     if collector.finished() {

@@ -6,13 +6,18 @@
 
 use std::fmt;
 
-use crate::cli::{EXIT_NOT_FOUND, EXIT_RUN_FAILED, EXIT_THRESHOLDS_FAILED, EXIT_USAGE};
+use crate::cli::{
+    EXIT_ALL_FAILED, EXIT_NOT_FOUND, EXIT_RUN_FAILED, EXIT_THRESHOLDS_FAILED, EXIT_USAGE,
+};
 
 /// A command that finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Success,
+    /// A threshold failed, or one with `abort_on_fail` stopped the run.
     ThresholdsFailed,
+    /// Every request of the run failed (and the plan did not expect it).
+    AllFailed,
 }
 
 /// Why a command could not do its job. The message is one sentence for the user.
@@ -60,6 +65,7 @@ impl Outcome {
         match result {
             Ok(Outcome::Success) => 0,
             Ok(Outcome::ThresholdsFailed) => EXIT_THRESHOLDS_FAILED,
+            Ok(Outcome::AllFailed) => EXIT_ALL_FAILED,
             Err(f) => {
                 eprintln!("error: {f}");
                 match f {

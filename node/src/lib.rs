@@ -1,6 +1,7 @@
 //! stampede: a distributed load tester. The binary (`main.rs`) is only wiring; every
 //! concern lives in a module of this library so that tests and the mesh reuse it.
 
+pub mod abort;
 pub mod aggregate;
 pub mod bundle;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod demo;
 pub mod embedded;
 pub mod engine;
 pub mod exit;
+pub mod failing;
 pub mod fds;
 pub mod html;
 pub mod http;

@@ -154,11 +154,8 @@ impl Settings {
 
     fn check(&self) -> Result<(), String> {
         self.label_map()?;
-        for t in &self.allow_target {
-            if t.trim().is_empty() || t.contains(char::is_whitespace) {
-                return Err(format!("allow_target `{t}` is not a host name or CIDR"));
-            }
-        }
+        // The allowlist's own parser: a bad entry stops the node before it joins.
+        crate::http::Allowlist::from_entries(&self.allow_target).map_err(|e| e.to_string())?;
         let ms = |name: &str, v: u64, min: u64| {
             if v < min {
                 Err(format!(

@@ -54,6 +54,17 @@ impl Progress {
         let _ = err.flush();
     }
 
+    /// Says one line plainly, even with `--quiet` (what makes the numbers meaningless
+    /// must not be missed); the live line is redrawn after it on the next update.
+    pub fn say(&mut self, line: &str) {
+        let mut err = std::io::stderr().lock();
+        if self.tty && !self.quiet {
+            let _ = write!(err, "\r\x1b[2K");
+        }
+        let _ = writeln!(err, "{line}");
+        let _ = err.flush();
+    }
+
     pub fn finish(&mut self) {
         if self.tty && !self.quiet {
             let _ = writeln!(std::io::stderr());
@@ -89,6 +100,10 @@ pub fn summary_table(s: &Summary) -> String {
         "\nrun {}  plan \"{}\"  started {}  {:.1}s",
         s.run_id, s.plan, s.started_at, s.duration_s
     );
+    // What makes every number below meaningless comes first.
+    for line in headlines(s) {
+        let _ = writeln!(out, "\n{line}");
+    }
     let _ = writeln!(
         out,
         "\n{:<28} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
@@ -209,6 +224,16 @@ pub fn summary_table(s: &Summary) -> String {
         let _ = writeln!(out, "WARNING: generator saturated: {w}");
     }
     out
+}
+
+/// The events a reader must see before the table: the run only failed, a target was
+/// refused, a threshold stopped the run.
+pub fn headlines(s: &Summary) -> Vec<String> {
+    s.events
+        .iter()
+        .filter_map(|e| e.event.headline())
+        .map(|m| format!("!! {m}"))
+        .collect()
 }
 
 fn truncate(s: &str, n: usize) -> String {

@@ -21,6 +21,7 @@ use crate::compile::{
     CompiledBody, CompiledCheck, CompiledExtract, CompiledPlan, CompiledStep, UrlTemplate,
 };
 use crate::data::{self, FeedMode, RowPick, SharedCursor};
+use crate::failing::Backoff;
 use crate::http::{CookieJar, HttpErrorKind, OutRequest, Response, Shared, Url, VuClient};
 use crate::jsonpath;
 use crate::template::RenderCtx;
@@ -57,6 +58,8 @@ pub struct Vu {
     rng: SmallRng,
     text: String,
     body: Vec<u8>,
+    /// Paces this VU while its target cannot be reached.
+    backoff: Backoff,
 }
 
 impl Vu {
@@ -76,6 +79,7 @@ impl Vu {
             rng: data::vu_rng(ctx.plan.plan.seed, global_id),
             text: String::new(),
             body: Vec::new(),
+            backoff: Backoff::default(),
         }
     }
 
@@ -113,6 +117,7 @@ impl Vu {
 
         let started = Instant::now();
         let mut failed = false;
+        let mut unreached = false;
         let mut step_intended = intended.unwrap_or(started);
         let mut last_done = started;
         for (si, step) in flow.steps.iter().enumerate() {
@@ -170,6 +175,7 @@ impl Vu {
                         }
                     }
                     Err(e) => {
+                        unreached = Backoff::applies(e.kind());
                         s.bytes_sent += bytes_sent;
                         if !matches!(
                             e.kind(),
@@ -188,6 +194,7 @@ impl Vu {
             };
             match result {
                 Ok(resp) if ok => {
+                    self.backoff.succeeded();
                     extract(step, &resp, &self.jar, &mut self.vars[flow_index]);
                     // Clock reads cost on this path: the response's own end stands for
                     // "now" unless the step thinks.
@@ -214,15 +221,21 @@ impl Vu {
             step_intended = last_done;
         }
 
-        let mut m = ctx.recorder.borrow_mut();
-        let st = &mut m.scenarios[self.scenario];
-        st.iterations += 1;
-        st.failed_iterations += failed as u64;
-        let ended = if failed { Instant::now() } else { last_done };
-        st.iteration_duration
-            .record(micros(ended.saturating_duration_since(started)));
-        m.flow_iterations[sc.flow_slot[slot]] += 1;
+        {
+            let mut m = ctx.recorder.borrow_mut();
+            let st = &mut m.scenarios[self.scenario];
+            st.iterations += 1;
+            st.failed_iterations += failed as u64;
+            let ended = if failed { Instant::now() } else { last_done };
+            st.iteration_duration
+                .record(micros(ended.saturating_duration_since(started)));
+            m.flow_iterations[sc.flow_slot[slot]] += 1;
+        }
         self.iteration += 1;
+        if unreached {
+            // The target was not reached: trying again at once would only spin.
+            tokio::time::sleep(self.backoff.failed()).await;
+        }
         if failed {
             IterationEnd::Failed
         } else {
@@ -329,7 +342,21 @@ fn build_request(
     req.headers = headers;
     req.body = Bytes::copy_from_slice(body);
     req.timeout = step.timeout;
+    req.keep_body = reads_body(step);
     Ok(req)
+}
+
+/// Whether a check or an extraction of this step reads the response body. A body no one
+/// reads is counted as received but never kept: a target's large body costs no memory.
+fn reads_body(step: &CompiledStep) -> bool {
+    let c = &step.check;
+    c.body_contains.is_some()
+        || c.body_regex.is_some()
+        || !c.json.is_empty()
+        || step
+            .extract
+            .iter()
+            .any(|(_, e)| matches!(e, CompiledExtract::Json(_) | CompiledExtract::Regex(_)))
 }
 
 fn append_query(step: &CompiledStep, rctx: &mut RenderCtx<'_>, out: &mut String) {

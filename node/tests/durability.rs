@@ -208,9 +208,9 @@ fn a_node_that_did_not_build_the_report_fetches_it_from_the_mesh() {
         show(&out)
     );
 
-    // A run no node has: one sentence and exit code 4, after asking the mesh.
+    // A run no node has: one sentence and exit code 5, after asking the mesh.
     let out = stampede(&["report", "1-0000"], ("--node", &n2_control));
-    assert_eq!(out.status.code(), Some(4), "{}", show(&out));
+    assert_eq!(out.status.code(), Some(5), "{}", show(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("no node has run 1-0000") && err.contains("1 alive member"),

@@ -17,7 +17,7 @@ use toml::Spanned;
 
 use crate::duration::{check_plan_duration, format_duration, parse_duration, MAX_PLAN_DURATION};
 use crate::executor::{Executor, Stage, MAX_VUS};
-use crate::threshold::{Threshold, ThresholdExpr};
+use crate::threshold::{Threshold, ThresholdEntry};
 
 /// Most bytes of plan text (the whole plan bundle is bounded the same way).
 pub const MAX_PLAN_BYTES: usize = crate::run::MAX_BUNDLE_BYTES;
@@ -36,6 +36,9 @@ pub struct Plan {
     pub scenarios: Vec<Scenario>,
     pub flows: Vec<Flow>,
     pub thresholds: Vec<Threshold>,
+    /// The plan expects every request may fail (e.g. it probes a service that is down):
+    /// a run in which every request failed is then not an error of its own.
+    pub expect_failures: bool,
     /// What a mesh run of this plan needs from the nodes (`[requirements]`).
     pub requirements: crate::run::Requirements,
     /// Key names whose values reports redact, besides the built-in ones (`redact`; see
@@ -222,6 +225,8 @@ struct RawPlan {
     name: Option<String>,
     seed: Option<u64>,
     #[serde(default)]
+    expect_failures: bool,
+    #[serde(default)]
     defaults: RawDefaults,
     #[serde(default)]
     data: BTreeMap<String, Spanned<RawData>>,
@@ -230,7 +235,7 @@ struct RawPlan {
     #[serde(default)]
     flows: BTreeMap<String, Spanned<RawFlow>>,
     #[serde(default)]
-    thresholds: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+    thresholds: BTreeMap<String, Spanned<Vec<Spanned<ThresholdEntry>>>>,
     #[serde(default)]
     requirements: RawRequirements,
     #[serde(default)]
@@ -571,13 +576,12 @@ impl Validator<'_> {
 
         let mut thresholds = Vec::new();
         for (metric, exprs) in raw.thresholds {
-            let span = exprs.span();
             for e in exprs.into_inner() {
                 let e_span = e.span();
-                let parsed = ThresholdExpr::parse(e.get_ref())
+                let t: Threshold = e
+                    .get_ref()
+                    .parse(&metric)
                     .map_err(|m| self.err(e_span.clone(), format!("thresholds.\"{metric}\""), m))?;
-                let t = Threshold::new(&metric, e.get_ref(), parsed)
-                    .map_err(|m| self.err(span.clone(), format!("thresholds.\"{metric}\""), m))?;
                 thresholds.push(t);
             }
         }
@@ -590,6 +594,7 @@ impl Validator<'_> {
             scenarios,
             flows,
             thresholds,
+            expect_failures: raw.expect_failures,
             requirements: crate::run::Requirements {
                 min_nodes: raw.requirements.min_nodes,
                 require_all: raw.requirements.require_all,

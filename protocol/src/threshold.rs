@@ -5,6 +5,7 @@
 //! is the report's job (it knows where the numbers live).
 
 use std::fmt;
+use std::time::Duration;
 
 use crate::duration::parse_duration;
 
@@ -184,6 +185,67 @@ pub struct Threshold {
     /// The expression as written, e.g. `p(99) < 800ms`.
     pub source: String,
     pub expr: ThresholdExpr,
+    /// k6's `abortOnFail`: stop the run as soon as this threshold fails on live data.
+    pub abort_on_fail: bool,
+    /// k6's `delayAbortEval`: how long into the run before `abort_on_fail` is looked at
+    /// (the first seconds of a run are often unrepresentative).
+    pub delay_abort_eval: Duration,
+}
+
+/// The longest `delay_abort_eval` a plan may ask for.
+pub const MAX_DELAY_ABORT_EVAL: Duration = Duration::from_secs(24 * 3600);
+
+/// How one threshold is written in a plan: an expression, or a table with k6's options
+/// `{ threshold = "rate < 1%", abort_on_fail = true, delay_abort_eval = "10s" }`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum ThresholdEntry {
+    Expr(String),
+    Options(ThresholdOptions),
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdOptions {
+    pub threshold: String,
+    #[serde(default)]
+    pub abort_on_fail: bool,
+    #[serde(default)]
+    pub delay_abort_eval: Option<String>,
+}
+
+impl ThresholdEntry {
+    /// The expression, e.g. `p(99) < 800ms`.
+    pub fn expr(&self) -> &str {
+        match self {
+            ThresholdEntry::Expr(e) => e,
+            ThresholdEntry::Options(o) => &o.threshold,
+        }
+    }
+
+    /// Parses the entry into a threshold of the metric `key`.
+    pub fn parse(&self, key: &str) -> Result<Threshold, String> {
+        let source = self.expr();
+        let mut t = Threshold::new(key, source, ThresholdExpr::parse(source)?)?;
+        if let ThresholdEntry::Options(o) = self {
+            t.abort_on_fail = o.abort_on_fail;
+            if let Some(d) = &o.delay_abort_eval {
+                let d = parse_duration(d).map_err(|e| format!("delay_abort_eval \"{d}\": {e}"))?;
+                if d > MAX_DELAY_ABORT_EVAL {
+                    return Err(format!(
+                        "delay_abort_eval {d:?} is longer than the limit of 24h"
+                    ));
+                }
+                if !o.abort_on_fail {
+                    return Err(
+                        "delay_abort_eval needs abort_on_fail = true (it delays the abort)".into(),
+                    );
+                }
+                t.delay_abort_eval = d;
+            }
+        }
+        Ok(t)
+    }
 }
 
 impl Threshold {
@@ -246,6 +308,8 @@ impl Threshold {
             filter,
             source: source.to_string(),
             expr,
+            abort_on_fail: false,
+            delay_abort_eval: Duration::ZERO,
         })
     }
 }
@@ -274,6 +338,37 @@ mod tests {
         assert!(ThresholdExpr::parse("p(99) 800ms").is_err());
         assert!(ThresholdExpr::parse("q(99) < 1").is_err());
         assert!(ThresholdExpr::parse("rate <<< 1%").is_err());
+    }
+
+    #[test]
+    fn abort_on_fail_options_as_in_k6() {
+        let entry = |toml_text: &str| -> ThresholdEntry {
+            #[derive(serde::Deserialize)]
+            struct Doc {
+                t: ThresholdEntry,
+            }
+            toml::from_str::<Doc>(toml_text).unwrap().t
+        };
+        let plain = entry(r#"t = "rate < 1%""#)
+            .parse("http_req_failed")
+            .unwrap();
+        assert!(!plain.abort_on_fail);
+        let t = entry(
+            r#"t = { threshold = "rate < 1%", abort_on_fail = true, delay_abort_eval = "10s" }"#,
+        )
+        .parse("http_req_failed")
+        .unwrap();
+        assert!(t.abort_on_fail);
+        assert_eq!(t.delay_abort_eval, Duration::from_secs(10));
+        assert_eq!(t.source, "rate < 1%");
+        let too_long = entry(
+            r#"t = { threshold = "rate < 1%", abort_on_fail = true, delay_abort_eval = "25h" }"#,
+        )
+        .parse("http_req_failed");
+        assert!(too_long.unwrap_err().contains("24h"));
+        let no_abort = entry(r#"t = { threshold = "rate < 1%", delay_abort_eval = "1s" }"#)
+            .parse("http_req_failed");
+        assert!(no_abort.unwrap_err().contains("abort_on_fail"));
     }
 
     #[test]

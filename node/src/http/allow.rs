@@ -1,8 +1,11 @@
 //! The target allowlist of one node (spec §8): which hosts and networks this node's
-//! operator agreed to send load to. Loopback is allowed by default, nothing else unless
-//! listed with `--allow-target`. Owns parsing entries and deciding; it is consulted only
-//! when a new connection is about to be opened (after DNS, before connect), never per
-//! request, and it must never be bypassed by redirects (each new origin is a new connection).
+//! operator agreed to send load to. An embedded `stampede run` allows loopback by
+//! default; a long-running node allows nothing until its operator lists entries with
+//! `--allow-target` (`loopback` names 127.0.0.0/8, ::1 and `localhost`). Owns parsing
+//! entries and deciding. It is consulted when a plan is accepted (a host no entry can
+//! match is refused before any DNS query) and when a new connection is about to be
+//! opened (after DNS, before connect), never per request, and it must never be bypassed
+//! by redirects (each new origin is a new connection).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -70,8 +73,11 @@ impl Default for Allowlist {
     }
 }
 
+/// The entry that names loopback: 127.0.0.0/8, ::1 and `localhost`.
+pub const LOOPBACK: &str = "loopback";
+
 impl Allowlist {
-    /// Loopback only (127.0.0.0/8, ::1, `localhost`): the default of every node.
+    /// Loopback only (127.0.0.0/8, ::1, `localhost`): the default of an embedded run.
     pub fn new() -> Self {
         Allowlist {
             loopback: true,
@@ -89,21 +95,22 @@ impl Allowlist {
         }
     }
 
-    /// Loopback plus every entry.
+    /// Exactly the entries: loopback only when one of them is `loopback`.
     pub fn from_entries<I, S>(entries: I) -> Result<Self, AllowlistError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let mut list = Allowlist::new();
+        let mut list = Allowlist::deny_all();
         for e in entries {
             list.add(e.as_ref())?;
         }
         Ok(list)
     }
 
-    /// Adds one entry: a host name (`api.example.com`), a wildcard (`*.example.com`),
-    /// an IP address (`10.0.0.5`, `::1`, `[fd00::1]`) or a CIDR (`10.0.0.0/8`, `fd00::/8`).
+    /// Adds one entry: `loopback`, a host name (`api.example.com`), a wildcard
+    /// (`*.example.com`), an IP address (`10.0.0.5`, `::1`, `[fd00::1]`) or a CIDR
+    /// (`10.0.0.0/8`, `fd00::/8`).
     pub fn add(&mut self, entry: &str) -> Result<(), AllowlistError> {
         let err = |reason: &str| AllowlistError {
             entry: entry.to_owned(),
@@ -112,6 +119,10 @@ impl Allowlist {
         let e = entry.trim();
         if e.is_empty() {
             return Err(err("it is empty"));
+        }
+        if e.eq_ignore_ascii_case(LOOPBACK) {
+            self.loopback = true;
+            return Ok(());
         }
         if e.contains("://") {
             return Err(err(
@@ -175,16 +186,45 @@ impl Allowlist {
     /// network (or loopback, when loopback is allowed).
     pub fn allows(&self, host: &str, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        if self.loopback && (ip.is_loopback() || host.eq_ignore_ascii_case("localhost")) {
+        // By address only: a name that merely looks local may resolve anywhere.
+        if self.loopback && ip.is_loopback() {
             return true;
         }
         if self.nets.iter().any(|n| n.contains(ip)) {
             return true;
         }
-        if self.hosts.is_empty() {
-            return false;
-        }
+        !self.hosts.is_empty() && self.allows_name(host.trim_end_matches('.'))
+    }
+
+    /// Whether some entry could allow `host` once it is resolved: a listed name, an IP
+    /// literal inside a listed network, `localhost` when loopback is allowed, or any name
+    /// when a network is listed (only its addresses can tell). A host for which this is
+    /// false is refused before any DNS query is made for it.
+    pub fn could_allow(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.');
+        if let Some(ip) = parse_ip(host) {
+            return self.allows(host, ip);
+        }
+        if self.loopback && is_localhost(host) {
+            return true;
+        }
+        !self.nets.is_empty() || self.allows_name(host)
+    }
+
+    /// `could_allow`, as the one-line refusal of a plan whose target `host` no entry can
+    /// match: it names the host and the flag that would allow it.
+    pub fn refuse_unmatchable(&self, host: &str) -> Result<(), String> {
+        if self.could_allow(host) {
+            return Ok(());
+        }
+        let entry = parse_ip(host).map_or_else(|| host.to_string(), |ip| ip.to_string());
+        Err(format!(
+            "target {host} is not in this node's allowlist ({self}): it was not resolved \
+             and nothing was sent to it; to allow it, add --allow-target {entry}"
+        ))
+    }
+
+    fn allows_name(&self, host: &str) -> bool {
         self.hosts.iter().any(|rule| match rule {
             HostRule::Exact(h) => h.eq_ignore_ascii_case(host),
             HostRule::Below(suffix) => {
@@ -211,16 +251,11 @@ impl Allowlist {
         } else {
             format!("--allow-target {host} (or its network, e.g. --allow-target {ip}/32)")
         };
-        let who = if self.loopback {
-            "only loopback and --allow-target entries"
-        } else {
-            "only --allow-target entries"
-        };
         Err(HttpError::new(
             HttpErrorKind::Refused,
             format!(
-                "target {target} is not allowed on this node: {who} may receive load, and \
-                 nothing was sent to it. To allow it, start the node with {how}"
+                "target {target} is not allowed on this node (it allows: {self}), and \
+                 nothing was sent to it. To allow it, add {how}"
             ),
         ))
     }
@@ -247,6 +282,15 @@ impl fmt::Display for Allowlist {
             f.write_str(&parts.join(", "))
         }
     }
+}
+
+/// `localhost` and the names below it, which resolve to loopback (RFC 6761 §6.3).
+fn is_localhost(host: &str) -> bool {
+    let host = host.trim_end_matches('.');
+    host.eq_ignore_ascii_case("localhost")
+        || (host.len() > 10
+            && host.is_char_boundary(host.len() - 10)
+            && host[host.len() - 10..].eq_ignore_ascii_case(".localhost"))
 }
 
 fn parse_ip(s: &str) -> Option<IpAddr> {
@@ -309,6 +353,55 @@ mod tests {
         let all = Allowlist::from_entries(["0.0.0.0/0"]).unwrap();
         assert!(all.allows("x", ip("1.2.3.4")));
         assert!(!all.allows("x", ip("2001:db8::2")));
+    }
+
+    #[test]
+    fn loopback_is_an_entry_and_not_implied_by_others() {
+        let none = Allowlist::from_entries(["10.0.0.0/8"]).unwrap();
+        assert!(!none.allows("127.0.0.1", ip("127.0.0.1")));
+        assert!(!none.allows("localhost", ip("::1")));
+        let lo = Allowlist::from_entries(["LOOPBACK"]).unwrap();
+        assert!(lo.allows("127.0.0.1", ip("127.0.0.1")));
+        assert!(lo.allows("x", ip("::1")));
+        assert!(!lo.allows("x", ip("10.0.0.1")));
+        assert_eq!(lo.to_string(), "loopback");
+        assert_eq!(
+            Allowlist::from_entries::<_, &str>([]).unwrap(),
+            Allowlist::deny_all()
+        );
+        // A name that looks local is allowed only by where it resolves.
+        assert!(!lo.allows("evil.localhost", ip("8.8.8.8")));
+    }
+
+    #[test]
+    fn a_host_no_entry_can_match_is_refused_before_resolving() {
+        let lo = Allowlist::new();
+        let err = lo.refuse_unmatchable("example.com").unwrap_err();
+        assert!(
+            err.contains("target example.com is not in this node's allowlist (loopback)"),
+            "{err}"
+        );
+        assert!(err.contains("--allow-target example.com"), "{err}");
+        assert!(err.contains("not resolved"), "{err}");
+        assert!(lo.refuse_unmatchable("localhost").is_ok());
+        assert!(lo.refuse_unmatchable("app.localhost").is_ok());
+        assert!(lo.refuse_unmatchable("127.0.0.1").is_ok());
+        assert!(lo.refuse_unmatchable("[::1]").is_ok());
+        let err = lo.refuse_unmatchable("10.1.2.3").unwrap_err();
+        assert!(err.contains("--allow-target 10.1.2.3"), "{err}");
+        let node = Allowlist::deny_all();
+        let err = node.refuse_unmatchable("127.0.0.1").unwrap_err();
+        assert!(err.contains("allowlist ((nothing))"), "{err}");
+        assert!(err.contains("--allow-target 127.0.0.1"), "{err}");
+        // Only a network can match a name it does not list: then the name is resolved.
+        let net = Allowlist::from_entries(["10.0.0.0/8"]).unwrap();
+        assert!(net.could_allow("db.internal"));
+        assert!(!net.could_allow("11.0.0.1"));
+        let named = Allowlist::from_entries(["*.svc.test", "api.test"]).unwrap();
+        assert!(named.could_allow("a.svc.test"));
+        assert!(named.could_allow("API.test."));
+        assert!(!named.could_allow("web.test"));
+        assert!(!named.could_allow("localhost"));
     }
 
     #[test]

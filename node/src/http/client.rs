@@ -55,6 +55,11 @@ pub enum HttpVersionPref {
     Auto,
 }
 
+/// The default bound on what is kept of one response body: a check or an extraction
+/// sees at most this much (docs/plan-reference.md). One response is kept per VU at a
+/// time, so this bounds a VU's memory for bodies.
+pub const MAX_KEPT_BODY: usize = 1 << 20;
+
 /// Node-wide client settings, fixed for a run.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
@@ -72,7 +77,9 @@ pub struct ClientSettings {
     pub dns_servers: Vec<SocketAddr>,
     /// Sent when the request has no User-Agent of its own.
     pub user_agent: Option<String>,
-    /// Response bodies beyond this many bytes are read and counted but not kept.
+    /// Of a body that is kept (see `OutRequest::keep_body`), at most this many bytes
+    /// are; the rest is read and counted but not kept. Bounds a VU's memory whatever
+    /// the target sends.
     pub max_body_bytes: usize,
 }
 
@@ -87,17 +94,30 @@ impl Default for ClientSettings {
             resolve: HashMap::new(),
             dns_servers: Vec::new(),
             user_agent: Some(concat!("stampede/", env!("CARGO_PKG_VERSION")).to_owned()),
-            max_body_bytes: 64 << 20,
+            max_body_bytes: MAX_KEPT_BODY,
         }
     }
 }
 
-/// What every VU of a node shares, behind an `Arc`. Only read when a connection is opened.
+/// What every VU of a node shares, behind an `Arc`. Only read when a connection is
+/// opened, and written only when a VU meets a diagnosis it has not just noted.
 pub struct Shared {
     settings: ClientSettings,
     dns: Dns,
     tls: TlsConnector,
     user_agent: Option<HeaderValue>,
+    diagnoses: std::sync::Mutex<Vec<Diagnosis>>,
+}
+
+/// Distinct diagnoses kept per run: a plan reaches a handful of origins.
+const MAX_DIAGNOSES: usize = 16;
+
+/// Why requests to a target could not even be sent, said once per target: the first
+/// time a VU met it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnosis {
+    pub kind: HttpErrorKind,
+    pub line: String,
 }
 
 impl Shared {
@@ -122,7 +142,28 @@ impl Shared {
             settings,
             tls,
             user_agent,
+            diagnoses: std::sync::Mutex::new(Vec::new()),
         }))
+    }
+
+    /// The distinct diagnoses of this run's failures to reach a target, first seen
+    /// first (at most 16).
+    pub fn diagnoses(&self) -> Vec<Diagnosis> {
+        self.diagnoses.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    fn note(&self, kind: HttpErrorKind, line: &str) {
+        let Ok(mut d) = self.diagnoses.lock() else {
+            return;
+        };
+        if d.len() < MAX_DIAGNOSES && !d.iter().any(|x| x.line == line) {
+            // Said once per target in the node's log; the CLI shows them too.
+            tracing::warn!(kind = kind.as_str(), "{line}");
+            d.push(Diagnosis {
+                kind,
+                line: line.to_string(),
+            });
+        }
     }
 
     pub fn settings(&self) -> &ClientSettings {
@@ -144,6 +185,9 @@ pub struct OutRequest {
     pub body: Bytes,
     /// Whole-request bound: connecting, sending, redirects and reading the body.
     pub timeout: Duration,
+    /// Whether anything will read the body (a check or an extraction). When not, the
+    /// body is read and counted as received but none of it is kept.
+    pub keep_body: bool,
 }
 
 impl OutRequest {
@@ -155,18 +199,20 @@ impl OutRequest {
             headers: HeaderMap::new(),
             body: Bytes::new(),
             timeout: Duration::from_secs(60),
+            keep_body: true,
         }
     }
 }
 
-/// A complete response (body fully read).
+/// A complete response (body fully read; kept only as far as asked, see `body_truncated`).
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: StatusCode,
     pub version: Version,
     pub headers: ResponseHeaders,
     pub body: Bytes,
-    /// True when the body exceeded `max_body_bytes` and only its start was kept.
+    /// True when the body is not all here: it exceeded `max_body_bytes`, or was not
+    /// kept at all (`OutRequest::keep_body` false).
     pub body_truncated: bool,
     /// The URL that produced this response (differs from the request's after redirects).
     pub url: Url,
@@ -259,6 +305,9 @@ const MAX_ORIGINS: usize = 8;
 /// The HTTP client of one VU.
 pub struct VuClient {
     conns: Conns,
+    /// The diagnosis this VU noted last: a VU failing the same way again and again
+    /// takes the shared lock once, not per request.
+    noted: Option<Box<str>>,
     /// Bounds each request's exchange (see `send`): armed once, re-armed only when it
     /// fires before the request in flight is due, so a request costs no timer operation.
     timer: Option<Pin<Box<Sleep>>>,
@@ -306,6 +355,7 @@ impl VuClient {
                 origins: Vec::new(),
                 clock: 0,
             },
+            noted: None,
             timer: None,
         }
     }
@@ -342,6 +392,7 @@ impl VuClient {
             headers,
             body,
             timeout,
+            keep_body,
         } = req;
         let started = Instant::now();
         let deadline = started + timeout;
@@ -355,26 +406,35 @@ impl VuClient {
         let outcome = {
             let following = self
                 .conns
-                .send_following(method, &mut url, headers, body, jar, started);
+                .send_following(method, &mut url, headers, body, jar, started, keep_body);
             let mut following = std::pin::pin!(following);
             // The timer may still be armed for an earlier request's deadline: when it fires
             // before this request is due, it is moved on to this request's deadline.
+            // It is polled first: a target that streams a body as fast as loopback
+            // carries it keeps the exchange busy until tokio's cooperative budget runs
+            // out, and a timer polled after that would never see its deadline.
             std::future::poll_fn(move |cx| {
-                if let Poll::Ready(result) = following.as_mut().poll(cx) {
-                    return Poll::Ready(Some(result));
-                }
                 while timer.as_mut().poll(cx).is_ready() {
                     if Instant::now() >= deadline {
                         return Poll::Ready(None);
                     }
                     timer.as_mut().reset(deadline.into());
                 }
-                Poll::Pending
+                following.as_mut().poll(cx).map(Some)
             })
             .await
         };
         let done = match outcome {
-            Some(result) => result?,
+            Some(Err(e)) => {
+                if let Some(line) = e.diagnosis() {
+                    if self.noted.as_deref() != Some(line) {
+                        self.conns.shared.note(e.kind(), line);
+                        self.noted = Some(line.into());
+                    }
+                }
+                return Err(e);
+            }
+            Some(Ok(done)) => done,
             None => {
                 // The exchange's future (and with it the connection in use) is dropped.
                 return Err(HttpError::new(
@@ -414,6 +474,7 @@ impl VuClient {
 impl Conns {
     /// The redirect loop. `url` is updated in place so that a timeout can name the hop
     /// that was in flight. `started` is when the request was handed over.
+    #[allow(clippy::too_many_arguments)]
     async fn send_following(
         &mut self,
         mut method: Method,
@@ -422,6 +483,7 @@ impl Conns {
         mut body: Bytes,
         jar: &mut CookieJar,
         started: Instant,
+        keep_body: bool,
     ) -> Result<Followed, HttpError> {
         let max = self.shared.settings.max_redirects;
         let mut redirects = 0u32;
@@ -446,7 +508,15 @@ impl Conns {
             // any other takes its own time after connecting.
             let hop_start = (redirects == 0).then_some(started);
             let hop = self
-                .exchange(hop_method, url, hop_headers, hop_body, jar, hop_start)
+                .exchange(
+                    hop_method,
+                    url,
+                    hop_headers,
+                    hop_body,
+                    jar,
+                    hop_start,
+                    keep_body,
+                )
                 .await?;
             bytes_received += hop.bytes_received;
             bytes_sent += hop.bytes_sent;
@@ -557,6 +627,7 @@ impl Conns {
     /// been processed: hyper gave the request back unsent (HTTP/2), or a reused HTTP/1.1
     /// connection turned out closed before any byte of an idempotent request's response
     /// (the server closed it while idle, a race every keep-alive client has).
+    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &mut self,
         method: Method,
@@ -565,6 +636,7 @@ impl Conns {
         body: Bytes,
         jar: &CookieJar,
         hop_start: Option<Instant>,
+        keep_body: bool,
     ) -> Result<Hop, HttpError> {
         let i = self.origin_index(url)?;
         let shared = &*self.shared;
@@ -580,7 +652,11 @@ impl Conns {
                 Box::pin(connect(shared, url, &mut connecting)).await?
             }
         };
-        let max_body = shared.settings.max_body_bytes;
+        let max_body = if keep_body {
+            shared.settings.max_body_bytes
+        } else {
+            0
+        };
         let hop = loop {
             let Conn::H1(h1) = &mut conn else {
                 break None;
@@ -793,14 +869,22 @@ async fn connect(shared: &Shared, url: &Url, connecting: &mut Duration) -> Resul
                 url.host(),
                 url.port()
             ),
-        )),
+        )
+        .with_diagnosis(format!(
+            "{}:{}: no connection within {limit:?} — is the host reachable?",
+            url.host(),
+            url.port()
+        ))),
     }
 }
 
 async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
     let host = url.host();
     let port = url.port();
-    let addrs: Addrs = shared.dns.resolve(host).await?;
+    let addrs: Addrs = shared.dns.resolve(host).await.map_err(|e| {
+        let line = format!("{host}: the name does not resolve — is it spelled right?");
+        e.with_diagnosis(line)
+    })?;
     let mut refused: Option<HttpError> = None;
     let mut failed: Option<(IpAddr, std::io::Error)> = None;
     let mut stream = None;
@@ -821,6 +905,10 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
     let stream = match (stream, failed, refused) {
         (Some(s), _, _) => s,
         (None, Some((ip, e)), _) => {
+            let why = match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+                _ => e.to_string(),
+            };
             return Err(HttpError::new(
                 HttpErrorKind::Connect,
                 if host.parse::<IpAddr>().is_ok() {
@@ -828,9 +916,13 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
                 } else {
                     format!("{url}: cannot connect to {host}:{port} ({ip}): {e}")
                 },
-            ))
+            )
+            .with_diagnosis(format!("{host}:{port}: {why} — is the service up?")));
         }
-        (None, None, Some(refusal)) => return Err(refusal),
+        (None, None, Some(refusal)) => {
+            let line = refusal.message().to_string();
+            return Err(refusal.with_diagnosis(line));
+        }
         (None, None, None) => {
             return Err(HttpError::new(
                 HttpErrorKind::Dns,
@@ -861,6 +953,10 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
                     HttpErrorKind::Tls,
                     format!("{url}: TLS handshake with {host}:{port} failed: {e}"),
                 )
+                .with_diagnosis(format!(
+                    "{host}:{port}: TLS handshake failed ({e}) — does it speak TLS here, \
+                     with a certificate this machine trusts?"
+                ))
             })?;
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {

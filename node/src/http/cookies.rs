@@ -15,6 +15,15 @@ use super::url::{Scheme, Url};
 /// Expiry cap, so an absurd Max-Age cannot overflow `Instant`.
 const MAX_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// A `Set-Cookie` longer than this is ignored, as browsers do (RFC 6265 §6.1 asks for
+/// at least 4096 bytes per cookie).
+pub const MAX_COOKIE_BYTES: usize = 4096;
+/// Cookies one VU keeps; past it the oldest is dropped (RFC 6265 §6.1: at least 50 per
+/// domain). A target cannot grow a VU's jar, or its requests, without bound.
+pub const MAX_COOKIES: usize = 50;
+/// Name and value bytes one VU keeps over all its cookies; past it the oldest go.
+pub const MAX_JAR_BYTES: usize = 32 * 1024;
+
 /// One stored cookie.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cookie {
@@ -31,6 +40,11 @@ pub struct Cookie {
 }
 
 impl Cookie {
+    /// What it costs the jar: its name, value, domain and path.
+    fn size(&self) -> usize {
+        self.name.len() + self.value.len() + self.domain.len() + self.path.len()
+    }
+
     fn expired(&self, now: Instant) -> bool {
         self.expires.is_some_and(|e| e <= now)
     }
@@ -51,10 +65,12 @@ impl Cookie {
     }
 }
 
-/// The cookies of one VU.
+/// The cookies of one VU, at most `MAX_COOKIES` of them and `MAX_JAR_BYTES` in all
+/// (oldest stored first, so eviction drops from the front).
 #[derive(Debug, Clone, Default)]
 pub struct CookieJar {
     cookies: Vec<Cookie>,
+    bytes: usize,
 }
 
 impl CookieJar {
@@ -72,6 +88,12 @@ impl CookieJar {
 
     pub fn clear(&mut self) {
         self.cookies.clear();
+        self.bytes = 0;
+    }
+
+    /// Name, value, domain and path bytes held (bounded by `MAX_JAR_BYTES`).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// All stored cookies, including ones that may have expired since.
@@ -105,7 +127,12 @@ impl CookieJar {
 
     /// Stores one `Set-Cookie` header value received from `url`. Malformed cookies and
     /// cookies for a domain the URL's host does not belong to are ignored, as browsers do.
+    /// Cookies beyond `MAX_COOKIE_BYTES` are ignored; when the jar is full, the oldest
+    /// cookies are dropped to make room.
     pub fn store(&mut self, url: &Url, set_cookie: &str) {
+        if set_cookie.len() > MAX_COOKIE_BYTES {
+            return;
+        }
         let host = url.host().to_ascii_lowercase();
         let Some(cookie) = parse_set_cookie(set_cookie, &host, url.path()) else {
             return;
@@ -121,6 +148,13 @@ impl CookieJar {
             self.cookies.push(cookie);
         }
         self.cookies.retain(|c| !c.expired(now));
+        self.bytes = self.cookies.iter().map(Cookie::size).sum();
+        let mut drop = 0;
+        while self.cookies.len() - drop > MAX_COOKIES || self.bytes > MAX_JAR_BYTES {
+            self.bytes -= self.cookies[drop].size();
+            drop += 1;
+        }
+        self.cookies.drain(..drop);
     }
 
     /// The `Cookie` header to send to `url`, or `None` when no cookie matches. Longer
@@ -414,6 +448,30 @@ mod tests {
         );
         assert_eq!(jar.get("future"), Some("1"));
         assert_eq!(jar.get("both"), Some("1"));
+    }
+
+    #[test]
+    fn the_jar_is_bounded_in_count_and_bytes_keeping_the_newest() {
+        let u = url("http://shop.test/");
+        let mut jar = CookieJar::new();
+        for i in 0..1000 {
+            jar.store(&u, &format!("c{i}=v"));
+        }
+        assert_eq!(jar.len(), MAX_COOKIES);
+        assert_eq!(jar.get("c999"), Some("v"));
+        assert_eq!(jar.get("c0"), None);
+        let mut jar = CookieJar::new();
+        let big = "x".repeat(3000);
+        for i in 0..100 {
+            jar.store(&u, &format!("b{i}={big}"));
+        }
+        assert!(jar.bytes() <= MAX_JAR_BYTES, "{} bytes", jar.bytes());
+        assert!(jar.len() >= MAX_JAR_BYTES / 3100, "{} cookies", jar.len());
+        assert!(jar.get("b99").is_some());
+        jar.store(&u, &format!("huge={}", "y".repeat(MAX_COOKIE_BYTES)));
+        assert_eq!(jar.get("huge"), None, "a cookie over the per-cookie bound");
+        let header = jar.header_for(&u).unwrap();
+        assert!(header.len() <= MAX_JAR_BYTES + 2 * jar.len());
     }
 
     #[test]

@@ -66,6 +66,10 @@ impl fmt::Display for HttpErrorKind {
 pub struct HttpError {
     kind: HttpErrorKind,
     message: String,
+    /// For a target that could not be reached at all: where and what, with a hint, the
+    /// same for every request that fails this way (`127.0.0.1:9: connection refused —
+    /// is the service up?`), so it can be said once rather than per request.
+    diagnosis: Option<Box<str>>,
 }
 
 impl HttpError {
@@ -73,7 +77,18 @@ impl HttpError {
         HttpError {
             kind,
             message: message.into(),
+            diagnosis: None,
         }
+    }
+
+    /// Adds the one-line diagnosis (see the field).
+    pub fn with_diagnosis(mut self, line: impl Into<Box<str>>) -> Self {
+        self.diagnosis = Some(line.into());
+        self
+    }
+
+    pub fn diagnosis(&self) -> Option<&str> {
+        self.diagnosis.as_deref()
     }
 
     pub fn kind(&self) -> HttpErrorKind {

@@ -315,11 +315,14 @@ impl H1Conn {
             let keep_alive = head.keeps_alive() && !matches!(framing, Framing::UntilClose);
             let ((body, truncated, body_wire), done_at) = match framing {
                 Framing::None => ((Bytes::new(), false, 0), first_byte_at),
-                // The usual case: the whole body came with the head. Keep it without
-                // copying, and it was complete when the head was.
-                Framing::Length(n) if self.read.len() as u64 >= n && n as usize <= max_body => {
-                    let body = self.read.split_to(n as usize).freeze();
-                    ((body, false, n), first_byte_at)
+                // The usual case: the whole body came with the head. Keep what is asked
+                // for without copying, and it was complete when the head was.
+                Framing::Length(n) if self.read.len() as u64 >= n => {
+                    let n = n as usize;
+                    let keep = n.min(max_body);
+                    let body = self.read.split_to(keep).freeze();
+                    self.read.advance(n - keep);
+                    ((body, keep < n, n as u64), first_byte_at)
                 }
                 Framing::Length(n) => (self.read_sized(n, max_body).await?, Instant::now()),
                 Framing::Chunked => (self.read_chunked(max_body).await?, Instant::now()),
@@ -482,7 +485,19 @@ impl BodySink {
         if data.len() > room {
             self.truncated = true;
         }
-        self.kept.extend_from_slice(&data[..data.len().min(room)]);
+        let take = data.len().min(room);
+        if take == 0 {
+            return;
+        }
+        // Grow by doubling, but never past `max`: BytesMut's own growth could double
+        // a nearly full buffer to twice the bound.
+        if take > self.kept.capacity() - self.kept.len() {
+            let want = (self.kept.capacity() * 2).max(self.kept.len() + take);
+            let mut grown = BytesMut::with_capacity(want.min(self.max));
+            grown.extend_from_slice(&self.kept);
+            self.kept = grown;
+        }
+        self.kept.extend_from_slice(&data[..take]);
     }
 
     fn finish(self) -> (Bytes, bool) {
@@ -905,6 +920,21 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "GET /a/b?c=d HTTP/1.1\r\nhost: example.test:8080\r\nconnection: close\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn a_body_sink_never_holds_more_than_its_bound() {
+        let mut sink = BodySink::new(1000, 0);
+        for _ in 0..100 {
+            sink.push(&[7u8; 333]);
+            assert!(sink.kept.capacity() <= 1000, "{}", sink.kept.capacity());
+        }
+        let (body, truncated) = sink.finish();
+        assert_eq!(body.len(), 1000);
+        assert!(truncated);
+        let mut nothing = BodySink::new(0, 1 << 30);
+        nothing.push(&[1u8; 4096]);
+        assert_eq!(nothing.kept.capacity(), 0);
     }
 
     #[test]

@@ -20,8 +20,10 @@ mod headers;
 mod tls;
 mod url;
 
-pub use allow::{Allowlist, AllowlistError};
-pub use client::{ClientSettings, HttpVersionPref, OutRequest, Response, Shared, VuClient};
+pub use allow::{Allowlist, AllowlistError, LOOPBACK};
+pub use client::{
+    ClientSettings, Diagnosis, HttpVersionPref, OutRequest, Response, Shared, VuClient,
+};
 pub use cookies::{Cookie, CookieJar};
 pub use error::{HttpError, HttpErrorKind};
 pub use headers::ResponseHeaders;

@@ -143,6 +143,8 @@ impl Mesh {
             "/ip4/127.0.0.1/tcp/0",
             "--http",
             "127.0.0.1:0",
+            "--allow-target",
+            "loopback",
             "--data-dir",
         ])
         .arg(&dir);

@@ -89,6 +89,12 @@ pub enum RunEvent {
     Stop { reason: String },
     /// Ctrl-C in a run on one node: `graceful` the first time, `hard` the second.
     StopRequested { how: String },
+    /// Every request so far failed to reach its target (refused, DNS, TLS, ...).
+    OnlyFailing { message: String },
+    /// A target this node's allowlist does not allow (said once per host).
+    TargetRefused { message: String },
+    /// A threshold with `abort_on_fail` failed: the run was stopped.
+    ThresholdAbort { message: String },
     /// A member could not run its share (HTTP set-up or engine failed to start).
     NodeFailed { node: String, error: String },
     /// Seconds of a member the report does not contain: ranges such as `3-7, 9`;
@@ -113,8 +119,22 @@ impl RunEvent {
             RunEvent::LeaseLost { .. } => "lease_lost",
             RunEvent::Stop { .. } => "stop",
             RunEvent::StopRequested { .. } => "stop_requested",
+            RunEvent::OnlyFailing { .. } => "only_failing",
+            RunEvent::TargetRefused { .. } => "target_refused",
+            RunEvent::ThresholdAbort { .. } => "threshold_abort",
             RunEvent::NodeFailed { .. } => "node_failed",
             RunEvent::SnapshotsMissing { .. } => "snapshots_missing",
+        }
+    }
+
+    /// The one line the summary leads with, for events that say the run measured
+    /// something other than the target's capacity.
+    pub fn headline(&self) -> Option<&str> {
+        match self {
+            RunEvent::OnlyFailing { message }
+            | RunEvent::TargetRefused { message }
+            | RunEvent::ThresholdAbort { message } => Some(message),
+            _ => None,
         }
     }
 
@@ -127,6 +147,9 @@ impl RunEvent {
                 | RunEvent::NodeFailed { .. }
                 | RunEvent::SnapshotsMissing { .. }
                 | RunEvent::LeaseLost { .. }
+                | RunEvent::OnlyFailing { .. }
+                | RunEvent::TargetRefused { .. }
+                | RunEvent::ThresholdAbort { .. }
         )
     }
 }
