@@ -192,7 +192,7 @@ fn valid_messages() -> Vec<Vec<u8>> {
             signature: vec![7; 64],
         })),
         run(RunMessage::Propose {
-            run_id: "r-1".into(),
+            run_id: "6932a8b2-0f3c".into(),
             origin: "o".into(),
             bundle_hash: bundle.hash(),
             plan: "p".into(),
@@ -203,7 +203,7 @@ fn valid_messages() -> Vec<Vec<u8>> {
             },
         }),
         run(RunMessage::Roster {
-            run_id: "r-1".into(),
+            run_id: "6932a8b2-0f3c".into(),
             members: vec![RosterEntry {
                 id: "a".into(),
                 name: "a".into(),
@@ -213,7 +213,7 @@ fn valid_messages() -> Vec<Vec<u8>> {
             refused: vec![("b".into(), "no".into())],
         }),
         run(RunMessage::Arrive {
-            run_id: "r-1".into(),
+            run_id: "6932a8b2-0f3c".into(),
             barrier: stampede_protocol::machine::events::Barrier::Finished,
             detail: BarrierDetail {
                 snapshots: Some(30),
@@ -221,7 +221,7 @@ fn valid_messages() -> Vec<Vec<u8>> {
             },
         }),
         run(RunMessage::Assign {
-            run_id: "r-1".into(),
+            run_id: "6932a8b2-0f3c".into(),
             term: 1,
             version: stampede_protocol::machine::version::Version {
                 id: stampede_protocol::machine::version::VersionId { term: 1, seq: 2 },
@@ -234,7 +234,7 @@ fn valid_messages() -> Vec<Vec<u8>> {
             },
         }),
         run(RunMessage::Beat {
-            run_id: "r-1".into(),
+            run_id: "6932a8b2-0f3c".into(),
             term: 2,
             sent_us: 123_456,
             version: None,
@@ -250,7 +250,7 @@ fn valid_messages() -> Vec<Vec<u8>> {
             wants_echo: true,
         }),
         envelope(GossipBody::Snapshot(Box::new(SnapshotMessage {
-            run_id: "r-1".into(),
+            run_id: "6932a8b2-0f3c".into(),
             node: "a".into(),
             seq: 3,
             vus: 10,
@@ -258,7 +258,7 @@ fn valid_messages() -> Vec<Vec<u8>> {
             metrics: metrics().encode(),
         }))),
         stampede_protocol::mesh::to_cbor(&MeshRequest::Run(RunRequest::Snapshots {
-            run_id: "r-1".into(),
+            run_id: "6932a8b2-0f3c".into(),
             node: "a".into(),
             seqs: vec![1, 2, 3],
         })),
@@ -343,10 +343,10 @@ fn the_counting_allocator_sees_a_large_allocation() {
 fn valid_messages_decode() {
     // The mutation corpus starts from messages that are accepted as they are.
     let messages = valid_messages();
-    for m in &messages[..6] {
+    for m in &messages[..7] {
         Envelope::decode(m).unwrap();
     }
-    from_cbor::<MeshRequest>(&messages[6], MAX_REQUEST_BYTES, "a request").unwrap();
-    from_cbor::<MeshResponse>(&messages[7], MAX_RESPONSE_BYTES, "a response").unwrap();
-    assert_eq!(Metrics::decode(&messages[8]).unwrap(), metrics());
+    from_cbor::<MeshRequest>(&messages[7], MAX_REQUEST_BYTES, "a request").unwrap();
+    from_cbor::<MeshResponse>(&messages[8], MAX_RESPONSE_BYTES, "a response").unwrap();
+    assert_eq!(Metrics::decode(&messages[9]).unwrap(), metrics());
 }
