@@ -213,6 +213,36 @@ impl Driver {
                 .progress
                 .send(serde_json::json!({"progress": p, "nodes": live_nodes}));
         }
+        // Thresholds with abort_on_fail are judged on the merged data by the node
+        // whose CLI waits for the run (the origin); the stop reaches every node.
+        let abort = match (&run.client, &run.plan, &run.agg) {
+            (Some(_), Some(plan), Some(agg)) if run.machine.stopped().is_none() => {
+                let elapsed = run
+                    .machine
+                    .version()
+                    .map(|v| (super::unix_us() as i64 - v.start_unix_us as i64).max(0) as u64)
+                    .unwrap_or(0);
+                crate::abort::check(&plan.plan, agg, &[], Duration::from_micros(elapsed))
+            }
+            _ => None,
+        };
+        if let Some(r) = abort {
+            let message = r.message();
+            tracing::warn!(run = run_id, %message, "threshold with abort_on_fail failed: stopping the run");
+            self.record(
+                run_id,
+                r.at.as_secs_f64(),
+                RunEvent::ThresholdAbort {
+                    message: message.clone(),
+                },
+            );
+            self.input(
+                run_id,
+                stampede_protocol::machine::Input::Command(
+                    stampede_protocol::machine::Command::Stop { reason: message },
+                ),
+            );
+        }
     }
 
     fn start_engine(&mut self, run_id: &str, split: Split, start_local_wall_us: u64, index: usize) {
