@@ -255,7 +255,8 @@ steps = [{ request = { url = "/?u={{ s.user }}" } }]
         }
         // Shipped, it is used; the copy on disk is private.
         let b = bundle("users.csv", &[("users.csv", b"user\nann\n")]);
-        let (plan, refusal) = prepare_bundle(&b, &data_dir, run, &[]).unwrap();
+        let (plan, refusal) =
+            prepare_bundle(&b, &data_dir, run, &["loopback".to_string()]).unwrap();
         assert!(refusal.is_none());
         assert_eq!(plan.feeders[0].data.columns, vec!["user"]);
         let dir = runs_dir(&data_dir).join(run);

@@ -613,7 +613,7 @@ pub(crate) mod tests {
         let r = Results::new(tmp.path());
         let s = summary("6931f0a2-1b2c", 540, 10);
         r.save_summary(&s).unwrap();
-        let dir = tmp.path().join("runs/6931f0a2-1b2c");
+        let dir = tmp.path().join("results/6931f0a2-1b2c");
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&dir.join("summary.json")), 0o600);
         assert_eq!(mode(&tmp.path().join("results")), 0o700);
@@ -644,10 +644,10 @@ pub(crate) mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let r = Results::new(tmp.path());
         r.save_summary(&summary("6931f0a2-1b2c", 1, 0)).unwrap();
-        let other = tmp.path().join("runs/6931f0a2-0000");
+        let other = tmp.path().join("results/6931f0a2-0000");
         fs::create_dir_all(&other).unwrap();
         fs::copy(
-            tmp.path().join("runs/6931f0a2-1b2c/summary.json"),
+            tmp.path().join("results/6931f0a2-1b2c/summary.json"),
             other.join("summary.json"),
         )
         .unwrap();
@@ -687,9 +687,9 @@ pub(crate) mod tests {
         }
         let ids: Vec<String> = r.list().into_iter().map(|x| x.run_id).collect();
         assert_eq!(ids, ["104-0001", "103-0001", "102-0001"]);
-        assert!(!tmp.path().join("runs/100-0001").exists());
+        assert!(!tmp.path().join("results/100-0001").exists());
         // By size: a cap of two and a half summaries keeps two.
-        let one = fs::metadata(tmp.path().join("runs/104-0001/summary.json"))
+        let one = fs::metadata(tmp.path().join("results/104-0001/summary.json"))
             .unwrap()
             .len()
             + 1000;
@@ -740,14 +740,14 @@ pub(crate) mod tests {
         // Nothing was created outside the data dir, nor anything under it.
         assert!(!tmp.path().join("results").exists());
         // Foreign entries and symlinked runs are not listed.
-        fs::create_dir_all(tmp.path().join("runs/not-a-run")).unwrap();
+        fs::create_dir_all(tmp.path().join("results/not-a-run")).unwrap();
         let elsewhere = tempfile::tempdir().unwrap();
         Results::new(elsewhere.path())
             .save_summary(&summary("6931f0a2-1b2c", 1, 0))
             .unwrap();
         std::os::unix::fs::symlink(
-            elsewhere.path().join("runs/6931f0a2-1b2c"),
-            tmp.path().join("runs/6931f0a2-1b2c"),
+            elsewhere.path().join("results/6931f0a2-1b2c"),
+            tmp.path().join("results/6931f0a2-1b2c"),
         )
         .unwrap();
         assert!(r.list().is_empty());
