@@ -483,3 +483,78 @@ fn a_member_paused_past_its_lease_sends_no_load_when_it_resumes() {
         s["events"]
     );
 }
+
+/// A threshold with `abort_on_fail` in a mesh run is judged on the merged data: the
+/// origin stops the run on every node soon after `delay_abort_eval`, the summary names
+/// the threshold and the time, the CLI exits 99, and the report holds what the target
+/// counted up to the stop.
+#[test]
+fn an_abort_on_fail_threshold_stops_a_mesh_run_on_every_node() {
+    let mesh = Mesh::new();
+    let nodes = three_nodes(&mesh, [&[], &[], &[]]);
+    let t = stampede_tools::spawn(stampede_tools::TargetConfig {
+        threads: 1,
+        error_rate: 0.5,
+        ..Default::default()
+    })
+    .expect("start stampede-target");
+    let plan = mesh.tmp.path().join("abort.toml");
+    std::fs::write(
+        &plan,
+        format!(
+            r#"
+name = "mesh-abort"
+[defaults]
+base_url = "{}"
+timeout = "2s"
+[scenarios.s]
+executor = "constant-arrival-rate"
+rate = 60
+duration = "60s"
+max_vus = 30
+flow = "f"
+[[flows.f.steps]]
+name = "product"
+request = {{ url = "/products/7" }}
+[thresholds]
+"http_req_failed" = [{{ threshold = "rate < 10%", abort_on_fail = true, delay_abort_eval = "2s" }}]
+"#,
+            t.url()
+        ),
+    )
+    .unwrap();
+    let json = mesh.tmp.path().join("summary.json");
+    let began = std::time::Instant::now();
+    let out = finish(start_run(&nodes[1], &plan, &json));
+    let took = began.elapsed();
+    assert_eq!(out.status.code(), Some(99), "{}", show(&out));
+    assert!(
+        took < Duration::from_secs(40),
+        "took {took:?}: {}",
+        show(&out)
+    );
+    let s = summary(&json);
+    let event = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "threshold_abort")
+        .unwrap_or_else(|| panic!("no threshold_abort event: {}", s["events"]));
+    let at = event["t"].as_f64().unwrap();
+    assert!((2.0..8.0).contains(&at), "stopped at {at}: {event}");
+    // Every node stopped: the target hears nothing more once the CLI is back.
+    let after = t.requests();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(t.requests(), after, "load went on after the run ended");
+    let reported = s["totals"]["requests"].as_u64().unwrap();
+    assert!(
+        reported < 60 * 20,
+        "the run was not stopped early: {reported} requests"
+    );
+    assert_eq!(
+        reported,
+        t.requests(),
+        "the report is not complete up to the stop"
+    );
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 3);
+}

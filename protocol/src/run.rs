@@ -249,6 +249,24 @@ pub enum RunMessage {
     Stop { run_id: String, reason: String },
 }
 
+/// A member's name and labels are held to what an announcement may carry.
+fn member_text(name: &str, labels: &BTreeMap<String, String>) -> Result<(), String> {
+    use crate::mesh::{MAX_LABELS, MAX_TEXT};
+    if name.len() > MAX_TEXT {
+        return Err(format!("name of {} bytes exceeds {MAX_TEXT}", name.len()));
+    }
+    if labels.len() > MAX_LABELS {
+        return Err(format!("{} labels, limit {MAX_LABELS}", labels.len()));
+    }
+    if labels
+        .iter()
+        .any(|(k, v)| k.len() > MAX_TEXT || v.len() > MAX_TEXT)
+    {
+        return Err(format!("a label longer than {MAX_TEXT} bytes"));
+    }
+    Ok(())
+}
+
 impl RunMessage {
     pub fn run_id(&self) -> &str {
         match self {
@@ -286,6 +304,9 @@ impl RunMessage {
                 if members.iter().any(|m| m.weight == 0) {
                     return Err("roster member with weight 0".into());
                 }
+                for m in members {
+                    member_text(&m.name, &m.labels)?;
+                }
                 if let Some(m) = members.iter().find(|m| m.weight > MAX_WEIGHT) {
                     return Err(format!(
                         "roster member {} has weight {}, limit {MAX_WEIGHT}",
@@ -293,13 +314,35 @@ impl RunMessage {
                     ));
                 }
             }
-            RunMessage::Join { weight, reason, .. } => {
+            RunMessage::Join {
+                weight,
+                reason,
+                name,
+                labels,
+                ..
+            } => {
                 if *weight > MAX_WEIGHT {
                     return Err(format!("join weight {weight} exceeds {MAX_WEIGHT}"));
                 }
                 if let Some(r) = reason {
                     short("reason", r)?;
                 }
+                // The roster repeats every member's name and labels: a member that
+                // could claim a megabyte of them would make a roster too large to
+                // publish, and the run would wait for ever.
+                member_text(name, labels)?;
+            }
+            RunMessage::Propose {
+                plan, requirements, ..
+            } => {
+                if plan.len() > crate::mesh::MAX_TEXT {
+                    return Err(format!(
+                        "plan name of {} bytes exceeds {}",
+                        plan.len(),
+                        crate::mesh::MAX_TEXT
+                    ));
+                }
+                member_text("", &requirements.labels)?;
             }
             RunMessage::Abort { reason, .. } | RunMessage::Stop { reason, .. } => {
                 short("reason", reason)?
@@ -542,6 +585,27 @@ mod tests {
         assert!(err.contains("1000000000000 snapshots"), "{err}");
         assert!(arrive(MAX_RUN_SECONDS).validate().is_ok());
         assert!(arrive(MAX_RUN_SECONDS + 1).validate().is_err());
+    }
+
+    #[test]
+    fn a_join_cannot_claim_labels_that_would_make_the_roster_unpublishable() {
+        let join = |labels: BTreeMap<String, String>| RunMessage::Join {
+            run_id: "6932a8b2-0f3c".into(),
+            accept: true,
+            reason: None,
+            name: "n".into(),
+            labels,
+            weight: 1,
+        };
+        let big: BTreeMap<String, String> = (0..9)
+            .map(|i| (format!("k{i}"), "x".repeat(100_000)))
+            .collect();
+        assert!(join(big).validate().unwrap_err().contains("label longer"));
+        let many: BTreeMap<String, String> =
+            (0..1000).map(|i| (format!("k{i}"), "v".into())).collect();
+        assert!(join(many).validate().unwrap_err().contains("labels, limit"));
+        let ok: BTreeMap<String, String> = [("region".to_string(), "eu".to_string())].into();
+        assert!(join(ok).validate().is_ok());
     }
 
     #[test]

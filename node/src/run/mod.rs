@@ -277,7 +277,13 @@ impl Driver {
     }
 
     fn forget(&mut self, run_id: &str) {
-        self.runs.remove(run_id);
+        // The bundle it offered goes with it: bundles are never kept in memory longer
+        // than their run.
+        if let Some(r) = self.runs.remove(run_id) {
+            if let Ok(mut b) = self.store.bundles.lock() {
+                b.remove(r.machine.bundle_hash());
+            }
+        }
         self.live.remove(run_id);
         let _ = self.results.remove(run_id);
         if let Ok(mut s) = self.store.snapshots.lock() {
