@@ -384,6 +384,16 @@ impl Driver {
 
     fn on_run_message(&mut self, from: String, m: RunMessage) {
         let run_id = m.run_id().to_string();
+        let announced = from.parse::<PeerId>().ok().and_then(|p| {
+            self.view
+                .read()
+                .ok()?
+                .member(&p)?
+                .announce
+                .as_ref()
+                .map(|a| a.capacity)
+        });
+        let m = hold_claim(m, announced);
         if !self.runs.contains_key(&run_id) {
             if !matches!(m, RunMessage::Propose { .. }) || self.runs.len() >= MAX_RUNS * 2 {
                 return;
@@ -579,6 +589,30 @@ impl Driver {
     }
 }
 
+/// A member's claimed capacity (a join's weight, its share of the work) is held to
+/// what it announced to the mesh: a member cannot claim most of the events and then
+/// not run them.
+fn hold_claim(m: RunMessage, announced: Option<u32>) -> RunMessage {
+    match m {
+        RunMessage::Join {
+            run_id,
+            accept,
+            reason,
+            name,
+            labels,
+            weight,
+        } => RunMessage::Join {
+            run_id,
+            accept,
+            reason,
+            name,
+            labels,
+            weight: weight.min(announced.unwrap_or(1)).max(1),
+        },
+        other => other,
+    }
+}
+
 /// A run's row in `stampede status`.
 fn status_of(r: &Run) -> serde_json::Value {
     let m = &r.machine;
@@ -648,4 +682,29 @@ fn publish(mesh: &mpsc::Sender<MeshCommand>, body: GossipBody, metrics: bool) {
     // Publishing fails only when no peer has subscribed yet (a mesh of one): the
     // message is for others, and the machine has acted on its own copy.
     let _ = mesh.try_send(MeshCommand::Publish { topic, body, reply });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_join_claims_no_more_capacity_than_its_node_announced() {
+        let join = |weight| RunMessage::Join {
+            run_id: "6932a8b2-0f3c".into(),
+            accept: true,
+            reason: None,
+            name: "n".into(),
+            labels: Default::default(),
+            weight,
+        };
+        let weight = |m: RunMessage| match m {
+            RunMessage::Join { weight, .. } => weight,
+            _ => unreachable!("a join stays a join"),
+        };
+        assert_eq!(weight(hold_claim(join(1024), Some(2))), 2);
+        assert_eq!(weight(hold_claim(join(1), Some(8))), 1);
+        // Never announced: the smallest share, not what it claims.
+        assert_eq!(weight(hold_claim(join(1024), None)), 1);
+    }
 }
