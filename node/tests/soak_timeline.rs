@@ -9,7 +9,12 @@
 //! samples, some carry errors) so that 259,200 seconds × 3 nodes pass in debug builds;
 //! the code path is the one a real run takes.
 
+mod browser_support;
+
 use std::collections::BTreeMap;
+use std::time::Instant;
+
+use browser_support::{chart_points, chromium, dump_dom};
 
 use stampede::aggregate::{retained_bound, NodeCollector, NodeSecond, RunAggregate};
 use stampede::engine::WorkerReport;
@@ -234,5 +239,32 @@ fn three_days_of_three_nodes_stay_bounded_and_exact() {
     assert!(
         rss_growth_kib < 16 << 10,
         "RSS grew {rss_growth_kib} KiB in two days"
+    );
+
+    // The report opens offline and draws every bucket (how long it took is printed,
+    // not asserted: a loaded machine decides that).
+    let Some(browser) = chromium("three_days_of_three_nodes_stay_bounded_and_exact") else {
+        return;
+    };
+    let file = dir.path().join("report.html");
+    std::fs::write(&file, &html).unwrap();
+    let opened = Instant::now();
+    let dom = dump_dom(&browser, &format!("file://{}", file.display()), 0, true);
+    println!(
+        "headless Chromium loaded and drew the three-day report in {:.1} s",
+        opened.elapsed().as_secs_f64()
+    );
+    for chart in ["merged-latency", "merged-rps", "node-p99"] {
+        let lines = chart_points(&dom, chart);
+        assert!(!lines.is_empty(), "chart {chart} has no lines");
+        assert!(
+            lines.iter().all(|n| *n as usize == summary.timeline.len()),
+            "{chart}: {lines:?} points vs {} buckets",
+            summary.timeline.len()
+        );
+    }
+    assert!(
+        dom.contains("id=\"resolution\""),
+        "the resolution note is shown"
     );
 }
