@@ -4,14 +4,15 @@
 //!
 //! Everything merges by histogram addition, so the totals are exact whatever the order
 //! in which seconds arrive. Memory stays flat over a long run: full histograms are kept
-//! only for the totals (per node) and for a short window of recent seconds; older
-//! seconds are folded into compact [`TimelinePoint`]s. This module must not format
-//! output or talk to the network.
+//! only for the totals (per node), a short window of recent seconds and one open bucket
+//! per [`Timeline`] tier; older seconds are folded into compact [`TimelinePoint`]s, and
+//! older buckets into coarser ones (percentiles read from the merged histogram, never
+//! averaged). This module must not format output or talk to the network.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
-use stampede_protocol::snapshot::{ErrorClass, Hist, Layout, Metrics};
+use stampede_protocol::snapshot::{ErrorClass, Hist, Layout, Metrics, ERROR_CLASSES};
 
 use crate::engine::WorkerReport;
 
@@ -48,18 +49,27 @@ impl NodeCollector {
     /// without gaps: the mesh asks a node for every second below its count, so a second
     /// that no worker reported goes out empty rather than missing.
     pub fn add(&mut self, r: WorkerReport) -> Vec<NodeSecond> {
-        let layout = &self.layout;
         // A report for a second already sent on counts in the first one not sent: the
         // totals stay exact and nothing waits in `pending` forever.
         let second = r.second.max(self.next);
-        let entry = self.pending.entry(second).or_insert_with(|| NodeSecond {
-            second,
-            metrics: Metrics::new(layout),
-            vus: 0,
-        });
-        // A merge of same-plan metrics cannot fail; a worker is part of this process.
-        let _ = entry.metrics.merge(&r.metrics);
-        entry.vus += r.vus;
+        match self.pending.entry(second) {
+            // The first report of a second is taken as it is: creating an empty one to
+            // merge it into would cost every histogram's counts array each second.
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(NodeSecond {
+                    second,
+                    metrics: r.metrics,
+                    vus: r.vus,
+                });
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                let entry = o.get_mut();
+                // A merge of same-plan metrics cannot fail; a worker is part of this
+                // process.
+                let _ = entry.metrics.merge(&r.metrics);
+                entry.vus += r.vus;
+            }
+        }
         if let Some(slot) = self.reported.get_mut(r.worker) {
             slot.0 = Some(slot.0.map_or(r.second, |s| s.max(r.second)));
             slot.1 |= r.last;
@@ -95,11 +105,17 @@ impl NodeCollector {
     }
 }
 
-/// One second of the whole run, as drawn on charts and written to the timeline.
+/// One bucket of the run (one second, or a merge of `width_s` seconds further back in a
+/// long run), as drawn on charts and written to the timeline.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct TimelinePoint {
+    /// The bucket's first second since the run's start.
     pub t: u64,
+    /// Seconds the bucket spans (1 for the recent part of every run).
+    #[serde(default = "one")]
+    pub width_s: u64,
     pub requests: u64,
+    /// Requests per second over the bucket.
     pub rps: f64,
     pub p50_us: u64,
     pub p90_us: u64,
@@ -110,10 +126,15 @@ pub struct TimelinePoint {
     pub iterations: u64,
     pub dropped_iterations: u64,
     pub bytes_received: u64,
+    /// Active VUs (the highest second of a wider bucket).
     pub vus: u64,
     pub schedule_lag_p99_us: u64,
-    /// Nodes that reported this second.
+    /// Nodes that reported this second (the most in any second of a wider bucket).
     pub nodes: usize,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// Everything one node contributed.
@@ -123,8 +144,8 @@ pub struct NodeTotals {
     pub seconds: u64,
     pub last_second: Option<u64>,
     pub vus: u64,
-    /// This node's own seconds (compact points: regional differences stay visible).
-    pub timeline: Vec<TimelinePoint>,
+    /// This node's own seconds (regional differences stay visible).
+    pub timeline: Timeline,
 }
 
 /// Seconds kept in full before being folded into the timeline: late seconds from a slow
@@ -136,10 +157,7 @@ pub struct RunAggregate {
     layout: Layout,
     pub totals: Metrics,
     pub nodes: BTreeMap<String, NodeTotals>,
-    window: BTreeMap<u64, (Metrics, BTreeMap<String, u64>)>,
-    pub timeline: Vec<TimelinePoint>,
-    /// Seconds at or below this are folded.
-    folded_through: Option<u64>,
+    pub timeline: Timeline,
 }
 
 impl RunAggregate {
@@ -148,9 +166,7 @@ impl RunAggregate {
             totals: Metrics::new(&layout),
             layout,
             nodes: BTreeMap::new(),
-            window: BTreeMap::new(),
-            timeline: Vec::new(),
-            folded_through: None,
+            timeline: Timeline::new(),
         }
     }
 
@@ -173,50 +189,346 @@ impl RunAggregate {
                 seconds: 0,
                 last_second: None,
                 vus: 0,
-                timeline: Vec::new(),
+                timeline: Timeline::new(),
             });
         nt.totals.merge(&s.metrics)?;
-        let p = point(s.second, &s.metrics, s.vus, 1);
-        match nt.timeline.binary_search_by_key(&s.second, |x| x.t) {
-            Ok(i) => nt.timeline[i] = p,
-            Err(i) => nt.timeline.insert(i, p),
-        }
+        self.totals.merge(&s.metrics)?;
+        let acc = Acc::of(&s.metrics, s.vus, 1);
+        nt.timeline.add_acc(s.second, acc.clone());
         nt.seconds += 1;
         if nt.last_second.is_none_or(|l| s.second >= l) {
             nt.last_second = Some(s.second);
             nt.vus = s.vus;
         }
-        self.totals.merge(&s.metrics)?;
-        match self.folded_through {
-            Some(f) if s.second <= f => {
-                // Too late for full percentiles: keep counts exact in its timeline point.
-                if let Some(p) = self.timeline.iter_mut().find(|p| p.t == s.second) {
-                    let extra = point(s.second, &s.metrics, s.vus, 1);
-                    p.requests += extra.requests;
-                    p.rps = p.requests as f64;
-                    p.errors += extra.errors;
-                    p.iterations += extra.iterations;
-                    p.dropped_iterations += extra.dropped_iterations;
-                    p.bytes_received += extra.bytes_received;
-                    p.vus += extra.vus;
-                    p.nodes += 1;
-                }
+        self.timeline.add_acc(s.second, acc);
+        Ok(())
+    }
+
+    /// Folds every remaining second into the timelines (at the end of a run).
+    pub fn finish(&mut self) {
+        self.timeline.finish();
+        for nt in self.nodes.values_mut() {
+            nt.timeline.finish();
+        }
+    }
+
+    /// The most recent second, for live views.
+    pub fn latest(&self) -> Option<TimelinePoint> {
+        self.timeline.latest()
+    }
+
+    /// The most recent second that `nodes` nodes have reported (or the oldest one
+    /// still open): a live view of a second that only some nodes sent yet would show a
+    /// fraction of the load.
+    pub fn latest_complete(&self, nodes: usize) -> Option<TimelinePoint> {
+        self.timeline.latest_complete(nodes)
+    }
+
+    /// Seconds the run's timeline covers so far (folded).
+    pub fn end(&self) -> u64 {
+        self.timeline.end()
+    }
+
+    /// The run's merged timeline as the report shows it ([`REPORT`] resolution).
+    pub fn report_timeline(&self) -> Vec<TimelinePoint> {
+        self.timeline.points(self.end(), &REPORT)
+    }
+
+    /// A node's timeline as the report shows it, cut at the run's seconds (not the
+    /// node's) so that every node's buckets line up with the merged ones.
+    pub fn report_node_timeline(&self, node: &str) -> Vec<TimelinePoint> {
+        self.nodes
+            .get(node)
+            .map(|nt| nt.timeline.points(self.end(), &REPORT))
+            .unwrap_or_default()
+    }
+
+    /// The run's and each node's history before the live view's last
+    /// `recent_seconds` (which it keeps at 1 s itself), at [`LIVE_HISTORY`] resolution.
+    pub fn live_history(
+        &self,
+        recent_seconds: u64,
+    ) -> (Vec<TimelinePoint>, BTreeMap<String, Vec<TimelinePoint>>) {
+        let end = self.end().saturating_sub(recent_seconds);
+        let run = self.timeline.points(end, &LIVE_HISTORY);
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|(n, nt)| (n.clone(), nt.timeline.points(end, &LIVE_HISTORY)))
+            .collect();
+        (run, nodes)
+    }
+
+    /// Timeline points and open histograms held for the run and all its nodes: what
+    /// grows with a run's length, if anything does.
+    pub fn retained(&self) -> (usize, usize) {
+        let mut r = self.timeline.retained();
+        for nt in self.nodes.values() {
+            let (p, h) = nt.timeline.retained();
+            r.0 += p;
+            r.1 += h;
+        }
+        r
+    }
+}
+
+/// A node's or the run's timeline at the resolution a long run can afford: a few
+/// recent seconds open in full (so seconds arriving from several nodes merge exactly),
+/// then per tier of [`TIERS`] the closed buckets of the span that tier is kept for,
+/// plus one open bucket holding a merged histogram. Memory is bounded by the tiers, not
+/// by the run's length (only the coarsest tier grows, by one point an hour).
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    window: BTreeMap<u64, Acc>,
+    tiers: Vec<Tier>,
+    /// Seconds at or below this are folded into the tiers.
+    folded_through: Option<u64>,
+}
+
+/// Bucket widths, finest first; each is a multiple of the one before, so a coarser
+/// bucket is exactly a run of finer ones. With the span each tier is kept for after
+/// the newest second (None: the whole run). The spans cover what [`REPORT`] and
+/// [`LIVE_HISTORY`] read back, with a margin for alignment.
+pub const TIERS: [(u64, Option<u64>); 5] = [
+    (1, Some(700)),
+    (10, Some(4_000)),
+    (60, Some(26_000)),
+    (600, Some(120_000)),
+    (3_600, None),
+];
+
+/// How a finished run's timeline is presented, newest first: (bucket width, span). The
+/// last 10 minutes at 1 s, the 50 minutes before at 10 s, the 5 hours before at 1 min,
+/// the 18 hours before at 10 min, and everything older at 1 h.
+pub const REPORT: [(u64, u64); 5] = [
+    (1, 600),
+    (10, 3_000),
+    (60, 18_000),
+    (600, 64_800),
+    (3_600, u64::MAX),
+];
+
+/// The live view's history of a long run (the dashboard keeps its last minutes at 1 s
+/// itself): the hour before them at 1 min, the day before at 10 min, older at 1 h.
+pub const LIVE_HISTORY: [(u64, u64); 3] = [(60, 3_600), (600, 82_800), (3_600, u64::MAX)];
+
+#[derive(Debug, Clone)]
+struct Tier {
+    width: u64,
+    keep: Option<u64>,
+    /// Buckets by start second, oldest first.
+    closed: VecDeque<TimelinePoint>,
+    /// Buckets still taking seconds, with their merged histograms.
+    open: BTreeMap<u64, Acc>,
+}
+
+/// Counts and the two histograms a timeline point is read from: all series' latency
+/// merged, all scenarios' schedule lag merged.
+#[derive(Debug, Clone, Default)]
+struct Acc {
+    requests: u64,
+    errors: u64,
+    errors_by_class: [u64; ERROR_CLASSES],
+    iterations: u64,
+    dropped: u64,
+    bytes_received: u64,
+    /// None while nothing was recorded: most seconds of a quiet soak are empty, and an
+    /// empty histogram still costs its counts array to create and to add.
+    latency: Option<Hist>,
+    lag: Option<Hist>,
+    /// Within a second: the sum over nodes; within a bucket: the highest second.
+    vus: u64,
+    nodes: usize,
+}
+
+impl Acc {
+    fn of(m: &Metrics, vus: u64, nodes: usize) -> Acc {
+        let mut a = Acc {
+            vus,
+            nodes,
+            ..Default::default()
+        };
+        for s in &m.series {
+            merge_into(&mut a.latency, &s.latency);
+            a.requests += s.requests;
+            a.errors += s.failed;
+            a.bytes_received += s.bytes_received;
+            for (i, n) in s.errors.iter().enumerate() {
+                a.errors_by_class[i] += n;
             }
+        }
+        for s in &m.scenarios {
+            a.iterations += s.iterations;
+            a.dropped += s.dropped;
+            merge_into(&mut a.lag, &s.schedule_lag);
+        }
+        a
+    }
+
+    /// Adds counts and histograms; `vus` and `nodes` are the caller's to combine.
+    fn add(&mut self, o: &Acc) {
+        self.requests += o.requests;
+        self.errors += o.errors;
+        for (a, b) in self.errors_by_class.iter_mut().zip(o.errors_by_class) {
+            *a += b;
+        }
+        self.iterations += o.iterations;
+        self.dropped += o.dropped;
+        self.bytes_received += o.bytes_received;
+        if let Some(h) = &o.latency {
+            merge_into(&mut self.latency, h);
+        }
+        if let Some(h) = &o.lag {
+            merge_into(&mut self.lag, h);
+        }
+    }
+
+    fn point(&self, t: u64, width: u64) -> TimelinePoint {
+        let mut p = TimelinePoint {
+            t,
+            width_s: width,
+            requests: self.requests,
+            rps: self.requests as f64 / width.max(1) as f64,
+            errors: self.errors,
+            iterations: self.iterations,
+            dropped_iterations: self.dropped,
+            bytes_received: self.bytes_received,
+            vus: self.vus,
+            nodes: self.nodes,
+            ..Default::default()
+        };
+        for c in ErrorClass::ALL {
+            let n = self.errors_by_class[c as usize];
+            if n > 0 {
+                p.errors_by_class.insert(c.name().to_string(), n);
+            }
+        }
+        if let Some(h) = self.latency.as_ref().filter(|h| !h.is_empty()) {
+            p.p50_us = h.0.value_at_quantile(0.5);
+            p.p90_us = h.0.value_at_quantile(0.9);
+            p.p99_us = h.0.value_at_quantile(0.99);
+            p.max_us = h.0.max();
+        }
+        if let Some(h) = self.lag.as_ref().filter(|h| !h.is_empty()) {
+            p.schedule_lag_p99_us = h.0.value_at_quantile(0.99);
+        }
+        p
+    }
+
+    fn hists(&self) -> usize {
+        self.latency.is_some() as usize + self.lag.is_some() as usize
+    }
+}
+
+fn merge_into(dst: &mut Option<Hist>, src: &Hist) {
+    if src.is_empty() {
+        return;
+    }
+    match dst {
+        Some(d) => d.add(src),
+        None => *dst = Some(src.clone()),
+    }
+}
+
+/// Adds a late second's counts to a point already closed (its percentiles stay those
+/// of the seconds it had: the histogram is gone).
+fn add_counts(p: &mut TimelinePoint, a: &Acc) {
+    p.requests += a.requests;
+    p.rps = p.requests as f64 / p.width_s.max(1) as f64;
+    p.errors += a.errors;
+    for c in ErrorClass::ALL {
+        let n = a.errors_by_class[c as usize];
+        if n > 0 {
+            *p.errors_by_class.entry(c.name().to_string()).or_default() += n;
+        }
+    }
+    p.iterations += a.iterations;
+    p.dropped_iterations += a.dropped;
+    p.bytes_received += a.bytes_received;
+}
+
+impl Default for Timeline {
+    fn default() -> Self {
+        Timeline::new()
+    }
+}
+
+impl Timeline {
+    pub fn new() -> Timeline {
+        Timeline {
+            window: BTreeMap::new(),
+            tiers: TIERS
+                .iter()
+                .map(|&(width, keep)| Tier {
+                    width,
+                    keep,
+                    closed: VecDeque::new(),
+                    open: BTreeMap::new(),
+                })
+                .collect(),
+            folded_through: None,
+        }
+    }
+
+    /// Adds one node's second.
+    pub fn add(&mut self, second: u64, m: &Metrics, vus: u64) {
+        self.add_acc(second, Acc::of(m, vus, 1));
+    }
+
+    fn add_acc(&mut self, second: u64, a: Acc) {
+        match self.folded_through {
+            Some(f) if second <= f => self.add_late(second, &a),
             _ => {
-                let layout = &self.layout;
-                let (m, vus) = self
-                    .window
-                    .entry(s.second)
-                    .or_insert_with(|| (Metrics::new(layout), BTreeMap::new()));
-                m.merge(&s.metrics)?;
-                vus.insert(node.to_string(), s.vus);
+                match self.window.entry(second) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(a);
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        let w = o.get_mut();
+                        w.add(&a);
+                        w.vus += a.vus;
+                        w.nodes += a.nodes;
+                    }
+                }
                 let newest = *self.window.keys().next_back().unwrap_or(&0);
                 if newest >= WINDOW {
                     self.fold_through(newest - WINDOW);
                 }
             }
         }
-        Ok(())
+    }
+
+    /// A second older than the open window: exact in every count; its percentiles
+    /// count where it meets an open bucket (which carries it on to coarser tiers) or is
+    /// the first second of its bucket.
+    fn add_late(&mut self, second: u64, a: &Acc) {
+        let end = self.end();
+        for tier in &mut self.tiers {
+            let start = second - second % tier.width;
+            if let Some(open) = tier.open.get_mut(&start) {
+                open.add(a);
+                open.nodes = open.nodes.max(1);
+                return;
+            }
+            match tier.closed.binary_search_by_key(&start, |p| p.t) {
+                Ok(i) => {
+                    let p = &mut tier.closed[i];
+                    add_counts(p, a);
+                    if tier.width == 1 {
+                        // The same second from one more node.
+                        p.vus += a.vus;
+                        p.nodes += 1;
+                    }
+                }
+                // A bucket no earlier second reached: this second is all of it.
+                Err(i) => {
+                    let keep_from = tier.keep.map(|k| end.saturating_sub(k));
+                    if keep_from.is_none_or(|k| start >= k) {
+                        tier.closed.insert(i, a.point(start, tier.width));
+                    }
+                }
+            }
+        }
     }
 
     fn fold_through(&mut self, through: u64) {
@@ -224,82 +536,164 @@ impl RunAggregate {
             if t > through {
                 break;
             }
-            let (m, vus) = self.window.remove(&t).expect("key just seen");
-            self.timeline
-                .push(point(t, &m, vus.values().sum(), vus.len()));
+            let a = self.window.remove(&t).expect("key just seen");
             self.folded_through = Some(t);
+            self.cascade(Some((t, a)), t + 1);
         }
     }
 
-    /// Folds every remaining second into the timeline (at the end of a run).
+    /// Puts a folded second into the finest tier and closes every bucket that ends at
+    /// or before `end`, each closed bucket going into the next tier's open one: a
+    /// second's histogram is added once per tier it reaches, not once per tier.
+    fn cascade(&mut self, second: Option<(u64, Acc)>, end: u64) {
+        let mut carried: Vec<(u64, Acc)> = second.into_iter().collect();
+        for tier in &mut self.tiers {
+            for (s, a) in carried.drain(..) {
+                let start = s - s % tier.width;
+                match tier.open.entry(start) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(a);
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        let open = o.get_mut();
+                        open.add(&a);
+                        open.vus = open.vus.max(a.vus);
+                        open.nodes = open.nodes.max(a.nodes);
+                    }
+                }
+            }
+            while let Some((&s, _)) = tier.open.first_key_value() {
+                if s.saturating_add(tier.width) > end {
+                    break;
+                }
+                let acc = tier.open.remove(&s).expect("key just seen");
+                let p = acc.point(s, tier.width);
+                match tier.closed.binary_search_by_key(&s, |x| x.t) {
+                    Ok(i) => tier.closed[i] = p,
+                    Err(i) => tier.closed.insert(i, p),
+                }
+                carried.push((s, acc));
+            }
+            if let Some(k) = tier.keep {
+                let from = end
+                    .min(self.folded_through.map_or(0, |f| f + 1))
+                    .saturating_sub(k);
+                while tier.closed.front().is_some_and(|p| p.t < from) {
+                    tier.closed.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Folds every remaining second and closes every bucket, partial ones included (at
+    /// the end of a run, or of a node's part in it).
     pub fn finish(&mut self) {
         self.fold_through(u64::MAX);
+        self.cascade(None, u64::MAX);
     }
 
-    /// The most recent second, for live views.
+    /// Seconds folded so far: one past the newest folded second.
+    pub fn end(&self) -> u64 {
+        self.folded_through.map_or(0, |f| f + 1)
+    }
+
+    /// The newest open second, for live views.
     pub fn latest(&self) -> Option<TimelinePoint> {
-        let (t, (m, vus)) = self.window.iter().next_back()?;
-        Some(point(*t, m, vus.values().sum(), vus.len()))
+        let (t, a) = self.window.iter().next_back()?;
+        Some(a.point(*t, 1))
     }
 
-    /// The most recent second that `nodes` nodes have reported (or the oldest one
-    /// still open): a live view of a second that only some nodes sent yet would show a
-    /// fraction of the load.
+    /// The newest open second that `nodes` nodes have reported (or the oldest one still
+    /// open).
     pub fn latest_complete(&self, nodes: usize) -> Option<TimelinePoint> {
-        let (t, (m, vus)) = self
+        let (t, a) = self
             .window
             .iter()
             .rev()
-            .find(|(_, (_, v))| v.len() >= nodes)
+            .find(|(_, a)| a.nodes >= nodes)
             .or_else(|| self.window.iter().next())?;
-        Some(point(*t, m, vus.values().sum(), vus.len()))
+        Some(a.point(*t, 1))
+    }
+
+    /// The folded seconds before `end` at the resolution `res` gives (newest first:
+    /// bucket width and span), oldest point first. Each cut is aligned to the coarser
+    /// width beyond it, so every point is a whole bucket of its tier.
+    pub fn points(&self, end: u64, res: &[(u64, u64)]) -> Vec<TimelinePoint> {
+        let mut parts = Vec::new();
+        let mut hi = res.first().map_or(end, |&(w, _)| end - end % w);
+        for (i, &(width, span)) in res.iter().enumerate() {
+            let lo = match res.get(i + 1) {
+                Some(&(coarser, _)) => {
+                    let lo = hi.saturating_sub(span);
+                    lo - lo % coarser
+                }
+                None => 0,
+            };
+            if let Some(tier) = self.tiers.iter().find(|t| t.width == width) {
+                parts.push(tier.range(lo, hi));
+            }
+            hi = lo;
+            if hi == 0 {
+                break;
+            }
+        }
+        parts.into_iter().rev().flatten().collect()
+    }
+
+    /// Points and histograms held (closed points; open seconds and buckets count two
+    /// histograms each): what [`retained_bound`] bounds.
+    pub fn retained(&self) -> (usize, usize) {
+        let points = self.tiers.iter().map(|t| t.closed.len()).sum();
+        let hists = self.window.values().map(Acc::hists).sum::<usize>()
+            + self
+                .tiers
+                .iter()
+                .flat_map(|t| t.open.values())
+                .map(Acc::hists)
+                .sum::<usize>();
+        (points, hists)
+    }
+}
+
+/// The most closed points one timeline holds after `end` seconds: each bounded tier's
+/// span in buckets (plus one at each edge), and the unbounded tier's whole run.
+pub fn retained_bound(end: u64) -> usize {
+    TIERS
+        .iter()
+        .map(|&(width, keep)| (keep.unwrap_or(end).min(end) / width + 2) as usize)
+        .sum()
+}
+
+impl Tier {
+    /// Buckets starting in `lo..hi`, closed or open, oldest first.
+    fn range(&self, lo: u64, hi: u64) -> Vec<TimelinePoint> {
+        let from = self.closed.partition_point(|p| p.t < lo);
+        let mut out: Vec<TimelinePoint> = self
+            .closed
+            .iter()
+            .skip(from)
+            .take_while(|p| p.t < hi)
+            .cloned()
+            .collect();
+        for (&s, a) in self.open.range(lo..hi) {
+            let p = a.point(s, self.width);
+            let i = out.partition_point(|x| x.t < s);
+            out.insert(i, p);
+        }
+        out
     }
 }
 
 /// One second of metrics as a timeline point (percentiles from its merged histogram).
 pub fn point(t: u64, m: &Metrics, vus: u64, nodes: usize) -> TimelinePoint {
-    let mut lat = Hist::default();
-    let mut p = TimelinePoint {
-        t,
-        vus,
-        nodes,
-        ..Default::default()
-    };
-    for s in &m.series {
-        lat.add(&s.latency);
-        p.requests += s.requests;
-        p.errors += s.failed;
-        p.bytes_received += s.bytes_received;
-        for c in ErrorClass::ALL {
-            let n = s.errors[c as usize];
-            if n > 0 {
-                *p.errors_by_class.entry(c.name().to_string()).or_default() += n;
-            }
-        }
-    }
-    let mut lag = Hist::default();
-    for s in &m.scenarios {
-        p.iterations += s.iterations;
-        p.dropped_iterations += s.dropped;
-        lag.add(&s.schedule_lag);
-    }
-    p.rps = p.requests as f64;
-    if !lat.is_empty() {
-        p.p50_us = lat.0.value_at_quantile(0.5);
-        p.p90_us = lat.0.value_at_quantile(0.9);
-        p.p99_us = lat.0.value_at_quantile(0.99);
-        p.max_us = lat.0.max();
-    }
-    if !lag.is_empty() {
-        p.schedule_lag_p99_us = lag.0.value_at_quantile(0.99);
-    }
-    p
+    Acc::of(m, vus, nodes).point(t, 1)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use stampede_protocol::snapshot::SeriesKey;
+    use std::collections::BTreeSet;
 
     fn layout() -> Layout {
         Layout {
@@ -401,7 +795,7 @@ mod tests {
                 )
                 .unwrap();
             }
-            assert!(a.window.len() as u64 <= WINDOW + 1);
+            assert!(a.timeline.window.len() as u64 <= WINDOW + 1);
         }
         // A late second from a third node still counts exactly.
         let r = report(0, 3, 10, false);
@@ -417,9 +811,155 @@ mod tests {
         total += 10;
         a.finish();
         assert_eq!(a.totals.total_requests(), total);
-        assert_eq!(a.timeline.len(), 100);
-        assert_eq!(a.timeline.iter().map(|p| p.requests).sum::<u64>(), total);
-        assert_eq!(a.timeline[3].nodes, 3);
+        let tl = a.report_timeline();
+        assert_eq!(tl.len(), 100);
+        assert_eq!(tl.iter().map(|p| p.requests).sum::<u64>(), total);
+        assert_eq!(tl[3].nodes, 3);
         assert_eq!(a.nodes["c"].totals.total_requests(), 10);
+    }
+
+    /// Latencies of second `t` of node `n` (a few, varying so that buckets differ).
+    fn values(t: u64, n: u64) -> Vec<u64> {
+        (0..(t % 3 + n))
+            .map(|i| 50 + (t * 37 + i * 11 + n) % 5_000)
+            .collect()
+    }
+
+    fn second_of(t: u64, n: u64) -> NodeSecond {
+        // Copying an empty second is much cheaper than creating its histograms.
+        static EMPTY: std::sync::OnceLock<Metrics> = std::sync::OnceLock::new();
+        let mut m = EMPTY.get_or_init(|| Metrics::new(&layout())).clone();
+        if values(t, n).is_empty() {
+            return NodeSecond {
+                second: t,
+                metrics: m,
+                vus: 1 + t % 4,
+            };
+        }
+        for v in values(t, n) {
+            m.series[0].latency.record(v);
+            m.series[0].requests += 1;
+        }
+        m.scenarios[0].schedule_lag.record(t % 97 + 1);
+        m.scenarios[0].iterations = values(t, n).len() as u64;
+        NodeSecond {
+            second: t,
+            metrics: m,
+            vus: 1 + t % 4,
+        }
+    }
+
+    /// Every bucket of every width is its seconds merged: counts summed, percentiles
+    /// read from the histogram of all its seconds' values (not from its seconds'
+    /// points), and the buckets tile the run without gap or overlap.
+    #[test]
+    fn long_timelines_downsample_exactly() {
+        let run = 25_000u64;
+        let mut a = RunAggregate::new(layout());
+        for t in 0..run {
+            for n in 1..=2 {
+                a.add(&format!("n{n}"), &second_of(t, n)).unwrap();
+            }
+        }
+        a.finish();
+        let tl = a.report_timeline();
+        let mut next = 0;
+        let mut widths = BTreeSet::new();
+        for p in &tl {
+            assert_eq!(p.t, next, "buckets tile the run");
+            next = p.t + p.width_s;
+            widths.insert(p.width_s);
+            let mut h = Hist::default();
+            let mut requests = 0;
+            let mut vus = 0;
+            for t in p.t..p.t + p.width_s {
+                for n in 1..=2 {
+                    for v in values(t, n) {
+                        h.record(v);
+                        requests += 1;
+                    }
+                }
+                vus = vus.max(2 * (1 + t % 4));
+            }
+            assert_eq!(p.requests, requests, "bucket at {}", p.t);
+            assert_eq!(p.p50_us, h.0.value_at_quantile(0.5), "bucket at {}", p.t);
+            assert_eq!(p.p99_us, h.0.value_at_quantile(0.99), "bucket at {}", p.t);
+            assert_eq!(p.max_us, h.0.max(), "bucket at {}", p.t);
+            assert_eq!(p.vus, vus);
+            assert_eq!(p.nodes, 2);
+            assert!((p.rps - requests as f64 / p.width_s as f64).abs() < 1e-9);
+        }
+        assert_eq!(next, run);
+        assert_eq!(widths.into_iter().collect::<Vec<_>>(), vec![1, 10, 60, 600]);
+        // The newest ten minutes stay at full resolution.
+        assert!(tl.iter().rev().take(600).all(|p| p.width_s == 1));
+        let node = a.report_node_timeline("n1");
+        assert_eq!(
+            node.iter().map(|p| (p.t, p.width_s)).collect::<Vec<_>>(),
+            tl.iter().map(|p| (p.t, p.width_s)).collect::<Vec<_>>(),
+            "node buckets line up with the merged ones"
+        );
+    }
+
+    /// What a timeline holds is bounded by its tiers, whatever the run's length (but
+    /// for the coarsest tier, which grows by one point an hour).
+    #[test]
+    fn retained_points_do_not_grow_with_the_run() {
+        let mut a = RunAggregate::new(layout());
+        for t in 0..25_000u64 {
+            a.add("n", &second_of(t, 1)).unwrap();
+            if t % 1_000 == 999 {
+                let (points, hists) = a.retained();
+                // Two timelines: the run's and the node's.
+                assert!(points <= 2 * retained_bound(t + 1), "{points} at {t}");
+                assert!(hists <= 2 * 2 * (WINDOW as usize + 1 + TIERS.len()));
+            }
+        }
+        assert!(
+            retained_bound(259_200) < 2_000,
+            "{}",
+            retained_bound(259_200)
+        );
+    }
+
+    /// A second that arrives after its bucket closed still counts exactly.
+    #[test]
+    fn late_seconds_count_in_closed_buckets() {
+        let mut a = RunAggregate::new(layout());
+        for t in 0..5_000u64 {
+            a.add("a", &second_of(t, 1)).unwrap();
+        }
+        // Node b's second 3 arrives long after (a re-fetched gap).
+        a.add("b", &second_of(3, 2)).unwrap();
+        a.finish();
+        let tl = a.report_timeline();
+        let want: u64 = (0..5_000u64)
+            .map(|t| values(t, 1).len() as u64)
+            .sum::<u64>()
+            + values(3, 2).len() as u64;
+        assert_eq!(tl.iter().map(|p| p.requests).sum::<u64>(), want);
+        assert_eq!(a.totals.total_requests(), want);
+        let b = a.report_node_timeline("b");
+        assert_eq!(
+            b.iter().map(|p| p.requests).sum::<u64>(),
+            values(3, 2).len() as u64
+        );
+    }
+
+    /// The live history ends where the live view's full-resolution part begins and
+    /// covers the whole run before it.
+    #[test]
+    fn live_history_covers_the_run_before_the_recent_minutes() {
+        let mut a = RunAggregate::new(layout());
+        for t in 0..20_000u64 {
+            a.add("a", &second_of(t, 1)).unwrap();
+        }
+        let (run, nodes) = a.live_history(600);
+        assert_eq!(run.first().map(|p| p.t), Some(0));
+        let last = run.last().unwrap();
+        assert!(last.t + last.width_s <= a.end() - 600);
+        assert!(last.t + last.width_s + 60 > a.end() - 600);
+        assert!(run.len() < 100, "{}", run.len());
+        assert_eq!(nodes["a"].len(), run.len());
     }
 }

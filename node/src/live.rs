@@ -2,6 +2,10 @@
 //! the current run's merged timeline, each node's own timeline, the merged totals,
 //! events, and the summaries of recent runs.
 //!
+//! A timeline here is the last [`KEEP_SECONDS`] at 1 s plus the run's coarse history
+//! before them (buckets of whole minutes and hours merged by the aggregate, see
+//! [`crate::aggregate::LIVE_HISTORY`]): what it holds does not grow with the run.
+//!
 //! The run coordinator writes it (once per snapshot: a second's worth of work, never
 //! per request); readers take a short read lock and copy what they need. It must not
 //! compute measurements itself.
@@ -15,8 +19,9 @@ use stampede_protocol::snapshot::{Layout, Metrics};
 use crate::aggregate::TimelinePoint;
 use crate::report::{Event, Summary};
 
-/// Seconds of timeline kept per run and per node for live charts (an hour).
-pub const KEEP_SECONDS: usize = 3600;
+/// Seconds of timeline kept at full resolution per run and per node for live charts
+/// (ten minutes); older seconds are in the history.
+pub const KEEP_SECONDS: usize = 600;
 /// Finished runs whose summaries are kept for the dashboard.
 pub const KEEP_RUNS: usize = 10;
 
@@ -38,10 +43,14 @@ pub struct LiveRun {
     pub leader: String,
     pub started_unix_ms: u64,
     pub members: Vec<LiveMember>,
-    /// The merged picture, one point per second.
+    /// The merged picture, one point per second: the last [`KEEP_SECONDS`].
     pub timeline: VecDeque<TimelinePoint>,
-    /// Each node's own seconds, by node name.
+    /// Each node's own seconds, by node name: the last [`KEEP_SECONDS`].
     pub per_node: BTreeMap<String, VecDeque<TimelinePoint>>,
+    /// The merged picture before `timeline`, in coarse buckets (`width_s` each).
+    pub history: Vec<TimelinePoint>,
+    /// Each node's picture before its `per_node` seconds, by node name.
+    pub per_node_history: BTreeMap<String, Vec<TimelinePoint>>,
     pub events: Vec<Event>,
     /// Merged counters and histograms so far (for `/metrics`).
     #[serde(skip)]
@@ -64,6 +73,8 @@ impl LiveRun {
             members: Vec::new(),
             timeline: VecDeque::new(),
             per_node: BTreeMap::new(),
+            history: Vec::new(),
+            per_node_history: BTreeMap::new(),
             events: Vec::new(),
             totals: None,
             layout: None,
@@ -77,6 +88,18 @@ impl LiveRun {
 
     pub fn push_node_point(&mut self, node: &str, p: TimelinePoint) {
         push_bounded(self.per_node.entry(node.to_string()).or_default(), p);
+    }
+
+    /// Replaces the coarse history of the run and of its nodes (by node name), as
+    /// [`crate::aggregate::RunAggregate::live_history`] gives it for [`KEEP_SECONDS`].
+    /// Its buckets change once a minute: calling it more often only costs a copy.
+    pub fn set_history(
+        &mut self,
+        run: Vec<TimelinePoint>,
+        per_node: BTreeMap<String, Vec<TimelinePoint>>,
+    ) {
+        self.history = run;
+        self.per_node_history = per_node;
     }
 }
 

@@ -117,14 +117,16 @@ fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     written
 }
 
-fn csv(s: &Summary) -> String {
+/// One row per timeline bucket; `width_s` (last, so older readers keep their columns)
+/// says how many seconds a row spans: `rps` is per second, the counts are the bucket's.
+pub fn csv(s: &Summary) -> String {
     let mut o = String::from(
-        "t,requests,rps,p50_us,p90_us,p99_us,max_us,errors,iterations,dropped_iterations,bytes_received,vus,schedule_lag_p99_us,nodes\n",
+        "t,requests,rps,p50_us,p90_us,p99_us,max_us,errors,iterations,dropped_iterations,bytes_received,vus,schedule_lag_p99_us,nodes,width_s\n",
     );
     for p in &s.timeline {
         let _ = writeln!(
             o,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             p.t,
             p.requests,
             p.rps,
@@ -138,7 +140,8 @@ fn csv(s: &Summary) -> String {
             p.bytes_received,
             p.vus,
             p.schedule_lag_p99_us,
-            p.nodes
+            p.nodes,
+            p.width_s
         );
     }
     o

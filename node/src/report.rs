@@ -282,7 +282,7 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
             cpu: (info.cpu * 1000.0).round() / 1000.0,
             start_late_us: info.start_late_us,
             clock_offset_us: info.clock_offset_us,
-            timeline: nt.timeline.clone(),
+            timeline: agg.report_node_timeline(id),
         });
     }
     let by_label = by_label
@@ -357,7 +357,7 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
         scenarios,
         nodes,
         by_label,
-        timeline: agg.timeline.clone(),
+        timeline: agg.report_timeline(),
         thresholds,
         events: input.events,
         generator,

@@ -5,8 +5,13 @@
 #
 #   tools/bench/run.sh [--rounds 3] [--duration 10s] [--idle-vus 10000]
 #                      [--short 5s] [--long 50s] [--skip-build] [--keep DIR]
-#                      [--only throughput,idle,arrival,rss,mesh] [--max N] [--rate N]
+#                      [--only throughput,idle,arrival,rss,mesh,soak] [--max N] [--rate N]
 #                      [--lag-runs 3]
+#
+# `--only soak [--duration 30m]`: a 3-node loopback mesh at 300 it/s for the duration
+# (30 min unless --duration is given), RSS of every node every 30 s; prints each
+# node's RSS slope after warm-up, the rate's stability and exactness. Not in the
+# default set: it takes half an hour.
 #
 # Layout: nginx (1 worker) pinned to CPU 1, the load generator (wrk or stampede) pinned
 # to CPU 0; wrk and stampede alternate round by round so that drift in the machine's
@@ -27,16 +32,17 @@ RATE=""
 RATE_GIVEN=""
 MAX_REF=""
 LAG_RUNS=3
+DURATION_GIVEN=""
 
 usage() {
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --rounds) ROUNDS="$2"; shift 2 ;;
-        --duration) DURATION="$2"; shift 2 ;;
+        --duration) DURATION="$2"; DURATION_GIVEN=1; shift 2 ;;
         --idle-vus) IDLE_VUS="$2"; shift 2 ;;
         --short) SHORT="$2"; shift 2 ;;
         --long) LONG="$2"; shift 2 ;;
@@ -51,11 +57,17 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-# Durations are whole seconds here ("10s" or "10"): wrk and the plans both take them.
+# Durations are whole seconds here ("10s" or "10"; "30m" and "2h" for the soak): wrk
+# and the plans both take them.
 secs() {
-    local v="${1%s}"
-    [[ "$v" =~ ^[0-9]+$ ]] || { echo "run.sh: '$1' is not a whole number of seconds" >&2; exit 2; }
-    echo "$v"
+    local v="$1" mult=1
+    case "$v" in
+        *m) v="${v%m}"; mult=60 ;;
+        *h) v="${v%h}"; mult=3600 ;;
+        *) v="${v%s}" ;;
+    esac
+    [[ "$v" =~ ^[0-9]+$ ]] || { echo "run.sh: '$1' is not a whole number of seconds, minutes or hours" >&2; exit 2; }
+    echo $((v * mult))
 }
 DUR_S=$(secs "$DURATION")
 SHORT_S=$(secs "$SHORT")
@@ -527,6 +539,96 @@ if [[ -s "$WORK/mesh.json" && -n "$first" ]]; then
 else
     echo "run.sh: the mesh run wrote no summary; its output:" >&2
     cat "$WORK/mesh.log" >&2
+fi
+STAMPEDE_TESTNET_DIR="$TN" "$ROOT/testnet/local.sh" stop >/dev/null 2>&1 || true
+kill "$MESH_TARGET_PID" 2>/dev/null || true
+wait "$MESH_TARGET_PID" 2>/dev/null || true
+MESH_TARGET_PID=""
+fi
+
+# --- 6. soak -------------------------------------------------------------------------
+# Memory over a long mesh run: 3 nodes of 1 worker (as for the mesh figures), 300 it/s
+# of one request each against stampede-target. Every 30 s the sampler reads each
+# node's VmRSS and the target's per-second counts (it keeps the last 120 s), so that
+# nothing is lost between samples. Slope: least squares over the samples after the
+# warm-up (the first 5 minutes, or the first sixth of a shorter run).
+if want soak; then
+SOAK_S=$DUR_S
+[[ -n "$DURATION_GIVEN" ]] || SOAK_S=1800
+SOAK_RATE=300
+WARM_S=$(( SOAK_S / 6 < 300 ? SOAK_S / 6 : 300 ))
+log "soak: 3 local nodes of 1 worker, stampede-target, $SOAK_RATE it/s of one request for ${SOAK_S}s; RSS of every node every 30 s (warm-up ${WARM_S}s)"
+echo "load avg before: $(cut -d' ' -f1-3 /proc/loadavg)"
+TN="$WORK/testnet"
+STAMPEDE_CAPACITY=1 STAMPEDE_BIN="$STAMPEDE" STAMPEDE_TESTNET_DIR="$TN" "$ROOT/testnet/local.sh" 3 >"$WORK/testnet-soak.log" 2>&1 \
+    || { echo "run.sh: testnet did not start:" >&2; cat "$WORK/testnet-soak.log" >&2; exit 1; }
+TPORT=$(free_port)
+"$ROOT/target/release/stampede-target" --listen "127.0.0.1:$TPORT" >"$WORK/target-soak.log" 2>&1 &
+MESH_TARGET_PID=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$TPORT") 2>/dev/null && break; sleep 0.1; done
+mapfile -t SOAK_PIDS <"$TN/pids"
+: >"$WORK/soak-rss.samples"
+: >"$WORK/soak-target.seconds"
+"$STAMPEDE" run --mesh --quiet --data-dir "$TN/n1" "$BENCH/soak.toml" \
+    --set "defaults.base_url=\"http://127.0.0.1:$TPORT\"" --set "scenarios.steady.rate=$SOAK_RATE" \
+    --set "scenarios.steady.duration=\"${SOAK_S}s\"" \
+    --out "json=$WORK/soak.json" --out "html=$WORK/soak.html" --out "csv=$WORK/soak.csv" \
+    >"$WORK/soak.log" 2>&1 &
+RUN_PID=$!
+t0=$(date +%s)
+# Bounded: the plan's duration plus 5 minutes for the start and the report.
+while kill -0 "$RUN_PID" 2>/dev/null && (( $(date +%s) - t0 < SOAK_S + 300 )); do
+    sleep 30
+    line="$(( $(date +%s) - t0 ))"
+    for pid in "${SOAK_PIDS[@]}"; do
+        line+=" $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)"
+    done
+    echo "$line" >>"$WORK/soak-rss.samples"
+    target_count "$TPORT" | jq -r '.per_second[] | "\(.[0]) \(.[1])"' >>"$WORK/soak-target.seconds" 2>/dev/null || true
+done
+if kill -0 "$RUN_PID" 2>/dev/null; then
+    echo "run.sh: the soak run did not end within ${SOAK_S}s + 5 min; stopping it" >&2
+    kill "$RUN_PID" 2>/dev/null || true
+fi
+wait "$RUN_PID" || true
+stats=$(target_count "$TPORT")
+printf '%s' "$stats" | jq -r '.per_second[] | "\(.[0]) \(.[1])"' >>"$WORK/soak-target.seconds" 2>/dev/null || true
+echo "load avg after:  $(cut -d' ' -f1-3 /proc/loadavg) (the machine is shared: other work competes with the nodes)"
+if [[ -s "$WORK/soak.json" ]]; then
+    echo "RSS samples (s, KiB per node):"
+    awk '{ printf "  %s", $1; for (i = 2; i <= NF; i++) printf " %s", $i; printf "\n" }' "$WORK/soak-rss.samples" | \
+        awk 'NR % 4 == 1 || NR <= 2' 
+    # Least-squares slope of each node's RSS against time after the warm-up, KiB/min.
+    awk -v warm="$WARM_S" '$1 >= warm {
+            n++; sx += $1; sxx += $1 * $1
+            for (i = 2; i <= NF; i++) { sy[i] += $i; sxy[i] += $1 * $i; first[i] = (first[i] ? first[i] : $i); last[i] = $i }
+            nf = NF
+        }
+        END {
+            if (n < 3) { print "RSS slope: too few samples after the warm-up"; exit }
+            d = n * sxx - sx * sx
+            worst = 0
+            for (i = 2; i <= nf; i++) {
+                slope = (n * sxy[i] - sx * sy[i]) / d * 60
+                if (slope > worst) worst = slope
+                printf "RSS slope after warm-up, node %d: %+.1f KiB/min (%d KiB -> %d KiB over %d samples)\n", i - 1, slope, first[i], last[i], n
+            }
+            printf "RSS slope, worst node: %+.1f KiB/min (goal < 10)\n", worst
+        }' "$WORK/soak-rss.samples"
+    # Whole seconds inside the run (its start from the summary, the first and last
+    # seconds left out as partial), each the target's last reading of that second.
+    start=$(date -d "$(jq -r .started_at "$WORK/soak.json")" +%s)
+    sort -n -k1,1 -k2,2n "$WORK/soak-target.seconds" | awk '{ c[$1] = ($2 > c[$1] ? $2 : c[$1]) } END { for (s in c) print s, c[s] }' | sort -n >"$WORK/soak-target.per-second"
+    awk -v a="$((start + 1))" -v b="$((start + SOAK_S - 1))" -v rate="$SOAK_RATE" '
+        $1 >= a && $1 < b { n++; d = ($2 - rate) / rate * 100; if (d < 0) d = -d; if (d > worst) { worst = d; at = $1 - a + 1 }; if (d > 2) out++ }
+        END { printf "rate stability: %d whole seconds at the target, %d outside %d/s +-2 %%, worst %.1f %% (second %d of the run)\n", n, out + 0, rate, worst, at }' \
+        "$WORK/soak-target.per-second"
+    echo "exactness: summary $(jq -r .totals.requests "$WORK/soak.json") requests ($(jq -r .totals.failed "$WORK/soak.json") failed, $(jq -r .totals.dropped_iterations "$WORK/soak.json") dropped), target counted $(printf '%s' "$stats" | jq -r .load_requests)"
+    echo "report: timeline $(jq -r '.timeline | length' "$WORK/soak.json") points (widths $(jq -r '[.timeline[].width_s] | unique | map(tostring) | join(", ")' "$WORK/soak.json") s), JSON $(( $(stat -c %s "$WORK/soak.json") / 1024 )) KiB, HTML $(( $(stat -c %s "$WORK/soak.html") / 1024 )) KiB, CSV $(( $(stat -c %s "$WORK/soak.csv") / 1024 )) KiB"
+    echo "lag p99 $(jq -r .generator.schedule_lag_us.p99 "$WORK/soak.json") us, latency p99 $(jq -r .totals.latency_us.p99 "$WORK/soak.json") us; events: $(jq -r '[.events[].kind] | join(", ")' "$WORK/soak.json")"
+else
+    echo "run.sh: the soak run wrote no summary; its output:" >&2
+    cat "$WORK/soak.log" >&2
 fi
 STAMPEDE_TESTNET_DIR="$TN" "$ROOT/testnet/local.sh" stop >/dev/null 2>&1 || true
 kill "$MESH_TARGET_PID" 2>/dev/null || true

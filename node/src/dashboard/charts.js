@@ -38,6 +38,19 @@ var ST = (function () {
     return String(Math.round(v * 100) / 100);
   }
 
+  // Time ticks at whole seconds, minutes or hours: a run of days labelled in seconds
+  // is unreadable.
+  var STEPS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400];
+  function timeStep(min) {
+    for (var i = 0; i < STEPS.length; i++) if (STEPS[i] >= min) return STEPS[i];
+    return nice(min / 86400) * 86400;
+  }
+  function timeLabel(v, step) {
+    if (step < 60) return v + "s";
+    if (step < 3600) return (v / 60) + "m";
+    return (v / 3600) + "h";
+  }
+
   // series: [{name, color, points: [[t, y], ...]}]; opts: {id, title, unit, events:[t]}
   function chart(opts, series) {
     var W = 560, H = 190, L = 48, R = 10, T = 8, B = 22;
@@ -56,9 +69,9 @@ var ST = (function () {
       svg += '<line class="grid" x1="' + L + '" x2="' + (W - R) + '" y1="' + y + '" y2="' + y + '"/>';
       svg += '<text x="' + (L - 4) + '" y="' + (+y + 3) + '" text-anchor="end">' + esc(tickLabel(yv, opts.unit)) + '</text>';
     }
-    var xstep = nice((x1 - x0) / 6);
+    var xstep = timeStep((x1 - x0) / 6);
     for (var xv = Math.ceil(x0 / xstep) * xstep; xv <= x1; xv += xstep) {
-      svg += '<text x="' + sx(xv).toFixed(1) + '" y="' + (H - 6) + '" text-anchor="middle">' + esc(xv + "s") + '</text>';
+      svg += '<text x="' + sx(xv).toFixed(1) + '" y="' + (H - 6) + '" text-anchor="middle">' + esc(timeLabel(xv, xstep)) + '</text>';
     }
     svg += '<line class="axis" x1="' + L + '" x2="' + (W - R) + '" y1="' + (H - B) + '" y2="' + (H - B) + '"/>';
     // Events in the same second share one marker.
@@ -131,14 +144,33 @@ var ST = (function () {
   // Events as chart markers: [t, kind].
   function marks(events) { return (events || []).map(function (x) { return [x.t || 0, x.kind]; }); }
   function pts(tl, f) { return (tl || []).map(function (p) { return [p.t, f(p)]; }); }
+  // A count of a point as a rate per second: a point of a long run spans `width_s`
+  // seconds (its percentiles are its bucket's, its counts the bucket's sums).
+  function perSec(p, v) { return (v || 0) / (p.width_s || 1); }
+  // The live view's coarse history of a run, then its last seconds at full resolution.
+  function join(history, recent) {
+    history = history || []; recent = recent || [];
+    if (!recent.length) return history.slice();
+    var from = recent[0].t;
+    return history.filter(function (p) { return p.t + (p.width_s || 1) <= from; }).concat(recent);
+  }
+  // The resolution note under a chart section when some points span more than 1 s.
+  function resolution(tl) {
+    var w = {};
+    (tl || []).forEach(function (p) { w[p.width_s || 1] = 1; });
+    var ws = Object.keys(w).map(Number).sort(function (a, b) { return b - a; });
+    if (ws.length < 2 && ws[0] !== undefined && ws[0] <= 1) return "";
+    return '<p class="note" id="resolution">A long run: older points are buckets of ' + ws.map(function (x) { return timeLabel(x, x); }).join(", ") +
+      " (oldest first), the newest at 1 s; a bucket's percentiles come from its merged histogram and its counts are shown per second.</p>";
+  }
 
   // The four golden signals over time for the merged timeline.
   function mergedCharts(tl, evs, pre) {
     var classes = {};
     tl.forEach(function (p) { Object.keys(p.errors_by_class || {}).forEach(function (c) { classes[c] = 1; }); });
-    var errSeries = [{ name: "all errors", color: "#c0262d", points: pts(tl, function (p) { return p.errors; }) }];
+    var errSeries = [{ name: "all errors", color: "#c0262d", points: pts(tl, function (p) { return perSec(p, p.errors); }) }];
     Object.keys(classes).sort().forEach(function (c, i) {
-      errSeries.push({ name: c, color: PALETTE[(i + 1) % PALETTE.length], dash: 1, points: pts(tl, function (p) { return (p.errors_by_class || {})[c] || 0; }) });
+      errSeries.push({ name: c, color: PALETTE[(i + 1) % PALETTE.length], dash: 1, points: pts(tl, function (p) { return perSec(p, (p.errors_by_class || {})[c]); }) });
     });
     return '<div class="charts">' +
       chart({ id: pre + "latency", title: "Latency percentiles (merged histograms)", unit: "us", events: evs }, [
@@ -150,12 +182,12 @@ var ST = (function () {
       chart({ id: pre + "errors", title: "Errors per second by class", events: evs }, errSeries) +
       chart({ id: pre + "vus", title: "Active VUs and dropped iterations", events: evs }, [
         { name: "VUs", color: PALETTE[2], points: pts(tl, function (p) { return p.vus; }) },
-        { name: "dropped iterations/s", color: PALETTE[1], points: pts(tl, function (p) { return p.dropped_iterations; }) }]) +
+        { name: "dropped iterations/s", color: PALETTE[1], points: pts(tl, function (p) { return perSec(p, p.dropped_iterations); }) }]) +
       chart({ id: pre + "lag", title: "Schedule lag p99 (generator saturation above 10 ms)", unit: "us", events: evs }, [
         { name: "schedule lag p99", color: PALETTE[4], points: pts(tl, function (p) { return p.schedule_lag_p99_us; }) },
         { name: "10 ms", color: "#c0262d", dash: 1, points: tl.length ? [[tl[0].t, LAG_SATURATED_US], [tl[tl.length - 1].t, LAG_SATURATED_US]] : [] }]) +
       chart({ id: pre + "bytes", title: "Received bytes per second", unit: "", events: evs }, [
-        { name: "bytes/s", color: PALETTE[5], points: pts(tl, function (p) { return p.bytes_received; }) }]) +
+        { name: "bytes/s", color: PALETTE[5], points: pts(tl, function (p) { return perSec(p, p.bytes_received); }) }]) +
       "</div>";
   }
 
@@ -170,7 +202,7 @@ var ST = (function () {
       chart({ id: pre + "p99", title: "p99 latency per node", unit: "us", events: evs }, lines(function (p) { return p.p99_us; })) +
       chart({ id: pre + "p50", title: "p50 latency per node", unit: "us", events: evs }, lines(function (p) { return p.p50_us; })) +
       chart({ id: pre + "rps", title: "Throughput per node (rps)", events: evs }, lines(function (p) { return p.rps; })) +
-      chart({ id: pre + "errors", title: "Errors per second per node", events: evs }, lines(function (p) { return p.errors; })) +
+      chart({ id: pre + "errors", title: "Errors per second per node", events: evs }, lines(function (p) { return perSec(p, p.errors); })) +
       chart({ id: pre + "vus", title: "Active VUs per node", events: evs }, lines(function (p) { return p.vus; })) +
       chart({ id: pre + "lag", title: "Schedule lag p99 per node (generator saturation)", unit: "us", events: evs }, lines(function (p) { return p.schedule_lag_p99_us; })) +
       "</div>";
@@ -209,7 +241,7 @@ var ST = (function () {
         table([{ h: k }, { h: "nodes" }].concat(STAT_COLS), rows, ' class="by-label" data-label-key="' + esc(k) + '"') +
         '<div class="charts">' +
         chart({ id: pre + "label-" + k + "-rps", title: "Throughput by " + k + " (rps, summed over its nodes)", events: evs }, sums(function (p) { return p.rps; })) +
-        chart({ id: pre + "label-" + k + "-errors", title: "Errors per second by " + k, events: evs }, sums(function (p) { return p.errors; })) +
+        chart({ id: pre + "label-" + k + "-errors", title: "Errors per second by " + k, events: evs }, sums(function (p) { return perSec(p, p.errors); })) +
         chart({ id: pre + "label-" + k + "-p99", title: "p99 latency per node, coloured by " + k, unit: "us", events: evs }, latLines) +
         "</div>";
     }).join("");
@@ -244,7 +276,8 @@ var ST = (function () {
       var bad = (perNode[n] || []).filter(function (p) { return p.schedule_lag_p99_us > LAG_SATURATED_US; });
       if (bad.length) {
         var worst = Math.max.apply(null, bad.map(function (p) { return p.schedule_lag_p99_us; }));
-        out.push("node " + n + ": iterations started late (schedule lag p99 up to " + ms(worst) + ") in " + bad.length + " second(s)");
+        var secs = bad.reduce(function (a, p) { return a + (p.width_s || 1); }, 0);
+        out.push("node " + n + ": iterations started late (schedule lag p99 up to " + ms(worst) + ") in " + (secs === bad.length ? bad.length + " second(s)" : bad.length + " bucket(s) of " + secs + " s"));
       }
       var dropped = (perNode[n] || []).reduce(function (a, p) { return a + (p.dropped_iterations || 0); }, 0);
       if (dropped) out.push("node " + n + ": " + int(dropped) + " iteration(s) dropped (every VU busy)");
@@ -262,5 +295,6 @@ var ST = (function () {
 
   return { esc: esc, int: int, ms: ms, pct: pct, bytes: bytes, chart: chart, table: table, STAT_COLS: STAT_COLS, statCells: statCells,
     labelChips: labelChips, kpis: kpis, mergedCharts: mergedCharts, perNodeCharts: perNodeCharts, labelSection: labelSection,
-    nodeTable: nodeTable, eventsTable: eventsTable, marks: marks, saturation: saturation, alarm: alarm, PALETTE: PALETTE };
+    nodeTable: nodeTable, eventsTable: eventsTable, marks: marks, saturation: saturation, alarm: alarm, PALETTE: PALETTE,
+    join: join, resolution: resolution };
 })();

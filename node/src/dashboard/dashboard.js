@@ -16,23 +16,29 @@
 
   function run(r, current) {
     var evs = ST.marks(r.events);
-    var tl = r.timeline || [];
-    var last = tl.length ? tl[tl.length - 1] : null;
+    // The whole run: its coarse history, then its last minutes at 1 s.
+    var recentTl = r.timeline || [];
+    var tl = ST.join(r.history, recentTl);
+    var last = recentTl.length ? recentTl[recentTl.length - 1] : null;
+    var perNode = {};
+    Object.keys(r.per_node || {}).concat(Object.keys(r.per_node_history || {})).forEach(function (n) {
+      perNode[n] = ST.join((r.per_node_history || {})[n], (r.per_node || {})[n]);
+    });
     var h = '<section class="run" id="run-' + e(r.run_id) + '" data-run="' + e(r.run_id) + '" data-phase="' + e(r.phase) + '"><h2>' + (current ? "Current run" : "Last run") +
       ": " + e(r.plan) + ' <span class="note">run <code>' + e(r.run_id) + "</code> · phase <b>" + e(r.phase) + "</b> · leader " + e(r.leader) +
       " · " + (r.members || []).length + " node(s)" + (last ? " · second " + last.t : "") + "</span></h2>";
     h += ST.alarm((r.saturation || []).slice(), false);
     var extra = last ? [["rps now", last.rps.toFixed(0), last.rps], ["p99 now", ST.ms(last.p99_us), last.p99_us], ["VUs now", ST.int(last.vus), last.vus]] : [];
     h += r.totals ? ST.kpis(r.totals, extra) : '<p class="note">No measurements yet.</p>';
-    h += "<h3>All nodes merged</h3>" + ST.mergedCharts(tl, evs, "live-merged-");
+    h += "<h3>All nodes merged</h3>" + ST.mergedCharts(tl, evs, "live-merged-") + ST.resolution(tl);
     var names = (r.nodes || []).map(function (n) { return n.name; });
     (r.members || []).forEach(function (m) { if (names.indexOf(m.name) < 0) r.nodes.push({ name: m.name, labels: m.labels, status: m.status, stats: {} }); });
     (r.nodes || []).forEach(function (n) {
       var m = (r.members || []).filter(function (x) { return x.name === n.name; })[0];
       if (m) n.status = m.status;
     });
-    h += "<h3>Per node</h3>" + ST.nodeTable(r.nodes || []) + ST.perNodeCharts(r.per_node || {}, evs, "live-node-");
-    h += "<h3>Per label</h3>" + ST.labelSection(r.by_label, r.nodes || [], r.per_node || {}, evs, "live-");
+    h += "<h3>Per node</h3>" + ST.nodeTable(r.nodes || []) + ST.perNodeCharts(perNode, evs, "live-node-");
+    h += "<h3>Per label</h3>" + ST.labelSection(r.by_label, r.nodes || [], perNode, evs, "live-");
     h += "<h3>Events</h3>" + ST.eventsTable(r.events);
     return h + "</section>";
   }

@@ -26,7 +26,7 @@
       }), ' class="thresholds"') + "</section>";
   }
   h += '<section id="merged"><h2>Golden signals, all nodes merged</h2>' + ST.mergedCharts(S.timeline || [], evs, "merged-") +
-    '<p class="note">Percentiles are read from merged HdrHistograms, never averaged. Dashed vertical lines mark events.</p></section>';
+    '<p class="note">Percentiles are read from merged HdrHistograms, never averaged. Dashed vertical lines mark events.</p>' + ST.resolution(S.timeline) + "</section>";
   h += '<section id="per-node"><h2>Per node</h2>' + ST.nodeTable(S.nodes || []) + ST.perNodeCharts(perNode, evs, "node-") + "</section>";
   h += '<section id="per-label"><h2>Per label</h2>' + ST.labelSection(S.by_label, S.nodes || [], perNode, evs, "") + "</section>";
   function statTable(title, id, m) {

@@ -63,20 +63,48 @@ fn run(browser: &Path, extra: &[String], url: &str, offline: bool) -> std::proce
     wait_bounded(child, RUN_LIMIT)
 }
 
-/// Waits for a child at most `limit`, killing it after that.
+/// Waits for a child at most `limit`, killing it after that. Its output is read while
+/// it runs: a page whose DOM is larger than the pipe's buffer (64 KiB; the report of a
+/// long run) would otherwise block Chromium on writing it until the limit.
 fn wait_bounded(mut child: std::process::Child, limit: Duration) -> std::process::Output {
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
     let start = Instant::now();
-    loop {
+    let status = loop {
         match child.try_wait() {
-            Ok(Some(_)) | Err(_) => break,
+            Ok(Some(status)) => break status,
             Ok(None) if start.elapsed() > limit => {
                 let _ = child.kill();
-                break;
+                break child.wait().expect("chromium exit status");
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("waiting for chromium: {e}"),
         }
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
     }
-    child.wait_with_output().expect("chromium output")
 }
 
 /// The DOM once the page has loaded and, with `budget_ms` > 0, its scripts have run for
