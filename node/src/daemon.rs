@@ -103,7 +103,9 @@ async fn run_node(
     let capacity = settings
         .capacity
         .unwrap_or_else(|| crate::cpu::cores() as u32);
-    let run_store = Arc::new(crate::run::RunStore::default());
+    let run_store = Arc::new(crate::run::RunStore::with_results(
+        crate::results::Results::new(&data_dir),
+    ));
     let cfg = MeshConfig {
         keypair,
         psk,

@@ -3,6 +3,7 @@
 //!
 //! Must not make protocol decisions: each effect is done as asked.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use stampede_protocol::machine::events::RunEvent;
@@ -198,7 +199,22 @@ impl Driver {
         let latest = agg.latest_complete(live_nodes);
         let totals = agg.totals.clone();
         let node_totals = agg.nodes.get(&s.node).map(|n| n.totals.clone());
+        // The coarse history of a long run (before the live view's recent minutes) is
+        // rebuilt once a minute of run time, keyed by node name for the dashboard.
+        let minute = agg.end() / 60;
+        let history = (minute > run.history_minute).then(|| {
+            run.history_minute = minute;
+            let (merged, per_node) = agg.live_history(crate::live::KEEP_SECONDS as u64);
+            let per_node: BTreeMap<String, _> = per_node
+                .into_iter()
+                .map(|(id, points)| (run.machine.name_of(&id), points))
+                .collect();
+            (merged, per_node)
+        });
         self.live.update(run_id, run.machine.plan_name(), |l| {
+            if let Some((merged, per_node)) = history {
+                l.set_history(merged, per_node);
+            }
             l.push_node_point(&node_name, node_point);
             if let Some(p) = latest.clone() {
                 l.push_point(p);

@@ -114,6 +114,8 @@ struct Run {
     started_unix_ms: u64,
     finished_at: Option<Instant>,
     ended_s: Option<f64>,
+    /// The minute of run time the live view's coarse history was last rebuilt at.
+    history_minute: u64,
 }
 
 pub struct Driver {
@@ -272,6 +274,7 @@ impl Driver {
                 started_unix_ms: crate::embedded::unix_ms(),
                 finished_at: None,
                 ended_s: None,
+                history_minute: 0,
             },
         );
     }
@@ -519,9 +522,7 @@ impl Driver {
             });
         }
         for msg in out {
-            if let Ok(mut st) = self.store.snapshots.lock() {
-                st.insert((run_id.to_string(), msg.seq), msg.clone());
-            }
+            self.store.keep(msg.clone());
             let seq = msg.seq;
             self.current = Some(msg);
             self.input(run_id, Input::OwnSecond { seq });

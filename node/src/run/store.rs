@@ -17,10 +17,40 @@ use stampede_protocol::run::{
 #[derive(Default)]
 pub struct RunStore {
     pub(crate) bundles: Mutex<HashMap<String, Bundle>>,
+    /// This node's own snapshots of the last [`RECENT_SECONDS`] of each run; older
+    /// ones are answered from the snapshot log on disk (`results`), so memory does not
+    /// grow with the length of a run.
     pub(crate) snapshots: Mutex<HashMap<(String, u64), SnapshotMessage>>,
+    results: Option<crate::results::Results>,
 }
 
+/// How many of its newest seconds of a run a node keeps in memory to answer re-fetches.
+pub const RECENT_SECONDS: u64 = 120;
+
 impl RunStore {
+    /// A store that answers older seconds from the node's snapshot logs.
+    pub fn with_results(results: crate::results::Results) -> RunStore {
+        RunStore {
+            results: Some(results),
+            ..Default::default()
+        }
+    }
+
+    /// Keeps one of this node's own snapshots, and lets go of the run's seconds older
+    /// than [`RECENT_SECONDS`] when there is a log to answer them from.
+    pub fn keep(&self, s: SnapshotMessage) {
+        let mut store = match self.snapshots.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if self.results.is_some() {
+            if let Some(old) = s.seq.checked_sub(RECENT_SECONDS) {
+                store.remove(&(s.run_id.clone(), old));
+            }
+        }
+        store.insert((s.run_id.clone(), s.seq), s);
+    }
+
     /// Answers a peer's run request (called on the event loop: must be quick).
     pub fn respond(&self, req: RunRequest) -> RunResponse {
         match req {
@@ -41,7 +71,7 @@ impl RunStore {
                     },
                 }
             }
-            RunRequest::Snapshots { run_id, seqs, .. } => {
+            RunRequest::Snapshots { run_id, node, seqs } => {
                 let store = match self.snapshots.lock() {
                     Ok(s) => s,
                     Err(p) => p.into_inner(),
@@ -58,6 +88,28 @@ impl RunStore {
                         None => missing.push(*seq),
                     }
                 }
+                drop(store);
+                if let (false, Some(results)) = (missing.is_empty(), &self.results) {
+                    // Older seconds: from the log, one pass, within the same budget.
+                    let wanted: std::collections::BTreeSet<u64> = missing.iter().copied().collect();
+                    if let Ok(log) = results.read(&run_id) {
+                        for r in log {
+                            if bytes >= SNAPSHOT_ANSWER_BYTES {
+                                break;
+                            }
+                            if r.node != node || !wanted.contains(&r.seq) {
+                                continue;
+                            }
+                            if let Ok(s) = r.snapshot() {
+                                if missing.contains(&s.seq) {
+                                    bytes += s.metrics.len();
+                                    missing.retain(|m| *m != s.seq);
+                                    snapshots.push(s);
+                                }
+                            }
+                        }
+                    }
+                }
                 RunResponse::Snapshots { snapshots, missing }
             }
             // durability: answered by the mesh event loop from `results`, never here.
@@ -71,6 +123,48 @@ impl RunStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Seconds older than the in-memory window are let go and answered from the log,
+    /// so a long run's own snapshots do not stay in memory.
+    #[test]
+    fn old_seconds_leave_memory_and_are_answered_from_the_log() {
+        let tmp = tempfile::tempdir().unwrap();
+        let results = crate::results::Results::new(tmp.path());
+        let store = RunStore::with_results(results.clone());
+        let run = "6932a8b2-0f3c";
+        for seq in 0..(RECENT_SECONDS + 30) {
+            let s = SnapshotMessage {
+                run_id: run.into(),
+                node: "me".into(),
+                seq,
+                vus: 1,
+                cpu: 0.0,
+                metrics: vec![seq as u8; 16],
+            };
+            results.append_snapshot(&s).unwrap();
+            store.keep(s);
+        }
+        assert_eq!(
+            store.snapshots.lock().unwrap().len(),
+            RECENT_SECONDS as usize
+        );
+        let answer = store.respond(RunRequest::Snapshots {
+            run_id: run.into(),
+            node: "me".into(),
+            seqs: vec![3, RECENT_SECONDS + 20, 10_000],
+        });
+        let RunResponse::Snapshots { snapshots, missing } = answer else {
+            panic!("not a snapshots answer: {answer:?}");
+        };
+        let mut got: Vec<u64> = snapshots.iter().map(|s| s.seq).collect();
+        got.sort_unstable();
+        assert_eq!(got, vec![3, RECENT_SECONDS + 20]);
+        assert_eq!(
+            snapshots.iter().find(|s| s.seq == 3).unwrap().metrics,
+            vec![3u8; 16]
+        );
+        assert_eq!(missing, vec![10_000]);
+    }
 
     /// A re-fetch answer says which asked seconds the node does not have, and stops
     /// taking snapshots once its byte budget is spent (the rest are asked again).

@@ -17,6 +17,47 @@ use crate::run::SNAPSHOTS_PER_REQUEST;
 /// is refused at decode and cut here before anything loops over it.
 pub const MAX_SECONDS: u64 = crate::run::MAX_RUN_SECONDS;
 
+/// The seconds of one member a node has: every second below `below`, and the ones
+/// above it that came out of order. Memory is the out-of-order seconds only, so it
+/// does not grow with the length of a run (a set of every second would, by tens of
+/// bytes a second per member).
+#[derive(Debug, Clone, Default)]
+pub struct Seconds {
+    below: u64,
+    above: std::collections::BTreeSet<u64>,
+}
+
+impl Seconds {
+    /// Adds a second; false if it was there already.
+    pub fn insert(&mut self, s: u64) -> bool {
+        if s < self.below || !self.above.insert(s) {
+            return false;
+        }
+        while self.above.remove(&self.below) {
+            self.below += 1;
+        }
+        true
+    }
+
+    pub fn contains(&self, s: &u64) -> bool {
+        *s < self.below || self.above.contains(s)
+    }
+
+    /// The highest second held.
+    pub fn last(&self) -> Option<u64> {
+        self.above
+            .iter()
+            .next_back()
+            .copied()
+            .or_else(|| self.below.checked_sub(1))
+    }
+
+    /// How many seconds are held.
+    pub fn count(&self) -> usize {
+        self.below as usize + self.above.len()
+    }
+}
+
 impl RunMachine {
     pub(super) fn on_snapshot(&mut self, from: &str, node: &str, seq: u64, _now: Now) {
         if from != node || seq >= MAX_SECONDS {
@@ -100,7 +141,7 @@ impl RunMachine {
                 None => {
                     // Lost before it said how many seconds it had: every gap below
                     // its last known second, and everything after it, is missing.
-                    let next = seen.iter().next_back().map_or(0, |s| s + 1);
+                    let next = seen.last().map_or(0, |s| s + 1);
                     let gaps: Vec<u64> = (0..next).filter(|s| !seen.contains(s)).collect();
                     unreported.push((j, gaps, Some(next)));
                 }
@@ -176,8 +217,32 @@ impl RunMachine {
             start_unix_us: self.version.as_ref().map(|v| v.start_unix_us),
             start_skew_us: skew,
             duration_s: self.run_time_us(now).unwrap_or(0) as f64 / 1e6,
-            seconds: self.seen.iter().map(|s| s.len()).sum(),
+            seconds: self.seen.iter().map(|s| s.count()).sum(),
         };
         self.out.push(super::Effect::Report(facts));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Seconds;
+
+    #[test]
+    fn seconds_in_order_take_no_memory_and_out_of_order_ones_are_kept() {
+        let mut s = Seconds::default();
+        for i in 0..100_000u64 {
+            assert!(s.insert(i));
+        }
+        assert!(!s.insert(5), "a second is taken once");
+        assert_eq!(
+            (s.count(), s.last(), s.above.len()),
+            (100_000, Some(99_999), 0)
+        );
+        assert!(s.insert(100_002));
+        assert!(!s.contains(&100_001) && s.contains(&100_002) && s.contains(&3));
+        assert_eq!(s.last(), Some(100_002));
+        assert!(s.insert(100_001) && s.insert(100_000));
+        assert_eq!((s.count(), s.above.len()), (100_003, 0));
+        assert_eq!(Seconds::default().last(), None);
     }
 }

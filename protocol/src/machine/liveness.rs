@@ -20,6 +20,9 @@ use crate::run::RunMessage;
 /// (two members without a lease would otherwise answer each other without end).
 const IMMEDIATE_GAP_US: u64 = 50_000;
 
+/// The least time between two heartbeats sent in answer to others.
+const ANSWER_GAP_US: u64 = 5_000;
+
 /// How many of its own heartbeat stamps a node remembers to check echoes against.
 const BEATS_KEPT: usize = 64;
 
@@ -34,6 +37,7 @@ impl RunMachine {
         {
             self.send_beat(now);
         }
+        self.answer_if_due(now);
         self.fence_silent(now);
         self.republish(now);
     }
@@ -41,6 +45,8 @@ impl RunMachine {
     /// Sends this node's heartbeat now.
     pub(super) fn send_beat(&mut self, now: Now) {
         let Some(me) = self.my_index else { return };
+        // This beat echoes everyone: it is the answer anyone was waiting for.
+        self.answer_due = false;
         let mut echoes = Vec::new();
         let mut fenced = Vec::new();
         for (j, p) in self.peers.iter().enumerate() {
@@ -165,7 +171,10 @@ impl RunMachine {
         // version up), or this node lacking one, is answered at once: a version
         // switch costs a round trip rather than a beat period. Once both hold a
         // lease the exchange stops; between two members that cannot get one it is
-        // limited to one answer per IMMEDIATE_GAP_US.
+        // limited to one answer per IMMEDIATE_GAP_US. One beat echoes every member,
+        // so answers to many members at once are one beat (at most one per
+        // ANSWER_GAP_US; one asked for sooner goes at the next input or tick): a
+        // version switch in a mesh of hundreds stays a handful of beats per node.
         let lacking = *wants_echo || !self.holds_lease(now);
         let replied = self.peers[j].replied_at;
         if digest == self.digest
@@ -174,6 +183,16 @@ impl RunMachine {
             && (replied == 0 || now.mono_us.saturating_sub(replied) >= IMMEDIATE_GAP_US)
         {
             self.peers[j].replied_at = now.mono_us;
+            self.answer_due = true;
+        }
+        self.answer_if_due(now);
+    }
+
+    /// Sends the heartbeat others asked for, unless one went out too recently.
+    pub(super) fn answer_if_due(&mut self, now: Now) {
+        if self.answer_due && now.mono_us.saturating_sub(self.answered_at) >= ANSWER_GAP_US {
+            self.answer_due = false;
+            self.answered_at = now.mono_us;
             self.send_beat(now);
         }
     }
@@ -210,7 +229,7 @@ impl RunMachine {
             }
             if !p.gone {
                 self.peers[j].gone = true;
-                let last = self.seen[j].iter().next_back().copied();
+                let last = self.seen[j].last();
                 let (node, id) = (self.roster[j].name.clone(), self.roster[j].id.clone());
                 self.event(
                     now,

@@ -438,7 +438,7 @@ pub struct RunMachine {
     published: u64,
     started_told: bool,
     // Ledger.
-    seen: Vec<BTreeSet<u64>>,
+    seen: Vec<ledger::Seconds>,
     absent: Vec<BTreeSet<u64>>,
     finishing_since: Option<u64>,
     fetch_asked: u64,
@@ -452,6 +452,10 @@ pub struct RunMachine {
     flaw: Flaw,
     /// An origin outside the roster was reported gone by the mesh's membership.
     origin_silent: bool,
+    /// A heartbeat others asked for (see `liveness::answer_if_due`), and when the
+    /// last such answer went out.
+    answer_due: bool,
+    answered_at: u64,
     /// The last heartbeat changed an echo of this node, a fence or a term.
     beat_news: bool,
 }
@@ -523,6 +527,8 @@ impl RunMachine {
             reported: false,
             flaw: Flaw::None,
             origin_silent: false,
+            answer_due: false,
+            answered_at: 0,
             beat_news: false,
         }
     }
