@@ -10,12 +10,12 @@ use std::time::Duration;
 use stampede_protocol::plan::{parse_plan, PlanError};
 
 use crate::cli::{RunArgs, ValidateArgs};
-use crate::compile::{self, CompiledPlan};
-use crate::embedded::{self, LocalOptions};
 use crate::exit::{Failure, Outcome};
-use crate::outputs::{self, Output};
-use crate::report::{self, Summary};
-use crate::terminal;
+use crate::plan::compile::{self, CompiledPlan};
+use crate::reports::outputs::{self, Output};
+use crate::reports::summary::{self, Summary};
+use crate::reports::terminal;
+use crate::run::embedded::{self, LocalOptions};
 use stampede_protocol::machine::events::RunEvent;
 
 pub fn run(args: RunArgs) -> Result<Outcome, Failure> {
@@ -97,12 +97,12 @@ fn run_mesh(args: RunArgs) -> Result<Outcome, Failure> {
         files,
     };
     bundle.validate().map_err(Failure::usage)?;
-    let target = crate::control::find_node(
+    let target = crate::serve::control::find_node(
         args.node_client.node.as_deref(),
         args.node_client.data_dir.as_deref(),
     )
     .map_err(Failure::usage)?;
-    let request = crate::control::ControlRequest::Run {
+    let request = crate::serve::control::ControlRequest::Run {
         bundle,
         requirements: plan.plan.requirements.clone(),
     };
@@ -113,8 +113,8 @@ fn run_mesh(args: RunArgs) -> Result<Outcome, Failure> {
 /// Sends a run request to a node, shows its progress as it streams in, and returns
 /// the merged summary. Ctrl-C asks the node to stop the run mesh-wide, gracefully.
 pub fn follow_run(
-    target: &crate::control::Target,
-    request: crate::control::ControlRequest,
+    target: &crate::serve::control::Target,
+    request: crate::serve::control::ControlRequest,
     quiet: bool,
     total: Duration,
 ) -> Result<Summary, Failure> {
@@ -137,9 +137,9 @@ pub fn follow_run(
                     let id = run_id.lock().ok().and_then(|g| g.clone());
                     if let Some(id) = id {
                         eprintln!("\nstopping run {id} on every node (the report follows)…");
-                        let _ = crate::control::call(
+                        let _ = crate::serve::control::call(
                             &target,
-                            crate::control::ControlRequest::Stop { run_id: id },
+                            crate::serve::control::ControlRequest::Stop { run_id: id },
                         );
                     } else {
                         std::process::exit(crate::cli::EXIT_RUN_FAILED);
@@ -148,47 +148,49 @@ pub fn follow_run(
             });
         });
     }
-    let mut progress = crate::terminal::Progress::new(quiet);
+    let mut progress = crate::reports::terminal::Progress::new(quiet);
     let started = std::time::Instant::now();
-    let result = crate::control::call_streaming(target, request, Duration::from_secs(120), |ev| {
-        if let Some(id) = ev.get("run_id").and_then(|v| v.as_str()) {
-            if let Ok(mut g) = run_id.lock() {
-                *g = Some(id.to_string());
-            }
-        }
-        if let Some(p) = ev.get("progress") {
-            if let Ok(point) = serde_json::from_value::<crate::aggregate::TimelinePoint>(p.clone())
-            {
-                let nodes = ev.get("nodes").and_then(|n| n.as_u64()).unwrap_or(0) as usize;
-                progress.update(Duration::from_secs(point.t + 1), total, &point, nodes);
-            }
-        } else if let Some(e) = ev.get("run_event") {
-            // A run event, typed: what makes the report incomplete is said even with
-            // --quiet.
-            if let Ok(e) = serde_json::from_value::<crate::report::Event>(e.clone()) {
-                progress.finish();
-                if !quiet || e.event.is_warning() {
-                    eprintln!(
-                        "[{:>5.1}s] {}: {}",
-                        started.elapsed().as_secs_f64(),
-                        e.event.kind(),
-                        crate::terminal::event_detail(&e.event)
-                    );
+    let result =
+        crate::serve::control::call_streaming(target, request, Duration::from_secs(120), |ev| {
+            if let Some(id) = ev.get("run_id").and_then(|v| v.as_str()) {
+                if let Ok(mut g) = run_id.lock() {
+                    *g = Some(id.to_string());
                 }
             }
-        } else if let Some(kind) = ev.get("event").and_then(|v| v.as_str()) {
-            // A progress note of the run's set-up (proposed, refused, roster, ...).
-            progress.finish();
-            let mut rest = ev.clone();
-            if let Some(o) = rest.as_object_mut() {
-                o.remove("event");
+            if let Some(p) = ev.get("progress") {
+                if let Ok(point) =
+                    serde_json::from_value::<crate::reports::aggregate::TimelinePoint>(p.clone())
+                {
+                    let nodes = ev.get("nodes").and_then(|n| n.as_u64()).unwrap_or(0) as usize;
+                    progress.update(Duration::from_secs(point.t + 1), total, &point, nodes);
+                }
+            } else if let Some(e) = ev.get("run_event") {
+                // A run event, typed: what makes the report incomplete is said even with
+                // --quiet.
+                if let Ok(e) = serde_json::from_value::<crate::reports::summary::Event>(e.clone()) {
+                    progress.finish();
+                    if !quiet || e.event.is_warning() {
+                        eprintln!(
+                            "[{:>5.1}s] {}: {}",
+                            started.elapsed().as_secs_f64(),
+                            e.event.kind(),
+                            crate::reports::terminal::event_detail(&e.event)
+                        );
+                    }
+                }
+            } else if let Some(kind) = ev.get("event").and_then(|v| v.as_str()) {
+                // A progress note of the run's set-up (proposed, refused, roster, ...).
+                progress.finish();
+                let mut rest = ev.clone();
+                if let Some(o) = rest.as_object_mut() {
+                    o.remove("event");
+                }
+                // A refusal is said even with --quiet.
+                if !quiet || kind == "refused" {
+                    eprintln!("[{:>5.1}s] {kind}: {rest}", started.elapsed().as_secs_f64());
+                }
             }
-            // A refusal is said even with --quiet.
-            if !quiet || kind == "refused" {
-                eprintln!("[{:>5.1}s] {kind}: {rest}", started.elapsed().as_secs_f64());
-            }
-        }
-    });
+        });
     progress.finish();
     let summary_json = result.map_err(Failure::run)?;
     let summary: Summary = serde_json::from_value(summary_json.clone())
@@ -210,7 +212,7 @@ pub fn finish(
         .events
         .iter()
         .any(|e| matches!(e.event, RunEvent::ThresholdAbort { .. }));
-    if aborted || !report::thresholds_passed(summary) {
+    if aborted || !summary::thresholds_passed(summary) {
         eprintln!("some thresholds failed");
         Ok(Outcome::ThresholdsFailed)
     } else if t.requests > 0 && t.failed == t.requests && !expect_failures {

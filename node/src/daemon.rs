@@ -13,11 +13,11 @@ use tokio::net::TcpListener;
 use crate::cli::{
     KeygenArgs, NodeArgs, NodeClientArgs, PeersArgs, ReportArgs, StatusArgs, StopArgs,
 };
-use crate::control::{self, ControlInfo, ControlRequest, ControlState};
 use crate::exit::{Failure, Outcome};
 use crate::mesh::discovery::{parse_bootstrap, parse_listen};
 use crate::mesh::membership::MemberRow;
 use crate::mesh::{self, key, MeshConfig, MeshTiming};
+use crate::serve::control::{self, ControlInfo, ControlRequest, ControlState};
 use crate::settings::{Settings, DEFAULT_HTTP};
 
 /// Hidden: advertise another protocol version (for testing incompatibility only).
@@ -102,9 +102,9 @@ async fn run_node(
     let allow_targets = settings.allow_target.clone();
     let capacity = settings
         .capacity
-        .unwrap_or_else(|| crate::cpu::cores() as u32);
+        .unwrap_or_else(|| crate::engine::cpu::cores() as u32);
     let run_store = Arc::new(crate::run::RunStore::with_results(
-        crate::results::Results::new(&data_dir),
+        crate::reports::results::Results::new(&data_dir),
     ));
     let cfg = MeshConfig {
         keypair,
@@ -130,12 +130,12 @@ async fn run_node(
             let store = run_store.clone();
             crate::mesh::RunResponder(Some(Arc::new(move |req| store.respond(req))))
         },
-        results: Some(crate::results::Results::new(&data_dir)),
+        results: Some(crate::reports::results::Results::new(&data_dir)),
     };
     let name = cfg.name.clone();
     let labels = cfg.labels.clone();
     let run_allow = cfg.allow_targets.clone();
-    let live = crate::live::LiveRuns::new();
+    let live = crate::reports::live::LiveRuns::new();
     let handle = mesh::start(cfg).await?;
     let coordinator = crate::run::spawn(
         crate::run::NodeIdentity {
@@ -169,7 +169,7 @@ async fn run_node(
             Err(e) => return Err(format!("cannot bind --http {}: {e}", settings.http)),
         };
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        tokio::spawn(crate::status_http::serve(
+        tokio::spawn(crate::serve::status_http::serve(
             listener,
             handle.view.clone(),
             live.clone(),
@@ -206,7 +206,7 @@ async fn run_node(
             view: handle.view.clone(),
             commands: handle.commands(),
             coordinator,
-            results: crate::results::Results::new(&data_dir),
+            results: crate::reports::results::Results::new(&data_dir),
         },
     ));
     tracing::info!(
@@ -437,10 +437,10 @@ pub fn keygen(args: KeygenArgs) -> Result<Outcome, Failure> {
 /// and the `--out` files are written.
 pub fn report(args: ReportArgs) -> Result<Outcome, Failure> {
     let outs = crate::commands::parse_outputs(&args.outputs)?;
-    crate::results::check_run_id(&args.run_id).map_err(Failure::usage)?;
+    crate::reports::results::check_run_id(&args.run_id).map_err(Failure::usage)?;
     if args.node_client.node.is_none() {
         let dir = control::client_data_dir(args.node_client.data_dir.as_deref());
-        let saved = crate::results::Results::new(&dir)
+        let saved = crate::reports::results::Results::new(&dir)
             .load_summary(&args.run_id)
             .map_err(Failure::run)?;
         if let Some(summary) = saved {
@@ -461,7 +461,7 @@ pub fn report(args: ReportArgs) -> Result<Outcome, Failure> {
             args.run_id
         )));
     }
-    let summary: crate::report::Summary = serde_json::from_value(data["summary"].clone())
+    let summary: crate::reports::summary::Summary = serde_json::from_value(data["summary"].clone())
         .map_err(|e| Failure::run(format!("the node sent an unreadable summary: {e}")))?;
     if summary.run_id != args.run_id {
         return Err(Failure::run(format!(

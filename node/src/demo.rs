@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::cli::DemoArgs;
 use crate::commands::{accounts_csv, finish, follow_run, parse_outputs, RETAIL_PLAN};
-use crate::control::{self, ControlInfo, ControlRequest};
 use crate::exit::{Failure, Outcome};
-use crate::outputs::{Format, Output};
+use crate::reports::outputs::{Format, Output};
+use crate::serve::control::{self, ControlInfo, ControlRequest};
 
 const NODES: usize = 3;
 
@@ -163,7 +163,7 @@ fn run_demo(
         &target,
         request,
         args.quiet,
-        crate::embedded::plan_duration(&plan),
+        crate::run::embedded::plan_duration(&plan),
     )?;
     let counted = shop.requests();
     let out = finish(&summary, outs, plan.plan.expect_failures);

@@ -1,36 +1,21 @@
 //! stampede: a distributed load tester. The binary (`main.rs`) is only wiring; every
 //! concern lives in a module of this library so that tests and the mesh reuse it.
+//!
+//! The folders follow the data path: a `plan` is compiled, the `engine` runs this
+//! node's segment of it over `http`, `reports` turn measurements into a run's picture,
+//! `run` drives a run across the `mesh`, and `serve` answers the CLI and the browser.
+//! The top-level files are the commands a user types.
 
-pub mod abort;
-pub mod aggregate;
-pub mod bundle;
 pub mod cli;
 pub mod commands;
-pub mod compile;
-pub mod control;
-pub mod cpu;
 pub mod daemon;
-pub mod dashboard;
-pub mod data;
 pub mod demo;
-pub mod embedded;
 pub mod engine;
 pub mod exit;
-pub mod failing;
-pub mod fds;
-pub mod html;
 pub mod http;
-pub mod jsonpath;
-pub mod live;
 pub mod mesh;
-pub mod outputs;
-pub mod pacing;
-pub mod prometheus;
-pub mod report;
-pub mod results;
+pub mod plan;
+pub mod reports;
 pub mod run;
+pub mod serve;
 pub mod settings;
-pub mod status_http;
-pub mod template;
-pub mod terminal;
-pub mod vu;

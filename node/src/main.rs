@@ -7,7 +7,7 @@ use stampede::exit::Outcome;
 
 fn main() {
     // Before any thread exists: see `fds` for why the table is grown now.
-    stampede::fds::prepare();
+    stampede::engine::fds::prepare();
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Run(args) => stampede::commands::run(args),

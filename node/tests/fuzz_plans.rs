@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use rand::SeedableRng;
-use stampede::compile::{compile_from, DataFiles};
-use stampede::data::{self, DataFormat};
-use stampede::template::{JsonTemplate, RenderCtx, Scope, Template};
+use stampede::plan::compile::{compile_from, DataFiles};
+use stampede::plan::data::{self, DataFormat};
+use stampede::plan::template::{JsonTemplate, RenderCtx, Scope, Template};
 use stampede_protocol::plan::parse_plan;
 
 fn cases() -> u32 {

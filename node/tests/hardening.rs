@@ -181,7 +181,7 @@ fn every_result_file_is_attempted_and_each_failure_named() {
 /// across the mesh carried its header (`columns: SECRET_1, x`).
 #[test]
 fn a_node_reads_data_only_from_the_bundle_and_never_echoes_a_file() {
-    use stampede::control::{call_streaming, find_node, ControlRequest};
+    use stampede::serve::control::{call_streaming, find_node, ControlRequest};
     let mesh = mesh_support::Mesh::new();
     let node = mesh.node("n1", &[], &[]);
     std::fs::write(node.dir.join("secret.csv"), "SECRET_1,x\nhunter2,y\n").unwrap();
@@ -223,7 +223,7 @@ fn a_node_reads_data_only_from_the_bundle_and_never_echoes_a_file() {
 /// created with the process umask (0755 / 0644) and never removed.
 #[test]
 fn a_node_keeps_a_run_s_data_files_private() {
-    use stampede::control::{call_streaming, find_node, ControlRequest};
+    use stampede::serve::control::{call_streaming, find_node, ControlRequest};
     use std::os::unix::fs::PermissionsExt;
     let mesh = mesh_support::Mesh::new();
     let node = mesh.node("n1", &[], &[]);

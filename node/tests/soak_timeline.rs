@@ -16,9 +16,9 @@ use std::time::Instant;
 
 use browser_support::{chart_points, chromium, dump_dom};
 
-use stampede::aggregate::{retained_bound, NodeCollector, NodeSecond, RunAggregate};
 use stampede::engine::WorkerReport;
-use stampede::report::{self, NodeInfo, SummaryInput};
+use stampede::reports::aggregate::{retained_bound, NodeCollector, NodeSecond, RunAggregate};
+use stampede::reports::summary::{self, NodeInfo, SummaryInput};
 use stampede_protocol::snapshot::{ErrorClass, Metrics};
 
 const SECONDS: u64 = 259_200;
@@ -93,7 +93,7 @@ fn report_of(m: &mut Metrics, t: u64, n: u64) -> (u64, u64) {
 fn three_days_of_three_nodes_stay_bounded_and_exact() {
     let dir = tempfile::tempdir().unwrap();
     let plan = stampede_protocol::plan::parse_plan("soak.toml", PLAN).unwrap();
-    let plan = stampede::compile::compile(plan, "soak.toml", dir.path()).unwrap();
+    let plan = stampede::plan::compile::compile(plan, "soak.toml", dir.path()).unwrap();
     let layout = plan.layout.clone();
     let names: Vec<String> = (0..NODES).map(|n| format!("node-{n}")).collect();
     let mut collectors: Vec<NodeCollector> = (0..NODES)
@@ -169,7 +169,7 @@ fn three_days_of_three_nodes_stay_bounded_and_exact() {
             ..Default::default()
         })
         .collect();
-    let summary = report::build(
+    let summary = summary::build(
         &agg,
         SummaryInput {
             run_id: "soak",
@@ -219,8 +219,8 @@ fn three_days_of_three_nodes_stay_bounded_and_exact() {
     assert_eq!(summary.timeline[0].width_s, 3_600);
 
     let json = serde_json::to_string_pretty(&summary).unwrap();
-    let html = stampede::html::render(&summary);
-    let csv = stampede::outputs::csv(&summary);
+    let html = stampede::reports::html::render(&summary);
+    let csv = stampede::reports::outputs::csv(&summary);
     println!(
         "three days × {NODES} nodes: {} timeline points per series, {most_points} points held at most, \
          JSON {} KiB, HTML {} KiB, CSV {} KiB, snapshots on the wire {} MiB, RSS growth from day 1 to day 3 {} KiB",

@@ -52,7 +52,7 @@ pub struct EventLoop {
     announce_subscribers: HashSet<PeerId>,
     run_responder: super::RunResponder,
     /// Where peers' requests for a finished run's summary are answered from.
-    results: Option<crate::results::Results>,
+    results: Option<crate::reports::results::Results>,
     /// Signs this node's announcements, so that others can relay them.
     keypair: libp2p::identity::Keypair,
 }

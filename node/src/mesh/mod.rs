@@ -80,7 +80,7 @@ pub struct MeshConfig {
     /// Answers peers' run requests (plan bundles, clock samples, missed snapshots).
     pub run_responder: RunResponder,
     /// Answers peers' requests for finished runs' summaries (`stampede report`).
-    pub results: Option<crate::results::Results>,
+    pub results: Option<crate::reports::results::Results>,
 }
 
 /// The run coordinator's answer to a peer's request, called on the event loop (it

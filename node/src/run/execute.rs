@@ -13,13 +13,13 @@ use stampede_protocol::snapshot::Metrics;
 use tokio::sync::mpsc;
 
 use super::{publish, tasks, Driver, EngineNews};
-use crate::aggregate::{NodeCollector, NodeSecond};
-use crate::cpu::CpuSampler;
-use crate::embedded::client_settings;
+use crate::engine::cpu::CpuSampler;
 use crate::engine::{Engine, LiveAssignment, RunSpec, Split, Stop};
 use crate::http::Shared;
 use crate::mesh::MeshCommand;
-use crate::report::{self, Event, NodeInfo, SummaryInput};
+use crate::reports::aggregate::{NodeCollector, NodeSecond};
+use crate::reports::summary::{self, Event, NodeInfo, SummaryInput};
+use crate::run::embedded::client_settings;
 
 /// How long after the start instant a node takes up its workers' start stamp and
 /// reports it: long enough that nothing but the workers runs at the instant itself.
@@ -195,7 +195,7 @@ impl Driver {
         }
         let cpu = run.cpu_max.entry(s.node.clone()).or_insert(0.0);
         *cpu = cpu.max(s.cpu);
-        let node_point = crate::aggregate::point(s.seq, &second.metrics, s.vus, 1);
+        let node_point = crate::reports::aggregate::point(s.seq, &second.metrics, s.vus, 1);
         let latest = agg.latest_complete(live_nodes);
         let totals = agg.totals.clone();
         let node_totals = agg.nodes.get(&s.node).map(|n| n.totals.clone());
@@ -204,7 +204,7 @@ impl Driver {
         let minute = agg.end() / 60;
         let history = (minute > run.history_minute).then(|| {
             run.history_minute = minute;
-            let (merged, per_node) = agg.live_history(crate::live::KEEP_SECONDS as u64);
+            let (merged, per_node) = agg.live_history(crate::reports::live::KEEP_SECONDS as u64);
             let per_node: BTreeMap<String, _> = per_node
                 .into_iter()
                 .map(|(id, points)| (run.machine.name_of(&id), points))
@@ -238,7 +238,7 @@ impl Driver {
                     .version()
                     .map(|v| (super::unix_us() as i64 - v.start_unix_us as i64).max(0) as u64)
                     .unwrap_or(0);
-                crate::abort::check(&plan.plan, agg, &[], Duration::from_micros(elapsed))
+                crate::reports::abort::check(&plan.plan, agg, &[], Duration::from_micros(elapsed))
             }
             _ => None,
         };
@@ -379,7 +379,7 @@ impl Driver {
             })
             .collect();
         run.ended_s = Some(facts.duration_s);
-        let summary = report::build(
+        let summary = summary::build(
             agg,
             SummaryInput {
                 run_id,

@@ -13,6 +13,7 @@
 //! the swarm directly (it sends [`MeshCommand`]s) or the load (the engine runs on its
 //! own threads).
 
+pub mod embedded;
 mod execute;
 pub mod store;
 mod tasks;
@@ -28,13 +29,13 @@ use stampede_protocol::mesh::GossipBody;
 use stampede_protocol::run::{Bundle, Requirements, RunMessage, SnapshotMessage};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::aggregate::{NodeCollector, RunAggregate};
-use crate::compile::CompiledPlan;
-use crate::cpu::CpuSampler;
+use crate::engine::cpu::CpuSampler;
 use crate::engine::{Lease, LiveAssignment, StopHandle, WorkerReport};
 use crate::mesh::membership::MemberState;
 use crate::mesh::{MeshCommand, MeshEvent, SharedView};
-use crate::report::{Event, Summary};
+use crate::plan::compile::CompiledPlan;
+use crate::reports::aggregate::{NodeCollector, RunAggregate};
+use crate::reports::summary::{Event, Summary};
 
 pub use stampede_protocol::run::unix_us;
 pub use store::RunStore;
@@ -121,11 +122,11 @@ struct Run {
 pub struct Driver {
     me: NodeIdentity,
     base: Instant,
-    live: Arc<crate::live::LiveRuns>,
+    live: Arc<crate::reports::live::LiveRuns>,
     mesh: mpsc::Sender<MeshCommand>,
     view: SharedView,
     store: Arc<RunStore>,
-    results: crate::results::Results,
+    results: crate::reports::results::Results,
     runs: HashMap<String, Run>,
     tasks_tx: mpsc::UnboundedSender<tasks::Done>,
     engine_tx: mpsc::UnboundedSender<EngineNews>,
@@ -140,12 +141,12 @@ pub fn spawn(
     events: broadcast::Receiver<MeshEvent>,
     view: SharedView,
     store: Arc<RunStore>,
-    live: Arc<crate::live::LiveRuns>,
+    live: Arc<crate::reports::live::LiveRuns>,
 ) -> mpsc::Sender<CoordCommand> {
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (tasks_tx, tasks_rx) = mpsc::unbounded_channel();
     let (engine_tx, engine_rx) = mpsc::unbounded_channel();
-    let results = crate::results::Results::new(&me.data_dir);
+    let results = crate::reports::results::Results::new(&me.data_dir);
     let d = Driver {
         me,
         base: Instant::now(),
@@ -271,7 +272,7 @@ impl Driver {
                 lease: Lease::none(self.base),
                 events: Vec::new(),
                 cpu_max: BTreeMap::new(),
-                started_unix_ms: crate::embedded::unix_ms(),
+                started_unix_ms: crate::run::embedded::unix_ms(),
                 finished_at: None,
                 ended_s: None,
                 history_minute: 0,
@@ -330,7 +331,7 @@ impl Driver {
                 .send(Err(format!("this node is busy with run {other}")));
             return;
         }
-        let run_id = crate::embedded::new_run_id();
+        let run_id = crate::run::embedded::new_run_id();
         let hash = bundle.hash();
         if let Ok(mut b) = self.store.bundles.lock() {
             b.insert(hash.clone(), bundle.clone());
@@ -354,7 +355,7 @@ impl Driver {
         self.new_run(machine, Some(client));
         self.execute(&run_id, effects);
         // The origin prepares from its own bundle (no fetch).
-        let result = crate::bundle::prepare_bundle(
+        let result = crate::plan::bundle::prepare_bundle(
             &bundle,
             &self.me.data_dir,
             &run_id,
@@ -558,11 +559,11 @@ impl Driver {
             return;
         };
         let m = &run.machine;
-        let members: Vec<crate::live::LiveMember> = m
+        let members: Vec<crate::reports::live::LiveMember> = m
             .roster()
             .iter()
             .enumerate()
-            .map(|(i, r)| crate::live::LiveMember {
+            .map(|(i, r)| crate::reports::live::LiveMember {
                 id: r.id.clone(),
                 name: r.name.clone(),
                 labels: r.labels.clone(),
@@ -622,7 +623,7 @@ fn status_of(r: &Run) -> serde_json::Value {
         .map(|i| m.roster()[i].name.clone())
         .collect();
     let elapsed = r.ended_s.unwrap_or_else(|| {
-        (crate::embedded::unix_ms().saturating_sub(r.started_unix_ms)) as f64 / 1000.0
+        (crate::run::embedded::unix_ms().saturating_sub(r.started_unix_ms)) as f64 / 1000.0
     });
     serde_json::json!({
         "run_id": m.run_id(), "plan": m.plan_name(), "bundle_hash": m.bundle_hash(),
@@ -653,7 +654,7 @@ impl machine::RunSchedule for PlanSchedule {
     }
 
     fn duration_us(&self) -> u64 {
-        let d = crate::embedded::plan_duration(&self.0) + Duration::from_secs(30);
+        let d = crate::run::embedded::plan_duration(&self.0) + Duration::from_secs(30);
         d.as_micros().min(u64::MAX as u128) as u64
     }
 }

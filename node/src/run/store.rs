@@ -21,7 +21,7 @@ pub struct RunStore {
     /// ones are answered from the snapshot log on disk (`results`), so memory does not
     /// grow with the length of a run.
     pub(crate) snapshots: Mutex<HashMap<(String, u64), SnapshotMessage>>,
-    results: Option<crate::results::Results>,
+    results: Option<crate::reports::results::Results>,
 }
 
 /// How many of its newest seconds of a run a node keeps in memory to answer re-fetches.
@@ -29,7 +29,7 @@ pub const RECENT_SECONDS: u64 = 120;
 
 impl RunStore {
     /// A store that answers older seconds from the node's snapshot logs.
-    pub fn with_results(results: crate::results::Results) -> RunStore {
+    pub fn with_results(results: crate::reports::results::Results) -> RunStore {
         RunStore {
             results: Some(results),
             ..Default::default()
@@ -129,7 +129,7 @@ mod tests {
     #[test]
     fn old_seconds_leave_memory_and_are_answered_from_the_log() {
         let tmp = tempfile::tempdir().unwrap();
-        let results = crate::results::Results::new(tmp.path());
+        let results = crate::reports::results::Results::new(tmp.path());
         let store = RunStore::with_results(results.clone());
         let run = "6932a8b2-0f3c";
         for seq in 0..(RECENT_SECONDS + 30) {

@@ -10,8 +10,8 @@ use stampede_protocol::mesh::{MeshRequest, MeshResponse};
 use stampede_protocol::run::{clock_offset, unix_us, RunRequest, RunResponse, SnapshotMessage};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::compile::CompiledPlan;
 use crate::mesh::MeshCommand;
+use crate::plan::compile::CompiledPlan;
 
 /// How often a member asks the origin for the plan bundle before it refuses the run,
 /// and the pause before the next try (times the attempt): all within the join window.
@@ -108,7 +108,7 @@ pub fn fetch_bundle(
                 if bundle.hash() != hash {
                     Err("the plan bundle does not match its hash".to_string())
                 } else {
-                    crate::bundle::prepare_bundle(&bundle, &data_dir, &run_id, &allow)
+                    crate::plan::bundle::prepare_bundle(&bundle, &data_dir, &run_id, &allow)
                 }
             }
             Ok(MeshResponse::Run(RunResponse::Refused { reason })) => Err(reason),

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::report::Summary;
+use crate::reports::summary::Summary;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -57,7 +57,7 @@ pub fn write(out: &Output, s: &Summary) -> Result<(), String> {
         Format::Json => serde_json::to_string_pretty(s).map_err(|e| e.to_string())?,
         Format::Csv => csv(s),
         Format::Junit => junit(s),
-        Format::Html => crate::html::render(s),
+        Format::Html => crate::reports::html::render(s),
     };
     write_file(&out.path, text.as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", out.path.display()))

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 
 use stampede_protocol::snapshot::{ErrorClass, Hist, Layout, Metrics};
 
-use crate::live::LiveRun;
+use crate::reports::live::LiveRun;
 
 /// Upper bounds (seconds) of the latency histogram buckets; `+Inf` is added.
 pub const BUCKETS_S: [f64; 16] = [
@@ -333,7 +333,7 @@ mod tests {
         m.scenarios[0].iterations = 3;
         run.node_totals.insert("a".into(), m.clone());
         run.node_totals.insert("b".into(), m);
-        run.members.push(crate::live::LiveMember {
+        run.members.push(crate::reports::live::LiveMember {
             id: "x".into(),
             name: "a".into(),
             labels: [("re-gion".to_string(), "eu".to_string())].into(),

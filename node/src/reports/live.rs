@@ -4,7 +4,7 @@
 //!
 //! A timeline here is the last [`KEEP_SECONDS`] at 1 s plus the run's coarse history
 //! before them (buckets of whole minutes and hours merged by the aggregate, see
-//! [`crate::aggregate::LIVE_HISTORY`]): what it holds does not grow with the run.
+//! [`crate::reports::aggregate::LIVE_HISTORY`]): what it holds does not grow with the run.
 //!
 //! The run coordinator writes it (once per snapshot: a second's worth of work, never
 //! per request); readers take a short read lock and copy what they need. It must not
@@ -16,8 +16,8 @@ use std::sync::{Arc, RwLock};
 use serde::Serialize;
 use stampede_protocol::snapshot::{Layout, Metrics};
 
-use crate::aggregate::TimelinePoint;
-use crate::report::{Event, Summary};
+use crate::reports::aggregate::TimelinePoint;
+use crate::reports::summary::{Event, Summary};
 
 /// Seconds of timeline kept at full resolution per run and per node for live charts
 /// (ten minutes); older seconds are in the history.
@@ -91,7 +91,7 @@ impl LiveRun {
     }
 
     /// Replaces the coarse history of the run and of its nodes (by node name), as
-    /// [`crate::aggregate::RunAggregate::live_history`] gives it for [`KEEP_SECONDS`].
+    /// [`crate::reports::aggregate::RunAggregate::live_history`] gives it for [`KEEP_SECONDS`].
     /// Its buckets change once a minute: calling it more often only costs a copy.
     pub fn set_history(
         &mut self,

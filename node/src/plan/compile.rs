@@ -17,10 +17,10 @@ use stampede_protocol::executor::Executor;
 use stampede_protocol::plan::{self, Body, DataMode, Extract, Plan, PlanError, Think};
 use stampede_protocol::snapshot::{Layout, SeriesKey};
 
-use crate::data::{self, DataSet, FeedMode, OnExhausted};
 use crate::http::Url;
-use crate::jsonpath::JsonPath;
-use crate::template::{JsonTemplate, Scope, Template};
+use crate::plan::data::{self, DataSet, FeedMode, OnExhausted};
+use crate::plan::jsonpath::JsonPath;
+use crate::plan::template::{JsonTemplate, Scope, Template};
 
 /// The whole plan, ready for VUs. Shared read-only (`Arc`) by every worker thread.
 #[derive(Debug)]

@@ -32,9 +32,9 @@ use tokio::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::live::LiveRuns;
 use crate::mesh::membership::MemberState;
 use crate::mesh::SharedView;
+use crate::reports::live::LiveRuns;
 
 /// The `Host` names the server answers to besides IP literals, `localhost` and this
 /// machine's host name (e.g. the name a reverse proxy or a Prometheus scraper uses).
@@ -213,21 +213,21 @@ fn route(req: &Request<Incoming>, view: &SharedView, live: &Arc<LiveRuns>) -> Re
         "/metrics" => {
             let mut text = metrics_text(view);
             // The newest run still going, else the newest.
-            if let Some(run) = crate::dashboard::newest_runs(live, 1).first() {
-                crate::prometheus::run_text(run, &mut text);
+            if let Some(run) = crate::serve::dashboard::newest_runs(live, 1).first() {
+                crate::reports::prometheus::run_text(run, &mut text);
             }
             respond(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         "/" | "/index.html" => respond(
             StatusCode::OK,
             "text/html; charset=utf-8",
-            crate::dashboard::page(&crate::dashboard::api_json(view, live)),
+            crate::serve::dashboard::page(&crate::serve::dashboard::api_json(view, live)),
         ),
         "/events" => events(view.clone(), live.clone()),
         "/api/live" => respond(
             StatusCode::OK,
             "application/json",
-            crate::dashboard::api_json(view, live).to_string(),
+            crate::serve::dashboard::api_json(view, live).to_string(),
         ),
         path => match path
             .strip_prefix("/runs/")
@@ -246,7 +246,7 @@ fn events(view: SharedView, live: Arc<LiveRuns>) -> Response<Body> {
         if !first {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        let json = crate::dashboard::api_json(&view, &live).to_string();
+        let json = crate::serve::dashboard::api_json(&view, &live).to_string();
         let frame = Frame::data(Bytes::from(format!("data: {json}\n\n")));
         Some((Ok::<_, Infallible>(frame), (view, live, false)))
     });
@@ -282,7 +282,7 @@ fn run_file(live: &LiveRuns, id: &str, file: &str) -> Response<Body> {
         "report.html" => respond(
             StatusCode::OK,
             "text/html; charset=utf-8",
-            crate::html::render(&s),
+            crate::reports::html::render(&s),
         ),
         "summary.json" => respond(
             StatusCode::OK,
@@ -418,10 +418,10 @@ flows = [ { flow = "f", weight = 1 } ]
 request = { url = "/" }
 "#;
         let plan = stampede_protocol::plan::parse_plan("t.toml", source).unwrap();
-        let agg = crate::aggregate::RunAggregate::new(Default::default());
-        let summary = crate::report::build(
+        let agg = crate::reports::aggregate::RunAggregate::new(Default::default());
+        let summary = crate::reports::summary::build(
             &agg,
-            crate::report::SummaryInput {
+            crate::reports::summary::SummaryInput {
                 run_id: "r1",
                 plan: &plan,
                 started_at_unix_ms: 0,

@@ -9,8 +9,8 @@ use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use crate::aggregate::TimelinePoint;
-use crate::report::{Latency, Stats, Summary};
+use crate::reports::aggregate::TimelinePoint;
+use crate::reports::summary::{Latency, Stats, Summary};
 
 /// Draws the live line: on a terminal it rewrites itself; elsewhere it prints a plain
 /// line every few seconds so CI logs show progress without flooding.

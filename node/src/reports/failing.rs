@@ -12,13 +12,13 @@ use std::time::Duration;
 use stampede_protocol::machine::events::RunEvent;
 use stampede_protocol::snapshot::ErrorClass;
 
-use crate::aggregate::TimelinePoint;
 use crate::http::{Diagnosis, HttpErrorKind};
+use crate::reports::aggregate::TimelinePoint;
 
 /// The summary's record of a one-line headline (a run that only fails, a refused
 /// target, an aborting threshold), at `t` seconds into the run.
-pub fn event(t: f64, event: RunEvent) -> crate::report::Event {
-    crate::report::Event { t, event }
+pub fn event(t: f64, event: RunEvent) -> crate::reports::summary::Event {
+    crate::reports::summary::Event { t, event }
 }
 
 /// The error classes that mean "the target was never reached".

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use stampede_protocol::plan::parse_plan;
 use stampede_protocol::run::{validate_run_id, Bundle};
 
-use crate::compile::{CompiledPlan, DataFiles};
+use crate::plan::compile::{CompiledPlan, DataFiles};
 
 /// Run directories kept under `DATA_DIR/runs`, the newest first.
 pub const RUNS_KEPT: usize = 20;
@@ -42,9 +42,12 @@ pub fn prepare_bundle(
     bundle.validate()?;
     validate_run_id(run_id)?;
     let plan = parse_plan(&bundle.plan_name, &bundle.plan).map_err(|e| e.to_string())?;
-    let mut plan =
-        crate::compile::compile_from(plan, &bundle.plan_name, DataFiles::Bundle(&bundle.files))
-            .map_err(|e| e.to_string())?;
+    let mut plan = crate::plan::compile::compile_from(
+        plan,
+        &bundle.plan_name,
+        DataFiles::Bundle(&bundle.files),
+    )
+    .map_err(|e| e.to_string())?;
     plan.source = bundle.plan.clone();
     let dir = create_run_dir(data_dir, run_id)?;
     for (name, data) in &bundle.files {
@@ -196,7 +199,7 @@ pub fn prune_runs(data_dir: &Path, keep: usize, current: Option<&str>) -> Result
 /// Refuses a plan whose fixed target hosts this node's operator did not allow.
 fn check_targets(plan: &CompiledPlan, allow: &[String]) -> Result<(), String> {
     let list = crate::http::Allowlist::from_entries(allow).map_err(|e| e.to_string())?;
-    crate::embedded::refuse_unallowed_targets(plan, &list)
+    crate::run::embedded::refuse_unallowed_targets(plan, &list)
 }
 
 #[cfg(test)]

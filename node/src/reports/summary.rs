@@ -11,7 +11,7 @@ use stampede_protocol::plan::Plan;
 use stampede_protocol::snapshot::{ErrorClass, Hist, Layout, Metrics, SeriesStats};
 use stampede_protocol::threshold::{Aggregate, Metric, Threshold};
 
-use crate::aggregate::{RunAggregate, TimelinePoint};
+use crate::reports::aggregate::{RunAggregate, TimelinePoint};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Summary {

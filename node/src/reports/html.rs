@@ -2,14 +2,14 @@
 //! the dashboard): one file holding the JSON summary, the stylesheet and a small
 //! script that draws the charts as inline SVG. It needs no network to open.
 //!
-//! The script and styles are shared with the live dashboard (`src/dashboard/`). This
+//! The script and styles are shared with the live dashboard (`node/assets/`). This
 //! module must not compute results: it only embeds the [`Summary`] safely.
 
-use crate::report::Summary;
+use crate::reports::summary::Summary;
 
-pub const COMMON_CSS: &str = include_str!("dashboard/common.css");
-pub const CHARTS_JS: &str = include_str!("dashboard/charts.js");
-const REPORT_JS: &str = include_str!("dashboard/report.js");
+pub const COMMON_CSS: &str = include_str!("../../assets/common.css");
+pub const CHARTS_JS: &str = include_str!("../../assets/charts.js");
+const REPORT_JS: &str = include_str!("../../assets/report.js");
 
 /// JSON that is safe inside a `<script>` element: `<`, `>` and `&` are written as
 /// `\u003c` etc., so no value (a plan source, a node name) can close the element.

@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::aggregate::{NodeCollector, RunAggregate};
-use crate::compile::CompiledPlan;
-use crate::cpu::CpuSampler;
+use crate::engine::cpu::CpuSampler;
 use crate::engine::{Engine, RunSpec, Stop};
 use crate::http::{Allowlist, ClientSettings, HttpVersionPref, Shared};
-use crate::report::{self, NodeInfo, Summary, SummaryInput};
-use crate::terminal::Progress;
+use crate::plan::compile::CompiledPlan;
+use crate::reports::aggregate::{NodeCollector, RunAggregate};
+use crate::reports::summary::{self, NodeInfo, Summary, SummaryInput};
+use crate::reports::terminal::Progress;
 use stampede_protocol::machine::events::RunEvent;
 
 pub struct LocalOptions {
@@ -31,7 +31,7 @@ pub struct LocalOptions {
 impl Default for LocalOptions {
     fn default() -> Self {
         LocalOptions {
-            workers: crate::cpu::cores(),
+            workers: crate::engine::cpu::cores(),
             quiet: false,
             // An embedded run is its operator's own command: loopback is allowed.
             allow_target: vec![crate::http::LOOPBACK.to_string()],
@@ -84,7 +84,7 @@ pub fn refuse_unallowed_targets(plan: &CompiledPlan, allow: &Allowlist) -> Resul
     }
     for f in &plan.flows {
         for s in &f.steps {
-            if let crate::compile::UrlTemplate::Static(u) = &s.url {
+            if let crate::plan::compile::UrlTemplate::Static(u) = &s.url {
                 hosts.insert(u.host().to_string());
             }
         }
@@ -141,7 +141,7 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
     let mut cpu_max: f64 = 0.0;
     let node_id = "local".to_string();
     let mut events = Vec::new();
-    let mut watch = crate::failing::Watch::default();
+    let mut watch = crate::reports::failing::Watch::default();
     let mut refusals_said = 0;
     let watches_abort = plan.plan.thresholds.iter().any(|t| t.abort_on_fail);
     let mut aborted = false;
@@ -166,24 +166,24 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
                         if let Some(p) = agg.latest() {
                             let t = start_at.elapsed();
                             let diagnoses = diagnosed.diagnoses();
-                            let refusals: Vec<_> = crate::failing::refusals(&diagnoses).collect();
+                            let refusals: Vec<_> = crate::reports::failing::refusals(&diagnoses).collect();
                             for d in refusals.iter().skip(refusals_said) {
                                 progress.say(&d.line);
-                                events.push(crate::failing::event(t.as_secs_f64(), RunEvent::TargetRefused { message: d.line.clone() }));
+                                events.push(crate::reports::failing::event(t.as_secs_f64(), RunEvent::TargetRefused { message: d.line.clone() }));
                             }
                             refusals_said = refusals.len();
                             if let Some(line) = watch.second(&p, &diagnoses) {
                                 progress.say(&line);
-                                events.push(crate::failing::event(t.as_secs_f64(), RunEvent::OnlyFailing { message: line.clone() }));
+                                events.push(crate::reports::failing::event(t.as_secs_f64(), RunEvent::OnlyFailing { message: line.clone() }));
                             }
                             progress.update(t, total, &p, 1);
                             if watches_abort && !aborted {
-                                if let Some(r) = crate::abort::check(&plan.plan, &agg, &live_nodes, t) {
+                                if let Some(r) = crate::reports::abort::check(&plan.plan, &agg, &live_nodes, t) {
                                     // k6's abortOnFail: stop now; what was measured stays.
                                     aborted = true;
                                     let line = r.message();
                                     progress.say(&line);
-                                    events.push(crate::failing::event(t.as_secs_f64(), RunEvent::ThresholdAbort { message: line.clone() }));
+                                    events.push(crate::reports::failing::event(t.as_secs_f64(), RunEvent::ThresholdAbort { message: line.clone() }));
                                     stop.stop(Stop::Hard);
                                 }
                             }
@@ -196,7 +196,7 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
                 _ = tokio::signal::ctrl_c() => {
                     ctrl_c += 1;
                     let how = if ctrl_c == 1 { Stop::Graceful } else { Stop::Hard };
-                    events.push(report::Event {
+                    events.push(summary::Event {
                         t: start_at.elapsed().as_secs_f64(),
                         event: RunEvent::StopRequested {
                             how: if ctrl_c == 1 { "graceful" } else { "hard" }.into(),
@@ -219,7 +219,7 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
         cpu: cpu_max,
         ..Default::default()
     }];
-    Ok(report::build(
+    Ok(summary::build(
         &agg,
         SummaryInput {
             run_id: &run_id,

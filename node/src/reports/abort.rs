@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use stampede_protocol::plan::Plan;
 
-use crate::aggregate::RunAggregate;
-use crate::report::{self, NodeInfo};
+use crate::reports::aggregate::RunAggregate;
+use crate::reports::summary::{self, NodeInfo};
 
 /// The threshold that stopped a run, and when.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,7 +50,7 @@ pub fn check(
         .iter()
         .filter(|t| t.abort_on_fail && elapsed >= t.delay_abort_eval)
         .find_map(|t| {
-            let r = report::evaluate(t, agg, nodes, secs);
+            let r = summary::evaluate(t, agg, nodes, secs);
             (!r.passed).then(|| AbortReason {
                 threshold: t.to_string(),
                 value: r.value,
@@ -62,9 +62,9 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::NodeSecond;
+    use crate::reports::aggregate::NodeSecond;
 
-    fn plan(thresholds: &str) -> crate::compile::CompiledPlan {
+    fn plan(thresholds: &str) -> crate::plan::compile::CompiledPlan {
         let text = format!(
             r#"
 name = "p"
@@ -87,7 +87,12 @@ request = {{ url = "/" }}
     }
 
     /// One second of `requests`, `failed` of them failed.
-    fn second(p: &crate::compile::CompiledPlan, t: u64, requests: u64, failed: u64) -> NodeSecond {
+    fn second(
+        p: &crate::plan::compile::CompiledPlan,
+        t: u64,
+        requests: u64,
+        failed: u64,
+    ) -> NodeSecond {
         let mut m = stampede_protocol::snapshot::Metrics::new(&p.layout);
         m.series[0].requests = requests;
         m.series[0].failed = failed;

@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 use stampede_protocol::mesh::MAX_GOSSIP_BYTES;
 use stampede_protocol::run::{RunResponse, SnapshotMessage, MAX_SUMMARY_BYTES};
 
-use crate::report::Summary;
+use crate::reports::summary::Summary;
 
 /// Finished runs kept in the data dir; saving one more removes the oldest.
 pub const KEEP_RUNS: usize = 50;
@@ -279,7 +279,7 @@ impl Results {
         }
         private_dir(&self.runs_dir())?;
         private_dir(&dir)?;
-        let row = FinishedRun::of(s, crate::embedded::unix_ms());
+        let row = FinishedRun::of(s, crate::run::embedded::unix_ms());
         let row = serde_json::to_vec(&row).map_err(|e| format!("cannot encode: {e}"))?;
         // The row goes last: a run is listed only once its summary is complete.
         for (name, bytes) in [(SUMMARY_FILE, &json), (ROW_FILE, &row)] {
@@ -575,7 +575,7 @@ pub(crate) mod tests {
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
-    use crate::report::{Generator, Stats};
+    use crate::reports::summary::{Generator, Stats};
 
     /// A summary with `requests` in its totals and `padding` bytes of plan source.
     pub(crate) fn summary(run_id: &str, requests: u64, padding: usize) -> Summary {
@@ -736,7 +736,7 @@ pub(crate) mod tests {
             assert!(matches!(r.summary_answer(bad), RunResponse::Refused { .. }));
         }
         assert!(valid_run_id("6931f0a2-1b2c"));
-        assert!(valid_run_id(&crate::embedded::new_run_id()));
+        assert!(valid_run_id(&crate::run::embedded::new_run_id()));
         // Nothing was created outside the data dir, nor anything under it.
         assert!(!tmp.path().join("results").exists());
         // Foreign entries and symlinked runs are not listed.

@@ -19,6 +19,11 @@
 //! the union over the mesh is exactly the single-machine schedule. The engine must not
 //! know about the mesh, output formats or the terminal.
 
+pub mod cpu;
+pub mod fds;
+pub mod pacing;
+pub mod vu;
+
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -30,11 +35,11 @@ use stampede_protocol::segment::Assignment;
 use stampede_protocol::snapshot::Metrics;
 use tokio::sync::{mpsc, watch};
 
-use crate::compile::CompiledPlan;
-use crate::data::SharedCursor;
 use crate::http::Shared;
-use crate::pacing::{self, Pacer};
-use crate::vu::{micros, IterationEnd, Vu, WorkerCtx};
+use crate::plan::compile::CompiledPlan;
+use crate::plan::data::SharedCursor;
+use pacing::Pacer;
+use vu::{micros, IterationEnd, Vu, WorkerCtx};
 
 /// How the run's global indices are split over the nodes right now: VU indices and
 /// arrival events have their own [`Assignment`] (same base, their own failover
@@ -275,9 +280,9 @@ impl Engine {
         let vus: u64 = (spec.plan.scenarios.iter())
             .map(|s| split.vus.scale(spec.node, s.vu_slots))
             .sum();
-        let needed = vus.saturating_add(crate::fds::OWN);
-        crate::fds::reserve(needed.saturating_mul(2));
-        let limit = crate::fds::limit();
+        let needed = vus.saturating_add(crate::engine::fds::OWN);
+        crate::engine::fds::reserve(needed.saturating_mul(2));
+        let limit = crate::engine::fds::limit();
         if limit < needed {
             tracing::warn!(
                 vus,

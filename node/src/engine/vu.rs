@@ -17,14 +17,14 @@ use rand::Rng;
 use stampede_protocol::plan::Think;
 use stampede_protocol::snapshot::{ErrorClass, Metrics};
 
-use crate::compile::{
+use crate::http::{CookieJar, HttpErrorKind, OutRequest, Response, Shared, Url, VuClient};
+use crate::plan::compile::{
     CompiledBody, CompiledCheck, CompiledExtract, CompiledPlan, CompiledStep, UrlTemplate,
 };
-use crate::data::{self, FeedMode, RowPick, SharedCursor};
-use crate::failing::Backoff;
-use crate::http::{CookieJar, HttpErrorKind, OutRequest, Response, Shared, Url, VuClient};
-use crate::jsonpath;
-use crate::template::RenderCtx;
+use crate::plan::data::{self, FeedMode, RowPick, SharedCursor};
+use crate::plan::jsonpath;
+use crate::plan::template::RenderCtx;
+use crate::reports::failing::Backoff;
 
 /// What a worker thread shares with its VUs.
 pub struct WorkerCtx {

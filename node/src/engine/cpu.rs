@@ -32,7 +32,7 @@ fn process_cpu_seconds() -> f64 {
         return 0.0;
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    (tv(ru.ru_utime) + tv(ru.ru_stime) - crate::pacing::spun_seconds()).max(0.0)
+    (tv(ru.ru_utime) + tv(ru.ru_stime) - crate::engine::pacing::spun_seconds()).max(0.0)
 }
 
 impl Default for CpuSampler {

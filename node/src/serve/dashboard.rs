@@ -12,12 +12,12 @@ use std::time::Instant;
 use serde_json::{json, Value};
 use stampede_protocol::snapshot::{ErrorClass, Metrics, SeriesStats};
 
-use crate::html::{escape, script_json, CHARTS_JS, COMMON_CSS};
-use crate::live::{LiveRun, LiveRuns};
 use crate::mesh::SharedView;
-use crate::report::{Checks, Latency, Stats, LAG_SATURATED_US};
+use crate::reports::html::{escape, script_json, CHARTS_JS, COMMON_CSS};
+use crate::reports::live::{LiveRun, LiveRuns};
+use crate::reports::summary::{Checks, Latency, Stats, LAG_SATURATED_US};
 
-const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
+const DASHBOARD_JS: &str = include_str!("../../assets/dashboard.js");
 
 /// The summary stats of a bag of metrics over `dur_s` seconds (same shape as the
 /// JSON summary's `totals`).
@@ -199,7 +199,7 @@ pub fn api_json(view: &SharedView, live: &LiveRuns) -> Value {
         .map(|v| v.rows(Instant::now()))
         .unwrap_or_default();
     let me = rows.iter().find(|r| r.is_self);
-    let now = crate::embedded::unix_ms();
+    let now = crate::run::embedded::unix_ms();
     let runs = newest_runs(live, SHOWN_RUNS);
     let recent: Vec<Value> = live
         .recent()
@@ -215,7 +215,7 @@ pub fn api_json(view: &SharedView, live: &LiveRuns) -> Value {
                 "failed": s.totals.failed,
                 "p99_us": s.totals.latency_us.p99,
                 "rps": s.totals.rps,
-                "thresholds_passed": crate::report::thresholds_passed(s),
+                "thresholds_passed": crate::reports::summary::thresholds_passed(s),
                 "saturated": s.generator.saturated,
                 "report": format!("/runs/{}/report.html", s.run_id),
                 "summary": format!("/runs/{}/summary.json", s.run_id),
@@ -255,7 +255,7 @@ pub fn page(api: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::TimelinePoint;
+    use crate::reports::aggregate::TimelinePoint;
 
     #[test]
     fn newest_going_run_first_and_unstarted_proposals_last() {
@@ -303,7 +303,7 @@ mod tests {
             }
             m.series[0].requests = 10;
             r.node_totals.insert(name.into(), m);
-            r.members.push(crate::live::LiveMember {
+            r.members.push(crate::reports::live::LiveMember {
                 id: format!("id-{name}"),
                 name: name.into(),
                 labels: [("region".to_string(), region.to_string())].into(),

@@ -227,7 +227,7 @@ pub struct ControlState {
     pub commands: mpsc::Sender<MeshCommand>,
     pub coordinator: mpsc::Sender<crate::run::CoordCommand>,
     /// The node's saved run results (`status` after a restart, `report`).
-    pub results: crate::results::Results,
+    pub results: crate::reports::results::Results,
 }
 
 /// Serves the control endpoint until the listener fails or the task is dropped.
@@ -435,7 +435,7 @@ const REPORT_MESH_WAIT: Duration = Duration::from_secs(20);
 /// (which win for a run in both), so `status` lists them after a restart.
 async fn with_saved_runs(
     mut status: serde_json::Value,
-    results: &crate::results::Results,
+    results: &crate::reports::results::Results,
 ) -> serde_json::Value {
     let r = results.clone();
     let saved = tokio::task::spawn_blocking(move || r.list())
@@ -465,7 +465,7 @@ async fn with_saved_runs(
 
 /// Finds a finished run's summary: here first, then each alive member in turn.
 async fn report(run_id: String, state: &ControlState) -> Reply {
-    if let Err(e) = crate::results::check_run_id(&run_id) {
+    if let Err(e) = crate::reports::results::check_run_id(&run_id) {
         return Reply::err(e);
     }
     let (r, id) = (state.results.clone(), run_id.clone());
@@ -509,7 +509,7 @@ async fn report(run_id: String, state: &ControlState) -> Reply {
 
 /// The reply for a summary found at `from`, once it is checked to be the run's.
 fn found(run_id: &str, json: &str, from: &str) -> Reply {
-    match crate::results::parse_summary(run_id, json)
+    match crate::reports::results::parse_summary(run_id, json)
         .and_then(|s| serde_json::to_value(s).map_err(|e| e.to_string()))
     {
         Ok(summary) => Reply::ok(serde_json::json!({
@@ -705,7 +705,7 @@ mod tests {
                 view,
                 commands,
                 coordinator,
-                results: crate::results::Results::new(
+                results: crate::reports::results::Results::new(
                     &std::env::temp_dir().join("stampede-fuzz-control"),
                 ),
             },
@@ -790,9 +790,9 @@ mod tests {
     #[tokio::test]
     async fn status_lists_saved_runs_after_those_in_memory_once_each() {
         let tmp = tempfile::tempdir().unwrap();
-        let results = crate::results::Results::new(tmp.path());
+        let results = crate::reports::results::Results::new(tmp.path());
         let saved = |id: &str| {
-            let s = crate::results::tests::summary(id, 80, 0);
+            let s = crate::reports::results::tests::summary(id, 80, 0);
             results.save_summary(&s).unwrap();
         };
         saved("1-0001");
