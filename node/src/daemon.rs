@@ -125,6 +125,8 @@ async fn run_node(
             gossip_heartbeat: Settings::ms(settings.gossip_heartbeat_ms),
             bootstrap_retry: Settings::ms(settings.bootstrap_retry_ms),
             mdns_query_interval: Settings::ms(settings.mdns_query_interval_ms),
+            neighbours: settings.neighbours,
+            max_connections: settings.max_connections,
         },
         run_responder: {
             let store = run_store.clone();
