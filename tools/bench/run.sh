@@ -5,8 +5,11 @@
 #
 #   tools/bench/run.sh [--rounds 3] [--duration 10s] [--idle-vus 10000]
 #                      [--short 5s] [--long 50s] [--skip-build] [--keep DIR]
-#                      [--only throughput,idle,arrival,rss,mesh,soak] [--max N] [--rate N]
+#                      [--only throughput,idle,arrival,rss,mesh,soak,scale] [--max N] [--rate N]
 #                      [--lag-runs 3]
+#
+# `--only scale`: 10, 30 and 50 idle nodes (tools/bench/scale.sh): full-view time, idle
+# bytes/s, CPU and RSS per node, links per node. Not in the default set.
 #
 # `--only soak [--duration 30m]`: a 3-node loopback mesh at 300 it/s for the duration
 # (30 min unless --duration is given), RSS of every node every 30 s; prints each
@@ -35,7 +38,7 @@ LAG_RUNS=3
 DURATION_GIVEN=""
 
 usage() {
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -544,6 +547,12 @@ STAMPEDE_TESTNET_DIR="$TN" "$ROOT/testnet/local.sh" stop >/dev/null 2>&1 || true
 kill "$MESH_TARGET_PID" 2>/dev/null || true
 wait "$MESH_TARGET_PID" 2>/dev/null || true
 MESH_TARGET_PID=""
+fi
+
+# --- scale: membership of 10, 30, 50 idle nodes (tools/bench/scale.sh) -------------
+if want scale; then
+    log "membership at scale: 10, 30 and 50 idle nodes on loopback (testnet/local.sh, release build)"
+    "$BENCH/scale.sh" --bin "$STAMPEDE"
 fi
 
 # --- 6. soak -------------------------------------------------------------------------
