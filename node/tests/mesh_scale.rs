@@ -121,3 +121,80 @@ fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
+
+/// A run across eight nodes that each hold at most four links (two chosen): control and
+/// metrics gossip reach every member through relays, requests to members without a
+/// link (bundle, clock samples) dial them on demand, and the report counts exactly.
+#[test]
+#[ignore = "fails today: over multi-hop gossip the origin's run lease lapses within 0.5 s (lease_lost, then node_lost of members); the run side's lease/heartbeat timing assumes direct links (issue #13, reported to the lead)"]
+fn a_run_across_a_partial_mesh_runs_everywhere_and_counts_exactly() {
+    const RUN_NODES: usize = 8;
+    let mesh = Mesh::new();
+    let env = [
+        ("STAMPEDE_NEIGHBOURS", "2"),
+        ("STAMPEDE_MAX_CONNECTIONS", "4"),
+        ("STAMPEDE_CAPACITY", "1"),
+    ];
+    let n1 = mesh.node("n1", &[], &env);
+    let boot = n1.addr();
+    let mut nodes = vec![n1];
+    for i in 2..=RUN_NODES {
+        nodes.push(mesh.node(&format!("n{i}"), &["--bootstrap", &boot], &env));
+    }
+    let ids: Vec<String> = nodes.iter().map(|n| n.peer_id()).collect();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    assert!(
+        wait_until(Duration::from_secs(60), || all_see(&refs, &ids)),
+        "no full view of {RUN_NODES}"
+    );
+    // Past the prune grace, so the run meets the bounded links, not the start's.
+    assert!(
+        wait_until(Duration::from_secs(40), || refs
+            .iter()
+            .all(|n| connected(n) <= 4)),
+        "links per node: {:?}",
+        refs.iter().map(|n| connected(n)).collect::<Vec<_>>()
+    );
+    let t = stampede_tools::spawn(stampede_tools::TargetConfig::default()).expect("target");
+    let plan = mesh_support::rate_plan(mesh.tmp.path(), &t.url(), 80, "4s");
+    let json = mesh.tmp.path().join("summary.json");
+    let out = std::process::Command::new(mesh_support::BIN)
+        .args(["run", "--mesh", "--quiet", "--data-dir"])
+        .arg(&nodes[RUN_NODES - 1].dir)
+        .arg(&plan)
+        .arg("--out")
+        .arg(format!("json={}", json.display()))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run stampede");
+    assert!(out.status.success(), "{}", mesh_support::show(&out));
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("summary")).unwrap();
+    // Every arrival of the schedule is run or counted dropped (a 2-core machine shared
+    // by builds can exhaust a node's VUs), and the report equals the target's count.
+    let iterations = s["totals"]["iterations"].as_u64().unwrap();
+    let dropped = s["totals"]["dropped_iterations"].as_u64().unwrap();
+    assert_eq!(
+        iterations + dropped,
+        320,
+        "totals {}\ntarget counted {}\nnodes {}\nevents {}\nCLI: {}",
+        s["totals"],
+        t.requests(),
+        s["nodes"],
+        s["events"],
+        mesh_support::show(&out)
+    );
+    assert_eq!(s["totals"]["requests"].as_u64().unwrap(), t.requests());
+    let ns = s["nodes"].as_array().unwrap();
+    assert_eq!(ns.len(), RUN_NODES, "{}", s["nodes"]);
+    assert!(
+        ns.iter().all(|n| n["status"] == "completed"),
+        "{}",
+        s["nodes"]
+    );
+    eprintln!(
+        "run across {RUN_NODES} nodes of at most 4 links: {} requests, start skew {} µs",
+        t.requests(),
+        s["start_skew_us"]
+    );
+}

@@ -47,6 +47,8 @@ impl Rumor {
 struct Entry {
     seq: u64,
     rumor: Rumor,
+    /// When a newer record of it last arrived (a refresh is one).
+    renewed_ms: u64,
 }
 
 /// What a change did, for the caller to log or act on.
@@ -92,11 +94,22 @@ impl<Id: Ord + Clone> Liveness<Id> {
                 }
             }
             Some(e) => {
-                *e = Entry { seq, rumor };
+                *e = Entry {
+                    seq,
+                    rumor,
+                    renewed_ms: now_ms,
+                };
                 true
             }
             None => {
-                self.entries.insert(id, Entry { seq, rumor });
+                self.entries.insert(
+                    id,
+                    Entry {
+                        seq,
+                        rumor,
+                        renewed_ms: now_ms,
+                    },
+                );
                 true
             }
         }
@@ -117,15 +130,18 @@ impl<Id: Ord + Clone> Liveness<Id> {
         }
     }
 
-    /// Moves suspicions past their timeout to lost.
-    pub fn tick(&mut self, now_ms: u64) -> Vec<Change<Id>> {
+    /// Moves suspicions past their timeout to lost, and members whose record was not
+    /// renewed for `expire_after_ms` (several of their slow refreshes missed: the safety
+    /// net for a node whose neighbours all died with it, so that nobody suspected it).
+    pub fn tick(&mut self, now_ms: u64, expire_after_ms: u64) -> Vec<Change<Id>> {
         let mut out = Vec::new();
         for (id, e) in self.entries.iter_mut() {
-            if let Rumor::Suspect { since_ms } = e.rumor {
-                if now_ms.saturating_sub(since_ms) >= self.suspect_timeout_ms {
-                    e.rumor = Rumor::Lost { since_ms: now_ms };
-                    out.push(Change::Became(id.clone(), e.rumor));
-                }
+            let expired = now_ms.saturating_sub(e.renewed_ms) >= expire_after_ms;
+            let timed_out = matches!(e.rumor, Rumor::Suspect { since_ms } if now_ms.saturating_sub(since_ms) >= self.suspect_timeout_ms);
+            let lost = matches!(e.rumor, Rumor::Lost { .. });
+            if !lost && (timed_out || expired) {
+                e.rumor = Rumor::Lost { since_ms: now_ms };
+                out.push(Change::Became(id.clone(), e.rumor));
             }
         }
         out
@@ -214,10 +230,10 @@ mod tests {
             !l.suspect(&"b", 10, 150),
             "the same suspicion again is no news"
         );
-        assert!(l.tick(1099).is_empty());
+        assert!(l.tick(1099, u64::MAX).is_empty());
         assert!(l.is_alive(&"b"), "a suspect still counts as alive");
         assert_eq!(
-            l.tick(1100),
+            l.tick(1100, u64::MAX),
             vec![Change::Became("b", Rumor::Lost { since_ms: 1100 })]
         );
         assert!(!l.is_alive(&"b"));
@@ -237,7 +253,7 @@ mod tests {
         assert!(must_refute(10, 10));
         assert!(!must_refute(11, 10), "an old suspicion needs no answer");
         assert!(l.record("b", 11, false, 500));
-        assert!(l.tick(5000).is_empty());
+        assert!(l.tick(5000, u64::MAX).is_empty());
         assert_eq!(l.rumor(&"b"), Some(Rumor::Alive));
     }
 
@@ -248,9 +264,30 @@ mod tests {
         assert!(!l.suspect(&"b", 9, 0), "older record");
         assert!(!l.suspect(&"b", u64::MAX, 0), "a record never seen");
         assert!(!l.suspect(&"c", 1, 0), "unknown member");
-        assert!(l.tick(10_000).is_empty());
+        assert!(l.tick(10_000, u64::MAX).is_empty());
         assert!(l.is_alive(&"b"));
         assert_eq!(l.len(), 1);
+    }
+
+    #[test]
+    fn a_record_not_renewed_for_the_expiry_is_lost() {
+        let mut l = Liveness::new(1000);
+        l.record("b", 10, false, 0);
+        l.record("c", 10, false, 0);
+        l.record("c", 11, false, 50_000);
+        assert!(
+            !l.record("b", 10, false, 50_000),
+            "a relayed copy renews nothing"
+        );
+        assert_eq!(
+            l.tick(60_000, 60_000),
+            vec![Change::Became("b", Rumor::Lost { since_ms: 60_000 })]
+        );
+        assert!(l.is_alive(&"c"));
+        assert!(
+            l.tick(61_000, 60_000).is_empty(),
+            "lost once, reported once"
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ use super::behaviour::{
     MeshBehaviourEvent,
 };
 use super::discovery::{dialable, Bootstrap, Redial};
-use super::membership::MemberState;
+use super::membership::{MemberState, REFRESH_PER_SECOND};
 use super::{MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView};
 
 /// Links a node chooses itself (the default of the `neighbours` setting). With every node choosing 4 at random, each holds about
@@ -68,9 +68,8 @@ const REFUTE_EVERY: Duration = Duration::from_secs(1);
 /// (a healed partition: the other side may hold us lost too).
 const REJOIN_EVERY: Duration = Duration::from_secs(10);
 
-/// Records a node re-announces, mesh-wide, per second, when nothing changes (see
-/// `refresh_interval_ms`): each node receives about this many a second at any mesh size.
-const REFRESH_PER_SECOND: f64 = 1.0;
+/// Quick re-announcements of a joining node (see schedule_refresh).
+const JOIN_ANNOUNCES: u32 = 3;
 
 /// Lost members probed (dialed) per check, to notice a healed partition.
 const LOST_PROBE_EVERY: Duration = Duration::from_secs(5);
@@ -122,6 +121,8 @@ pub struct EventLoop {
     /// for a while.
     cooldown: HashMap<PeerId, Instant>,
     last_announce: Option<Instant>,
+    /// Announcements made so far (the first few come quickly: see schedule_refresh).
+    announces: u32,
     last_refute: Option<Instant>,
     last_rejoin: Option<Instant>,
     last_lost_probe: Option<Instant>,
@@ -175,6 +176,7 @@ impl EventLoop {
             on_demand: HashMap::new(),
             cooldown: HashMap::new(),
             last_announce: None,
+            announces: 0,
             last_refute: None,
             last_rejoin: None,
             last_lost_probe: None,
@@ -225,6 +227,7 @@ impl EventLoop {
     fn announce(&mut self) {
         let now = Instant::now();
         self.last_announce = Some(now);
+        self.announces = self.announces.saturating_add(1);
         self.schedule_refresh(now);
         let env = {
             let Ok(mut v) = self.view.write() else { return };
@@ -245,9 +248,18 @@ impl EventLoop {
 
     /// The next unprompted re-announcement: slower in a larger mesh, jittered so the
     /// mesh's refreshes do not fall together.
+    /// A joining node's first records go out again after 2, 4 and 8 s: its first one
+    /// may meet a gossipsub mesh not yet grafted, and the slow refresh is a minute or more.
     fn schedule_refresh(&mut self, now: Instant) {
-        let members = self.view.read().map(|v| v.members().count()).unwrap_or(0) + 1;
-        let floor = self.timing.announce_interval.as_millis() as u64 * 60;
+        if self.announces <= JOIN_ANNOUNCES {
+            self.next_refresh = now + Duration::from_secs(1 << self.announces);
+            return;
+        }
+        let (members, floor) = self
+            .view
+            .read()
+            .map(|v| (v.members().count() + 1, v.refresh_floor_ms))
+            .unwrap_or((1, 60_000));
         let every = refresh_interval_ms(members, floor, REFRESH_PER_SECOND);
         let jitter = rand::rng().random_range(0..=every / 4);
         self.next_refresh = now + Duration::from_millis(every - every / 8 + jitter);
@@ -513,7 +525,13 @@ impl EventLoop {
             self.close_peer(p);
         }
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-        let mut excess = connected.len().saturating_sub(self.timing.max_connections);
+        // Links opened for requests close on their own once idle; they do not push
+        // links of the graph out (a run's bundle and clock requests would churn it).
+        let standing = connected
+            .iter()
+            .filter(|p| !self.on_demand.contains_key(p))
+            .count();
+        let mut excess = standing.saturating_sub(self.timing.max_connections);
         if excess == 0 {
             return;
         }

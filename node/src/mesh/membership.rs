@@ -154,7 +154,14 @@ pub struct View {
     liveness: Liveness<PeerId>,
     /// The origin of the liveness clock (it counts milliseconds).
     epoch: Instant,
+    /// The shortest interval of members' slow refresh (60 × announce_interval).
+    pub refresh_floor_ms: u64,
 }
+
+/// Records the mesh re-announces per second when nothing changes (each node's refresh
+/// interval is members / this, at least `refresh_floor_ms`): each node receives about
+/// this many a second at any mesh size.
+pub const REFRESH_PER_SECOND: f64 = 1.0;
 
 impl View {
     pub fn new(self_id: PeerId, self_announce: Announce, lost_after: Duration) -> Self {
@@ -168,6 +175,7 @@ impl View {
             members: HashMap::new(),
             liveness: Liveness::new(lost_after.as_millis() as u64),
             epoch: Instant::now(),
+            refresh_floor_ms: 60_000,
         }
     }
 
@@ -333,7 +341,14 @@ impl View {
         let ours = self.protocol_version;
         let lost_after = self.lost_after;
         let ms = self.ms(now);
-        self.liveness.tick(ms);
+        // Three slow refreshes missed (see event_loop's schedule_refresh).
+        let expire = 3 * stampede_protocol::membership::refresh_interval_ms(
+            self.members.len() + 1,
+            self.refresh_floor_ms,
+            REFRESH_PER_SECOND,
+        );
+        self.liveness
+            .tick(ms, expire.saturating_add(self.refresh_floor_ms));
         for (peer, m) in self.members.iter_mut() {
             if !Self::is_shown(m) {
                 // A connection that never told us it is a stampede node: not a member.
@@ -667,6 +682,53 @@ mod tests {
         }
         assert_eq!(v.learned_announce(signed("one too many"), t0), None);
         assert_eq!(v.members().count(), MAX_VIEW_MEMBERS);
+    }
+
+    #[test]
+    fn a_member_without_a_link_is_alive_by_its_record_until_a_suspicion_times_out() {
+        let me = PeerId::random();
+        let t0 = Instant::now();
+        let mut v = View::new(
+            me,
+            ann(&me, "me", 1, PROTOCOL_VERSION),
+            Duration::from_secs(3),
+        );
+        let now_us = stampede_protocol::run::unix_us();
+        let key = Keypair::generate_ed25519();
+        let other = key.public().to_peer_id();
+        let mut rec = ann(&other, "o", now_us, PROTOCOL_VERSION);
+        sign(&mut rec, &key);
+        assert_eq!(v.learned_announce(rec.clone(), t0), Some(other));
+        // Never linked, heard nothing for a minute: still alive (no periodic traffic
+        // is needed from a member that is not a neighbour).
+        v.refresh(t0);
+        assert!(v.refresh(t0 + Duration::from_secs(60)).is_empty());
+        assert_eq!(v.alive_peers(), vec![other]);
+        // Forged or stale suspicions (a seq it never signed, an older one) do nothing.
+        assert!(!v.suspected(other, u64::MAX, t0 + Duration::from_secs(60)));
+        assert!(!v.suspected(other, now_us - 1, t0 + Duration::from_secs(60)));
+        // A suspicion of its record: still alive until lost_after passes.
+        assert!(v.suspected(other, now_us, t0 + Duration::from_secs(60)));
+        assert!(v.refresh(t0 + Duration::from_millis(62_900)).is_empty());
+        let ch = v.refresh(t0 + Duration::from_secs(63));
+        assert_eq!(ch[0].to, MemberState::Lost);
+        assert_eq!(v.known_lost().len(), 1);
+        assert_eq!(v.known_lost()[0].seq, now_us);
+        // The same record relayed again does not revive it; its refutation does.
+        assert_eq!(
+            v.learned_announce(rec.clone(), t0 + Duration::from_secs(64)),
+            Some(other)
+        );
+        assert!(v.refresh(t0 + Duration::from_secs(64)).is_empty());
+        let mut newer = rec;
+        newer.seq += 1;
+        sign(&mut newer, &key);
+        assert!(v.heard_announce(other, newer, t0 + Duration::from_secs(65)));
+        assert_eq!(
+            v.refresh(t0 + Duration::from_secs(65))[0].to,
+            MemberState::Alive
+        );
+        assert!(v.known_lost().is_empty());
     }
 
     #[test]

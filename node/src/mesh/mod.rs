@@ -272,11 +272,9 @@ pub async fn start(cfg: MeshConfig) -> Result<MeshHandle, String> {
         signature: Vec::new(),
     };
     membership::sign(&mut self_announce, &cfg.keypair);
-    let view: SharedView = Arc::new(RwLock::new(View::new(
-        peer_id,
-        self_announce,
-        cfg.timing.lost_after,
-    )));
+    let mut view = View::new(peer_id, self_announce, cfg.timing.lost_after);
+    view.refresh_floor_ms = cfg.timing.announce_interval.as_millis() as u64 * 60;
+    let view: SharedView = Arc::new(RwLock::new(view));
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (ev_tx, _) = broadcast::channel(1024);
     let mut lp = event_loop::EventLoop::new(
