@@ -77,9 +77,10 @@ for n in "${NS[@]}"; do
     mapfile -t PIDS <"$TN/pids"
     HTTPS=()
     for i in $(seq 1 "$n"); do HTTPS+=("$(http_of "$TN/n$i")"); done
-    # Full view: every node counts n alive. Polled (bounded: 60 s).
+    # Full view: every node counts n alive. Polled until 60 s after the last start.
     full=""
-    for _ in $(seq 1 600); do
+    deadline=$(awk -v a="$last_start" 'BEGIN {printf "%d", a + 60}')
+    while [[ $(date +%s) -lt "$deadline" ]]; do
         ok=1
         for h in "${HTTPS[@]}"; do
             [[ "$(mesh_size "$h")" == "$n" ]] || { ok=0; break; }
@@ -90,7 +91,12 @@ for n in "${NS[@]}"; do
         fi
         sleep 0.1
     done
-    [[ -n "$full" ]] || full="not in 60 s"
+    if [[ -z "$full" ]]; then
+        full="not in 60 s"
+        for i in $(seq 1 "$n"); do
+            echo "n$i sees $(mesh_size "${HTTPS[$((i - 1))]}") alive" >&2
+        done
+    fi
     # Idle from here: past the prune grace (10 s) of the links newcomers opened to the
     # bootstrap node, so the window sees the steady state, not the start.
     sleep 12
