@@ -478,15 +478,22 @@ impl View {
     }
 
     /// Announcements of members we consider alive, ourselves included (the answer to a
-    /// members request).
+    /// members request), first.
+    ///
+    /// Then the records of members held lost (their suspicions go in the answer's `lost`
+    /// list): a newcomer that knows them probes them now and then, and one that is in
+    /// fact alive hears it is held lost and refutes. Without them, a member falsely
+    /// suspected while a node joined stayed unknown to it until its slow refresh.
     pub fn known_announces(&self) -> Vec<Announce> {
         let mut out = vec![self.self_announce.clone()];
-        out.extend(
+        let with_state = |state: MemberState| {
             self.members
                 .values()
-                .filter(|m| m.state == MemberState::Alive)
-                .filter_map(|m| m.announce.clone()),
-        );
+                .filter(move |m| m.state == state)
+                .filter_map(|m| m.announce.clone())
+        };
+        out.extend(with_state(MemberState::Alive));
+        out.extend(with_state(MemberState::Lost).filter(|a| a.state != NodeState::Leaving));
         out
     }
 }
