@@ -151,6 +151,9 @@ impl RunMachine {
     /// member in both has reported them.
     fn claims_of_fenced(&self, i: usize) -> Vec<u64> {
         let mut claims = vec![0u64; self.counted.len()];
+        if self.flaw == super::Flaw::NoClaims {
+            return claims;
+        }
         let heard = self.peers.iter().enumerate().flat_map(|(j, p)| {
             let reported = if j == i {
                 None

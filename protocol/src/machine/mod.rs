@@ -111,6 +111,9 @@ pub enum Flaw {
     NoLease,
     /// Versions are taken from any member, for any term at least this node's own.
     NoAuthority,
+    /// A lost member's counted work moves from the start, as if it had claimed
+    /// nothing.
+    NoClaims,
 }
 
 /// The time of an input: the node's monotonic clock (leases, silences) and its wall
@@ -669,7 +672,9 @@ impl RunMachine {
         }
         // Heartbeats are most of the traffic: after one, only what a heartbeat can
         // change at once (terms, the lease); the rest follows at the next tick.
-        let light = matches!(&input, Input::Message { msg, .. } if matches!(msg.as_ref(), RunMessage::Beat { .. }));
+        // New claims only ride on the next heartbeat: nothing else follows from them.
+        let light = matches!(&input, Input::Claims(_))
+            || matches!(&input, Input::Message { msg, .. } if matches!(msg.as_ref(), RunMessage::Beat { .. }));
         match input {
             Input::Tick => self.on_tick(now),
             Input::Message { from, msg } => self.on_message(&from, &msg, now),
