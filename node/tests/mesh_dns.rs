@@ -45,13 +45,16 @@ fn skip_reason() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("not running as root (a private mount namespace needs it)".into());
     }
+    // The whole mechanism, once: a private mount namespace with a file bound over
+    // /etc/hosts, which vanishes with the process.
     match Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "true"])
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount --bind /etc/hosts /etc/hosts")
         .output()
     {
         Ok(o) if o.status.success() => None,
         Ok(o) => Some(format!(
-            "`unshare --mount` failed: {}",
+            "`unshare --mount` with a bind mount over /etc/hosts failed: {}",
             String::from_utf8_lossy(&o.stderr).trim()
         )),
         Err(e) => Some(format!("`unshare` is unavailable: {e}")),
