@@ -506,13 +506,17 @@ fn a_browser_recording_imported_and_replayed_by_20_vus() {
     }
     assert_eq!(endpoints["other"], 0, "{browser}");
 
-    let dir = tempfile::tempdir().unwrap();
-    let har_file = dir.path().join("shop.har");
+    let tmp = tempfile::tempdir().unwrap();
+    // HAR_ROUNDTRIP_KEEP=DIR keeps the recording and the plans there to look at.
+    let keep = std::env::var_os("HAR_ROUNDTRIP_KEEP").map(std::path::PathBuf::from);
+    let dir = keep.as_deref().unwrap_or(tmp.path());
+    std::fs::create_dir_all(dir).unwrap();
+    let har_file = dir.join("shop.har");
     std::fs::write(&har_file, serde_json::to_vec_pretty(&har).unwrap()).unwrap();
 
     // Correlated: every call arrives 20 times as often as the browser made it, no 4xx.
     target.reset_stats();
-    let plan = import_and_run(dir.path(), &har_file, &[], "correlated");
+    let plan = import_and_run(dir, &har_file, &[], "correlated");
     assert!(
         plan.contains("extract = { token = { json = \"$.token\" } }"),
         "{plan}"
@@ -543,7 +547,7 @@ fn a_browser_recording_imported_and_replayed_by_20_vus() {
     // Without correlation the recorded token is replayed: its session was ended by the
     // VUs' logins, so the shop refuses it. This is what the check above guards against.
     target.reset_stats();
-    let plain = import_and_run(dir.path(), &har_file, &["--no-correlate"], "plain");
+    let plain = import_and_run(dir, &har_file, &["--no-correlate"], "plain");
     assert!(!plain.contains("{{ token }}"), "{plain}");
     let after = stats(&addr);
     let refused: u64 = after["statuses"]

@@ -917,22 +917,27 @@ fn build(
     pages: &HashMap<String, String>,
     opts: &Options,
 ) -> Result<Imported, HarError> {
+    let first = entries
+        .iter()
+        .find(|e| e.url.host() != "unsupported.invalid")
+        .ok_or_else(|| err("$.log.entries", "no http:// or https:// request recorded"))?;
+    let first_origin = Url::parse(&format!(
+        "{}://{}/",
+        first.url.scheme().as_str(),
+        first.url.authority()
+    ))
+    .map_err(|e| err(&first.path, e.to_string()))?;
     let base = match &opts.base_url {
         Some(b) => Url::parse(b).map_err(|e| err("--base-url", e.to_string()))?,
-        None => {
-            let first = entries
-                .iter()
-                .find(|e| e.url.host() != "unsupported.invalid")
-                .ok_or_else(|| err("$.log.entries", "no http:// or https:// request recorded"))?;
-            Url::parse(&format!(
-                "{}://{}/",
-                first.url.scheme().as_str(),
-                first.url.authority()
-            ))
-            .map_err(|e| err(&first.path, e.to_string()))?
-        }
+        None => first_origin.clone(),
     };
-    let base_origin = origin(&base);
+    // A base_url of another environment than the recorded one stands in for the
+    // origin of the first request.
+    let base_origin = if entries.iter().any(|e| origin(&e.url) == origin(&base)) {
+        origin(&base)
+    } else {
+        origin(&first_origin)
+    };
     let prefix = base.path().trim_end_matches('/').to_string();
     let base_text = format!(
         "{}://{}{}",
@@ -947,6 +952,12 @@ fn build(
         .collect();
 
     let mut out_notes: Vec<String> = Vec::new();
+    if base_origin != origin(&base) {
+        out_notes.push(format!(
+            "recorded against {}; its requests are sent to base_url",
+            host_label(&first_origin)
+        ));
+    }
     let mut other_hosts: BTreeMap<String, usize> = BTreeMap::new();
     let (mut assets, mut preflights, mut no_response, mut redirects, mut unsupported) =
         (0usize, 0usize, 0usize, 0usize, 0usize);
@@ -1274,6 +1285,15 @@ fn steps_of(
         }
         let extracts = std::mem::take(&mut steps[idx].extracts);
         step.extracts = extracts;
+        // Named by the path as the plan sends it: `GET /products/{id}` when the id is a
+        // variable, so the report's row is not named after one recorded value.
+        if step.url.starts_with('/') {
+            step.name = format!(
+                "{} {}",
+                step.method,
+                step.url.replace("{{ ", "{").replace(" }}", "}")
+            );
+        }
         steps[idx] = step;
         c.harvest(e, idx);
     }

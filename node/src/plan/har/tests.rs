@@ -155,6 +155,7 @@ fn values_the_client_sent_first_and_small_numbers_are_not_correlated() {
         "{p}"
     );
     assert!(p.contains("url = \"/products/{{ id }}\""), "{p}");
+    assert!(p.contains("name = \"GET /products/{id}\""), "{p}");
 }
 
 #[test]
@@ -350,6 +351,28 @@ fn base_url_with_a_path_prefix() {
     assert!(p.contains("base_url = \"http://h/api\""), "{p}");
     assert!(p.contains("url = \"/items\""), "{p}");
     assert!(p.contains("url = \"http://h/health\""), "{p}");
+    // Another environment than the recorded one takes the first request's origin.
+    let o = Options {
+        base_url: Some("https://staging.example.com/api".into()),
+        ..opts()
+    };
+    let p = plan(
+        &[
+            e("GET", "http://h/api/items", 0),
+            e("GET", "http://other/x", 1),
+        ],
+        &o,
+    );
+    assert!(
+        p.contains("base_url = \"https://staging.example.com/api\""),
+        "{p}"
+    );
+    assert!(
+        p.contains("# recorded against h; its requests are sent to base_url"),
+        "{p}"
+    );
+    assert!(p.contains("url = \"/items\""), "{p}");
+    assert!(p.contains("#   other: 1 request(s)"), "{p}");
 }
 
 #[test]
