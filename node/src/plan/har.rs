@@ -368,6 +368,9 @@ fn parse_datetime(s: &str) -> Option<i64> {
                 _ => return None,
             };
             let t = &rest[1..];
+            if !t.is_ascii() {
+                return None;
+            }
             let (oh, om) = match t.len() {
                 5 if t.as_bytes()[2] == b':' => {
                     (t[0..2].parse::<i64>().ok()?, t[3..5].parse::<i64>().ok()?)

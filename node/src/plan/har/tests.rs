@@ -527,4 +527,22 @@ fn dates() {
     assert_eq!(t("2026-12-05"), None);
     assert_eq!(t("2026-12-05T22:10:00.Z"), None);
     assert_eq!(t("2026-12-05T22:10:00 CET"), None);
+    assert_eq!(t("2026-12-05T22:10:00+€a"), None);
+    assert_eq!(t("2026-12-05T22:10:0é"), None);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+    /// Whatever the bytes, an import ends in a plan or one error, never a panic.
+    #[test]
+    fn damaged_recordings_never_panic(cut in 0usize..4000, junk in "\\PC{0,12}", date in "\\PC{0,30}") {
+        let mut text = har(&login_journey());
+        let at = (cut % text.len().max(1)).min(text.len());
+        if text.is_char_boundary(at) {
+            text.insert_str(at, &junk);
+        }
+        let _ = import(&text, &opts());
+        let _ = parse_datetime(&date);
+    }
 }
