@@ -25,6 +25,9 @@ pub const MAX_PLAN_BYTES: usize = crate::run::MAX_BUNDLE_BYTES;
 pub const MAX_PLAN_VUS: u64 = 10 * MAX_VUS;
 /// Most redirects a step may follow (`defaults.max_redirects`).
 pub const MAX_REDIRECTS: u32 = 100;
+/// Most VUs sharing one HTTP/2 connection (`defaults.http2_streams_per_connection`):
+/// servers commonly allow 100 to 256 concurrent streams.
+pub const MAX_HTTP2_STREAMS_PER_CONNECTION: u32 = 1000;
 
 /// A plan that parsed and passed every static check.
 #[derive(Debug, Clone)]
@@ -55,6 +58,9 @@ pub struct Defaults {
     pub http_version: HttpVersion,
     pub insecure_skip_tls_verify: bool,
     pub max_redirects: u32,
+    /// Above 1, the VUs of a worker thread share HTTP/2 connections, at most this many
+    /// (one stream each) per connection; 1: every VU has its own.
+    pub http2_streams_per_connection: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -264,6 +270,7 @@ struct RawDefaults {
     #[serde(default)]
     insecure_skip_tls_verify: bool,
     max_redirects: Option<u32>,
+    http2_streams_per_connection: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -467,6 +474,7 @@ impl Validator<'_> {
             http_version: raw.defaults.http_version.unwrap_or(HttpVersion::Http1),
             insecure_skip_tls_verify: raw.defaults.insecure_skip_tls_verify,
             max_redirects: raw.defaults.max_redirects.unwrap_or(10),
+            http2_streams_per_connection: raw.defaults.http2_streams_per_connection.unwrap_or(1),
         };
         if let Some(base) = &defaults.base_url {
             if !(base.starts_with("http://") || base.starts_with("https://")) {
@@ -559,6 +567,16 @@ impl Validator<'_> {
                     "({}) must be at most {MAX_REDIRECTS}",
                     defaults.max_redirects
                 ),
+            ));
+        }
+        let streams = defaults.http2_streams_per_connection;
+        if !(1..=MAX_HTTP2_STREAMS_PER_CONNECTION).contains(&streams) {
+            let at =
+                find_key(self.src, 0..self.src.len(), "http2_streams_per_connection").unwrap_or(0);
+            return Err(self.err(
+                at..at,
+                "defaults.http2_streams_per_connection".into(),
+                format!("({streams}) must be from 1 to {MAX_HTTP2_STREAMS_PER_CONNECTION}"),
             ));
         }
         if raw.requirements.min_nodes as usize > crate::run::MAX_MEMBERS {
@@ -1178,6 +1196,41 @@ think = "1s..3s"
         assert_eq!(e.line, Some(line), "{e}");
         assert_eq!(e.field.as_deref(), Some("scenarios.steady.duration"), "{e}");
         assert!(e.message.contains("fortnight"), "{e}");
+    }
+
+    #[test]
+    fn http2_streams_per_connection_is_bounded_and_named() {
+        let ok = GOOD.replace(
+            "timeout = \"5s\"",
+            "timeout = \"5s\"\nhttp2_streams_per_connection = 10",
+        );
+        let plan = parse_plan("plan.toml", &ok).unwrap();
+        assert_eq!(plan.defaults.http2_streams_per_connection, 10);
+        assert_eq!(
+            parse_plan("plan.toml", GOOD)
+                .unwrap()
+                .defaults
+                .http2_streams_per_connection,
+            1
+        );
+        for bad in ["0", "1001"] {
+            let src = GOOD.replace(
+                "timeout = \"5s\"",
+                &format!("timeout = \"5s\"\nhttp2_streams_per_connection = {bad}"),
+            );
+            let e = err(&src);
+            let line = src
+                .lines()
+                .position(|l| l.contains("http2_streams"))
+                .unwrap()
+                + 1;
+            assert_eq!(e.line, Some(line), "{e}");
+            assert_eq!(
+                e.field.as_deref(),
+                Some("defaults.http2_streams_per_connection"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -5,8 +5,13 @@
 #
 #   tools/bench/run.sh [--rounds 3] [--duration 10s] [--idle-vus 10000]
 #                      [--short 5s] [--long 50s] [--skip-build] [--keep DIR]
-#                      [--only throughput,idle,arrival,rss,mesh,soak] [--max N] [--rate N]
+#                      [--only throughput,idle,arrival,rss,mesh,soak,h2] [--max N] [--rate N]
 #                      [--lag-runs 3]
+#
+# `--only h2`: HTTP/2 over TLS against h2load (nghttp2-client), 50 connections x 1
+# stream (50 VUs) and 50 connections x 10 streams (500 VUs sharing connections,
+# `http2_streams_per_connection = 10`, vs `h2load -m10`), alternating round by round.
+# Not in the default set.
 #
 # `--only soak [--duration 30m]`: a 3-node loopback mesh at 300 it/s for the duration
 # (30 min unless --duration is given), RSS of every node every 30 s; prints each
@@ -90,6 +95,8 @@ need_pkgs=()
 command -v wrk >/dev/null || need_pkgs+=(wrk)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_pkgs+=(nginx-light)
 [[ -x /usr/bin/time ]] || need_pkgs+=(time)
+command -v openssl >/dev/null || need_pkgs+=(openssl)
+want h2 && ! command -v h2load >/dev/null && need_pkgs+=(nghttp2-client)
 command -v jq >/dev/null || need_pkgs+=(jq)
 command -v taskset >/dev/null || need_pkgs+=(util-linux)
 if [[ ${#need_pkgs[@]} -gt 0 ]]; then
@@ -149,8 +156,14 @@ free_port() {
 }
 PORT=$(free_port)
 URL="http://127.0.0.1:$PORT"
+TLSPORT=$(free_port)
+[[ "$TLSPORT" != "$PORT" ]] || TLSPORT=$(free_port)
+TLSURL="https://127.0.0.1:$TLSPORT"
 mkdir -p "$WORK"/{client_body,proxy,fastcgi,uwsgi,scgi}
-sed -e "s#@DIR@#$WORK#g" -e "s#@PORT@#$PORT#g" "$BENCH/nginx.conf.in" >"$WORK/nginx.conf"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=localhost -keyout "$WORK/key.pem" -out "$WORK/cert.pem" >/dev/null 2>&1
+sed -e "s#@DIR@#$WORK#g" -e "s#@PORT@#$PORT#g" -e "s#@TLSPORT@#$TLSPORT#g" \
+    "$BENCH/nginx.conf.in" >"$WORK/nginx.conf"
 taskset -c 1 "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -e "$WORK/error.log" &
 NGINX_PID=$!
 up=0
@@ -274,6 +287,47 @@ if [[ -s "$WORK/oha_ratios" ]]; then
     printf 'median ratio stampede/oha = %s, per CPU-second = %s\n' \
         "$(median <"$WORK/oha_ratios")" "$(median <"$WORK/oha_eff_ratios")"
 fi
+fi
+
+# --- 1b. HTTP/2 over TLS against h2load, alternating --------------------------------
+if want h2; then
+H2LOAD_VERSION=$(h2load --version 2>&1 | head -1)
+log "HTTP/2 over TLS ($TLSURL): $H2LOAD_VERSION -t1 vs stampede --workers 1, ${DUR_S}s each, $ROUNDS rounds"
+printf '%-6s %-8s %10s %10s %6s %14s %14s %6s %9s %9s\n' round shape "h2load rps" "st. rps" ratio \
+    "h2load req/cpu" "st. req/cpu" ratio "nginx(h)" "nginx(st)"
+for shape in 1 10; do
+    : >"$WORK/h2_ratios_$shape"; : >"$WORK/h2_eff_$shape"
+    vus=$((CONNS * shape))
+    for r in $(seq "$ROUNDS"); do
+        t0=$(nginx_ticks)
+        taskset -c 0 /usr/bin/time -v -o "$WORK/h2load-$shape-$r.time" \
+            h2load -t1 -c"$CONNS" -m"$shape" -D"$DUR_S" "$TLSURL/" >"$WORK/h2load-$shape-$r.txt" 2>&1 || true
+        h_ng=$(nginx_pct "$t0" "$DUR_S")
+        h_rps=$(awk '/^finished in/ {print $4}' "$WORK/h2load-$shape-$r.txt")
+        h_req=$(awk '/^requests:/ {print $8}' "$WORK/h2load-$shape-$r.txt")
+        [[ -n "$h_rps" ]] || { echo "run.sh: cannot read h2load's output:" >&2; cat "$WORK/h2load-$shape-$r.txt" >&2; exit 1; }
+        t0=$(nginx_ticks)
+        run_stampede "$BENCH/h2.toml" "$WORK/h2st-$shape-$r.json" "$WORK/h2st-$shape-$r.time" \
+            --set "defaults.base_url=\"$TLSURL\"" --set "scenarios.hammer.vus=$vus" \
+            --set "defaults.http2_streams_per_connection=$shape" \
+            --set "scenarios.hammer.duration=\"${DUR_S}s\""
+        j="$WORK/h2st-$shape-$r.json"
+        st_ng=$(nginx_pct "$t0" "$(jq -r .duration_s "$j")")
+        st_rps=$(jq -r '.totals.rps' "$j")
+        st_req=$(jq -r '.totals.requests' "$j")
+        st_failed=$(jq -r '.totals.failed' "$j")
+        rat=$(ratio "$st_rps" "$h_rps")
+        h_eff=$(awk -v n="$h_req" -v c="$(cpu_s "$WORK/h2load-$shape-$r.time")" 'BEGIN { printf "%.0f", (c > 0 ? n / c : 0) }')
+        st_eff=$(awk -v n="$st_req" -v c="$(cpu_s "$WORK/h2st-$shape-$r.time")" 'BEGIN { printf "%.0f", (c > 0 ? n / c : 0) }')
+        eff_rat=$(ratio "$st_eff" "$h_eff")
+        echo "$rat" >>"$WORK/h2_ratios_$shape"; echo "$eff_rat" >>"$WORK/h2_eff_$shape"
+        printf '%-6s %-8s %10.0f %10.0f %6s %14s %14s %6s %9s %9s' "$r" "${CONNS}x$shape" "$h_rps" \
+            "$st_rps" "$rat" "$h_eff" "$st_eff" "$eff_rat" "$h_ng" "$st_ng"
+        [[ "$st_failed" == 0 ]] && echo || echo "  ($st_failed failed requests)"
+    done
+    printf 'median %sx%s: stampede/h2load = %s, per CPU-second of the generator = %s\n' "$CONNS" "$shape" \
+        "$(median <"$WORK/h2_ratios_$shape")" "$(median <"$WORK/h2_eff_$shape")"
+done
 fi
 
 # --- 2. memory per idle VU ---------------------------------------------------------

@@ -64,11 +64,14 @@ pub struct Vu {
 
 impl Vu {
     pub fn new(ctx: &WorkerCtx, scenario: usize, global_id: u64) -> Vu {
+        let mut client = VuClient::new(ctx.http.clone());
+        client
+            .share_http2_connections(ctx.plan.plan.defaults.http2_streams_per_connection as usize);
         Vu {
             global_id,
             scenario,
             iteration: 0,
-            client: VuClient::new(ctx.http.clone()),
+            client,
             jar: CookieJar::new(),
             vars: ctx
                 .plan
