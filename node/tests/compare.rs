@@ -3,6 +3,8 @@
 //! about what did not change stay quiet, and a file that is not a summary is one clear
 //! usage error. The second run embeds the first as the HTML report's baseline.
 
+mod browser_support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -171,4 +173,27 @@ fn compare_fires_the_p99_rule_when_the_shop_got_slower() {
     let embedded: serde_json::Value = serde_json::from_str(embedded).unwrap();
     assert_eq!(embedded["run_id"], base_id.as_str());
     assert!(embedded.get("plan_source").is_none());
+
+    // Opened offline in a browser: the comparison section draws both runs.
+    let Some(browser) =
+        browser_support::chromium("compare_fires_the_p99_rule_when_the_shop_got_slower")
+    else {
+        return;
+    };
+    let dom = browser_support::dump_dom(&browser, &format!("file://{}", html.display()), 0, true);
+    assert!(
+        dom.contains(&format!("baseline run <code>{base_id}</code>")),
+        "the section names the baseline run"
+    );
+    assert!(
+        dom.contains("<tr data-row=\"total\" data-metric=\"p99\" class=\"worse\">"),
+        "the slower p99 is marked worse"
+    );
+    let lines = browser_support::chart_points(&dom, "baseline-latency");
+    assert_eq!(
+        lines.len(),
+        2,
+        "this run's p99 and the baseline's: {lines:?}"
+    );
+    assert!(lines.iter().all(|&n| n >= 2), "{lines:?}");
 }
