@@ -461,6 +461,23 @@ pub struct Cell {
     pub delta_pct: Option<f64>,
 }
 
+impl Cell {
+    /// Base, new, Δ and Δ% as shown (Δ% empty when nothing changed).
+    fn texts(&self) -> [String; 4] {
+        let pct = if self.delta == 0.0 {
+            String::new()
+        } else {
+            show_pct(self.delta_pct.unwrap_or(f64::INFINITY))
+        };
+        [
+            self.metric.show(self.base),
+            self.metric.show(self.new),
+            self.metric.show_delta(self.delta),
+            pct,
+        ]
+    }
+}
+
 /// A row present in both runs.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
@@ -668,20 +685,10 @@ pub fn render_table(c: &Comparison, color: bool) -> String {
     for row in &c.rows {
         let _ = writeln!(o, "{}", paint("1", row.row.clone()));
         for cell in &row.cells {
-            let pct = cell
-                .delta_pct
-                .map_or_else(|| show_pct(f64::INFINITY), show_pct);
+            let [base, new, delta, pct] = cell.texts();
             let line = format!(
-                "  {:<30} {:>12} {:>12} {:>12} {:>9}",
+                "  {:<30} {base:>12} {new:>12} {delta:>12} {pct:>9}",
                 cell.metric.name(),
-                cell.metric.show(cell.base),
-                cell.metric.show(cell.new),
-                cell.metric.show_delta(cell.delta),
-                if cell.delta == 0.0 {
-                    String::new()
-                } else {
-                    pct
-                },
             );
             let line = match verdict(cell) {
                 std::cmp::Ordering::Greater => paint("31", line),
@@ -754,22 +761,12 @@ pub fn render_markdown(c: &Comparison) -> String {
                 .fired
                 .iter()
                 .any(|f| f.row == row.row && f.metric == cell.metric);
-            let pct = cell
-                .delta_pct
-                .map_or_else(|| show_pct(f64::INFINITY), show_pct);
+            let [base, new, delta, pct] = cell.texts();
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} | {} | {}{} |",
+                "| {} | {} | {base} | {new} | {delta} | {pct}{} |",
                 md(&row.row),
                 cell.metric.name(),
-                cell.metric.show(cell.base),
-                cell.metric.show(cell.new),
-                cell.metric.show_delta(cell.delta),
-                if cell.delta == 0.0 {
-                    String::new()
-                } else {
-                    pct
-                },
                 if fired { " ❌" } else { "" }
             );
         }
