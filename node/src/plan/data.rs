@@ -289,9 +289,11 @@ fn parse_csv(text: &str) -> Result<Parsed, (usize, String)> {
     // from the record's byte offset, and only when an error needs it.
     let line_at = |byte: usize| {
         let start = text.len() - skip_line_ends(&text.as_bytes()[byte.min(text.len())..]).len();
-        text.as_bytes()[..start]
-            .iter()
-            .filter(|&&b| b == b'\n')
+        // LF, CRLF and a lone CR each end a line.
+        let b = &text.as_bytes()[..start];
+        b.iter()
+            .enumerate()
+            .filter(|&(i, &c)| c == b'\n' || (c == b'\r' && b.get(i + 1) != Some(&b'\n')))
             .count()
             + 1
     };
@@ -730,9 +732,13 @@ mod tests {
 
     #[test]
     fn csv_crate_rules_for_odd_input() {
-        // CR alone ends a line too (old Mac files).
+        // CR alone ends a line too (old Mac files), also in error positions.
         let d = csv("a,b\r1,2\r3,4").unwrap();
         assert_eq!(rows(&d), vec![vec!["1", "2"], vec!["3", "4"]]);
+        assert_eq!(
+            csv("a,b\r1,2\r\n3\r").unwrap_err().to_string(),
+            "data.accounts: accounts.csv line 3: row has 1 field but the header has 2 columns"
+        );
         // A quoted header behind a BOM, and a line of spaces, which is blank.
         let d = csv("\u{feff}\"user id\",pw\n   \n\"u,1\",\"p\"\"1\"\n").unwrap();
         assert_eq!(d.columns, vec!["user id", "pw"]);
