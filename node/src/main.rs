@@ -20,6 +20,9 @@ fn main() {
         Command::Report(args) => stampede::daemon::report(args),
         Command::Keygen(args) => stampede::daemon::keygen(args),
         Command::Compare(args) => stampede::reports::compare::command(args),
+        Command::Import(stampede::cli::ImportCommand::Har(args)) => {
+            stampede::commands::import_har(args)
+        }
     };
     std::process::exit(Outcome::exit_code(outcome));
 }
