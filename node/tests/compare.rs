@@ -85,7 +85,7 @@ fn compare_fires_the_p99_rule_when_the_shop_got_slower() {
 
     target.set_latency(Latency::Fixed(Duration::from_millis(2)));
     run(&plan, &[format!("--out=json={}", base.display())]);
-    target.set_latency(Latency::Fixed(Duration::from_millis(60)));
+    target.set_latency(Latency::Fixed(Duration::from_millis(150)));
     run(
         &plan,
         &[
@@ -96,12 +96,13 @@ fn compare_fires_the_p99_rule_when_the_shop_got_slower() {
     );
     let (b, n) = (base.to_str().unwrap(), new.to_str().unwrap());
 
-    // The latency rose from ~2 ms to ~60 ms: p99 is far above +50 % on every row.
+    // The latency rose from ~2 ms to 150 ms: p99 is far above +30 % on every row, even
+    // when a loaded machine puts the base run's p99 near 100 ms.
     let (code, stdout, stderr) = compare(&[
         b,
         n,
         "--fail-on",
-        "p99{total} > +50%",
+        "p99{total} > +30%",
         "--fail-on",
         "error_rate > +0.5pp",
         "--fail-on",
@@ -109,7 +110,7 @@ fn compare_fires_the_p99_rule_when_the_shop_got_slower() {
     ]);
     assert_eq!(code, Some(99), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(
-        stderr.contains("rule 'p99{total} > +50%' fired on total: p99 "),
+        stderr.contains("rule 'p99{total} > +30%' fired on total: p99 "),
         "{stderr}"
     );
     assert!(
@@ -125,10 +126,10 @@ fn compare_fires_the_p99_rule_when_the_shop_got_slower() {
     assert!(!stdout.contains('\x1b'), "NO_COLOR and a pipe: no colour");
 
     // An unscoped rule names every row it fired on; the same run against itself is quiet.
-    let (code, _, stderr) = compare(&[b, n, "--fail-on", "p99 > +50%"]);
+    let (code, _, stderr) = compare(&[b, n, "--fail-on", "p99 > +30%"]);
     assert_eq!(code, Some(99));
     assert!(stderr.contains("fired on request search: p99"), "{stderr}");
-    let (code, _, stderr) = compare(&[b, b, "--fail-on", "p99 > +50%"]);
+    let (code, _, stderr) = compare(&[b, b, "--fail-on", "p99 > +30%"]);
     assert_eq!(code, Some(0), "{stderr}");
 
     let (code, stdout, _) = compare(&[b, n, "--format", "json", "--fail-on", "p50 > +20ms"]);
@@ -139,7 +140,8 @@ fn compare_fires_the_p99_rule_when_the_shop_got_slower() {
     let p99 = &j["rows"][0]["cells"][3];
     assert_eq!(p99["metric"], "p99");
     assert!(
-        p99["new"].as_f64().unwrap() >= 60_000.0 && p99["base"].as_f64().unwrap() < 60_000.0,
+        p99["new"].as_f64().unwrap() >= 150_000.0
+            && p99["new"].as_f64().unwrap() > p99["base"].as_f64().unwrap(),
         "{p99}"
     );
     let (code, stdout, _) = compare(&[b, n, "--format", "markdown"]);
