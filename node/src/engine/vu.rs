@@ -468,8 +468,8 @@ fn extract(step: &CompiledStep, r: &Response, jar: &CookieJar, vars: &mut [Optio
             CompiledExtract::Json(p) => {
                 let d = doc.get_or_insert_with(|| serde_json::from_slice(&r.body).ok());
                 d.as_ref()
-                    .and_then(|d| p.find(d))
-                    .map(jsonpath::value_to_string)
+                    .and_then(|d| p.eval(d))
+                    .map(|v| jsonpath::value_to_string(&v))
             }
             CompiledExtract::Regex(re) => std::str::from_utf8(&r.body).ok().and_then(|b| {
                 re.captures(b).map(|c| {

@@ -25,6 +25,8 @@ pub enum Format {
 pub struct Output {
     pub format: Format,
     pub path: PathBuf,
+    /// For html: a baseline run's summary, as script-safe JSON, drawn beside this run.
+    pub baseline: Option<std::sync::Arc<String>>,
 }
 
 /// Parses `json=FILE` and friends.
@@ -49,6 +51,7 @@ pub fn parse(spec: &str) -> Result<Output, String> {
     Ok(Output {
         format,
         path: PathBuf::from(path),
+        baseline: None,
     })
 }
 
@@ -57,7 +60,10 @@ pub fn write(out: &Output, s: &Summary) -> Result<(), String> {
         Format::Json => serde_json::to_string_pretty(s).map_err(|e| e.to_string())?,
         Format::Csv => csv(s),
         Format::Junit => junit(s),
-        Format::Html => crate::reports::html::render(s),
+        Format::Html => crate::reports::html::render_with_baseline(
+            s,
+            out.baseline.as_deref().map(String::as_str),
+        ),
     };
     write_file(&out.path, text.as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", out.path.display()))
@@ -201,7 +207,8 @@ mod tests {
             parse("json=a.json").unwrap(),
             Output {
                 format: Format::Json,
-                path: "a.json".into()
+                path: "a.json".into(),
+                baseline: None,
             }
         );
         assert!(parse("xml=a")

@@ -13,8 +13,15 @@ use stampede_protocol::threshold::{Aggregate, Metric, Threshold};
 
 use crate::reports::aggregate::{RunAggregate, TimelinePoint};
 
+/// The version of the summary's JSON shape, written as `schema_version`: raised when a
+/// field changes meaning or goes, not when one is added. Readers (`stampede compare`)
+/// refuse a newer one; a summary without it predates the field and is version 1.
+pub const SUMMARY_SCHEMA_VERSION: u32 = 1;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
+    #[serde(default = "schema_v1")]
+    pub schema_version: u32,
     pub run_id: String,
     pub plan: String,
     pub started_at: String,
@@ -347,6 +354,7 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
         .collect();
 
     Summary {
+        schema_version: SUMMARY_SCHEMA_VERSION,
         run_id: input.run_id.to_string(),
         plan: input.plan.name.clone(),
         started_at: iso8601(input.started_at_unix_ms),
@@ -364,6 +372,10 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
         start_skew_us: input.start_skew_us,
         plan_source: input.plan_source.to_string(),
     }
+}
+
+fn schema_v1() -> u32 {
+    1
 }
 
 fn stats(s: &SeriesStats, iterations: u64, dropped: u64, dur: f64) -> Stats {
