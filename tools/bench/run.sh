@@ -621,6 +621,8 @@ TPORT=$(free_port)
 MESH_TARGET_PID=$!
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$TPORT") 2>/dev/null && break; sleep 0.1; done
 mapfile -t SOAK_PIDS <"$TN/pids"
+# A run proposed before the nodes have found each other would be a run of node 1 alone.
+for _ in $(seq 60); do "$STAMPEDE" peers --data-dir "$TN/n1" 2>/dev/null | grep -q '3 alive' && break; sleep 1; done
 : >"$WORK/soak-rss.samples"
 : >"$WORK/soak-target.seconds"
 "$STAMPEDE" run --mesh --quiet --data-dir "$TN/n1" "$BENCH/soak.toml" \
@@ -677,6 +679,7 @@ if [[ -s "$WORK/soak.json" ]]; then
         $1 >= a && $1 < b { n++; d = ($2 - rate) / rate * 100; if (d < 0) d = -d; if (d > worst) { worst = d; at = $1 - a + 1 }; if (d > 2) out++ }
         END { printf "rate stability: %d whole seconds at the target, %d outside %d/s +-2 %%, worst %.1f %% (second %d of the run)\n", n, out + 0, rate, worst, at }' \
         "$WORK/soak-target.per-second"
+    echo "nodes in the run: $(jq -r '[.nodes[].name] | join(", ")' "$WORK/soak.json")"
     echo "exactness: summary $(jq -r .totals.requests "$WORK/soak.json") requests ($(jq -r .totals.failed "$WORK/soak.json") failed, $(jq -r .totals.dropped_iterations "$WORK/soak.json") dropped), target counted $(printf '%s' "$stats" | jq -r .load_requests)"
     echo "report: timeline $(jq -r '.timeline | length' "$WORK/soak.json") points (widths $(jq -r '[.timeline[].width_s] | unique | map(tostring) | join(", ")' "$WORK/soak.json") s), JSON $(( $(stat -c %s "$WORK/soak.json") / 1024 )) KiB, HTML $(( $(stat -c %s "$WORK/soak.html") / 1024 )) KiB, CSV $(( $(stat -c %s "$WORK/soak.csv") / 1024 )) KiB"
     echo "lag p99 $(jq -r .generator.schedule_lag_us.p99 "$WORK/soak.json") us, latency p99 $(jq -r .totals.latency_us.p99 "$WORK/soak.json") us; events: $(jq -r '[.events[].kind] | join(", ")' "$WORK/soak.json")"

@@ -182,7 +182,9 @@ pub fn run_text(run: &LiveRun, out: &mut String) {
         .iter()
         .map(|m| (m.name.as_str(), &m.labels))
         .collect();
-    for (node, m) in &run.node_totals {
+    for (node, packed) in &run.node_totals {
+        let Some(m) = packed.unpack() else { continue };
+        let m = &m;
         let node_labels: Vec<(String, String)> = member_labels
             .get(node.as_str())
             .map(|l| l.iter().map(|(k, v)| (label_name(k), v.clone())).collect())
@@ -331,8 +333,9 @@ mod tests {
         m.series[0].errors[ErrorClass::Http5xx as usize] = 1;
         m.series[0].latency.record(2000);
         m.scenarios[0].iterations = 3;
-        run.node_totals.insert("a".into(), m.clone());
-        run.node_totals.insert("b".into(), m);
+        let packed = crate::reports::live::PackedMetrics::of(&m);
+        run.node_totals.insert("a".into(), packed.clone());
+        run.node_totals.insert("b".into(), packed);
         run.members.push(crate::reports::live::LiveMember {
             id: "x".into(),
             name: "a".into(),

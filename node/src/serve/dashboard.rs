@@ -66,7 +66,11 @@ pub fn run_json(r: &LiveRun, now_ms: u64) -> Value {
     } else {
         wall.max(1.0)
     };
-    let totals = r.totals.as_ref().map(|m| stats_of(m, dur));
+    let totals = r
+        .totals
+        .as_ref()
+        .and_then(|p| p.unpack())
+        .map(|m| stats_of(&m, dur));
     let labels_of: BTreeMap<&str, &BTreeMap<String, String>> = r
         .members
         .iter()
@@ -74,7 +78,9 @@ pub fn run_json(r: &LiveRun, now_ms: u64) -> Value {
         .collect();
     let mut nodes = Vec::new();
     let mut by_label: BTreeMap<String, BTreeMap<String, Metrics>> = BTreeMap::new();
-    for (name, m) in &r.node_totals {
+    for (name, packed) in &r.node_totals {
+        let Some(m) = packed.unpack() else { continue };
+        let m = &m;
         let member = r.members.iter().find(|x| x.name == *name);
         let labels = labels_of.get(name.as_str()).cloned().cloned();
         for (k, v) in labels.iter().flatten() {
@@ -302,7 +308,8 @@ mod tests {
                 m.series[0].latency.record(lat);
             }
             m.series[0].requests = 10;
-            r.node_totals.insert(name.into(), m);
+            r.node_totals
+                .insert(name.into(), crate::reports::live::PackedMetrics::of(&m));
             r.members.push(crate::reports::live::LiveMember {
                 id: format!("id-{name}"),
                 name: name.into(),
