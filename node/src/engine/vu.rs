@@ -17,7 +17,9 @@ use rand::Rng;
 use stampede_protocol::plan::Think;
 use stampede_protocol::snapshot::{ErrorClass, Metrics};
 
-use crate::http::{CookieJar, HttpErrorKind, OutRequest, Response, Shared, Url, VuClient};
+use crate::http::{
+    CookieJar, GrpcClient, HttpErrorKind, OutRequest, Response, Shared, Url, VuClient,
+};
 use crate::plan::compile::{
     CompiledBody, CompiledCheck, CompiledExtract, CompiledPlan, CompiledStep, UrlTemplate,
 };
@@ -52,6 +54,8 @@ pub struct Vu {
     pub scenario: usize,
     pub iteration: u64,
     client: VuClient,
+    /// Made at the VU's first gRPC step: most plans have none.
+    grpc: Option<GrpcClient>,
     jar: CookieJar,
     /// Extracted variables, per flow (each flow has its own slots).
     vars: Vec<Vec<Option<String>>>,
@@ -69,6 +73,7 @@ impl Vu {
             scenario,
             iteration: 0,
             client: VuClient::new(ctx.http.clone()),
+            grpc: None,
             jar: CookieJar::new(),
             vars: ctx
                 .plan
@@ -147,7 +152,18 @@ impl Vu {
                 }
             };
             let bytes_sent = req.body.len() as u64;
-            let result = self.client.send(req, &mut self.jar).await;
+            let (result, grpc_status) = match &step.grpc {
+                None => (self.client.send(req, &mut self.jar).await, None),
+                Some(method) => {
+                    let client = self
+                        .grpc
+                        .get_or_insert_with(|| GrpcClient::new(ctx.http.clone()));
+                    match client.call(method, req).await {
+                        Ok(reply) => (Ok(reply.response), Some(reply.status)),
+                        Err(e) => (Err(e), None),
+                    }
+                }
+            };
             let ok = {
                 let mut m = ctx.recorder.borrow_mut();
                 let s = &mut m.series[series];
@@ -162,7 +178,7 @@ impl Vu {
                         s.service
                             .record(micros(resp.done_at.saturating_duration_since(resp.sent_at)));
                         s.bytes_received += resp.bytes_received;
-                        let verdict = run_checks(&step.check, resp);
+                        let verdict = run_checks(&step.check, resp, grpc_status);
                         s.checks_passed += verdict.passed;
                         s.checks_failed += verdict.failed;
                         match verdict.error {
@@ -398,12 +414,15 @@ struct Verdict {
     error: Option<ErrorClass>,
 }
 
-fn run_checks(c: &CompiledCheck, r: &Response) -> Verdict {
+/// `grpc_status`: the call's status when the step is a gRPC call; it is checked instead
+/// of the HTTP status.
+fn run_checks(c: &CompiledCheck, r: &Response, grpc_status: Option<u32>) -> Verdict {
     let status = r.status.as_u16();
-    let status_ok = if c.status.is_empty() {
-        status < 400
-    } else {
-        c.status.contains(&status)
+    let status_ok = match grpc_status {
+        Some(code) if c.grpc_status.is_empty() => code == 0,
+        Some(code) => c.grpc_status.contains(&code),
+        None if c.status.is_empty() => status < 400,
+        None => c.status.contains(&status),
     };
     let mut passed = status_ok as u64;
     let mut failed = !status_ok as u64;
@@ -433,7 +452,9 @@ fn run_checks(c: &CompiledCheck, r: &Response) -> Verdict {
             tally(doc.as_ref().and_then(|d| path.eval(d)).as_deref() == Some(want));
         }
     }
-    let error = if !status_ok {
+    let error = if !status_ok && grpc_status.is_some() {
+        Some(ErrorClass::CheckFailed)
+    } else if !status_ok {
         Some(match status {
             400..=499 => ErrorClass::Http4xx,
             500..=599 => ErrorClass::Http5xx,

@@ -105,6 +105,8 @@ pub struct Shared {
     settings: ClientSettings,
     dns: Dns,
     tls: TlsConnector,
+    /// ALPN h2 only, whatever `http_version` says: gRPC speaks nothing else.
+    tls_h2: TlsConnector,
     user_agent: Option<HeaderValue>,
     diagnoses: std::sync::Mutex<Vec<Diagnosis>>,
 }
@@ -128,6 +130,7 @@ impl Shared {
             HttpVersionPref::Auto => &[b"h2", b"http/1.1"],
         };
         let tls = TlsConnector::from(Arc::new(client_config(settings.insecure_tls, alpn)?));
+        let tls_h2 = TlsConnector::from(Arc::new(client_config(settings.insecure_tls, &[b"h2"])?));
         let user_agent = match &settings.user_agent {
             None => None,
             Some(ua) => Some(HeaderValue::from_str(ua).map_err(|_| {
@@ -141,6 +144,7 @@ impl Shared {
             dns: Dns::new(&settings.resolve, &settings.dns_servers),
             settings,
             tls,
+            tls_h2,
             user_agent,
             diagnoses: std::sync::Mutex::new(Vec::new()),
         }))
@@ -249,8 +253,8 @@ type Body = Full<Bytes>;
 
 /// An HTTP/2 connection: hyper's sender and the task driving the connection. Dropping it
 /// aborts the task, which closes the socket.
-struct H2Conn {
-    sender: http2::SendRequest<Body>,
+pub(super) struct H2Conn {
+    pub(super) sender: http2::SendRequest<Body>,
     driver: JoinHandle<()>,
 }
 
@@ -878,7 +882,103 @@ async fn connect(shared: &Shared, url: &Url, connecting: &mut Duration) -> Resul
     }
 }
 
+/// An HTTP/2 connection whatever the node's `http_version` (gRPC): prior knowledge over
+/// plain TCP, ALPN h2 over TLS; bounded by the connect timeout like every connection.
+pub(super) async fn connect_h2(
+    shared: &Shared,
+    url: &Url,
+    connecting: &mut Duration,
+) -> Result<H2Conn, HttpError> {
+    let limit = shared.settings.connect_timeout;
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(limit, async {
+        let stream = dial(shared, url).await?;
+        match url.scheme() {
+            Scheme::Http => handshake_h2(stream, url).await,
+            Scheme::Https => {
+                let tls = tls_connect(&shared.tls_h2, stream, url).await?;
+                if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    return Err(HttpError::new(
+                        HttpErrorKind::Tls,
+                        format!("{url}: the server did not agree to HTTP/2 (ALPN)"),
+                    ));
+                }
+                handshake_h2(tls, url).await
+            }
+        }
+    })
+    .await;
+    *connecting += started.elapsed();
+    match outcome {
+        Ok(Ok(Conn::H2(c))) => Ok(c),
+        Ok(Ok(Conn::H1(_))) => unreachable!("handshake_h2 makes HTTP/2 connections"),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(HttpError::new(
+            HttpErrorKind::Connect,
+            format!("{url}: no HTTP/2 connection within the connect timeout of {limit:?}"),
+        )),
+    }
+}
+
 async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
+    let stream = dial(shared, url).await?;
+    let pref = shared.settings.http_version;
+    match url.scheme() {
+        Scheme::Http => {
+            if pref == HttpVersionPref::Http2 {
+                handshake_h2(stream, url).await
+            } else {
+                Ok(Conn::H1(H1Conn::new(Io::Tcp(stream))))
+            }
+        }
+        Scheme::Https => {
+            let tls = tls_connect(&shared.tls, stream, url).await?;
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            if h2 {
+                handshake_h2(tls, url).await
+            } else if pref == HttpVersionPref::Http2 {
+                Err(HttpError::new(
+                    HttpErrorKind::Tls,
+                    format!(
+                        "{url}: {}:{} did not agree to HTTP/2 (ALPN)",
+                        url.host(),
+                        url.port()
+                    ),
+                ))
+            } else {
+                Ok(Conn::H1(H1Conn::new(Io::Tls(Box::new(tls)))))
+            }
+        }
+    }
+}
+
+async fn tls_connect(
+    connector: &TlsConnector,
+    stream: TcpStream,
+    url: &Url,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HttpError> {
+    let (host, port) = (url.host(), url.port());
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| {
+        HttpError::new(
+            HttpErrorKind::Tls,
+            format!("{url}: '{host}' is not a valid TLS server name"),
+        )
+    })?;
+    connector.connect(name, stream).await.map_err(|e| {
+        HttpError::new(
+            HttpErrorKind::Tls,
+            format!("{url}: TLS handshake with {host}:{port} failed: {e}"),
+        )
+        .with_diagnosis(format!(
+            "{host}:{port}: TLS handshake failed ({e}) — does it speak TLS here, \
+             with a certificate this machine trusts?"
+        ))
+    })
+}
+
+/// A TCP connection to the URL's host, to the first of its addresses that the node's
+/// allowlist allows and that answers.
+async fn dial(shared: &Shared, url: &Url) -> Result<TcpStream, HttpError> {
     let host = url.host();
     let port = url.port();
     let addrs: Addrs = shared.dns.resolve(host).await.map_err(|e| {
@@ -932,45 +1032,7 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
     };
     // Requests are small and latency is the measurement: never wait for Nagle.
     let _ = stream.set_nodelay(true);
-    let pref = shared.settings.http_version;
-    match url.scheme() {
-        Scheme::Http => {
-            if pref == HttpVersionPref::Http2 {
-                handshake_h2(stream, url).await
-            } else {
-                Ok(Conn::H1(H1Conn::new(Io::Tcp(stream))))
-            }
-        }
-        Scheme::Https => {
-            let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| {
-                HttpError::new(
-                    HttpErrorKind::Tls,
-                    format!("{url}: '{host}' is not a valid TLS server name"),
-                )
-            })?;
-            let tls = shared.tls.connect(name, stream).await.map_err(|e| {
-                HttpError::new(
-                    HttpErrorKind::Tls,
-                    format!("{url}: TLS handshake with {host}:{port} failed: {e}"),
-                )
-                .with_diagnosis(format!(
-                    "{host}:{port}: TLS handshake failed ({e}) — does it speak TLS here, \
-                     with a certificate this machine trusts?"
-                ))
-            })?;
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            if h2 {
-                handshake_h2(tls, url).await
-            } else if pref == HttpVersionPref::Http2 {
-                Err(HttpError::new(
-                    HttpErrorKind::Tls,
-                    format!("{url}: {host}:{port} did not agree to HTTP/2 (ALPN)"),
-                ))
-            } else {
-                Ok(Conn::H1(H1Conn::new(Io::Tls(Box::new(tls)))))
-            }
-        }
-    }
+    Ok(stream)
 }
 
 async fn handshake_h2<T>(io: T, url: &Url) -> Result<Conn, HttpError>

@@ -15,6 +15,7 @@ mod client;
 mod cookies;
 mod dns;
 mod error;
+mod grpc;
 mod h1;
 mod headers;
 mod tls;
@@ -26,5 +27,6 @@ pub use client::{
 };
 pub use cookies::{Cookie, CookieJar};
 pub use error::{HttpError, HttpErrorKind};
+pub use grpc::{GrpcClient, GrpcMethod, GrpcReply};
 pub use headers::ResponseHeaders;
 pub use url::{Scheme, Url};

@@ -7,4 +7,5 @@ pub mod bundle;
 pub mod compile;
 pub mod data;
 pub mod jsonpath;
+pub mod proto;
 pub mod template;
