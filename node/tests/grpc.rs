@@ -64,6 +64,7 @@ fn show(out: &Output) -> String {
 }
 
 fn shop_plan(url: &str, iterations: u32) -> String {
+    let missing = 4 * iterations;
     format!(
         r#"
 name = "grpc-shop"
@@ -72,6 +73,10 @@ proto = ["inventory.proto"]
 
 [defaults]
 base_url = "{url}"
+
+[thresholds]
+grpc_req_duration = ["p(99) < 5000"]
+grpc_status_not_found = ["count == {missing}"]
 
 [scenarios.stock]
 executor = "per-vu-iterations"
@@ -121,6 +126,33 @@ fn unary_and_streaming_calls_are_counted_exactly_by_the_shop() {
         "{s}"
     );
     assert_eq!(s["totals"]["checks"]["failed"].as_u64(), Some(0), "{s}");
+    // The gRPC metrics: a duration per call, a count per status, in every series.
+    let m = &s["totals"]["metrics"];
+    assert_eq!(
+        m["grpc_req_duration"]["count"].as_u64(),
+        Some(get + watch),
+        "{s}"
+    );
+    assert_eq!(m["grpc_status_ok"]["count"].as_u64(), Some(40), "{s}");
+    assert_eq!(
+        m["grpc_status_not_found"]["count"].as_u64(),
+        Some(20),
+        "{s}"
+    );
+    assert_eq!(
+        s["requests"]["missing"]["metrics"]["grpc_status_not_found"]["count"].as_u64(),
+        Some(20),
+        "{s}"
+    );
+    assert!(
+        s["thresholds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["passed"] == true),
+        "{}",
+        s["thresholds"]
+    );
 }
 
 fn validate(plan: &Path) -> (Option<i32>, String) {
@@ -156,7 +188,7 @@ fn bad_protos_methods_and_messages_are_one_plan_error_each() {
     let (code, err) = validate(&plan);
     assert_eq!(code, Some(2), "{err}");
     assert!(
-        err.contains("plan.toml:26: flows.stock.steps[2].grpc.method")
+        err.contains("plan.toml:30: flows.stock.steps[2].grpc.method")
             && err.contains("no method \"GetStocks\"")
             && err.contains("WatchStock"),
         "{err}"
@@ -167,7 +199,7 @@ fn bad_protos_methods_and_messages_are_one_plan_error_each() {
     let (code, err) = validate(&plan);
     assert_eq!(code, Some(2), "{err}");
     assert!(
-        err.contains("plan.toml:21: flows.stock.steps[1].grpc") && err.contains("message.updates"),
+        err.contains("plan.toml:25: flows.stock.steps[1].grpc") && err.contains("message.updates"),
         "{err}"
     );
     let (_dir, plan) = plan_dir(&good.replace("updates = 3", "updatez = 3"));
@@ -269,6 +301,12 @@ grpc = {{ url = "http://{addr}", method = "shop.Inventory/GetStock", message = {
     assert_eq!(server.join().unwrap(), 3);
     assert_eq!(s["totals"]["requests"].as_u64(), Some(3), "{s}");
     assert_eq!(s["totals"]["failed"].as_u64(), Some(3), "{s}");
+    // A call the server broke off is reported as gRPC clients do: UNAVAILABLE.
+    assert_eq!(
+        s["totals"]["metrics"]["grpc_status_unavailable"]["count"].as_u64(),
+        Some(3),
+        "{s}"
+    );
     let errors = s["totals"]["errors"].as_object().unwrap();
     let classes: Vec<_> = errors
         .iter()

@@ -46,17 +46,80 @@ pub enum Named {
     WsMsgsSent,
     /// WebSocket messages received (also those a `receive` step skipped).
     WsMsgsReceived,
+    /// A gRPC call, from sending to its status (the last message and the trailers).
+    GrpcReqDuration,
+    /// gRPC calls that ended with status OK (0).
+    GrpcStatusOk,
+    /// gRPC calls that ended with status CANCELLED (1).
+    GrpcStatusCancelled,
+    /// gRPC calls that ended with status UNKNOWN (2).
+    GrpcStatusUnknown,
+    /// gRPC calls that ended with status INVALID_ARGUMENT (3).
+    GrpcStatusInvalidArgument,
+    /// gRPC calls that ended with status DEADLINE_EXCEEDED (4).
+    GrpcStatusDeadlineExceeded,
+    /// gRPC calls that ended with status NOT_FOUND (5).
+    GrpcStatusNotFound,
+    /// gRPC calls that ended with status ALREADY_EXISTS (6).
+    GrpcStatusAlreadyExists,
+    /// gRPC calls that ended with status PERMISSION_DENIED (7).
+    GrpcStatusPermissionDenied,
+    /// gRPC calls that ended with status RESOURCE_EXHAUSTED (8).
+    GrpcStatusResourceExhausted,
+    /// gRPC calls that ended with status FAILED_PRECONDITION (9).
+    GrpcStatusFailedPrecondition,
+    /// gRPC calls that ended with status ABORTED (10).
+    GrpcStatusAborted,
+    /// gRPC calls that ended with status OUT_OF_RANGE (11).
+    GrpcStatusOutOfRange,
+    /// gRPC calls that ended with status UNIMPLEMENTED (12).
+    GrpcStatusUnimplemented,
+    /// gRPC calls that ended with status INTERNAL (13).
+    GrpcStatusInternal,
+    /// gRPC calls that ended with status UNAVAILABLE (14).
+    GrpcStatusUnavailable,
+    /// gRPC calls that ended with status DATA_LOSS (15).
+    GrpcStatusDataLoss,
+    /// gRPC calls that ended with status UNAUTHENTICATED (16).
+    GrpcStatusUnauthenticated,
 }
 
 impl Named {
+    /// The counter of gRPC calls that ended with status `code` (0..=16); `None` for a
+    /// code gRPC does not define.
+    pub fn grpc_status(code: u32) -> Option<Named> {
+        Named::ALL
+            .get(7 + code as usize)
+            .copied()
+            .filter(|_| code <= 16)
+    }
+
     /// Every metric, in the order reports list them.
-    pub const ALL: [Named; 6] = [
+    pub const ALL: [Named; 24] = [
         Named::WsConnecting,
         Named::WsSessionDuration,
         Named::WsMsgRtt,
         Named::WsSessions,
         Named::WsMsgsSent,
         Named::WsMsgsReceived,
+        Named::GrpcReqDuration,
+        Named::GrpcStatusOk,
+        Named::GrpcStatusCancelled,
+        Named::GrpcStatusUnknown,
+        Named::GrpcStatusInvalidArgument,
+        Named::GrpcStatusDeadlineExceeded,
+        Named::GrpcStatusNotFound,
+        Named::GrpcStatusAlreadyExists,
+        Named::GrpcStatusPermissionDenied,
+        Named::GrpcStatusResourceExhausted,
+        Named::GrpcStatusFailedPrecondition,
+        Named::GrpcStatusAborted,
+        Named::GrpcStatusOutOfRange,
+        Named::GrpcStatusUnimplemented,
+        Named::GrpcStatusInternal,
+        Named::GrpcStatusUnavailable,
+        Named::GrpcStatusDataLoss,
+        Named::GrpcStatusUnauthenticated,
     ];
 
     /// The name in plans, reports and thresholds.
@@ -68,13 +131,34 @@ impl Named {
             Named::WsSessions => "ws_sessions",
             Named::WsMsgsSent => "ws_msgs_sent",
             Named::WsMsgsReceived => "ws_msgs_received",
+            Named::GrpcReqDuration => "grpc_req_duration",
+            Named::GrpcStatusOk => "grpc_status_ok",
+            Named::GrpcStatusCancelled => "grpc_status_cancelled",
+            Named::GrpcStatusUnknown => "grpc_status_unknown",
+            Named::GrpcStatusInvalidArgument => "grpc_status_invalid_argument",
+            Named::GrpcStatusDeadlineExceeded => "grpc_status_deadline_exceeded",
+            Named::GrpcStatusNotFound => "grpc_status_not_found",
+            Named::GrpcStatusAlreadyExists => "grpc_status_already_exists",
+            Named::GrpcStatusPermissionDenied => "grpc_status_permission_denied",
+            Named::GrpcStatusResourceExhausted => "grpc_status_resource_exhausted",
+            Named::GrpcStatusFailedPrecondition => "grpc_status_failed_precondition",
+            Named::GrpcStatusAborted => "grpc_status_aborted",
+            Named::GrpcStatusOutOfRange => "grpc_status_out_of_range",
+            Named::GrpcStatusUnimplemented => "grpc_status_unimplemented",
+            Named::GrpcStatusInternal => "grpc_status_internal",
+            Named::GrpcStatusUnavailable => "grpc_status_unavailable",
+            Named::GrpcStatusDataLoss => "grpc_status_data_loss",
+            Named::GrpcStatusUnauthenticated => "grpc_status_unauthenticated",
         }
     }
 
     pub fn kind(self) -> Kind {
         match self {
-            Named::WsConnecting | Named::WsSessionDuration | Named::WsMsgRtt => Kind::Duration,
-            Named::WsSessions | Named::WsMsgsSent | Named::WsMsgsReceived => Kind::Counter,
+            Named::WsConnecting
+            | Named::WsSessionDuration
+            | Named::WsMsgRtt
+            | Named::GrpcReqDuration => Kind::Duration,
+            _ => Kind::Counter,
         }
     }
 
@@ -87,6 +171,24 @@ impl Named {
             Named::WsSessions => "WebSockets opened.",
             Named::WsMsgsSent => "WebSocket messages sent.",
             Named::WsMsgsReceived => "WebSocket messages received.",
+            Named::GrpcReqDuration => "gRPC call duration, sent to status.",
+            Named::GrpcStatusOk => "gRPC calls that ended OK.",
+            Named::GrpcStatusCancelled => "gRPC calls that ended CANCELLED.",
+            Named::GrpcStatusUnknown => "gRPC calls that ended UNKNOWN.",
+            Named::GrpcStatusInvalidArgument => "gRPC calls that ended INVALID_ARGUMENT.",
+            Named::GrpcStatusDeadlineExceeded => "gRPC calls that ended DEADLINE_EXCEEDED.",
+            Named::GrpcStatusNotFound => "gRPC calls that ended NOT_FOUND.",
+            Named::GrpcStatusAlreadyExists => "gRPC calls that ended ALREADY_EXISTS.",
+            Named::GrpcStatusPermissionDenied => "gRPC calls that ended PERMISSION_DENIED.",
+            Named::GrpcStatusResourceExhausted => "gRPC calls that ended RESOURCE_EXHAUSTED.",
+            Named::GrpcStatusFailedPrecondition => "gRPC calls that ended FAILED_PRECONDITION.",
+            Named::GrpcStatusAborted => "gRPC calls that ended ABORTED.",
+            Named::GrpcStatusOutOfRange => "gRPC calls that ended OUT_OF_RANGE.",
+            Named::GrpcStatusUnimplemented => "gRPC calls that ended UNIMPLEMENTED.",
+            Named::GrpcStatusInternal => "gRPC calls that ended INTERNAL.",
+            Named::GrpcStatusUnavailable => "gRPC calls that ended UNAVAILABLE.",
+            Named::GrpcStatusDataLoss => "gRPC calls that ended DATA_LOSS.",
+            Named::GrpcStatusUnauthenticated => "gRPC calls that ended UNAUTHENTICATED.",
         }
     }
 
@@ -99,6 +201,24 @@ impl Named {
             Named::WsSessions => 4,
             Named::WsMsgsSent => 5,
             Named::WsMsgsReceived => 6,
+            Named::GrpcReqDuration => 7,
+            Named::GrpcStatusOk => 8,
+            Named::GrpcStatusCancelled => 9,
+            Named::GrpcStatusUnknown => 10,
+            Named::GrpcStatusInvalidArgument => 11,
+            Named::GrpcStatusDeadlineExceeded => 12,
+            Named::GrpcStatusNotFound => 13,
+            Named::GrpcStatusAlreadyExists => 14,
+            Named::GrpcStatusPermissionDenied => 15,
+            Named::GrpcStatusResourceExhausted => 16,
+            Named::GrpcStatusFailedPrecondition => 17,
+            Named::GrpcStatusAborted => 18,
+            Named::GrpcStatusOutOfRange => 19,
+            Named::GrpcStatusUnimplemented => 20,
+            Named::GrpcStatusInternal => 21,
+            Named::GrpcStatusUnavailable => 22,
+            Named::GrpcStatusDataLoss => 23,
+            Named::GrpcStatusUnauthenticated => 24,
         }
     }
 

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use rand::rngs::SmallRng;
 use rand::Rng;
+use stampede_protocol::named::Named;
 use stampede_protocol::plan::Think;
 use stampede_protocol::snapshot::{ErrorClass, Metrics};
 
@@ -178,6 +179,15 @@ impl Vu {
                         s.service
                             .record(micros(resp.done_at.saturating_duration_since(resp.sent_at)));
                         s.bytes_received += resp.bytes_received;
+                        if let Some(code) = grpc_status {
+                            s.named.record(
+                                Named::GrpcReqDuration,
+                                micros(resp.done_at.saturating_duration_since(resp.sent_at)),
+                            );
+                            if let Some(n) = Named::grpc_status(code) {
+                                s.named.count(n, 1);
+                            }
+                        }
                         let verdict = run_checks(&step.check, resp, grpc_status);
                         s.checks_passed += verdict.passed;
                         s.checks_failed += verdict.failed;
@@ -200,6 +210,18 @@ impl Vu {
                             s.latency.record(micros(
                                 Instant::now().saturating_duration_since(step_intended),
                             ));
+                        }
+                        if step.grpc.is_some() {
+                            // What a gRPC client reports for a call it could not finish:
+                            // its own deadline, or an unavailable server.
+                            let code = match e.kind() {
+                                HttpErrorKind::Timeout => Some(4),
+                                HttpErrorKind::Refused | HttpErrorKind::InvalidRequest => None,
+                                _ => Some(14),
+                            };
+                            if let Some(n) = code.and_then(Named::grpc_status) {
+                                s.named.count(n, 1);
+                            }
                         }
                         s.failed += 1;
                         s.checks_failed += step.check.count();
