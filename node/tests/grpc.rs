@@ -2,6 +2,8 @@
 //! (h2c) with the calls counted on the server side, and the plan errors and hostile
 //! answers a gRPC step must turn into one clear line or one error class.
 
+mod mesh_support;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -468,4 +470,60 @@ fn interop_with_python_grpcio_over_h2c() {
 #[test]
 fn interop_with_python_grpcio_over_tls() {
     interop(true);
+}
+
+/// A mesh run of two nodes: the .proto travels in the plan bundle (neither node reads it
+/// from disk), and the merged report counts exactly what the shop counted.
+#[test]
+fn a_mesh_run_ships_the_proto_and_counts_exactly() {
+    let mesh = mesh_support::Mesh::new();
+    let env = &[("STAMPEDE_CAPACITY", "1")];
+    let n1 = mesh.node("n1", &[], env);
+    let a1 = n1.addr();
+    let n2 = mesh.node("n2", &["--bootstrap", a1.as_str()], env);
+    let ids = vec![n1.peer_id(), n2.peer_id()];
+    assert!(
+        mesh_support::wait_until(std::time::Duration::from_secs(30), || {
+            mesh_support::all_see(&[&n1, &n2], &ids)
+        }),
+        "the mesh did not form"
+    );
+    let t = target();
+    let plan_text = shop_plan(&t.url(), 5)
+        .replace(
+            "executor = \"per-vu-iterations\"",
+            "executor = \"shared-iterations\"",
+        )
+        .replace("iterations = 5", "iterations = 30")
+        .replace("count == 20", "count == 30")
+        .replace(
+            "[scenarios.stock]",
+            "[requirements]\nmin_nodes = 2\n\n[scenarios.stock]",
+        );
+    let (dir, plan) = plan_dir(&plan_text);
+    let json = dir.path().join("summary.json");
+    let out = Command::new(mesh_support::BIN)
+        .args(["run", "--mesh", "--quiet", "--data-dir"])
+        .arg(&n2.dir)
+        .arg(&plan)
+        .arg("--out")
+        .arg(format!("json={}", json.display()))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run stampede");
+    assert!(out.status.success(), "{}", show(&out));
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let stats = t.stats();
+    assert_eq!(stats.endpoints["gRPC shop.Inventory/GetStock"], 60);
+    assert_eq!(stats.endpoints["gRPC shop.Inventory/WatchStock"], 30);
+    assert_eq!(s["totals"]["requests"].as_u64(), Some(t.requests()), "{s}");
+    assert_eq!(s["totals"]["requests"].as_u64(), Some(90), "{s}");
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 2, "{}", s["nodes"]);
+    let m = &s["totals"]["metrics"];
+    assert_eq!(m["grpc_req_duration"]["count"].as_u64(), Some(90), "{s}");
+    assert_eq!(
+        m["grpc_status_not_found"]["count"].as_u64(),
+        Some(30),
+        "{s}"
+    );
 }

@@ -177,6 +177,12 @@ impl GrpcClient {
         let mut headers = parts.headers;
         let mut bytes_received = 19 + header_bytes(&headers);
 
+        // An answer that is not gRPC (a proxy's or a plain HTTP server's error page) is
+        // received and counted but not parsed: its HTTP status says what happened.
+        let is_grpc = parts.status == StatusCode::OK
+            && headers
+                .get(CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let mut reader = FrameReader::default();
         let mut kept: Vec<serde_json::Value> = Vec::new();
         let mut messages = 0u64;
@@ -186,6 +192,9 @@ impl GrpcClient {
             let frame = match frame.into_data() {
                 Ok(data) => {
                     bytes_received += data.len() as u64;
+                    if !is_grpc {
+                        continue;
+                    }
                     reader.push(&data);
                     while let Some(msg) = reader.next().map_err(|e| protocol(&url, e))? {
                         messages += 1;
@@ -225,7 +234,11 @@ impl GrpcClient {
         if let Some(t) = trailers {
             headers.extend(t);
         }
-        let (status, message) = status_of(parts.status, &headers);
+        let (status, message) = if is_grpc {
+            status_of(parts.status, &headers)
+        } else {
+            status_of(parts.status, &HeaderMap::new())
+        };
         if !method.server_streaming && status == 0 && messages != 1 {
             return Err(protocol(
                 &url,
@@ -351,7 +364,7 @@ fn status_of(http: StatusCode, headers: &HeaderMap) -> (u32, String) {
         },
         None => {
             let code = match http.as_u16() {
-                200 => INTERNAL,
+                200 => 2,
                 400 => 13,
                 401 => 16,
                 403 => 7,
@@ -450,7 +463,7 @@ mod tests {
         );
         assert_eq!(status_of(StatusCode::OK, &h), (5, "no such product".into()));
         assert_eq!(status_of(StatusCode::NOT_FOUND, &HeaderMap::new()).0, 12);
-        assert_eq!(status_of(StatusCode::OK, &HeaderMap::new()).0, INTERNAL);
+        assert_eq!(status_of(StatusCode::OK, &HeaderMap::new()).0, 2);
         h.insert("grpc-status", HeaderValue::from_static("99"));
         assert_eq!(status_of(StatusCode::OK, &h).0, INTERNAL);
     }
