@@ -243,15 +243,18 @@ fn read_until_headers(c: &mut std::net::TcpStream) -> bool {
     }
 }
 
-/// A server that answers every call with the headers and the first 3 bytes of a 100-byte
-/// message, then closes the connection: one error class, no panic, no hang.
-#[test]
-fn a_server_closing_mid_message_is_one_error_class() {
+/// A raw HTTP/2 server on loopback that answers each of `calls` connections' first
+/// call with our SETTINGS and then `frames` (already encoded), and closes. Returns its
+/// address and how many calls it answered.
+fn raw_h2_server(
+    calls: usize,
+    frames: Vec<u8>,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<usize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let server = std::thread::spawn(move || {
         let mut served = 0;
-        for conn in listener.incoming().take(3) {
+        for conn in listener.incoming().take(calls) {
             let Ok(mut c) = conn else { continue };
             c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
                 .ok();
@@ -259,31 +262,21 @@ fn a_server_closing_mid_message_is_one_error_class() {
             if !read_until_headers(&mut c) {
                 continue;
             }
-            // Our SETTINGS, then a HEADERS frame (stream 1, END_HEADERS) with
-            // ":status: 200" (HPACK static index 8) and a DATA frame holding a gRPC
-            // message prefix that promises 100 bytes but carries 3.
             let settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
-            let headers = [0, 0, 1, 1, 4, 0, 0, 0, 1, 0x88];
-            let data = [0, 0, 8, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 100, 1, 2, 3];
             let _ = c.write_all(&settings);
-            let _ = c.write_all(&headers);
-            let _ = c.write_all(&data);
+            let _ = c.write_all(&frames);
             served += 1;
             drop(c);
         }
         served
     });
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        proto_dir().join("inventory.proto"),
-        dir.path().join("inventory.proto"),
-    )
-    .unwrap();
-    let plan = dir.path().join("plan.toml");
-    std::fs::write(
-        &plan,
-        format!(
-            r#"
+    (addr, server)
+}
+
+/// A plan of 3 calls of GetStock to `addr`, one VU.
+fn three_calls(addr: std::net::SocketAddr) -> (tempfile::TempDir, PathBuf) {
+    plan_dir(&format!(
+        r#"
 expect_failures = true
 [grpc]
 proto = ["inventory.proto"]
@@ -295,9 +288,20 @@ flows = [{{ flow = "f" }}]
 [[flows.f.steps]]
 grpc = {{ url = "http://{addr}", method = "shop.Inventory/GetStock", message = {{ product_id = 1 }}, timeout = "3s" }}
 "#
-        ),
-    )
-    .unwrap();
+    ))
+}
+
+/// A server that answers every call with the headers and the first 3 bytes of a 100-byte
+/// message, then closes the connection: one error class, no panic, no hang.
+#[test]
+fn a_server_closing_mid_message_is_one_error_class() {
+    // A HEADERS frame (stream 1, END_HEADERS) with ":status: 200" (HPACK static index
+    // 8), and a DATA frame holding a gRPC message prefix that promises 100 bytes but
+    // carries 3.
+    let mut frames = vec![0, 0, 1, 1, 4, 0, 0, 0, 1, 0x88];
+    frames.extend_from_slice(&[0, 0, 8, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 100, 1, 2, 3]);
+    let (addr, server) = raw_h2_server(3, frames);
+    let (dir, plan) = three_calls(addr);
     let (out, s) = run(&plan, dir.path());
     let s = s.unwrap_or_else(|| panic!("no summary: {}", show(&out)));
     assert_eq!(server.join().unwrap(), 3);
@@ -316,6 +320,34 @@ grpc = {{ url = "http://{addr}", method = "shop.Inventory/GetStock", message = {
         .collect();
     assert_eq!(classes.len(), 1, "{errors:?}");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
+
+/// An answer that is not gRPC (an HTTP 404 page, as a plain web server or a proxy sends
+/// it) takes its status from gRPC's HTTP mapping: UNIMPLEMENTED, a failed check — not a
+/// protocol error from parsing the page as gRPC frames.
+#[test]
+fn a_non_grpc_answer_gets_its_status_from_http() {
+    // HEADERS (END_HEADERS) ":status: 404" (HPACK static index 13), then a DATA frame
+    // with END_STREAM carrying `{"e":1}`.
+    let mut frames = vec![0, 0, 1, 1, 4, 0, 0, 0, 1, 0x8d];
+    frames.extend_from_slice(&[0, 0, 7, 0, 1, 0, 0, 0, 1]);
+    frames.extend_from_slice(br#"{"e":1}"#);
+    let (addr, server) = raw_h2_server(3, frames);
+    let (dir, plan) = three_calls(addr);
+    let (out, s) = run(&plan, dir.path());
+    let s = s.unwrap_or_else(|| panic!("no summary: {}", show(&out)));
+    assert_eq!(server.join().unwrap(), 3);
+    assert_eq!(s["totals"]["failed"].as_u64(), Some(3), "{s}");
+    assert_eq!(
+        s["totals"]["errors"]["check_failed"].as_u64(),
+        Some(3),
+        "{s}"
+    );
+    assert_eq!(
+        s["totals"]["metrics"]["grpc_status_unimplemented"]["count"].as_u64(),
+        Some(3),
+        "{s}"
+    );
 }
 
 /// Python's grpcio server (node/tests/grpc_support/inventory_server.py), started by the
