@@ -6,6 +6,7 @@
 pub mod bundle;
 pub mod compile;
 pub mod data;
+pub mod har;
 pub mod jsonpath;
 pub mod proto;
 pub mod template;
