@@ -15,10 +15,13 @@
   h += ST.alarm(sat, !!(S.generator || {}).saturated);
   var g = S.generator || {}, lag = g.schedule_lag_us || {};
   h += '<section id="totals"><h2>Totals</h2>' + ST.kpis(S.totals || {}) + "</section>";
+  var namedAll = ST.namedTable({ "all": S.totals || {} });
+  if (namedAll) h += '<section id="protocol-metrics"><h2>WebSocket and other protocol metrics</h2><h3>All steps</h3>' + namedAll +
+    "<h3>Per step</h3>" + ST.namedTable(S.requests || {}) + "</section>";
   if ((S.thresholds || []).length) {
     h += '<section id="thresholds"><h2>Thresholds</h2>' + ST.table([{ h: "metric" }, { h: "expression" }, { h: "value", n: 1 }, { h: "result" }],
       S.thresholds.map(function (t) {
-        var dur = /duration|service_time/.test(t.metric);
+        var dur = /duration|service_time|^ws_connecting|^ws_msg_rtt/.test(t.metric);
         var rate = /failed|checks/.test(t.metric) && /rate/.test(t.expr);
         var shown = dur ? ST.ms(t.value) : rate ? (t.value * 100).toFixed(2) + " %" : e(t.value);
         return { cells: ["<code>" + e(t.metric) + "</code>", "<code>" + e(t.expr) + "</code>", shown,

@@ -141,6 +141,12 @@ fn run_mesh(args: RunArgs) -> Result<Outcome, Failure> {
         })?;
         files.insert(d.file.clone(), bytes);
     }
+    // The .proto files of gRPC steps travel too, imports included.
+    for name in &plan.proto_files {
+        let bytes = std::fs::read(base.join(name))
+            .map_err(|e| Failure::usage(format!("{file}: grpc.proto: cannot read {name}: {e}")))?;
+        files.insert(name.clone(), bytes);
+    }
     let plan_name = args
         .plan
         .file_name()

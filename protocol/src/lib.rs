@@ -6,6 +6,7 @@ pub mod duration;
 pub mod executor;
 pub mod machine;
 pub mod mesh;
+pub mod named;
 pub mod plan;
 pub mod redact;
 pub mod run;

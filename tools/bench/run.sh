@@ -5,7 +5,7 @@
 #
 #   tools/bench/run.sh [--rounds 3] [--duration 10s] [--idle-vus 10000]
 #                      [--short 5s] [--long 50s] [--skip-build] [--keep DIR]
-#                      [--only throughput,idle,arrival,rss,mesh,soak,h2] [--max N] [--rate N]
+#                      [--only throughput,idle,arrival,rss,mesh,soak,h2,grpc] [--max N] [--rate N]
 #                      [--lag-runs 3]
 #
 # `--only h2`: HTTP/2 over TLS against h2load (nghttp2-client), 50 connections x 1
@@ -17,6 +17,9 @@
 # (30 min unless --duration is given), RSS of every node every 30 s; prints each
 # node's RSS slope after warm-up, the rate's stability and exactness. Not in the
 # default set: it takes half an hour.
+#
+# `--only grpc`: gRPC unary calls (shop.Inventory/GetStock over h2c) per CPU-second of
+# the generator against stampede-target (1 thread, CPU 1), stampede on CPU 0.
 #
 # Layout: nginx (1 worker) pinned to CPU 1, the load generator (wrk or stampede) pinned
 # to CPU 0; wrk and stampede alternate round by round so that drift in the machine's
@@ -123,9 +126,14 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 WORK=$(mktemp -d /tmp/stampede-bench.XXXXXX)
 NGINX_PID=""
 MESH_TARGET_PID=""
+GRPC_TARGET_PID=""
 cleanup() {
     if [[ -d "$WORK/testnet" ]]; then
         STAMPEDE_TESTNET_DIR="$WORK/testnet" "$ROOT/testnet/local.sh" stop >/dev/null 2>&1 || true
+    fi
+    if [[ -n "$GRPC_TARGET_PID" ]]; then
+        kill "$GRPC_TARGET_PID" 2>/dev/null || true
+        wait "$GRPC_TARGET_PID" 2>/dev/null || true
     fi
     if [[ -n "$MESH_TARGET_PID" ]]; then
         kill "$MESH_TARGET_PID" 2>/dev/null || true
@@ -527,6 +535,32 @@ if [[ -s "$WORK/rss-long.samples" ]]; then
     done <"$WORK/rss-long.samples"
     echo
 fi
+fi
+
+# --- gRPC unary calls ---------------------------------------------------------------
+if want grpc; then
+log "gRPC unary: stampede constant-vus $CONNS, shop.Inventory/GetStock on stampede-target (h2c, 1 thread, CPU 1), ${DUR_S}s each, $ROUNDS rounds"
+GPORT=$(free_port)
+taskset -c 1 "$ROOT/target/release/stampede-target" --listen "127.0.0.1:$GPORT" --threads 1 \
+    >"$WORK/grpc-target.log" 2>&1 &
+GRPC_TARGET_PID=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$GPORT") 2>/dev/null && break; sleep 0.1; done
+# The plan names its .proto relative to itself: both go to the work dir.
+cp "$ROOT/examples/proto/inventory.proto" "$BENCH/grpc.toml" "$WORK/"
+printf '%-6s %10s %10s %13s %7s\n' round "calls/s" "p99 us" "calls/cpu-s" failed
+for r in $(seq "$ROUNDS"); do
+    URL="http://127.0.0.1:$GPORT" run_stampede "$WORK/grpc.toml" "$WORK/grpc-$r.json" "$WORK/grpc-$r.time" \
+        --set "scenarios.calls.vus=$CONNS" --set "scenarios.calls.duration=\"${DUR_S}s\""
+    g_rps=$(jq -r '.totals.rps' "$WORK/grpc-$r.json")
+    g_p99=$(jq -r '.totals.latency_us.p99' "$WORK/grpc-$r.json")
+    g_req=$(jq -r '.totals.requests' "$WORK/grpc-$r.json")
+    g_failed=$(jq -r '.totals.failed' "$WORK/grpc-$r.json")
+    g_eff=$(awk -v n="$g_req" -v c="$(cpu_s "$WORK/grpc-$r.time")" 'BEGIN { if (c > 0) printf "%.0f", n / c; else print "n/a" }')
+    printf '%-6s %10s %10s %13s %7s\n' "$r" "$g_rps" "$g_p99" "$g_eff" "$g_failed"
+done
+kill "$GRPC_TARGET_PID" 2>/dev/null || true
+wait "$GRPC_TARGET_PID" 2>/dev/null || true
+GRPC_TARGET_PID=""
 fi
 
 # --- 5. mesh -------------------------------------------------------------------------

@@ -101,6 +101,8 @@ pub struct Shared {
     settings: ClientSettings,
     dns: Dns,
     tls: TlsConnector,
+    /// ALPN h2 only, whatever `http_version` says: gRPC speaks nothing else.
+    tls_h2: TlsConnector,
     user_agent: Option<HeaderValue>,
     diagnoses: std::sync::Mutex<Vec<Diagnosis>>,
     h2_pool: Arc<Pool>,
@@ -118,6 +120,17 @@ pub struct Diagnosis {
 }
 
 impl Shared {
+    /// The TLS connector that offers only ALPN h2 (gRPC).
+    pub(super) fn tls_h2(&self) -> &TlsConnector {
+        &self.tls_h2
+    }
+
+    pub(super) fn connect_timeout(&self) -> Duration {
+        self.settings.connect_timeout
+    }
+}
+
+impl Shared {
     pub fn new(settings: ClientSettings) -> Result<Arc<Shared>, HttpError> {
         let alpn: &[&[u8]] = match settings.http_version {
             HttpVersionPref::Http1 => &[b"http/1.1"],
@@ -125,6 +138,7 @@ impl Shared {
             HttpVersionPref::Auto => &[b"h2", b"http/1.1"],
         };
         let tls = TlsConnector::from(Arc::new(client_config(settings.insecure_tls, alpn)?));
+        let tls_h2 = TlsConnector::from(Arc::new(client_config(settings.insecure_tls, &[b"h2"])?));
         let user_agent = match &settings.user_agent {
             None => None,
             Some(ua) => Some(HeaderValue::from_str(ua).map_err(|_| {
@@ -138,6 +152,7 @@ impl Shared {
             dns: Dns::new(&settings.resolve, &settings.dns_servers),
             settings,
             tls,
+            tls_h2,
             user_agent,
             diagnoses: std::sync::Mutex::new(Vec::new()),
             h2_pool: Arc::default(),
@@ -892,6 +907,64 @@ async fn connect(shared: &Shared, url: &Url, connecting: &mut Duration) -> Resul
 }
 
 async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
+    let stream = dial(shared, url).await?;
+    let pref = shared.settings.http_version;
+    match url.scheme() {
+        Scheme::Http => {
+            if pref == HttpVersionPref::Http2 {
+                handshake_h2(Io::Tcp(stream), url).await
+            } else {
+                Ok(Conn::H1(H1Conn::new(Io::Tcp(stream))))
+            }
+        }
+        Scheme::Https => {
+            let tls = tls_connect(&shared.tls, stream, url).await?;
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            if h2 {
+                handshake_h2(Io::Tls(Box::new(tls)), url).await
+            } else if pref == HttpVersionPref::Http2 {
+                Err(HttpError::new(
+                    HttpErrorKind::Tls,
+                    format!(
+                        "{url}: {}:{} did not agree to HTTP/2 (ALPN)",
+                        url.host(),
+                        url.port()
+                    ),
+                ))
+            } else {
+                Ok(Conn::H1(H1Conn::new(Io::Tls(Box::new(tls)))))
+            }
+        }
+    }
+}
+
+pub(super) async fn tls_connect(
+    connector: &TlsConnector,
+    stream: TcpStream,
+    url: &Url,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HttpError> {
+    let (host, port) = (url.host(), url.port());
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| {
+        HttpError::new(
+            HttpErrorKind::Tls,
+            format!("{url}: '{host}' is not a valid TLS server name"),
+        )
+    })?;
+    connector.connect(name, stream).await.map_err(|e| {
+        HttpError::new(
+            HttpErrorKind::Tls,
+            format!("{url}: TLS handshake with {host}:{port} failed: {e}"),
+        )
+        .with_diagnosis(format!(
+            "{host}:{port}: TLS handshake failed ({e}) — does it speak TLS here, \
+             with a certificate this machine trusts?"
+        ))
+    })
+}
+
+/// A TCP connection to the URL's host, to the first of its addresses that the node's
+/// allowlist allows and that answers.
+pub(super) async fn dial(shared: &Shared, url: &Url) -> Result<TcpStream, HttpError> {
     let host = url.host();
     let port = url.port();
     let addrs: Addrs = shared.dns.resolve(host).await.map_err(|e| {
@@ -945,45 +1018,7 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
     };
     // Requests are small and latency is the measurement: never wait for Nagle.
     let _ = stream.set_nodelay(true);
-    let pref = shared.settings.http_version;
-    match url.scheme() {
-        Scheme::Http => {
-            if pref == HttpVersionPref::Http2 {
-                handshake_h2(Io::Tcp(stream), url).await
-            } else {
-                Ok(Conn::H1(H1Conn::new(Io::Tcp(stream))))
-            }
-        }
-        Scheme::Https => {
-            let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| {
-                HttpError::new(
-                    HttpErrorKind::Tls,
-                    format!("{url}: '{host}' is not a valid TLS server name"),
-                )
-            })?;
-            let tls = shared.tls.connect(name, stream).await.map_err(|e| {
-                HttpError::new(
-                    HttpErrorKind::Tls,
-                    format!("{url}: TLS handshake with {host}:{port} failed: {e}"),
-                )
-                .with_diagnosis(format!(
-                    "{host}:{port}: TLS handshake failed ({e}) — does it speak TLS here, \
-                     with a certificate this machine trusts?"
-                ))
-            })?;
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            if h2 {
-                handshake_h2(Io::Tls(Box::new(tls)), url).await
-            } else if pref == HttpVersionPref::Http2 {
-                Err(HttpError::new(
-                    HttpErrorKind::Tls,
-                    format!("{url}: {host}:{port} did not agree to HTTP/2 (ALPN)"),
-                ))
-            } else {
-                Ok(Conn::H1(H1Conn::new(Io::Tls(Box::new(tls)))))
-            }
-        }
-    }
+    Ok(stream)
 }
 
 async fn handshake_h2(io: Io, url: &Url) -> Result<Conn, HttpError> {

@@ -16,6 +16,7 @@ mod client;
 mod cookies;
 mod dns;
 mod error;
+mod grpc;
 mod h1;
 mod headers;
 mod http2;
@@ -28,5 +29,6 @@ pub use client::{
 };
 pub use cookies::{Cookie, CookieJar};
 pub use error::{HttpError, HttpErrorKind};
+pub use grpc::{GrpcClient, GrpcMethod, GrpcReply};
 pub use headers::ResponseHeaders;
 pub use url::{Scheme, Url};

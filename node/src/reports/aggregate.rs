@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
+use stampede_protocol::named::NamedMetrics;
 use stampede_protocol::snapshot::{ErrorClass, Hist, Layout, Metrics, ERROR_CLASSES};
 
 use crate::engine::WorkerReport;
@@ -131,6 +132,10 @@ pub struct TimelinePoint {
     pub schedule_lag_p99_us: u64,
     /// Nodes that reported this second (the most in any second of a wider bucket).
     pub nodes: usize,
+    /// Named metrics (WebSocket, gRPC, ...) of the bucket, only those recorded: a
+    /// counter's count as `NAME`, a duration's p99 as `NAME_p99_us`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub named: BTreeMap<String, u64>,
 }
 
 fn one() -> u64 {
@@ -339,6 +344,7 @@ struct Acc {
     /// `latency` and `lag` encoded, while the Acc is an open bucket of a coarse tier
     /// (see [`PACK_FROM_WIDTH`]); both are `None` then.
     packed: Option<Box<Packed>>,
+    named: NamedMetrics,
     /// Within a second: the sum over nodes; within a bucket: the highest second.
     vus: u64,
     nodes: usize,
@@ -359,6 +365,7 @@ impl Acc {
             for (i, n) in s.errors.iter().enumerate() {
                 a.errors_by_class[i] += n;
             }
+            a.named.add(&s.named);
         }
         for s in &m.scenarios {
             a.iterations += s.iterations;
@@ -384,6 +391,7 @@ impl Acc {
         if let Some(h) = &o.lag {
             merge_into(&mut self.lag, h);
         }
+        self.named.add(&o.named);
     }
 
     fn point(&self, t: u64, width: u64) -> TimelinePoint {
@@ -414,6 +422,13 @@ impl Acc {
         }
         if let Some(h) = self.lag.as_ref().filter(|h| !h.is_empty()) {
             p.schedule_lag_p99_us = h.0.value_at_quantile(0.99);
+        }
+        for (n, c) in self.named.counters() {
+            p.named.insert(n.name().to_string(), c);
+        }
+        for (n, h) in self.named.hists() {
+            p.named
+                .insert(format!("{}_p99_us", n.name()), h.0.value_at_quantile(0.99));
         }
         p
     }

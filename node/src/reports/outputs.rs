@@ -11,6 +11,8 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use stampede_protocol::named::{Kind, Named};
+
 use crate::reports::summary::Summary;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,11 +128,25 @@ fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// One row per timeline bucket; `width_s` (last, so older readers keep their columns)
 /// says how many seconds a row spans: `rps` is per second, the counts are the bucket's.
 pub fn csv(s: &Summary) -> String {
+    // Named metrics (WebSocket, gRPC, ...) come after `width_s`, one fixed column each:
+    // a counter's count, a duration's p99 in µs; 0 where a second recorded none.
+    let named: Vec<String> = Named::ALL
+        .iter()
+        .map(|n| match n.kind() {
+            Kind::Counter => n.name().to_string(),
+            Kind::Duration => format!("{}_p99_us", n.name()),
+        })
+        .collect();
     let mut o = String::from(
-        "t,requests,rps,p50_us,p90_us,p99_us,max_us,errors,iterations,dropped_iterations,bytes_received,vus,schedule_lag_p99_us,nodes,width_s\n",
+        "t,requests,rps,p50_us,p90_us,p99_us,max_us,errors,iterations,dropped_iterations,bytes_received,vus,schedule_lag_p99_us,nodes,width_s",
     );
+    for c in &named {
+        o.push(',');
+        o.push_str(c);
+    }
+    o.push('\n');
     for p in &s.timeline {
-        let _ = writeln!(
+        let _ = write!(
             o,
             "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             p.t,
@@ -149,6 +165,10 @@ pub fn csv(s: &Summary) -> String {
             p.nodes,
             p.width_s
         );
+        for c in &named {
+            let _ = write!(o, ",{}", p.named.get(c).copied().unwrap_or(0));
+        }
+        o.push('\n');
     }
     o
 }

@@ -15,7 +15,7 @@ use stampede_protocol::snapshot::{ErrorClass, Metrics, SeriesStats};
 use crate::mesh::SharedView;
 use crate::reports::html::{escape, script_json, CHARTS_JS, COMMON_CSS};
 use crate::reports::live::{LiveRun, LiveRuns};
-use crate::reports::summary::{Checks, Latency, Stats, LAG_SATURATED_US};
+use crate::reports::summary::{named_stats, Checks, Latency, Stats, LAG_SATURATED_US};
 
 const DASHBOARD_JS: &str = include_str!("../../assets/dashboard.js");
 
@@ -49,6 +49,7 @@ pub fn stats_of(m: &Metrics, dur_s: f64) -> Stats {
             passed: s.checks_passed,
             failed: s.checks_failed,
         },
+        metrics: named_stats(&s, dur),
     }
 }
 
