@@ -304,7 +304,6 @@ grpc = {{ url = "http://{addr}", method = "shop.Inventory/GetStock", message = {
 /// A server that answers every call with the headers and the first 3 bytes of a 100-byte
 /// message, then closes the connection: one error class, no panic, no hang.
 #[test]
-#[ignore = "the run hangs since the merge of main 5278ad4 (passed before it): to investigate"]
 fn a_server_closing_mid_message_is_one_error_class() {
     // A HEADERS frame (stream 1, END_HEADERS) with ":status: 200" (HPACK static index
     // 8), and a DATA frame holding a gRPC message prefix that promises 100 bytes but
@@ -338,7 +337,6 @@ fn a_server_closing_mid_message_is_one_error_class() {
 /// it) takes its status from gRPC's HTTP mapping: UNIMPLEMENTED, a failed check — not a
 /// protocol error from parsing the page as gRPC frames.
 #[test]
-#[ignore = "the run hangs since the merge of main 5278ad4 (passed before it): to investigate"]
 fn a_non_grpc_answer_gets_its_status_from_http() {
     // HEADERS (END_HEADERS) ":status: 404" (HPACK static index 13), then a DATA frame
     // with END_STREAM carrying `{"e":1}`.
