@@ -141,6 +141,24 @@ var ST = (function () {
     }).join("") + "</div>";
   }
 
+  // Metrics of step kinds other than HTTP (stats.metrics: ws_msg_rtt, ...), one row per
+  // metric and scope: durations with percentiles, counters with their count and rate.
+  function namedTable(scopes) {
+    var rows = [];
+    Object.keys(scopes).sort().forEach(function (scope) {
+      var m = (scopes[scope] || {}).metrics || {};
+      Object.keys(m).sort().forEach(function (name) {
+        var v = m[name], d = v.p50 !== undefined;
+        rows.push({ attrs: ' data-metric="' + esc(name) + '" data-scope="' + esc(scope) + '"', cells: ["<code>" + esc(name) + "</code>", esc(scope),
+          '<span data-field="count">' + int(v.count) + "</span>", d ? "" : (v.rate || 0).toFixed(1) + " /s",
+          d ? ms(v.p50) : "", d ? ms(v.p95) : "", d ? '<span data-field="p99">' + ms(v.p99) + "</span>" : "", d ? ms(v.max) : ""] });
+      });
+    });
+    if (!rows.length) return "";
+    return table([{ h: "metric" }, { h: "scope" }, { h: "count", n: 1 }, { h: "rate", n: 1 }, { h: "p50", n: 1 }, { h: "p95", n: 1 },
+      { h: "p99", n: 1 }, { h: "max", n: 1 }], rows, ' class="named"');
+  }
+
   // Events as chart markers: [t, kind].
   function marks(events) { return (events || []).map(function (x) { return [x.t || 0, x.kind]; }); }
   function pts(tl, f) { return (tl || []).map(function (p) { return [p.t, f(p)]; }); }
@@ -294,7 +312,7 @@ var ST = (function () {
   }
 
   return { esc: esc, int: int, ms: ms, pct: pct, bytes: bytes, chart: chart, table: table, STAT_COLS: STAT_COLS, statCells: statCells,
-    labelChips: labelChips, kpis: kpis, mergedCharts: mergedCharts, perNodeCharts: perNodeCharts, labelSection: labelSection,
+    labelChips: labelChips, kpis: kpis, namedTable: namedTable, mergedCharts: mergedCharts, perNodeCharts: perNodeCharts, labelSection: labelSection,
     nodeTable: nodeTable, eventsTable: eventsTable, marks: marks, saturation: saturation, alarm: alarm, PALETTE: PALETTE,
     join: join, resolution: resolution };
 })();

@@ -30,6 +30,7 @@
     h += ST.alarm((r.saturation || []).slice(), false);
     var extra = last ? [["rps now", last.rps.toFixed(0), last.rps], ["p99 now", ST.ms(last.p99_us), last.p99_us], ["VUs now", ST.int(last.vus), last.vus]] : [];
     h += r.totals ? ST.kpis(r.totals, extra) : '<p class="note">No measurements yet.</p>';
+    if (r.totals) h += ST.namedTable({ "all nodes": r.totals });
     h += "<h3>All nodes merged</h3>" + ST.mergedCharts(tl, evs, "live-merged-") + ST.resolution(tl);
     var names = (r.nodes || []).map(function (n) { return n.name; });
     (r.members || []).forEach(function (m) { if (names.indexOf(m.name) < 0) r.nodes.push({ name: m.name, labels: m.labels, status: m.status, stats: {} }); });

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-/// Exit code when the run completed but a threshold failed (k6 uses 99 too).
+/// Exit code when the run completed but a threshold failed (k6 uses 99 too), and of
+/// `stampede compare` when a `--fail-on` rule fired.
 pub const EXIT_THRESHOLDS_FAILED: i32 = 99;
 /// Exit code for a plan or usage error: nothing was run.
 pub const EXIT_USAGE: i32 = 2;
@@ -53,6 +54,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Check a plan without running it.
     Validate(ValidateArgs),
+    /// Compare two runs' JSON summaries; --fail-on rules turn a regression into exit 99.
+    Compare(CompareArgs),
     /// Make a plan from a recording.
     #[command(subcommand)]
     Import(ImportCommand),
@@ -97,6 +100,9 @@ pub struct RunArgs {
     /// Write a result file: json=FILE, html=FILE, junit=FILE or csv=FILE. Repeatable.
     #[arg(long = "out", value_name = "FORMAT=FILE")]
     pub outputs: Vec<String>,
+    /// A JSON summary of an earlier run to draw beside this one in the HTML report.
+    #[arg(long, value_name = "BASE.json")]
+    pub baseline: Option<PathBuf>,
     /// Hand the plan to the node daemon on this machine and run it across the mesh.
     #[arg(long)]
     pub mesh: bool,
@@ -227,4 +233,19 @@ pub struct DemoArgs {
 pub struct ValidateArgs {
     /// The plan file (TOML).
     pub plan: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The baseline run's JSON summary (`--out json=FILE` of an earlier run).
+    pub base: PathBuf,
+    /// The new run's JSON summary.
+    pub new: PathBuf,
+    /// A rule such as 'p99 > +10%', 'error_rate > +0.5pp', 'rps{total} < -5%' (grammar in
+    /// docs/ci.md); when one fires the command exits 99. Repeatable.
+    #[arg(long = "fail-on", value_name = "RULE")]
+    pub fail_on: Vec<String>,
+    /// table (coloured on a terminal unless NO_COLOR is set), markdown or json.
+    #[arg(long, default_value = "table", value_name = "FORMAT")]
+    pub format: String,
 }

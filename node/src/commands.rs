@@ -22,7 +22,7 @@ pub fn run(args: RunArgs) -> Result<Outcome, Failure> {
     if args.mesh || args.node_client.node.is_some() {
         return run_mesh(args);
     }
-    let outs = parse_outputs(&args.outputs)?;
+    let outs = with_baseline(parse_outputs(&args.outputs)?, args.baseline.as_deref())?;
     let plan = load_plan(&args.plan, &args.set)?;
     let mut opts = LocalOptions {
         workers: args.workers.unwrap_or(LocalOptions::default().workers),
@@ -115,7 +115,7 @@ pub fn import_har(args: ImportHarArgs) -> Result<Outcome, Failure> {
 /// `stampede run --mesh`: hand the plan bundle to this machine's node, follow the run's
 /// progress, and write the merged result. Ctrl-C stops the run mesh-wide, gracefully.
 fn run_mesh(args: RunArgs) -> Result<Outcome, Failure> {
-    let outs = parse_outputs(&args.outputs)?;
+    let outs = with_baseline(parse_outputs(&args.outputs)?, args.baseline.as_deref())?;
     // Check the plan here first: a typo is a usage error before anything is sent.
     let plan = load_plan(&args.plan, &args.set)?;
     let file = args.plan.display().to_string();
@@ -140,6 +140,12 @@ fn run_mesh(args: RunArgs) -> Result<Outcome, Failure> {
             ))
         })?;
         files.insert(d.file.clone(), bytes);
+    }
+    // The .proto files of gRPC steps travel too, imports included.
+    for name in &plan.proto_files {
+        let bytes = std::fs::read(base.join(name))
+            .map_err(|e| Failure::usage(format!("{file}: grpc.proto: cannot read {name}: {e}")))?;
+        files.insert(name.clone(), bytes);
     }
     let plan_name = args
         .plan
@@ -288,6 +294,28 @@ pub fn finish(
 pub fn print_and_write(summary: &Summary, outs: &[Output]) -> Result<(), Failure> {
     print!("{}", terminal::summary_table(summary));
     outputs::write_all(outs, summary).map_err(Failure::run)
+}
+
+/// `--baseline FILE`: checked before the run (a wrong file is a usage error, not a lost
+/// report) and handed to every html output.
+fn with_baseline(mut outs: Vec<Output>, baseline: Option<&Path>) -> Result<Vec<Output>, Failure> {
+    let Some(path) = baseline else {
+        return Ok(outs);
+    };
+    if !outs.iter().any(|o| o.format == outputs::Format::Html) {
+        return Err(Failure::usage(
+            "--baseline is drawn in the HTML report: add --out html=FILE (or use `stampede compare`)",
+        ));
+    }
+    let base = crate::reports::compare::load_baseline(path).map_err(Failure::usage)?;
+    let text = Arc::new(crate::reports::html::script_json(&base));
+    for o in outs
+        .iter_mut()
+        .filter(|o| o.format == outputs::Format::Html)
+    {
+        o.baseline = Some(text.clone());
+    }
+    Ok(outs)
 }
 
 pub fn parse_outputs(specs: &[String]) -> Result<Vec<Output>, Failure> {

@@ -37,10 +37,12 @@ pub fn demo(args: DemoArgs) -> Result<Outcome, Failure> {
             Output {
                 format: Format::Json,
                 path: PathBuf::from("stampede-demo.json"),
+                baseline: None,
             },
             Output {
                 format: Format::Html,
                 path: PathBuf::from("stampede-demo.html"),
+                baseline: None,
             },
         ];
     }

@@ -19,6 +19,7 @@ fn main() {
         Command::Stop(args) => stampede::daemon::stop(args),
         Command::Report(args) => stampede::daemon::report(args),
         Command::Keygen(args) => stampede::daemon::keygen(args),
+        Command::Compare(args) => stampede::reports::compare::command(args),
         Command::Import(stampede::cli::ImportCommand::Har(args)) => {
             stampede::commands::import_har(args)
         }

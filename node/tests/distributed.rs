@@ -558,3 +558,96 @@ request = {{ url = "/products/7" }}
     );
     assert_eq!(s["nodes"].as_array().unwrap().len(), 3);
 }
+
+/// Counted executors hand a lost member's unclaimed work to the survivors: a
+/// shared-iterations pool and per-vu-iterations both finish after `kill -9` of a
+/// member, and nothing runs twice — the target never sees more than the plan.
+#[test]
+fn counted_work_of_a_killed_member_is_taken_over_and_never_run_twice() {
+    let mesh = Mesh::new();
+    let mut nodes = three_nodes(&mesh, [&[], &[], &[]]);
+    let mut order: Vec<usize> = (0..3).collect();
+    order.sort_by_key(|i| nodes[*i].peer_id());
+    // Neither the leader nor the CLI's node.
+    let (victim, origin) = (order[1], order[2]);
+    let t = target();
+    // 6 VUs, each about 10 iterations a second (100 ms think): ~10 s of work each.
+    let (pool, vus, per_vu) = (540u64, 6u64, 90u64);
+    let plan = mesh.tmp.path().join("counted.toml");
+    std::fs::write(
+        &plan,
+        format!(
+            r#"
+name = "mesh-counted"
+[defaults]
+base_url = "{url}"
+timeout = "5s"
+[scenarios.pool]
+executor = "shared-iterations"
+vus = {vus}
+iterations = {pool}
+max_duration = "60s"
+flow = "product"
+[scenarios.each]
+executor = "per-vu-iterations"
+vus = {vus}
+iterations = {per_vu}
+max_duration = "60s"
+flow = "search"
+[[flows.product.steps]]
+name = "product"
+request = {{ url = "/products/5" }}
+check = {{ status = 200 }}
+think = "100ms"
+[[flows.search.steps]]
+name = "search"
+request = {{ url = "/products?q=a" }}
+check = {{ status = 200 }}
+think = "100ms"
+"#,
+            url = t.url()
+        ),
+    )
+    .unwrap();
+    let json = mesh.tmp.path().join("summary.json");
+    let cli = start_run(&nodes[origin], &plan, &json);
+    let went = wait_until(Duration::from_secs(30), || t.requests() >= 200);
+    assert!(went, "the run did not get going");
+    nodes[victim].kill9();
+    let out = finish(cli);
+    assert!(out.status.success(), "{}", show(&out));
+    let s = summary(&json);
+    let kinds: Vec<&str> = (s["events"].as_array().unwrap().iter())
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"reassigned"), "events {kinds:?}");
+    let moved = (s["events"].as_array().unwrap().iter())
+        .find(|e| e["kind"] == "reassigned")
+        .and_then(|e| e["moved"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(moved.contains("counted iterations beyond"), "{moved}");
+
+    let stats = serde_json::to_value(t.stats()).unwrap();
+    let got_pool = stats["endpoints"]["GET /products/{id}"].as_u64().unwrap();
+    let got_each = stats["endpoints"]["GET /products"].as_u64().unwrap();
+    eprintln!(
+        "pool {got_pool}/{pool}, per-vu {got_each}/{}; {moved}",
+        vus * per_vu
+    );
+    // At most once: never more than planned.
+    assert!(got_pool <= pool, "pool ran {got_pool} of {pool}");
+    assert!(got_each <= vus * per_vu, "per-vu ran {got_each}");
+    // Taken over: only what the lost member had claimed but not started is missing —
+    // about a second of its share (a third of 60 it/s per scenario) — plus what was
+    // in flight when it died.
+    assert!(got_pool + 40 >= pool, "pool ran only {got_pool} of {pool}");
+    assert!(
+        got_each + 2 * 20 + vus >= vus * per_vu,
+        "per-vu ran only {got_each} of {}",
+        vus * per_vu
+    );
+    // The report counts what the survivors and the lost member's reported seconds hold.
+    let reported = s["totals"]["requests"].as_u64().unwrap();
+    assert!(reported <= got_pool + got_each, "reported {reported}");
+}

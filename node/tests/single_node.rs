@@ -551,3 +551,47 @@ request = {{ url = "/products/7" }}
     assert_eq!(s["totals"]["requests"], 0, "{}", show(&out));
     assert!(t.requests() >= 3 + 5, "target saw {}", t.requests());
 }
+
+/// A per-vu-iterations VU that is done stays done while another scenario still runs
+/// (a finished VU was once started again from iteration 0 while the node waited to be
+/// handed a lost node's work); shared-iterations runs its pool exactly.
+#[test]
+fn counted_scenarios_run_exactly_their_iterations_beside_a_longer_one() {
+    let t = target(TargetConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let plan = write_plan(
+        dir.path(),
+        "counted.toml",
+        &format!(
+            r#"
+name = "counted"
+[defaults]
+base_url = "{}"
+[scenarios.each]
+executor = "per-vu-iterations"
+vus = 3
+iterations = 4
+flow = "search"
+[scenarios.pool]
+executor = "shared-iterations"
+vus = 2
+iterations = 30
+flow = "product"
+[[flows.search.steps]]
+name = "search"
+request = {{ url = "/products?q=a" }}
+[[flows.product.steps]]
+name = "product"
+request = {{ url = "/products/5" }}
+think = "50ms"
+"#,
+            t.url()
+        ),
+    );
+    let (out, s) = run(&plan, &[], dir.path());
+    assert!(out.status.success(), "{}", show(&out));
+    let stats = serde_json::to_value(t.stats()).unwrap();
+    assert_eq!(stats["endpoints"]["GET /products"], 12, "{}", show(&out));
+    assert_eq!(stats["endpoints"]["GET /products/{id}"], 30);
+    assert_eq!(s.expect("summary")["totals"]["requests"], 42);
+}

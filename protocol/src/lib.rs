@@ -7,6 +7,7 @@ pub mod executor;
 pub mod machine;
 pub mod membership;
 pub mod mesh;
+pub mod named;
 pub mod plan;
 pub mod redact;
 pub mod run;

@@ -25,6 +25,9 @@ pub const MAX_PLAN_BYTES: usize = crate::run::MAX_BUNDLE_BYTES;
 pub const MAX_PLAN_VUS: u64 = 10 * MAX_VUS;
 /// Most redirects a step may follow (`defaults.max_redirects`).
 pub const MAX_REDIRECTS: u32 = 100;
+/// Most VUs sharing one HTTP/2 connection (`defaults.http2_streams_per_connection`):
+/// servers commonly allow 100 to 256 concurrent streams.
+pub const MAX_HTTP2_STREAMS_PER_CONNECTION: u32 = 1000;
 
 /// A plan that parsed and passed every static check.
 #[derive(Debug, Clone)]
@@ -44,6 +47,9 @@ pub struct Plan {
     /// Key names whose values reports redact, besides the built-in ones (`redact`; see
     /// `crate::redact`).
     pub redact: Vec<String>,
+    /// The .proto files gRPC steps draw their services from (`grpc.proto`), relative to
+    /// the plan; a mesh run ships them (and what they import) in the bundle.
+    pub proto_files: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +61,9 @@ pub struct Defaults {
     pub http_version: HttpVersion,
     pub insecure_skip_tls_verify: bool,
     pub max_redirects: u32,
+    /// Above 1, the VUs of a worker thread share HTTP/2 connections, at most this many
+    /// (one stream each) per connection; 1: every VU has its own.
+    pub http2_streams_per_connection: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -128,7 +137,41 @@ pub struct Step {
     pub check: Check,
     pub extract: Vec<(String, Extract)>,
     pub think: Think,
+    /// Set for a gRPC step: `request` then holds the call as HTTP/2 sees it (POST to
+    /// `URL/package.Service/Method`, the metadata as headers, the message as JSON).
+    pub grpc: Option<GrpcCall>,
 }
+
+/// What a gRPC step calls; the rest of the call lives in the step's `request`.
+#[derive(Debug, Clone)]
+pub struct GrpcCall {
+    /// `package.Service/Method`, as written.
+    pub method: String,
+}
+
+/// Most .proto files a plan may name (their imports come on top).
+pub const MAX_PROTO_FILES: usize = 64;
+
+/// gRPC status codes by their canonical names (`OK`, `NOT_FOUND`, ...), in code order.
+pub const GRPC_STATUS_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
 
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -156,6 +199,8 @@ pub struct Check {
     pub body_regex: Option<String>,
     pub headers: Vec<(String, String)>,
     pub json: Vec<(String, serde_json::Value)>,
+    /// Accepted gRPC status codes of a gRPC step; empty means `OK` only.
+    pub grpc_status: Vec<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -240,6 +285,15 @@ struct RawPlan {
     requirements: RawRequirements,
     #[serde(default)]
     redact: Vec<String>,
+    #[serde(default)]
+    grpc: RawGrpc,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGrpc {
+    #[serde(default)]
+    proto: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -264,6 +318,7 @@ struct RawDefaults {
     #[serde(default)]
     insecure_skip_tls_verify: bool,
     max_redirects: Option<u32>,
+    http2_streams_per_connection: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -336,7 +391,8 @@ struct RawFlow {
 #[serde(deny_unknown_fields)]
 struct RawStep {
     name: Option<String>,
-    request: RawRequest,
+    request: Option<RawRequest>,
+    grpc: Option<RawGrpcCall>,
     #[serde(default)]
     check: RawCheck,
     #[serde(default)]
@@ -359,9 +415,36 @@ struct RawRequest {
     timeout: Option<Dur>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrpcCall {
+    /// The server: `http://` (h2c) or `https://` (TLS, ALPN h2); default `defaults.base_url`.
+    url: Option<String>,
+    method: String,
+    message: Option<toml::Value>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    timeout: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum GrpcStatusSpec {
+    One(GrpcCode),
+    Many(Vec<GrpcCode>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum GrpcCode {
+    Number(u32),
+    Name(String),
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawCheck {
+    grpc_status: Option<GrpcStatusSpec>,
     status: Option<StatusSpec>,
     body_contains: Option<String>,
     body_regex: Option<String>,
@@ -467,6 +550,7 @@ impl Validator<'_> {
             http_version: raw.defaults.http_version.unwrap_or(HttpVersion::Http1),
             insecure_skip_tls_verify: raw.defaults.insecure_skip_tls_verify,
             max_redirects: raw.defaults.max_redirects.unwrap_or(10),
+            http2_streams_per_connection: raw.defaults.http2_streams_per_connection.unwrap_or(1),
         };
         if let Some(base) = &defaults.base_url {
             if !(base.starts_with("http://") || base.starts_with("https://")) {
@@ -561,6 +645,16 @@ impl Validator<'_> {
                 ),
             ));
         }
+        let streams = defaults.http2_streams_per_connection;
+        if !(1..=MAX_HTTP2_STREAMS_PER_CONNECTION).contains(&streams) {
+            let at =
+                find_key(self.src, 0..self.src.len(), "http2_streams_per_connection").unwrap_or(0);
+            return Err(self.err(
+                at..at,
+                "defaults.http2_streams_per_connection".into(),
+                format!("({streams}) must be from 1 to {MAX_HTTP2_STREAMS_PER_CONNECTION}"),
+            ));
+        }
         if raw.requirements.min_nodes as usize > crate::run::MAX_MEMBERS {
             let at = find_key(self.src, 0..self.src.len(), "min_nodes").unwrap_or(0);
             return Err(self.err(
@@ -601,14 +695,48 @@ impl Validator<'_> {
                 labels: raw.requirements.labels,
             },
             redact: raw.redact,
+            proto_files: self.proto_files(raw.grpc.proto)?,
         })
+    }
+
+    fn proto_files(&self, files: Vec<String>) -> Result<Vec<String>, PlanError> {
+        let at = find_key(self.src, 0..self.src.len(), "proto").unwrap_or(0);
+        if files.len() > MAX_PROTO_FILES {
+            return Err(self.err(
+                at..at,
+                "grpc.proto".into(),
+                format!("{} files, limit {MAX_PROTO_FILES}", files.len()),
+            ));
+        }
+        for f in &files {
+            // Confined like the bundle's files: relative, no way up.
+            let bad = f.is_empty()
+                || f.starts_with('/')
+                || f.contains('\\')
+                || f.split('/').any(|c| c == ".." || c.is_empty() || c == ".");
+            if bad {
+                return Err(self.err(
+                    at..at,
+                    "grpc.proto".into(),
+                    format!("\"{f}\" must be a relative path inside the plan's directory, without . or .. parts"),
+                ));
+            }
+        }
+        Ok(files)
     }
 
     fn step(&self, flow: &str, index: usize, s: Spanned<RawStep>) -> Result<Step, PlanError> {
         let span = s.span();
         let s = s.into_inner();
         let path = format!("flows.{flow}.steps[{index}]");
-        let r = s.request;
+        let (r, grpc) = match (s.request, s.grpc) {
+            (Some(r), None) => (r, None),
+            (None, Some(g)) => {
+                let (r, call) = self.grpc_call(&span, &path, g, s.check.status.is_some())?;
+                (r, Some(call))
+            }
+            _ => return Err(self.err(span, path, "a step has exactly one of request, grpc")),
+        };
         let method = r
             .method
             .unwrap_or_else(|| "GET".into())
@@ -669,6 +797,46 @@ impl Validator<'_> {
                 ));
             }
         }
+        if let Some(spec) = s.check.grpc_status {
+            if grpc.is_none() {
+                return Err(self.err_key(
+                    &span,
+                    &path,
+                    "check",
+                    "grpc_status is a check of gRPC steps",
+                ));
+            }
+            let codes = match spec {
+                GrpcStatusSpec::One(c) => vec![c],
+                GrpcStatusSpec::Many(v) => v,
+            };
+            for c in codes {
+                let code = match c {
+                    GrpcCode::Number(n) if (n as usize) < GRPC_STATUS_NAMES.len() => n,
+                    GrpcCode::Name(name) => GRPC_STATUS_NAMES
+                        .iter()
+                        .position(|k| k.eq_ignore_ascii_case(&name))
+                        .map(|i| i as u32)
+                        .ok_or_else(|| {
+                            self.err_key(
+                                &span,
+                                &path,
+                                "check",
+                                &format!("grpc_status \"{name}\" is not a gRPC status name (OK, NOT_FOUND, ...)"),
+                            )
+                        })?,
+                    GrpcCode::Number(n) => {
+                        return Err(self.err_key(
+                            &span,
+                            &path,
+                            "check",
+                            &format!("grpc_status {n} is not a gRPC status code (0..=16)"),
+                        ))
+                    }
+                };
+                check.grpc_status.push(code);
+            }
+        }
         check.body_contains = s.check.body_contains;
         check.body_regex = s.check.body_regex;
         check.headers = s.check.header.into_iter().collect();
@@ -680,20 +848,23 @@ impl Validator<'_> {
             .collect();
         let mut extract = Vec::new();
         for (var, e) in s.extract {
-            let how = match (e.json, e.regex, e.header, e.cookie) {
-                (Some(p), None, None, None) => Extract::Json(p),
-                (None, Some(p), None, None) => Extract::Regex(p),
-                (None, None, Some(p), None) => Extract::Header(p),
-                (None, None, None, Some(p)) => Extract::Cookie(p),
-                _ => {
-                    return Err(self.err_key(
+            let how =
+                match (e.json, e.regex, e.header, e.cookie) {
+                    (Some(p), None, None, None) => Extract::Json(p),
+                    (None, Some(p), None, None) => Extract::Regex(p),
+                    (None, None, Some(p), None) => Extract::Header(p),
+                    (None, None, None, Some(p)) if grpc.is_none() => Extract::Cookie(p),
+                    _ => return Err(self.err_key(
                         &span,
                         &format!("{path}.extract"),
                         &var,
-                        "give exactly one of json, regex, header, cookie",
-                    ))
-                }
-            };
+                        if grpc.is_none() {
+                            "give exactly one of json, regex, header, cookie"
+                        } else {
+                            "give exactly one of json, regex, header (a gRPC step has no cookies)"
+                        },
+                    )),
+                };
             extract.push((var, how));
         }
         let think = match s.think {
@@ -719,7 +890,91 @@ impl Validator<'_> {
             check,
             extract,
             think,
+            grpc,
         })
+    }
+
+    /// A gRPC step as the HTTP/2 request it is: POST to `URL/package.Service/Method`,
+    /// metadata as headers, the message as JSON (templated). The method itself is looked
+    /// up in the plan's .proto files when the plan is compiled.
+    fn grpc_call(
+        &self,
+        span: &Range<usize>,
+        path: &str,
+        g: RawGrpcCall,
+        has_http_status: bool,
+    ) -> Result<(RawRequest, GrpcCall), PlanError> {
+        let gpath = format!("{path}.grpc");
+        if has_http_status {
+            return Err(self.err_key(
+                span,
+                path,
+                "check",
+                "status is a check of HTTP steps: a gRPC step checks grpc_status",
+            ));
+        }
+        let well_formed = g.method.split_once('/').is_some_and(|(svc, m)| {
+            !svc.is_empty()
+                && !m.is_empty()
+                && !m.contains('/')
+                && svc
+                    .bytes()
+                    .chain(m.bytes())
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        });
+        if !well_formed {
+            return Err(self.err_key(
+                span,
+                &gpath,
+                "method",
+                &format!(
+                    "\"{}\" is not a gRPC method: write package.Service/Method",
+                    g.method
+                ),
+            ));
+        }
+        let base = g.url.unwrap_or_default();
+        let base = base.trim_end_matches('/');
+        if !(base.is_empty()
+            || base.starts_with("http://")
+            || base.starts_with("https://")
+            || base.starts_with("{{"))
+        {
+            return Err(self.err_key(
+                span,
+                &gpath,
+                "url",
+                &format!("\"{base}\" must start with http:// (h2c) or https:// (TLS)"),
+            ));
+        }
+        // No URL: the method's path is joined to defaults.base_url like any "/" URL.
+        let url = format!("{base}/{}", g.method);
+        if g.metadata.len() > 256 {
+            return Err(self.err_key(span, &gpath, "metadata", "at most 256 entries"));
+        }
+        let message = match g.message {
+            None => toml::Value::Table(Default::default()),
+            Some(m @ toml::Value::Table(_)) => m,
+            Some(_) => {
+                return Err(self.err_key(
+                    span,
+                    &gpath,
+                    "message",
+                    "the message is a table (the request message in the protobuf JSON mapping)",
+                ))
+            }
+        };
+        let request = RawRequest {
+            method: Some("POST".into()),
+            url,
+            query: BTreeMap::new(),
+            headers: g.metadata,
+            json: Some(message),
+            body: None,
+            form: None,
+            timeout: g.timeout,
+        };
+        Ok((request, GrpcCall { method: g.method }))
     }
 
     fn scenario(
@@ -1178,6 +1433,41 @@ think = "1s..3s"
         assert_eq!(e.line, Some(line), "{e}");
         assert_eq!(e.field.as_deref(), Some("scenarios.steady.duration"), "{e}");
         assert!(e.message.contains("fortnight"), "{e}");
+    }
+
+    #[test]
+    fn http2_streams_per_connection_is_bounded_and_named() {
+        let ok = GOOD.replace(
+            "timeout = \"5s\"",
+            "timeout = \"5s\"\nhttp2_streams_per_connection = 10",
+        );
+        let plan = parse_plan("plan.toml", &ok).unwrap();
+        assert_eq!(plan.defaults.http2_streams_per_connection, 10);
+        assert_eq!(
+            parse_plan("plan.toml", GOOD)
+                .unwrap()
+                .defaults
+                .http2_streams_per_connection,
+            1
+        );
+        for bad in ["0", "1001"] {
+            let src = GOOD.replace(
+                "timeout = \"5s\"",
+                &format!("timeout = \"5s\"\nhttp2_streams_per_connection = {bad}"),
+            );
+            let e = err(&src);
+            let line = src
+                .lines()
+                .position(|l| l.contains("http2_streams"))
+                .unwrap()
+                + 1;
+            assert_eq!(e.line, Some(line), "{e}");
+            assert_eq!(
+                e.field.as_deref(),
+                Some("defaults.http2_streams_per_connection"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -11,6 +11,8 @@ use hdrhistogram::serialization::{Deserializer as HistDe, Serializer as _, V2Ser
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::named::NamedMetrics;
+
 /// Significant digits kept by every latency histogram (±0.1 %).
 pub const SIGFIG: u8 = 3;
 
@@ -317,6 +319,9 @@ pub struct SeriesStats {
     pub errors: [u64; ERROR_CLASSES],
     pub checks_passed: u64,
     pub checks_failed: u64,
+    /// Metrics of step kinds other than HTTP (WebSocket, gRPC), only those recorded.
+    #[serde(default, skip_serializing_if = "NamedMetrics::is_empty")]
+    pub named: NamedMetrics,
 }
 
 impl SeriesStats {
@@ -334,19 +339,23 @@ impl SeriesStats {
         }
         add_sat(&mut self.checks_passed, o.checks_passed);
         add_sat(&mut self.checks_failed, o.checks_failed);
+        self.named.add(&o.named);
     }
     pub fn reset(&mut self) {
-        let (l, s) = (
+        let (l, s, n) = (
             std::mem::take(&mut self.latency),
             std::mem::take(&mut self.service),
+            std::mem::take(&mut self.named),
         );
         *self = SeriesStats {
             latency: l,
             service: s,
+            named: n,
             ..Default::default()
         };
         self.latency.reset();
         self.service.reset();
+        self.named.reset();
     }
 }
 
@@ -585,6 +594,32 @@ mod tests {
         let bytes = m.encode();
         assert!(bytes.len() > 8192, "{} bytes", bytes.len());
         assert_eq!(Metrics::decode(&bytes).unwrap(), m);
+    }
+
+    #[test]
+    fn named_metrics_merge_and_round_trip_with_the_snapshot() {
+        use crate::named::Named;
+        let (mut a, mut b) = (sample(1, 100), sample(2, 100));
+        let plain = a.encode();
+        assert!(
+            !plain.windows(5).any(|w| w == b"named"),
+            "a series without named metrics must not carry the key"
+        );
+        for v in 1..=50 {
+            a.series[1].named.record(Named::WsMsgRtt, v * 100);
+            b.series[1].named.record(Named::WsMsgRtt, v * 7);
+        }
+        a.series[1].named.count(Named::WsMsgsSent, 50);
+        b.series[1].named.count(Named::WsMsgsSent, 5);
+        let back = Metrics::decode(&a.encode()).unwrap();
+        assert_eq!(back, a);
+        a.merge(&b).unwrap();
+        let n = &a.series[1].named;
+        assert_eq!(n.hist(Named::WsMsgRtt).unwrap().len(), 100);
+        assert_eq!(n.counter(Named::WsMsgsSent), 55);
+        assert!(a.series[0].named.is_empty());
+        a.reset();
+        assert_eq!(a, Metrics::new(&layout()));
     }
 
     #[test]

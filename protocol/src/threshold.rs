@@ -8,6 +8,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::duration::parse_duration;
+use crate::named::{Kind, Named};
 
 /// The metrics a threshold can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +26,8 @@ pub enum Metric {
     Checks,
     Iterations,
     DroppedIterations,
+    /// A metric of a step kind other than HTTP (`ws_msg_rtt`, ...).
+    Named(Named),
 }
 
 impl Metric {
@@ -37,10 +40,24 @@ impl Metric {
             "checks" => Metric::Checks,
             "iterations" => Metric::Iterations,
             "dropped_iterations" => Metric::DroppedIterations,
-            _ => return None,
+            _ => return Named::parse(s).map(Metric::Named),
         })
     }
     pub const NAMES: &'static str = "http_req_duration, http_req_service_time, http_req_failed, http_reqs, checks, iterations, dropped_iterations";
+
+    /// Every name a threshold may use, comma-separated.
+    pub fn names() -> String {
+        format!("{}, {}", Metric::NAMES, Named::names())
+    }
+
+    /// True for a metric held in microseconds.
+    pub fn is_duration(self) -> bool {
+        match self {
+            Metric::HttpReqDuration | Metric::HttpReqServiceTime => true,
+            Metric::Named(n) => n.kind() == Kind::Duration,
+            _ => false,
+        }
+    }
 }
 
 /// Which part of the measurements a threshold looks at.
@@ -260,7 +277,7 @@ impl Threshold {
             }
         };
         let metric = Metric::parse(name)
-            .ok_or_else(|| format!("unknown metric \"{name}\" (known: {})", Metric::NAMES))?;
+            .ok_or_else(|| format!("unknown metric \"{name}\" (known: {})", Metric::names()))?;
         let mut filter = TagFilter::default();
         for tag in tags.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             let (k, v) = tag
@@ -276,8 +293,7 @@ impl Threshold {
                 _ => return Err(format!("\"{key}\": at most one node label tag")),
             }
         }
-        let is_duration_metric =
-            matches!(metric, Metric::HttpReqDuration | Metric::HttpReqServiceTime);
+        let is_duration_metric = metric.is_duration();
         match expr.aggregate {
             Aggregate::Rate if is_duration_metric => {
                 return Err(format!(
@@ -394,6 +410,28 @@ mod tests {
             ThresholdExpr::parse("p(95) < 1").unwrap()
         )
         .is_err());
+    }
+
+    #[test]
+    fn named_metrics_take_thresholds_by_their_kind() {
+        let t = |key: &str, e: &str| Threshold::new(key, e, ThresholdExpr::parse(e).unwrap());
+        let rtt = t("ws_msg_rtt{flow=chat}", "p(95) < 50").unwrap();
+        assert_eq!(rtt.metric, Metric::Named(Named::WsMsgRtt));
+        assert_eq!(rtt.expr.value, 50_000.0);
+        assert_eq!(rtt.filter.flow.as_deref(), Some("chat"));
+        let sent = t("ws_msgs_sent", "count >= 10").unwrap();
+        assert_eq!(sent.metric, Metric::Named(Named::WsMsgsSent));
+        assert!(t("ws_msgs_sent", "p(95) < 1")
+            .unwrap_err()
+            .contains("not a duration"));
+        assert!(t("ws_connecting", "rate < 1")
+            .unwrap_err()
+            .contains("is a duration"));
+        let e = t("ws_msg_rt", "p(95) < 1").unwrap_err();
+        assert!(
+            e.contains("ws_msg_rtt") && e.contains("http_req_duration"),
+            "{e}"
+        );
     }
 
     #[test]

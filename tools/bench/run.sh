@@ -5,8 +5,13 @@
 #
 #   tools/bench/run.sh [--rounds 3] [--duration 10s] [--idle-vus 10000]
 #                      [--short 5s] [--long 50s] [--skip-build] [--keep DIR]
-#                      [--only throughput,idle,arrival,rss,mesh,soak,scale] [--max N] [--rate N]
+#                      [--only throughput,idle,arrival,rss,mesh,soak,h2,grpc,scale] [--max N] [--rate N]
 #                      [--lag-runs 3]
+#
+# `--only h2`: HTTP/2 over TLS against h2load (nghttp2-client), 50 connections x 1
+# stream (50 VUs) and 50 connections x 10 streams (500 VUs sharing connections,
+# `http2_streams_per_connection = 10`, vs `h2load -m10`), alternating round by round.
+# Not in the default set.
 #
 # `--only scale`: 10, 30 and 50 idle nodes (tools/bench/scale.sh): full-view time, idle
 # bytes/s, CPU and RSS per node, links per node. Not in the default set.
@@ -15,6 +20,9 @@
 # (30 min unless --duration is given), RSS of every node every 30 s; prints each
 # node's RSS slope after warm-up, the rate's stability and exactness. Not in the
 # default set: it takes half an hour.
+#
+# `--only grpc`: gRPC unary calls (shop.Inventory/GetStock over h2c) per CPU-second of
+# the generator against stampede-target (1 thread, CPU 1), stampede on CPU 0.
 #
 # Layout: nginx (1 worker) pinned to CPU 1, the load generator (wrk or stampede) pinned
 # to CPU 0; wrk and stampede alternate round by round so that drift in the machine's
@@ -93,6 +101,8 @@ need_pkgs=()
 command -v wrk >/dev/null || need_pkgs+=(wrk)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_pkgs+=(nginx-light)
 [[ -x /usr/bin/time ]] || need_pkgs+=(time)
+command -v openssl >/dev/null || need_pkgs+=(openssl)
+want h2 && ! command -v h2load >/dev/null && need_pkgs+=(nghttp2-client)
 command -v jq >/dev/null || need_pkgs+=(jq)
 command -v taskset >/dev/null || need_pkgs+=(util-linux)
 if [[ ${#need_pkgs[@]} -gt 0 ]]; then
@@ -119,9 +129,14 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 WORK=$(mktemp -d /tmp/stampede-bench.XXXXXX)
 NGINX_PID=""
 MESH_TARGET_PID=""
+GRPC_TARGET_PID=""
 cleanup() {
     if [[ -d "$WORK/testnet" ]]; then
         STAMPEDE_TESTNET_DIR="$WORK/testnet" "$ROOT/testnet/local.sh" stop >/dev/null 2>&1 || true
+    fi
+    if [[ -n "$GRPC_TARGET_PID" ]]; then
+        kill "$GRPC_TARGET_PID" 2>/dev/null || true
+        wait "$GRPC_TARGET_PID" 2>/dev/null || true
     fi
     if [[ -n "$MESH_TARGET_PID" ]]; then
         kill "$MESH_TARGET_PID" 2>/dev/null || true
@@ -152,8 +167,14 @@ free_port() {
 }
 PORT=$(free_port)
 URL="http://127.0.0.1:$PORT"
+TLSPORT=$(free_port)
+[[ "$TLSPORT" != "$PORT" ]] || TLSPORT=$(free_port)
+TLSURL="https://127.0.0.1:$TLSPORT"
 mkdir -p "$WORK"/{client_body,proxy,fastcgi,uwsgi,scgi}
-sed -e "s#@DIR@#$WORK#g" -e "s#@PORT@#$PORT#g" "$BENCH/nginx.conf.in" >"$WORK/nginx.conf"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=localhost -keyout "$WORK/key.pem" -out "$WORK/cert.pem" >/dev/null 2>&1
+sed -e "s#@DIR@#$WORK#g" -e "s#@PORT@#$PORT#g" -e "s#@TLSPORT@#$TLSPORT#g" \
+    "$BENCH/nginx.conf.in" >"$WORK/nginx.conf"
 taskset -c 1 "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -e "$WORK/error.log" &
 NGINX_PID=$!
 up=0
@@ -277,6 +298,47 @@ if [[ -s "$WORK/oha_ratios" ]]; then
     printf 'median ratio stampede/oha = %s, per CPU-second = %s\n' \
         "$(median <"$WORK/oha_ratios")" "$(median <"$WORK/oha_eff_ratios")"
 fi
+fi
+
+# --- 1b. HTTP/2 over TLS against h2load, alternating --------------------------------
+if want h2; then
+H2LOAD_VERSION=$(h2load --version 2>&1 | head -1)
+log "HTTP/2 over TLS ($TLSURL): $H2LOAD_VERSION -t1 vs stampede --workers 1, ${DUR_S}s each, $ROUNDS rounds"
+printf '%-6s %-8s %10s %10s %6s %14s %14s %6s %9s %9s\n' round shape "h2load rps" "st. rps" ratio \
+    "h2load req/cpu" "st. req/cpu" ratio "nginx(h)" "nginx(st)"
+for shape in 1 10; do
+    : >"$WORK/h2_ratios_$shape"; : >"$WORK/h2_eff_$shape"
+    vus=$((CONNS * shape))
+    for r in $(seq "$ROUNDS"); do
+        t0=$(nginx_ticks)
+        taskset -c 0 /usr/bin/time -v -o "$WORK/h2load-$shape-$r.time" \
+            h2load -t1 -c"$CONNS" -m"$shape" -D"$DUR_S" "$TLSURL/" >"$WORK/h2load-$shape-$r.txt" 2>&1 || true
+        h_ng=$(nginx_pct "$t0" "$DUR_S")
+        h_rps=$(awk '/^finished in/ {print $4}' "$WORK/h2load-$shape-$r.txt")
+        h_req=$(awk '/^requests:/ {print $8}' "$WORK/h2load-$shape-$r.txt")
+        [[ -n "$h_rps" ]] || { echo "run.sh: cannot read h2load's output:" >&2; cat "$WORK/h2load-$shape-$r.txt" >&2; exit 1; }
+        t0=$(nginx_ticks)
+        run_stampede "$BENCH/h2.toml" "$WORK/h2st-$shape-$r.json" "$WORK/h2st-$shape-$r.time" \
+            --set "defaults.base_url=\"$TLSURL\"" --set "scenarios.hammer.vus=$vus" \
+            --set "defaults.http2_streams_per_connection=$shape" \
+            --set "scenarios.hammer.duration=\"${DUR_S}s\""
+        j="$WORK/h2st-$shape-$r.json"
+        st_ng=$(nginx_pct "$t0" "$(jq -r .duration_s "$j")")
+        st_rps=$(jq -r '.totals.rps' "$j")
+        st_req=$(jq -r '.totals.requests' "$j")
+        st_failed=$(jq -r '.totals.failed' "$j")
+        rat=$(ratio "$st_rps" "$h_rps")
+        h_eff=$(awk -v n="$h_req" -v c="$(cpu_s "$WORK/h2load-$shape-$r.time")" 'BEGIN { printf "%.0f", (c > 0 ? n / c : 0) }')
+        st_eff=$(awk -v n="$st_req" -v c="$(cpu_s "$WORK/h2st-$shape-$r.time")" 'BEGIN { printf "%.0f", (c > 0 ? n / c : 0) }')
+        eff_rat=$(ratio "$st_eff" "$h_eff")
+        echo "$rat" >>"$WORK/h2_ratios_$shape"; echo "$eff_rat" >>"$WORK/h2_eff_$shape"
+        printf '%-6s %-8s %10.0f %10.0f %6s %14s %14s %6s %9s %9s' "$r" "${CONNS}x$shape" "$h_rps" \
+            "$st_rps" "$rat" "$h_eff" "$st_eff" "$eff_rat" "$h_ng" "$st_ng"
+        [[ "$st_failed" == 0 ]] && echo || echo "  ($st_failed failed requests)"
+    done
+    printf 'median %sx%s: stampede/h2load = %s, per CPU-second of the generator = %s\n' "$CONNS" "$shape" \
+        "$(median <"$WORK/h2_ratios_$shape")" "$(median <"$WORK/h2_eff_$shape")"
+done
 fi
 
 # --- 2. memory per idle VU ---------------------------------------------------------
@@ -478,6 +540,32 @@ if [[ -s "$WORK/rss-long.samples" ]]; then
 fi
 fi
 
+# --- gRPC unary calls ---------------------------------------------------------------
+if want grpc; then
+log "gRPC unary: stampede constant-vus $CONNS, shop.Inventory/GetStock on stampede-target (h2c, 1 thread, CPU 1), ${DUR_S}s each, $ROUNDS rounds"
+GPORT=$(free_port)
+taskset -c 1 "$ROOT/target/release/stampede-target" --listen "127.0.0.1:$GPORT" --threads 1 \
+    >"$WORK/grpc-target.log" 2>&1 &
+GRPC_TARGET_PID=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$GPORT") 2>/dev/null && break; sleep 0.1; done
+# The plan names its .proto relative to itself: both go to the work dir.
+cp "$ROOT/examples/proto/inventory.proto" "$BENCH/grpc.toml" "$WORK/"
+printf '%-6s %10s %10s %13s %7s\n' round "calls/s" "p99 us" "calls/cpu-s" failed
+for r in $(seq "$ROUNDS"); do
+    URL="http://127.0.0.1:$GPORT" run_stampede "$WORK/grpc.toml" "$WORK/grpc-$r.json" "$WORK/grpc-$r.time" \
+        --set "scenarios.calls.vus=$CONNS" --set "scenarios.calls.duration=\"${DUR_S}s\""
+    g_rps=$(jq -r '.totals.rps' "$WORK/grpc-$r.json")
+    g_p99=$(jq -r '.totals.latency_us.p99' "$WORK/grpc-$r.json")
+    g_req=$(jq -r '.totals.requests' "$WORK/grpc-$r.json")
+    g_failed=$(jq -r '.totals.failed' "$WORK/grpc-$r.json")
+    g_eff=$(awk -v n="$g_req" -v c="$(cpu_s "$WORK/grpc-$r.time")" 'BEGIN { if (c > 0) printf "%.0f", n / c; else print "n/a" }')
+    printf '%-6s %10s %10s %13s %7s\n' "$r" "$g_rps" "$g_p99" "$g_eff" "$g_failed"
+done
+kill "$GRPC_TARGET_PID" 2>/dev/null || true
+wait "$GRPC_TARGET_PID" 2>/dev/null || true
+GRPC_TARGET_PID=""
+fi
+
 # --- 5. mesh -------------------------------------------------------------------------
 # stampede-target's load count, read over a plain socket (no curl needed).
 target_count() { # PORT
@@ -576,6 +664,8 @@ TPORT=$(free_port)
 MESH_TARGET_PID=$!
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$TPORT") 2>/dev/null && break; sleep 0.1; done
 mapfile -t SOAK_PIDS <"$TN/pids"
+# A run proposed before the nodes have found each other would be a run of node 1 alone.
+for _ in $(seq 60); do "$STAMPEDE" peers --data-dir "$TN/n1" 2>/dev/null | grep -q '3 alive' && break; sleep 1; done
 : >"$WORK/soak-rss.samples"
 : >"$WORK/soak-target.seconds"
 "$STAMPEDE" run --mesh --quiet --data-dir "$TN/n1" "$BENCH/soak.toml" \
@@ -632,6 +722,7 @@ if [[ -s "$WORK/soak.json" ]]; then
         $1 >= a && $1 < b { n++; d = ($2 - rate) / rate * 100; if (d < 0) d = -d; if (d > worst) { worst = d; at = $1 - a + 1 }; if (d > 2) out++ }
         END { printf "rate stability: %d whole seconds at the target, %d outside %d/s +-2 %%, worst %.1f %% (second %d of the run)\n", n, out + 0, rate, worst, at }' \
         "$WORK/soak-target.per-second"
+    echo "nodes in the run: $(jq -r '[.nodes[].name] | join(", ")' "$WORK/soak.json")"
     echo "exactness: summary $(jq -r .totals.requests "$WORK/soak.json") requests ($(jq -r .totals.failed "$WORK/soak.json") failed, $(jq -r .totals.dropped_iterations "$WORK/soak.json") dropped), target counted $(printf '%s' "$stats" | jq -r .load_requests)"
     echo "report: timeline $(jq -r '.timeline | length' "$WORK/soak.json") points (widths $(jq -r '[.timeline[].width_s] | unique | map(tostring) | join(", ")' "$WORK/soak.json") s), JSON $(( $(stat -c %s "$WORK/soak.json") / 1024 )) KiB, HTML $(( $(stat -c %s "$WORK/soak.html") / 1024 )) KiB, CSV $(( $(stat -c %s "$WORK/soak.csv") / 1024 )) KiB"
     echo "lag p99 $(jq -r .generator.schedule_lag_us.p99 "$WORK/soak.json") us, latency p99 $(jq -r .totals.latency_us.p99 "$WORK/soak.json") us; events: $(jq -r '[.events[].kind] | join(", ")' "$WORK/soak.json")"

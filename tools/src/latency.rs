@@ -188,52 +188,26 @@ impl fmt::Display for Latency {
     }
 }
 
-/// Prints a duration in the same syntax [`parse_duration`] reads, without losing precision.
+/// Prints a duration in the syntax [`parse_duration`] reads, exactly (protocol's format).
 pub struct FmtDuration(pub Duration);
 
 impl fmt::Display for FmtDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.0.as_nanos();
-        if n == 0 {
-            f.write_str("0ms")
-        } else if n.is_multiple_of(1_000_000_000) {
-            write!(f, "{}s", n / 1_000_000_000)
-        } else if n.is_multiple_of(1_000_000) {
-            write!(f, "{}ms", n / 1_000_000)
-        } else if n.is_multiple_of(1_000) {
-            write!(f, "{}us", n / 1_000)
-        } else {
-            write!(f, "{}ns", n)
-        }
+        f.write_str(&stampede_protocol::duration::format_duration(self.0))
     }
 }
 
-/// Reads `500ms`, `1.5s`, `250us`, `2m`, `0`. The error says what was wrong.
+/// The longest delay a knob takes: a target that sleeps longer is a hung target.
+const MAX_KNOB_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Reads a duration with the plan's parser (`500ms`, `1.5s`, `250us`, `2m`, `0`), at most
+/// 24h. The error says what was wrong.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(Duration::ZERO);
+    let d = stampede_protocol::duration::parse_duration(s)?;
+    if d > MAX_KNOB_DURATION {
+        return Err(format!("duration {:?} is out of range (max 24h)", s.trim()));
     }
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("duration {s:?} has no unit (use ns, us, ms, s or m)"))?;
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("duration {s:?} does not start with a number"))?;
-    let scale = match unit.trim() {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "m" => 60.0,
-        other => return Err(format!("duration {s:?} has unknown unit {other:?}")),
-    };
-    let secs = value * scale;
-    if !secs.is_finite() || secs > 86_400.0 {
-        return Err(format!("duration {s:?} is out of range (max 24h)"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 #[cfg(test)]

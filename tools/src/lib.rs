@@ -35,6 +35,7 @@
 pub mod latency;
 pub mod sim;
 
+mod grpc;
 mod knobs;
 mod service;
 mod shop;

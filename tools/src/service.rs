@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
+use crate::grpc::ShopBody;
 use crate::knobs::{ControlUpdate, Knobs};
 use crate::shop::{AuthError, CartError, Session, Shop};
 use crate::stats::{Endpoint, Stats};
@@ -106,6 +107,19 @@ impl<F: FnMut()> Drop for OnDrop<F> {
 
 /// The per-request entry point hyper calls.
 pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    source_delay: std::time::Duration,
+) -> Result<Response<ShopBody>, Infallible> {
+    if crate::grpc::is_grpc(&req) {
+        return Ok(crate::grpc::handle(&shared, req).await);
+    }
+    handle_http(shared, req, source_delay)
+        .await
+        .map(|r| r.map(ShopBody::Full))
+}
+
+async fn handle_http(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     source_delay: std::time::Duration,

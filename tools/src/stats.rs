@@ -26,18 +26,24 @@ pub enum Endpoint {
     Cart,
     Checkout,
     Account,
+    /// gRPC `shop.Inventory/GetStock` (unary).
+    GrpcGetStock,
+    /// gRPC `shop.Inventory/WatchStock` (server-streaming).
+    GrpcWatchStock,
     /// Anything that matches no route (404) or a route with the wrong method (405).
     Other,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 7] = [
+    pub const ALL: [Endpoint; 9] = [
         Endpoint::Login,
         Endpoint::Search,
         Endpoint::Product,
         Endpoint::Cart,
         Endpoint::Checkout,
         Endpoint::Account,
+        Endpoint::GrpcGetStock,
+        Endpoint::GrpcWatchStock,
         Endpoint::Other,
     ];
 
@@ -50,6 +56,8 @@ impl Endpoint {
             Endpoint::Cart => "POST /cart",
             Endpoint::Checkout => "POST /checkout",
             Endpoint::Account => "GET /account",
+            Endpoint::GrpcGetStock => "gRPC shop.Inventory/GetStock",
+            Endpoint::GrpcWatchStock => "gRPC shop.Inventory/WatchStock",
             Endpoint::Other => "other",
         }
     }

@@ -205,21 +205,7 @@ impl Lease {
 
     /// Waits until the lease holds, the run stops or `give_up` passes; true if held.
     async fn wait(&self, stop: &mut watch::Receiver<Stop>, give_up: Instant) -> bool {
-        let mut rx = self.subscribe();
-        loop {
-            if self.holds() {
-                return true;
-            }
-            if *stop.borrow() != Stop::Running || Instant::now() >= give_up {
-                return false;
-            }
-            tokio::select! {
-                _ = rx.changed() => {}
-                _ = stop.changed() => {}
-                // The deadline may pass while nothing changes.
-                _ = tokio::time::sleep_until(give_up.into()) => {}
-            }
-        }
+        self.wait_for(|| self.holds(), stop, give_up).await
     }
 }
 
@@ -453,10 +439,10 @@ struct Worker {
     stop_rx: watch::Receiver<Stop>,
     /// Per scenario: its counted work on this node (see `closed_counted`).
     counted: Arc<Vec<CountedWork>>,
-    /// Scenarios of this worker still running, and a wake-up when one ends: a
-    /// counted scenario whose work is done stays ready to take over a lost node's
-    /// while the others go on.
-    scenarios_left: Cell<usize>,
+    /// Scenarios of this worker still at work (a counted one waiting for a hand-over
+    /// is not), and a wake-up when that changes: a counted scenario whose work is
+    /// done stays ready to take over a lost node's while the others work on.
+    working: Cell<usize>,
     scenario_ended: tokio::sync::Notify,
     /// Per open-model scenario: the node's VU slots and how many of them the node's
     /// workers have claimed, so that max_vus holds for the node, not per worker.
@@ -510,7 +496,7 @@ fn worker_main(
         spec,
         stop,
         counted,
-        scenarios_left: Cell::new(spec_scenarios),
+        working: Cell::new(spec_scenarios),
         scenario_ended: tokio::sync::Notify::new(),
         vu_claims,
         vus: Cell::new(0),
@@ -746,8 +732,7 @@ fn later(at: Instant, d: Duration) -> Instant {
 
 async fn run_scenario(w: Rc<Worker>, si: usize) {
     scenario(w.clone(), si).await;
-    w.scenarios_left
-        .set(w.scenarios_left.get().saturating_sub(1));
+    w.working.set(w.working.get().saturating_sub(1));
     w.scenario_ended.notify_waiters();
 }
 
@@ -934,10 +919,17 @@ pub fn counted_of(plan: &CompiledPlan) -> Vec<Counted> {
 struct CountedWork {
     /// Its ordinal among the counted scenarios (the claims' index); None otherwise.
     ord: Option<usize>,
-    /// VU indices one of this node's workers runs: a failover re-deals VUs over the
-    /// workers, and a VU must never run twice.
-    running: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// VU indices one of this node's workers runs (a failover re-deals VUs over the
+    /// workers, and a VU must never run twice), and for per-vu-iterations the next
+    /// iteration of every VU that ran here (a VU that finished is not started again).
+    running: std::sync::Mutex<RunningVus>,
 }
+
+/// VUs running here, and the next iteration of each VU that ran here.
+type RunningVus = (
+    std::collections::BTreeSet<u64>,
+    std::collections::BTreeMap<u64, u64>,
+);
 
 impl CountedWork {
     fn for_plan(spec: &RunSpec) -> Vec<CountedWork> {
@@ -970,18 +962,33 @@ impl CountedWork {
             .collect()
     }
 
-    fn start(&self, g: u64) -> bool {
-        match self.running.lock() {
-            Ok(mut r) => r.insert(g),
-            Err(p) => p.into_inner().insert(g),
+    /// Takes VU `g` for this worker, unless another runs it: Some(the iteration it
+    /// goes on from, at least `first`).
+    fn start(&self, g: u64, first: u64) -> Option<u64> {
+        let mut r = self.lock();
+        if !r.0.insert(g) {
+            return None;
         }
+        Some(r.1.get(&g).copied().unwrap_or(0).max(first))
     }
 
-    fn end(&self, g: u64) {
-        match self.running.lock() {
-            Ok(mut r) => r.remove(&g),
-            Err(p) => p.into_inner().remove(&g),
-        };
+    /// VU `g` stopped here; `next` is the iteration it would have done next.
+    fn end(&self, g: u64, next: u64) {
+        let mut r = self.lock();
+        r.0.remove(&g);
+        let n = r.1.entry(g).or_insert(0);
+        *n = (*n).max(next);
+    }
+
+    /// The iteration VU `g` would go on from here (0 if it never ran here).
+    fn next_of(&self, g: u64) -> u64 {
+        self.lock().1.get(&g).copied().unwrap_or(0)
+    }
+
+    /// The running set and progress; a worker that panicked holding it left them
+    /// consistent (each update is one insert or remove).
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunningVus> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -1011,6 +1018,7 @@ async fn closed_counted(
     let idle = Rc::new(tokio::sync::Notify::new());
     let mut generation = w.spec.assignment.subscribe();
     let mut stop_rx = w.stop_rx.clone();
+    let mut waiting = false;
     loop {
         let split = w.spec.assignment.get();
         let size = split.counted.get(c).map_or(0, |p| p.size(w.spec.node));
@@ -1021,9 +1029,13 @@ async fn closed_counted(
                 (Some(_), None) => u64::MAX,
                 (None, _) => 0,
             };
-            if exhausted || per_vu.is_some_and(|n| first >= n) || !w.counted[si].start(g) {
+            let first = first.max(w.counted[si].next_of(g));
+            if exhausted || per_vu.is_some_and(|n| first >= n) {
                 continue;
             }
+            let Some(first) = w.counted[si].start(g, first) else {
+                continue;
+            };
             alive.set(alive.get() + 1);
             let (w2, alive2, idle2) = (w.clone(), alive.clone(), idle.clone());
             tasks.push(tokio::task::spawn_local(async move {
@@ -1031,9 +1043,11 @@ async fn closed_counted(
                 let mut vu = Vu::new(&w2.ctx, si, sc.vu_offset + g);
                 w2.vus.set(w2.vus.get() + 1);
                 // Also when a hard stop aborts this task mid-iteration.
+                let next = Rc::new(Cell::new(first));
+                let next2 = next.clone();
                 let _alive = Defer(|| {
                     w2.vus.set(w2.vus.get() - 1);
-                    w2.counted[si].end(g);
+                    w2.counted[si].end(g, next2.get());
                     alive2.set(alive2.get() - 1);
                     if alive2.get() == 0 {
                         idle2.notify_waiters();
@@ -1095,15 +1109,26 @@ async fn closed_counted(
                         continue;
                     }
                     i += 1;
+                    next.set(i);
                     if vu.iterate(&w2.ctx, None).await == IterationEnd::DataExhausted {
                         break;
                     }
                 }
             }));
         }
-        if alive.get() == 0 && w.scenarios_left.get() <= 1 {
-            // Nothing left here, and no other scenario that could keep this node in
-            // the run long enough to be handed more.
+        // Waiting for a hand-over is not work: two scenarios that both wait must
+        // not keep each other (and the run) going until their max_duration.
+        if alive.get() == 0 && !waiting {
+            waiting = true;
+            w.working.set(w.working.get().saturating_sub(1));
+            w.scenario_ended.notify_waiters();
+        } else if alive.get() > 0 && waiting {
+            waiting = false;
+            w.working.set(w.working.get() + 1);
+        }
+        if alive.get() == 0 && w.working.get() == 0 {
+            // Nothing left here, and no other scenario at work that could keep this
+            // node in the run long enough to be handed more.
             break;
         }
         tokio::select! {
@@ -1117,6 +1142,10 @@ async fn closed_counted(
             _ = stop_rx.wait_for(|s| *s != Stop::Running) => break,
             _ = tokio::time::sleep_until(end.into()) => break,
         }
+    }
+    if waiting {
+        // run_scenario takes this scenario off the count as it ends.
+        w.working.set(w.working.get() + 1);
     }
     let hard = arm_hard_stop(&w, si, end, hard_tx);
     join_or_abort(&w, &hard_rx, tasks).await;

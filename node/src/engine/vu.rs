@@ -14,10 +14,13 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use rand::rngs::SmallRng;
 use rand::Rng;
+use stampede_protocol::named::Named;
 use stampede_protocol::plan::Think;
 use stampede_protocol::snapshot::{ErrorClass, Metrics};
 
-use crate::http::{CookieJar, HttpErrorKind, OutRequest, Response, Shared, Url, VuClient};
+use crate::http::{
+    CookieJar, GrpcClient, HttpErrorKind, OutRequest, Response, Shared, Url, VuClient,
+};
 use crate::plan::compile::{
     CompiledBody, CompiledCheck, CompiledExtract, CompiledPlan, CompiledStep, UrlTemplate,
 };
@@ -52,6 +55,8 @@ pub struct Vu {
     pub scenario: usize,
     pub iteration: u64,
     client: VuClient,
+    /// Made at the VU's first gRPC step: most plans have none.
+    grpc: Option<GrpcClient>,
     jar: CookieJar,
     /// Extracted variables, per flow (each flow has its own slots).
     vars: Vec<Vec<Option<String>>>,
@@ -64,11 +69,15 @@ pub struct Vu {
 
 impl Vu {
     pub fn new(ctx: &WorkerCtx, scenario: usize, global_id: u64) -> Vu {
+        let mut client = VuClient::new(ctx.http.clone());
+        client
+            .share_http2_connections(ctx.plan.plan.defaults.http2_streams_per_connection as usize);
         Vu {
             global_id,
             scenario,
             iteration: 0,
-            client: VuClient::new(ctx.http.clone()),
+            client,
+            grpc: None,
             jar: CookieJar::new(),
             vars: ctx
                 .plan
@@ -147,7 +156,18 @@ impl Vu {
                 }
             };
             let bytes_sent = req.body.len() as u64;
-            let result = self.client.send(req, &mut self.jar).await;
+            let (result, grpc_status) = match &step.grpc {
+                None => (self.client.send(req, &mut self.jar).await, None),
+                Some(method) => {
+                    let client = self
+                        .grpc
+                        .get_or_insert_with(|| GrpcClient::new(ctx.http.clone()));
+                    match client.call(method, req).await {
+                        Ok(reply) => (Ok(reply.response), Some(reply.status)),
+                        Err(e) => (Err(e), None),
+                    }
+                }
+            };
             let ok = {
                 let mut m = ctx.recorder.borrow_mut();
                 let s = &mut m.series[series];
@@ -162,7 +182,16 @@ impl Vu {
                         s.service
                             .record(micros(resp.done_at.saturating_duration_since(resp.sent_at)));
                         s.bytes_received += resp.bytes_received;
-                        let verdict = run_checks(&step.check, resp);
+                        if let Some(code) = grpc_status {
+                            s.named.record(
+                                Named::GrpcReqDuration,
+                                micros(resp.done_at.saturating_duration_since(resp.sent_at)),
+                            );
+                            if let Some(n) = Named::grpc_status(code) {
+                                s.named.count(n, 1);
+                            }
+                        }
+                        let verdict = run_checks(&step.check, resp, grpc_status);
                         s.checks_passed += verdict.passed;
                         s.checks_failed += verdict.failed;
                         match verdict.error {
@@ -184,6 +213,18 @@ impl Vu {
                             s.latency.record(micros(
                                 Instant::now().saturating_duration_since(step_intended),
                             ));
+                        }
+                        if step.grpc.is_some() {
+                            // What a gRPC client reports for a call it could not finish:
+                            // its own deadline, or an unavailable server.
+                            let code = match e.kind() {
+                                HttpErrorKind::Timeout => Some(4),
+                                HttpErrorKind::Refused | HttpErrorKind::InvalidRequest => None,
+                                _ => Some(14),
+                            };
+                            if let Some(n) = code.and_then(Named::grpc_status) {
+                                s.named.count(n, 1);
+                            }
                         }
                         s.failed += 1;
                         s.checks_failed += step.check.count();
@@ -398,12 +439,15 @@ struct Verdict {
     error: Option<ErrorClass>,
 }
 
-fn run_checks(c: &CompiledCheck, r: &Response) -> Verdict {
+/// `grpc_status`: the call's status when the step is a gRPC call; it is checked instead
+/// of the HTTP status.
+fn run_checks(c: &CompiledCheck, r: &Response, grpc_status: Option<u32>) -> Verdict {
     let status = r.status.as_u16();
-    let status_ok = if c.status.is_empty() {
-        status < 400
-    } else {
-        c.status.contains(&status)
+    let status_ok = match grpc_status {
+        Some(code) if c.grpc_status.is_empty() => code == 0,
+        Some(code) => c.grpc_status.contains(&code),
+        None if c.status.is_empty() => status < 400,
+        None => c.status.contains(&status),
     };
     let mut passed = status_ok as u64;
     let mut failed = !status_ok as u64;
@@ -433,7 +477,9 @@ fn run_checks(c: &CompiledCheck, r: &Response) -> Verdict {
             tally(doc.as_ref().and_then(|d| path.eval(d)).as_deref() == Some(want));
         }
     }
-    let error = if !status_ok {
+    let error = if !status_ok && grpc_status.is_some() {
+        Some(ErrorClass::CheckFailed)
+    } else if !status_ok {
         Some(match status {
             400..=499 => ErrorClass::Http4xx,
             500..=599 => ErrorClass::Http5xx,
@@ -465,8 +511,8 @@ fn extract(step: &CompiledStep, r: &Response, jar: &CookieJar, vars: &mut [Optio
             CompiledExtract::Json(p) => {
                 let d = doc.get_or_insert_with(|| serde_json::from_slice(&r.body).ok());
                 d.as_ref()
-                    .and_then(|d| p.find(d))
-                    .map(jsonpath::value_to_string)
+                    .and_then(|d| p.eval(d))
+                    .map(|v| jsonpath::value_to_string(&v))
             }
             CompiledExtract::Regex(re) => std::str::from_utf8(&r.body).ok().and_then(|b| {
                 re.captures(b).map(|c| {

@@ -7,8 +7,8 @@
 //! runtime, and a VU and its connections never leave that thread. So the request path
 //! takes no lock, sends on no channel of ours and touches no shared state; node-wide
 //! things (`Shared`: DNS cache, TLS config, allowlist) are read only when a connection is
-//! opened. The task driving each connection is spawned on the current runtime, which is
-//! the VU's worker. This module must not record metrics (the engine does, from
+//! opened. Each connection is driven by the VU's task itself while it awaits a response
+//! (HTTP/1.1 in `h1`, HTTP/2 in `http2`). This module must not record metrics (the engine does, from
 //! `Response`'s timestamps) and must not retry a request that may have reached the server.
 
 use std::collections::HashMap;
@@ -19,27 +19,23 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{
     HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE,
     PROXY_AUTHORIZATION, TRANSFER_ENCODING, USER_AGENT,
 };
 use http::{Method, Request, StatusCode, Version};
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio::time::Sleep;
 use tokio_rustls::TlsConnector;
 
 use super::allow::Allowlist;
 use super::cookies::CookieJar;
 use super::dns::{Addrs, Dns};
-use super::error::{root_cause_text, HttpError, HttpErrorKind};
+use super::error::{HttpError, HttpErrorKind};
 use super::h1::{H1Conn, H1Error, H1Request, Io};
 use super::headers::ResponseHeaders;
+use super::http2::{H2Conn, H2Error, Pool, PoolKey};
 use super::tls::client_config;
 use super::url::{Scheme, Url};
 
@@ -105,8 +101,11 @@ pub struct Shared {
     settings: ClientSettings,
     dns: Dns,
     tls: TlsConnector,
+    /// ALPN h2 only, whatever `http_version` says: gRPC speaks nothing else.
+    tls_h2: TlsConnector,
     user_agent: Option<HeaderValue>,
     diagnoses: std::sync::Mutex<Vec<Diagnosis>>,
+    h2_pool: Arc<Pool>,
 }
 
 /// Distinct diagnoses kept per run: a plan reaches a handful of origins.
@@ -121,6 +120,17 @@ pub struct Diagnosis {
 }
 
 impl Shared {
+    /// The TLS connector that offers only ALPN h2 (gRPC).
+    pub(super) fn tls_h2(&self) -> &TlsConnector {
+        &self.tls_h2
+    }
+
+    pub(super) fn connect_timeout(&self) -> Duration {
+        self.settings.connect_timeout
+    }
+}
+
+impl Shared {
     pub fn new(settings: ClientSettings) -> Result<Arc<Shared>, HttpError> {
         let alpn: &[&[u8]] = match settings.http_version {
             HttpVersionPref::Http1 => &[b"http/1.1"],
@@ -128,6 +138,7 @@ impl Shared {
             HttpVersionPref::Auto => &[b"h2", b"http/1.1"],
         };
         let tls = TlsConnector::from(Arc::new(client_config(settings.insecure_tls, alpn)?));
+        let tls_h2 = TlsConnector::from(Arc::new(client_config(settings.insecure_tls, &[b"h2"])?));
         let user_agent = match &settings.user_agent {
             None => None,
             Some(ua) => Some(HeaderValue::from_str(ua).map_err(|_| {
@@ -141,8 +152,10 @@ impl Shared {
             dns: Dns::new(&settings.resolve, &settings.dns_servers),
             settings,
             tls,
+            tls_h2,
             user_agent,
             diagnoses: std::sync::Mutex::new(Vec::new()),
+            h2_pool: Arc::default(),
         }))
     }
 
@@ -245,21 +258,6 @@ impl Response {
     }
 }
 
-type Body = Full<Bytes>;
-
-/// An HTTP/2 connection: hyper's sender and the task driving the connection. Dropping it
-/// aborts the task, which closes the socket.
-struct H2Conn {
-    sender: http2::SendRequest<Body>,
-    driver: JoinHandle<()>,
-}
-
-impl Drop for H2Conn {
-    fn drop(&mut self) {
-        self.driver.abort();
-    }
-}
-
 /// An open connection. A connection abandoned mid-request (timeout, cancelled VU) is
 /// dropped with the request's future and so never reused.
 enum Conn {
@@ -273,7 +271,7 @@ impl Conn {
     fn can_send(&self) -> bool {
         match self {
             Conn::H1(c) => c.can_send(),
-            Conn::H2(c) => !c.sender.is_closed(),
+            Conn::H2(c) => c.can_send(),
         }
     }
 
@@ -283,7 +281,7 @@ impl Conn {
     fn is_reusable(&self) -> bool {
         match self {
             Conn::H1(c) => c.is_reusable(),
-            Conn::H2(c) => !c.sender.is_closed(),
+            Conn::H2(c) => c.can_send(),
         }
     }
 }
@@ -318,6 +316,8 @@ struct Conns {
     shared: Arc<Shared>,
     origins: Vec<Origin>,
     clock: u64,
+    /// See `VuClient::share_http2_connections`.
+    h2_streams: usize,
 }
 
 /// The outcome of a redirect chain: its last hop and totals over all hops.
@@ -354,6 +354,7 @@ impl VuClient {
                 shared,
                 origins: Vec::new(),
                 clock: 0,
+                h2_streams: 1,
             },
             noted: None,
             timer: None,
@@ -362,6 +363,13 @@ impl VuClient {
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.conns.shared
+    }
+
+    /// Lets this VU share HTTP/2 connections with the other VUs of its worker thread,
+    /// `streams` VUs at most per connection (`defaults.http2_streams_per_connection`);
+    /// 1, the default, gives it connections of its own.
+    pub fn share_http2_connections(&mut self, streams: usize) {
+        self.conns.h2_streams = streams.max(1);
     }
 
     /// Number of origins with an open connection (for tests and diagnostics).
@@ -624,7 +632,8 @@ impl Conns {
 
     /// One request/response on one connection, reusing the origin's connection when it is
     /// still open. Retried once on a fresh connection, and only when nothing can have
-    /// been processed: hyper gave the request back unsent (HTTP/2), or a reused HTTP/1.1
+    /// been processed: an HTTP/2 request was never sent or the server refused its stream
+    /// (or went away before it, for an idempotent request), or a reused HTTP/1.1
     /// connection turned out closed before any byte of an idempotent request's response
     /// (the server closed it while idle, a race every keep-alive client has).
     #[allow(clippy::too_many_arguments)]
@@ -644,12 +653,15 @@ impl Conns {
         let cookies = jar.header_for(url);
 
         let mut opened = false;
+        let mut retried = false;
         let mut connecting = Duration::ZERO;
         let mut conn = match origin.conn.take() {
             Some(c) if c.can_send() => c,
             _ => {
-                opened = true;
-                Box::pin(connect(shared, url, &mut connecting)).await?
+                let (c, new) =
+                    Box::pin(open(shared, url, self.h2_streams, &mut connecting)).await?;
+                opened = new;
+                c
             }
         };
         let max_body = if keep_body {
@@ -694,8 +706,9 @@ impl Conns {
                 Err(H1Error::ClosedBeforeResponse(_))
                     if h1.is_reused() && !opened && method.is_idempotent() =>
                 {
-                    opened = true;
-                    conn = Box::pin(connect(shared, url, &mut connecting)).await?;
+                    let (c, new) =
+                        Box::pin(open(shared, url, self.h2_streams, &mut connecting)).await?;
+                    (conn, opened) = (c, new);
                 }
                 Err(e) => return Err(classify_h1(e, url)),
             }
@@ -703,9 +716,6 @@ impl Conns {
         let hop = match hop {
             Some(hop) => hop,
             None => {
-                let Conn::H2(h2) = &mut conn else {
-                    unreachable!("the HTTP/1.1 loop only ends without a hop on HTTP/2")
-                };
                 let mut headers = headers;
                 if let Some(cookies) = cookies {
                     merge_cookie_header(&mut headers, cookies);
@@ -715,12 +725,51 @@ impl Conns {
                         headers.insert(USER_AGENT, ua.clone());
                     }
                 }
-                // Boxed: hyper's future is large, and inline it would be moved on every
-                // HTTP/1.1 request too.
-                Box::pin(h2_exchange(
-                    h2, method, url, headers, body, opened, connecting, max_body,
-                ))
-                .await?
+                let bytes_sent = request_size(&method, url, &headers, body.len());
+                let mut request = Request::new(());
+                *request.method_mut() = method.clone();
+                *request.headers_mut() = headers;
+                *request.uri_mut() = url.as_uri().clone();
+                loop {
+                    let Conn::H2(h2) = &mut conn else {
+                        unreachable!("the HTTP/1.1 loop only ends without a hop on HTTP/2")
+                    };
+                    // Boxed: the exchange's future is large, and inline it would be moved
+                    // on every HTTP/1.1 request too.
+                    let outcome =
+                        Box::pin(h2.exchange(clone_head(&request), body.clone(), max_body)).await;
+                    match outcome {
+                        Ok(r) => {
+                            break Hop {
+                                status: r.status,
+                                version: Version::HTTP_2,
+                                headers: r.headers,
+                                body: r.body,
+                                truncated: r.truncated,
+                                sent_at: r.sent_at,
+                                first_byte_at: r.first_byte_at,
+                                done_at: r.done_at,
+                                bytes_received: r.bytes_received,
+                                bytes_sent,
+                                opened,
+                                connecting,
+                            }
+                        }
+                        // Once only: a connection that refuses again is an answer.
+                        Err(H2Error::Refused(_)) if !retried && h2.can_send() => {
+                            retried = true;
+                            continue;
+                        }
+                        Err(H2Error::Unsent(_) | H2Error::Refused(_)) if !retried => {}
+                        Err(H2Error::GoneAway(_)) if !retried && method.is_idempotent() => {}
+                        Err(e) => return Err(classify_h2(e, url)),
+                    }
+                    retried = true;
+                    h2.retire();
+                    let (c, new) =
+                        Box::pin(open(shared, url, self.h2_streams, &mut connecting)).await?;
+                    (conn, opened) = (c, new);
+                }
             }
         };
         if conn.is_reusable() {
@@ -730,95 +779,31 @@ impl Conns {
     }
 }
 
-/// One request/response on an HTTP/2 connection through hyper.
-#[allow(clippy::too_many_arguments)]
-async fn h2_exchange(
-    conn: &mut H2Conn,
-    method: Method,
-    url: &Url,
-    headers: HeaderMap,
-    body: Bytes,
-    opened: bool,
-    connecting: Duration,
-    max_body: usize,
-) -> Result<Hop, HttpError> {
-    let body_len = body.len();
-    let mut request = Request::new(Full::new(body));
-    *request.method_mut() = method;
-    *request.headers_mut() = headers;
-    *request.uri_mut() = url.as_uri().clone();
-    let bytes_sent = request_size(&request, body_len);
-    if let Err(e) = conn.sender.ready().await {
-        return Err(classify_hyper(&e, url));
-    }
-    let sent_at = Instant::now();
-    let response = match conn.sender.try_send_request(request).await {
-        Ok(resp) => resp,
-        Err(mut e) => {
-            let _unsent = e.take_message();
-            return Err(classify_hyper(e.error(), url));
-        }
-    };
-    let first_byte_at = Instant::now();
-    let (parts, mut incoming) = response.into_parts();
-    let headers = ResponseHeaders::from_map(parts.headers);
-    let mut bytes_received = 19 + headers.wire_len(); // status line and final CRLF
-    let mut single: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
-    let mut kept = 0usize;
-    let mut truncated = false;
-    while let Some(frame) = incoming.frame().await {
-        let frame = frame.map_err(|e| classify_hyper(&e, url))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        bytes_received += data.len() as u64;
-        if truncated || kept + data.len() > max_body {
-            truncated = true;
-            continue;
-        }
-        kept += data.len();
-        // The common single-chunk body is kept without copying.
-        match (&mut single, &mut joined) {
-            (None, None) => single = Some(data),
-            (Some(first), None) => {
-                let mut buf = BytesMut::with_capacity(first.len() + data.len());
-                buf.extend_from_slice(first);
-                buf.extend_from_slice(&data);
-                single = None;
-                joined = Some(buf);
-            }
-            (_, Some(buf)) => buf.extend_from_slice(&data),
-        }
-    }
-    let done_at = Instant::now();
-    let body = match (single, joined) {
-        (Some(b), _) => b,
-        (None, Some(buf)) => buf.freeze(),
-        (None, None) => Bytes::new(),
-    };
-    Ok(Hop {
-        status: parts.status,
-        version: parts.version,
-        headers,
-        body,
-        truncated,
-        sent_at,
-        first_byte_at,
-        done_at,
-        bytes_received,
-        bytes_sent,
-        opened,
-        connecting,
-    })
-}
-
 fn classify_h1(err: H1Error, url: &Url) -> HttpError {
     let (kind, text) = match err {
         H1Error::ClosedBeforeResponse(t) | H1Error::Io(t) => (HttpErrorKind::Io, t),
         H1Error::Protocol(t) => (HttpErrorKind::Protocol, t),
     };
     HttpError::new(kind, format!("{url}: {text}"))
+}
+
+fn classify_h2(err: H2Error, url: &Url) -> HttpError {
+    let (kind, text) = match err {
+        H2Error::Unsent(t) | H2Error::Refused(t) | H2Error::GoneAway(t) | H2Error::Io(t) => {
+            (HttpErrorKind::Io, t)
+        }
+        H2Error::Protocol(t) => (HttpErrorKind::Protocol, t),
+    };
+    HttpError::new(kind, format!("{url}: {text}"))
+}
+
+/// The head of a request again, for a second attempt (the first one's was consumed).
+fn clone_head(req: &Request<()>) -> Request<()> {
+    let mut r = Request::new(());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.headers_mut() = req.headers().clone();
+    r
 }
 
 fn same_origin(a: &Url, b: &Url) -> bool {
@@ -842,14 +827,57 @@ fn merge_cookie_header(headers: &mut HeaderMap, jar_cookies: HeaderValue) {
     }
 }
 
-/// Approximate bytes of a request on the wire: request line, headers, blank line, body.
-fn request_size(req: &Request<Body>, body_len: usize) -> u64 {
-    let target = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
-    let mut n = req.method().as_str().len() + 1 + target + 11 + 2 + body_len;
-    for (name, value) in req.headers() {
+/// Approximate bytes of a request on the wire, as HTTP/1.1 would send it: request line,
+/// headers, blank line, body (comparable across versions; HPACK makes HTTP/2's smaller).
+fn request_size(method: &Method, url: &Url, headers: &HeaderMap, body_len: usize) -> u64 {
+    let target = url
+        .as_uri()
+        .path_and_query()
+        .map_or(1, |pq| pq.as_str().len());
+    let mut n = method.as_str().len() + 1 + target + 11 + 2 + body_len;
+    for (name, value) in headers {
         n += name.as_str().len() + 2 + value.len() + 2;
     }
     n as u64
+}
+
+/// A connection for a request: a new one of the VU's own, or, when the plan lets VUs share
+/// HTTP/2 connections, a share of one of this worker's (opened if none has room). True
+/// when a connection was opened for it.
+async fn open(
+    shared: &Shared,
+    url: &Url,
+    limit: usize,
+    connecting: &mut Duration,
+) -> Result<(Conn, bool), HttpError> {
+    if limit <= 1 || shared.settings.http_version == HttpVersionPref::Http1 {
+        return Ok((connect(shared, url, connecting).await?, true));
+    }
+    let share = shared.h2_pool.claim(
+        PoolKey {
+            thread: std::thread::current().id(),
+            https: url.scheme() == Scheme::Https,
+            host: url.host().to_ascii_lowercase().into(),
+            port: url.port(),
+        },
+        limit,
+    );
+    let joined = share.is_open();
+    // An HTTP/1.1 connection (ALPN said so) is this VU's own; it comes back as `Err(Ok)`.
+    let outcome = share
+        .open(async {
+            match connect(shared, url, connecting).await {
+                Ok(Conn::H2(c)) => Ok(c),
+                Ok(other) => Err(Ok(other)),
+                Err(e) => Err(Err(e)),
+            }
+        })
+        .await;
+    match outcome {
+        Ok(c) => Ok((Conn::H2(c), !joined)),
+        Err(Ok(own)) => Ok((own, true)),
+        Err(Err(e)) => Err(e),
+    }
 }
 
 /// Opens a connection, adding the time it took to `connecting`.
@@ -879,6 +907,64 @@ async fn connect(shared: &Shared, url: &Url, connecting: &mut Duration) -> Resul
 }
 
 async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
+    let stream = dial(shared, url).await?;
+    let pref = shared.settings.http_version;
+    match url.scheme() {
+        Scheme::Http => {
+            if pref == HttpVersionPref::Http2 {
+                handshake_h2(Io::Tcp(stream), url).await
+            } else {
+                Ok(Conn::H1(H1Conn::new(Io::Tcp(stream))))
+            }
+        }
+        Scheme::Https => {
+            let tls = tls_connect(&shared.tls, stream, url).await?;
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            if h2 {
+                handshake_h2(Io::Tls(Box::new(tls)), url).await
+            } else if pref == HttpVersionPref::Http2 {
+                Err(HttpError::new(
+                    HttpErrorKind::Tls,
+                    format!(
+                        "{url}: {}:{} did not agree to HTTP/2 (ALPN)",
+                        url.host(),
+                        url.port()
+                    ),
+                ))
+            } else {
+                Ok(Conn::H1(H1Conn::new(Io::Tls(Box::new(tls)))))
+            }
+        }
+    }
+}
+
+pub(super) async fn tls_connect(
+    connector: &TlsConnector,
+    stream: TcpStream,
+    url: &Url,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HttpError> {
+    let (host, port) = (url.host(), url.port());
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| {
+        HttpError::new(
+            HttpErrorKind::Tls,
+            format!("{url}: '{host}' is not a valid TLS server name"),
+        )
+    })?;
+    connector.connect(name, stream).await.map_err(|e| {
+        HttpError::new(
+            HttpErrorKind::Tls,
+            format!("{url}: TLS handshake with {host}:{port} failed: {e}"),
+        )
+        .with_diagnosis(format!(
+            "{host}:{port}: TLS handshake failed ({e}) — does it speak TLS here, \
+             with a certificate this machine trusts?"
+        ))
+    })
+}
+
+/// A TCP connection to the URL's host, to the first of its addresses that the node's
+/// allowlist allows and that answers.
+pub(super) async fn dial(shared: &Shared, url: &Url) -> Result<TcpStream, HttpError> {
     let host = url.host();
     let port = url.port();
     let addrs: Addrs = shared.dns.resolve(host).await.map_err(|e| {
@@ -932,85 +1018,12 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
     };
     // Requests are small and latency is the measurement: never wait for Nagle.
     let _ = stream.set_nodelay(true);
-    let pref = shared.settings.http_version;
-    match url.scheme() {
-        Scheme::Http => {
-            if pref == HttpVersionPref::Http2 {
-                handshake_h2(stream, url).await
-            } else {
-                Ok(Conn::H1(H1Conn::new(Io::Tcp(stream))))
-            }
-        }
-        Scheme::Https => {
-            let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| {
-                HttpError::new(
-                    HttpErrorKind::Tls,
-                    format!("{url}: '{host}' is not a valid TLS server name"),
-                )
-            })?;
-            let tls = shared.tls.connect(name, stream).await.map_err(|e| {
-                HttpError::new(
-                    HttpErrorKind::Tls,
-                    format!("{url}: TLS handshake with {host}:{port} failed: {e}"),
-                )
-                .with_diagnosis(format!(
-                    "{host}:{port}: TLS handshake failed ({e}) — does it speak TLS here, \
-                     with a certificate this machine trusts?"
-                ))
-            })?;
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            if h2 {
-                handshake_h2(tls, url).await
-            } else if pref == HttpVersionPref::Http2 {
-                Err(HttpError::new(
-                    HttpErrorKind::Tls,
-                    format!("{url}: {host}:{port} did not agree to HTTP/2 (ALPN)"),
-                ))
-            } else {
-                Ok(Conn::H1(H1Conn::new(Io::Tls(Box::new(tls)))))
-            }
-        }
-    }
+    Ok(stream)
 }
 
-async fn handshake_h2<T>(io: T, url: &Url) -> Result<Conn, HttpError>
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, Body>(TokioIo::new(io))
+async fn handshake_h2(io: Io, url: &Url) -> Result<Conn, HttpError> {
+    let conn = H2Conn::handshake(io)
         .await
-        .map_err(|e| classify_hyper(&e, url))?;
-    let driver = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(Conn::H2(H2Conn { sender, driver }))
-}
-
-fn classify_hyper(err: &hyper::Error, url: &Url) -> HttpError {
-    let kind = if err.is_timeout() {
-        HttpErrorKind::Timeout
-    } else if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
-        HttpErrorKind::Protocol
-    } else if err.is_incomplete_message()
-        || err.is_canceled()
-        || err.is_closed()
-        || has_source::<std::io::Error>(err)
-    {
-        HttpErrorKind::Io
-    } else {
-        HttpErrorKind::Protocol
-    };
-    HttpError::new(kind, format!("{url}: {}", root_cause_text(err)))
-}
-
-fn has_source<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if e.is::<E>() {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
+        .map_err(|e| classify_h2(e, url))?;
+    Ok(Conn::H2(conn))
 }

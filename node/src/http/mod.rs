@@ -1,4 +1,5 @@
-//! The HTTP client layer of the load engine: hyper 1.x connections owned per VU, with
+//! The HTTP client layer of the load engine: connections owned per VU (our own HTTP/1.1
+//! framing, HTTP/2 through the `h2` crate, both driven on the VU's task), with
 //! node-wide DNS cache, TLS config and target allowlist.
 //!
 //! Shape (thread-per-core, like wrk): the engine runs one current-thread tokio runtime per
@@ -15,8 +16,10 @@ mod client;
 mod cookies;
 mod dns;
 mod error;
+mod grpc;
 mod h1;
 mod headers;
+mod http2;
 mod tls;
 mod url;
 
@@ -26,5 +29,6 @@ pub use client::{
 };
 pub use cookies::{Cookie, CookieJar};
 pub use error::{HttpError, HttpErrorKind};
+pub use grpc::{GrpcClient, GrpcMethod, GrpcReply};
 pub use headers::ResponseHeaders;
 pub use url::{Scheme, Url};

@@ -20,6 +20,7 @@ use stampede_protocol::snapshot::{Layout, SeriesKey};
 use crate::http::Url;
 use crate::plan::data::{self, DataSet, FeedMode, OnExhausted};
 use crate::plan::jsonpath::JsonPath;
+use crate::plan::proto;
 use crate::plan::template::{JsonTemplate, Scope, Template};
 
 /// The whole plan, ready for VUs. Shared read-only (`Arc`) by every worker thread.
@@ -36,6 +37,9 @@ pub struct CompiledPlan {
     pub scenarios: Vec<CompiledScenario>,
     /// VU slots of all scenarios together: the global VU id space (data partitioning).
     pub total_vu_slots: u64,
+    /// Every .proto file the plan's gRPC steps read, imports included (a mesh run ships
+    /// them in its bundle).
+    pub proto_files: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -67,6 +71,8 @@ pub struct CompiledStep {
     pub check: CompiledCheck,
     pub extract: Vec<(usize, CompiledExtract)>,
     pub think: Think,
+    /// Set for a gRPC step: the method it calls (the rest is the HTTP/2 request above).
+    pub grpc: Option<crate::http::GrpcMethod>,
 }
 
 impl CompiledStep {
@@ -107,6 +113,8 @@ pub enum CompiledBody {
 #[derive(Debug, Default)]
 pub struct CompiledCheck {
     pub status: Vec<u16>,
+    /// Accepted gRPC statuses of a gRPC step (empty: OK); `status` then is unused.
+    pub grpc_status: Vec<u32>,
     pub body_contains: Option<String>,
     pub body_regex: Option<Regex>,
     pub headers: Vec<(HeaderName, String)>,
@@ -240,6 +248,23 @@ pub fn compile_from(plan: Plan, file: &str, files: DataFiles) -> Result<Compiled
         });
     }
 
+    let protos = if plan.proto_files.is_empty() {
+        None
+    } else {
+        Some(
+            proto::load(&plan.proto_files, files).map_err(|e| PlanError {
+                file: match (&e.file, files) {
+                    (Some(f), DataFiles::Dir(base)) => base.join(f).display().to_string(),
+                    (Some(f), DataFiles::Bundle(_)) => f.clone(),
+                    (None, _) => file.to_string(),
+                },
+                line: e.line,
+                field: Some("grpc.proto".into()),
+                message: e.message,
+            })?,
+        )
+    };
+
     let mut flows = Vec::new();
     for f in &plan.flows {
         let mut scope = Scope::new();
@@ -253,7 +278,7 @@ pub fn compile_from(plan: Plan, file: &str, files: DataFiles) -> Result<Compiled
         }
         let mut steps = Vec::new();
         for s in &f.steps {
-            steps.push(compile_step(&plan, s, &scope)?);
+            steps.push(compile_step(&plan, s, &scope, protos.as_ref())?);
         }
         let mut feeders_used = vec![false; feeders.len()];
         for st in &steps {
@@ -350,10 +375,16 @@ pub fn compile_from(plan: Plan, file: &str, files: DataFiles) -> Result<Compiled
         flows,
         scenarios,
         total_vu_slots,
+        proto_files: protos.map(|p| p.files).unwrap_or_default(),
     })
 }
 
-fn compile_step(plan: &Plan, s: &plan::Step, scope: &Scope) -> Result<CompiledStep, PlanError> {
+fn compile_step(
+    plan: &Plan,
+    s: &plan::Step,
+    scope: &Scope,
+    protos: Option<&proto::Protos>,
+) -> Result<CompiledStep, PlanError> {
     // Step errors found here carry the step's own location ("plan.toml:31: flows.x.steps[2]").
     let err = |field: &str, message: String| {
         let (file_line, path) = s.location.rsplit_once(": ").unwrap_or((&s.location, ""));
@@ -428,8 +459,26 @@ fn compile_step(plan: &Plan, s: &plan::Step, scope: &Scope) -> Result<CompiledSt
             CompiledBody::Form(out)
         }
     };
+    let grpc = match &s.grpc {
+        None => None,
+        Some(call) => {
+            let Some(protos) = protos else {
+                return Err(err(
+                    "grpc.method",
+                    "a gRPC step needs the plan's .proto files: add [grpc] proto = [\"FILE.proto\"]"
+                        .into(),
+                ));
+            };
+            let m = proto::method(&protos.pool, &call.method).map_err(|e| err("grpc.method", e))?;
+            if let Body::Json(j) = &s.request.body {
+                proto::check_message(&m.input(), j, "message").map_err(|e| err("grpc", e))?;
+            }
+            Some(crate::http::GrpcMethod::new(&m))
+        }
+    };
     let c = &s.check;
     let mut check = CompiledCheck {
+        grpc_status: c.grpc_status.clone(),
         status: c.status.clone(),
         body_contains: c.body_contains.clone(),
         body_regex: match &c.body_regex {
@@ -483,6 +532,7 @@ fn compile_step(plan: &Plan, s: &plan::Step, scope: &Scope) -> Result<CompiledSt
         check,
         extract,
         think: s.think,
+        grpc,
     })
 }
 

@@ -8,10 +8,13 @@
 //! two nodes) never use the same row. This module must not read plan TOML, schedule VUs or
 //! render templates; the caller maps plan keys to [`FeedMode`] / [`OnExhausted`].
 //!
-//! CSV: a header row names the columns; fields may be quoted (`"a, b"`, `""` for a quote,
-//! line breaks inside quotes); LF or CRLF line ends; a UTF-8 BOM is skipped; blank lines are
-//! skipped; header names are trimmed, values are kept as written; every row must have as
-//! many fields as the header. A `"` inside an unquoted field is kept as a literal character.
+//! CSV is read by the `csv` crate (RFC 4180: fields may be quoted, `"a, b"`, `""` for a
+//! quote, line breaks inside quotes; LF, CRLF or CR line ends); a UTF-8 BOM is skipped;
+//! blank lines are skipped; the first row is the header, its names trimmed, values kept as
+//! written; every row must have as many fields as the header. As in the crate (and
+//! Python's `csv`), a `"` inside an unquoted field is a literal character and text after
+//! a closing quote joins the field; a quote that is never closed is an error here, as it
+//! would swallow the rest of the file.
 //! JSON lines: one object per line; the first object's keys are the columns; a later line
 //! lacking a key gives an empty value and keys the first object lacks are ignored; strings
 //! are taken as is, `null` as empty, other values as compact JSON text.
@@ -235,160 +238,139 @@ pub fn parse(
 
 type Parsed = (Vec<String>, Vec<Box<[String]>>);
 
-/// One CSV record: its fields, the line it starts on, and whether it is a blank line.
-struct Record {
-    fields: Vec<String>,
-    line: usize,
-    blank: bool,
+/// True when `raw` (one record's bytes as written) ends inside a quoted field. The `csv`
+/// crate reads such a field to the end of the file without complaint, which would
+/// silently swallow every row after a missing `"`.
+fn ends_in_open_quote(raw: &[u8]) -> bool {
+    let raw = skip_line_ends(raw);
+    let mut quoted = false;
+    let mut field_start = true;
+    let mut i = 0;
+    while i < raw.len() {
+        let c = raw[i];
+        if quoted {
+            if c == b'"' {
+                if raw.get(i + 1) == Some(&b'"') {
+                    i += 1;
+                } else {
+                    quoted = false;
+                }
+            }
+        } else if field_start && c == b'"' {
+            quoted = true;
+        }
+        field_start = !quoted && c == b',';
+        i += 1;
+    }
+    quoted
 }
 
-fn csv_records(text: &str) -> Result<Vec<Record>, (usize, String)> {
-    let b = text.as_bytes();
-    let n = b.len();
-    let mut i = 0;
-    let mut line = 1;
-    let mut records = Vec::new();
-    let field_text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-    while i < n {
-        let start_line = line;
-        let mut fields = Vec::new();
-        let mut any_quoted = false;
-        loop {
-            let mut field = Vec::new();
-            if i < n && b[i] == b'"' {
-                any_quoted = true;
-                let open_line = line;
-                i += 1;
-                loop {
-                    if i >= n {
-                        return Err((
-                            open_line,
-                            "quoted field is never closed (a `\"` is missing)".to_string(),
-                        ));
-                    }
-                    match b[i] {
-                        b'"' if i + 1 < n && b[i + 1] == b'"' => {
-                            field.push(b'"');
-                            i += 2;
-                        }
-                        b'"' => {
-                            i += 1;
-                            break;
-                        }
-                        c => {
-                            if c == b'\n' {
-                                line += 1;
-                            }
-                            field.push(c);
-                            i += 1;
-                        }
-                    }
-                }
-                if i < n && !matches!(b[i], b',' | b'\n' | b'\r') {
-                    let ch = text[i..].chars().next().unwrap_or('?');
-                    return Err((
-                        line,
-                        format!(
-                            "unexpected `{ch}` after a closing quote (expected `,` or end of line)"
-                        ),
-                    ));
-                }
-                if i + 1 < n && b[i] == b'\r' && b[i + 1] != b'\n' {
-                    return Err((
-                        line,
-                        "unexpected carriage return after a closing quote".to_string(),
-                    ));
-                }
-            } else {
-                while i < n && b[i] != b',' && b[i] != b'\n' {
-                    if b[i] == b'\r' && i + 1 < n && b[i + 1] == b'\n' {
-                        break;
-                    }
-                    field.push(b[i]);
-                    i += 1;
-                }
-                // A lone CR at the very end of the file is a line end, not data.
-                if field.last() == Some(&b'\r') && i == n {
-                    field.pop();
-                }
-            }
-            fields.push(field_text(&field));
-            if i < n && b[i] == b',' {
-                i += 1;
-                continue;
-            }
-            if i < n && b[i] == b'\r' {
-                i += 1;
-            }
-            if i < n && b[i] == b'\n' {
-                i += 1;
-                line += 1;
-            }
-            break;
-        }
-        let blank = !any_quoted && fields.len() == 1 && fields[0].trim().is_empty();
-        if blank {
-            continue;
-        }
-        // The header and the row limit: stop before holding more than that.
-        if records.len() > MAX_DATA_ROWS {
-            return Err((start_line, format!("more than {MAX_DATA_ROWS} rows")));
-        }
-        records.push(Record {
-            fields,
-            line: start_line,
-            blank,
-        });
-    }
-    Ok(records)
+/// `raw` without the line ends before it: the crate may place a record's start on the `\n`
+/// of the CRLF before it.
+fn skip_line_ends(raw: &[u8]) -> &[u8] {
+    let n = raw
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    &raw[n..]
 }
 
 fn parse_csv(text: &str) -> Result<Parsed, (usize, String)> {
-    let mut records = csv_records(text)?.into_iter().filter(|r| !r.blank);
-    let Some(header) = records.next() else {
-        return Err((
-            1,
-            "the file is empty; a CSV feeder needs a header row".to_string(),
-        ));
-    };
-    if header.fields.len() > MAX_DATA_COLUMNS {
-        return Err((
-            header.line,
-            format!(
-                "the header has {} columns, limit {MAX_DATA_COLUMNS}",
-                header.fields.len()
-            ),
-        ));
-    }
-    let columns: Vec<String> = header.fields.iter().map(|c| c.trim().to_string()).collect();
-    for (i, c) in columns.iter().enumerate() {
-        if c.is_empty() {
-            return Err((header.line, format!("header column {} has no name", i + 1)));
-        }
-        if columns[..i].contains(c) {
-            return Err((header.line, format!("header names column `{c}` twice")));
-        }
-    }
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        // Rows of the wrong width get our own message naming both counts.
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let mut record = csv::StringRecord::new();
+    let mut header: Option<Vec<String>> = None;
     let mut rows = Vec::new();
-    for r in records {
-        if rows.len() == MAX_DATA_ROWS {
-            return Err((r.line, format!("more than {MAX_DATA_ROWS} rows")));
+    let mut last_start = 0;
+    // The crate's own line count misses line breaks inside quotes, so a line is counted
+    // from the record's byte offset, and only when an error needs it.
+    let line_at = |byte: usize| {
+        let start = text.len() - skip_line_ends(&text.as_bytes()[byte.min(text.len())..]).len();
+        // LF, CRLF and a lone CR each end a line.
+        let b = &text.as_bytes()[..start];
+        b.iter()
+            .enumerate()
+            .filter(|&(i, &c)| c == b'\n' || (c == b'\r' && b.get(i + 1) != Some(&b'\n')))
+            .count()
+            + 1
+    };
+    loop {
+        let at = reader.position().byte() as usize;
+        let more = reader.read_record(&mut record).map_err(|e| {
+            let at = e.position().map_or(at, |p| p.byte() as usize);
+            (line_at(at), e.to_string())
+        })?;
+        if !more {
+            break;
         }
-        if r.fields.len() != columns.len() {
+        let start = record.position().map_or(at, |p| p.byte() as usize);
+        last_start = start;
+        let line = || line_at(start);
+        let raw = skip_line_ends(&text.as_bytes()[start..]);
+        if record.len() == 1 && record[0].trim().is_empty() && !raw.starts_with(b"\"") {
+            continue;
+        }
+        let Some(columns) = &header else {
+            if record.len() > MAX_DATA_COLUMNS {
+                return Err((
+                    line(),
+                    format!(
+                        "the header has {} columns, limit {MAX_DATA_COLUMNS}",
+                        record.len()
+                    ),
+                ));
+            }
+            let columns: Vec<String> = record.iter().map(|c| c.trim().to_string()).collect();
+            for (i, c) in columns.iter().enumerate() {
+                if c.is_empty() {
+                    return Err((line(), format!("header column {} has no name", i + 1)));
+                }
+                if columns[..i].contains(c) {
+                    return Err((line(), format!("header names column `{c}` twice")));
+                }
+            }
+            header = Some(columns);
+            continue;
+        };
+        if rows.len() == MAX_DATA_ROWS {
+            return Err((line(), format!("more than {MAX_DATA_ROWS} rows")));
+        }
+        if record.len() != columns.len() {
+            if ends_in_open_quote(raw) {
+                return Err((
+                    line(),
+                    "quoted field is never closed (a `\"` is missing)".to_string(),
+                ));
+            }
             return Err((
-                r.line,
+                line(),
                 format!(
                     "row has {} field{} but the header has {} column{}",
-                    r.fields.len(),
-                    if r.fields.len() == 1 { "" } else { "s" },
+                    record.len(),
+                    if record.len() == 1 { "" } else { "s" },
                     columns.len(),
                     if columns.len() == 1 { "" } else { "s" },
                 ),
             ));
         }
-        rows.push(r.fields.into_boxed_slice());
+        rows.push(record.iter().map(str::to_string).collect());
     }
-    Ok((columns, rows))
+    if ends_in_open_quote(&text.as_bytes()[last_start..]) {
+        return Err((
+            line_at(last_start),
+            "quoted field is never closed (a `\"` is missing)".to_string(),
+        ));
+    }
+    match header {
+        Some(columns) => Ok((columns, rows)),
+        None => Err((
+            1,
+            "the file is empty; a CSV feeder needs a header row".to_string(),
+        )),
+    }
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -749,6 +731,24 @@ mod tests {
     }
 
     #[test]
+    fn csv_crate_rules_for_odd_input() {
+        // CR alone ends a line too (old Mac files), also in error positions.
+        let d = csv("a,b\r1,2\r3,4").unwrap();
+        assert_eq!(rows(&d), vec![vec!["1", "2"], vec!["3", "4"]]);
+        assert_eq!(
+            csv("a,b\r1,2\r\n3\r").unwrap_err().to_string(),
+            "data.accounts: accounts.csv line 3: row has 1 field but the header has 2 columns"
+        );
+        // A quoted header behind a BOM, and a line of spaces, which is blank.
+        let d = csv("\u{feff}\"user id\",pw\n   \n\"u,1\",\"p\"\"1\"\n").unwrap();
+        assert_eq!(d.columns, vec!["user id", "pw"]);
+        assert_eq!(rows(&d), vec![vec!["u,1", "p\"1"]]);
+        // Text after a closing quote joins the field, as in Python's csv.
+        let d = csv("a,b\n\"x\"y,2\n").unwrap();
+        assert_eq!(rows(&d), vec![vec!["xy", "2"]]);
+    }
+
+    #[test]
     fn csv_errors_name_file_and_line() {
         let e = |t: &str| csv(t).unwrap_err().to_string();
         assert_eq!(
@@ -764,8 +764,13 @@ mod tests {
             "data.accounts: accounts.csv line 3: quoted field is never closed (a `\"` is missing)"
         );
         assert_eq!(
-            e("a,b\n\"x\"y,2\n"),
-            "data.accounts: accounts.csv line 2: unexpected `y` after a closing quote (expected `,` or end of line)"
+            e("a,b\r\n\"x\r\ny\",2\r\n3,4\r\n5\r\n"),
+            "data.accounts: accounts.csv line 5: row has 1 field but the header has 2 columns",
+            "lines count from the file's start across CRLF and quoted line breaks"
+        );
+        assert_eq!(
+            e("a,b\n1,2\n3,\"open\n4,5\n"),
+            "data.accounts: accounts.csv line 3: quoted field is never closed (a `\"` is missing)"
         );
         assert_eq!(
             e("a,a\n1,2\n"),

@@ -1,29 +1,35 @@
-//! A small JSON path subset for checks and extraction, compiled once at plan load.
+//! JSON paths for checks and extraction, compiled once at plan load.
 //!
-//! Supported: `$` (the whole document), `.key`, `['key']` / `["key"]` (any key, with `\'`,
-//! `\"` and `\\` escapes), `[N]` and `[-N]` (array index, negative from the end), and a final
-//! `.length()` (length of an array, object or string, in characters). No wildcards, filters
-//! or recursive descent: a path names at most one value. This module must not know about
-//! HTTP or VUs; it only walks a parsed `serde_json::Value`.
+//! The language is RFC 9535 JSONPath (the `serde_json_path` crate: names, indices,
+//! slices, wildcards, unions, recursive descent `..`, filters `[?@.price < 10]` and the
+//! RFC's functions `length`, `count`, `match`, `search`, `value`). A query selects a
+//! list of values; checks and extraction use the first one, in document order.
+//! stampede's extra on top is a final `.length()`: the length of the first value (array,
+//! object or string in characters). This module must not know about HTTP or VUs; it only
+//! evaluates a compiled query against a parsed `serde_json::Value`.
 
 use std::borrow::Cow;
 use std::fmt;
 
 use serde_json::Value;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Key(String),
-    Index(i64),
-}
+const LENGTH_SUFFIX: &str = ".length()";
 
 /// A compiled JSON path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct JsonPath {
     src: String,
-    segments: Vec<Segment>,
+    query: serde_json_path::JsonPath,
     length: bool,
 }
+
+impl PartialEq for JsonPath {
+    fn eq(&self, other: &Self) -> bool {
+        self.src == other.src
+    }
+}
+
+impl Eq for JsonPath {}
 
 impl fmt::Display for JsonPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -31,103 +37,18 @@ impl fmt::Display for JsonPath {
     }
 }
 
-fn fail(src: &str, pos: usize, what: &str) -> String {
-    let column = src[..pos].chars().count() + 1;
-    format!("invalid JSON path `{src}`: {what} at column {column}")
-}
-
 impl JsonPath {
     /// Parses `src`; the error is one sentence naming the path, what is wrong and where.
     pub fn compile(src: &str) -> Result<JsonPath, String> {
-        let mut chars = src.char_indices().peekable();
-        match chars.next() {
-            Some((_, '$')) => {}
-            _ => return Err(fail(src, 0, "a path starts with `$`")),
-        }
-        let mut segments = Vec::new();
-        let mut length = false;
-        while let Some((at, c)) = chars.next() {
-            if length {
-                return Err(fail(src, at, "`.length()` must come last"));
-            }
-            match c {
-                '.' => {
-                    let start = at + 1;
-                    let mut end = start;
-                    while let Some(&(i, ch)) = chars.peek() {
-                        if ch == '.' || ch == '[' {
-                            break;
-                        }
-                        end = i + ch.len_utf8();
-                        chars.next();
-                    }
-                    let key = &src[start..end];
-                    if key.is_empty() {
-                        return Err(fail(src, start, "expected a key after `.`"));
-                    }
-                    if key == "length()" {
-                        length = true;
-                    } else {
-                        segments.push(Segment::Key(key.to_string()));
-                    }
-                }
-                '[' => match chars.peek().map(|&(_, ch)| ch) {
-                    Some(q @ ('\'' | '"')) => {
-                        chars.next();
-                        let mut key = String::new();
-                        let mut closed = false;
-                        while let Some((_, ch)) = chars.next() {
-                            match ch {
-                                '\\' => match chars.next() {
-                                    Some((_, e)) => key.push(e),
-                                    None => break,
-                                },
-                                ch if ch == q => {
-                                    closed = true;
-                                    break;
-                                }
-                                ch => key.push(ch),
-                            }
-                        }
-                        if !closed {
-                            return Err(fail(src, at, "unterminated quoted key"));
-                        }
-                        match chars.next() {
-                            Some((_, ']')) => {}
-                            Some((i, _)) => return Err(fail(src, i, "expected `]`")),
-                            None => return Err(fail(src, src.len(), "expected `]`")),
-                        }
-                        segments.push(Segment::Key(key));
-                    }
-                    _ => {
-                        let start = at + 1;
-                        let mut end = None;
-                        for (i, ch) in chars.by_ref() {
-                            if ch == ']' {
-                                end = Some(i);
-                                break;
-                            }
-                        }
-                        let Some(end) = end else {
-                            return Err(fail(src, at, "unclosed `[`"));
-                        };
-                        let text = src[start..end].trim();
-                        let index: i64 = text.parse().map_err(|_| {
-                            fail(
-                                src,
-                                start,
-                                &format!("`{text}` is not an array index (use ['key'] for keys)"),
-                            )
-                        })?;
-                        segments.push(Segment::Index(index));
-                    }
-                },
-                _ => return Err(fail(src, at, &format!("unexpected `{c}`"))),
-            }
-        }
+        let (query_src, length) = match src.strip_suffix(LENGTH_SUFFIX) {
+            Some(q) => (q, true),
+            None => (src, false),
+        };
+        let query = serde_json_path::JsonPath::parse(query_src)
+            .map_err(|e| parse_error(src, query_src, e.position(), e.message()))?;
         Ok(JsonPath {
             src: src.to_string(),
-            segments,
+            query,
             length,
         })
     }
@@ -142,18 +63,18 @@ impl JsonPath {
         self.length
     }
 
-    /// The value the path names, or `None` if it does not exist. Always `None` for a
+    /// The first value the path selects, or `None` if it selects none. Always `None` for a
     /// `.length()` path: use [`JsonPath::eval`] where such paths may occur.
     pub fn find<'v>(&self, v: &'v Value) -> Option<&'v Value> {
         if self.length {
             return None;
         }
-        self.walk(v)
+        self.query.query(v).first()
     }
 
     /// Like [`JsonPath::find`], and also evaluates `.length()`.
     pub fn eval<'v>(&self, v: &'v Value) -> Option<Cow<'v, Value>> {
-        let target = self.walk(v)?;
+        let target = self.query.query(v).first()?;
         if !self.length {
             return Some(Cow::Borrowed(target));
         }
@@ -165,25 +86,47 @@ impl JsonPath {
         };
         Some(Cow::Owned(Value::from(n)))
     }
+}
 
-    fn walk<'v>(&self, mut v: &'v Value) -> Option<&'v Value> {
-        for seg in &self.segments {
-            v = match (seg, v) {
-                (Segment::Key(k), Value::Object(map)) => map.get(k)?,
-                (Segment::Index(i), Value::Array(items)) => {
-                    let idx = if *i < 0 {
-                        let back = usize::try_from(i.unsigned_abs()).ok()?;
-                        items.len().checked_sub(back)?
-                    } else {
-                        usize::try_from(*i).ok()?
-                    };
-                    items.get(idx)?
-                }
-                _ => return None,
-            };
+/// One sentence for a path the crate refused: its message (its catch-all "parser error"
+/// says where parsing stopped instead) and a hint for the mistakes people make.
+fn parse_error(src: &str, query_src: &str, position: usize, message: &str) -> String {
+    // The crate gives a 0-based byte offset of where it stopped.
+    let at = (0..=position.min(query_src.len()))
+        .rev()
+        .find(|&i| query_src.is_char_boundary(i))
+        .unwrap_or(0);
+    let column = query_src[..at].chars().count() + 1;
+    let before = &query_src[..at];
+    let what = if message == "parser error" {
+        match query_src[at..].chars().next() {
+            Some(c) => format!("unexpected `{c}`"),
+            None => "unexpected end".to_string(),
         }
-        Some(v)
-    }
+    } else {
+        message.to_string()
+    };
+    let in_dot_name = before.rfind('.').is_some_and(|dot| {
+        before[dot + 1..]
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_')
+    });
+    let bare_bracket = query_src.split('[').skip(1).any(|rest| {
+        rest.trim_start()
+            .starts_with(|c: char| c.is_alphabetic() || c == '_')
+    });
+    let hint = if src.contains(LENGTH_SUFFIX) {
+        " (`.length()` must come last)"
+    } else if !query_src.starts_with('$') {
+        " (a path starts with `$`)"
+    } else if bare_bracket {
+        " (a name in brackets is quoted: `['key']`)"
+    } else if in_dot_name && !query_src[at..].starts_with(['[', '.']) {
+        " (a `.name` is letters, digits and `_`; write other names as `['a-b']`)"
+    } else {
+        ""
+    };
+    format!("invalid JSON path `{src}`: {what} at column {column}{hint}")
 }
 
 /// The text an extraction stores: strings unquoted, everything else as compact JSON.
@@ -240,7 +183,6 @@ mod tests {
         assert_eq!(get("$.nope"), None);
         assert_eq!(get("$.items[3]"), None);
         assert_eq!(get("$.items[-4]"), None);
-        assert_eq!(get("$.items[-9223372036854775808]"), None);
         assert_eq!(get("$.token.x"), None);
         assert_eq!(get("$.items.id"), None);
         assert_eq!(get("$.a[0]"), None);
@@ -261,39 +203,69 @@ mod tests {
     }
 
     #[test]
+    fn rfc9535_selectors_and_filters() {
+        let v = json!({
+            "products": [
+                {"id": 1, "name": "mug", "price": 8, "stock": 0},
+                {"id": 2, "name": "tea", "price": 12, "stock": 5},
+                {"id": 3, "name": "pot", "price": 30, "stock": 2, "tags": ["new"]}
+            ],
+            "meta": {"next": {"cursor": "c2"}}
+        });
+        let first = |p: &str| JsonPath::compile(p).unwrap().eval(&v).map(Cow::into_owned);
+        assert_eq!(first("$.products[?@.stock > 0].id"), Some(json!(2)));
+        assert_eq!(
+            first("$.products[?@.price >= 30 && @.stock > 0].name"),
+            Some(json!("pot"))
+        );
+        assert_eq!(first("$.products[?@.tags].id"), Some(json!(3)));
+        assert_eq!(first("$.products[?@.name == 'tea'].price"), Some(json!(12)));
+        assert_eq!(
+            first("$.products[?match(@.name, 'p.t')].id"),
+            Some(json!(3))
+        );
+        assert_eq!(first("$.products[?@.price > 100].id"), None);
+        assert_eq!(first("$.products[*].id"), Some(json!(1)));
+        assert_eq!(first("$.products[1:].id"), Some(json!(2)));
+        assert_eq!(first("$.products[-1:].name"), Some(json!("pot")));
+        assert_eq!(first("$..cursor"), Some(json!("c2")));
+        assert_eq!(first("$.products[1,0].id"), Some(json!(2)));
+        // stampede's `.length()` is the length of the first value selected.
+        assert_eq!(first("$.products[?@.stock > 0].length()"), Some(json!(4)));
+        assert_eq!(first("$.products[0].name.length()"), Some(json!(3)));
+        assert_eq!(first("$.products.length()"), Some(json!(3)));
+    }
+
+    #[test]
     fn compile_errors() {
         let e = |p: &str| JsonPath::compile(p).unwrap_err();
         assert_eq!(
             e("token"),
-            "invalid JSON path `token`: a path starts with `$` at column 1"
+            "invalid JSON path `token`: unexpected `t` at column 1 (a path starts with `$`)"
         );
         assert_eq!(
             e(""),
-            "invalid JSON path ``: a path starts with `$` at column 1"
+            "invalid JSON path ``: unexpected end at column 1 (a path starts with `$`)"
         );
         assert_eq!(
             e("$."),
-            "invalid JSON path `$.`: expected a key after `.` at column 3"
-        );
-        assert_eq!(
-            e("$.a..b"),
-            "invalid JSON path `$.a..b`: expected a key after `.` at column 5"
+            "invalid JSON path `$.`: in dot member name, must start with lowercase alpha or '_' at column 3 (a `.name` is letters, digits and `_`; write other names as `['a-b']`)"
         );
         assert_eq!(
             e("$.a[0"),
-            "invalid JSON path `$.a[0`: unclosed `[` at column 4"
+            "invalid JSON path `$.a[0`: in long-hand segment, expected closing ']' at column 6"
         );
         assert_eq!(
             e("$.a[x]"),
-            "invalid JSON path `$.a[x]`: `x` is not an array index (use ['key'] for keys) at column 5"
+            "invalid JSON path `$.a[x]`: unexpected `[` at column 4 (a name in brackets is quoted: `['key']`)"
         );
         assert_eq!(
             e("$['a"),
-            "invalid JSON path `$['a`: unterminated quoted key at column 2"
+            "invalid JSON path `$['a`: in long-hand segment, expected an ending quote at column 5"
         );
         assert_eq!(
             e("$['a'x"),
-            "invalid JSON path `$['a'x`: expected `]` at column 6"
+            "invalid JSON path `$['a'x`: in long-hand segment, expected closing ']' at column 6"
         );
         assert_eq!(
             e("$x"),
@@ -301,7 +273,19 @@ mod tests {
         );
         assert_eq!(
             e("$.a.length().b"),
-            "invalid JSON path `$.a.length().b`: `.length()` must come last at column 13"
+            "invalid JSON path `$.a.length().b`: unexpected `(` at column 11 (`.length()` must come last)"
+        );
+        assert_eq!(
+            e("$.content-type"),
+            "invalid JSON path `$.content-type`: unexpected `-` at column 10 (a `.name` is letters, digits and `_`; write other names as `['a-b']`)"
+        );
+        assert_eq!(
+            e("$.items[-9223372036854775808]"),
+            "invalid JSON path `$.items[-9223372036854775808]`: unexpected `[` at column 8"
+        );
+        assert_eq!(
+            e("$.é[?@.id > ]"),
+            "invalid JSON path `$.é[?@.id > ]`: in long-hand segment, expected closing ']' at column 11"
         );
     }
 

@@ -8,4 +8,5 @@ pub mod compile;
 pub mod data;
 pub mod har;
 pub mod jsonpath;
+pub mod proto;
 pub mod template;

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
+use stampede_protocol::named::NamedMetrics;
 use stampede_protocol::snapshot::{ErrorClass, Hist, Layout, Metrics, ERROR_CLASSES};
 
 use crate::engine::WorkerReport;
@@ -131,6 +132,10 @@ pub struct TimelinePoint {
     pub schedule_lag_p99_us: u64,
     /// Nodes that reported this second (the most in any second of a wider bucket).
     pub nodes: usize,
+    /// Named metrics (WebSocket, gRPC, ...) of the bucket, only those recorded: a
+    /// counter's count as `NAME`, a duration's p99 as `NAME_p99_us`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub named: BTreeMap<String, u64>,
 }
 
 fn one() -> u64 {
@@ -336,6 +341,10 @@ struct Acc {
     /// empty histogram still costs its counts array to create and to add.
     latency: Option<Hist>,
     lag: Option<Hist>,
+    /// `latency` and `lag` encoded, while the Acc is an open bucket of a coarse tier
+    /// (see [`PACK_FROM_WIDTH`]); both are `None` then.
+    packed: Option<Box<Packed>>,
+    named: NamedMetrics,
     /// Within a second: the sum over nodes; within a bucket: the highest second.
     vus: u64,
     nodes: usize,
@@ -356,6 +365,7 @@ impl Acc {
             for (i, n) in s.errors.iter().enumerate() {
                 a.errors_by_class[i] += n;
             }
+            a.named.add(&s.named);
         }
         for s in &m.scenarios {
             a.iterations += s.iterations;
@@ -381,6 +391,7 @@ impl Acc {
         if let Some(h) = &o.lag {
             merge_into(&mut self.lag, h);
         }
+        self.named.add(&o.named);
     }
 
     fn point(&self, t: u64, width: u64) -> TimelinePoint {
@@ -412,11 +423,94 @@ impl Acc {
         if let Some(h) = self.lag.as_ref().filter(|h| !h.is_empty()) {
             p.schedule_lag_p99_us = h.0.value_at_quantile(0.99);
         }
+        for (n, c) in self.named.counters() {
+            p.named.insert(n.name().to_string(), c);
+        }
+        for (n, h) in self.named.hists() {
+            p.named
+                .insert(format!("{}_p99_us", n.name()), h.0.value_at_quantile(0.99));
+        }
         p
     }
 
     fn hists(&self) -> usize {
         self.latency.is_some() as usize + self.lag.is_some() as usize
+    }
+
+    /// Bytes its histograms take: 8 per count slot in memory, or their encoding.
+    #[cfg(test)]
+    fn hist_bytes(&self) -> usize {
+        let live = |h: &Option<Hist>| h.as_ref().map_or(0, |h| h.0.distinct_values() * 8);
+        live(&self.latency)
+            + live(&self.lag)
+            + self
+                .packed
+                .as_ref()
+                .map_or(0, |p| p.latency.len() + p.lag.len())
+    }
+
+    /// Encodes the histograms (they then take bytes per recorded value, not a slot per
+    /// value up to the highest). Left as they are if encoding fails.
+    fn pack(&mut self) {
+        if self.packed.is_some() {
+            return;
+        }
+        let (Some(latency), Some(lag)) = (pack_hist(&self.latency), pack_hist(&self.lag)) else {
+            return;
+        };
+        self.latency = None;
+        self.lag = None;
+        self.packed = Some(Box::new(Packed { latency, lag }));
+    }
+
+    /// Decodes what [`Acc::pack`] encoded.
+    fn unpack(&mut self) {
+        if let Some(p) = self.packed.take() {
+            self.latency = unpack_hist(&p.latency);
+            self.lag = unpack_hist(&p.lag);
+        }
+    }
+}
+
+/// Open buckets at least this wide keep their histograms encoded between additions:
+/// they get one every 10 s or less often, and they live long enough to meet a soak's
+/// worst latencies (a 1-hour bucket holds every outlier of its hour, 8 KB more per
+/// doubling of the worst one while in memory).
+const PACK_FROM_WIDTH: u64 = 60;
+
+#[derive(Debug, Clone)]
+struct Packed {
+    latency: Vec<u8>,
+    lag: Vec<u8>,
+}
+
+/// A histogram in HdrHistogram's V2 encoding (empty for none); `None` if that fails.
+fn pack_hist(h: &Option<Hist>) -> Option<Vec<u8>> {
+    use hdrhistogram::serialization::Serializer as _;
+    let mut out = Vec::new();
+    if let Some(h) = h {
+        hdrhistogram::serialization::V2Serializer::new()
+            .serialize(&h.0, &mut out)
+            .ok()?;
+    }
+    Some(out)
+}
+
+fn unpack_hist(bytes: &[u8]) -> Option<Hist> {
+    if bytes.is_empty() {
+        return None;
+    }
+    match hdrhistogram::serialization::Deserializer::new().deserialize::<u64, _>(&mut &bytes[..]) {
+        Ok(mut h) => {
+            h.auto(true);
+            Some(Hist(h))
+        }
+        Err(e) => {
+            // Our own encoding of a moment ago: only a bug gets here; the bucket then
+            // keeps its counts but loses its percentiles.
+            tracing::warn!(error = ?e, "timeline bucket histogram unreadable");
+            None
+        }
     }
 }
 
@@ -506,8 +600,12 @@ impl Timeline {
         for tier in &mut self.tiers {
             let start = second - second % tier.width;
             if let Some(open) = tier.open.get_mut(&start) {
+                open.unpack();
                 open.add(a);
                 open.nodes = open.nodes.max(1);
+                if tier.width >= PACK_FROM_WIDTH {
+                    open.pack();
+                }
                 return;
             }
             match tier.closed.binary_search_by_key(&start, |p| p.t) {
@@ -550,15 +648,23 @@ impl Timeline {
         for tier in &mut self.tiers {
             for (s, a) in carried.drain(..) {
                 let start = s - s % tier.width;
+                let packs = tier.width >= PACK_FROM_WIDTH;
                 match tier.open.entry(start) {
                     std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert(a);
+                        let open = v.insert(a);
+                        if packs {
+                            open.pack();
+                        }
                     }
                     std::collections::btree_map::Entry::Occupied(mut o) => {
                         let open = o.get_mut();
+                        open.unpack();
                         open.add(&a);
                         open.vus = open.vus.max(a.vus);
                         open.nodes = open.nodes.max(a.nodes);
+                        if packs {
+                            open.pack();
+                        }
                     }
                 }
             }
@@ -566,7 +672,8 @@ impl Timeline {
                 if s.saturating_add(tier.width) > end {
                     break;
                 }
-                let acc = tier.open.remove(&s).expect("key just seen");
+                let mut acc = tier.open.remove(&s).expect("key just seen");
+                acc.unpack();
                 let p = acc.point(s, tier.width);
                 match tier.closed.binary_search_by_key(&s, |x| x.t) {
                     Ok(i) => tier.closed[i] = p,
@@ -676,7 +783,13 @@ impl Tier {
             .cloned()
             .collect();
         for (&s, a) in self.open.range(lo..hi) {
-            let p = a.point(s, self.width);
+            let p = if a.packed.is_some() {
+                let mut a = a.clone();
+                a.unpack();
+                a.point(s, self.width)
+            } else {
+                a.point(s, self.width)
+            };
             let i = out.partition_point(|x| x.t < s);
             out.insert(i, p);
         }
@@ -920,6 +1033,53 @@ mod tests {
             "{}",
             retained_bound(259_200)
         );
+    }
+
+    /// A soak meets a new worst latency now and then: the coarse buckets a timeline
+    /// holds open (a 1-hour bucket holds every outlier of its hour) must not grow by a
+    /// slot range with each, and their percentiles must stay exact.
+    #[test]
+    fn open_buckets_do_not_grow_with_the_worst_latency() {
+        let mut tl = Timeline::new();
+        let mut merged_hour = Hist::default();
+        let mut held = Vec::new();
+        // Two hours; in the middle of every 10 minutes a new worst latency and lag,
+        // 4 ms up to ~17 min.
+        for t in 0..7_200u64 {
+            let mut m = second_of(t, 1).metrics;
+            if t % 600 == 300 {
+                let worst = 1_000u64 << (2 + t / 600);
+                m.series[0].latency.record(worst);
+                m.scenarios[0].schedule_lag.record(worst);
+            }
+            if t >= 3_600 {
+                merged_hour.add(&m.series[0].latency);
+            }
+            tl.add(t, &m, 1);
+            if t % 600 == 330 {
+                let coarse: usize = (tl.tiers.iter())
+                    .filter(|tier| tier.width >= 60)
+                    .flat_map(|tier| tier.open.values())
+                    .map(Acc::hist_bytes)
+                    .sum();
+                held.push(coarse);
+            }
+        }
+        let grew = held.iter().max().unwrap() - held[0];
+        // In memory, the open 1-minute, 10-minute and 1-hour buckets took 8 KB more per
+        // doubling of the worst latency and as much per doubling of the worst lag.
+        assert!(
+            grew < 8 * 1024,
+            "open coarse buckets grew {grew} bytes: {held:?}"
+        );
+        tl.finish();
+        let hour = tl
+            .points(tl.end(), &[(3_600, u64::MAX)])
+            .into_iter()
+            .find(|p| p.t == 3_600)
+            .expect("the second hour's bucket");
+        assert_eq!(hour.p99_us, merged_hour.0.value_at_quantile(0.99));
+        assert_eq!(hour.max_us, merged_hour.0.max());
     }
 
     /// A second that arrives after its bucket closed still counts exactly.

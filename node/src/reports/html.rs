@@ -46,17 +46,26 @@ pub fn escape(s: &str) -> String {
 }
 
 pub fn render(s: &Summary) -> String {
+    render_with_baseline(s, None)
+}
+
+/// The report with a baseline run (its summary as [`script_json`] text) embedded for the
+/// script to draw beside this run.
+pub fn render_with_baseline(s: &Summary, baseline: Option<&str>) -> String {
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>stampede · {plan} · {id}</title><style>{css}</style></head>\n<body>\
          <div id=\"app\"><noscript>This report draws its charts with JavaScript; the raw summary is below.</noscript></div>\n\
-         <script type=\"application/json\" id=\"summary\">{json}</script>\n\
+         <script type=\"application/json\" id=\"summary\">{json}</script>\n{baseline}\
          <script>{charts}</script>\n<script>{report}</script>\n</body></html>\n",
         plan = escape(&s.plan),
         id = escape(&s.run_id),
         css = COMMON_CSS,
         json = script_json(s),
+        baseline = baseline
+            .map(|b| format!("<script type=\"application/json\" id=\"baseline\">{b}</script>\n"))
+            .unwrap_or_default(),
         charts = CHARTS_JS,
         report = REPORT_JS,
     )

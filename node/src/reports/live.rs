@@ -6,6 +6,12 @@
 //! before them (buckets of whole minutes and hours merged by the aggregate, see
 //! [`crate::reports::aggregate::LIVE_HISTORY`]): what it holds does not grow with the run.
 //!
+//! The run's and each node's totals (for `/metrics` and the dashboard's stats) are
+//! kept encoded ([`PackedMetrics`]): a histogram in memory is as large as the highest
+//! value it ever held needs, so live copies of every node's totals grew by a step with
+//! each new worst latency of a soak (see docs/benchmarks.md, soak); encoded, they take
+//! a few KB whatever the outliers.
+//!
 //! The run coordinator writes it (once per snapshot: a second's worth of work, never
 //! per request); readers take a short read lock and copy what they need. It must not
 //! compute measurements itself.
@@ -54,12 +60,37 @@ pub struct LiveRun {
     pub events: Vec<Event>,
     /// Merged counters and histograms so far (for `/metrics`).
     #[serde(skip)]
-    pub totals: Option<Metrics>,
+    pub totals: Option<PackedMetrics>,
     #[serde(skip)]
     pub layout: Option<Layout>,
     /// Each node's totals so far, by node name (for per-node `/metrics` series).
     #[serde(skip)]
-    pub node_totals: BTreeMap<String, Metrics>,
+    pub node_totals: BTreeMap<String, PackedMetrics>,
+}
+
+/// Counters and histograms encoded as a snapshot carries them (CBOR, histograms in
+/// HdrHistogram's V2 form: run-length encoded, so their size follows the values
+/// recorded, not the highest one). Readers decode what they show.
+#[derive(Debug, Clone, Default)]
+pub struct PackedMetrics(Vec<u8>);
+
+impl PackedMetrics {
+    pub fn of(m: &Metrics) -> PackedMetrics {
+        PackedMetrics(m.encode())
+    }
+
+    /// The metrics again; `None` only if the bytes were not made by [`PackedMetrics::of`].
+    pub fn unpack(&self) -> Option<Metrics> {
+        Metrics::decode(&self.0).ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl LiveRun {
@@ -88,6 +119,16 @@ impl LiveRun {
 
     pub fn push_node_point(&mut self, node: &str, p: TimelinePoint) {
         push_bounded(self.per_node.entry(node.to_string()).or_default(), p);
+    }
+
+    /// Bytes the run's and its nodes' totals take here (what [`PackedMetrics`] bounds).
+    pub fn totals_bytes(&self) -> usize {
+        self.totals.as_ref().map_or(0, PackedMetrics::len)
+            + self
+                .node_totals
+                .values()
+                .map(PackedMetrics::len)
+                .sum::<usize>()
     }
 
     /// Replaces the coarse history of the run and of its nodes (by node name), as
@@ -169,5 +210,105 @@ impl LiveRuns {
             Ok(r) => r.iter().cloned().collect(),
             Err(p) => p.into_inner().iter().cloned().collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stampede_protocol::snapshot::SeriesKey;
+
+    fn layout() -> Layout {
+        Layout {
+            scenarios: vec!["s".into()],
+            flows: vec!["f".into(), "g".into()],
+            flow_slots: vec![(0, 0), (0, 1)],
+            series: (0..2)
+                .map(|flow| SeriesKey {
+                    scenario: 0,
+                    flow,
+                    step: 0,
+                    step_name: "get".into(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Bytes the histograms of `m` take in memory (8 per count slot).
+    fn heap_of(m: &Metrics) -> usize {
+        let hists = m
+            .series
+            .iter()
+            .flat_map(|s| [&s.latency, &s.service])
+            .chain(
+                m.scenarios
+                    .iter()
+                    .flat_map(|s| [&s.schedule_lag, &s.iteration_duration]),
+            );
+        hists.map(|h| h.0.distinct_values() * 8).sum()
+    }
+
+    /// A soak's totals meet a new worst latency now and then (a busy machine): what the
+    /// live view keeps of three nodes' totals must not grow with each one, as a copy
+    /// of in-memory histograms does (a slot per value up to the highest), and must read
+    /// back exactly.
+    #[test]
+    fn live_totals_stay_small_whatever_the_worst_latency() {
+        let layout = layout();
+        let mut run = LiveRun::new("r", "p");
+        let mut merged = Metrics::new(&layout);
+        let mut nodes: Vec<Metrics> = (0..3).map(|_| Metrics::new(&layout)).collect();
+        // (live view bytes, in-memory histogram bytes) after each new worst latency.
+        let mut steps = Vec::new();
+        // Ten minutes of seconds; every 100 s a new worst latency, 1 ms up to 100 s.
+        for t in 0..600u64 {
+            for (i, node) in nodes.iter_mut().enumerate() {
+                let mut s = Metrics::new(&layout);
+                for k in 0..100u64 {
+                    let flow = (k % 2) as usize;
+                    s.series[flow].latency.record(200 + (k * 13) % 900);
+                    s.series[flow].service.record(150 + k);
+                    s.series[flow].requests += 1;
+                    s.scenarios[0].schedule_lag.record(20 + k);
+                    s.scenarios[0].iteration_duration.record(300 + k);
+                }
+                if t % 100 == 0 {
+                    let worst = 1_000 * 10u64.pow((t / 100) as u32);
+                    s.series[i % 2].latency.record(worst);
+                    s.scenarios[0].schedule_lag.record(worst);
+                }
+                node.merge(&s).unwrap();
+                merged.merge(&s).unwrap();
+                run.node_totals
+                    .insert(format!("n{i}"), PackedMetrics::of(node));
+                run.totals = Some(PackedMetrics::of(&merged));
+            }
+            if t % 100 == 0 {
+                let in_memory = heap_of(&merged) + nodes.iter().map(heap_of).sum::<usize>();
+                steps.push((run.totals_bytes(), in_memory));
+            }
+        }
+        // From the second step on, every ordinary value has been seen once.
+        let (first, last) = (steps[1], steps[steps.len() - 1]);
+        // In memory the four totals grew by ~220 KB per step (~950 KB over four); the
+        // live view's encoded copy by ~30 bytes per outlier.
+        assert!(last.1 - first.1 > 500_000, "{steps:?}");
+        assert!(
+            last.0 < 16 * 1024,
+            "live totals hold {} bytes: {steps:?}",
+            last.0
+        );
+        assert!(
+            last.0 - first.0 < 512,
+            "live totals grew with the outliers: {steps:?}"
+        );
+        assert_eq!(
+            run.totals.as_ref().and_then(PackedMetrics::unpack),
+            Some(merged)
+        );
+        assert_eq!(
+            run.node_totals.get("n2").and_then(PackedMetrics::unpack),
+            Some(nodes.pop().unwrap())
+        );
     }
 }

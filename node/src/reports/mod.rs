@@ -6,6 +6,7 @@
 
 pub mod abort;
 pub mod aggregate;
+pub mod compare;
 pub mod failing;
 pub mod html;
 pub mod live;

@@ -11,6 +11,8 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use stampede_protocol::named::{Kind, Named};
+
 use crate::reports::summary::Summary;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +27,8 @@ pub enum Format {
 pub struct Output {
     pub format: Format,
     pub path: PathBuf,
+    /// For html: a baseline run's summary, as script-safe JSON, drawn beside this run.
+    pub baseline: Option<std::sync::Arc<String>>,
 }
 
 /// Parses `json=FILE` and friends.
@@ -49,6 +53,7 @@ pub fn parse(spec: &str) -> Result<Output, String> {
     Ok(Output {
         format,
         path: PathBuf::from(path),
+        baseline: None,
     })
 }
 
@@ -57,7 +62,10 @@ pub fn write(out: &Output, s: &Summary) -> Result<(), String> {
         Format::Json => serde_json::to_string_pretty(s).map_err(|e| e.to_string())?,
         Format::Csv => csv(s),
         Format::Junit => junit(s),
-        Format::Html => crate::reports::html::render(s),
+        Format::Html => crate::reports::html::render_with_baseline(
+            s,
+            out.baseline.as_deref().map(String::as_str),
+        ),
     };
     write_file(&out.path, text.as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", out.path.display()))
@@ -120,11 +128,25 @@ fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// One row per timeline bucket; `width_s` (last, so older readers keep their columns)
 /// says how many seconds a row spans: `rps` is per second, the counts are the bucket's.
 pub fn csv(s: &Summary) -> String {
+    // Named metrics (WebSocket, gRPC, ...) come after `width_s`, one fixed column each:
+    // a counter's count, a duration's p99 in µs; 0 where a second recorded none.
+    let named: Vec<String> = Named::ALL
+        .iter()
+        .map(|n| match n.kind() {
+            Kind::Counter => n.name().to_string(),
+            Kind::Duration => format!("{}_p99_us", n.name()),
+        })
+        .collect();
     let mut o = String::from(
-        "t,requests,rps,p50_us,p90_us,p99_us,max_us,errors,iterations,dropped_iterations,bytes_received,vus,schedule_lag_p99_us,nodes,width_s\n",
+        "t,requests,rps,p50_us,p90_us,p99_us,max_us,errors,iterations,dropped_iterations,bytes_received,vus,schedule_lag_p99_us,nodes,width_s",
     );
+    for c in &named {
+        o.push(',');
+        o.push_str(c);
+    }
+    o.push('\n');
     for p in &s.timeline {
-        let _ = writeln!(
+        let _ = write!(
             o,
             "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             p.t,
@@ -143,6 +165,10 @@ pub fn csv(s: &Summary) -> String {
             p.nodes,
             p.width_s
         );
+        for c in &named {
+            let _ = write!(o, ",{}", p.named.get(c).copied().unwrap_or(0));
+        }
+        o.push('\n');
     }
     o
 }
@@ -201,7 +227,8 @@ mod tests {
             parse("json=a.json").unwrap(),
             Output {
                 format: Format::Json,
-                path: "a.json".into()
+                path: "a.json".into(),
+                baseline: None,
             }
         );
         assert!(parse("xml=a")

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use stampede_protocol::named::{Kind, Named};
 use stampede_protocol::snapshot::{ErrorClass, Hist, Layout, Metrics};
 
 use crate::reports::live::LiveRun;
@@ -177,12 +178,17 @@ pub fn run_text(run: &LiveRun, out: &mut String) {
         "p99 of how late iterations started in the node's latest reported second.",
     );
 
+    // Named metrics (WebSocket, gRPC, ...): one family each, only those recorded.
+    let mut named: BTreeMap<Named, Vec<String>> = BTreeMap::new();
+
     let member_labels: BTreeMap<&str, &BTreeMap<String, String>> = run
         .members
         .iter()
         .map(|m| (m.name.as_str(), &m.labels))
         .collect();
-    for (node, m) in &run.node_totals {
+    for (node, packed) in &run.node_totals {
+        let Some(m) = packed.unpack() else { continue };
+        let m = &m;
         let node_labels: Vec<(String, String)> = member_labels
             .get(node.as_str())
             .map(|l| l.iter().map(|(k, v)| (label_name(k), v.clone())).collect())
@@ -204,6 +210,7 @@ pub fn run_text(run: &LiveRun, out: &mut String) {
                 &mut dur,
             ],
         );
+        named_lines(layout, m, &base, &mut named);
         for (si, sc) in m.scenarios.iter().enumerate() {
             let sname = layout.scenarios.get(si).map(String::as_str).unwrap_or("");
             let mut l = base.clone();
@@ -233,6 +240,56 @@ pub fn run_text(run: &LiveRun, out: &mut String) {
         for l in f.lines {
             out.push_str(&l);
             out.push('\n');
+        }
+    }
+    for (n, lines) in named {
+        let (name, kind) = named_family(n);
+        let _ = writeln!(out, "# HELP {name} {}", n.help());
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for l in lines {
+            out.push_str(&l);
+            out.push('\n');
+        }
+    }
+}
+
+/// The family of a named metric: `stampede_ws_msg_rtt_seconds` (histogram),
+/// `stampede_ws_msgs_sent_total` (counter).
+pub fn named_family(n: Named) -> (String, &'static str) {
+    match n.kind() {
+        Kind::Duration => (format!("stampede_{}_seconds", n.name()), "histogram"),
+        Kind::Counter => (format!("stampede_{}_total", n.name()), "counter"),
+    }
+}
+
+fn named_lines(
+    layout: &Layout,
+    m: &Metrics,
+    base: &[(&str, &str)],
+    out: &mut BTreeMap<Named, Vec<String>>,
+) {
+    for (i, st) in m.series.iter().enumerate() {
+        let Some(k) = layout.series.get(i) else {
+            continue;
+        };
+        if st.named.is_empty() {
+            continue;
+        }
+        let mut l: Vec<(&str, &str)> = base.to_vec();
+        l.push((
+            "scenario",
+            layout.scenarios.get(k.scenario).map_or("", String::as_str),
+        ));
+        l.push(("flow", layout.flows.get(k.flow).map_or("", String::as_str)));
+        l.push(("step", &k.step_name));
+        let ls = labels(&l);
+        for (n, c) in st.named.counters() {
+            let (name, _) = named_family(n);
+            out.entry(n).or_default().push(format!("{name}{ls} {c}"));
+        }
+        for (n, h) in st.named.hists() {
+            let (name, _) = named_family(n);
+            hist_lines(&name, &l, h, out.entry(n).or_default());
         }
     }
 }
@@ -270,21 +327,25 @@ fn series_lines(layout: &Layout, m: &Metrics, base: &[(&str, &str)], fams: [&mut
                 .lines
                 .push(format!("{}{} {n}", checks.name, labels(&lc)));
         }
-        let (cum, count, sum) = buckets(&st.latency);
-        for (b, c) in BUCKETS_S.iter().zip(&cum) {
-            let le = num(*b);
-            let mut lb = l.clone();
-            lb.push(("le", &le));
-            dur.lines
-                .push(format!("{}_bucket{} {c}", dur.name, labels(&lb)));
-        }
-        let mut lb = l.clone();
-        lb.push(("le", "+Inf"));
-        dur.lines
-            .push(format!("{}_bucket{} {count}", dur.name, labels(&lb)));
-        dur.lines.push(format!("{}_sum{ls} {}", dur.name, num(sum)));
-        dur.lines.push(format!("{}_count{ls} {count}", dur.name));
+        hist_lines(dur.name, &l, &st.latency, &mut dur.lines);
     }
+}
+
+/// A histogram's `_bucket`, `_sum` and `_count` lines under labels `l`.
+fn hist_lines(name: &str, l: &[(&str, &str)], h: &Hist, lines: &mut Vec<String>) {
+    let (cum, count, sum) = buckets(h);
+    for (b, c) in BUCKETS_S.iter().zip(&cum) {
+        let le = num(*b);
+        let mut lb = l.to_vec();
+        lb.push(("le", &le));
+        lines.push(format!("{name}_bucket{} {c}", labels(&lb)));
+    }
+    let mut lb = l.to_vec();
+    lb.push(("le", "+Inf"));
+    lines.push(format!("{name}_bucket{} {count}", labels(&lb)));
+    let ls = labels(l);
+    lines.push(format!("{name}_sum{ls} {}", num(sum)));
+    lines.push(format!("{name}_count{ls} {count}"));
 }
 
 #[cfg(test)]
@@ -330,9 +391,12 @@ mod tests {
         m.series[0].failed = 1;
         m.series[0].errors[ErrorClass::Http5xx as usize] = 1;
         m.series[0].latency.record(2000);
+        m.series[0].named.record(Named::WsMsgRtt, 700);
+        m.series[0].named.count(Named::WsMsgsSent, 4);
         m.scenarios[0].iterations = 3;
-        run.node_totals.insert("a".into(), m.clone());
-        run.node_totals.insert("b".into(), m);
+        let packed = crate::reports::live::PackedMetrics::of(&m);
+        run.node_totals.insert("a".into(), packed.clone());
+        run.node_totals.insert("b".into(), packed);
         run.members.push(crate::reports::live::LiveMember {
             id: "x".into(),
             name: "a".into(),
@@ -348,5 +412,18 @@ mod tests {
         assert!(out.contains("class=\"http_5xx\"} 1\n"));
         assert!(out.contains("le=\"+Inf\"} 1\n"));
         assert!(out.contains("le=\"0.0025\"} 1\n"));
+        assert_eq!(
+            out.matches("# TYPE stampede_ws_msg_rtt_seconds histogram")
+                .count(),
+            1
+        );
+        assert_eq!(
+            out.matches("# TYPE stampede_ws_msgs_sent_total counter")
+                .count(),
+            1
+        );
+        assert!(out.contains("stampede_ws_msgs_sent_total{run=\"r1\",node=\"b\",scenario=\"s\",flow=\"f\",step=\"get \\\"x\\\"\"} 4\n"), "{out}");
+        assert!(out.contains("stampede_ws_msg_rtt_seconds_bucket{run=\"r1\",node=\"b\",scenario=\"s\",flow=\"f\",step=\"get \\\"x\\\"\",le=\"0.001\"} 1\n"), "{out}");
+        assert!(!out.contains("ws_connecting"));
     }
 }

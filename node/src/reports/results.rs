@@ -580,6 +580,7 @@ pub(crate) mod tests {
     /// A summary with `requests` in its totals and `padding` bytes of plan source.
     pub(crate) fn summary(run_id: &str, requests: u64, padding: usize) -> Summary {
         Summary {
+            schema_version: crate::reports::summary::SUMMARY_SCHEMA_VERSION,
             run_id: run_id.into(),
             plan: "shop".into(),
             started_at: "2026-12-05T19:00:00.000Z".into(),

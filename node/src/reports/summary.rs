@@ -7,14 +7,22 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use stampede_protocol::named::{Kind, Named};
 use stampede_protocol::plan::Plan;
 use stampede_protocol::snapshot::{ErrorClass, Hist, Layout, Metrics, SeriesStats};
 use stampede_protocol::threshold::{Aggregate, Metric, Threshold};
 
 use crate::reports::aggregate::{RunAggregate, TimelinePoint};
 
+/// The version of the summary's JSON shape, written as `schema_version`: raised when a
+/// field changes meaning or goes, not when one is added. Readers (`stampede compare`)
+/// refuse a newer one; a summary without it predates the field and is version 1.
+pub const SUMMARY_SCHEMA_VERSION: u32 = 1;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
+    #[serde(default = "schema_v1")]
+    pub schema_version: u32,
     pub run_id: String,
     pub plan: String,
     pub started_at: String,
@@ -48,6 +56,50 @@ pub struct Stats {
     pub service_time_us: Latency,
     pub errors: BTreeMap<String, u64>,
     pub checks: Checks,
+    /// Metrics of step kinds other than HTTP (`ws_msg_rtt`, ...), only those recorded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, NamedStat>,
+}
+
+/// One named metric in a summary: a duration's count and percentiles (µs), or a
+/// counter's count and rate per second.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum NamedStat {
+    Duration {
+        count: u64,
+        #[serde(flatten)]
+        latency_us: Latency,
+    },
+    Counter {
+        count: u64,
+        rate: f64,
+    },
+}
+
+/// The named metrics of a series as the summary shows them.
+pub fn named_stats(s: &SeriesStats, dur: f64) -> BTreeMap<String, NamedStat> {
+    let mut out = BTreeMap::new();
+    for (n, h) in s.named.hists() {
+        out.insert(
+            n.name().to_string(),
+            NamedStat::Duration {
+                count: h.len(),
+                latency_us: Latency::of(h),
+            },
+        );
+    }
+    for (n, c) in s.named.counters() {
+        out.insert(
+            n.name().to_string(),
+            NamedStat::Counter {
+                count: c,
+                rate: ((c as f64 / dur.max(1e-9)) * 10.0).round() / 10.0,
+            },
+        );
+    }
+    debug_assert!(out.keys().all(|k| Named::parse(k).is_some()));
+    out
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -347,6 +399,7 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
         .collect();
 
     Summary {
+        schema_version: SUMMARY_SCHEMA_VERSION,
         run_id: input.run_id.to_string(),
         plan: input.plan.name.clone(),
         started_at: iso8601(input.started_at_unix_ms),
@@ -364,6 +417,10 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
         start_skew_us: input.start_skew_us,
         plan_source: input.plan_source.to_string(),
     }
+}
+
+fn schema_v1() -> u32 {
+    1
 }
 
 fn stats(s: &SeriesStats, iterations: u64, dropped: u64, dur: f64) -> Stats {
@@ -389,6 +446,7 @@ fn stats(s: &SeriesStats, iterations: u64, dropped: u64, dur: f64) -> Stats {
             passed: s.checks_passed,
             failed: s.checks_failed,
         },
+        metrics: named_stats(s, dur),
     }
 }
 
@@ -488,6 +546,10 @@ pub fn evaluate(
         },
         Metric::Iterations => count_value(its),
         Metric::DroppedIterations => count_value(dropped),
+        Metric::Named(n) => match n.kind() {
+            Kind::Duration => s.named.hist(n).map_or(0.0, hist_value),
+            Kind::Counter => count_value(s.named.counter(n)),
+        },
     };
     ThresholdResult {
         metric: t.key.clone(),
@@ -540,6 +602,112 @@ pub fn thresholds_passed(s: &Summary) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reports::aggregate::NodeSecond;
+
+    #[test]
+    fn named_metrics_merge_across_nodes_into_every_output_and_thresholds() {
+        let text = r#"
+name = "p"
+[defaults]
+base_url = "http://127.0.0.1:1"
+[scenarios.s]
+executor = "constant-vus"
+vus = 1
+duration = "2s"
+flow = "f"
+[[flows.f.steps]]
+name = "a"
+request = { url = "/" }
+[thresholds]
+"ws_msg_rtt{step=a}" = ["p(99) < 5ms", "max < 1ms"]
+"ws_msgs_sent" = ["count == 30", "rate > 10"]
+"ws_connecting" = ["count == 0"]
+"#;
+        let p = crate::commands::compile_text("p.toml", text, &[], std::path::Path::new("."))
+            .expect("plan compiles");
+        let mut agg = RunAggregate::new(p.layout.clone());
+        for (node, t, rtt) in [("n1", 0, 1000), ("n2", 0, 3000), ("n1", 1, 2000)] {
+            let mut m = Metrics::new(&p.layout);
+            for _ in 0..10 {
+                m.series[0].named.record(Named::WsMsgRtt, rtt);
+            }
+            m.series[0].named.count(Named::WsMsgsSent, 10);
+            agg.add(
+                node,
+                &NodeSecond {
+                    second: t,
+                    metrics: m,
+                    vus: 1,
+                },
+            )
+            .unwrap();
+        }
+        agg.finish();
+        let s = build(
+            &agg,
+            SummaryInput {
+                run_id: "r",
+                plan: &p.plan,
+                started_at_unix_ms: 0,
+                duration_s: 2.0,
+                nodes: &[],
+                events: vec![],
+                start_skew_us: 0,
+                plan_source: text,
+            },
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        let rtt = &json["totals"]["metrics"]["ws_msg_rtt"];
+        assert_eq!(rtt["count"], 30, "{rtt}");
+        assert_eq!(rtt["p50"], 2000);
+        assert_eq!(rtt["max"], 3001);
+        assert_eq!(json["totals"]["metrics"]["ws_msgs_sent"]["count"], 30);
+        assert_eq!(json["totals"]["metrics"]["ws_msgs_sent"]["rate"], 15.0);
+        assert_eq!(
+            json["requests"]["a"]["metrics"]["ws_msgs_sent"]["count"],
+            30
+        );
+        assert_eq!(
+            json["nodes"][0]["stats"]["metrics"]["ws_msgs_sent"]["count"],
+            20
+        );
+        assert!(json["totals"]["metrics"].get("ws_connecting").is_none());
+        // The summary reads back (stored reports, `stampede report`).
+        let back: Summary = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, s);
+        let verdicts: Vec<(String, bool)> = s
+            .thresholds
+            .iter()
+            .map(|t| (format!("{} {}", t.metric, t.expr), t.passed))
+            .collect();
+        assert_eq!(
+            verdicts,
+            [
+                ("ws_connecting count == 0".to_string(), true),
+                ("ws_msg_rtt{step=a} p(99) < 5ms".to_string(), true),
+                ("ws_msg_rtt{step=a} max < 1ms".to_string(), false),
+                ("ws_msgs_sent count == 30".to_string(), true),
+                ("ws_msgs_sent rate > 10".to_string(), true),
+            ]
+        );
+        // Timeline, CSV and terminal carry them too.
+        assert_eq!(s.timeline[0].named["ws_msgs_sent"], 20);
+        assert_eq!(s.timeline[1].named["ws_msg_rtt_p99_us"], 2000);
+        let csv = crate::reports::outputs::csv(&s);
+        let mut lines = csv.lines();
+        let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+        let row0: Vec<&str> = lines.next().unwrap().split(',').collect();
+        let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+        assert_eq!(row0[col("ws_msgs_sent")], "20");
+        assert_eq!(row0[col("ws_msg_rtt_p99_us")], "3001");
+        assert_eq!(row0[col("ws_connecting_p99_us")], "0");
+        let table = crate::reports::terminal::summary_table(&s);
+        assert!(
+            table.contains("ws_msg_rtt: count 30, p50 2.00ms"),
+            "{table}"
+        );
+        assert!(table.contains("ws_msgs_sent: 30 (15.0/s)"), "{table}");
+    }
 
     #[test]
     fn iso_dates() {

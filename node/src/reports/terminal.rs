@@ -10,7 +10,9 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use crate::reports::aggregate::TimelinePoint;
-use crate::reports::summary::{Latency, Stats, Summary};
+use stampede_protocol::named::{Kind, Named};
+
+use crate::reports::summary::{Latency, NamedStat, Stats, Summary};
 
 /// Draws the live line: on a terminal it rewrites itself; elsewhere it prints a plain
 /// line every few seconds so CI logs show progress without flooding.
@@ -155,6 +157,7 @@ pub fn summary_table(s: &Summary) -> String {
         us(t.latency_us.p99),
         us(t.service_time_us.p99)
     );
+    named_rows(&mut out, &t.metrics);
     if s.nodes.len() > 1 {
         let _ = writeln!(
             out,
@@ -202,9 +205,7 @@ pub fn summary_table(s: &Summary) -> String {
                 if th.passed { "PASS" } else { "FAIL" },
                 th.metric,
                 th.expr,
-                if th.metric.starts_with("http_req_duration")
-                    || th.metric.starts_with("http_req_service_time")
-                {
+                if is_duration_key(&th.metric) {
                     us(th.value as u64)
                 } else {
                     format!("{}", th.value)
@@ -224,6 +225,36 @@ pub fn summary_table(s: &Summary) -> String {
         let _ = writeln!(out, "WARNING: generator saturated: {w}");
     }
     out
+}
+
+/// True when a threshold's key (`METRIC{tags}`) names a duration metric.
+fn is_duration_key(key: &str) -> bool {
+    let name = key.split('{').next().unwrap_or("").trim();
+    name == "http_req_duration"
+        || name == "http_req_service_time"
+        || Named::parse(name).is_some_and(|n| n.kind() == Kind::Duration)
+}
+
+/// The totals' named metrics (WebSocket, gRPC, ...): durations with percentiles,
+/// counters with count and rate.
+fn named_rows(out: &mut String, metrics: &std::collections::BTreeMap<String, NamedStat>) {
+    for (name, m) in metrics {
+        match m {
+            NamedStat::Duration { count, latency_us } => {
+                let _ = writeln!(
+                    out,
+                    "{name}: count {count}, p50 {}, p90 {}, p99 {}, max {}",
+                    us(latency_us.p50),
+                    us(latency_us.p90),
+                    us(latency_us.p99),
+                    us(latency_us.max)
+                );
+            }
+            NamedStat::Counter { count, rate } => {
+                let _ = writeln!(out, "{name}: {count} ({rate:.1}/s)");
+            }
+        }
+    }
 }
 
 /// The events a reader must see before the table: the run only failed, a target was

@@ -15,7 +15,7 @@ use stampede_protocol::snapshot::{ErrorClass, Metrics, SeriesStats};
 use crate::mesh::SharedView;
 use crate::reports::html::{escape, script_json, CHARTS_JS, COMMON_CSS};
 use crate::reports::live::{LiveRun, LiveRuns};
-use crate::reports::summary::{Checks, Latency, Stats, LAG_SATURATED_US};
+use crate::reports::summary::{named_stats, Checks, Latency, Stats, LAG_SATURATED_US};
 
 const DASHBOARD_JS: &str = include_str!("../../assets/dashboard.js");
 
@@ -49,6 +49,7 @@ pub fn stats_of(m: &Metrics, dur_s: f64) -> Stats {
             passed: s.checks_passed,
             failed: s.checks_failed,
         },
+        metrics: named_stats(&s, dur),
     }
 }
 
@@ -66,7 +67,11 @@ pub fn run_json(r: &LiveRun, now_ms: u64) -> Value {
     } else {
         wall.max(1.0)
     };
-    let totals = r.totals.as_ref().map(|m| stats_of(m, dur));
+    let totals = r
+        .totals
+        .as_ref()
+        .and_then(|p| p.unpack())
+        .map(|m| stats_of(&m, dur));
     let labels_of: BTreeMap<&str, &BTreeMap<String, String>> = r
         .members
         .iter()
@@ -74,7 +79,9 @@ pub fn run_json(r: &LiveRun, now_ms: u64) -> Value {
         .collect();
     let mut nodes = Vec::new();
     let mut by_label: BTreeMap<String, BTreeMap<String, Metrics>> = BTreeMap::new();
-    for (name, m) in &r.node_totals {
+    for (name, packed) in &r.node_totals {
+        let Some(m) = packed.unpack() else { continue };
+        let m = &m;
         let member = r.members.iter().find(|x| x.name == *name);
         let labels = labels_of.get(name.as_str()).cloned().cloned();
         for (k, v) in labels.iter().flatten() {
@@ -302,7 +309,8 @@ mod tests {
                 m.series[0].latency.record(lat);
             }
             m.series[0].requests = 10;
-            r.node_totals.insert(name.into(), m);
+            r.node_totals
+                .insert(name.into(), crate::reports::live::PackedMetrics::of(&m));
             r.members.push(crate::reports::live::LiveMember {
                 id: format!("id-{name}"),
                 name: name.into(),
