@@ -105,6 +105,8 @@ pub struct Shared {
     settings: ClientSettings,
     dns: Dns,
     tls: TlsConnector,
+    /// For upgrades from HTTP/1.1 (WebSocket): offers only `http/1.1`.
+    tls_h1: TlsConnector,
     user_agent: Option<HeaderValue>,
     diagnoses: std::sync::Mutex<Vec<Diagnosis>>,
 }
@@ -128,6 +130,10 @@ impl Shared {
             HttpVersionPref::Auto => &[b"h2", b"http/1.1"],
         };
         let tls = TlsConnector::from(Arc::new(client_config(settings.insecure_tls, alpn)?));
+        let tls_h1 = TlsConnector::from(Arc::new(client_config(
+            settings.insecure_tls,
+            &[b"http/1.1"],
+        )?));
         let user_agent = match &settings.user_agent {
             None => None,
             Some(ua) => Some(HeaderValue::from_str(ua).map_err(|_| {
@@ -141,6 +147,7 @@ impl Shared {
             dns: Dns::new(&settings.resolve, &settings.dns_servers),
             settings,
             tls,
+            tls_h1,
             user_agent,
             diagnoses: std::sync::Mutex::new(Vec::new()),
         }))
@@ -152,7 +159,7 @@ impl Shared {
         self.diagnoses.lock().map(|d| d.clone()).unwrap_or_default()
     }
 
-    fn note(&self, kind: HttpErrorKind, line: &str) {
+    pub(super) fn note(&self, kind: HttpErrorKind, line: &str) {
         let Ok(mut d) = self.diagnoses.lock() else {
             return;
         };
@@ -878,7 +885,9 @@ async fn connect(shared: &Shared, url: &Url, connecting: &mut Duration) -> Resul
     }
 }
 
-async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
+/// A TCP connection to `url`'s host and port: DNS through the node's cache, the
+/// allowlist checked for every address before anything is sent to it.
+pub(super) async fn dial(shared: &Shared, url: &Url) -> Result<TcpStream, HttpError> {
     let host = url.host();
     let port = url.port();
     let addrs: Addrs = shared.dns.resolve(host).await.map_err(|e| {
@@ -902,14 +911,18 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
             Err(e) => failed = Some((ip, e)),
         }
     }
-    let stream = match (stream, failed, refused) {
-        (Some(s), _, _) => s,
+    match (stream, failed, refused) {
+        (Some(s), _, _) => {
+            // Requests are small and latency is the measurement: never wait for Nagle.
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
         (None, Some((ip, e)), _) => {
             let why = match e.kind() {
                 std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
                 _ => e.to_string(),
             };
-            return Err(HttpError::new(
+            Err(HttpError::new(
                 HttpErrorKind::Connect,
                 if host.parse::<IpAddr>().is_ok() {
                     format!("{url}: cannot connect to {host}:{port}: {e}")
@@ -917,21 +930,66 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
                     format!("{url}: cannot connect to {host}:{port} ({ip}): {e}")
                 },
             )
-            .with_diagnosis(format!("{host}:{port}: {why} — is the service up?")));
+            .with_diagnosis(format!("{host}:{port}: {why} — is the service up?")))
         }
         (None, None, Some(refusal)) => {
             let line = refusal.message().to_string();
-            return Err(refusal.with_diagnosis(line));
+            Err(refusal.with_diagnosis(line))
         }
-        (None, None, None) => {
-            return Err(HttpError::new(
-                HttpErrorKind::Dns,
-                format!("{url}: '{host}' resolved to no address"),
-            ))
-        }
+        (None, None, None) => Err(HttpError::new(
+            HttpErrorKind::Dns,
+            format!("{url}: '{host}' resolved to no address"),
+        )),
+    }
+}
+
+/// TLS over `stream` to `url`'s host with `connector`, errors said the client's way.
+pub(super) async fn tls_handshake(
+    connector: &TlsConnector,
+    stream: TcpStream,
+    url: &Url,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HttpError> {
+    let (host, port) = (url.host(), url.port());
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| {
+        HttpError::new(
+            HttpErrorKind::Tls,
+            format!("{url}: '{host}' is not a valid TLS server name"),
+        )
+    })?;
+    connector.connect(name, stream).await.map_err(|e| {
+        HttpError::new(
+            HttpErrorKind::Tls,
+            format!("{url}: TLS handshake with {host}:{port} failed: {e}"),
+        )
+        .with_diagnosis(format!(
+            "{host}:{port}: TLS handshake failed ({e}) — does it speak TLS here, \
+             with a certificate this machine trusts?"
+        ))
+    })
+}
+
+/// A byte stream to `url` for a protocol that upgrades from HTTP/1.1 (WebSocket): TCP,
+/// and TLS offering only `http/1.1` for `https`, within the connect timeout.
+pub(super) async fn open_h1_io(shared: &Shared, url: &Url) -> Result<Io, HttpError> {
+    let limit = shared.settings.connect_timeout;
+    let open = async {
+        let stream = dial(shared, url).await?;
+        Ok(match url.scheme() {
+            Scheme::Http => Io::Tcp(stream),
+            Scheme::Https => Io::Tls(Box::new(tls_handshake(&shared.tls_h1, stream, url).await?)),
+        })
     };
-    // Requests are small and latency is the measurement: never wait for Nagle.
-    let _ = stream.set_nodelay(true);
+    match tokio::time::timeout(limit, open).await {
+        Ok(r) => r,
+        Err(_) => Err(HttpError::new(
+            HttpErrorKind::Connect,
+            format!("{url}: no connection within the connect timeout of {limit:?}"),
+        )),
+    }
+}
+
+async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
+    let stream = dial(shared, url).await?;
     let pref = shared.settings.http_version;
     match url.scheme() {
         Scheme::Http => {
@@ -942,29 +1000,18 @@ async fn connect_inner(shared: &Shared, url: &Url) -> Result<Conn, HttpError> {
             }
         }
         Scheme::Https => {
-            let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| {
-                HttpError::new(
-                    HttpErrorKind::Tls,
-                    format!("{url}: '{host}' is not a valid TLS server name"),
-                )
-            })?;
-            let tls = shared.tls.connect(name, stream).await.map_err(|e| {
-                HttpError::new(
-                    HttpErrorKind::Tls,
-                    format!("{url}: TLS handshake with {host}:{port} failed: {e}"),
-                )
-                .with_diagnosis(format!(
-                    "{host}:{port}: TLS handshake failed ({e}) — does it speak TLS here, \
-                     with a certificate this machine trusts?"
-                ))
-            })?;
+            let tls = tls_handshake(&shared.tls, stream, url).await?;
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
                 handshake_h2(tls, url).await
             } else if pref == HttpVersionPref::Http2 {
                 Err(HttpError::new(
                     HttpErrorKind::Tls,
-                    format!("{url}: {host}:{port} did not agree to HTTP/2 (ALPN)"),
+                    format!(
+                        "{url}: {}:{} did not agree to HTTP/2 (ALPN)",
+                        url.host(),
+                        url.port()
+                    ),
                 ))
             } else {
                 Ok(Conn::H1(H1Conn::new(Io::Tls(Box::new(tls)))))

@@ -19,6 +19,7 @@ mod h1;
 mod headers;
 mod tls;
 mod url;
+pub mod ws;
 
 pub use allow::{Allowlist, AllowlistError, LOOPBACK};
 pub use client::{
