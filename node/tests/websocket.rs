@@ -157,24 +157,35 @@ async def main():
 asyncio.run(main())
 "#;
 
-fn python_websockets_missing() -> Option<String> {
-    let ok = Command::new("python3")
-        .args(["-c", "import websockets"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    (!ok).then(|| "python3 with the websockets module (python3-websockets) is not installed".into())
+/// A Python that has the `websockets` module: Debian's (where apt installs
+/// python3-websockets) before whatever `python3` is first on the PATH.
+fn python_with_websockets() -> Result<&'static str, String> {
+    ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|py| {
+            Command::new(py)
+                .args(["-c", "import websockets"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        })
+        .ok_or_else(|| {
+            "python3 with the websockets module (python3-websockets) is not installed".into()
+        })
 }
 
 #[test]
 fn interop_with_pythons_websockets_server_counts_match_on_its_side() {
-    if let Some(why) = python_websockets_missing() {
-        // .ci/run installs it; a developer machine may not have it.
-        assert!(std::env::var_os("CI").is_none(), "{why}");
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let mut py = Command::new("python3")
+    let py = match python_with_websockets() {
+        Ok(py) => py,
+        Err(why) => {
+            // .ci/run installs it; a developer machine may not have it.
+            assert!(std::env::var_os("CI").is_none(), "{why}");
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let mut py = Command::new(py)
         .args(["-c", PY_ECHO])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -209,11 +220,11 @@ name = "open"
 ws = {{ open = "ws://127.0.0.1:{port}/chat", subprotocols = ["chat.v2"], keep = true }}
 [[flows.f.steps]]
 name = "json"
-ws = {{ send_json = {{ vu = "{{{{ vu }}}}", n = "{{{{ iteration }}}}" }} }}
+ws = {{ send_json = {{ kind = "probe", vu = "{{{{ vu }}}}", n = "{{{{ iteration }}}}" }} }}
 [[flows.f.steps]]
 name = "json back"
 ws = {{ receive = "next" }}
-check = {{ json = {{ "$.n" = "{{{{ iteration }}}}" }} }}
+check = {{ json = {{ "$.kind" = "probe" }}, body_regex = '"n":[0-4],' }}
 [[flows.f.steps]]
 name = "binary"
 ws = {{ send_binary = "raw {{{{ iteration }}}}" }}
@@ -249,6 +260,8 @@ ws = {{ ping = true }}
         .iter()
         .all(|p| p == "chat.v2"));
     assert_eq!(s["totals"]["checks"]["failed"], 0, "{}", s["totals"]);
+    assert_eq!(s["totals"]["failed"], 0, "{}", s["totals"]);
+    assert_eq!(s["totals"]["checks"]["passed"], 30, "{}", s["totals"]);
 }
 
 /// A one-connection WebSocket server that completes the upgrade, reads one frame, then

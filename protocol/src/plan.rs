@@ -1385,6 +1385,49 @@ think = "1s..3s"
     }
 
     #[test]
+    fn websocket_steps_parse_and_bad_ones_are_named() {
+        let plan = |steps: &str| {
+            format!(
+                "name = \"w\"\n[scenarios.s]\nexecutor = \"per-vu-iterations\"\nvus = 1\niterations = 1\nflow = \"f\"\n{steps}"
+            )
+        };
+        let ok = parse_plan(
+            "plan.toml",
+            &plan(
+                "[[flows.f.steps]]\nws = { open = \"ws://127.0.0.1:1/x\", subprotocols = [\"a\"], keep = true, socket = \"s\" }\n\
+                 [[flows.f.steps]]\nws = { receive = \"matching\", socket = \"s\", timeout = \"2s\" }\ncheck = { json = { \"$.a\" = 1 } }\n\
+                 [[flows.f.steps]]\nws = { close = 4000, reason = \"bye\", socket = \"s\" }\n",
+            ),
+        )
+        .unwrap();
+        let steps = &ok.flows[0].steps;
+        let ws = |i: usize| steps[i].ws.as_ref().unwrap();
+        assert!(matches!(ws(0).action, WsAction::Open { keep: true, .. }));
+        assert!(matches!(ws(1).action, WsAction::Receive { matching: true }));
+        assert_eq!(ws(1).timeout, Some(Duration::from_secs(2)));
+        assert!(matches!(ws(2).action, WsAction::Close { code: 4000, .. }));
+        for (steps, says) in [
+            ("ws = { receive = \"later\" }", "use \"next\""),
+            ("ws = { send = \"a\", ping = true }", "exactly one of open"),
+            (
+                "ws = { send = \"a\" }\nrequest = { url = \"/\" }",
+                "exactly one of request or ws",
+            ),
+            (
+                "ws = { send = \"a\" }\ncheck = { body_contains = \"x\" }",
+                "in a receive step",
+            ),
+            ("ws = { open = \"http://x/\" }", "ws:// or wss://"),
+            ("ws = { close = 1005 }", "not a close code"),
+            ("ws = { send = \"a\", keep = true }", "belong to an open"),
+        ] {
+            let e = err(&plan(&format!("[[flows.f.steps]]\n{steps}\n")));
+            assert!(e.to_string().contains(says), "{steps}: {e}");
+            assert!(matches!(e.line, Some(7..=9)), "{steps}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_flow_is_named() {
         let src = GOOD.replace(
             "flow = \"browse\"\nstart_after",
