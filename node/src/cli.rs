@@ -53,6 +53,41 @@ pub enum Command {
     Demo(DemoArgs),
     /// Check a plan without running it.
     Validate(ValidateArgs),
+    /// Make a plan from a recording.
+    #[command(subcommand)]
+    Import(ImportCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImportCommand {
+    /// A browser recording (HAR 1.2, "Save all as HAR" in the browser's network tab).
+    Har(ImportHarArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportHarArgs {
+    /// The recording (.har).
+    pub har: PathBuf,
+    /// Where to write the plan (default: standard output).
+    #[arg(long = "out", value_name = "PLAN.toml")]
+    pub out: Option<PathBuf>,
+    /// The plan's base_url, to which request URLs are made relative (default: the
+    /// origin of the first recorded request).
+    #[arg(long = "base-url", value_name = "URL")]
+    pub base_url: Option<String>,
+    /// Keep stylesheets, scripts, images, fonts and media (left out by default).
+    #[arg(long = "include-assets")]
+    pub include_assets: bool,
+    /// Keep the requests to this other host (host or host:port). Repeatable.
+    #[arg(long = "include-host", value_name = "HOST")]
+    pub include_host: Vec<String>,
+    /// One flow per recorded page instead of one flow for the whole recording
+    /// (values are correlated within a flow only).
+    #[arg(long = "flow-per-page")]
+    pub flow_per_page: bool,
+    /// Do not correlate dynamic values: the plan sends the recorded tokens and ids.
+    #[arg(long = "no-correlate")]
+    pub no_correlate: bool,
 }
 
 #[derive(Debug, Args)]

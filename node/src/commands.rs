@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use stampede_protocol::plan::{parse_plan, PlanError};
 
-use crate::cli::{RunArgs, ValidateArgs};
+use crate::cli::{ImportHarArgs, RunArgs, ValidateArgs};
 use crate::exit::{Failure, Outcome};
 use crate::plan::compile::{self, CompiledPlan};
 use crate::reports::outputs::{self, Output};
@@ -53,6 +53,61 @@ pub fn validate(args: ValidateArgs) -> Result<Outcome, Failure> {
         p.data.len(),
         p.thresholds.len(),
         stampede_protocol::duration::format_duration(embedded::plan_duration(&plan))
+    );
+    Ok(Outcome::Success)
+}
+
+/// `stampede import har`: reads the recording (bounded), writes the plan, and checks it
+/// with the same compiler as `validate` before anything is written.
+pub fn import_har(args: ImportHarArgs) -> Result<Outcome, Failure> {
+    use crate::plan::har;
+    use std::io::Read;
+    let file = args.har.display().to_string();
+    let mut text = String::new();
+    std::fs::File::open(&args.har)
+        .and_then(|f| {
+            f.take(har::MAX_HAR_BYTES as u64 + 1)
+                .read_to_string(&mut text)
+        })
+        .map_err(|e| Failure::usage(format!("{file}: cannot read the recording: {e}")))?;
+    let name = args
+        .out
+        .as_deref()
+        .unwrap_or(&args.har)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "recording".into());
+    let opts = har::Options {
+        base_url: args.base_url,
+        include_assets: args.include_assets,
+        include_hosts: args.include_host,
+        flow_per_page: args.flow_per_page,
+        no_correlate: args.no_correlate,
+        name,
+    };
+    let imported = har::import(&text, &opts).map_err(|e| Failure::usage(format!("{file}: {e}")))?;
+    let shown = args
+        .out
+        .as_ref()
+        .map_or("the imported plan".to_string(), |p| p.display().to_string());
+    // A plan that does not compile is this importer's bug, said before it is written.
+    compile_text(&shown, &imported.plan, &[], Path::new(".")).map_err(|e| {
+        Failure::run(format!(
+            "{file}: the plan made from it does not validate (a bug of the importer): {e}"
+        ))
+    })?;
+    match &args.out {
+        Some(p) => std::fs::write(p, &imported.plan)
+            .map_err(|e| Failure::run(format!("{}: cannot write the plan: {e}", p.display())))?,
+        None => print!("{}", imported.plan),
+    }
+    eprintln!(
+        "{file}: {} request(s) recorded, {} step(s) written to {shown}, {} value(s) correlated, {} asset(s) and {} request(s) to other hosts left out",
+        imported.entries,
+        imported.steps,
+        imported.correlated,
+        imported.assets_left_out,
+        imported.other_hosts.values().sum::<usize>()
     );
     Ok(Outcome::Success)
 }

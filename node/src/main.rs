@@ -19,6 +19,9 @@ fn main() {
         Command::Stop(args) => stampede::daemon::stop(args),
         Command::Report(args) => stampede::daemon::report(args),
         Command::Keygen(args) => stampede::daemon::keygen(args),
+        Command::Import(stampede::cli::ImportCommand::Har(args)) => {
+            stampede::commands::import_har(args)
+        }
     };
     std::process::exit(Outcome::exit_code(outcome));
 }

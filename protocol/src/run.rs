@@ -235,6 +235,12 @@ pub enum RunMessage {
         echoes: Vec<(u32, u64)>,
         /// Roster indices this member has fenced.
         fenced: Vec<u32>,
+        /// This member's claims on the counted scenarios (see `machine::version`).
+        #[serde(default)]
+        claims: Vec<u64>,
+        /// For each fenced member (same order): the highest claims heard from it.
+        #[serde(default)]
+        fenced_claims: Vec<Vec<u64>>,
         /// Every barrier this member has arrived at: arrivals ride on heartbeats, so
         /// a member that missed one hears it again within a beat, whatever the
         /// sender believes of the barrier.
@@ -357,19 +363,25 @@ impl RunMessage {
                     ));
                 }
             }
-            RunMessage::Assign { version, .. } if version.moves.len() > MAX_MEMBERS => {
-                return Err("assignment version with too many moves".into());
+            RunMessage::Assign { version, .. } if oversized(version) => {
+                return Err("assignment version with too many moves, claims or takers".into());
             }
             RunMessage::Beat {
                 version,
                 echoes,
                 fenced,
                 arrived,
+                claims,
+                fenced_claims,
                 ..
             } => {
+                use crate::machine::version::MAX_COUNTED;
                 if echoes.len() > MAX_MEMBERS
                     || fenced.len() > MAX_MEMBERS
                     || arrived.len() > Barrier::ALL.len()
+                    || claims.len() > MAX_COUNTED
+                    || fenced_claims.len() > fenced.len()
+                    || fenced_claims.iter().any(|c| c.len() > MAX_COUNTED)
                 {
                     return Err("heartbeat too large".into());
                 }
@@ -381,11 +393,8 @@ impl RunMessage {
                         return Err("heartbeat reports more snapshots than a run can have".into());
                     }
                 }
-                if version
-                    .as_ref()
-                    .is_some_and(|v| v.moves.len() > MAX_MEMBERS)
-                {
-                    return Err("assignment version with too many moves".into());
+                if version.as_ref().is_some_and(oversized) {
+                    return Err("assignment version with too many moves, claims or takers".into());
                 }
             }
             _ => {}
@@ -540,6 +549,15 @@ pub fn clock_offset(t1: u64, t2: u64, t3: u64, t4: u64) -> (i64, u64) {
     let offset = ((t2 - t1) + (t3 - t4)) / 2;
     let rtt = (t4 - t1) - (t3 - t2);
     (offset as i64, rtt.max(0) as u64)
+}
+
+/// Whether a version lists more moves, claims or takers than a run can have.
+fn oversized(v: &crate::machine::version::Version) -> bool {
+    use crate::machine::version::MAX_COUNTED;
+    v.moves.len() > MAX_MEMBERS
+        || v.moves
+            .iter()
+            .any(|m| m.claims.len() > MAX_COUNTED || m.takers.len() > MAX_MEMBERS)
 }
 
 #[cfg(test)]

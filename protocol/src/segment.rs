@@ -662,6 +662,20 @@ impl Assignment {
         self.owner(index) == node
     }
 
+    /// The reassignments (by position) that moved `index` to another node, in order.
+    pub fn moved_at(&self, index: u64) -> Vec<usize> {
+        let mut owner = self.base.owner(index);
+        let mut levels = Vec::new();
+        for (level, r) in self.reassignments.iter().enumerate() {
+            if owner == r.lost && index >= r.from_index {
+                let rank = self.count_at(r.lost, index, level) - self.lost_before[level];
+                owner = r.survivors[r.striping.owner(rank)];
+                levels.push(level);
+            }
+        }
+        levels
+    }
+
     /// How many of the indices 0..v `node` owns. Sums to `v` over all nodes and never
     /// shrinks as `v` grows; 0 for an unknown node.
     pub fn scale(&self, node: usize, v: u64) -> u64 {

@@ -230,6 +230,8 @@ fn valid_messages() -> Vec<Vec<u8>> {
                     lost: 1,
                     from_event: 300,
                     at_us: 5_000_000,
+                    claims: vec![40, 7],
+                    takers: vec![0, 2],
                 }],
             },
         }),
@@ -240,6 +242,8 @@ fn valid_messages() -> Vec<Vec<u8>> {
             version: None,
             echoes: vec![(0, 99), (2, 101)],
             fenced: vec![1],
+            claims: vec![12, 3],
+            fenced_claims: vec![vec![9, 2]],
             arrived: vec![(
                 stampede_protocol::machine::events::Barrier::Ready,
                 BarrierDetail {

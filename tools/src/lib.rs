@@ -11,6 +11,8 @@
 //! - With `Authorization: Bearer TOKEN`: `POST /cart` `{"product","qty"}` (qty defaults to
 //!   1), `POST /checkout` (200 and empties the cart; 400 `cart empty`), `GET /account`.
 //!   Missing or unknown token → 401, ended session → 409.
+//! - `GET /` and its files: a web storefront over this API (`storefront`); counted like
+//!   the admin endpoints below.
 //! - `GET /_stats`, `POST /_stats/reset`, `GET|POST /_control` (admin: never delayed,
 //!   failed or queued, and not counted in `requests`).
 //!
@@ -38,6 +40,7 @@ mod live;
 mod service;
 mod shop;
 mod stats;
+mod storefront;
 
 use std::io;
 use std::net::SocketAddr;

@@ -46,6 +46,8 @@ enum Route {
     Stats,
     StatsReset,
     Control,
+    /// A storefront file: (content type, body).
+    Page(&'static str, &'static str),
 }
 
 impl Route {
@@ -57,6 +59,9 @@ impl Route {
                 Route::WrongMethod(allowed)
             }
         };
+        if let Some((ctype, body)) = crate::storefront::file(path) {
+            return want("GET", Route::Page(ctype, body));
+        }
         match path {
             "/login" => want("POST", Route::Login),
             "/products" => want("GET", Route::Search),
@@ -88,7 +93,7 @@ impl Route {
             Route::Account => Endpoint::Account,
             Route::OrdersWs => Endpoint::OrdersWs,
             Route::NotFound | Route::WrongMethod(_) => Endpoint::Other,
-            Route::Stats | Route::StatsReset | Route::Control => return None,
+            Route::Stats | Route::StatsReset | Route::Control | Route::Page(..) => return None,
         })
     }
 }
@@ -217,8 +222,13 @@ async fn dispatch(shop: &Shop, route: Route, req: Request<Incoming>) -> Resp {
                 .insert(ALLOW, HeaderValue::from_static(allowed));
             resp
         }
-        // Upgraded in `handle` before the knobs; never dispatched.
-        Route::OrdersWs | Route::NotFound | Route::Stats | Route::StatsReset | Route::Control => {
+        // OrdersWs is upgraded in `handle` before the knobs; never dispatched.
+        Route::OrdersWs
+        | Route::NotFound
+        | Route::Stats
+        | Route::StatsReset
+        | Route::Control
+        | Route::Page(..) => {
             error(StatusCode::NOT_FOUND, "not found")
         }
     }
@@ -350,6 +360,12 @@ async fn admin(shared: &Shared, route: Route, req: Request<Incoming>) -> Resp {
             json_value(StatusCode::OK, &shared.knobs.state())
         }
         Route::Control => control(&shared.knobs, req).await,
+        Route::Page(ctype, body) => {
+            let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+            resp
+        }
         _ => error(StatusCode::NOT_FOUND, "not found"),
     }
 }
@@ -410,6 +426,12 @@ mod tests {
         assert_eq!(Route::of(&post, "/_control"), Route::Control);
         assert_eq!(Route::of(&get, "/_stats").endpoint(), None);
         assert_eq!(Route::of(&get, "/nope").endpoint(), Some(Endpoint::Other));
+        assert!(matches!(
+            Route::of(&get, "/"),
+            Route::Page("text/html; charset=utf-8", _)
+        ));
+        assert_eq!(Route::of(&get, "/shop.js").endpoint(), None);
+        assert_eq!(Route::of(&post, "/"), Route::WrongMethod("GET"));
     }
 
     #[test]

@@ -15,6 +15,10 @@ fn setup(nodes: usize, flaw: Flaw) -> Setup {
         plan: Plan {
             rate: 100,
             duration_us: 15_000_000,
+            vus: 2 * nodes as u64,
+            rounds: 60,
+            pool: 2 * nodes as u64 * 60,
+            iter_us: 100_000,
         },
         timing: Timing::mesh(),
         tail_us: 90_000_000,
@@ -69,4 +73,57 @@ fn without_the_authority_rule_a_forged_version_is_taken_up_and_the_simulator_say
         caught.is_some(),
         "no schedule caught a protocol without the authority rule"
     );
+}
+
+#[test]
+fn without_claims_a_lost_members_counted_work_runs_twice_and_the_simulator_says_so() {
+    let s = setup(5, Flaw::NoClaims);
+    let caught = (1..=40).find_map(|seed| {
+        let (_, found) = run_one(&s, &[FaultKind::Crash], seed);
+        found
+            .iter()
+            .find(|v| v.invariant == "at-most-once" && !v.detail.starts_with("event"))
+            .map(|v| (seed, v.detail.clone()))
+    });
+    assert!(
+        caught.is_some(),
+        "no schedule caught a failover that ignores the lost member's claims"
+    );
+}
+
+#[test]
+fn a_crashed_members_counted_work_is_taken_over_from_its_claims() {
+    // Five nodes, one killed while the counted scenarios run: the survivors finish
+    // the lost member's pool and VUs from its claims on, and every slot is started
+    // once — except the few the lost member claimed but never started.
+    let s = setup(5, Flaw::None);
+    let mut taken_over = 0;
+    for seed in 1..=12 {
+        let (w, found) = run_one(&s, &[FaultKind::Crash], seed);
+        assert!(found.is_empty(), "seed {seed}: {found:?}");
+        let lost: Vec<usize> = (0..w.nodes.len()).filter(|&i| w.nodes[i].crashed).collect();
+        let Some(v) = (0..w.nodes.len())
+            .filter(|i| !lost.contains(i))
+            .find_map(|i| w.nodes[i].machine.as_ref()?.version().cloned())
+        else {
+            continue;
+        };
+        for m in v.moves.iter().filter(|m| lost.contains(&(m.lost as usize))) {
+            let x = m.lost as usize;
+            let by_lost = (w.pool_starts.values())
+                .filter(|st| st.iter().any(|s| s.node == x))
+                .count() as u64;
+            // The lost member's own slots that another member started.
+            let after_lost = w
+                .pool_starts
+                .iter()
+                .filter(|(k, st)| k.0 == x && st.iter().any(|s| s.node != x))
+                .count();
+            // What the lost member held but had not claimed went to others.
+            if m.claims[0] > 0 && m.claims[0] >= by_lost && after_lost > 0 {
+                taken_over += 1;
+            }
+        }
+    }
+    assert!(taken_over > 0, "no schedule moved counted work by claims");
 }

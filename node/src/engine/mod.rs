@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stampede_protocol::executor::{ArrivalSchedule, Executor};
+use stampede_protocol::machine::version::{Counted, MAX_COUNTED};
 use stampede_protocol::segment::Assignment;
 use stampede_protocol::snapshot::Metrics;
 use tokio::sync::{mpsc, watch};
@@ -56,6 +57,22 @@ pub struct Lease {
     base: Instant,
     until_us: AtomicU64,
     changed: watch::Sender<u64>,
+    /// Counted scenarios (by ordinal, see [`counted_of`]): how far the protocol lets
+    /// this node go (confirmed claims) and how far it has gone. A lost node's counted
+    /// work moves from its confirmed claims on, so nothing beyond them may start.
+    allowed: [AtomicU64; MAX_COUNTED],
+    claimed: [AtomicU64; MAX_COUNTED],
+    /// The least a claim runs ahead of what is claimed (this node's VUs of the
+    /// scenario, or one iteration), and the claims a second ago, for the pace.
+    ahead: [AtomicU64; MAX_COUNTED],
+    pace: std::sync::Mutex<Pace>,
+}
+
+/// Claims a second ago, and how many were made in the last whole second.
+struct Pace {
+    at: Instant,
+    claimed: Vec<u64>,
+    per_second: Vec<u64>,
 }
 
 /// How late an iteration held up by a lapsed lease may still start: later ones are
@@ -68,6 +85,7 @@ impl Lease {
     pub fn always() -> Arc<Lease> {
         let l = Lease::none(Instant::now());
         l.set(Some(u64::MAX));
+        l.allow(&[u64::MAX; MAX_COUNTED]);
         l
     }
 
@@ -77,7 +95,94 @@ impl Lease {
             base,
             until_us: AtomicU64::new(0),
             changed: watch::channel(0).0,
+            allowed: std::array::from_fn(|_| AtomicU64::new(0)),
+            claimed: std::array::from_fn(|_| AtomicU64::new(0)),
+            ahead: std::array::from_fn(|_| AtomicU64::new(1)),
+            pace: std::sync::Mutex::new(Pace {
+                at: base,
+                claimed: Vec::new(),
+                per_second: Vec::new(),
+            }),
         })
+    }
+
+    /// The claims the protocol confirmed (one per counted scenario).
+    pub fn allow(&self, claims: &[u64]) {
+        for (a, c) in self.allowed.iter().zip(claims) {
+            a.store(*c, Ordering::Release);
+        }
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// The claims to ask for: what is claimed, plus what was claimed over the last
+    /// second (at least `ahead`): confirmation takes a heartbeat round trip, so a
+    /// second ahead rarely holds an iteration up, and at most about a second of a
+    /// lost node's counted work is lost with it.
+    pub fn wanted(&self, counted: usize) -> Vec<u64> {
+        let counted = counted.min(MAX_COUNTED);
+        let now: Vec<u64> = (self.claimed.iter().take(counted))
+            .map(|c| c.load(Ordering::Acquire))
+            .collect();
+        let mut pace = match self.pace.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if pace.claimed.len() != counted {
+            pace.at = Instant::now();
+            pace.claimed = now.clone();
+            pace.per_second = vec![0; counted];
+        } else if pace.at.elapsed() >= Duration::from_secs(1) {
+            pace.per_second = (now.iter().zip(&pace.claimed))
+                .map(|(n, p)| n.saturating_sub(*p))
+                .collect();
+            pace.at = Instant::now();
+            pace.claimed = now.clone();
+        }
+        (now.iter().zip(&pace.per_second).zip(&self.ahead))
+            .map(|((n, rate), a)| n.saturating_add((*rate).max(a.load(Ordering::Relaxed))))
+            .collect()
+    }
+
+    /// Takes pool slot `k` of counted scenario `c` if it is below `size` and the
+    /// protocol's confirmed claim: Ok(k), or Err(claimed so far).
+    fn claim_slot(&self, c: usize, size: u64) -> Result<u64, u64> {
+        let allowed = self.allowed[c].load(Ordering::Acquire);
+        self.claimed[c].fetch_update(Ordering::AcqRel, Ordering::Acquire, |k| {
+            (k < size && k < allowed).then_some(k + 1)
+        })
+    }
+
+    /// Whether iteration `i` of a per-vu-iterations scenario may start; notes it.
+    fn claim_round(&self, c: usize, i: u64) -> bool {
+        if i >= self.allowed[c].load(Ordering::Acquire) {
+            return false;
+        }
+        self.claimed[c].fetch_max(i + 1, Ordering::AcqRel);
+        true
+    }
+
+    /// Waits until `ok` holds (re-checked at every lease or claims change), the run
+    /// stops or `give_up` passes; true if it holds.
+    async fn wait_for(
+        &self,
+        mut ok: impl FnMut() -> bool,
+        stop: &mut watch::Receiver<Stop>,
+        give_up: Instant,
+    ) -> bool {
+        let mut rx = self.subscribe();
+        loop {
+            if ok() {
+                return true;
+            }
+            if *stop.borrow() != Stop::Running || Instant::now() >= give_up {
+                return false;
+            }
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep_until(give_up.into()) => {}
+            }
+        }
     }
 
     /// The protocol's new lease deadline (`None`: none).
@@ -130,11 +235,9 @@ impl LiveAssignment {
             generation: watch::channel(0).0,
         })
     }
-    pub fn single() -> Arc<LiveAssignment> {
-        Self::new(Split {
-            vus: Assignment::single(),
-            events: Assignment::single(),
-        })
+    /// A run on one node of this plan.
+    pub fn single(plan: &CompiledPlan) -> Arc<LiveAssignment> {
+        Self::new(Split::single(&counted_of(plan)))
     }
     pub fn get(&self) -> Arc<Split> {
         match self.current.read() {
@@ -291,18 +394,7 @@ impl Engine {
                  with `too many open files` (raise the hard limit: ulimit -Hn)"
             );
         }
-        let shared_left: Arc<Vec<AtomicU64>> = Arc::new(
-            spec.plan
-                .scenarios
-                .iter()
-                .map(|s| match s.executor {
-                    Executor::SharedIterations { iterations, .. } => {
-                        AtomicU64::new(spec.assignment.get().events.scale(spec.node, iterations))
-                    }
-                    _ => AtomicU64::new(0),
-                })
-                .collect(),
-        );
+        let counted: Arc<Vec<CountedWork>> = Arc::new(CountedWork::for_plan(&spec));
         let n = spec.assignment.get().vus.nodes() as u64;
         let cursors: Arc<Vec<SharedCursor>> = Arc::new(
             spec.plan
@@ -321,11 +413,11 @@ impl Engine {
         let (mark, started) = StartMark::new(spec.workers.max(1));
         let mut threads = Vec::new();
         for w in 0..spec.workers.max(1) {
-            let (spec, reports, stop, left, cursors) = (
+            let (spec, reports, stop, counted, cursors) = (
                 spec.clone(),
                 reports.clone(),
                 stop.clone(),
-                shared_left.clone(),
+                counted.clone(),
                 cursors.clone(),
             );
             let (claims, mark) = (claims.clone(), mark.clone());
@@ -333,7 +425,7 @@ impl Engine {
                 std::thread::Builder::new()
                     .name(format!("stampede-worker-{w}"))
                     .spawn(move || {
-                        worker_main(w, spec, reports, stop, left, cursors, claims, mark)
+                        worker_main(w, spec, reports, stop, counted, cursors, claims, mark)
                     })?,
             );
         }
@@ -359,7 +451,13 @@ struct Worker {
     ctx: WorkerCtx,
     stop: StopHandle,
     stop_rx: watch::Receiver<Stop>,
-    shared_left: Arc<Vec<AtomicU64>>,
+    /// Per scenario: its counted work on this node (see `closed_counted`).
+    counted: Arc<Vec<CountedWork>>,
+    /// Scenarios of this worker still running, and a wake-up when one ends: a
+    /// counted scenario whose work is done stays ready to take over a lost node's
+    /// while the others go on.
+    scenarios_left: Cell<usize>,
+    scenario_ended: tokio::sync::Notify,
     /// Per open-model scenario: the node's VU slots and how many of them the node's
     /// workers have claimed, so that max_vus holds for the node, not per worker.
     vu_claims: Arc<Vec<std::sync::Mutex<VuSlots>>>,
@@ -373,7 +471,7 @@ fn worker_main(
     spec: Arc<RunSpec>,
     reports: mpsc::UnboundedSender<WorkerReport>,
     stop: StopHandle,
-    shared_left: Arc<Vec<AtomicU64>>,
+    counted: Arc<Vec<CountedWork>>,
     cursors: Arc<Vec<SharedCursor>>,
     vu_claims: Arc<Vec<std::sync::Mutex<VuSlots>>>,
     mark: Arc<StartMark>,
@@ -397,6 +495,7 @@ fn worker_main(
         }
     };
     let local = tokio::task::LocalSet::new();
+    let spec_scenarios = spec.plan.scenarios.len();
     let worker = Rc::new(Worker {
         index,
         count: spec.workers.max(1),
@@ -410,7 +509,9 @@ fn worker_main(
         stop_rx: stop.tx.subscribe(),
         spec,
         stop,
-        shared_left,
+        counted,
+        scenarios_left: Cell::new(spec_scenarios),
+        scenario_ended: tokio::sync::Notify::new(),
         vu_claims,
         vus: Cell::new(0),
     });
@@ -644,6 +745,13 @@ fn later(at: Instant, d: Duration) -> Instant {
 }
 
 async fn run_scenario(w: Rc<Worker>, si: usize) {
+    scenario(w.clone(), si).await;
+    w.scenarios_left
+        .set(w.scenarios_left.get().saturating_sub(1));
+    w.scenario_ended.notify_waiters();
+}
+
+async fn scenario(w: Rc<Worker>, si: usize) {
     let sc = &w.spec.plan.scenarios[si];
     let begin = later(w.spec.start_at, sc.start_after);
     let mut stop_rx = w.stop_rx.clone();
@@ -808,8 +916,83 @@ async fn closed_ramping(w: Rc<Worker>, si: usize, begin: Instant) {
     hard.abort();
 }
 
-/// per-vu-iterations (`per_vu = Some(n)`) and shared-iterations (`None`: the node's
-/// share of the pool is counted down across its workers).
+/// The plan's counted scenarios (per-vu-iterations, shared-iterations) in plan order:
+/// their work moves by claims in a failover (see `protocol::machine::version`).
+pub fn counted_of(plan: &CompiledPlan) -> Vec<Counted> {
+    plan.scenarios
+        .iter()
+        .filter_map(|s| match s.executor {
+            Executor::PerVuIterations { iterations, .. } => Some(Counted::PerVu { iterations }),
+            Executor::SharedIterations { iterations, .. } => Some(Counted::Pool { iterations }),
+            _ => None,
+        })
+        .take(MAX_COUNTED)
+        .collect()
+}
+
+/// One scenario's counted work on this node, shared by its workers.
+struct CountedWork {
+    /// Its ordinal among the counted scenarios (the claims' index); None otherwise.
+    ord: Option<usize>,
+    /// VU indices one of this node's workers runs: a failover re-deals VUs over the
+    /// workers, and a VU must never run twice.
+    running: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+}
+
+impl CountedWork {
+    fn for_plan(spec: &RunSpec) -> Vec<CountedWork> {
+        let mut ord = 0usize;
+        spec.plan
+            .scenarios
+            .iter()
+            .map(|s| {
+                let counted = matches!(
+                    s.executor,
+                    Executor::PerVuIterations { .. } | Executor::SharedIterations { .. }
+                ) && ord < MAX_COUNTED;
+                let mine = counted.then_some(ord);
+                if counted {
+                    // At least one iteration per VU of this node is asked for ahead.
+                    let vus = spec
+                        .assignment
+                        .get()
+                        .vus
+                        .scale(spec.node, s.vu_slots)
+                        .max(1);
+                    spec.lease.ahead[ord].store(vus, Ordering::Relaxed);
+                    ord += 1;
+                }
+                CountedWork {
+                    ord: mine,
+                    running: Default::default(),
+                }
+            })
+            .collect()
+    }
+
+    fn start(&self, g: u64) -> bool {
+        match self.running.lock() {
+            Ok(mut r) => r.insert(g),
+            Err(p) => p.into_inner().insert(g),
+        }
+    }
+
+    fn end(&self, g: u64) {
+        match self.running.lock() {
+            Ok(mut r) => r.remove(&g),
+            Err(p) => p.into_inner().remove(&g),
+        };
+    }
+}
+
+/// per-vu-iterations (`per_vu = Some(n)`: each VU does n) and shared-iterations
+/// (`None`: the node's pool, claimed slot by slot across its workers).
+///
+/// Every iteration is claimed first — a pool slot, or the VU's iteration number —
+/// within what the run protocol confirmed to this node, so that a failover can hand
+/// a lost node's unclaimed work to the survivors without any of it running twice. A
+/// survivor whose own work is done waits for such a hand-over while its other
+/// scenarios go on; a taken-over VU goes on from the lost node's claim.
 async fn closed_counted(
     w: Rc<Worker>,
     si: usize,
@@ -820,43 +1003,120 @@ async fn closed_counted(
 ) {
     let end = later(begin, max_duration);
     let (hard_tx, hard_rx) = watch::channel(false);
-    let mine = my_indices(&w, vus);
+    let Some(c) = w.counted[si].ord else {
+        return;
+    };
     let mut tasks = Vec::new();
-    for g in mine {
-        let w2 = w.clone();
-        tasks.push(tokio::task::spawn_local(async move {
-            let sc = &w2.spec.plan.scenarios[si];
-            let mut vu = Vu::new(&w2.ctx, si, sc.vu_offset + g);
-            w2.vus.set(w2.vus.get() + 1);
-            // Also when a hard stop aborts this task mid-iteration.
-            let _alive = Defer(|| w2.vus.set(w2.vus.get() - 1));
-            let mut done = 0u64;
-            let mut stop = w2.stop_rx.clone();
-            while !w2.stop.stopping() && Instant::now() < end {
-                if !w2.spec.lease.holds() && !w2.spec.lease.wait(&mut stop, end).await {
-                    continue;
-                }
-                match per_vu {
-                    Some(n) if done >= n => break,
-                    Some(_) => {}
-                    None => {
-                        let left = &w2.shared_left[si];
-                        if left
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                                v.checked_sub(1)
-                            })
-                            .is_err()
-                        {
-                            break;
+    let alive = Rc::new(Cell::new(0usize));
+    let idle = Rc::new(tokio::sync::Notify::new());
+    let mut generation = w.spec.assignment.subscribe();
+    let mut stop_rx = w.stop_rx.clone();
+    loop {
+        let split = w.spec.assignment.get();
+        let size = split.counted.get(c).map_or(0, |p| p.size(w.spec.node));
+        let exhausted = per_vu.is_none() && w.spec.lease.claimed[c].load(Ordering::Acquire) >= size;
+        for g in my_indices(&w, vus) {
+            let first = match (per_vu, split.counted.get(c)) {
+                (Some(_), Some(p)) => p.first_iteration(&split.vus, g),
+                (Some(_), None) => u64::MAX,
+                (None, _) => 0,
+            };
+            if exhausted || per_vu.is_some_and(|n| first >= n) || !w.counted[si].start(g) {
+                continue;
+            }
+            alive.set(alive.get() + 1);
+            let (w2, alive2, idle2) = (w.clone(), alive.clone(), idle.clone());
+            tasks.push(tokio::task::spawn_local(async move {
+                let sc = &w2.spec.plan.scenarios[si];
+                let mut vu = Vu::new(&w2.ctx, si, sc.vu_offset + g);
+                w2.vus.set(w2.vus.get() + 1);
+                // Also when a hard stop aborts this task mid-iteration.
+                let _alive = Defer(|| {
+                    w2.vus.set(w2.vus.get() - 1);
+                    w2.counted[si].end(g);
+                    alive2.set(alive2.get() - 1);
+                    if alive2.get() == 0 {
+                        idle2.notify_waiters();
+                    }
+                });
+                let lease = &w2.spec.lease;
+                let mut stop = w2.stop_rx.clone();
+                let mut i = first;
+                while !w2.stop.stopping() && Instant::now() < end {
+                    if !lease.holds() && !lease.wait(&mut stop, end).await {
+                        continue;
+                    }
+                    let go = match per_vu {
+                        Some(n) if i >= n => break,
+                        Some(_) => {
+                            lease.claim_round(c, i)
+                                || lease
+                                    .wait_for(|| lease.claim_round(c, i), &mut stop, end)
+                                    .await
                         }
+                        None => {
+                            let size = || {
+                                let s = w2.spec.assignment.get();
+                                s.counted.get(c).map_or(0, |p| p.size(w2.spec.node))
+                            };
+                            let mut size_now = size();
+                            let mut taken = None;
+                            let claimed = |size_now: u64| lease.claim_slot(c, size_now);
+                            match claimed(size_now) {
+                                Ok(k) => taken = Some(k),
+                                Err(k) if k >= size_now => break,
+                                Err(_) => {
+                                    let got = lease
+                                        .wait_for(
+                                            || {
+                                                size_now = size();
+                                                match claimed(size_now) {
+                                                    Ok(k) => {
+                                                        taken = Some(k);
+                                                        true
+                                                    }
+                                                    // Exhausted: stop waiting.
+                                                    Err(k) => k >= size_now,
+                                                }
+                                            },
+                                            &mut stop,
+                                            end,
+                                        )
+                                        .await;
+                                    if got && taken.is_none() {
+                                        break;
+                                    }
+                                }
+                            }
+                            taken.is_some()
+                        }
+                    };
+                    if !go {
+                        continue;
+                    }
+                    i += 1;
+                    if vu.iterate(&w2.ctx, None).await == IterationEnd::DataExhausted {
+                        break;
                     }
                 }
-                done += 1;
-                if vu.iterate(&w2.ctx, None).await == IterationEnd::DataExhausted {
+            }));
+        }
+        if alive.get() == 0 && w.scenarios_left.get() <= 1 {
+            // Nothing left here, and no other scenario that could keep this node in
+            // the run long enough to be handed more.
+            break;
+        }
+        tokio::select! {
+            changed = generation.changed() => {
+                if changed.is_err() {
                     break;
                 }
             }
-        }));
+            _ = idle.notified(), if alive.get() > 0 => {}
+            _ = w.scenario_ended.notified(), if alive.get() == 0 => {}
+            _ = stop_rx.wait_for(|s| *s != Stop::Running) => break,
+            _ = tokio::time::sleep_until(end.into()) => break,
+        }
     }
     let hard = arm_hard_stop(&w, si, end, hard_tx);
     join_or_abort(&w, &hard_rx, tasks).await;

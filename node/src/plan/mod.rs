@@ -6,5 +6,6 @@
 pub mod bundle;
 pub mod compile;
 pub mod data;
+pub mod har;
 pub mod jsonpath;
 pub mod template;

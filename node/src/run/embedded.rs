@@ -120,7 +120,7 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
     let start_at = Instant::now() + Duration::from_millis(50);
     let spec = RunSpec {
         plan: plan.clone(),
-        assignment: crate::engine::LiveAssignment::single(),
+        assignment: crate::engine::LiveAssignment::single(&plan),
         lease: crate::engine::Lease::always(),
         node: 0,
         node_name: opts.node_name.clone(),

@@ -78,6 +78,11 @@ impl Driver {
                     live.replace(split);
                 }
             }
+            Effect::Claims(claims) => {
+                if let Some(r) = self.runs.get(run_id) {
+                    r.lease.allow(&claims);
+                }
+            }
             Effect::Lease(until) => {
                 tracing::debug!(run = run_id, ?until, now = self.now().mono_us, "lease");
                 if let Some(r) = self.runs.get(run_id) {
@@ -296,6 +301,7 @@ impl Driver {
         };
         let live = LiveAssignment::new(split);
         run.live_split = Some(live.clone());
+        run.counted = Some(crate::engine::counted_of(&plan).len()).filter(|&n| n > 0);
         run.workers = workers;
         let spec = RunSpec {
             plan: plan.clone(),

@@ -110,6 +110,10 @@ struct Run {
     engine: Option<StopHandle>,
     live_split: Option<Arc<LiveAssignment>>,
     lease: Arc<Lease>,
+    /// How many counted scenarios the running engine has (None before it starts or
+    /// without any), and the claims last asked of the machine.
+    counted: Option<usize>,
+    claims_sent: Vec<u64>,
     events: Vec<Event>,
     cpu_max: BTreeMap<String, f64>,
     started_unix_ms: u64,
@@ -270,6 +274,8 @@ impl Driver {
                 engine: None,
                 live_split: None,
                 lease: Lease::none(self.base),
+                counted: None,
+                claims_sent: Vec::new(),
                 events: Vec::new(),
                 cpu_max: BTreeMap::new(),
                 started_unix_ms: crate::run::embedded::unix_ms(),
@@ -537,6 +543,23 @@ impl Driver {
     // ---------------------------------------------------------------- ticks
 
     fn on_tick(&mut self) {
+        // How far the engines want into their counted scenarios: announced in the
+        // next heartbeat, confirmed with the lease (see `protocol::machine`).
+        let wanted: Vec<(String, Vec<u64>)> = self
+            .runs
+            .iter_mut()
+            .filter_map(|(id, r)| {
+                let counted = r.counted?;
+                let w = r.lease.wanted(counted);
+                (w != r.claims_sent).then(|| {
+                    r.claims_sent = w.clone();
+                    (id.clone(), w)
+                })
+            })
+            .collect();
+        for (id, w) in wanted {
+            self.input(&id, Input::Claims(w));
+        }
         self.each(|| Input::Tick);
         let ids: Vec<String> = self.runs.keys().cloned().collect();
         for id in ids {
@@ -656,6 +679,10 @@ impl machine::RunSchedule for PlanSchedule {
     fn duration_us(&self) -> u64 {
         let d = crate::run::embedded::plan_duration(&self.0) + Duration::from_secs(30);
         d.as_micros().min(u64::MAX as u128) as u64
+    }
+
+    fn counted(&self) -> Vec<machine::version::Counted> {
+        crate::engine::counted_of(&self.0)
     }
 }
 

@@ -133,7 +133,6 @@ impl Mesh {
         let dir = self.tmp.path().join(name);
         std::fs::create_dir_all(&dir).expect("data dir");
         let log = self.tmp.path().join(format!("{name}.log"));
-        let logf = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(BIN);
         cmd.args([
             "node",
@@ -163,27 +162,35 @@ impl Mesh {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
-        let child = cmd.spawn().expect("spawn stampede node");
-        let mut node = Node {
-            name: name.to_string(),
-            dir,
-            log,
-            child: Some(child),
-        };
-        let up = wait_until(Duration::from_secs(30), || node.control().is_some());
-        assert!(
-            up,
-            "node {name} did not write its control.json within 30 s; log:\n{}",
-            node.log_text()
-        );
-        assert!(
-            node.running(),
-            "node {name} exited; log:\n{}",
-            node.log_text()
-        );
-        node
+        start_node(name, dir, log, cmd)
     }
+}
+
+/// Spawns `cmd` (a `stampede node` command line, or a wrapper that execs one in the same
+/// process, so that the pid in control.json is the child's) with its standard error to
+/// `log`, and waits until its control endpoint is up in `dir`.
+pub fn start_node(name: &str, dir: PathBuf, log: PathBuf, mut cmd: Command) -> Node {
+    let logf = std::fs::File::create(&log).expect("log file");
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
+    let child = cmd.spawn().expect("spawn stampede node");
+    let mut node = Node {
+        name: name.to_string(),
+        dir,
+        log,
+        child: Some(child),
+    };
+    let up = wait_until(Duration::from_secs(30), || node.control().is_some());
+    assert!(
+        up,
+        "node {name} did not write its control.json within 30 s; log:\n{}",
+        node.log_text()
+    );
+    assert!(
+        node.running(),
+        "node {name} exited; log:\n{}",
+        node.log_text()
+    );
+    node
 }
 
 /// A failed test shows the end of every node's log: a CI run leaves nothing else behind.

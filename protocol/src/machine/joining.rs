@@ -124,6 +124,9 @@ impl RunMachine {
         }
         let join = match result {
             Ok(schedule) => {
+                self.counted = schedule.counted();
+                self.counted.truncate(super::version::MAX_COUNTED);
+                self.my_claims = Arc::new(vec![0; self.counted.len()]);
                 self.schedule = Some(schedule);
                 self.accepted = true;
                 self.join_msg(true, None)

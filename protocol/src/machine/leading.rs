@@ -84,6 +84,9 @@ impl RunMachine {
                 lost: i as u32,
                 from_event: 0,
                 at_us: 0,
+                // Lost before the start: it claimed nothing.
+                claims: vec![0; self.counted.len()],
+                takers: Vec::new(),
             })
             .collect();
         let v = Version {
@@ -115,11 +118,23 @@ impl RunMachine {
             .saturating_add(self.timing.failover_lead_us);
         let from_event = schedule.first_event_at(at);
         let mut v = current;
+        // Members whose engine ended take nothing: work handed to them would be lost.
+        let finished = self.arrivals.get(&super::events::Barrier::Finished);
+        let mut takers: Vec<u32> = (0..self.roster.len())
+            .filter(|&i| !v.is_moved(i) && !lost.contains(&i))
+            .filter(|i| !finished.is_some_and(|f| f.contains_key(i)))
+            .map(|i| i as u32)
+            .collect();
+        if takers.len() + lost.len() + v.moves.len() == self.roster.len() {
+            takers.clear(); // everyone left takes over: the short form
+        }
         for i in lost {
             v.moves.push(Move {
                 lost: i as u32,
                 from_event,
                 at_us: at,
+                claims: self.claims_of_fenced(i),
+                takers: takers.clone(),
             });
         }
         v.id = VersionId {
@@ -128,6 +143,32 @@ impl RunMachine {
         };
         self.next_seq += 1;
         self.issue(v, now);
+    }
+
+    /// The most a fenced member may have claimed: the highest of its claims heard
+    /// here and reported by the members that fenced it. A majority confirmed its
+    /// claims before it could use them, and a majority fenced it, so at least one
+    /// member in both has reported them.
+    fn claims_of_fenced(&self, i: usize) -> Vec<u64> {
+        let mut claims = vec![0u64; self.counted.len()];
+        if self.flaw == super::Flaw::NoClaims {
+            return claims;
+        }
+        let heard = self.peers.iter().enumerate().flat_map(|(j, p)| {
+            let reported = if j == i {
+                None
+            } else {
+                p.fenced_claims.get(&(i as u32))
+            };
+            let own = (Some(j) == self.my_index).then(|| &self.peers[i].claims);
+            reported.into_iter().chain(own)
+        });
+        for c in heard {
+            for (m, x) in claims.iter_mut().zip(c) {
+                *m = (*m).max(*x);
+            }
+        }
+        claims
     }
 
     /// Publishes a version as this term's leader and applies it here.
@@ -162,7 +203,7 @@ impl RunMachine {
 
     /// Takes up a version: the split, the engine, the report's events.
     pub(super) fn switch_version(&mut self, v: Version, now: Now) {
-        let split = match v.split(&self.roster) {
+        let split = match v.split(&self.roster, &self.counted) {
             Ok(s) => s,
             Err(_) => return,
         };
@@ -171,7 +212,7 @@ impl RunMachine {
             .moves
             .iter()
             .filter(|m| !self.version.as_ref().is_some_and(|o| o.moves.contains(m)))
-            .copied()
+            .cloned()
             .collect();
         self.digest = v.digest();
         let me_moved = self.my_index.is_some_and(|i| v.is_moved(i));
@@ -198,10 +239,16 @@ impl RunMachine {
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| !self.version.as_ref().is_some_and(|v| v.is_moved(*i)))
+                .filter(|(i, _)| m.takers.is_empty() || m.takers.contains(&(*i as u32)))
                 .map(|(_, r)| r.name.clone())
                 .collect();
+            let counted = if m.claims.is_empty() {
+                String::new()
+            } else {
+                format!(", counted iterations beyond {:?}", m.claims)
+            };
             let moved = format!(
-                "VUs and arrival events from #{} of {lost} to {}",
+                "VUs and arrival events from #{}{counted} of {lost} to {}",
                 m.from_event,
                 survivors.join(", ")
             );

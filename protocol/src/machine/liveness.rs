@@ -49,12 +49,16 @@ impl RunMachine {
         self.answer_due = false;
         let mut echoes = Vec::new();
         let mut fenced = Vec::new();
+        let mut fenced_claims = Vec::new();
         for (j, p) in self.peers.iter().enumerate() {
             if j == me {
                 continue;
             }
             if p.fenced_by_me {
                 fenced.push(j as u32);
+                if !self.counted.is_empty() {
+                    fenced_claims.push(p.claims.clone());
+                }
             } else if p.beat_sent > 0 && p.digest == self.digest {
                 echoes.push((j as u32, p.beat_sent));
             }
@@ -62,7 +66,8 @@ impl RunMachine {
         // Stamps strictly increase, so an echo names exactly one of them.
         let sent_us = now.mono_us.max(self.beat_sent + 1);
         self.beat_sent = sent_us;
-        self.my_beats.push_back((sent_us, self.digest));
+        self.my_beats
+            .push_back((sent_us, self.digest, self.my_claims.clone()));
         while self.my_beats.len() > BEATS_KEPT {
             self.my_beats.pop_front();
         }
@@ -79,6 +84,8 @@ impl RunMachine {
             version: self.version.clone(),
             echoes,
             fenced,
+            claims: self.my_claims.to_vec(),
+            fenced_claims,
             arrived,
             wants_echo,
         });
@@ -103,6 +110,8 @@ impl RunMachine {
             fenced,
             arrived,
             wants_echo,
+            claims,
+            fenced_claims,
             ..
         } = msg
         else {
@@ -152,6 +161,19 @@ impl RunMachine {
             .and_then(|me| echoes.iter().find(|(i, _)| *i as usize == me))
             .map(|(_, ts)| *ts);
         let p = &mut self.peers[j];
+        // Claims only grow: the highest heard is what a lost member may have used.
+        let k = self.counted.len();
+        if p.claims.len() < k {
+            p.claims.resize(k, 0);
+        }
+        for (mine, theirs) in p.claims.iter_mut().zip(claims.iter()) {
+            *mine = (*mine).max(*theirs);
+        }
+        p.fenced_claims = fenced
+            .iter()
+            .zip(fenced_claims.iter())
+            .map(|(f, c)| (*f, c.iter().take(k).copied().collect()))
+            .collect();
         p.fenced = new_fenced;
         p.beat_sent = *sent_us;
         p.term = *term;
@@ -164,8 +186,8 @@ impl RunMachine {
                 .my_beats
                 .iter()
                 .rev()
-                .find(|(s, _)| *s == ts)
-                .map_or(u64::MAX, |(_, d)| *d);
+                .find(|(s, _, _)| *s == ts)
+                .map_or(u64::MAX, |(_, d, _)| *d);
         }
         // A member at this node's version that has no lease (it just took the
         // version up), or this node lacking one, is answered at once: a version
@@ -316,12 +338,14 @@ impl RunMachine {
         }
     }
 
-    /// The lease this node holds now, from echoes of its stamps at its version.
-    fn compute_lease(&self) -> Option<u64> {
+    /// The lease this node holds now, from echoes of its stamps at its version, and
+    /// the claims of the heartbeat that lease rests on: every member of that majority
+    /// has heard them, so whichever majority later fences this node knows them.
+    fn compute_lease(&self) -> Option<(u64, Vec<u64>)> {
         let me = self.my_index?;
         let need = self.majority() - 1;
         if need == 0 {
-            return Some(u64::MAX);
+            return Some((u64::MAX, vec![u64::MAX; self.counted.len()]));
         }
         let mut echoes: Vec<u64> = self
             .peers
@@ -335,16 +359,42 @@ impl RunMachine {
         }
         // The need-th newest echo: the majority's slowest confirmation.
         let (_, nth, _) = echoes.select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
-        Some(nth.saturating_add(self.timing.lease_us))
+        let nth = *nth;
+        let claims = self
+            .my_beats
+            .iter()
+            .find(|(s, _, _)| *s == nth)
+            .map_or_else(|| vec![0; self.counted.len()], |(_, _, c)| c.to_vec());
+        Some((nth.saturating_add(self.timing.lease_us), claims))
+    }
+
+    /// The engine wants to go further into its counted scenarios.
+    pub(super) fn on_claims(&mut self, wanted: &[u64]) {
+        if wanted.iter().zip(self.my_claims.iter()).any(|(w, m)| w > m) {
+            let mut c = self.my_claims.to_vec();
+            for (m, w) in c.iter_mut().zip(wanted) {
+                *m = (*m).max(*w);
+            }
+            self.my_claims = std::sync::Arc::new(c);
+        }
     }
 
     pub(super) fn update_lease(&mut self, now: Now) {
         // Before an assignment the lease (at "no version") still says whether this
         // node is in touch with a majority: the leader needs one to assign.
-        let lease = match self.flaw {
-            super::Flaw::NoLease if self.my_index.is_some() => Some(u64::MAX),
+        let granted = match self.flaw {
+            super::Flaw::NoLease if self.my_index.is_some() => {
+                Some((u64::MAX, vec![u64::MAX; self.counted.len()]))
+            }
             _ => self.compute_lease(),
         };
+        let lease = granted.as_ref().map(|(l, _)| *l);
+        if let Some((_, claims)) = granted {
+            if claims != self.confirmed && !claims.is_empty() {
+                self.confirmed = claims.clone();
+                self.out.push(super::Effect::Claims(claims));
+            }
+        }
         if lease != self.lease {
             self.lease = lease;
             self.out.push(super::Effect::Lease(lease));

@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use crate::run::{BarrierDetail, Requirements, RosterEntry, RunMessage};
 use events::{Barrier, MemberStatus, RunEvent};
-use version::{Split, Version};
+use version::{Counted, Split, Version};
 
 /// The protocol's clocks, in µs. The values of a real mesh are [`Timing::mesh`]; the
 /// rules between them (`fail ≥ lease + margin`) are what the safety argument needs.
@@ -111,6 +111,9 @@ pub enum Flaw {
     NoLease,
     /// Versions are taken from any member, for any term at least this node's own.
     NoAuthority,
+    /// A lost member's counted work moves from the start, as if it had claimed
+    /// nothing.
+    NoClaims,
 }
 
 /// The time of an input: the node's monotonic clock (leases, silences) and its wall
@@ -140,6 +143,11 @@ pub trait RunSchedule: Send + Sync {
     fn first_event_at(&self, t_us: u64) -> u64;
     /// How long the plan runs, graceful stop included (µs).
     fn duration_us(&self) -> u64;
+    /// The plan's counted scenarios (shared-iterations, per-vu-iterations), in plan
+    /// order: their work moves by claims, not by time.
+    fn counted(&self) -> Vec<Counted> {
+        Vec::new()
+    }
 }
 
 /// Commands from this node's operator.
@@ -198,6 +206,10 @@ pub enum Input {
         missing: Vec<u64>,
     },
     Command(Command),
+    /// How far into each counted scenario this node's engine wants to be allowed
+    /// (see [`Effect::Claims`]): what it has claimed plus what it expects to claim
+    /// within a lease time. Announced in the next heartbeat.
+    Claims(Vec<u64>),
 }
 
 /// How the engine is to stop.
@@ -283,6 +295,10 @@ pub enum Effect {
     /// not at all.
     Lease(Option<u64>),
     StopEngine(StopKind),
+    /// How far into each counted scenario the engine may go: the claims a majority
+    /// has confirmed (heartbeats echoed). Nothing beyond may start, so a lost node's
+    /// counted work can move from its claims on without being done twice.
+    Claims(Vec<u64>),
     /// Publish this node's snapshot of second `seq` on the metrics topic.
     PublishSnapshot {
         seq: u64,
@@ -348,6 +364,10 @@ struct Peer {
     version: Option<Version>,
     digest: u64,
     fenced: BTreeSet<u32>,
+    /// The highest claims it announced (one per counted scenario).
+    claims: Vec<u64>,
+    /// The claims it last reported for the members it fenced.
+    fenced_claims: BTreeMap<u32, Vec<u64>>,
     /// The newest of this node's heartbeat stamps it echoed, and the version digest
     /// this node had when it sent that heartbeat.
     echo_of_me: u64,
@@ -415,8 +435,14 @@ pub struct RunMachine {
     /// How many members (this one included) have fenced each member, by this node's
     /// latest knowledge of their heartbeats.
     fence_count: Vec<usize>,
-    /// This node's own heartbeats: (stamp, digest), newest last, the last few seconds.
-    my_beats: std::collections::VecDeque<(u64, u64)>,
+    /// This node's own heartbeats: (stamp, digest, claims), newest last, the last
+    /// few seconds.
+    my_beats: std::collections::VecDeque<(u64, u64, Arc<Vec<u64>>)>,
+    /// The plan's counted scenarios, this node's claims announced on them, and the
+    /// part a majority confirmed.
+    counted: Vec<Counted>,
+    my_claims: Arc<Vec<u64>>,
+    confirmed: Vec<u64>,
     beat_sent: u64,
     lease: Option<u64>,
     lease_lost_noted: bool,
@@ -498,6 +524,9 @@ impl RunMachine {
             peers: Vec::new(),
             fence_count: Vec::new(),
             my_beats: Default::default(),
+            counted: Vec::new(),
+            my_claims: Arc::new(Vec::new()),
+            confirmed: Vec::new(),
             beat_sent: 0,
             lease: None,
             lease_lost_noted: false,
@@ -643,7 +672,9 @@ impl RunMachine {
         }
         // Heartbeats are most of the traffic: after one, only what a heartbeat can
         // change at once (terms, the lease); the rest follows at the next tick.
-        let light = matches!(&input, Input::Message { msg, .. } if matches!(msg.as_ref(), RunMessage::Beat { .. }));
+        // New claims only ride on the next heartbeat: nothing else follows from them.
+        let light = matches!(&input, Input::Claims(_))
+            || matches!(&input, Input::Message { msg, .. } if matches!(msg.as_ref(), RunMessage::Beat { .. }));
         match input {
             Input::Tick => self.on_tick(now),
             Input::Message { from, msg } => self.on_message(&from, &msg, now),
@@ -676,6 +707,7 @@ impl RunMachine {
             Input::EngineFinished { error } => self.on_engine_finished(error, now),
             Input::Fetched { node, got, missing } => self.on_fetched(&node, got, missing, now),
             Input::Command(Command::Stop { reason }) => self.on_stop_command(reason, now),
+            Input::Claims(wanted) => self.on_claims(&wanted),
         }
         if light {
             if std::mem::take(&mut self.beat_news)

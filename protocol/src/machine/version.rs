@@ -7,6 +7,11 @@
 //! member can rebuild it; its `digest` names the content. Two members with the same
 //! digest agree on every owner — which is what the lease rule compares.
 //!
+//! Counted work (shared-iterations, per-vu-iterations) has no schedule to say "from
+//! here on": a lost member's share moves from its *claims* on — the reservations a
+//! majority confirmed to it (see `liveness`), which the leader reads from the members
+//! that fenced it — so nothing it may have started is handed out again.
+//!
 //! Must not decide when to move a share (that is the leader's part) or hold state.
 
 use serde::{Deserialize, Serialize};
@@ -27,14 +32,106 @@ pub struct VersionId {
     pub seq: u64,
 }
 
-/// One failover: the member at roster index `lost` hands all its VU indices, and its
-/// arrival events from `from_event` on, to every member not lost by then.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// One failover: the member at roster index `lost` hands all its VU indices, its
+/// arrival events from `from_event` on, and its counted work beyond `claims`, to the
+/// `takers` (every member not lost by then, when empty).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Move {
     pub lost: u32,
     pub from_event: u64,
     /// Run time (µs) the move takes effect at, for the report.
     pub at_us: u64,
+    /// One per counted scenario (plan order): the most of it the lost member may
+    /// have started — pool slots for shared-iterations, the iteration number below
+    /// which its VUs may have started for per-vu-iterations. A missing entry moves
+    /// nothing of that scenario (the safe side).
+    #[serde(default)]
+    pub claims: Vec<u64>,
+    /// Roster indices that take over; empty: every member not moved.
+    #[serde(default)]
+    pub takers: Vec<u32>,
+}
+
+/// Most counted scenarios a run may have (claims travel in every heartbeat).
+pub const MAX_COUNTED: usize = 64;
+
+/// A scenario whose work is a number of iterations rather than a schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Counted {
+    /// shared-iterations: a pool of `iterations` split by capacity. A member's claim
+    /// counts the slots of its pool it may start.
+    Pool { iterations: u64 },
+    /// per-vu-iterations: every VU does `iterations`. A member's claim is the
+    /// iteration number below which its VUs may start; a taken-over VU goes on from
+    /// the lost member's claim.
+    PerVu { iterations: u64 },
+}
+
+/// A run of slots of some member's pool that a member took over: ranks `first..` of
+/// `from`'s pool, spread by `spread` (survivor striping, this member's position).
+/// A member's own base share is a piece with `from` = itself and no spread.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    pub from: usize,
+    pub first: u64,
+    pub count: u64,
+    pub spread: Option<(Striping, usize)>,
+}
+
+/// One counted scenario's work, member by member, after the moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountedSplit {
+    pub kind: Counted,
+    /// By member: its pool, in the order it works through it (Pool only).
+    pieces: Vec<Vec<Piece>>,
+    /// By member: the claim it was moved at (it may start nothing beyond).
+    caps: Vec<Option<u64>>,
+    /// By move: the claim a taken-over VU goes on from (PerVu only).
+    floors: Vec<u64>,
+}
+
+impl CountedSplit {
+    /// Slots of its pool member `node` may work through (Pool; 0 otherwise).
+    pub fn size(&self, node: usize) -> u64 {
+        let Some(pieces) = self.pieces.get(node) else {
+            return 0;
+        };
+        let sum = pieces.iter().fold(0u64, |a, p| a.saturating_add(p.count));
+        self.caps[node].map_or(sum, |c| sum.min(c))
+    }
+
+    /// What slot `rank` of `node`'s pool is, as (member, rank) of a base share: the
+    /// identity that "at most once" is about.
+    pub fn slot(&self, node: usize, rank: u64) -> Option<(usize, u64)> {
+        let (mut node, mut rank) = (node, rank);
+        // Each step goes one move back; there are fewer moves than members.
+        for _ in 0..=self.pieces.len() {
+            let mut r = rank;
+            let mut next = None;
+            for p in self.pieces.get(node)? {
+                if r < p.count {
+                    next = Some(match &p.spread {
+                        None => return Some((node, p.first + r)),
+                        Some((st, pos)) => (p.from, p.first.checked_add(st.nth_owned(*pos, r)?)?),
+                    });
+                    break;
+                }
+                r -= p.count;
+            }
+            (node, rank) = next?;
+        }
+        None
+    }
+
+    /// The first iteration a VU does here (PerVu): the highest claim of the members
+    /// it was taken from, 0 for a VU never moved.
+    pub fn first_iteration(&self, vus: &Assignment, vu: u64) -> u64 {
+        vus.moved_at(vu)
+            .into_iter()
+            .map(|level| self.floors.get(level).copied().unwrap_or(u64::MAX))
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// An assignment version as it travels: enough to rebuild the split exactly.
@@ -47,20 +144,53 @@ pub struct Version {
     pub moves: Vec<Move>,
 }
 
-/// Who owns which index: VU numbers and arrival events (one index space each).
+/// Who owns which index: VU numbers and arrival events (one index space each), and
+/// the counted scenarios' work.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Split {
     pub vus: Assignment,
     pub events: Assignment,
+    /// One per counted scenario, in plan order.
+    #[serde(default)]
+    pub counted: Vec<CountedSplit>,
 }
 
 impl Split {
     /// A run on one node.
-    pub fn single() -> Split {
-        Split {
+    pub fn single(counted: &[Counted]) -> Split {
+        let mut s = Split {
             vus: Assignment::single(),
             events: Assignment::single(),
-        }
+            counted: Vec::new(),
+        };
+        s.counted = counted
+            .iter()
+            .map(|&kind| base_counted(kind, &Striping::single()))
+            .collect();
+        s
+    }
+}
+
+fn base_counted(kind: Counted, base: &Striping) -> CountedSplit {
+    let n = base.segments();
+    let pieces = match kind {
+        Counted::Pool { iterations } => (0..n)
+            .map(|i| {
+                vec![Piece {
+                    from: i,
+                    first: 0,
+                    count: base.scale(i, iterations),
+                    spread: None,
+                }]
+            })
+            .collect(),
+        Counted::PerVu { .. } => vec![Vec::new(); n],
+    };
+    CountedSplit {
+        kind,
+        pieces,
+        caps: vec![None; n],
+        floors: Vec::new(),
     }
 }
 
@@ -74,6 +204,15 @@ impl Version {
         for m in &self.moves {
             h.update(m.lost.to_le_bytes());
             h.update(m.from_event.to_le_bytes());
+            // Lengths first, so that two lists cannot run into each other.
+            h.update((m.claims.len() as u64).to_le_bytes());
+            for c in &m.claims {
+                h.update(c.to_le_bytes());
+            }
+            h.update((m.takers.len() as u64).to_le_bytes());
+            for t in &m.takers {
+                h.update(t.to_le_bytes());
+            }
         }
         let d = h.finalize();
         let mut b = [0u8; 8];
@@ -86,39 +225,98 @@ impl Version {
         self.moves.iter().any(|m| m.lost as usize == i)
     }
 
-    /// Expands the version over the roster's capacities. Fails on a move that names
-    /// an unknown member, the same member twice, or leaves nobody to take over.
-    pub fn split(&self, roster: &[RosterEntry]) -> Result<Split, SegmentError> {
+    /// Expands the version over the roster's capacities and the plan's counted
+    /// scenarios. Fails on a move that names an unknown member, the same member
+    /// twice, a taker that is unknown or lost, or leaves nobody to take over.
+    pub fn split(
+        &self,
+        roster: &[RosterEntry],
+        counted: &[Counted],
+    ) -> Result<Split, SegmentError> {
         let weights: Vec<u64> = roster.iter().map(|m| u64::from(m.weight.max(1))).collect();
+        let bad = |why: String| SegmentError::BadWeights(why);
         if self.moves.len() > MAX_MOVES {
-            return Err(SegmentError::BadWeights(format!(
+            return Err(bad(format!(
                 "{} moves, at most {MAX_MOVES}",
                 self.moves.len()
             )));
         }
+        if counted.len() > MAX_COUNTED {
+            return Err(bad(format!(
+                "{} counted scenarios, at most {MAX_COUNTED}",
+                counted.len()
+            )));
+        }
         let base = Striping::from_weights(&weights)?;
         let mut vus = Assignment::new(base.clone());
-        let mut events = Assignment::new(base);
+        let mut events = Assignment::new(base.clone());
+        let mut pools: Vec<CountedSplit> =
+            counted.iter().map(|&k| base_counted(k, &base)).collect();
         let mut gone = vec![false; roster.len()];
         for m in &self.moves {
             let lost = m.lost as usize;
             if lost >= roster.len() {
-                return Err(SegmentError::BadWeights(format!(
+                return Err(bad(format!(
                     "move of member {lost} in a roster of {}",
                     roster.len()
                 )));
             }
             gone[lost] = true;
+            if m.takers.len() > roster.len() || m.claims.len() > MAX_COUNTED {
+                return Err(bad(format!(
+                    "move of member {lost}: too many takers or claims"
+                )));
+            }
+            let takes =
+                |i: usize| !gone[i] && (m.takers.is_empty() || m.takers.contains(&(i as u32)));
             let survivors: Vec<(usize, u64)> = weights
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| !gone[*i])
+                .filter(|(i, _)| takes(*i))
                 .map(|(i, w)| (i, *w))
                 .collect();
+            if m.takers
+                .iter()
+                .any(|&t| (t as usize) >= roster.len() || gone[t as usize])
+            {
+                return Err(bad(format!(
+                    "move of member {lost}: a taker is unknown or lost"
+                )));
+            }
             vus.reassign(Reassignment::new(lost, 0, &survivors)?)?;
             events.reassign(Reassignment::new(lost, m.from_event, &survivors)?)?;
+            let spread =
+                Striping::from_weights(&survivors.iter().map(|s| s.1).collect::<Vec<_>>())?;
+            for (c, pool) in pools.iter_mut().enumerate() {
+                // No claim for this scenario: keep all of it with the lost member.
+                let claim = m.claims.get(c).copied();
+                match pool.kind {
+                    Counted::Pool { .. } => {
+                        let have = pool.size(lost);
+                        let kept = claim.unwrap_or(have).min(have);
+                        pool.caps[lost] = Some(kept);
+                        let rest = have - kept;
+                        for (pos, &(s, _)) in survivors.iter().enumerate() {
+                            let count = spread.scale(pos, rest);
+                            if count > 0 {
+                                pool.pieces[s].push(Piece {
+                                    from: lost,
+                                    first: kept,
+                                    count,
+                                    spread: Some((spread.clone(), pos)),
+                                });
+                            }
+                        }
+                    }
+                    Counted::PerVu { .. } => pool.floors.push(claim.unwrap_or(u64::MAX)),
+                }
+            }
         }
-        Ok(Split { vus, events })
+        Ok(Split {
+            vus,
+            events,
+            counted: pools,
+        })
     }
 }
 
@@ -146,15 +344,17 @@ mod tests {
                 lost: 1,
                 from_event: 30,
                 at_us: 0,
+                claims: vec![],
+                takers: vec![],
             }],
         };
-        let s = v.split(&roster(3)).unwrap();
+        let s = v.split(&roster(3), &[]).unwrap();
         for e in 0..100u64 {
             let before = Version {
                 moves: vec![],
                 ..v.clone()
             }
-            .split(&roster(3))
+            .split(&roster(3), &[])
             .unwrap()
             .events
             .owner(e);
@@ -166,6 +366,103 @@ mod tests {
             }
         }
         assert!((0..50).all(|g| s.vus.owner(g) != 1));
+    }
+
+    fn mv(lost: u32, claims: Vec<u64>, takers: Vec<u32>) -> Move {
+        Move {
+            lost,
+            from_event: 0,
+            at_us: 0,
+            claims,
+            takers,
+        }
+    }
+
+    #[test]
+    fn counted_work_moves_from_the_claims_on_and_every_slot_has_one_owner() {
+        let counted = [
+            Counted::Pool { iterations: 101 },
+            Counted::PerVu { iterations: 10 },
+        ];
+        let v = Version {
+            id: VersionId::default(),
+            start_unix_us: 0,
+            moves: vec![mv(1, vec![20, 4], vec![]), mv(0, vec![30, 7], vec![3])],
+        };
+        let s = v.split(&roster(4), &counted).unwrap();
+        let pool = &s.counted[0];
+        let mut seen = std::collections::BTreeSet::new();
+        for node in 0..4 {
+            for k in 0..pool.size(node) {
+                let slot = pool.slot(node, k).expect("a slot within the size");
+                assert!(seen.insert(slot), "{slot:?} owned twice");
+            }
+        }
+        // Lost members keep exactly their claims; nothing else is lost or doubled.
+        assert_eq!(pool.size(1), 20);
+        assert!(pool.size(0) <= 30);
+        assert_eq!(seen.len(), 101);
+        assert_eq!(
+            pool.size(2) + pool.size(3) + pool.size(0) + pool.size(1),
+            101
+        );
+        // Only the named taker got member 0's rest.
+        let before = Version {
+            moves: vec![mv(1, vec![20, 4], vec![])],
+            ..v.clone()
+        }
+        .split(&roster(4), &counted)
+        .unwrap();
+        assert_eq!(pool.size(2), before.counted[0].size(2));
+        // A VU taken from member 1 goes on from its claim, from member 0 from the
+        // higher of the two claims along its way.
+        let per_vu = &s.counted[1];
+        let g1 = (0..100).find(|&g| s.vus.base().owner(g) == 1).unwrap();
+        assert!(per_vu.first_iteration(&s.vus, g1) >= 4);
+        let g0 = (0..100).find(|&g| s.vus.base().owner(g) == 0).unwrap();
+        assert_eq!(per_vu.first_iteration(&s.vus, g0), 7);
+        let g2 = (0..100).find(|&g| s.vus.base().owner(g) == 2).unwrap();
+        assert_eq!(per_vu.first_iteration(&s.vus, g2), 0);
+    }
+
+    #[test]
+    fn a_move_without_claims_moves_no_counted_work() {
+        let counted = [
+            Counted::Pool { iterations: 50 },
+            Counted::PerVu { iterations: 5 },
+        ];
+        let v = Version {
+            id: VersionId::default(),
+            start_unix_us: 0,
+            moves: vec![mv(2, vec![], vec![])],
+        };
+        let s = v.split(&roster(3), &counted).unwrap();
+        let base = Version {
+            moves: vec![],
+            ..v.clone()
+        }
+        .split(&roster(3), &counted)
+        .unwrap();
+        for node in 0..2 {
+            assert_eq!(s.counted[0].size(node), base.counted[0].size(node));
+        }
+        let g = (0..100).find(|&g| s.vus.base().owner(g) == 2).unwrap();
+        assert_eq!(s.counted[1].first_iteration(&s.vus, g), u64::MAX);
+    }
+
+    #[test]
+    fn takers_that_are_unknown_or_lost_are_refused() {
+        let v = Version {
+            id: VersionId::default(),
+            start_unix_us: 0,
+            moves: vec![mv(1, vec![], vec![1])],
+        };
+        assert!(v.split(&roster(3), &[]).is_err());
+        let v = Version {
+            moves: vec![mv(1, vec![], vec![7])],
+            ..v
+        };
+        assert!(v.split(&roster(3), &[]).is_err());
     }
 
     #[test]
@@ -182,6 +479,8 @@ mod tests {
             lost: 0,
             from_event: 1,
             at_us: 0,
+            claims: vec![],
+            takers: vec![],
         });
         assert_ne!(a.digest(), b.digest());
         assert_ne!(a.digest(), 0);
@@ -196,18 +495,22 @@ mod tests {
                 lost: 9,
                 from_event: 0,
                 at_us: 0,
+                claims: vec![],
+                takers: vec![],
             }],
         };
-        assert!(v.split(&roster(3)).is_err());
+        assert!(v.split(&roster(3), &[]).is_err());
         v.moves = (0..3)
             .map(|i| Move {
                 lost: i,
                 from_event: 0,
                 at_us: 0,
+                claims: vec![],
+                takers: vec![],
             })
             .collect();
-        assert!(v.split(&roster(3)).is_err(), "nobody left");
-        v.moves = vec![v.moves[0], v.moves[0]];
-        assert!(v.split(&roster(3)).is_err(), "same member twice");
+        assert!(v.split(&roster(3), &[]).is_err(), "nobody left");
+        v.moves = vec![v.moves[0].clone(), v.moves[0].clone()];
+        assert!(v.split(&roster(3), &[]).is_err(), "same member twice");
     }
 }

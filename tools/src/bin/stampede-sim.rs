@@ -37,16 +37,24 @@ struct Args {
     /// Arrival rate of the simulated plan (events per second).
     #[arg(long, default_value_t = 200)]
     rate: u64,
+    /// VUs of each of the plan's two counted scenarios (a shared-iterations pool and
+    /// per-vu-iterations); 0 leaves them out. Default: two per node.
+    #[arg(long)]
+    counted_vus: Option<u64>,
     /// Length of the simulated plan in seconds.
     #[arg(long, default_value_t = 20)]
     duration: u64,
-    /// Build a flaw into every machine (mutation check): none, no-lease, no-authority.
+    /// Build a flaw into every machine (mutation check): none, no-lease, no-authority,
+    /// no-claims.
     #[arg(long, default_value = "none")]
     flaw: String,
     /// Print the trace of every schedule, not just of violations.
     #[arg(long)]
     verbose: bool,
 }
+
+/// How long one counted iteration takes in the simulated plan.
+const COUNTED_ITER_US: u64 = 100_000;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -81,13 +89,25 @@ fn run(args: &Args) -> Result<bool, String> {
         "none" => Flaw::None,
         "no-lease" => Flaw::NoLease,
         "no-authority" => Flaw::NoAuthority,
-        other => return Err(format!("--flaw {other}: none, no-lease or no-authority")),
+        "no-claims" => Flaw::NoClaims,
+        other => {
+            return Err(format!(
+                "--flaw {other}: none, no-lease, no-authority or no-claims"
+            ))
+        }
     };
     let setup = Setup {
         nodes: args.nodes,
         plan: Plan {
             rate: args.rate,
             duration_us: args.duration * 1_000_000,
+            vus: args.counted_vus.unwrap_or(2 * args.nodes as u64),
+            // Counted work spans 40 % of the run, so that faults land in it.
+            rounds: args.duration * 1_000_000 * 4 / 10 / COUNTED_ITER_US,
+            pool: args.counted_vus.unwrap_or(2 * args.nodes as u64) * args.duration * 1_000_000 * 4
+                / 10
+                / COUNTED_ITER_US,
+            iter_us: COUNTED_ITER_US,
         },
         timing: Timing::mesh(),
         tail_us: 90_000_000,
@@ -100,11 +120,14 @@ fn run(args: &Args) -> Result<bool, String> {
     let began = Instant::now();
     let (mut violations, mut checked, mut failed_seeds) = (0usize, 0usize, Vec::new());
     let mut starts = 0usize;
+    let mut counted = 0usize;
     let mut dropped = 0u64;
     for &seed in &seeds {
         let (world, found) = run_one(&setup, &kinds, seed);
         checked += INVARIANTS.len();
         starts += world.starts.iter().map(Vec::len).sum::<usize>();
+        counted += world.pool_starts.values().map(Vec::len).sum::<usize>()
+            + world.vu_starts.values().map(Vec::len).sum::<usize>();
         dropped += world.nodes.iter().map(|n| n.engine.dropped).sum::<u64>();
         if !found.is_empty() || args.verbose || args.seed.is_some() {
             println!("seed {seed}: schedule {:?}", world.schedule);
@@ -123,7 +146,7 @@ fn run(args: &Args) -> Result<bool, String> {
         }
     }
     println!(
-        "stampede-sim: {} schedules of {} nodes, {checked} invariant checks, {starts} iterations started ({dropped} dropped late after a lapsed lease), {violations} violations{} ({:.1} s)",
+        "stampede-sim: {} schedules of {} nodes, {checked} invariant checks, {starts} arrivals and {counted} counted iterations started ({dropped} arrivals dropped late after a lapsed lease), {violations} violations{} ({:.1} s)",
         seeds.len(),
         args.nodes,
         if failed_seeds.is_empty() {

@@ -56,6 +56,28 @@ pub fn check(w: &World) -> Vec<Violation> {
         }
     }
 
+    // ... and no counted iteration (pool slot, or a VU's iteration) started twice.
+    let twice = w
+        .pool_starts
+        .iter()
+        .map(|(k, s)| (format!("pool slot {k:?}"), s))
+        .chain(
+            w.vu_starts
+                .iter()
+                .map(|(k, s)| (format!("VU {} iteration {}", k.0, k.1), s)),
+        )
+        .find(|(_, s)| s.len() > 1);
+    if let Some((what, s)) = twice {
+        let who: Vec<String> = s
+            .iter()
+            .map(|x| format!("n{} at {:.3}s", x.node, x.at as f64 / 1e6))
+            .collect();
+        fail(
+            "at-most-once",
+            format!("{what} started {} times: {}", s.len(), who.join(", ")),
+        );
+    }
+
     // Never more than planned: per second of the true run clock, the starts are at
     // most the events planned in that second and the start-boundary tolerance before.
     let tolerance = LATE_LIMIT_US as i64 + w.schedule.offset_error_us + 1_000;
@@ -113,6 +135,18 @@ pub fn check(w: &World) -> Vec<Violation> {
                     plan.at(k) as f64 / 1e6
                 ),
             );
+        }
+    }
+
+    // Counted work: once the takeover is done, every slot a live member holds in the
+    // final split is started, when the run leaves time for it (a lost member's
+    // unconfirmed-but-claimed work is lost with it, at most a second's worth).
+    if !lossy && w.schedule.delay_max < 50_000 && plan.vus > 0 {
+        let work = plan.rounds * plan.iter_us;
+        if recovered_from + work + 2_000_000 < plan.duration_us + start_at_virtual {
+            if let Some(missed) = counted_unstarted(w) {
+                fail("liveness", missed);
+            }
         }
     }
 
@@ -207,6 +241,41 @@ pub fn check(w: &World) -> Vec<Violation> {
         }
     }
     out
+}
+
+/// The first counted iteration that a live member owns in the final split but never
+/// started, if any.
+fn counted_unstarted(w: &World) -> Option<String> {
+    use super::engine::{PER_VU, POOL};
+    let plan = w.setup.plan;
+    let live = |i: usize| !w.nodes[i].crashed && !w.nodes[i].paused;
+    let holder = (0..w.nodes.len()).find(|&i| live(i) && w.nodes[i].machine.is_some())?;
+    let m = w.nodes[holder].machine.as_ref()?;
+    let v = m.version()?;
+    let split = v.split(m.roster(), &plan.counted()).ok()?;
+    let moved = |i: usize| v.is_moved(i) || !live(i);
+    let pool = &split.counted[POOL];
+    for s in (0..m.roster().len()).filter(|&s| !moved(s)) {
+        for k in 0..pool.size(s) {
+            let slot = pool.slot(s, k)?;
+            if !w.pool_starts.contains_key(&slot) {
+                return Some(format!("n{s}'s pool slot {k} ({slot:?}) was never started"));
+            }
+        }
+    }
+    let rounds = &split.counted[PER_VU];
+    for g in 0..plan.vus {
+        let o = split.vus.owner(g);
+        if moved(o) {
+            continue;
+        }
+        for i in rounds.first_iteration(&split.vus, g)..plan.rounds {
+            if !w.vu_starts.contains_key(&(g, i)) {
+                return Some(format!("VU {g} (on n{o}) never started iteration {i}"));
+            }
+        }
+    }
+    None
 }
 
 /// The seconds a report names as missing for one node.

@@ -2,10 +2,13 @@
 //! way the real engine walks it — an event is started only if this node owns it in
 //! its current split and holds its lease; an event held up by a lapsed lease and then
 //! more than [`LATE_LIMIT_US`] overdue is dropped, never started late in a burst.
+//! Beside it, two counted scenarios as the real engine runs them: a shared pool
+//! (shared-iterations) and per-VU iterations, every iteration claimed within the
+//! claims the protocol confirmed.
 //!
 //! Must not know about the network or the protocol beyond the split and the lease.
 
-use stampede_protocol::machine::version::Split;
+use stampede_protocol::machine::version::{Counted, Split};
 
 /// How late an event may still start after the node had to wait (for its lease):
 /// the start-boundary tolerance of "never more than planned".
@@ -16,9 +19,34 @@ pub const LATE_LIMIT_US: u64 = 100_000;
 pub struct Plan {
     pub rate: u64,
     pub duration_us: u64,
+    /// VUs of each counted scenario (0: no counted scenarios).
+    pub vus: u64,
+    /// Slots of the shared pool, and iterations of each VU of the per-VU scenario.
+    pub pool: u64,
+    pub rounds: u64,
+    /// How long one counted iteration takes.
+    pub iter_us: u64,
 }
 
+/// Claims index of the pool and of the per-VU scenario.
+pub const POOL: usize = 0;
+pub const PER_VU: usize = 1;
+
 impl Plan {
+    pub fn counted(&self) -> Vec<Counted> {
+        if self.vus == 0 {
+            return Vec::new();
+        }
+        vec![
+            Counted::Pool {
+                iterations: self.pool,
+            },
+            Counted::PerVu {
+                iterations: self.rounds,
+            },
+        ]
+    }
+
     pub fn total(&self) -> u64 {
         self.rate * self.duration_us / 1_000_000
     }
@@ -38,6 +66,16 @@ impl stampede_protocol::machine::RunSchedule for Plan {
     fn duration_us(&self) -> u64 {
         self.duration_us
     }
+    fn counted(&self) -> Vec<Counted> {
+        Plan::counted(self)
+    }
+}
+
+/// One counted VU here: busy until, and (per-VU) its next iteration.
+#[derive(Debug, Clone, Copy)]
+struct CountedVu {
+    busy_until: u64,
+    next: u64,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +96,13 @@ pub struct Engine {
     /// Events started, by this node's run-time second.
     pub per_second: Vec<u64>,
     pub dropped: u64,
+    /// Confirmed claims (Effect::Claims), and what this node claimed.
+    pub allowed: Vec<u64>,
+    pub claimed: [u64; 2],
+    pool_vus: std::collections::BTreeMap<u64, CountedVu>,
+    moves_seen: Vec<(usize, u64)>,
+    mine: Option<Vec<u64>>,
+    per_vu: std::collections::BTreeMap<u64, CountedVu>,
 }
 
 /// What the engine did in one step.
@@ -65,6 +110,9 @@ pub struct Engine {
 pub struct Step {
     /// (event, local run time) started.
     pub started: Vec<(u64, u64)>,
+    /// Pool slots started, as (base member, rank); per-VU iterations as (VU, i).
+    pub pool: Vec<(usize, u64)>,
+    pub per_vu: Vec<(u64, u64)>,
     pub told_started: bool,
     pub seconds: Vec<u64>,
     pub finished: bool,
@@ -113,6 +161,12 @@ impl Engine {
             self.per_second[s] += 1;
             out.started.push((k, run_t));
         }
+        if lease_ok && plan.vus > 0 {
+            if let Some(split) = self.split.take() {
+                self.counted(plan, &split, run_t, &mut out);
+                self.split = Some(split);
+            }
+        }
         let end = run_t >= plan.duration_us || self.stopped;
         let complete = if end {
             (run_t / 1_000_000 + 1).min(plan.duration_us.div_ceil(1_000_000).max(1))
@@ -128,6 +182,74 @@ impl Engine {
             out.finished = true;
         }
         out
+    }
+
+    /// Starts every counted iteration due: a free VU claims a pool slot (or its next
+    /// iteration) within the confirmed claims.
+    fn counted(&mut self, plan: &Plan, split: &Split, run_t: u64, out: &mut Step) {
+        let allowed = |c: usize| self.allowed.get(c).copied().unwrap_or(0);
+        let (a_pool, a_vu) = (allowed(POOL), allowed(PER_VU));
+        let (Some(pool), Some(rounds)) = (split.counted.get(POOL), split.counted.get(PER_VU))
+        else {
+            return;
+        };
+        let size = pool.size(self.index);
+        // Which VUs are here changes only with the split's moves: listing them is
+        // the costly part of a step, so it is redone only then.
+        let moves: Vec<(usize, u64)> = (split.vus.reassignments().iter())
+            .map(|r| (r.lost, r.from_index))
+            .collect();
+        let fresh = moves != self.moves_seen || self.mine.is_none();
+        if fresh {
+            self.moves_seen = moves;
+            self.mine = Some(
+                (split.vus.owned_from(self.index, 0))
+                    .take_while(|&g| g < plan.vus)
+                    .collect(),
+            );
+        }
+        let mine = self.mine.clone().unwrap_or_default();
+        for g in mine {
+            let v = self.pool_vus.entry(g).or_insert(CountedVu {
+                busy_until: 0,
+                next: 0,
+            });
+            if v.busy_until <= run_t && self.claimed[POOL] < size.min(a_pool) {
+                out.pool.extend(pool.slot(self.index, self.claimed[POOL]));
+                self.claimed[POOL] += 1;
+                v.busy_until = run_t + plan.iter_us;
+            }
+            let known = self.per_vu.contains_key(&g);
+            let v = self.per_vu.entry(g).or_insert(CountedVu {
+                busy_until: 0,
+                next: 0,
+            });
+            if fresh || !known {
+                v.next = v.next.max(rounds.first_iteration(&split.vus, g));
+            }
+            if v.busy_until <= run_t && v.next < plan.rounds && v.next < a_vu {
+                out.per_vu.push((g, v.next));
+                self.claimed[PER_VU] = self.claimed[PER_VU].max(v.next + 1);
+                v.next += 1;
+                v.busy_until = run_t + plan.iter_us;
+            }
+        }
+    }
+
+    /// The claims to ask for: what is claimed plus a second's worth.
+    pub fn wanted(&self, plan: &Plan) -> Vec<u64> {
+        if plan.vus == 0 {
+            return Vec::new();
+        }
+        let per_s = 1_000_000 / plan.iter_us.max(1);
+        let mine = self
+            .split
+            .as_ref()
+            .map_or(1, |s| s.vus.scale(self.index, plan.vus).max(1));
+        vec![
+            self.claimed[POOL] + per_s * mine,
+            self.claimed[PER_VU] + per_s,
+        ]
     }
 
     pub fn count(&self, second: u64) -> u64 {

@@ -127,6 +127,7 @@ pub struct Node {
     pub versions: Vec<Version>,
     pub term_at_done: u64,
     pub roster: Vec<String>,
+    claims_sent: Vec<u64>,
 }
 
 /// A started event: who, when (virtual time), and the run time it happened at by the
@@ -149,6 +150,10 @@ pub struct World {
     events: Vec<Option<Ev>>,
     pub nodes: Vec<Node>,
     pub starts: Vec<Vec<Start>>,
+    /// Counted iterations started: pool slots by (base member, rank), per-VU
+    /// iterations by (VU, iteration).
+    pub pool_starts: std::collections::BTreeMap<(usize, u64), Vec<Start>>,
+    pub vu_starts: std::collections::BTreeMap<(u64, u64), Vec<Start>>,
     pub trace: VecDeque<String>,
     pub run_start_unix: Option<u64>,
     partitions: Vec<(Vec<usize>, u64, u64)>,
@@ -177,6 +182,7 @@ impl World {
                 versions: Vec::new(),
                 term_at_done: 0,
                 roster: Vec::new(),
+                claims_sent: Vec::new(),
             })
             .collect();
         let partitions = schedule
@@ -198,6 +204,8 @@ impl World {
             events: Vec::new(),
             nodes,
             starts: vec![Vec::new(); total],
+            pool_starts: Default::default(),
+            vu_starts: Default::default(),
             trace: VecDeque::new(),
             run_start_unix: None,
             partitions,
@@ -376,6 +384,16 @@ impl World {
                 if self.nodes[node].paused {
                     return;
                 }
+                // As the node's driver does: the engine's wanted claims, then the tick.
+                let plan = self.setup.plan;
+                let e = &self.nodes[node].engine;
+                if e.running && !e.finished {
+                    let wanted = e.wanted(&plan);
+                    if wanted != self.nodes[node].claims_sent {
+                        self.nodes[node].claims_sent = wanted.clone();
+                        self.input(node, Input::Claims(wanted));
+                    }
+                }
                 self.input(node, Input::Tick);
                 self.forge(node);
             }
@@ -539,6 +557,7 @@ impl World {
                 }
                 Effect::SwapSplit(split) => self.nodes[i].engine.split = Some(split),
                 Effect::Lease(l) => self.nodes[i].engine.lease = l,
+                Effect::Claims(c) => self.nodes[i].engine.allowed = c,
                 Effect::StopEngine(_) => self.nodes[i].engine.stopped = true,
                 Effect::PublishSnapshot { seq } => {
                     self.nodes[i].published.insert(seq);
@@ -618,19 +637,24 @@ impl World {
         let now = self.clocks(i);
         let plan = self.setup.plan;
         let step = self.nodes[i].engine.step(&plan, now.wall_us, now.mono_us);
-        if !step.started.is_empty() {
-            let start = self.run_start_unix.unwrap_or(0) as i64;
-            // The true run clock is node 0's wall clock.
-            let true_run =
-                (self.now as i64 + 1_000_000_000_000 + self.nodes[0].wall_offset) - start;
-            for (k, _) in &step.started {
-                self.starts[*k as usize].push(Start {
-                    node: i,
-                    at: self.now,
-                    true_run_us: true_run,
-                });
-            }
+        let start = self.run_start_unix.unwrap_or(0) as i64;
+        // The true run clock is node 0's wall clock.
+        let true_run = (self.now as i64 + 1_000_000_000_000 + self.nodes[0].wall_offset) - start;
+        let here = Start {
+            node: i,
+            at: self.now,
+            true_run_us: true_run,
+        };
+        for (k, _) in &step.started {
+            self.starts[*k as usize].push(here);
         }
+        for slot in &step.pool {
+            self.pool_starts.entry(*slot).or_default().push(here);
+        }
+        for slot in &step.per_vu {
+            self.vu_starts.entry(*slot).or_default().push(here);
+        }
+
         if step.told_started {
             self.input(
                 i,
@@ -672,6 +696,8 @@ impl World {
                 lost: victim,
                 from_event: FORGED_EVENT,
                 at_us: 0,
+                claims: vec![0, 0],
+                takers: Vec::new(),
             }],
         };
         let mut forged = Vec::new();
