@@ -228,9 +228,7 @@ async fn dispatch(shop: &Shop, route: Route, req: Request<Incoming>) -> Resp {
         | Route::Stats
         | Route::StatsReset
         | Route::Control
-        | Route::Page(..) => {
-            error(StatusCode::NOT_FOUND, "not found")
-        }
+        | Route::Page(..) => error(StatusCode::NOT_FOUND, "not found"),
     }
 }
 
