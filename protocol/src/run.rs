@@ -557,7 +557,7 @@ fn oversized(v: &crate::machine::version::Version) -> bool {
     v.moves.len() > MAX_MEMBERS
         || v.moves
             .iter()
-            .any(|m| m.claims.len() > MAX_COUNTED || m.takers.len() > MAX_MEMBERS)
+            .any(|m| m.claims.len() > MAX_COUNTED || m.takers.len() > MAX_MEMBERS.div_ceil(8))
 }
 
 #[cfg(test)]

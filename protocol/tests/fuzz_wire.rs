@@ -231,7 +231,7 @@ fn valid_messages() -> Vec<Vec<u8>> {
                     from_event: 300,
                     at_us: 5_000_000,
                     claims: vec![40, 7],
-                    takers: vec![0, 2],
+                    takers: vec![0b101],
                 }],
             },
         }),

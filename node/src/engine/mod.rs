@@ -205,21 +205,7 @@ impl Lease {
 
     /// Waits until the lease holds, the run stops or `give_up` passes; true if held.
     async fn wait(&self, stop: &mut watch::Receiver<Stop>, give_up: Instant) -> bool {
-        let mut rx = self.subscribe();
-        loop {
-            if self.holds() {
-                return true;
-            }
-            if *stop.borrow() != Stop::Running || Instant::now() >= give_up {
-                return false;
-            }
-            tokio::select! {
-                _ = rx.changed() => {}
-                _ = stop.changed() => {}
-                // The deadline may pass while nothing changes.
-                _ = tokio::time::sleep_until(give_up.into()) => {}
-            }
-        }
+        self.wait_for(|| self.holds(), stop, give_up).await
     }
 }
 
@@ -936,11 +922,14 @@ struct CountedWork {
     /// VU indices one of this node's workers runs (a failover re-deals VUs over the
     /// workers, and a VU must never run twice), and for per-vu-iterations the next
     /// iteration of every VU that ran here (a VU that finished is not started again).
-    running: std::sync::Mutex<(
-        std::collections::BTreeSet<u64>,
-        std::collections::BTreeMap<u64, u64>,
-    )>,
+    running: std::sync::Mutex<RunningVus>,
 }
+
+/// VUs running here, and the next iteration of each VU that ran here.
+type RunningVus = (
+    std::collections::BTreeSet<u64>,
+    std::collections::BTreeMap<u64, u64>,
+);
 
 impl CountedWork {
     fn for_plan(spec: &RunSpec) -> Vec<CountedWork> {
@@ -976,10 +965,7 @@ impl CountedWork {
     /// Takes VU `g` for this worker, unless another runs it: Some(the iteration it
     /// goes on from, at least `first`).
     fn start(&self, g: u64, first: u64) -> Option<u64> {
-        let mut r = match self.running.lock() {
-            Ok(r) => r,
-            Err(p) => p.into_inner(),
-        };
+        let mut r = self.lock();
         if !r.0.insert(g) {
             return None;
         }
@@ -988,10 +974,7 @@ impl CountedWork {
 
     /// VU `g` stopped here; `next` is the iteration it would have done next.
     fn end(&self, g: u64, next: u64) {
-        let mut r = match self.running.lock() {
-            Ok(r) => r,
-            Err(p) => p.into_inner(),
-        };
+        let mut r = self.lock();
         r.0.remove(&g);
         let n = r.1.entry(g).or_insert(0);
         *n = (*n).max(next);
@@ -999,11 +982,13 @@ impl CountedWork {
 
     /// The iteration VU `g` would go on from here (0 if it never ran here).
     fn next_of(&self, g: u64) -> u64 {
-        let r = match self.running.lock() {
-            Ok(r) => r,
-            Err(p) => p.into_inner(),
-        };
-        r.1.get(&g).copied().unwrap_or(0)
+        self.lock().1.get(&g).copied().unwrap_or(0)
+    }
+
+    /// The running set and progress; a worker that panicked holding it left them
+    /// consistent (each update is one insert or remove).
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunningVus> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

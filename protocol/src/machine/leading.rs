@@ -120,14 +120,15 @@ impl RunMachine {
         let mut v = current;
         // Members whose engine ended take nothing: work handed to them would be lost.
         let finished = self.arrivals.get(&super::events::Barrier::Finished);
-        let mut takers: Vec<u32> = (0..self.roster.len())
+        let taking: Vec<usize> = (0..self.roster.len())
             .filter(|&i| !v.is_moved(i) && !lost.contains(&i))
             .filter(|i| !finished.is_some_and(|f| f.contains_key(i)))
-            .map(|i| i as u32)
             .collect();
-        if takers.len() + lost.len() + v.moves.len() == self.roster.len() {
-            takers.clear(); // everyone left takes over: the short form
-        }
+        let takers = if taking.len() + lost.len() + v.moves.len() == self.roster.len() {
+            Vec::new() // everyone left takes over: the short form
+        } else {
+            super::version::member_set(taking)
+        };
         for i in lost {
             v.moves.push(Move {
                 lost: i as u32,
@@ -239,7 +240,7 @@ impl RunMachine {
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| !self.version.as_ref().is_some_and(|v| v.is_moved(*i)))
-                .filter(|(i, _)| m.takers.is_empty() || m.takers.contains(&(*i as u32)))
+                .filter(|(i, _)| m.takes(*i))
                 .map(|(_, r)| r.name.clone())
                 .collect();
             let counted = if m.claims.is_empty() {

@@ -47,9 +47,34 @@ pub struct Move {
     /// nothing of that scenario (the safe side).
     #[serde(default)]
     pub claims: Vec<u64>,
-    /// Roster indices that take over; empty: every member not moved.
+    /// The members that take over, as a bit set of roster indices (bit i of byte
+    /// i / 8); empty: every member not moved. A bit set keeps a version small in a
+    /// large mesh: it travels in every heartbeat.
     #[serde(default)]
-    pub takers: Vec<u32>,
+    pub takers: Vec<u8>,
+}
+
+impl Move {
+    /// Whether roster index `i` is among the takers.
+    pub fn takes(&self, i: usize) -> bool {
+        self.takers.is_empty()
+            || self
+                .takers
+                .get(i / 8)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+}
+
+/// A set of roster indices as a move's `takers` bit set.
+pub fn member_set(members: impl IntoIterator<Item = usize>) -> Vec<u8> {
+    let mut bits = Vec::new();
+    for i in members {
+        if bits.len() <= i / 8 {
+            bits.resize(i / 8 + 1, 0);
+        }
+        bits[i / 8] |= 1 << (i % 8);
+    }
+    bits
 }
 
 /// Most counted scenarios a run may have (claims travel in every heartbeat).
@@ -210,9 +235,7 @@ impl Version {
                 h.update(c.to_le_bytes());
             }
             h.update((m.takers.len() as u64).to_le_bytes());
-            for t in &m.takers {
-                h.update(t.to_le_bytes());
-            }
+            h.update(&m.takers);
         }
         let d = h.finalize();
         let mut b = [0u8; 8];
@@ -262,22 +285,21 @@ impl Version {
                 )));
             }
             gone[lost] = true;
-            if m.takers.len() > roster.len() || m.claims.len() > MAX_COUNTED {
+            if m.takers.len() > roster.len().div_ceil(8) || m.claims.len() > MAX_COUNTED {
                 return Err(bad(format!(
                     "move of member {lost}: too many takers or claims"
                 )));
             }
-            let takes =
-                |i: usize| !gone[i] && (m.takers.is_empty() || m.takers.contains(&(i as u32)));
+            let takes = |i: usize| !gone[i] && m.takes(i);
             let survivors: Vec<(usize, u64)> = weights
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| takes(*i))
                 .map(|(i, w)| (i, *w))
                 .collect();
-            if m.takers
-                .iter()
-                .any(|&t| (t as usize) >= roster.len() || gone[t as usize])
+            let named = m.takers.len() * 8;
+            if (0..named)
+                .any(|i| !m.takers.is_empty() && m.takes(i) && (i >= roster.len() || gone[i]))
             {
                 return Err(bad(format!(
                     "move of member {lost}: a taker is unknown or lost"
@@ -368,13 +390,13 @@ mod tests {
         assert!((0..50).all(|g| s.vus.owner(g) != 1));
     }
 
-    fn mv(lost: u32, claims: Vec<u64>, takers: Vec<u32>) -> Move {
+    fn mv(lost: u32, claims: Vec<u64>, takers: Vec<usize>) -> Move {
         Move {
             lost,
             from_event: 0,
             at_us: 0,
             claims,
-            takers,
+            takers: member_set(takers),
         }
     }
 
