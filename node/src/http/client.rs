@@ -172,7 +172,7 @@ impl Shared {
         self.diagnoses.lock().map(|d| d.clone()).unwrap_or_default()
     }
 
-    fn note(&self, kind: HttpErrorKind, line: &str) {
+    pub(super) fn note(&self, kind: HttpErrorKind, line: &str) {
         let Ok(mut d) = self.diagnoses.lock() else {
             return;
         };
