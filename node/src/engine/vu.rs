@@ -138,19 +138,12 @@ impl Vu {
         for (si, step) in flow.steps.iter().enumerate() {
             let series = sc.series_base[slot] + si;
             if let Some(ws) = &step.ws {
-                match self
-                    .ws_step(ctx, step, ws, series, step_intended, flow_index, &rows)
-                    .await
-                {
-                    Some(done) => last_done = done,
-                    None => {
-                        failed = true;
-                        break;
-                    }
-                }
-                if self.think(step.think).await {
-                    last_done = Instant::now();
-                }
+                let ran = self.ws_step(ctx, step, ws, series, step_intended, flow_index, &rows);
+                let Some(done) = ran.await else {
+                    failed = true;
+                    break;
+                };
+                last_done = self.think(step.think, done).await;
                 step_intended = last_done;
                 continue;
             }
@@ -251,7 +244,7 @@ impl Vu {
                         }
                         s.failed += 1;
                         s.checks_failed += step.check.count();
-                        s.errors[error_class(e.kind()) as usize] += 1;
+                        s.errors[e.kind().class() as usize] += 1;
                         false
                     }
                 }
@@ -271,9 +264,7 @@ impl Vu {
                     break;
                 }
             }
-            if self.think(step.think).await {
-                last_done = Instant::now();
-            }
+            last_done = self.think(step.think, last_done).await;
             step_intended = last_done;
         }
 
@@ -301,17 +292,18 @@ impl Vu {
 }
 
 impl Vu {
-    /// Thinks as the step says; true when it did (the clock must be read again).
-    async fn think(&mut self, think: Think) -> bool {
+    /// Thinks as the step says after a step that ended at `done`; returns when the
+    /// thinking ended (`done` itself when there is none: no clock read).
+    async fn think(&mut self, think: Think, done: Instant) -> Instant {
         match think {
-            Think::None => return false,
+            Think::None => return done,
             Think::Fixed(d) => tokio::time::sleep(d).await,
             Think::Range(a, b) => {
                 let d = a + (b - a).mul_f64(self.rng.random::<f64>());
                 tokio::time::sleep(d).await;
             }
         }
-        true
+        Instant::now()
     }
 
     /// Runs one WebSocket step and records it in `series` like a request (latency
@@ -521,17 +513,6 @@ fn no_socket(ctx: &WorkerCtx, slot: usize) -> WsError {
 
 pub fn micros(d: Duration) -> u64 {
     d.as_micros().min(u64::MAX as u128) as u64
-}
-
-fn error_class(k: HttpErrorKind) -> ErrorClass {
-    match k {
-        HttpErrorKind::Dns => ErrorClass::Dns,
-        HttpErrorKind::Connect | HttpErrorKind::Io => ErrorClass::Connect,
-        HttpErrorKind::Tls => ErrorClass::Tls,
-        HttpErrorKind::Timeout => ErrorClass::Timeout,
-        HttpErrorKind::Refused => ErrorClass::Refused,
-        HttpErrorKind::InvalidRequest | HttpErrorKind::Protocol => ErrorClass::Other,
-    }
 }
 
 /// Renders a step into a request. Errors are a template that rendered an invalid URL

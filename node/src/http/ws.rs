@@ -20,7 +20,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::client::{open_h1_io, Shared};
 use super::h1::Io;
-use super::{HttpError, HttpErrorKind, Url};
+use super::{HttpError, Url};
 
 /// The largest message a target may send (and a plan may send): 16 MiB.
 pub const MAX_MESSAGE: usize = 16 << 20;
@@ -57,15 +57,7 @@ impl std::fmt::Display for WsError {
 }
 
 fn from_http(e: HttpError) -> WsError {
-    let class = match e.kind() {
-        HttpErrorKind::Dns => ErrorClass::Dns,
-        HttpErrorKind::Connect | HttpErrorKind::Io => ErrorClass::Connect,
-        HttpErrorKind::Tls => ErrorClass::Tls,
-        HttpErrorKind::Timeout => ErrorClass::Timeout,
-        HttpErrorKind::Refused => ErrorClass::Refused,
-        HttpErrorKind::InvalidRequest | HttpErrorKind::Protocol => ErrorClass::Other,
-    };
-    WsError::new(class, e.message())
+    WsError::new(e.kind().class(), e.message())
 }
 
 /// A tungstenite error as a WebSocket failure of `what` (e.g. "receive").
@@ -259,15 +251,26 @@ impl WsConn {
                 }
             }
         };
-        match tokio::time::timeout(timeout, self.stream.send(msg)).await {
-            Ok(Ok(())) => {
-                self.last_sent = Some(Instant::now());
-                Ok(())
-            }
-            Ok(Err(e)) => Err(from_ws("send", &self.url, e)),
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.write("send", msg, deadline, timeout).await?;
+        self.last_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Writes and flushes one frame by `deadline` (`timeout` names it in the error).
+    async fn write(
+        &mut self,
+        what: &str,
+        msg: Message,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<(), WsError> {
+        match tokio::time::timeout_at(deadline, self.stream.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(from_ws(what, &self.url, e)),
             Err(_) => Err(WsError::new(
                 ErrorClass::Timeout,
-                format!("{}: send: not written within {timeout:?}", self.url),
+                format!("{}: {what}: not written within {timeout:?}", self.url),
             )),
         }
     }
@@ -339,22 +342,8 @@ impl WsConn {
     pub async fn ping(&mut self, timeout: Duration) -> Result<(Duration, u64), WsError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + timeout;
-        match tokio::time::timeout_at(
-            deadline,
-            self.stream
-                .send(Message::Ping(bytes::Bytes::from_static(b"stampede"))),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(from_ws("ping", &self.url, e)),
-            Err(_) => {
-                return Err(WsError::new(
-                    ErrorClass::Timeout,
-                    format!("{}: ping: not written within {timeout:?}", self.url),
-                ))
-            }
-        }
+        let ping = Message::Ping(bytes::Bytes::from_static(b"stampede"));
+        self.write("ping", ping, deadline, timeout).await?;
         let mut arrived = 0;
         loop {
             match self.read_frame(deadline).await {
@@ -397,16 +386,9 @@ impl WsConn {
         };
         let deadline = tokio::time::Instant::now() + timeout;
         let mut dropped = self.held.len() as u64;
-        match tokio::time::timeout_at(deadline, self.stream.close(Some(frame))).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(from_ws("close", &self.url, e)),
-            Err(_) => {
-                return Err(WsError::new(
-                    ErrorClass::Timeout,
-                    format!("{}: close: not written within {timeout:?}", self.url),
-                ))
-            }
-        }
+        // Sending a close frame starts the closing handshake (what `stream.close` does).
+        self.write("close", Message::Close(Some(frame)), deadline, timeout)
+            .await?;
         loop {
             match tokio::time::timeout_at(deadline, self.stream.next()).await {
                 Err(_) => {
