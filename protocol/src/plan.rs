@@ -7,7 +7,7 @@
 //! It must not compile templates or load data files: the node does that, because both
 //! depend on things only a node knows (its data partition, its allowlist).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::ops::Range;
 use std::time::Duration;
@@ -660,6 +660,9 @@ impl Validator<'_> {
 
         let flow_names: Vec<String> = raw.flows.keys().cloned().collect();
         let mut flows = Vec::new();
+        // WebSocket steps that use a socket, to check once every flow is read that some
+        // step opens it (a VU's sockets outlive flows, so any flow's open counts).
+        let mut socket_uses = Vec::new();
         for (name, f) in raw.flows {
             let span = f.span();
             let f = f.into_inner();
@@ -672,10 +675,22 @@ impl Validator<'_> {
             }
             let mut steps = Vec::new();
             for (i, s) in f.steps.into_iter().enumerate() {
-                steps.push(self.step(&name, i, s)?);
+                let span = s.span();
+                let step = self.step(&name, i, s)?;
+                if let Some(ws) = &step.ws {
+                    if !matches!(ws.action, WsAction::Open { .. }) {
+                        socket_uses.push((
+                            ws.socket.clone(),
+                            span,
+                            format!("flows.{name}.steps[{i}]"),
+                        ));
+                    }
+                }
+                steps.push(step);
             }
             flows.push(Flow { name, steps });
         }
+        self.sockets_opened(&flows, socket_uses)?;
 
         if raw.scenarios.is_empty() {
             return Err(PlanError {
@@ -996,6 +1011,40 @@ impl Validator<'_> {
             grpc,
             ws,
         })
+    }
+
+    /// Every socket a WebSocket step sends, receives, pings or closes on is opened by
+    /// some step of the plan: a misspelt `socket` name is a plan error, not a step that
+    /// fails on every iteration.
+    fn sockets_opened(
+        &self,
+        flows: &[Flow],
+        uses: Vec<(String, Range<usize>, String)>,
+    ) -> Result<(), PlanError> {
+        let opened: BTreeSet<&str> = flows
+            .iter()
+            .flat_map(|f| &f.steps)
+            .filter_map(|s| s.ws.as_ref())
+            .filter(|w| matches!(w.action, WsAction::Open { .. }))
+            .map(|w| w.socket.as_str())
+            .collect();
+        for (socket, span, path) in uses {
+            if !opened.contains(socket.as_str()) {
+                let known = if opened.is_empty() {
+                    "no step opens a WebSocket".to_string()
+                } else {
+                    let names: Vec<String> = opened.iter().map(|n| format!("\"{n}\"")).collect();
+                    format!("sockets opened: {}", names.join(", "))
+                };
+                return Err(self.err_key(
+                    &span,
+                    &path,
+                    "ws",
+                    &format!("no step opens socket \"{socket}\" ({known}); add a step with ws = {{ open = ..., socket = \"{socket}\" }}"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn ws_step(&self, span: &Range<usize>, path: &str, w: RawWs) -> Result<WsStep, PlanError> {
@@ -1698,7 +1747,7 @@ think = "1s..3s"
             ("ws = { send = \"a\", ping = true }", "exactly one of open"),
             (
                 "ws = { send = \"a\" }\nrequest = { url = \"/\" }",
-                "exactly one of request or ws",
+                "exactly one of request, grpc or ws",
             ),
             (
                 "ws = { send = \"a\" }\ncheck = { body_contains = \"x\" }",
@@ -1712,6 +1761,31 @@ think = "1s..3s"
             assert!(e.to_string().contains(says), "{steps}: {e}");
             assert!(matches!(e.line, Some(7..=9)), "{steps}: {e}");
         }
+    }
+
+    #[test]
+    fn a_websocket_step_on_a_socket_no_step_opens_is_named() {
+        let src = "name = \"w\"\n[scenarios.s]\nexecutor = \"per-vu-iterations\"\nvus = 1\niterations = 1\nflow = \"f\"\n\
+             [[flows.f.steps]]\nws = { open = \"ws://127.0.0.1:1/x\", socket = \"chat\" }\n\
+             [[flows.f.steps]]\nws = { send = \"hi\", socket = \"chat\" }\n\
+             [[flows.g.steps]]\nws = { receive = \"next\", socket = \"caht\" }\n";
+        let e = err(src);
+        assert_eq!(e.line, Some(12), "{e}");
+        assert_eq!(e.field.as_deref(), Some("flows.g.steps[0].ws"), "{e}");
+        assert!(
+            e.message
+                .contains("no step opens socket \"caht\" (sockets opened: \"chat\")"),
+            "{e}"
+        );
+        // Without any open, the default socket is named too.
+        let e = err(&src.replace("open = \"ws://127.0.0.1:1/x\"", "ping = true"));
+        assert!(
+            e.message
+                .contains("no step opens socket \"chat\" (no step opens a WebSocket)"),
+            "{e}"
+        );
+        // Opened in another flow: a VU's sockets outlive flows, so this is fine.
+        parse_plan("plan.toml", &src.replace("caht", "chat")).unwrap();
     }
 
     #[test]
