@@ -5,6 +5,7 @@
 //! server that hangs up mid-message, an oversized frame, no such endpoint): one clear
 //! error class each, no hang.
 
+mod browser_support;
 mod mesh_support;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use browser_support::http_get;
 use mesh_support::{all_see, show, wait_until, Mesh, BIN};
 use serde_json::Value;
 use stampede_tools::{TargetConfig, TargetHandle};
@@ -87,10 +89,41 @@ fn the_realtime_example_counts_every_message_exactly_on_one_node() {
     let t = target();
     let dir = tempfile::tempdir().unwrap();
     let base = format!("defaults.base_url=\"{}\"", t.url());
-    let (out, s) = run(&example(), &["--set", &base], dir.path());
+    let html = dir.path().join("report.html");
+    let csv = dir.path().join("timeline.csv");
+    let (out, s) = run(
+        &example(),
+        &[
+            "--set",
+            &base,
+            "--out",
+            &format!("html={}", html.display()),
+            "--out",
+            &format!("csv={}", csv.display()),
+        ],
+        dir.path(),
+    );
     let s = s.unwrap_or_else(|| panic!("no summary\n{}", show(&out)));
     assert!(out.status.success(), "{}", show(&out));
     assert_counts_match(&s, &t, &out);
+    // Every other output names the WebSocket metrics: the terminal summary, the HTML
+    // report (its data), the CSV timeline's columns.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let html = std::fs::read_to_string(&html).unwrap();
+    let csv_head = std::fs::read_to_string(&csv).unwrap();
+    let csv_head = csv_head.lines().next().unwrap_or_default().to_string();
+    for name in [
+        "ws_connecting",
+        "ws_session_duration",
+        "ws_msg_rtt",
+        "ws_sessions",
+        "ws_msgs_sent",
+        "ws_msgs_received",
+    ] {
+        assert!(stdout.contains(name), "terminal lacks {name}:\n{stdout}");
+        assert!(html.contains(&format!("\"{name}\"")), "HTML lacks {name}");
+        assert!(csv_head.contains(name), "CSV lacks {name}: {csv_head}");
+    }
     // Thresholds on WebSocket metrics are evaluated (and pass on loopback).
     let th = s["thresholds"].as_array().unwrap();
     assert!(
@@ -134,6 +167,48 @@ fn a_mesh_of_two_counts_every_message_exactly() {
         );
     }
     assert_counts_match(&s, &t, &out);
+
+    // The node that ran it shows the same counts in its live view and on /metrics.
+    let http = n1.control().unwrap()["http"].as_str().unwrap().to_string();
+    let run_id = s["run_id"].as_str().unwrap();
+    let (status, live) = http_get(&http, "/api/live");
+    assert_eq!(status, 200, "{live}");
+    let live: Value = serde_json::from_str(&live).unwrap();
+    let run = live["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["run_id"] == run_id)
+        .unwrap_or_else(|| panic!("run {run_id} not in /api/live: {live}"));
+    for name in [
+        "ws_msgs_sent",
+        "ws_msgs_received",
+        "ws_msg_rtt",
+        "ws_sessions",
+    ] {
+        assert_eq!(
+            run["totals"]["metrics"][name]["count"], s["totals"]["metrics"][name]["count"],
+            "/api/live {name}"
+        );
+    }
+    let (status, text) = http_get(&http, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let sum = |family: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(family) && l.contains(&format!("run=\"{run_id}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    assert_eq!(
+        sum("stampede_ws_msgs_sent_total{"),
+        metric(&s, "ws_msgs_sent"),
+        "{text}"
+    );
+    assert_eq!(
+        sum("stampede_ws_msg_rtt_seconds_count{"),
+        metric(&s, "ws_msg_rtt"),
+        "{text}"
+    );
 }
 
 /// A small echo server on Python's `websockets` (Debian's python3-websockets): prints
@@ -370,6 +445,49 @@ fn a_server_that_hangs_up_mid_message_is_one_connect_error() {
 }
 
 #[test]
+fn a_server_that_hangs_up_between_fragments_is_one_connect_error() {
+    // The first fragment of a text message (FIN clear), then the hang-up.
+    let port = misbehaving_server(vec![0x01, 3, b'a', b'b', b'c']);
+    let (step, errors) = failure_of(&format!("ws://127.0.0.1:{port}/x"));
+    assert_eq!(step, "receive");
+    assert_eq!(errors, serde_json::json!({"connect": 1}));
+}
+
+#[test]
+fn a_malformed_frame_is_one_protocol_error() {
+    // A text frame with a reserved bit set (no extension was agreed), and one masked by
+    // the server (RFC 6455 5.1: a client must fail the connection on either).
+    for reply in [
+        vec![0xC1, 2, b'h', b'i'],
+        vec![0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2],
+    ] {
+        let port = misbehaving_server(reply.clone());
+        let (step, errors) = failure_of(&format!("ws://127.0.0.1:{port}/x"));
+        assert_eq!(step, "receive", "{reply:?}");
+        assert_eq!(errors, serde_json::json!({"other": 1}), "{reply:?}");
+    }
+}
+
+#[test]
+fn an_oversized_message_in_fragments_is_refused() {
+    // Five 4,000,000-byte fragments: each frame is within the 4 MiB limit, the message
+    // (20 MB) is over the 16 MiB one; refused once the fragments pass it.
+    let mut reply = Vec::with_capacity(5 * (4_000_010));
+    for i in 0..5 {
+        let first = i == 0;
+        let last = i == 4;
+        reply.push(if last { 0x80 } else { 0 } | if first { 0x02 } else { 0 });
+        reply.push(127);
+        reply.extend_from_slice(&4_000_000u64.to_be_bytes());
+        reply.resize(reply.len() + 4_000_000, b'x');
+    }
+    let port = misbehaving_server(reply);
+    let (step, errors) = failure_of(&format!("ws://127.0.0.1:{port}/x"));
+    assert_eq!(step, "receive");
+    assert_eq!(errors, serde_json::json!({"other": 1}));
+}
+
+#[test]
 fn an_oversized_frame_is_refused_before_it_is_read() {
     // A binary frame that claims 1 TiB: refused from its header, nothing allocated.
     let mut reply = vec![0x82, 127];
@@ -387,4 +505,30 @@ fn no_such_endpoint_is_an_http_4xx_at_open() {
     let (step, errors) = failure_of(&url);
     assert_eq!(step, "open");
     assert_eq!(errors, serde_json::json!({"http_4xx": 1}));
+}
+
+#[test]
+fn a_step_on_a_socket_no_step_opens_is_a_plan_error_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = bad_input_plan(dir.path(), "ws://127.0.0.1:9/x");
+    let text = std::fs::read_to_string(&plan).unwrap().replace(
+        "ws = { receive = \"next\" }",
+        "ws = { receive = \"next\", socket = \"chat\" }",
+    );
+    std::fs::write(&plan, text).unwrap();
+    for cmd in ["validate", "run"] {
+        let out = Command::new(BIN)
+            .arg(cmd)
+            .arg(&plan)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run stampede");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", show(&out));
+        assert!(
+            err.contains("bad.toml:18: flows.f.steps[2].ws: no step opens socket \"chat\""),
+            "{cmd}: {}",
+            show(&out)
+        );
+    }
 }
