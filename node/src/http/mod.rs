@@ -22,6 +22,7 @@ mod headers;
 mod http2;
 mod tls;
 mod url;
+pub mod ws;
 
 pub use allow::{Allowlist, AllowlistError, LOOPBACK};
 pub use client::{
