@@ -327,6 +327,99 @@ fn bad_protos_methods_and_messages_are_one_plan_error_each() {
     );
 }
 
+/// Client-streaming and bidirectional calls: `messages = [...]` sent in order (templated),
+/// the answer a message (client-streaming) or an array (bidi) for checks and extracts,
+/// counted by the shop; and the plan errors of a `message`/`messages` that does not fit
+/// the method.
+#[test]
+fn client_streaming_and_bidi_calls_send_their_messages_in_order() {
+    let t = target();
+    let url = t.url();
+    let good = format!(
+        r#"
+name = "grpc-streams"
+[grpc]
+proto = ["inventory.proto"]
+[defaults]
+base_url = "{url}"
+[scenarios.s]
+executor = "per-vu-iterations"
+vus = 2
+iterations = 4
+flows = [{{ flow = "f" }}]
+
+[[flows.f.steps]]
+name = "total"
+grpc = {{ method = "shop.Inventory/TotalStock", messages = [{{ product_id = 1 }}, {{ product_id = "{{{{vu}}}}" }}, {{ product_id = 3 }}] }}
+check = {{ json = {{ "$.products" = 3 }} }}
+extract = {{ qty = {{ json = "$.quantity" }} }}
+
+[[flows.f.steps]]
+name = "feed"
+grpc = {{ method = "shop.Inventory/StockFeed", messages = [{{ product_id = 2 }}, {{ product_id = 7 }}], metadata = {{ x-total = "{{{{qty}}}}" }} }}
+check = {{ json = {{ "$[0].quantity" = 174, "$[1].quantity" = 359, "$[1].warehouse" = "wh-3" }} }}
+
+[[flows.f.steps]]
+name = "feed missing"
+grpc = {{ method = "shop.Inventory/StockFeed", messages = [{{ product_id = 2 }}, {{ product_id = 0 }}] }}
+check = {{ grpc_status = "NOT_FOUND", json = {{ "$[0].product_id" = 2 }} }}
+"#
+    );
+    let (dir, plan) = plan_dir(&good);
+    let (out, s) = run(&plan, dir.path());
+    let s = s.unwrap_or_else(|| panic!("no summary: {}", show(&out)));
+    assert!(out.status.success(), "{}", show(&out));
+    let stats = t.stats();
+    assert_eq!(stats.endpoints["gRPC shop.Inventory/TotalStock"], 8, "{s}");
+    assert_eq!(stats.endpoints["gRPC shop.Inventory/StockFeed"], 16, "{s}");
+    assert_eq!(s["totals"]["requests"].as_u64(), Some(24), "{s}");
+    assert_eq!(s["totals"]["failed"].as_u64(), Some(0), "{s}");
+    // Per iteration: status + 1 JSON check, status + 3, status + 1.
+    assert_eq!(s["totals"]["checks"]["passed"].as_u64(), Some(8 * 8), "{s}");
+    assert_eq!(
+        s["totals"]["metrics"]["grpc_status_not_found"]["count"].as_u64(),
+        Some(8),
+        "{s}"
+    );
+
+    let (_dir, plan) = plan_dir(&good.replace(
+        "TotalStock\", messages = [{ product_id = 1 }, { product_id = \"{{vu}}\" }, { product_id = 3 }]",
+        "TotalStock\", message = { product_id = 1 }",
+    ));
+    let (code, err) = validate(&plan);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("flows.f.steps[0].grpc.message")
+            && err.contains("client-streaming call: write its request messages as messages = ["),
+        "{err}"
+    );
+    let (_dir, plan) = plan_dir(&good.replace("TotalStock\", messages", "GetStock\", messages"));
+    let (code, err) = validate(&plan);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("takes one request message"), "{err}");
+    let (_dir, plan) = plan_dir(&good.replace("{ product_id = 7 }", "{ product_idd = 7 }"));
+    let (code, err) = validate(&plan);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("messages[1].product_idd") && err.contains("no field \"product_idd\""),
+        "{err}"
+    );
+    let (_dir, plan) = plan_dir(&good.replace(
+        "messages = [{ product_id = 2 }, { product_id = 7 }]",
+        "messages = [{ product_id = 2 }, 7]",
+    ));
+    let (code, err) = validate(&plan);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("messages[1] is not a table"), "{err}");
+    let (_dir, plan) = plan_dir(&good.replace(
+        "messages = [{ product_id = 2 }, { product_id = 7 }]",
+        "message = { product_id = 2 }, messages = []",
+    ));
+    let (code, err) = validate(&plan);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not both"), "{err}");
+}
+
 /// Reads the HTTP/2 client preface and frames until a HEADERS frame; false if the
 /// connection ends or stalls first.
 fn read_until_headers(c: &mut std::net::TcpStream) -> bool {
@@ -559,6 +652,14 @@ check = {{ json = {{ "$[3].quantity" = 987, "$[0].warehouse" = "py-1" }} }}
 name = "missing"
 grpc = {{ url = "{url}", method = "shop.Inventory/GetStock", message = {{ product_id = 5000 }} }}
 check = {{ grpc_status = "NOT_FOUND" }}
+[[flows.f.steps]]
+name = "total"
+grpc = {{ url = "{url}", method = "shop.Inventory/TotalStock", messages = [{{ product_id = 10 }}, {{ productId = "2{{{{vu}}}}" }}, {{ product_id = 30 }}] }}
+check = {{ json = {{ "$.products" = 3 }} }}
+[[flows.f.steps]]
+name = "feed"
+grpc = {{ url = "{url}", method = "shop.Inventory/StockFeed", messages = [{{ product_id = 5 }}, {{ product_id = 6 }}] }}
+check = {{ json = {{ "$[0].quantity" = 995, "$[1].quantity" = 994, "$[1].warehouse" = "py-0" }} }}
 "#
     )
 }
@@ -608,8 +709,13 @@ fn interop(tls: bool) {
     assert_eq!(counts["streamed"], 80, "{counts}");
     // Only the first step sends x-shopper.
     assert_eq!(counts["metadata_ok"], 20, "{counts}");
-    assert_eq!(s["totals"]["requests"].as_u64(), Some(60), "{s}");
+    // Client-streaming and bidi: every message each call sent reached grpcio.
+    assert_eq!(counts["TotalStock"], 20, "{counts}");
+    assert_eq!(counts["StockFeed"], 20, "{counts}");
+    assert_eq!(counts["received"], 20 * (3 + 2), "{counts}");
+    assert_eq!(s["totals"]["requests"].as_u64(), Some(100), "{s}");
     assert_eq!(s["totals"]["failed"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["totals"]["checks"]["failed"].as_u64(), Some(0), "{s}");
 }
 
 #[test]

@@ -30,12 +30,16 @@ pub enum Endpoint {
     GrpcGetStock,
     /// gRPC `shop.Inventory/WatchStock` (server-streaming).
     GrpcWatchStock,
+    /// gRPC `shop.Inventory/TotalStock` (client-streaming).
+    GrpcTotalStock,
+    /// gRPC `shop.Inventory/StockFeed` (bidirectional streaming).
+    GrpcStockFeed,
     /// Anything that matches no route (404) or a route with the wrong method (405).
     Other,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 9] = [
+    pub const ALL: [Endpoint; 11] = [
         Endpoint::Login,
         Endpoint::Search,
         Endpoint::Product,
@@ -44,6 +48,8 @@ impl Endpoint {
         Endpoint::Account,
         Endpoint::GrpcGetStock,
         Endpoint::GrpcWatchStock,
+        Endpoint::GrpcTotalStock,
+        Endpoint::GrpcStockFeed,
         Endpoint::Other,
     ];
 
@@ -58,6 +64,8 @@ impl Endpoint {
             Endpoint::Account => "GET /account",
             Endpoint::GrpcGetStock => "gRPC shop.Inventory/GetStock",
             Endpoint::GrpcWatchStock => "gRPC shop.Inventory/WatchStock",
+            Endpoint::GrpcTotalStock => "gRPC shop.Inventory/TotalStock",
+            Endpoint::GrpcStockFeed => "gRPC shop.Inventory/StockFeed",
             Endpoint::Other => "other",
         }
     }
