@@ -382,41 +382,33 @@ check = {{ grpc_status = "NOT_FOUND", json = {{ "$[0].product_id" = 2 }} }}
         "{s}"
     );
 
-    let (_dir, plan) = plan_dir(&good.replace(
+    // One plan error each, exit code 2.
+    let refused = |from: &str, to: &str| -> String {
+        let (_dir, plan) = plan_dir(&good.replace(from, to));
+        let (code, err) = validate(&plan);
+        assert_eq!(code, Some(2), "{err}");
+        err
+    };
+    let err = refused(
         "TotalStock\", messages = [{ product_id = 1 }, { product_id = \"{{vu}}\" }, { product_id = 3 }]",
         "TotalStock\", message = { product_id = 1 }",
-    ));
-    let (code, err) = validate(&plan);
-    assert_eq!(code, Some(2), "{err}");
+    );
     assert!(
         err.contains("flows.f.steps[0].grpc.message")
             && err.contains("client-streaming call: write its request messages as messages = ["),
         "{err}"
     );
-    let (_dir, plan) = plan_dir(&good.replace("TotalStock\", messages", "GetStock\", messages"));
-    let (code, err) = validate(&plan);
-    assert_eq!(code, Some(2), "{err}");
+    let err = refused("TotalStock\", messages", "GetStock\", messages");
     assert!(err.contains("takes one request message"), "{err}");
-    let (_dir, plan) = plan_dir(&good.replace("{ product_id = 7 }", "{ product_idd = 7 }"));
-    let (code, err) = validate(&plan);
-    assert_eq!(code, Some(2), "{err}");
+    let err = refused("{ product_id = 7 }", "{ product_idd = 7 }");
     assert!(
         err.contains("messages[1].product_idd") && err.contains("no field \"product_idd\""),
         "{err}"
     );
-    let (_dir, plan) = plan_dir(&good.replace(
-        "messages = [{ product_id = 2 }, { product_id = 7 }]",
-        "messages = [{ product_id = 2 }, 7]",
-    ));
-    let (code, err) = validate(&plan);
-    assert_eq!(code, Some(2), "{err}");
+    let feed = "messages = [{ product_id = 2 }, { product_id = 7 }]";
+    let err = refused(feed, "messages = [{ product_id = 2 }, 7]");
     assert!(err.contains("messages[1] is not a table"), "{err}");
-    let (_dir, plan) = plan_dir(&good.replace(
-        "messages = [{ product_id = 2 }, { product_id = 7 }]",
-        "message = { product_id = 2 }, messages = []",
-    ));
-    let (code, err) = validate(&plan);
-    assert_eq!(code, Some(2), "{err}");
+    let err = refused(feed, "message = { product_id = 2 }, messages = []");
     assert!(err.contains("not both"), "{err}");
 }
 

@@ -292,9 +292,10 @@ impl Threshold {
                 "flow" => filter.flow = Some(v),
                 "name" | "step" => filter.step = Some(v),
                 "node" => filter.node = Some(v),
-                "error" if metric != Metric::HttpReqFailed => return Err(format!(
-                    "\"{key}\": the error tag selects failed requests; use it on http_req_failed"
-                )),
+                "error" if metric != Metric::HttpReqFailed => {
+                    let why = "the error tag selects failed requests; use it on http_req_failed";
+                    return Err(format!("\"{key}\": {why}"));
+                }
                 "error" => {
                     filter.error = Some(ErrorClass::parse(&v).ok_or_else(|| {
                         format!(
