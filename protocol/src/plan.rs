@@ -191,7 +191,13 @@ pub enum WsMessage {
 pub struct GrpcCall {
     /// `package.Service/Method`, as written.
     pub method: String,
+    /// The step wrote `messages = [...]`: the request messages of a client-streaming or
+    /// bidirectional call, sent in order; the request's JSON is then an array of them.
+    pub streamed: bool,
 }
+
+/// Most request messages one gRPC step may send (`messages = [...]`).
+pub const MAX_GRPC_MESSAGES: usize = 1000;
 
 /// Most .proto files a plan may name (their imports come on top).
 pub const MAX_PROTO_FILES: usize = 64;
@@ -467,6 +473,7 @@ struct RawGrpcCall {
     url: Option<String>,
     method: String,
     message: Option<toml::Value>,
+    messages: Option<Vec<toml::Value>>,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
     timeout: Option<Dur>,
@@ -1187,10 +1194,37 @@ impl Validator<'_> {
         if g.metadata.len() > 256 {
             return Err(self.err_key(span, &gpath, "metadata", "at most 256 entries"));
         }
-        let message = match g.message {
-            None => toml::Value::Table(Default::default()),
-            Some(m @ toml::Value::Table(_)) => m,
-            Some(_) => {
+        let message = match (g.message, g.messages) {
+            (Some(_), Some(_)) => {
+                return Err(self.err_key(
+                    span,
+                    &gpath,
+                    "messages",
+                    "give message (one request message) or messages (a stream of them), not both",
+                ))
+            }
+            (None, Some(list)) => {
+                if list.len() > MAX_GRPC_MESSAGES {
+                    return Err(self.err_key(
+                        span,
+                        &gpath,
+                        "messages",
+                        &format!("{} messages, at most {MAX_GRPC_MESSAGES}", list.len()),
+                    ));
+                }
+                if let Some(i) = list.iter().position(|m| !m.is_table()) {
+                    return Err(self.err_key(
+                        span,
+                        &gpath,
+                        "messages",
+                        &format!("messages[{i}] is not a table (each is a request message in the protobuf JSON mapping)"),
+                    ));
+                }
+                toml::Value::Array(list)
+            }
+            (None, None) => toml::Value::Table(Default::default()),
+            (Some(m @ toml::Value::Table(_)), None) => m,
+            (Some(_), None) => {
                 return Err(self.err_key(
                     span,
                     &gpath,
@@ -1199,6 +1233,7 @@ impl Validator<'_> {
                 ))
             }
         };
+        let streamed = message.is_array();
         let request = RawRequest {
             method: Some("POST".into()),
             url,
@@ -1209,7 +1244,13 @@ impl Validator<'_> {
             form: None,
             timeout: g.timeout,
         };
-        Ok((request, GrpcCall { method: g.method }))
+        Ok((
+            request,
+            GrpcCall {
+                method: g.method,
+                streamed,
+            },
+        ))
     }
 
     fn scenario(

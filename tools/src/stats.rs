@@ -32,12 +32,16 @@ pub enum Endpoint {
     GrpcWatchStock,
     /// `GET /ws/orders`: WebSocket upgrades (its messages are counted apart).
     OrdersWs,
+    /// gRPC `shop.Inventory/TotalStock` (client-streaming).
+    GrpcTotalStock,
+    /// gRPC `shop.Inventory/StockFeed` (bidirectional streaming).
+    GrpcStockFeed,
     /// Anything that matches no route (404) or a route with the wrong method (405).
     Other,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 10] = [
+    pub const ALL: [Endpoint; 12] = [
         Endpoint::Login,
         Endpoint::Search,
         Endpoint::Product,
@@ -47,6 +51,8 @@ impl Endpoint {
         Endpoint::GrpcGetStock,
         Endpoint::GrpcWatchStock,
         Endpoint::OrdersWs,
+        Endpoint::GrpcTotalStock,
+        Endpoint::GrpcStockFeed,
         Endpoint::Other,
     ];
 
@@ -62,6 +68,8 @@ impl Endpoint {
             Endpoint::GrpcGetStock => "gRPC shop.Inventory/GetStock",
             Endpoint::GrpcWatchStock => "gRPC shop.Inventory/WatchStock",
             Endpoint::OrdersWs => "GET /ws/orders",
+            Endpoint::GrpcTotalStock => "gRPC shop.Inventory/TotalStock",
+            Endpoint::GrpcStockFeed => "gRPC shop.Inventory/StockFeed",
             Endpoint::Other => "other",
         }
     }

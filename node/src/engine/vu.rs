@@ -679,8 +679,10 @@ fn run_checks(c: &CompiledCheck, r: &Response, grpc_status: Option<u32>) -> Verd
     let (p, f) = body_checks(c, &r.body);
     passed += p;
     failed += f;
-    let error = if !status_ok && grpc_status.is_some() {
-        Some(ErrorClass::CheckFailed)
+    let error = if let (false, Some(code)) = (status_ok, grpc_status) {
+        // A status the step does not accept is its own class, as HTTP's are; an OK
+        // where the step wanted another status is a failed check.
+        Some(ErrorClass::grpc(code).unwrap_or(ErrorClass::CheckFailed))
     } else if !status_ok {
         Some(match status {
             400..=499 => ErrorClass::Http4xx,

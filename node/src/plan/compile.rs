@@ -550,8 +550,32 @@ fn compile_step(
                 ));
             };
             let m = proto::method(&protos.pool, &call.method).map_err(|e| err("grpc.method", e))?;
-            if let Body::Json(j) = &s.request.body {
-                proto::check_message(&m.input(), j, "message").map_err(|e| err("grpc", e))?;
+            if m.is_client_streaming() && !call.streamed {
+                return Err(err(
+                    "grpc.message",
+                    format!("{} is a client-streaming call: write its request messages as messages = [{{ ... }}, ...], sent in order", call.method),
+                ));
+            }
+            if !m.is_client_streaming() && call.streamed {
+                return Err(err(
+                    "grpc.messages",
+                    format!(
+                        "{} takes one request message: write message = {{ ... }}",
+                        call.method
+                    ),
+                ));
+            }
+            match &s.request.body {
+                Body::Json(serde_json::Value::Array(list)) => {
+                    for (i, one) in list.iter().enumerate() {
+                        proto::check_message(&m.input(), one, &format!("messages[{i}]"))
+                            .map_err(|e| err("grpc", e))?;
+                    }
+                }
+                Body::Json(j) => {
+                    proto::check_message(&m.input(), j, "message").map_err(|e| err("grpc", e))?
+                }
+                _ => {}
             }
             Some(crate::http::GrpcMethod::new(&m))
         }
