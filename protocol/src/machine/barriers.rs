@@ -13,11 +13,11 @@ use crate::run::{clip_reason, BarrierDetail, RunMessage};
 
 impl RunMachine {
     pub(super) fn arrive(&mut self, barrier: Barrier, detail: BarrierDetail, now: Now) {
-        if self.my_index.is_none() || self.my_arrivals.contains_key(&barrier) {
+        let Some(me) = self.my_index else { return };
+        if self.my_arrivals.contains_key(&barrier) {
             return;
         }
         self.my_arrivals.insert(barrier, detail.clone());
-        let me = self.my_index.unwrap_or(0);
         self.arrival(me, barrier, &detail, now);
         // Arrivals ride on heartbeats (to the witnesses, who hear every member): one
         // goes now rather than at the next beat, and gossip would cost every node

@@ -367,10 +367,6 @@ impl RunMachine {
         self.fence_count = vec![0; n];
         self.witnesses =
             super::liveness::choose_witnesses(&self.roster, &self.run_id, &self.origin);
-        self.is_witness = vec![false; n];
-        for &w in &self.witnesses {
-            self.is_witness[w] = true;
-        }
         self.seen = vec![Default::default(); n];
         self.absent = vec![Default::default(); n];
         self.term = 1;

@@ -84,9 +84,8 @@ impl RunMachine {
     /// Sends this node's heartbeat now, to everyone it goes to.
     pub(super) fn send_beat(&mut self, now: Now) {
         // The witnesses it goes to need no other answer.
-        let witnesses = &self.is_witness;
-        self.answer_to
-            .retain(|&j| !witnesses.get(j).copied().unwrap_or(false));
+        let witnesses = &self.witnesses;
+        self.answer_to.retain(|j| !witnesses.contains(j));
         // Answers to members do not reach the witnesses: only a heartbeat to them
         // resets the beat period.
         self.round_sent = now.mono_us;

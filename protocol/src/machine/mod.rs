@@ -447,7 +447,6 @@ pub struct RunMachine {
     /// make leases, whose fences move shares and whose terms elect. Every member
     /// while the roster is small; a fixed few of a large roster (see `witness`).
     witnesses: Vec<usize>,
-    is_witness: Vec<bool>,
     /// Barriers the witnesses say are complete (what a non-witness goes by).
     told_complete: BTreeSet<Barrier>,
     /// This node's own heartbeats: (stamp, digest, claims), newest last, the last
@@ -541,7 +540,6 @@ impl RunMachine {
             peers: Vec::new(),
             fence_count: Vec::new(),
             witnesses: Vec::new(),
-            is_witness: Vec::new(),
             told_complete: BTreeSet::new(),
             my_beats: Default::default(),
             counted: Vec::new(),
@@ -802,7 +800,8 @@ impl RunMachine {
     }
 
     fn witness(&self, j: usize) -> bool {
-        self.is_witness.get(j).copied().unwrap_or(false)
+        // At most MAX_WITNESSES entries: a scan is as cheap as a lookup table.
+        self.witnesses.contains(&j)
     }
 
     fn i_witness(&self) -> bool {
