@@ -782,8 +782,10 @@ impl World {
             term.saturating_add(2),
             u64::MAX,
         ] {
-            // Only terms this member is not entitled to lead.
-            if t == 0 || (t - 1) % n == i as u64 {
+            // Only terms this member is not entitled to lead (the election rule:
+            // witnesses[(t − 1) mod w]).
+            let w = m.witnesses();
+            if t == 0 || w.is_empty() || w[((t - 1) % w.len() as u64) as usize] == i {
                 continue;
             }
             let mut v = version.clone();
