@@ -1039,7 +1039,7 @@ impl Conn {
                 }
                 regular = true;
                 let bad_name = name.is_empty()
-                    || name.iter().any(|&b| b <= 0x20 || b >= 0x7f || b == b':' || b.is_ascii_uppercase());
+                    || name.iter().any(|&b| !(0x21..0x7f).contains(&b) || b == b':' || b.is_ascii_uppercase());
                 if bad_name || value.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n') {
                     malformed = Some(format!(
                         "a response header '{}' that HTTP/2 does not allow",
