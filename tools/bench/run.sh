@@ -93,7 +93,9 @@ want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BENCH="$ROOT/tools/bench"
-STAMPEDE="$ROOT/target/release/stampede"
+# STAMPEDE_BIN=/path/to/stampede runs another build (e.g. an older commit's, for a
+# before/after in one sitting); use with --skip-build.
+STAMPEDE="${STAMPEDE_BIN:-$ROOT/target/release/stampede}"
 
 log() { printf '\n== %s\n' "$*"; }
 
