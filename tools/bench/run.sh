@@ -5,13 +5,17 @@
 #
 #   tools/bench/run.sh [--rounds 3] [--duration 10s] [--idle-vus 10000]
 #                      [--short 5s] [--long 50s] [--skip-build] [--keep DIR]
-#                      [--only throughput,idle,arrival,rss,mesh,soak,h2,grpc] [--max N] [--rate N]
+#                      [--only throughput,idle,arrival,rss,mesh,soak,h2,grpc,ws] [--max N] [--rate N]
 #                      [--lag-runs 3]
 #
 # `--only h2`: HTTP/2 over TLS against h2load (nghttp2-client), 50 connections x 1
 # stream (50 VUs) and 50 connections x 10 streams (500 VUs sharing connections,
 # `http2_streams_per_connection = 10`, vs `h2load -m10`), alternating round by round.
 # Not in the default set.
+#
+# `--only ws [--short 5s]`: WebSocket echo round trips per CPU-second of stampede (one
+# worker on CPU 0) against stampede-target's /ws/orders (one thread on CPU 1), 50
+# sockets, --rounds rounds of --short each.
 #
 # `--only soak [--duration 30m]`: a 3-node loopback mesh at 300 it/s for the duration
 # (30 min unless --duration is given), RSS of every node every 30 s; prints each
@@ -89,7 +93,9 @@ want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BENCH="$ROOT/tools/bench"
-STAMPEDE="$ROOT/target/release/stampede"
+# STAMPEDE_BIN=/path/to/stampede runs another build (e.g. an older commit's, for a
+# before/after in one sitting); use with --skip-build.
+STAMPEDE="${STAMPEDE_BIN:-$ROOT/target/release/stampede}"
 
 log() { printf '\n== %s\n' "$*"; }
 
@@ -732,6 +738,35 @@ else
     cat "$WORK/soak.log" >&2
 fi
 STAMPEDE_TESTNET_DIR="$TN" "$ROOT/testnet/local.sh" stop >/dev/null 2>&1 || true
+kill "$MESH_TARGET_PID" 2>/dev/null || true
+wait "$MESH_TARGET_PID" 2>/dev/null || true
+MESH_TARGET_PID=""
+fi
+
+# --- 7. WebSocket echo round trips ---------------------------------------------------
+if want ws; then
+WS_S=$(secs "$SHORT")
+log "websocket: stampede (1 worker, CPU 0) vs stampede-target /ws/orders (1 thread, CPU 1), 50 sockets echoing back to back, ${WS_S}s x $ROUNDS rounds"
+WPORT=$(free_port)
+taskset -c 1 "$ROOT/target/release/stampede-target" --listen "127.0.0.1:$WPORT" --threads 1 >"$WORK/ws-target.log" 2>&1 &
+MESH_TARGET_PID=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$WPORT") 2>/dev/null && break; sleep 0.1; done
+printf '%-6s %12s %12s %10s %16s %10s %10s\n' round "round trips" "per second" "cpu s" "per CPU-second" "rtt p50" "rtt p99"
+for r in $(seq "$ROUNDS"); do
+    json="$WORK/ws-$r.json"
+    taskset -c 0 /usr/bin/time -v -o "$WORK/ws-$r.time" "$STAMPEDE" run "$BENCH/ws.toml" --workers 1 --quiet \
+        --out "json=$json" --set "defaults.base_url=\"http://127.0.0.1:$WPORT\"" \
+        --set "scenarios.echo.duration=\"${WS_S}s\"" >"$json.log" 2>&1 || true
+    [[ -s "$json" ]] || { echo "run.sh: the ws round wrote no summary:" >&2; cat "$json.log" >&2; exit 1; }
+    n=$(jq -r '.totals.metrics.ws_msg_rtt.count // 0' "$json")
+    cpu=$(cpu_s "$WORK/ws-$r.time")
+    printf '%-6s %12s %12s %10s %16s %10s %10s\n' "$r" "$n" "$(awk -v n="$n" -v d="$WS_S" 'BEGIN {printf "%.0f", n / d}')" "$cpu" \
+        "$(awk -v n="$n" -v c="$cpu" 'BEGIN { if (c > 0) printf "%.0f", n / c; else print "n/a" }')" \
+        "$(jq -r '.totals.metrics.ws_msg_rtt.p50' "$json") us" "$(jq -r '.totals.metrics.ws_msg_rtt.p99' "$json") us" | tee -a "$WORK/ws.rows"
+done
+echo "median round trips per CPU-second: $(awk '{print $5}' "$WORK/ws.rows" | median)"
+stats=$(target_count "$WPORT")
+echo "exactness (all rounds): stampede received $(cat "$WORK"/ws-*.json | jq -s '[.[].totals.metrics.ws_msgs_received.count] | add') messages, the target sent $(printf '%s' "$stats" | jq -r .ws_messages_sent)"
 kill "$MESH_TARGET_PID" 2>/dev/null || true
 wait "$MESH_TARGET_PID" 2>/dev/null || true
 MESH_TARGET_PID=""

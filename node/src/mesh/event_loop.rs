@@ -27,7 +27,7 @@ use super::behaviour::{
 };
 use super::discovery::{dialable, Bootstrap, Redial};
 use super::membership::MemberState;
-use super::{MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView};
+use super::{MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView, DIRECT};
 
 enum Pending {
     /// Our own "whom do you know?" on a new connection.
@@ -204,6 +204,20 @@ impl EventLoop {
                     .request_response
                     .send_request(&peer, request);
                 self.pending.insert(id, Pending::Command(reply));
+            }
+            MeshCommand::Send { peer, mut request } => {
+                if let MeshRequest::Run(RunRequest::Message {
+                    protocol_version, ..
+                }) = &mut request
+                {
+                    *protocol_version = self.protocol_version;
+                }
+                // Fire and forget: the answer (`Received`) matches no pending entry
+                // and is dropped; a failure is only logged.
+                self.swarm
+                    .behaviour_mut()
+                    .request_response
+                    .send_request(&peer, request);
             }
             MeshCommand::SetState(s) => {
                 self.set_state(s);
@@ -511,6 +525,26 @@ impl EventLoop {
                     request, channel, ..
                 } => {
                     let response = match request {
+                        MeshRequest::Run(RunRequest::Message {
+                            protocol_version,
+                            msg,
+                        }) => {
+                            if protocol_version == self.protocol_version {
+                                let _ = self.events.send(MeshEvent::Gossip {
+                                    from: peer,
+                                    topic: DIRECT.into(),
+                                    body: GossipBody::Run(msg),
+                                });
+                                MeshResponse::Run(RunResponse::Received)
+                            } else {
+                                MeshResponse::Refused {
+                                    reason: format!(
+                                        "protocol version {protocol_version}, this node speaks {}",
+                                        self.protocol_version
+                                    ),
+                                }
+                            }
+                        }
                         // One bounded file read (a few MiB at most), from the data dir.
                         MeshRequest::Run(RunRequest::Summary { run_id }) => {
                             MeshResponse::Run(match &self.results {

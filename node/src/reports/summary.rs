@@ -537,10 +537,13 @@ pub fn evaluate(
     let value = match t.metric {
         Metric::HttpReqDuration => hist_value(&s.latency),
         Metric::HttpReqServiceTime => hist_value(&s.service),
-        Metric::HttpReqFailed => match e.aggregate {
-            Aggregate::Count => s.failed as f64,
-            _ => fraction(s.failed, s.requests),
-        },
+        Metric::HttpReqFailed => {
+            let failed = f.error.map_or(s.failed, |c| s.errors[c as usize]);
+            match e.aggregate {
+                Aggregate::Count => failed as f64,
+                _ => fraction(failed, s.requests),
+            }
+        }
         Metric::HttpReqs => count_value(s.requests),
         Metric::Checks => match e.aggregate {
             Aggregate::Count => s.checks_passed as f64,

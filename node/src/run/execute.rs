@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use stampede_protocol::machine::events::RunEvent;
 use stampede_protocol::machine::{Effect, Progress, ReportFacts};
-use stampede_protocol::mesh::{GossipBody, NodeState};
+use stampede_protocol::mesh::{GossipBody, MeshRequest, NodeState};
+use stampede_protocol::run::RunRequest;
 use stampede_protocol::snapshot::Metrics;
 use tokio::sync::mpsc;
 
@@ -45,6 +46,19 @@ impl Driver {
                 GossipBody::Run(Box::new(msg.as_ref().clone())),
                 false,
             ),
+            Effect::Send { to, msg } => {
+                let Ok(peer) = to.parse::<libp2p::PeerId>() else {
+                    return;
+                };
+                let request = MeshRequest::Run(RunRequest::Message {
+                    // Stamped again by the event loop with the version it speaks.
+                    protocol_version: stampede_protocol::mesh::PROTOCOL_VERSION,
+                    msg: Box::new(msg.as_ref().clone()),
+                });
+                // Best effort, like gossip: a heartbeat lost to a full queue is
+                // repaired by the next one.
+                let _ = self.mesh.try_send(MeshCommand::Send { peer, request });
+            }
             Effect::FetchBundle { origin } => {
                 let hash = self
                     .runs

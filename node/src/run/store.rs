@@ -56,6 +56,10 @@ impl RunStore {
     /// Answers a peer's run request (called on the event loop: must be quick).
     pub fn respond(&self, req: RunRequest) -> RunResponse {
         match req {
+            // The mesh event loop hands these to the run driver; none reach here.
+            RunRequest::Message { .. } => RunResponse::Refused {
+                reason: "a run message is not a question".into(),
+            },
             RunRequest::Clock { t1_us } => {
                 let t = unix_us();
                 RunResponse::Clock {
