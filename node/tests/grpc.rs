@@ -157,6 +157,112 @@ fn unary_and_streaming_calls_are_counted_exactly_by_the_shop() {
     );
 }
 
+/// Statuses a step does not accept are failed calls of their own class
+/// (`grpc_not_found`, ...), exact in the JSON summary, the terminal table and the HTML
+/// report, and selectable in thresholds with `http_req_failed{error=...}`; an OK where
+/// the step wanted another status is `check_failed`.
+#[test]
+fn non_ok_statuses_are_error_classes_with_exact_counts() {
+    let t = target();
+    let url = t.url();
+    let (dir, plan) = plan_dir(&format!(
+        r#"
+name = "grpc-errors"
+[grpc]
+proto = ["inventory.proto"]
+[defaults]
+base_url = "{url}"
+
+[thresholds]
+"http_req_failed{{error=grpc_not_found}}" = ["count == 10"]
+"http_req_failed{{error=grpc_out_of_range, scenario=watch}}" = ["count == 10", "rate == 100%"]
+"http_req_failed{{error=grpc_unavailable}}" = ["count == 0"]
+
+[scenarios.lookup]
+executor = "per-vu-iterations"
+vus = 2
+iterations = 5
+flows = [{{ flow = "lookup" }}]
+
+[scenarios.watch]
+executor = "per-vu-iterations"
+vus = 2
+iterations = 5
+flows = [{{ flow = "watch" }}]
+
+[scenarios.wrong]
+executor = "per-vu-iterations"
+vus = 2
+iterations = 5
+flows = [{{ flow = "wrong" }}]
+
+[[flows.lookup.steps]]
+name = "found"
+grpc = {{ method = "shop.Inventory/GetStock", message = {{ product_id = 2 }} }}
+
+[[flows.lookup.steps]]
+name = "missing"
+grpc = {{ method = "shop.Inventory/GetStock", message = {{ product_id = 999999 }} }}
+
+[[flows.watch.steps]]
+name = "too many"
+grpc = {{ method = "shop.Inventory/WatchStock", message = {{ product_id = 2, updates = 101 }} }}
+
+[[flows.wrong.steps]]
+name = "wants missing"
+grpc = {{ method = "shop.Inventory/GetStock", message = {{ product_id = 2 }} }}
+check = {{ grpc_status = "NOT_FOUND" }}
+"#
+    ));
+    let json = dir.path().join("summary.json");
+    let html = dir.path().join("report.html");
+    let out = stampede()
+        .arg("run")
+        .arg(&plan)
+        .arg("--out")
+        .arg(format!("json={}", json.display()))
+        .arg("--out")
+        .arg(format!("html={}", html.display()))
+        .output()
+        .expect("run stampede");
+    assert!(out.status.success(), "{}", show(&out));
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let stats = t.stats();
+    assert_eq!(stats.endpoints["gRPC shop.Inventory/GetStock"], 30, "{s}");
+    assert_eq!(stats.endpoints["gRPC shop.Inventory/WatchStock"], 10, "{s}");
+    assert_eq!(s["totals"]["requests"].as_u64(), Some(40), "{s}");
+    assert_eq!(s["totals"]["failed"].as_u64(), Some(30), "{s}");
+    assert_eq!(
+        s["totals"]["errors"],
+        serde_json::json!({ "grpc_not_found": 10, "grpc_out_of_range": 10, "check_failed": 10 }),
+        "{s}"
+    );
+    assert_eq!(
+        s["requests"]["missing"]["errors"],
+        serde_json::json!({ "grpc_not_found": 10 }),
+        "{s}"
+    );
+    assert_eq!(
+        s["totals"]["metrics"]["grpc_status_out_of_range"]["count"].as_u64(),
+        Some(10),
+        "{s}"
+    );
+    let thresholds = s["thresholds"].as_array().unwrap();
+    assert_eq!(thresholds.len(), 4, "{}", s["thresholds"]);
+    assert!(
+        thresholds.iter().all(|t| t["passed"] == true),
+        "{}",
+        s["thresholds"]
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("check_failed 10, grpc_not_found 10, grpc_out_of_range 10"),
+        "{stdout}"
+    );
+    let report = std::fs::read_to_string(&html).unwrap();
+    assert!(report.contains("\"grpc_out_of_range\":10"), "{report}");
+}
+
 fn validate(plan: &Path) -> (Option<i32>, String) {
     let out = stampede().arg("validate").arg(plan).output().unwrap();
     (
@@ -219,6 +325,91 @@ fn bad_protos_methods_and_messages_are_one_plan_error_each() {
         err.contains("grpc.proto") && err.contains("relative path"),
         "{err}"
     );
+}
+
+/// Client-streaming and bidirectional calls: `messages = [...]` sent in order (templated),
+/// the answer a message (client-streaming) or an array (bidi) for checks and extracts,
+/// counted by the shop; and the plan errors of a `message`/`messages` that does not fit
+/// the method.
+#[test]
+fn client_streaming_and_bidi_calls_send_their_messages_in_order() {
+    let t = target();
+    let url = t.url();
+    let good = format!(
+        r#"
+name = "grpc-streams"
+[grpc]
+proto = ["inventory.proto"]
+[defaults]
+base_url = "{url}"
+[scenarios.s]
+executor = "per-vu-iterations"
+vus = 2
+iterations = 4
+flows = [{{ flow = "f" }}]
+
+[[flows.f.steps]]
+name = "total"
+grpc = {{ method = "shop.Inventory/TotalStock", messages = [{{ product_id = 1 }}, {{ product_id = "{{{{vu}}}}" }}, {{ product_id = 3 }}] }}
+check = {{ json = {{ "$.products" = 3 }} }}
+extract = {{ qty = {{ json = "$.quantity" }} }}
+
+[[flows.f.steps]]
+name = "feed"
+grpc = {{ method = "shop.Inventory/StockFeed", messages = [{{ product_id = 2 }}, {{ product_id = 7 }}], metadata = {{ x-total = "{{{{qty}}}}" }} }}
+check = {{ json = {{ "$[0].quantity" = 174, "$[1].quantity" = 359, "$[1].warehouse" = "wh-3" }} }}
+
+[[flows.f.steps]]
+name = "feed missing"
+grpc = {{ method = "shop.Inventory/StockFeed", messages = [{{ product_id = 2 }}, {{ product_id = 0 }}] }}
+check = {{ grpc_status = "NOT_FOUND", json = {{ "$[0].product_id" = 2 }} }}
+"#
+    );
+    let (dir, plan) = plan_dir(&good);
+    let (out, s) = run(&plan, dir.path());
+    let s = s.unwrap_or_else(|| panic!("no summary: {}", show(&out)));
+    assert!(out.status.success(), "{}", show(&out));
+    let stats = t.stats();
+    assert_eq!(stats.endpoints["gRPC shop.Inventory/TotalStock"], 8, "{s}");
+    assert_eq!(stats.endpoints["gRPC shop.Inventory/StockFeed"], 16, "{s}");
+    assert_eq!(s["totals"]["requests"].as_u64(), Some(24), "{s}");
+    assert_eq!(s["totals"]["failed"].as_u64(), Some(0), "{s}");
+    // Per iteration: status + 1 JSON check, status + 3, status + 1.
+    assert_eq!(s["totals"]["checks"]["passed"].as_u64(), Some(8 * 8), "{s}");
+    assert_eq!(
+        s["totals"]["metrics"]["grpc_status_not_found"]["count"].as_u64(),
+        Some(8),
+        "{s}"
+    );
+
+    // One plan error each, exit code 2.
+    let refused = |from: &str, to: &str| -> String {
+        let (_dir, plan) = plan_dir(&good.replace(from, to));
+        let (code, err) = validate(&plan);
+        assert_eq!(code, Some(2), "{err}");
+        err
+    };
+    let err = refused(
+        "TotalStock\", messages = [{ product_id = 1 }, { product_id = \"{{vu}}\" }, { product_id = 3 }]",
+        "TotalStock\", message = { product_id = 1 }",
+    );
+    assert!(
+        err.contains("flows.f.steps[0].grpc.message")
+            && err.contains("client-streaming call: write its request messages as messages = ["),
+        "{err}"
+    );
+    let err = refused("TotalStock\", messages", "GetStock\", messages");
+    assert!(err.contains("takes one request message"), "{err}");
+    let err = refused("{ product_id = 7 }", "{ product_idd = 7 }");
+    assert!(
+        err.contains("messages[1].product_idd") && err.contains("no field \"product_idd\""),
+        "{err}"
+    );
+    let feed = "messages = [{ product_id = 2 }, { product_id = 7 }]";
+    let err = refused(feed, "messages = [{ product_id = 2 }, 7]");
+    assert!(err.contains("messages[1] is not a table"), "{err}");
+    let err = refused(feed, "message = { product_id = 2 }, messages = []");
+    assert!(err.contains("not both"), "{err}");
 }
 
 /// Reads the HTTP/2 client preface and frames until a HEADERS frame; false if the
@@ -334,8 +525,8 @@ fn a_server_closing_mid_message_is_one_error_class() {
 }
 
 /// An answer that is not gRPC (an HTTP 404 page, as a plain web server or a proxy sends
-/// it) takes its status from gRPC's HTTP mapping: UNIMPLEMENTED, a failed check — not a
-/// protocol error from parsing the page as gRPC frames.
+/// it) takes its status from gRPC's HTTP mapping: UNIMPLEMENTED, a failed call of class
+/// `grpc_unimplemented` — not a protocol error from parsing the page as gRPC frames.
 #[test]
 fn a_non_grpc_answer_gets_its_status_from_http() {
     // HEADERS (END_HEADERS) ":status: 404" (HPACK static index 13), then a DATA frame
@@ -351,7 +542,7 @@ fn a_non_grpc_answer_gets_its_status_from_http() {
     assert!(served >= 1, "{s}");
     assert_eq!(s["totals"]["failed"].as_u64(), Some(served), "{s}");
     assert_eq!(
-        s["totals"]["errors"]["check_failed"].as_u64(),
+        s["totals"]["errors"]["grpc_unimplemented"].as_u64(),
         Some(served),
         "{s}"
     );
@@ -453,6 +644,14 @@ check = {{ json = {{ "$[3].quantity" = 987, "$[0].warehouse" = "py-1" }} }}
 name = "missing"
 grpc = {{ url = "{url}", method = "shop.Inventory/GetStock", message = {{ product_id = 5000 }} }}
 check = {{ grpc_status = "NOT_FOUND" }}
+[[flows.f.steps]]
+name = "total"
+grpc = {{ url = "{url}", method = "shop.Inventory/TotalStock", messages = [{{ product_id = 10 }}, {{ productId = "2{{{{vu}}}}" }}, {{ product_id = 30 }}] }}
+check = {{ json = {{ "$.products" = 3 }} }}
+[[flows.f.steps]]
+name = "feed"
+grpc = {{ url = "{url}", method = "shop.Inventory/StockFeed", messages = [{{ product_id = 5 }}, {{ product_id = 6 }}] }}
+check = {{ json = {{ "$[0].quantity" = 995, "$[1].quantity" = 994, "$[1].warehouse" = "py-0" }} }}
 "#
     )
 }
@@ -502,8 +701,13 @@ fn interop(tls: bool) {
     assert_eq!(counts["streamed"], 80, "{counts}");
     // Only the first step sends x-shopper.
     assert_eq!(counts["metadata_ok"], 20, "{counts}");
-    assert_eq!(s["totals"]["requests"].as_u64(), Some(60), "{s}");
+    // Client-streaming and bidi: every message each call sent reached grpcio.
+    assert_eq!(counts["TotalStock"], 20, "{counts}");
+    assert_eq!(counts["StockFeed"], 20, "{counts}");
+    assert_eq!(counts["received"], 20 * (3 + 2), "{counts}");
+    assert_eq!(s["totals"]["requests"].as_u64(), Some(100), "{s}");
     assert_eq!(s["totals"]["failed"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["totals"]["checks"]["failed"].as_u64(), Some(0), "{s}");
 }
 
 #[test]
@@ -543,7 +747,10 @@ fn a_mesh_run_ships_the_proto_and_counts_exactly() {
         .replace(
             "[scenarios.stock]",
             "[requirements]\nmin_nodes = 2\n\n[scenarios.stock]",
-        );
+        )
+        // NOT_FOUND no longer accepted: 30 failed calls of class grpc_not_found, whose
+        // counts travel in the snapshots' `errors_more`.
+        .replace("check = { grpc_status = [\"NOT_FOUND\"] }\n", "");
     let (dir, plan) = plan_dir(&plan_text);
     let json = dir.path().join("summary.json");
     let out = Command::new(mesh_support::BIN)
@@ -570,4 +777,17 @@ fn a_mesh_run_ships_the_proto_and_counts_exactly() {
         Some(30),
         "{s}"
     );
+    assert_eq!(
+        s["totals"]["errors"],
+        serde_json::json!({ "grpc_not_found": 30 }),
+        "{s}"
+    );
+    // Each node's share, the other node's as it came over the wire.
+    let mut sum = 0;
+    for n in s["nodes"].as_array().unwrap() {
+        let e = n["stats"]["errors"]["grpc_not_found"].as_u64().unwrap_or(0);
+        assert_eq!(Some(e), n["failed"].as_u64(), "{n}");
+        sum += e;
+    }
+    assert_eq!(sum, 30, "{}", s["nodes"]);
 }

@@ -7,7 +7,7 @@
 //! It must not compile templates or load data files: the node does that, because both
 //! depend on things only a node knows (its data partition, its allowlist).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::ops::Range;
 use std::time::Duration;
@@ -140,6 +140,50 @@ pub struct Step {
     /// Set for a gRPC step: `request` then holds the call as HTTP/2 sees it (POST to
     /// `URL/package.Service/Method`, the metadata as headers, the message as JSON).
     pub grpc: Option<GrpcCall>,
+    /// A WebSocket step (`ws = {...}`) instead of an HTTP request; `request` is then a
+    /// GET of an empty URL that is never sent.
+    pub ws: Option<WsStep>,
+}
+
+/// What a WebSocket step does, on which of the VU's sockets.
+#[derive(Debug, Clone)]
+pub struct WsStep {
+    /// The socket's name (`socket = "..."`, default `default`): a VU holds one socket
+    /// per name, across steps and iterations, until a `close` step or a loss.
+    pub socket: String,
+    pub action: WsAction,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub enum WsAction {
+    /// Open (a URL starting with `/` is joined to `base_url`, http→ws, https→wss).
+    /// With `keep`, a socket already open is used as it is.
+    Open {
+        url: String,
+        headers: Vec<(String, String)>,
+        subprotocols: Vec<String>,
+        keep: bool,
+    },
+    Send(WsMessage),
+    /// The next message (`matching = false`), or the first that passes the step's
+    /// checks, skipping others (`matching = true`).
+    Receive {
+        matching: bool,
+    },
+    Ping,
+    Close {
+        code: u16,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum WsMessage {
+    Text(String),
+    Json(serde_json::Value),
+    /// The text's UTF-8 bytes, sent as a binary message.
+    Binary(String),
 }
 
 /// What a gRPC step calls; the rest of the call lives in the step's `request`.
@@ -147,7 +191,13 @@ pub struct Step {
 pub struct GrpcCall {
     /// `package.Service/Method`, as written.
     pub method: String,
+    /// The step wrote `messages = [...]`: the request messages of a client-streaming or
+    /// bidirectional call, sent in order; the request's JSON is then an array of them.
+    pub streamed: bool,
 }
+
+/// Most request messages one gRPC step may send (`messages = [...]`).
+pub const MAX_GRPC_MESSAGES: usize = 1000;
 
 /// Most .proto files a plan may name (their imports come on top).
 pub const MAX_PROTO_FILES: usize = 64;
@@ -393,6 +443,7 @@ struct RawStep {
     name: Option<String>,
     request: Option<RawRequest>,
     grpc: Option<RawGrpcCall>,
+    ws: Option<RawWs>,
     #[serde(default)]
     check: RawCheck,
     #[serde(default)]
@@ -422,6 +473,7 @@ struct RawGrpcCall {
     url: Option<String>,
     method: String,
     message: Option<toml::Value>,
+    messages: Option<Vec<toml::Value>>,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
     timeout: Option<Dur>,
@@ -439,6 +491,27 @@ enum GrpcStatusSpec {
 enum GrpcCode {
     Number(u32),
     Name(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWs {
+    socket: Option<String>,
+    open: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    subprotocols: Vec<String>,
+    #[serde(default)]
+    keep: bool,
+    send: Option<String>,
+    send_json: Option<toml::Value>,
+    send_binary: Option<String>,
+    receive: Option<String>,
+    ping: Option<bool>,
+    close: Option<u16>,
+    reason: Option<String>,
+    timeout: Option<Dur>,
 }
 
 #[derive(Deserialize, Default)]
@@ -594,6 +667,9 @@ impl Validator<'_> {
 
         let flow_names: Vec<String> = raw.flows.keys().cloned().collect();
         let mut flows = Vec::new();
+        // WebSocket steps that use a socket, to check once every flow is read that some
+        // step opens it (a VU's sockets outlive flows, so any flow's open counts).
+        let mut socket_uses = Vec::new();
         for (name, f) in raw.flows {
             let span = f.span();
             let f = f.into_inner();
@@ -606,10 +682,22 @@ impl Validator<'_> {
             }
             let mut steps = Vec::new();
             for (i, s) in f.steps.into_iter().enumerate() {
-                steps.push(self.step(&name, i, s)?);
+                let span = s.span();
+                let step = self.step(&name, i, s)?;
+                if let Some(ws) = &step.ws {
+                    if !matches!(ws.action, WsAction::Open { .. }) {
+                        socket_uses.push((
+                            ws.socket.clone(),
+                            span,
+                            format!("flows.{name}.steps[{i}]"),
+                        ));
+                    }
+                }
+                steps.push(step);
             }
             flows.push(Flow { name, steps });
         }
+        self.sockets_opened(&flows, socket_uses)?;
 
         if raw.scenarios.is_empty() {
             return Err(PlanError {
@@ -729,13 +817,50 @@ impl Validator<'_> {
         let span = s.span();
         let s = s.into_inner();
         let path = format!("flows.{flow}.steps[{index}]");
-        let (r, grpc) = match (s.request, s.grpc) {
-            (Some(r), None) => (r, None),
-            (None, Some(g)) => {
+        let (r, grpc, ws) = match (s.request, s.grpc, s.ws) {
+            (Some(r), None, None) => (r, None, None),
+            (None, Some(g), None) => {
                 let (r, call) = self.grpc_call(&span, &path, g, s.check.status.is_some())?;
-                (r, Some(call))
+                (r, Some(call), None)
             }
-            _ => return Err(self.err(span, path, "a step has exactly one of request, grpc")),
+            (None, None, Some(w)) => {
+                let ws = self.ws_step(&span, &path, w)?;
+                let receives = matches!(ws.action, WsAction::Receive { .. });
+                let checks = s.check.status.is_some() || !s.check.header.is_empty();
+                if checks
+                    || (!receives
+                        && (s.check.body_contains.is_some()
+                            || s.check.body_regex.is_some()
+                            || !s.check.json.is_empty()
+                            || !s.extract.is_empty()))
+                {
+                    return Err(self.err_key(
+                        &span,
+                        &path,
+                        "check",
+                        "a WebSocket step checks and extracts only a received message (body_contains, body_regex, json), in a receive step",
+                    ));
+                }
+                let placeholder = RawRequest {
+                    method: None,
+                    url: "/".into(),
+                    query: BTreeMap::new(),
+                    headers: BTreeMap::new(),
+                    json: None,
+                    body: None,
+                    form: None,
+                    timeout: None,
+                };
+                (placeholder, None, Some(ws))
+            }
+            _ => {
+                return Err(self.err_key(
+                    &span,
+                    &path,
+                    "request",
+                    "a step has exactly one of request, grpc or ws",
+                ))
+            }
         };
         let method = r
             .method
@@ -891,6 +1016,123 @@ impl Validator<'_> {
             extract,
             think,
             grpc,
+            ws,
+        })
+    }
+
+    /// Every socket a WebSocket step sends, receives, pings or closes on is opened by
+    /// some step of the plan: a misspelt `socket` name is a plan error, not a step that
+    /// fails on every iteration.
+    fn sockets_opened(
+        &self,
+        flows: &[Flow],
+        uses: Vec<(String, Range<usize>, String)>,
+    ) -> Result<(), PlanError> {
+        let opened: BTreeSet<&str> = flows
+            .iter()
+            .flat_map(|f| &f.steps)
+            .filter_map(|s| s.ws.as_ref())
+            .filter(|w| matches!(w.action, WsAction::Open { .. }))
+            .map(|w| w.socket.as_str())
+            .collect();
+        for (socket, span, path) in uses {
+            if !opened.contains(socket.as_str()) {
+                let known = if opened.is_empty() {
+                    "no step opens a WebSocket".to_string()
+                } else {
+                    let names: Vec<String> = opened.iter().map(|n| format!("\"{n}\"")).collect();
+                    format!("sockets opened: {}", names.join(", "))
+                };
+                return Err(self.err_key(
+                    &span,
+                    &path,
+                    "ws",
+                    &format!("no step opens socket \"{socket}\" ({known}); add a step with ws = {{ open = ..., socket = \"{socket}\" }}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn ws_step(&self, span: &Range<usize>, path: &str, w: RawWs) -> Result<WsStep, PlanError> {
+        let bad = |msg: &str| self.err_key(span, path, "ws", msg);
+        let given = w.open.is_some() as u8
+            + w.send.is_some() as u8
+            + w.send_json.is_some() as u8
+            + w.send_binary.is_some() as u8
+            + w.receive.is_some() as u8
+            + w.ping.is_some() as u8
+            + w.close.is_some() as u8;
+        if given != 1 {
+            return Err(bad(
+                "give exactly one of open, send, send_json, send_binary, receive, ping, close",
+            ));
+        }
+        if w.open.is_none() && (!w.headers.is_empty() || !w.subprotocols.is_empty() || w.keep) {
+            return Err(bad("headers, subprotocols and keep belong to an open"));
+        }
+        if w.close.is_none() && w.reason.is_some() {
+            return Err(bad("reason belongs to a close"));
+        }
+        let action = if let Some(url) = w.open {
+            if !(url.starts_with('/')
+                || url.starts_with("ws://")
+                || url.starts_with("wss://")
+                || url.starts_with("{{"))
+            {
+                return Err(bad(&format!(
+                    "open \"{url}\" must start with / (joined to defaults.base_url) or ws:// or wss://"
+                )));
+            }
+            WsAction::Open {
+                url,
+                headers: w.headers.into_iter().collect(),
+                subprotocols: w.subprotocols,
+                keep: w.keep,
+            }
+        } else if let Some(t) = w.send {
+            WsAction::Send(WsMessage::Text(t))
+        } else if let Some(j) = w.send_json {
+            WsAction::Send(WsMessage::Json(toml_to_json(j)))
+        } else if let Some(b) = w.send_binary {
+            WsAction::Send(WsMessage::Binary(b))
+        } else if let Some(r) = w.receive {
+            WsAction::Receive {
+                matching: match r.as_str() {
+                    "next" => false,
+                    "matching" => true,
+                    other => {
+                        return Err(bad(&format!(
+                            "receive = \"{other}\": use \"next\" (the next message) or \"matching\" (the first that passes the checks)"
+                        )))
+                    }
+                },
+            }
+        } else if let Some(p) = w.ping {
+            if !p {
+                return Err(bad("ping = false does nothing; leave the step out"));
+            }
+            WsAction::Ping
+        } else {
+            let code = w.close.unwrap_or(1000);
+            // Codes an endpoint may send (RFC 6455 7.4): 1000-1003, 1007-1014, 3000-4999.
+            if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+                return Err(bad(&format!("close = {code} is not a close code an endpoint may send (1000-1003, 1007-1014, 3000-4999)")));
+            }
+            let reason = w.reason.unwrap_or_default();
+            if reason.len() > 123 {
+                return Err(bad("a close reason is at most 123 bytes"));
+            }
+            WsAction::Close { code, reason }
+        };
+        let socket = w.socket.unwrap_or_else(|| "default".into());
+        if socket.is_empty() || socket.len() > 64 {
+            return Err(bad("socket names are 1 to 64 characters"));
+        }
+        Ok(WsStep {
+            socket,
+            action,
+            timeout: w.timeout.map(|d| d.0),
         })
     }
 
@@ -952,10 +1194,37 @@ impl Validator<'_> {
         if g.metadata.len() > 256 {
             return Err(self.err_key(span, &gpath, "metadata", "at most 256 entries"));
         }
-        let message = match g.message {
-            None => toml::Value::Table(Default::default()),
-            Some(m @ toml::Value::Table(_)) => m,
-            Some(_) => {
+        let message = match (g.message, g.messages) {
+            (Some(_), Some(_)) => {
+                return Err(self.err_key(
+                    span,
+                    &gpath,
+                    "messages",
+                    "give message (one request message) or messages (a stream of them), not both",
+                ))
+            }
+            (None, Some(list)) => {
+                if list.len() > MAX_GRPC_MESSAGES {
+                    return Err(self.err_key(
+                        span,
+                        &gpath,
+                        "messages",
+                        &format!("{} messages, at most {MAX_GRPC_MESSAGES}", list.len()),
+                    ));
+                }
+                if let Some(i) = list.iter().position(|m| !m.is_table()) {
+                    return Err(self.err_key(
+                        span,
+                        &gpath,
+                        "messages",
+                        &format!("messages[{i}] is not a table (each is a request message in the protobuf JSON mapping)"),
+                    ));
+                }
+                toml::Value::Array(list)
+            }
+            (None, None) => toml::Value::Table(Default::default()),
+            (Some(m @ toml::Value::Table(_)), None) => m,
+            (Some(_), None) => {
                 return Err(self.err_key(
                     span,
                     &gpath,
@@ -964,6 +1233,7 @@ impl Validator<'_> {
                 ))
             }
         };
+        let streamed = message.is_array();
         let request = RawRequest {
             method: Some("POST".into()),
             url,
@@ -974,7 +1244,13 @@ impl Validator<'_> {
             form: None,
             timeout: g.timeout,
         };
-        Ok((request, GrpcCall { method: g.method }))
+        Ok((
+            request,
+            GrpcCall {
+                method: g.method,
+                streamed,
+            },
+        ))
     }
 
     fn scenario(
@@ -1483,6 +1759,74 @@ think = "1s..3s"
         assert!(e.message.contains("vuss"), "{e}");
         let line = src.lines().position(|l| l.starts_with("vuss")).unwrap() + 1;
         assert_eq!(e.line, Some(line), "{e}");
+    }
+
+    #[test]
+    fn websocket_steps_parse_and_bad_ones_are_named() {
+        let plan = |steps: &str| {
+            format!(
+                "name = \"w\"\n[scenarios.s]\nexecutor = \"per-vu-iterations\"\nvus = 1\niterations = 1\nflow = \"f\"\n{steps}"
+            )
+        };
+        let ok = parse_plan(
+            "plan.toml",
+            &plan(
+                "[[flows.f.steps]]\nws = { open = \"ws://127.0.0.1:1/x\", subprotocols = [\"a\"], keep = true, socket = \"s\" }\n\
+                 [[flows.f.steps]]\nws = { receive = \"matching\", socket = \"s\", timeout = \"2s\" }\ncheck = { json = { \"$.a\" = 1 } }\n\
+                 [[flows.f.steps]]\nws = { close = 4000, reason = \"bye\", socket = \"s\" }\n",
+            ),
+        )
+        .unwrap();
+        let steps = &ok.flows[0].steps;
+        let ws = |i: usize| steps[i].ws.as_ref().unwrap();
+        assert!(matches!(ws(0).action, WsAction::Open { keep: true, .. }));
+        assert!(matches!(ws(1).action, WsAction::Receive { matching: true }));
+        assert_eq!(ws(1).timeout, Some(Duration::from_secs(2)));
+        assert!(matches!(ws(2).action, WsAction::Close { code: 4000, .. }));
+        for (steps, says) in [
+            ("ws = { receive = \"later\" }", "use \"next\""),
+            ("ws = { send = \"a\", ping = true }", "exactly one of open"),
+            (
+                "ws = { send = \"a\" }\nrequest = { url = \"/\" }",
+                "exactly one of request, grpc or ws",
+            ),
+            (
+                "ws = { send = \"a\" }\ncheck = { body_contains = \"x\" }",
+                "in a receive step",
+            ),
+            ("ws = { open = \"http://x/\" }", "ws:// or wss://"),
+            ("ws = { close = 1005 }", "not a close code"),
+            ("ws = { send = \"a\", keep = true }", "belong to an open"),
+        ] {
+            let e = err(&plan(&format!("[[flows.f.steps]]\n{steps}\n")));
+            assert!(e.to_string().contains(says), "{steps}: {e}");
+            assert!(matches!(e.line, Some(7..=9)), "{steps}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_websocket_step_on_a_socket_no_step_opens_is_named() {
+        let src = "name = \"w\"\n[scenarios.s]\nexecutor = \"per-vu-iterations\"\nvus = 1\niterations = 1\nflow = \"f\"\n\
+             [[flows.f.steps]]\nws = { open = \"ws://127.0.0.1:1/x\", socket = \"chat\" }\n\
+             [[flows.f.steps]]\nws = { send = \"hi\", socket = \"chat\" }\n\
+             [[flows.g.steps]]\nws = { receive = \"next\", socket = \"caht\" }\n";
+        let e = err(src);
+        assert_eq!(e.line, Some(12), "{e}");
+        assert_eq!(e.field.as_deref(), Some("flows.g.steps[0].ws"), "{e}");
+        assert!(
+            e.message
+                .contains("no step opens socket \"caht\" (sockets opened: \"chat\")"),
+            "{e}"
+        );
+        // Without any open, the default socket is named too.
+        let e = err(&src.replace("open = \"ws://127.0.0.1:1/x\"", "ping = true"));
+        assert!(
+            e.message
+                .contains("no step opens socket \"chat\" (no step opens a WebSocket)"),
+            "{e}"
+        );
+        // Opened in another flow: a VU's sockets outlive flows, so this is fine.
+        parse_plan("plan.toml", &src.replace("caht", "chat")).unwrap();
     }
 
     #[test]

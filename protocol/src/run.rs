@@ -230,26 +230,42 @@ pub enum RunMessage {
         term: u64,
         /// The sender's monotonic clock (µs) when it sent this beat.
         sent_us: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<Version>,
         /// (roster index, that member's `sent_us` as last heard here).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         echoes: Vec<(u32, u64)>,
         /// Roster indices this member has fenced.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         fenced: Vec<u32>,
         /// This member's claims on the counted scenarios (see `machine::version`).
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         claims: Vec<u64>,
         /// For each fenced member (same order): the highest claims heard from it.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         fenced_claims: Vec<Vec<u64>>,
         /// Every barrier this member has arrived at: arrivals ride on heartbeats, so
         /// a member that missed one hears it again within a beat, whatever the
         /// sender believes of the barrier.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         arrived: Vec<(Barrier, BarrierDetail)>,
         /// The sender holds no lease now (it just took up a version): members at its
         /// version answer at once instead of at their next beat.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         wants_echo: bool,
+        /// The sender's version digest, for a beat that carries no `version`:
+        /// heartbeats carry the whole version only to witnesses (who adopt versions
+        /// on a leader change); every other member takes versions from `assign`.
+        #[serde(default)]
+        digest: u64,
+        /// Barriers a witness sees complete: members that are not witnesses hear
+        /// only the witnesses, so they learn completion from them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        complete: Vec<Barrier>,
+        /// The recipient's own arrivals the sender holds: the recipient stops
+        /// repeating those to it (they would be most of a heartbeat's bytes).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        received: Vec<Barrier>,
     },
     /// Stop the run everywhere, gracefully.
     Stop { run_id: String, reason: String },
@@ -373,12 +389,16 @@ impl RunMessage {
                 arrived,
                 claims,
                 fenced_claims,
+                complete,
+                received,
                 ..
             } => {
                 use crate::machine::version::MAX_COUNTED;
                 if echoes.len() > MAX_MEMBERS
                     || fenced.len() > MAX_MEMBERS
                     || arrived.len() > Barrier::ALL.len()
+                    || complete.len() > Barrier::ALL.len()
+                    || received.len() > Barrier::ALL.len()
                     || claims.len() > MAX_COUNTED
                     || fenced_claims.len() > fenced.len()
                     || fenced_claims.iter().any(|c| c.len() > MAX_COUNTED)
@@ -407,10 +427,13 @@ impl RunMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct BarrierDetail {
     /// `started`: when this node actually started, in the leader's clock (µs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_unix_us: Option<u64>,
     /// `finished`: the number of snapshots this node published (seq 0..count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<u64>,
     /// `ready`: this node's clock offset to the leader (µs, leader − local).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_offset_us: Option<i64>,
     /// `finished` without running: why this node could not send its share (its
     /// engine or HTTP set-up failed). Absent from older nodes' arrivals.
@@ -454,6 +477,14 @@ pub enum RunRequest {
     /// report` finds a run whose report another node built. Answered from the
     /// responder's data dir, or `Refused` when it does not have it.
     Summary { run_id: String },
+    /// A run message for this node alone (heartbeats, joins, a roster sent again):
+    /// answered `Received` at once and handed to the run like a gossiped one. The
+    /// sender's protocol version travels with it, since request-response itself is
+    /// not versioned: a message of another version is refused.
+    Message {
+        protocol_version: u32,
+        msg: Box<RunMessage>,
+    },
 }
 
 impl RunRequest {
@@ -464,6 +495,7 @@ impl RunRequest {
             | RunRequest::Snapshots { run_id, .. }
             | RunRequest::Summary { run_id } => validate_run_id(run_id),
             RunRequest::Clock { .. } => Ok(()),
+            RunRequest::Message { msg, .. } => msg.validate(),
         }
     }
 }
@@ -507,6 +539,9 @@ pub enum RunResponse {
     Refused {
         reason: String,
     },
+    /// A direct run message was taken (nothing more is said: its effects, if any,
+    /// come as messages of their own).
+    Received,
 }
 
 /// A reason or error cut to [`MAX_REASON`] bytes (at a character boundary), so that a

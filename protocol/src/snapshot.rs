@@ -44,10 +44,28 @@ pub enum ErrorClass {
     Refused = 7,
     /// A protocol error, a bad response, a template that rendered an invalid request.
     Other = 8,
+    /// A gRPC call whose server answered a status the step does not accept, one class
+    /// per status (CANCELLED = 1 .. UNAUTHENTICATED = 16), like `http_4xx` for HTTP.
+    GrpcCancelled = 9,
+    GrpcUnknown = 10,
+    GrpcInvalidArgument = 11,
+    GrpcDeadlineExceeded = 12,
+    GrpcNotFound = 13,
+    GrpcAlreadyExists = 14,
+    GrpcPermissionDenied = 15,
+    GrpcResourceExhausted = 16,
+    GrpcFailedPrecondition = 17,
+    GrpcAborted = 18,
+    GrpcOutOfRange = 19,
+    GrpcUnimplemented = 20,
+    GrpcInternal = 21,
+    GrpcUnavailable = 22,
+    GrpcDataLoss = 23,
+    GrpcUnauthenticated = 24,
 }
 
 impl ErrorClass {
-    pub const ALL: [ErrorClass; 9] = [
+    pub const ALL: [ErrorClass; 25] = [
         ErrorClass::Connect,
         ErrorClass::Timeout,
         ErrorClass::Tls,
@@ -57,6 +75,22 @@ impl ErrorClass {
         ErrorClass::CheckFailed,
         ErrorClass::Refused,
         ErrorClass::Other,
+        ErrorClass::GrpcCancelled,
+        ErrorClass::GrpcUnknown,
+        ErrorClass::GrpcInvalidArgument,
+        ErrorClass::GrpcDeadlineExceeded,
+        ErrorClass::GrpcNotFound,
+        ErrorClass::GrpcAlreadyExists,
+        ErrorClass::GrpcPermissionDenied,
+        ErrorClass::GrpcResourceExhausted,
+        ErrorClass::GrpcFailedPrecondition,
+        ErrorClass::GrpcAborted,
+        ErrorClass::GrpcOutOfRange,
+        ErrorClass::GrpcUnimplemented,
+        ErrorClass::GrpcInternal,
+        ErrorClass::GrpcUnavailable,
+        ErrorClass::GrpcDataLoss,
+        ErrorClass::GrpcUnauthenticated,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -69,11 +103,50 @@ impl ErrorClass {
             ErrorClass::CheckFailed => "check_failed",
             ErrorClass::Refused => "refused",
             ErrorClass::Other => "other",
+            ErrorClass::GrpcCancelled => "grpc_cancelled",
+            ErrorClass::GrpcUnknown => "grpc_unknown",
+            ErrorClass::GrpcInvalidArgument => "grpc_invalid_argument",
+            ErrorClass::GrpcDeadlineExceeded => "grpc_deadline_exceeded",
+            ErrorClass::GrpcNotFound => "grpc_not_found",
+            ErrorClass::GrpcAlreadyExists => "grpc_already_exists",
+            ErrorClass::GrpcPermissionDenied => "grpc_permission_denied",
+            ErrorClass::GrpcResourceExhausted => "grpc_resource_exhausted",
+            ErrorClass::GrpcFailedPrecondition => "grpc_failed_precondition",
+            ErrorClass::GrpcAborted => "grpc_aborted",
+            ErrorClass::GrpcOutOfRange => "grpc_out_of_range",
+            ErrorClass::GrpcUnimplemented => "grpc_unimplemented",
+            ErrorClass::GrpcInternal => "grpc_internal",
+            ErrorClass::GrpcUnavailable => "grpc_unavailable",
+            ErrorClass::GrpcDataLoss => "grpc_data_loss",
+            ErrorClass::GrpcUnauthenticated => "grpc_unauthenticated",
         }
+    }
+
+    /// The class of a gRPC call that ended with status `code`: `None` for OK (0) and for
+    /// a code gRPC does not define.
+    pub fn grpc(code: u32) -> Option<ErrorClass> {
+        match code {
+            1..=16 => Some(ErrorClass::ALL[ErrorClass::GrpcCancelled as usize - 1 + code as usize]),
+            _ => None,
+        }
+    }
+
+    /// The class called `name`, if there is one.
+    pub fn parse(name: &str) -> Option<ErrorClass> {
+        ErrorClass::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// Every name, comma-separated (for error messages).
+    pub fn names() -> String {
+        ErrorClass::ALL.map(ErrorClass::name).join(", ")
     }
 }
 
 pub const ERROR_CLASSES: usize = ErrorClass::ALL.len();
+
+/// The classes every build sends and reads as the fixed array `errors` of a series; the
+/// classes after them travel in `errors_more` (see [`SeriesStats`]'s encoding).
+pub const LEGACY_ERROR_CLASSES: usize = 9;
 
 /// A latency histogram in microseconds, auto-resizing so that a 5-minute response
 /// never panics or is clipped.
@@ -306,7 +379,14 @@ fn add_sat(total: &mut u64, n: u64) {
 }
 
 /// What happened to the requests of one series (one step of one flow of one scenario).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+///
+/// Encoded as a CBOR map of its fields, except `errors`: the first
+/// [`LEGACY_ERROR_CLASSES`] classes go as the fixed array `errors` (as every earlier build
+/// sends and reads it), the later ones as `errors_more`, cut after the last non-zero
+/// class and absent when all are zero. So a snapshot without such errors is byte for
+/// byte what an earlier build sends, and an earlier build skips `errors_more` as an
+/// unknown field (its `failed` still counts those requests).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SeriesStats {
     /// Latency from the intended time (open model) — what a user waited.
     pub latency: Hist,
@@ -316,12 +396,134 @@ pub struct SeriesStats {
     pub failed: u64,
     pub bytes_received: u64,
     pub bytes_sent: u64,
+    /// Failed requests per [`ErrorClass`], indexed by it.
     pub errors: [u64; ERROR_CLASSES],
     pub checks_passed: u64,
     pub checks_failed: u64,
     /// Metrics of step kinds other than HTTP (WebSocket, gRPC), only those recorded.
-    #[serde(default, skip_serializing_if = "NamedMetrics::is_empty")]
     pub named: NamedMetrics,
+}
+
+/// [`SeriesStats`] as written: borrowed, so encoding copies no histogram.
+#[derive(Serialize)]
+#[serde(rename = "SeriesStats")]
+struct SeriesOut<'a> {
+    latency: &'a Hist,
+    service: &'a Hist,
+    requests: u64,
+    failed: u64,
+    bytes_received: u64,
+    bytes_sent: u64,
+    errors: &'a [u64],
+    #[serde(skip_serializing_if = "<[u64]>::is_empty")]
+    errors_more: &'a [u64],
+    checks_passed: u64,
+    checks_failed: u64,
+    #[serde(skip_serializing_if = "NamedMetrics::is_empty")]
+    named: &'a NamedMetrics,
+}
+
+/// [`SeriesStats`] as read; unknown fields are skipped (not buffered), as before.
+#[derive(Deserialize)]
+#[serde(rename = "SeriesStats")]
+struct SeriesIn {
+    latency: Hist,
+    service: Hist,
+    requests: u64,
+    failed: u64,
+    bytes_received: u64,
+    bytes_sent: u64,
+    errors: [u64; LEGACY_ERROR_CLASSES],
+    #[serde(default)]
+    errors_more: MoreErrors,
+    checks_passed: u64,
+    checks_failed: u64,
+    #[serde(default)]
+    named: NamedMetrics,
+}
+
+/// The error classes after the legacy ones, as read: at most as many as this build
+/// knows, refused beyond that (a class it cannot name must not vanish silently).
+#[derive(Default)]
+struct MoreErrors([u64; ERROR_CLASSES - LEGACY_ERROR_CLASSES]);
+
+impl<'de> Deserialize<'de> for MoreErrors {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MoreErrors, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MoreErrors;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of error counts")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<MoreErrors, A::Error> {
+                let mut out = MoreErrors::default();
+                for slot in out.0.iter_mut() {
+                    match seq.next_element()? {
+                        Some(n) => *slot = n,
+                        None => return Ok(out),
+                    }
+                }
+                if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    return Err(serde::de::Error::custom(format!(
+                        "errors_more: more than the {} error classes this node knows ({})",
+                        ERROR_CLASSES - LEGACY_ERROR_CLASSES,
+                        ErrorClass::ALL[LEGACY_ERROR_CLASSES..]
+                            .iter()
+                            .map(|c| c.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+impl Serialize for SeriesStats {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (errors, more) = self.errors.split_at(LEGACY_ERROR_CLASSES);
+        let used = more.iter().rposition(|&n| n > 0).map_or(0, |i| i + 1);
+        SeriesOut {
+            latency: &self.latency,
+            service: &self.service,
+            requests: self.requests,
+            failed: self.failed,
+            bytes_received: self.bytes_received,
+            bytes_sent: self.bytes_sent,
+            errors,
+            errors_more: &more[..used],
+            checks_passed: self.checks_passed,
+            checks_failed: self.checks_failed,
+            named: &self.named,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SeriesStats {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SeriesStats, D::Error> {
+        let w = SeriesIn::deserialize(d)?;
+        let mut errors = [0; ERROR_CLASSES];
+        errors[..LEGACY_ERROR_CLASSES].copy_from_slice(&w.errors);
+        errors[LEGACY_ERROR_CLASSES..].copy_from_slice(&w.errors_more.0);
+        Ok(SeriesStats {
+            latency: w.latency,
+            service: w.service,
+            requests: w.requests,
+            failed: w.failed,
+            bytes_received: w.bytes_received,
+            bytes_sent: w.bytes_sent,
+            errors,
+            checks_passed: w.checks_passed,
+            checks_failed: w.checks_failed,
+            named: w.named,
+        })
+    }
 }
 
 impl SeriesStats {
@@ -770,5 +972,131 @@ mod tests {
         h.record(3_600_000_000 * 5);
         h.record(0);
         assert_eq!(h.len(), 2);
+    }
+
+    /// A series as builds before the gRPC error classes wrote and read it.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct LegacySeries {
+        latency: Hist,
+        service: Hist,
+        requests: u64,
+        failed: u64,
+        bytes_received: u64,
+        bytes_sent: u64,
+        errors: [u64; 9],
+        checks_passed: u64,
+        checks_failed: u64,
+        #[serde(default, skip_serializing_if = "NamedMetrics::is_empty")]
+        named: NamedMetrics,
+    }
+
+    fn cbor<T: Serialize>(v: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(v, &mut out).unwrap();
+        out
+    }
+
+    fn series_with(classes: &[(ErrorClass, u64)]) -> SeriesStats {
+        let mut s = sample(3, 40).series[0].clone();
+        for &(c, n) in classes {
+            s.errors[c as usize] += n;
+            s.failed += n;
+        }
+        s
+    }
+
+    fn legacy(s: &SeriesStats) -> LegacySeries {
+        LegacySeries {
+            latency: s.latency.clone(),
+            service: s.service.clone(),
+            requests: s.requests,
+            failed: s.failed,
+            bytes_received: s.bytes_received,
+            bytes_sent: s.bytes_sent,
+            errors: s.errors[..9].try_into().unwrap(),
+            checks_passed: s.checks_passed,
+            checks_failed: s.checks_failed,
+            named: s.named.clone(),
+        }
+    }
+
+    #[test]
+    fn without_grpc_errors_a_series_is_encoded_as_earlier_builds_do() {
+        let s = series_with(&[(ErrorClass::Timeout, 2)]);
+        assert_eq!(cbor(&s), cbor(&legacy(&s)));
+        // And what an earlier build sends reads back whole.
+        let back: SeriesStats = ciborium::from_reader(&cbor(&legacy(&s))[..]).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn grpc_error_classes_round_trip_and_an_earlier_build_skips_them() {
+        let s = series_with(&[
+            (ErrorClass::Http5xx, 1),
+            (ErrorClass::GrpcNotFound, 3),
+            (ErrorClass::GrpcUnavailable, 5),
+        ]);
+        let bytes = cbor(&s);
+        let back: SeriesStats = ciborium::from_reader(&bytes[..]).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.errors[ErrorClass::GrpcUnavailable as usize], 5);
+        let old: LegacySeries = ciborium::from_reader(&bytes[..]).unwrap();
+        assert_eq!(old, legacy(&s));
+        // Cut after the last class used: UNAVAILABLE is the 14th after the legacy nine.
+        let v: ciborium::Value = ciborium::from_reader(&bytes[..]).unwrap();
+        let more = v
+            .as_map()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.as_text() == Some("errors_more"))
+            .map(|(_, v)| v.as_array().unwrap().len());
+        assert_eq!(more, Some(14));
+    }
+
+    #[test]
+    fn error_classes_a_node_does_not_know_are_refused_with_a_clear_error() {
+        let s = series_with(&[(ErrorClass::GrpcUnauthenticated, 1)]);
+        let mut v: ciborium::Value = ciborium::from_reader(&cbor(&s)[..]).unwrap();
+        for (k, v) in v.as_map_mut().unwrap() {
+            if k.as_text() == Some("errors_more") {
+                v.as_array_mut().unwrap().push(ciborium::Value::from(1u64));
+            }
+        }
+        let e = ciborium::from_reader::<SeriesStats, _>(&cbor(&v)[..])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("errors_more: more than the 16 error classes"),
+            "{e}"
+        );
+        // A legacy array of another length, and an errors_more claiming a billion
+        // entries (it holds none): refused, nothing allocated for the claim.
+        let mut short = legacy(&s);
+        short.errors = [0; 9];
+        let mut v: ciborium::Value = ciborium::from_reader(&cbor(&short)[..]).unwrap();
+        for (k, v) in v.as_map_mut().unwrap() {
+            if k.as_text() == Some("errors") {
+                v.as_array_mut().unwrap().pop();
+            }
+        }
+        assert!(ciborium::from_reader::<SeriesStats, _>(&cbor(&v)[..]).is_err());
+        let e = ciborium::from_reader::<MoreErrors, _>(&[0x9a, 0x3b, 0x9a, 0xca, 0x00][..])
+            .err()
+            .unwrap();
+        assert!(!e.to_string().is_empty());
+    }
+
+    #[test]
+    fn grpc_statuses_map_to_their_classes() {
+        assert_eq!(ErrorClass::grpc(0), None);
+        assert_eq!(ErrorClass::grpc(1), Some(ErrorClass::GrpcCancelled));
+        assert_eq!(ErrorClass::grpc(5), Some(ErrorClass::GrpcNotFound));
+        assert_eq!(ErrorClass::grpc(14), Some(ErrorClass::GrpcUnavailable));
+        assert_eq!(ErrorClass::grpc(16), Some(ErrorClass::GrpcUnauthenticated));
+        assert_eq!(ErrorClass::grpc(17), None);
+        for (i, c) in ErrorClass::ALL.into_iter().enumerate() {
+            assert_eq!(c as usize, i);
+            assert_eq!(ErrorClass::parse(c.name()), Some(c));
+        }
     }
 }

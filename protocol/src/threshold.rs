@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::duration::parse_duration;
 use crate::named::{Kind, Named};
+use crate::snapshot::ErrorClass;
 
 /// The metrics a threshold can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +71,8 @@ pub struct TagFilter {
     pub node: Option<String>,
     /// Any other tag is a node label, e.g. `region=eu`.
     pub label: Option<(String, String)>,
+    /// `http_req_failed{error=grpc_unavailable}`: only the failed requests of that class.
+    pub error: Option<ErrorClass>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,6 +292,18 @@ impl Threshold {
                 "flow" => filter.flow = Some(v),
                 "name" | "step" => filter.step = Some(v),
                 "node" => filter.node = Some(v),
+                "error" if metric != Metric::HttpReqFailed => {
+                    let why = "the error tag selects failed requests; use it on http_req_failed";
+                    return Err(format!("\"{key}\": {why}"));
+                }
+                "error" => {
+                    filter.error = Some(ErrorClass::parse(&v).ok_or_else(|| {
+                        format!(
+                            "\"{key}\": unknown error class \"{v}\" (known: {})",
+                            ErrorClass::names()
+                        )
+                    })?)
+                }
                 _ if filter.label.is_none() => filter.label = Some((k.to_string(), v)),
                 _ => return Err(format!("\"{key}\": at most one node label tag")),
             }
@@ -339,6 +354,25 @@ impl fmt::Display for Threshold {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_error_tag_names_a_class_of_failed_requests() {
+        let expr = || ThresholdExpr::parse("count == 0").unwrap();
+        let t = Threshold::new(
+            "http_req_failed{error=grpc_unavailable, flow=f}",
+            "",
+            expr(),
+        )
+        .unwrap();
+        assert_eq!(t.filter.error, Some(ErrorClass::GrpcUnavailable));
+        assert_eq!(t.filter.flow.as_deref(), Some("f"));
+        assert_eq!(t.filter.label, None);
+        let e = Threshold::new("http_req_failed{error=grpc_nope}", "", expr()).unwrap_err();
+        assert!(e.contains("unknown error class \"grpc_nope\""), "{e}");
+        assert!(e.contains("grpc_unauthenticated"), "{e}");
+        let e = Threshold::new("http_reqs{error=timeout}", "", expr()).unwrap_err();
+        assert!(e.contains("use it on http_req_failed"), "{e}");
+    }
 
     #[test]
     fn parses_forms() {

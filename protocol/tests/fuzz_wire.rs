@@ -252,6 +252,9 @@ fn valid_messages() -> Vec<Vec<u8>> {
                 },
             )],
             wants_echo: true,
+            digest: 0x1234_5678,
+            complete: vec![stampede_protocol::machine::events::Barrier::Ready],
+            received: vec![stampede_protocol::machine::events::Barrier::Started],
         }),
         envelope(GossipBody::Snapshot(Box::new(SnapshotMessage {
             run_id: "6932a8b2-0f3c".into(),

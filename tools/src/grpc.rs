@@ -1,6 +1,7 @@
 //! The shop's gRPC face: the `shop.Inventory` service of `examples/proto/inventory.proto`
-//! (GetStock unary, WatchStock server-streaming), served over h2c on the target's HTTP
-//! port. Calls are counted in `/_stats` like the HTTP endpoints (one request per call,
+//! (GetStock unary, WatchStock server-streaming, TotalStock client-streaming, StockFeed
+//! bidirectional), served over h2c on the target's HTTP port; a streaming call's request
+//! messages are read whole before it is answered. Calls are counted in `/_stats` like the HTTP endpoints (one request per call,
 //! answered 200 at the HTTP level; the gRPC status travels in the trailers).
 //! It owns the gRPC framing of the target and the response body type that can carry
 //! trailers; the business rules stay in `shop`.
@@ -22,6 +23,8 @@ use crate::stats::Endpoint;
 
 /// Most stock levels one WatchStock call streams.
 pub const MAX_UPDATES: u32 = 100;
+/// Most request messages one streaming call may send.
+pub const MAX_STREAMED: usize = 1000;
 
 /// The body of every answer of the target: a whole body (HTTP), or frames with trailers
 /// (gRPC).
@@ -74,6 +77,14 @@ struct WatchRequest {
 }
 
 #[derive(Clone, PartialEq, Message)]
+struct StockTotal {
+    #[prost(uint32, tag = "1")]
+    products: u32,
+    #[prost(uint64, tag = "2")]
+    quantity: u64,
+}
+
+#[derive(Clone, PartialEq, Message)]
 struct Stock {
     #[prost(uint64, tag = "1")]
     product_id: u64,
@@ -95,16 +106,21 @@ pub(crate) async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<
     let endpoint = match req.uri().path() {
         "/shop.Inventory/GetStock" => Some(Endpoint::GrpcGetStock),
         "/shop.Inventory/WatchStock" => Some(Endpoint::GrpcWatchStock),
+        "/shop.Inventory/TotalStock" => Some(Endpoint::GrpcTotalStock),
+        "/shop.Inventory/StockFeed" => Some(Endpoint::GrpcStockFeed),
         _ => None,
     };
     shared.stats.received(endpoint.unwrap_or(Endpoint::Other));
     let resp = match endpoint {
         None => status_only(12, "unknown method"),
-        Some(e) => match read_message(req).await {
+        Some(e) => match read_messages(req).await {
             Err(why) => status_only(13, why),
-            Ok(msg) => match e {
-                Endpoint::GrpcGetStock => get_stock(msg),
-                _ => watch_stock(msg),
+            Ok(msgs) => match e {
+                Endpoint::GrpcTotalStock => total_stock(msgs),
+                Endpoint::GrpcStockFeed => stock_feed(msgs),
+                _ if msgs.len() != 1 => status_only(13, "not one uncompressed gRPC message"),
+                Endpoint::GrpcGetStock => get_stock(msgs[0].clone()),
+                _ => watch_stock(msgs[0].clone()),
             },
         },
     };
@@ -139,6 +155,37 @@ fn watch_stock(msg: Bytes) -> Response<ShopBody> {
     )
 }
 
+fn total_stock(msgs: Vec<Bytes>) -> Response<ShopBody> {
+    let mut total = StockTotal::default();
+    for m in msgs {
+        let Ok(req) = StockRequest::decode(m) else {
+            return status_only(3, "not a StockRequest");
+        };
+        let Some(s) = stock(req.product_id, 0) else {
+            return status_only(5, "no such product");
+        };
+        total.products += 1;
+        total.quantity += u64::from(s.quantity);
+    }
+    answer(vec![total])
+}
+
+/// One Stock per request, in order, ending NOT_FOUND at the first unknown product
+/// (after the stocks before it).
+fn stock_feed(msgs: Vec<Bytes>) -> Response<ShopBody> {
+    let mut out = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let Ok(req) = StockRequest::decode(m) else {
+            return status_only(3, "not a StockRequest");
+        };
+        match stock(req.product_id, 0) {
+            Some(s) => out.push(s),
+            None => return answer_with(out, 5, "no such product"),
+        }
+    }
+    answer(out)
+}
+
 /// A product's stock, falling by one per update: a fixed function of the id, so that
 /// tests can check the values.
 fn stock(product_id: u64, update: u32) -> Option<Stock> {
@@ -153,26 +200,42 @@ fn stock(product_id: u64, update: u32) -> Option<Stock> {
     })
 }
 
-/// The one request message of a call, read within the target's body limit.
-async fn read_message(req: Request<Incoming>) -> Result<Bytes, &'static str> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
+/// The request messages of a call (one for unary and server-streaming methods), read
+/// within the target's body limit and [`MAX_STREAMED`].
+async fn read_messages(req: Request<Incoming>) -> Result<Vec<Bytes>, &'static str> {
+    let mut b = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
         .map_err(|_| "request too large or broken")?
         .to_bytes();
-    let mut b = body;
-    if b.len() < 5 || b[0] != 0 {
-        return Err("not one uncompressed gRPC message");
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        if b.len() < 5 || b[0] != 0 {
+            return Err("not uncompressed gRPC messages");
+        }
+        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        if b.len() < 5 + len {
+            return Err("the request ends inside a message");
+        }
+        if out.len() == MAX_STREAMED {
+            return Err("more than 1000 request messages");
+        }
+        b.advance(5);
+        out.push(b.split_to(len));
     }
-    let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
-    if b.len() != 5 + len {
-        return Err("not one uncompressed gRPC message");
-    }
-    b.advance(5);
-    Ok(b)
+    Ok(out)
 }
 
-fn answer(messages: Vec<Stock>) -> Response<ShopBody> {
+fn answer<M: Message>(messages: Vec<M>) -> Response<ShopBody> {
+    answer_with(messages, 0, "")
+}
+
+/// The messages, then the status in the trailers.
+fn answer_with<M: Message>(
+    messages: Vec<M>,
+    code: u32,
+    message: &'static str,
+) -> Response<ShopBody> {
     let mut frames = VecDeque::with_capacity(messages.len() + 1);
     for m in messages {
         let mut buf = BytesMut::with_capacity(5 + m.encoded_len());
@@ -183,7 +246,10 @@ fn answer(messages: Vec<Stock>) -> Response<ShopBody> {
         frames.push_back(Frame::data(buf.freeze()));
     }
     let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    trailers.insert("grpc-status", HeaderValue::from(code));
+    if code != 0 {
+        trailers.insert("grpc-message", HeaderValue::from_static(message));
+    }
     frames.push_back(Frame::trailers(trailers));
     grpc_response(ShopBody::Frames(frames), None)
 }

@@ -37,6 +37,7 @@ pub mod sim;
 
 mod grpc;
 mod knobs;
+mod live;
 mod service;
 mod shop;
 mod stats;
@@ -321,7 +322,10 @@ async fn serve_connection(
     let stats_shared = shared.clone();
     let _closed = service::OnDrop(move || stats_shared.stats.connection_closed());
     let svc = service_fn(move |req| service::handle(shared.clone(), req, source_delay));
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+        .await
+    {
         tracing::debug!("stampede-target: connection: {e}");
     }
 }

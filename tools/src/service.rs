@@ -41,6 +41,7 @@ enum Route {
     Cart,
     Checkout,
     Account,
+    OrdersWs,
     NotFound,
     WrongMethod(&'static str),
     Stats,
@@ -68,6 +69,7 @@ impl Route {
             "/cart" => want("POST", Route::Cart),
             "/checkout" => want("POST", Route::Checkout),
             "/account" => want("GET", Route::Account),
+            "/ws/orders" => want("GET", Route::OrdersWs),
             "/_stats" => want("GET", Route::Stats),
             "/_stats/reset" => want("POST", Route::StatsReset),
             "/_control" if method == Method::GET || method == Method::POST => Route::Control,
@@ -90,6 +92,7 @@ impl Route {
             Route::Cart => Endpoint::Cart,
             Route::Checkout => Endpoint::Checkout,
             Route::Account => Endpoint::Account,
+            Route::OrdersWs => Endpoint::OrdersWs,
             Route::NotFound | Route::WrongMethod(_) => Endpoint::Other,
             Route::Stats | Route::StatsReset | Route::Control | Route::Page(..) => return None,
         })
@@ -130,6 +133,13 @@ async fn handle_http(
         return Ok(admin(&shared, route, req).await);
     };
     shared.stats.received(endpoint);
+    if route == Route::OrdersWs {
+        // A socket lives on: the knobs (latency, errors, the concurrency limit) are for
+        // requests and do not apply to it.
+        let resp = crate::live::upgrade(shared.clone(), req);
+        shared.stats.responded(resp.status().as_u16());
+        return Ok(resp);
+    }
     // A far-away client: its requests wait as if on a long network path, outside the
     // service's concurrency limit.
     if !source_delay.is_zero() {
@@ -226,9 +236,13 @@ async fn dispatch(shop: &Shop, route: Route, req: Request<Incoming>) -> Resp {
                 .insert(ALLOW, HeaderValue::from_static(allowed));
             resp
         }
-        Route::NotFound | Route::Stats | Route::StatsReset | Route::Control | Route::Page(..) => {
-            error(StatusCode::NOT_FOUND, "not found")
-        }
+        // OrdersWs is upgraded in `handle` before the knobs; never dispatched.
+        Route::OrdersWs
+        | Route::NotFound
+        | Route::Stats
+        | Route::StatsReset
+        | Route::Control
+        | Route::Page(..) => error(StatusCode::NOT_FOUND, "not found"),
     }
 }
 

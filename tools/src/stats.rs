@@ -30,12 +30,18 @@ pub enum Endpoint {
     GrpcGetStock,
     /// gRPC `shop.Inventory/WatchStock` (server-streaming).
     GrpcWatchStock,
+    /// `GET /ws/orders`: WebSocket upgrades (its messages are counted apart).
+    OrdersWs,
+    /// gRPC `shop.Inventory/TotalStock` (client-streaming).
+    GrpcTotalStock,
+    /// gRPC `shop.Inventory/StockFeed` (bidirectional streaming).
+    GrpcStockFeed,
     /// Anything that matches no route (404) or a route with the wrong method (405).
     Other,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 9] = [
+    pub const ALL: [Endpoint; 12] = [
         Endpoint::Login,
         Endpoint::Search,
         Endpoint::Product,
@@ -44,6 +50,9 @@ impl Endpoint {
         Endpoint::Account,
         Endpoint::GrpcGetStock,
         Endpoint::GrpcWatchStock,
+        Endpoint::OrdersWs,
+        Endpoint::GrpcTotalStock,
+        Endpoint::GrpcStockFeed,
         Endpoint::Other,
     ];
 
@@ -58,13 +67,16 @@ impl Endpoint {
             Endpoint::Account => "GET /account",
             Endpoint::GrpcGetStock => "gRPC shop.Inventory/GetStock",
             Endpoint::GrpcWatchStock => "gRPC shop.Inventory/WatchStock",
+            Endpoint::OrdersWs => "GET /ws/orders",
+            Endpoint::GrpcTotalStock => "gRPC shop.Inventory/TotalStock",
+            Endpoint::GrpcStockFeed => "gRPC shop.Inventory/StockFeed",
             Endpoint::Other => "other",
         }
     }
 }
 
 /// Status codes the target can answer with get their own counter; the rest share one.
-const STATUS_CODES: [u16; 10] = [200, 400, 401, 404, 405, 409, 413, 500, 503, 0];
+const STATUS_CODES: [u16; 11] = [101, 200, 400, 401, 404, 405, 409, 413, 500, 503, 0];
 
 fn status_slot(code: u16) -> usize {
     STATUS_CODES
@@ -106,6 +118,9 @@ pub(crate) struct Stats {
     connections_open: AtomicU64,
     /// Wall-clock µs of the first load request since start or the last reset; 0 before.
     first_load_unix_us: AtomicU64,
+    ws_received: AtomicU64,
+    ws_sent: AtomicU64,
+    ws_open: AtomicU64,
 }
 
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
@@ -166,6 +181,14 @@ pub struct StatsSnapshot {
     /// instead of by polling while the generator starts.
     #[serde(default)]
     pub first_load_unix_us: Option<u64>,
+    /// WebSocket data messages received and sent (`/ws/orders`), since start or reset.
+    #[serde(default)]
+    pub ws_messages_received: u64,
+    #[serde(default)]
+    pub ws_messages_sent: u64,
+    /// WebSockets open right now.
+    #[serde(default)]
+    pub ws_sessions_open: u64,
 }
 
 impl Stats {
@@ -178,7 +201,26 @@ impl Stats {
             connections_accepted: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
             first_load_unix_us: AtomicU64::new(0),
+            ws_received: AtomicU64::new(0),
+            ws_sent: AtomicU64::new(0),
+            ws_open: AtomicU64::new(0),
         }
+    }
+
+    pub(crate) fn ws_received(&self) {
+        self.ws_received.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn ws_sent(&self) {
+        self.ws_sent.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn ws_session_opened(&self) {
+        self.ws_open.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn ws_session_closed(&self) {
+        self.ws_open.fetch_sub(1, Relaxed);
     }
 
     /// Counts a load request at the moment it arrives, before any delay or queueing.
@@ -259,6 +301,8 @@ impl Stats {
             .store(self.in_service.load(Relaxed), Relaxed);
         self.connections_accepted.store(0, Relaxed);
         self.first_load_unix_us.store(0, Relaxed);
+        self.ws_received.store(0, Relaxed);
+        self.ws_sent.store(0, Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
@@ -300,6 +344,9 @@ impl Stats {
                 0 => None,
                 us => Some(us),
             },
+            ws_messages_received: self.ws_received.load(Relaxed),
+            ws_messages_sent: self.ws_sent.load(Relaxed),
+            ws_sessions_open: self.ws_open.load(Relaxed),
         }
     }
 

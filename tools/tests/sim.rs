@@ -23,6 +23,7 @@ fn setup(nodes: usize, flaw: Flaw) -> Setup {
         timing: Timing::mesh(),
         tail_us: 90_000_000,
         flaw,
+        measure_traffic: false,
     }
 }
 
@@ -126,4 +127,69 @@ fn a_crashed_members_counted_work_is_taken_over_from_its_claims() {
         }
     }
     assert!(taken_over > 0, "no schedule moved counted work by claims");
+}
+
+#[test]
+fn a_run_larger_than_its_witnesses_keeps_every_invariant_and_survives_a_lost_witness() {
+    // Twelve nodes: seven witnesses, five members that hear only them. Seeded faults
+    // of every kind, then crashes alone: the runs where a witness is killed must
+    // still move its share (the other six are a majority) and report.
+    let s = setup(12, Flaw::None);
+    for seed in 1..=12 {
+        let (world, found) = run_one(&s, &FaultKind::ALL, seed);
+        assert!(
+            found.is_empty(),
+            "seed {seed}: {found:?}\n{}",
+            world.trace.iter().cloned().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let mut witness_lost = 0;
+    for seed in 1..=20 {
+        let (w, found) = run_one(&s, &[FaultKind::Crash], seed);
+        assert!(found.is_empty(), "seed {seed}: {found:?}");
+        let Some(m) = w.nodes.iter().find_map(|n| n.machine.as_ref()) else {
+            continue;
+        };
+        assert_eq!(m.witnesses().len(), 7, "seven witnesses of twelve");
+        let lost: Vec<usize> = (0..w.nodes.len()).filter(|&i| w.nodes[i].crashed).collect();
+        if lost.iter().any(|i| m.witnesses().contains(i)) {
+            witness_lost += 1;
+            let moved = w
+                .nodes
+                .iter()
+                .filter(|n| !n.crashed)
+                .find_map(|n| n.machine.as_ref()?.version().cloned())
+                .is_some_and(|v| v.moves.iter().any(|mv| lost.contains(&(mv.lost as usize))));
+            assert!(moved, "seed {seed}: a lost witness's share was not moved");
+        }
+    }
+    assert!(witness_lost > 0, "no schedule lost a witness");
+}
+
+#[test]
+fn a_large_runs_control_traffic_per_member_does_not_grow_with_the_roster() {
+    // Real encoded sizes of every run message, 20 and 60 nodes, no faults: a member
+    // that is not a witness costs about the same at both sizes.
+    let mean_member = |nodes: usize| {
+        let mut s = setup(nodes, Flaw::None);
+        s.measure_traffic = true;
+        s.plan.vus = 0;
+        s.plan.pool = 0;
+        let (w, found) = run_one(&s, &[], 1);
+        assert!(found.is_empty(), "{nodes} nodes: {found:?}");
+        let m = w.nodes[0].machine.as_ref().expect("the origin ran");
+        let members: Vec<usize> = (0..nodes).filter(|i| !m.witnesses().contains(i)).collect();
+        let bytes: u64 = members
+            .iter()
+            .map(|&i| w.traffic[i].bytes_in + w.traffic[i].bytes_out)
+            .sum();
+        bytes as f64 / members.len() as f64
+    };
+    let (small, large) = (mean_member(20), mean_member(60));
+    assert!(small > 0.0);
+    // Gossip (the roster, versions) still grows a little with the roster.
+    assert!(
+        large < small * 1.5,
+        "a member's control bytes grew from {small:.0} at 20 nodes to {large:.0} at 60"
+    );
 }

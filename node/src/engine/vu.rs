@@ -18,11 +18,13 @@ use stampede_protocol::named::Named;
 use stampede_protocol::plan::Think;
 use stampede_protocol::snapshot::{ErrorClass, Metrics};
 
+use crate::http::ws::{self, WsConn, WsError};
 use crate::http::{
     CookieJar, GrpcClient, HttpErrorKind, OutRequest, Response, Shared, Url, VuClient,
 };
 use crate::plan::compile::{
-    CompiledBody, CompiledCheck, CompiledExtract, CompiledPlan, CompiledStep, UrlTemplate,
+    CompiledBody, CompiledCheck, CompiledExtract, CompiledPlan, CompiledStep, CompiledWs,
+    CompiledWsAction, UrlTemplate,
 };
 use crate::plan::data::{self, FeedMode, RowPick, SharedCursor};
 use crate::plan::jsonpath;
@@ -49,6 +51,15 @@ pub enum IterationEnd {
     DataExhausted,
 }
 
+/// What is left of a retired VU: enough for the next VU of its slot to continue its
+/// data rows and random sequence (see [`Vu::park`]).
+#[derive(Debug, Clone)]
+pub struct Parked {
+    pub global_id: u64,
+    pub iteration: u64,
+    pub(crate) rng: SmallRng,
+}
+
 pub struct Vu {
     /// 0-based across the whole mesh and every scenario.
     pub global_id: u64,
@@ -65,6 +76,9 @@ pub struct Vu {
     body: Vec<u8>,
     /// Paces this VU while its target cannot be reached.
     backoff: Backoff,
+    /// The VU's WebSockets, by the plan's socket index: kept across steps and
+    /// iterations until a close step or a loss.
+    sockets: Vec<Option<WsConn>>,
 }
 
 impl Vu {
@@ -89,7 +103,28 @@ impl Vu {
             text: String::new(),
             body: Vec::new(),
             backoff: Backoff::default(),
+            sockets: (0..ctx.plan.ws_sockets.len()).map(|_| None).collect(),
         }
+    }
+
+    /// Ends this VU, keeping what its successor in the same VU slot must go on from: its
+    /// iteration count (which `unique` row comes next) and its random generator (the
+    /// seeded sequence goes on instead of repeating). Connections, cookies and
+    /// variables are dropped with it.
+    pub fn park(self) -> Parked {
+        Parked {
+            global_id: self.global_id,
+            iteration: self.iteration,
+            rng: self.rng,
+        }
+    }
+
+    /// A VU that takes up where a parked one left off.
+    pub fn resume(ctx: &WorkerCtx, scenario: usize, parked: Parked) -> Vu {
+        let mut vu = Vu::new(ctx, scenario, parked.global_id);
+        vu.iteration = parked.iteration;
+        vu.rng = parked.rng;
+        vu
     }
 
     /// Runs one iteration. `intended` is when the open model meant it to start (its
@@ -131,6 +166,16 @@ impl Vu {
         let mut last_done = started;
         for (si, step) in flow.steps.iter().enumerate() {
             let series = sc.series_base[slot] + si;
+            if let Some(ws) = &step.ws {
+                let ran = self.ws_step(ctx, step, ws, series, step_intended, flow_index, &rows);
+                let Some(done) = ran.await else {
+                    failed = true;
+                    break;
+                };
+                last_done = self.think(step.think, done).await;
+                step_intended = last_done;
+                continue;
+            }
             let vars = &mut self.vars[flow_index];
             let built = {
                 let mut rctx = RenderCtx {
@@ -228,7 +273,7 @@ impl Vu {
                         }
                         s.failed += 1;
                         s.checks_failed += step.check.count();
-                        s.errors[error_class(e.kind()) as usize] += 1;
+                        s.errors[e.kind().class() as usize] += 1;
                         false
                     }
                 }
@@ -248,17 +293,7 @@ impl Vu {
                     break;
                 }
             }
-            match step.think {
-                Think::None => {}
-                Think::Fixed(d) => tokio::time::sleep(d).await,
-                Think::Range(a, b) => {
-                    let d = a + (b - a).mul_f64(self.rng.random::<f64>());
-                    tokio::time::sleep(d).await;
-                }
-            }
-            if !matches!(step.think, Think::None) {
-                last_done = Instant::now();
-            }
+            last_done = self.think(step.think, last_done).await;
             step_intended = last_done;
         }
 
@@ -285,19 +320,228 @@ impl Vu {
     }
 }
 
-pub fn micros(d: Duration) -> u64 {
-    d.as_micros().min(u64::MAX as u128) as u64
+impl Vu {
+    /// Thinks as the step says after a step that ended at `done`; returns when the
+    /// thinking ended (`done` itself when there is none: no clock read).
+    async fn think(&mut self, think: Think, done: Instant) -> Instant {
+        match think {
+            Think::None => return done,
+            Think::Fixed(d) => tokio::time::sleep(d).await,
+            Think::Range(a, b) => {
+                let d = a + (b - a).mul_f64(self.rng.random::<f64>());
+                tokio::time::sleep(d).await;
+            }
+        }
+        Instant::now()
+    }
+
+    /// Runs one WebSocket step and records it in `series` like a request (latency
+    /// from `intended`, service time from its start) plus its named metrics. Returns
+    /// when it ended, or `None` when it failed.
+    #[allow(clippy::too_many_arguments)]
+    async fn ws_step(
+        &mut self,
+        ctx: &WorkerCtx,
+        step: &CompiledStep,
+        ws: &CompiledWs,
+        series: usize,
+        intended: Instant,
+        flow_index: usize,
+        rows: &[Option<&[String]>],
+    ) -> Option<Instant> {
+        let started = Instant::now();
+        let slot = ws.socket;
+        let mut sent_bytes = 0u64;
+        let mut received = Vec::new();
+        let mut verdict = (0u64, 0u64);
+        let outcome: Result<(), WsError> = match &ws.action {
+            CompiledWsAction::Open {
+                url,
+                headers,
+                subprotocols,
+                keep,
+            } => {
+                if *keep && self.sockets[slot].is_some() {
+                    // Held from an earlier iteration: nothing to send, nothing to count.
+                    return Some(started);
+                }
+                if let Some(old) = self.sockets[slot].take() {
+                    Self::session_ended(ctx, series, &old);
+                    let _ = old.close(1000, "", ws.timeout).await;
+                }
+                let (url, headers) = {
+                    let mut rctx = RenderCtx {
+                        vu: self.global_id + 1,
+                        iteration: self.iteration,
+                        node: &ctx.node_name,
+                        vars: &mut self.vars[flow_index],
+                        rows,
+                        rng: &mut self.rng,
+                    };
+                    let mut u = String::new();
+                    url.render(&mut rctx, &mut u);
+                    let hs: Vec<(String, String)> = headers
+                        .iter()
+                        .map(|(k, t)| {
+                            let mut v = String::new();
+                            t.render(&mut rctx, &mut v);
+                            (k.clone(), v)
+                        })
+                        .collect();
+                    (u, hs)
+                };
+                match ws::open(&ctx.http, &url, &headers, subprotocols, ws.timeout).await {
+                    Ok(o) => {
+                        let mut m = ctx.recorder.borrow_mut();
+                        let n = &mut m.series[series].named;
+                        n.record(Named::WsConnecting, micros(o.connecting));
+                        n.count(Named::WsSessions, 1);
+                        self.sockets[slot] = Some(o.conn);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            CompiledWsAction::Send { body, binary } => {
+                self.body.clear();
+                {
+                    let mut rctx = RenderCtx {
+                        vu: self.global_id + 1,
+                        iteration: self.iteration,
+                        node: &ctx.node_name,
+                        vars: &mut self.vars[flow_index],
+                        rows,
+                        rng: &mut self.rng,
+                    };
+                    match body {
+                        CompiledBody::Json(j) => j.render_json(&mut rctx, &mut self.body),
+                        CompiledBody::Text(t) => {
+                            self.text.clear();
+                            t.render(&mut rctx, &mut self.text);
+                            self.body.extend_from_slice(self.text.as_bytes());
+                        }
+                        CompiledBody::None | CompiledBody::Form(_) => {}
+                    }
+                }
+                match self.sockets[slot].as_mut() {
+                    None => Err(no_socket(ctx, slot)),
+                    Some(conn) => {
+                        sent_bytes = self.body.len() as u64;
+                        let r = conn.send(self.body.clone(), *binary, ws.timeout).await;
+                        if r.is_ok() {
+                            ctx.recorder.borrow_mut().series[series]
+                                .named
+                                .count(Named::WsMsgsSent, 1);
+                        }
+                        r
+                    }
+                }
+            }
+            CompiledWsAction::Receive { matching } => match self.sockets[slot].as_mut() {
+                None => Err(no_socket(ctx, slot)),
+                Some(conn) => {
+                    let deadline = tokio::time::Instant::now() + ws.timeout;
+                    loop {
+                        match conn.next(deadline).await {
+                            Err(e) => break Err(e),
+                            Ok(msg) => {
+                                let v = body_checks(&step.check, &msg.data);
+                                received.push(msg.data.len() as u64);
+                                if *matching && v.1 > 0 {
+                                    // Not the message this step waits for: skipped.
+                                    continue;
+                                }
+                                verdict = v;
+                                if let Some(sent) = conn.last_sent {
+                                    ctx.recorder.borrow_mut().series[series].named.record(
+                                        Named::WsMsgRtt,
+                                        micros(msg.at.saturating_duration_since(sent)),
+                                    );
+                                }
+                                extract_body(step, &msg.data, &mut self.vars[flow_index]);
+                                break Ok(());
+                            }
+                        }
+                    }
+                }
+            },
+            CompiledWsAction::Ping => match self.sockets[slot].as_mut() {
+                None => Err(no_socket(ctx, slot)),
+                Some(conn) => conn.ping(ws.timeout).await.map(|(_, arrived)| {
+                    received.extend(std::iter::repeat_n(0, arrived as usize));
+                }),
+            },
+            CompiledWsAction::Close { code, reason } => match self.sockets[slot].take() {
+                None => Err(no_socket(ctx, slot)),
+                Some(conn) => {
+                    Self::session_ended(ctx, series, &conn);
+                    conn.close(*code, reason, ws.timeout).await.map(|dropped| {
+                        received.extend(std::iter::repeat_n(0, dropped as usize));
+                    })
+                }
+            },
+        };
+        let done = Instant::now();
+        let mut m = ctx.recorder.borrow_mut();
+        let s = &mut m.series[series];
+        s.requests += 1;
+        s.bytes_sent += sent_bytes;
+        s.bytes_received += received.iter().sum::<u64>();
+        s.named.count(Named::WsMsgsReceived, received.len() as u64);
+        s.latency
+            .record(micros(done.saturating_duration_since(intended)));
+        s.service
+            .record(micros(done.saturating_duration_since(started)));
+        match outcome {
+            Ok(()) => {
+                s.checks_passed += verdict.0;
+                s.checks_failed += verdict.1;
+                if verdict.1 > 0 {
+                    s.failed += 1;
+                    s.errors[ErrorClass::CheckFailed as usize] += 1;
+                    return None;
+                }
+                Some(done)
+            }
+            Err(e) => {
+                tracing::debug!(step = %step.name, "{e}");
+                s.failed += 1;
+                s.errors[e.class as usize] += 1;
+                if matches!(ws.action, CompiledWsAction::Receive { .. }) {
+                    s.checks_failed += body_check_count(&step.check);
+                }
+                if e.is_lost() {
+                    if let Some(conn) = self.sockets[slot].take() {
+                        s.named.record(
+                            Named::WsSessionDuration,
+                            micros(done.saturating_duration_since(conn.opened_at)),
+                        );
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    fn session_ended(ctx: &WorkerCtx, series: usize, conn: &WsConn) {
+        ctx.recorder.borrow_mut().series[series]
+            .named
+            .record(Named::WsSessionDuration, micros(conn.opened_at.elapsed()));
+    }
 }
 
-fn error_class(k: HttpErrorKind) -> ErrorClass {
-    match k {
-        HttpErrorKind::Dns => ErrorClass::Dns,
-        HttpErrorKind::Connect | HttpErrorKind::Io => ErrorClass::Connect,
-        HttpErrorKind::Tls => ErrorClass::Tls,
-        HttpErrorKind::Timeout => ErrorClass::Timeout,
-        HttpErrorKind::Refused => ErrorClass::Refused,
-        HttpErrorKind::InvalidRequest | HttpErrorKind::Protocol => ErrorClass::Other,
+fn no_socket(ctx: &WorkerCtx, slot: usize) -> WsError {
+    WsError {
+        class: ErrorClass::Other,
+        message: format!(
+            "no open WebSocket \"{}\": open it in an earlier step (ws = {{ open = ... }})",
+            ctx.plan.ws_sockets[slot]
+        ),
     }
+}
+
+pub fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u64::MAX as u128) as u64
 }
 
 /// Renders a step into a request. Errors are a template that rendered an invalid URL
@@ -458,27 +702,16 @@ fn run_checks(c: &CompiledCheck, r: &Response, grpc_status: Option<u32>) -> Verd
             failed += 1
         }
     };
-    if let Some(needle) = &c.body_contains {
-        tally(memfind(&r.body, needle.as_bytes()));
-    }
-    if let Some(re) = &c.body_regex {
-        tally(
-            std::str::from_utf8(&r.body)
-                .map(|b| re.is_match(b))
-                .unwrap_or(false),
-        );
-    }
     for (name, want) in &c.headers {
         tally(r.headers.get(name.as_str()) == Some(want.as_str()));
     }
-    if !c.json.is_empty() {
-        let doc: Option<serde_json::Value> = serde_json::from_slice(&r.body).ok();
-        for (path, want) in &c.json {
-            tally(doc.as_ref().and_then(|d| path.eval(d)).as_deref() == Some(want));
-        }
-    }
-    let error = if !status_ok && grpc_status.is_some() {
-        Some(ErrorClass::CheckFailed)
+    let (p, f) = body_checks(c, &r.body);
+    passed += p;
+    failed += f;
+    let error = if let (false, Some(code)) = (status_ok, grpc_status) {
+        // A status the step does not accept is its own class, as HTTP's are; an OK
+        // where the step wanted another status is a failed check.
+        Some(ErrorClass::grpc(code).unwrap_or(ErrorClass::CheckFailed))
     } else if !status_ok {
         Some(match status {
             400..=499 => ErrorClass::Http4xx,
@@ -497,6 +730,41 @@ fn run_checks(c: &CompiledCheck, r: &Response, grpc_status: Option<u32>) -> Verd
     }
 }
 
+/// The checks of a body (an HTTP response's or a WebSocket message's): contains,
+/// regex, JSON paths. Returns (passed, failed).
+fn body_checks(c: &CompiledCheck, body: &[u8]) -> (u64, u64) {
+    let (mut passed, mut failed) = (0, 0);
+    let mut tally = |ok: bool| {
+        if ok {
+            passed += 1
+        } else {
+            failed += 1
+        }
+    };
+    if let Some(needle) = &c.body_contains {
+        tally(memfind(body, needle.as_bytes()));
+    }
+    if let Some(re) = &c.body_regex {
+        tally(
+            std::str::from_utf8(body)
+                .map(|b| re.is_match(b))
+                .unwrap_or(false),
+        );
+    }
+    if !c.json.is_empty() {
+        let doc: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+        for (path, want) in &c.json {
+            tally(doc.as_ref().and_then(|d| path.eval(d)).as_deref() == Some(want));
+        }
+    }
+    (passed, failed)
+}
+
+/// How many checks [`body_checks`] makes.
+fn body_check_count(c: &CompiledCheck) -> u64 {
+    c.body_contains.is_some() as u64 + c.body_regex.is_some() as u64 + c.json.len() as u64
+}
+
 fn memfind(hay: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -508,24 +776,45 @@ fn extract(step: &CompiledStep, r: &Response, jar: &CookieJar, vars: &mut [Optio
     let mut doc: Option<Option<serde_json::Value>> = None;
     for (slot, how) in &step.extract {
         let value = match how {
-            CompiledExtract::Json(p) => {
-                let d = doc.get_or_insert_with(|| serde_json::from_slice(&r.body).ok());
-                d.as_ref()
-                    .and_then(|d| p.eval(d))
-                    .map(|v| jsonpath::value_to_string(&v))
-            }
-            CompiledExtract::Regex(re) => std::str::from_utf8(&r.body).ok().and_then(|b| {
-                re.captures(b).map(|c| {
-                    c.get(1)
-                        .or_else(|| c.get(0))
-                        .map(|m| m.as_str().to_string())
-                        .unwrap_or_default()
-                })
-            }),
             CompiledExtract::Header(h) => r.headers.get(h.as_str()).map(str::to_string),
             CompiledExtract::Cookie(name) => jar.get(name).map(str::to_string),
+            body => from_body(body, &r.body, &mut doc),
         };
         vars[*slot] = value;
+    }
+}
+
+/// Extracts from a WebSocket message: JSON path and regex (headers and cookies are an
+/// HTTP response's; they extract nothing here).
+fn extract_body(step: &CompiledStep, body: &[u8], vars: &mut [Option<String>]) {
+    let mut doc = None;
+    for (slot, how) in &step.extract {
+        vars[*slot] = from_body(how, body, &mut doc);
+    }
+}
+
+/// A JSON path's or regex's value in `body`; `doc` caches the parsed JSON.
+fn from_body(
+    how: &CompiledExtract,
+    body: &[u8],
+    doc: &mut Option<Option<serde_json::Value>>,
+) -> Option<String> {
+    match how {
+        CompiledExtract::Json(p) => {
+            let d = doc.get_or_insert_with(|| serde_json::from_slice(body).ok());
+            d.as_ref()
+                .and_then(|d| p.eval(d))
+                .map(|v| jsonpath::value_to_string(&v))
+        }
+        CompiledExtract::Regex(re) => std::str::from_utf8(body).ok().and_then(|b| {
+            re.captures(b).map(|c| {
+                c.get(1)
+                    .or_else(|| c.get(0))
+                    .map(|m| m.as_str().to_string())
+                    .unwrap_or_default()
+            })
+        }),
+        CompiledExtract::Header(_) | CompiledExtract::Cookie(_) => None,
     }
 }
 

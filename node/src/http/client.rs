@@ -103,6 +103,8 @@ pub struct Shared {
     tls: TlsConnector,
     /// ALPN h2 only, whatever `http_version` says: gRPC speaks nothing else.
     tls_h2: TlsConnector,
+    /// For upgrades from HTTP/1.1 (WebSocket): offers only `http/1.1`.
+    tls_h1: TlsConnector,
     user_agent: Option<HeaderValue>,
     diagnoses: std::sync::Mutex<Vec<Diagnosis>>,
     h2_pool: Arc<Pool>,
@@ -139,6 +141,10 @@ impl Shared {
         };
         let tls = TlsConnector::from(Arc::new(client_config(settings.insecure_tls, alpn)?));
         let tls_h2 = TlsConnector::from(Arc::new(client_config(settings.insecure_tls, &[b"h2"])?));
+        let tls_h1 = TlsConnector::from(Arc::new(client_config(
+            settings.insecure_tls,
+            &[b"http/1.1"],
+        )?));
         let user_agent = match &settings.user_agent {
             None => None,
             Some(ua) => Some(HeaderValue::from_str(ua).map_err(|_| {
@@ -153,6 +159,7 @@ impl Shared {
             settings,
             tls,
             tls_h2,
+            tls_h1,
             user_agent,
             diagnoses: std::sync::Mutex::new(Vec::new()),
             h2_pool: Arc::default(),
@@ -165,7 +172,7 @@ impl Shared {
         self.diagnoses.lock().map(|d| d.clone()).unwrap_or_default()
     }
 
-    fn note(&self, kind: HttpErrorKind, line: &str) {
+    pub(super) fn note(&self, kind: HttpErrorKind, line: &str) {
         let Ok(mut d) = self.diagnoses.lock() else {
             return;
         };
@@ -632,8 +639,8 @@ impl Conns {
 
     /// One request/response on one connection, reusing the origin's connection when it is
     /// still open. Retried once on a fresh connection, and only when nothing can have
-    /// been processed: an HTTP/2 request was never sent or the server refused its stream
-    /// (or went away before it, for an idempotent request), or a reused HTTP/1.1
+    /// been processed: an HTTP/2 request was never sent, the server refused its stream or
+    /// its GOAWAY names a last stream below the request's, or a reused HTTP/1.1
     /// connection turned out closed before any byte of an idempotent request's response
     /// (the server closed it while idle, a race every keep-alive client has).
     #[allow(clippy::too_many_arguments)]
@@ -761,7 +768,6 @@ impl Conns {
                             continue;
                         }
                         Err(H2Error::Unsent(_) | H2Error::Refused(_)) if !retried => {}
-                        Err(H2Error::GoneAway(_)) if !retried && method.is_idempotent() => {}
                         Err(e) => return Err(classify_h2(e, url)),
                     }
                     retried = true;
@@ -789,9 +795,7 @@ fn classify_h1(err: H1Error, url: &Url) -> HttpError {
 
 fn classify_h2(err: H2Error, url: &Url) -> HttpError {
     let (kind, text) = match err {
-        H2Error::Unsent(t) | H2Error::Refused(t) | H2Error::GoneAway(t) | H2Error::Io(t) => {
-            (HttpErrorKind::Io, t)
-        }
+        H2Error::Unsent(t) | H2Error::Refused(t) | H2Error::Io(t) => (HttpErrorKind::Io, t),
         H2Error::Protocol(t) => (HttpErrorKind::Protocol, t),
     };
     HttpError::new(kind, format!("{url}: {text}"))
@@ -1019,6 +1023,26 @@ pub(super) async fn dial(shared: &Shared, url: &Url) -> Result<TcpStream, HttpEr
     // Requests are small and latency is the measurement: never wait for Nagle.
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// A byte stream to `url` for a protocol that upgrades from HTTP/1.1 (WebSocket): TCP,
+/// and TLS offering only `http/1.1` for `https`, within the connect timeout.
+pub(super) async fn open_h1_io(shared: &Shared, url: &Url) -> Result<Io, HttpError> {
+    let limit = shared.settings.connect_timeout;
+    let open = async {
+        let stream = dial(shared, url).await?;
+        Ok(match url.scheme() {
+            Scheme::Http => Io::Tcp(stream),
+            Scheme::Https => Io::Tls(Box::new(tls_connect(&shared.tls_h1, stream, url).await?)),
+        })
+    };
+    match tokio::time::timeout(limit, open).await {
+        Ok(r) => r,
+        Err(_) => Err(HttpError::new(
+            HttpErrorKind::Connect,
+            format!("{url}: no connection within the connect timeout of {limit:?}"),
+        )),
+    }
 }
 
 async fn handshake_h2(io: Io, url: &Url) -> Result<Conn, HttpError> {

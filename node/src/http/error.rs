@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use stampede_protocol::snapshot::ErrorClass;
+
 /// What went wrong, coarse enough to be a metric tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HttpErrorKind {
@@ -51,6 +53,19 @@ impl HttpErrorKind {
             HttpErrorKind::Protocol => "protocol",
             HttpErrorKind::Refused => "refused",
             HttpErrorKind::InvalidRequest => "invalid_request",
+        }
+    }
+
+    /// The error class a step's failure of this kind is counted under in the metrics
+    /// (HTTP, gRPC and WebSocket steps alike).
+    pub fn class(self) -> ErrorClass {
+        match self {
+            HttpErrorKind::Dns => ErrorClass::Dns,
+            HttpErrorKind::Connect | HttpErrorKind::Io => ErrorClass::Connect,
+            HttpErrorKind::Tls => ErrorClass::Tls,
+            HttpErrorKind::Timeout => ErrorClass::Timeout,
+            HttpErrorKind::Refused => ErrorClass::Refused,
+            HttpErrorKind::InvalidRequest | HttpErrorKind::Protocol => ErrorClass::Other,
         }
     }
 }

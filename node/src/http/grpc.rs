@@ -4,10 +4,11 @@
 //! `grpc-message`) — or in the headers of a trailers-only answer.
 //!
 //! Messages are dynamic (prost-reflect): the request arrives as the JSON the step
-//! rendered and is encoded against the method's input type; each response message is
-//! decoded against the output type and handed back as JSON (a unary call: the message;
-//! a server-streaming call: an array of them), so that the step's checks and extracts
-//! read it like any JSON body. Every message's size is bounded before it is buffered,
+//! rendered (a client-streaming or bidirectional call: an array of messages, all sent in
+//! order before the answer is read) and is encoded against the method's input type; each
+//! response message is decoded against the output type and handed back as JSON (a unary
+//! or client-streaming call: the message; a server-streaming or bidirectional call: an
+//! array of them), so that the step's checks and extracts read it like any JSON body. Every message's size is bounded before it is buffered,
 //! and the whole call by its deadline. Like `client`, this module measures but records
 //! nothing and never connects to a host the node's allowlist refuses.
 
@@ -44,6 +45,9 @@ pub struct GrpcMethod {
     pub input: MessageDescriptor,
     pub output: MessageDescriptor,
     pub server_streaming: bool,
+    /// The request is a stream: the step's JSON is an array of messages, all sent in
+    /// order before the answer is read (half-duplex).
+    pub client_streaming: bool,
 }
 
 impl GrpcMethod {
@@ -52,6 +56,7 @@ impl GrpcMethod {
             input: m.input(),
             output: m.output(),
             server_streaming: m.is_server_streaming(),
+            client_streaming: m.is_client_streaming(),
         }
     }
 }
@@ -121,8 +126,12 @@ impl GrpcClient {
             timeout,
             ..
         } = req;
-        let frame = encode_request(&method.input, &body)
-            .map_err(|e| HttpError::new(HttpErrorKind::InvalidRequest, format!("{url}: {e}")))?;
+        let frame = if method.client_streaming {
+            encode_stream(&method.input, &body)
+        } else {
+            encode_request(&method.input, &body)
+        }
+        .map_err(|e| HttpError::new(HttpErrorKind::InvalidRequest, format!("{url}: {e}")))?;
 
         let mut opened = 0;
         let mut connecting = Duration::ZERO;
@@ -351,17 +360,40 @@ fn encode_request(desc: &MessageDescriptor, json: &[u8]) -> Result<Bytes, String
     let msg = DynamicMessage::deserialize(desc.clone(), &mut de)
         .and_then(|m| de.end().map(|_| m))
         .map_err(|e| format!("the message does not fit {}: {e}", desc.full_name()))?;
+    let mut out = BytesMut::new();
+    frame_into(&mut out, &msg, "the request message")?;
+    Ok(out.freeze())
+}
+
+/// The request messages of a client-streaming call, from the step's rendered JSON array,
+/// framed one after the other; together at most [`MAX_MESSAGE_BYTES`].
+fn encode_stream(desc: &MessageDescriptor, json: &[u8]) -> Result<Bytes, String> {
+    let list: Vec<serde_json::Value> = serde_json::from_slice(json)
+        .map_err(|e| format!("the messages are not a JSON array: {e}"))?;
+    let mut out = BytesMut::new();
+    for (i, one) in list.into_iter().enumerate() {
+        let msg = DynamicMessage::deserialize(desc.clone(), one)
+            .map_err(|e| format!("messages[{i}] does not fit {}: {e}", desc.full_name()))?;
+        frame_into(&mut out, &msg, &format!("messages[{i}]"))?;
+        if out.len() > MAX_MESSAGE_BYTES {
+            return Err(format!(
+                "the request messages take more than {MAX_MESSAGE_BYTES} bytes"
+            ));
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// Appends `msg` with gRPC's 5-byte prefix (uncompressed, length).
+fn frame_into(out: &mut BytesMut, msg: &DynamicMessage, what: &str) -> Result<(), String> {
     let len = msg.encoded_len();
     if len > MAX_MESSAGE_BYTES {
-        return Err(format!(
-            "the request message is {len} bytes, limit {MAX_MESSAGE_BYTES}"
-        ));
+        return Err(format!("{what} is {len} bytes, limit {MAX_MESSAGE_BYTES}"));
     }
-    let mut out = BytesMut::with_capacity(5 + len);
+    out.reserve(5 + len);
     out.extend_from_slice(&[0]);
     out.extend_from_slice(&(len as u32).to_be_bytes());
-    msg.encode(&mut out).map_err(|e| e.to_string())?;
-    Ok(out.freeze())
+    msg.encode(out).map_err(|e| e.to_string())
 }
 
 /// A decoded message as JSON: field names as the .proto writes them, fields at their

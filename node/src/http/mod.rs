@@ -19,9 +19,11 @@ mod error;
 mod grpc;
 mod h1;
 mod headers;
+mod hpack;
 mod http2;
 mod tls;
 mod url;
+pub mod ws;
 
 pub use allow::{Allowlist, AllowlistError, LOOPBACK};
 pub use client::{

@@ -35,7 +35,7 @@ use super::behaviour::{
 };
 use super::discovery::{dialable, Bootstrap, Redial};
 use super::membership::{MemberState, REFRESH_PER_SECOND};
-use super::{MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView};
+use super::{MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView, DIRECT};
 
 /// Links a node chooses itself (the default of the `neighbours` setting). With every node choosing 4 at random, each holds about
 /// 8 (its own and others' choices), the graph is connected with high probability, and
@@ -346,23 +346,28 @@ impl EventLoop {
                 reply,
             } => {
                 stamp_clock_request(&mut request);
-                // A member we hold no link to is dialed for the request, at the addresses
-                // of its signed record; the link closes once idle.
-                let addrs = if self.swarm.is_connected(&peer) {
-                    Vec::new()
-                } else {
-                    self.on_demand.insert(peer, Instant::now());
-                    self.addrs_of(&peer)
-                };
-                if let Some(t) = self.on_demand.get_mut(&peer) {
-                    *t = Instant::now();
-                }
+                let addrs = self.request_addrs(&peer);
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .request_response
                     .send_request_with_addresses(&peer, request, addrs);
                 self.pending.insert(id, Pending::Command(reply));
+            }
+            MeshCommand::Send { peer, mut request } => {
+                if let MeshRequest::Run(RunRequest::Message {
+                    protocol_version, ..
+                }) = &mut request
+                {
+                    *protocol_version = self.protocol_version;
+                }
+                let addrs = self.request_addrs(&peer);
+                // Fire and forget: the answer (`Received`) matches no pending entry
+                // and is dropped; a failure is only logged.
+                self.swarm
+                    .behaviour_mut()
+                    .request_response
+                    .send_request_with_addresses(&peer, request, addrs);
             }
             MeshCommand::SetState(s) => {
                 self.set_state(s);
@@ -405,6 +410,22 @@ impl EventLoop {
             }
             let _ = self.events.send(MeshEvent::Member(t));
         }
+    }
+
+    /// Where to reach `peer` for a request or a direct message: nothing when a link is
+    /// open, else the addresses of its signed record (a member we hold no link to is
+    /// dialed on demand, and the link closes once idle, see [`ON_DEMAND_IDLE`]).
+    fn request_addrs(&mut self, peer: &PeerId) -> Vec<Multiaddr> {
+        let addrs = if self.swarm.is_connected(peer) {
+            Vec::new()
+        } else {
+            self.on_demand.insert(*peer, Instant::now());
+            self.addrs_of(peer)
+        };
+        if let Some(t) = self.on_demand.get_mut(peer) {
+            *t = Instant::now();
+        }
+        addrs
     }
 
     fn addrs_of(&self, peer: &PeerId) -> Vec<Multiaddr> {
@@ -916,6 +937,26 @@ impl EventLoop {
                     request, channel, ..
                 } => {
                     let response = match request {
+                        MeshRequest::Run(RunRequest::Message {
+                            protocol_version,
+                            msg,
+                        }) => {
+                            if protocol_version == self.protocol_version {
+                                let _ = self.events.send(MeshEvent::Gossip {
+                                    from: peer,
+                                    topic: DIRECT.into(),
+                                    body: GossipBody::Run(msg),
+                                });
+                                MeshResponse::Run(RunResponse::Received)
+                            } else {
+                                MeshResponse::Refused {
+                                    reason: format!(
+                                        "protocol version {protocol_version}, this node speaks {}",
+                                        self.protocol_version
+                                    ),
+                                }
+                            }
+                        }
                         // One bounded file read (a few MiB at most), from the data dir.
                         MeshRequest::Run(RunRequest::Summary { run_id }) => {
                             MeshResponse::Run(match &self.results {

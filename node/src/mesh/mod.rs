@@ -123,6 +123,9 @@ pub enum MeshCommand {
         body: GossipBody,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Send a run message to one peer directly, without waiting for the answer
+    /// (heartbeats: the next one repairs a lost one).
+    Send { peer: PeerId, request: MeshRequest },
     /// Send a request-response request to a peer.
     Request {
         peer: PeerId,
@@ -159,10 +162,15 @@ pub async fn request(
     }
 }
 
+/// The `topic` of a [`MeshEvent::Gossip`] that came directly from its sender
+/// (`RunRequest::Message`), not over gossip.
+pub const DIRECT: &str = "direct";
+
 /// What the loop tells subscribers (run coordination, dashboard).
 #[derive(Debug, Clone)]
 pub enum MeshEvent {
-    /// A decoded gossip message other than an announcement.
+    /// A decoded gossip message other than an announcement, or a run message sent
+    /// to this node directly (topic [`DIRECT`]).
     Gossip {
         from: PeerId,
         topic: String,
@@ -275,7 +283,8 @@ pub async fn start(cfg: MeshConfig) -> Result<MeshHandle, String> {
     let mut view = View::new(peer_id, self_announce, cfg.timing.lost_after);
     view.refresh_floor_ms = cfg.timing.announce_interval.as_millis() as u64 * 60;
     let view: SharedView = Arc::new(RwLock::new(view));
-    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    // Room for a witness's answers to every member of a large run at once.
+    let (cmd_tx, cmd_rx) = mpsc::channel(2048);
     let (ev_tx, _) = broadcast::channel(1024);
     let mut lp = event_loop::EventLoop::new(
         swarm,

@@ -40,6 +40,8 @@ pub struct CompiledPlan {
     /// Every .proto file the plan's gRPC steps read, imports included (a mesh run ships
     /// them in its bundle).
     pub proto_files: Vec<String>,
+    /// The names of the WebSocket sockets the plan's steps use (a VU's socket slots).
+    pub ws_sockets: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -73,6 +75,40 @@ pub struct CompiledStep {
     pub think: Think,
     /// Set for a gRPC step: the method it calls (the rest is the HTTP/2 request above).
     pub grpc: Option<crate::http::GrpcMethod>,
+    /// A WebSocket step: the HTTP fields above are unused.
+    pub ws: Option<CompiledWs>,
+}
+
+/// A WebSocket step ready to run.
+#[derive(Debug)]
+pub struct CompiledWs {
+    /// Index of the socket among [`CompiledPlan::ws_sockets`] (a slot of the VU's).
+    pub socket: usize,
+    pub action: CompiledWsAction,
+    pub timeout: Duration,
+}
+
+#[derive(Debug)]
+pub enum CompiledWsAction {
+    Open {
+        url: Template,
+        headers: Vec<(String, Template)>,
+        subprotocols: Vec<String>,
+        keep: bool,
+    },
+    /// `body` is `Text` or `Json`.
+    Send {
+        body: CompiledBody,
+        binary: bool,
+    },
+    Receive {
+        matching: bool,
+    },
+    Ping,
+    Close {
+        code: u16,
+        reason: String,
+    },
 }
 
 impl CompiledStep {
@@ -83,6 +119,25 @@ impl CompiledStep {
         let query = self.query.iter().map(|(_, t)| t);
         for t in query.chain(self.headers.iter().map(|(_, t)| t)) {
             t.feeders_used().for_each(&mut f);
+        }
+        if let Some(ws) = &self.ws {
+            match &ws.action {
+                CompiledWsAction::Open { url, headers, .. } => {
+                    url.feeders_used().for_each(&mut f);
+                    headers
+                        .iter()
+                        .for_each(|(_, t)| t.feeders_used().for_each(&mut f));
+                }
+                CompiledWsAction::Send {
+                    body: CompiledBody::Text(t),
+                    ..
+                } => t.feeders_used().for_each(&mut f),
+                CompiledWsAction::Send {
+                    body: CompiledBody::Json(j),
+                    ..
+                } => j.feeders_used().for_each(&mut f),
+                _ => {}
+            }
         }
         match &self.body {
             CompiledBody::None => {}
@@ -266,6 +321,7 @@ pub fn compile_from(plan: Plan, file: &str, files: DataFiles) -> Result<Compiled
     };
 
     let mut flows = Vec::new();
+    let mut ws_sockets = Vec::new();
     for f in &plan.flows {
         let mut scope = Scope::new();
         for feeder in &feeders {
@@ -278,7 +334,13 @@ pub fn compile_from(plan: Plan, file: &str, files: DataFiles) -> Result<Compiled
         }
         let mut steps = Vec::new();
         for s in &f.steps {
-            steps.push(compile_step(&plan, s, &scope, protos.as_ref())?);
+            steps.push(compile_step(
+                &plan,
+                s,
+                &scope,
+                protos.as_ref(),
+                &mut ws_sockets,
+            )?);
         }
         let mut feeders_used = vec![false; feeders.len()];
         for st in &steps {
@@ -376,6 +438,7 @@ pub fn compile_from(plan: Plan, file: &str, files: DataFiles) -> Result<Compiled
         scenarios,
         total_vu_slots,
         proto_files: protos.map(|p| p.files).unwrap_or_default(),
+        ws_sockets,
     })
 }
 
@@ -384,6 +447,7 @@ fn compile_step(
     s: &plan::Step,
     scope: &Scope,
     protos: Option<&proto::Protos>,
+    ws_sockets: &mut Vec<String>,
 ) -> Result<CompiledStep, PlanError> {
     // Step errors found here carry the step's own location ("plan.toml:31: flows.x.steps[2]").
     let err = |field: &str, message: String| {
@@ -403,61 +467,77 @@ fn compile_step(
         Template::compile(src, scope).map_err(|e| err(field, format!("bad template: {e}")))
     };
 
-    let method = Method::from_bytes(s.request.method.as_bytes()).map_err(|_| {
-        err(
-            "request.method",
-            format!("bad HTTP method \"{}\"", s.request.method),
+    let ws = match &s.ws {
+        None => None,
+        Some(w) => Some(compile_ws(plan, w, scope, ws_sockets, &err, &tpl)?),
+    };
+    let (method, url, query, headers, body) = if ws.is_some() {
+        (
+            Method::GET,
+            UrlTemplate::Dynamic(tpl("ws", "")?),
+            Vec::new(),
+            Vec::new(),
+            CompiledBody::None,
         )
-    })?;
-    let full_url = if s.request.url.starts_with('/') {
-        match &plan.defaults.base_url {
-            Some(b) => format!("{b}{}", s.request.url),
-            None => {
-                return Err(err(
-                    "request.url",
-                    format!(
-                        "\"{}\" is relative but [defaults] has no base_url",
-                        s.request.url
-                    ),
-                ))
-            }
-        }
     } else {
-        s.request.url.clone()
-    };
-    let url_tpl = tpl("request.url", &full_url)?;
-    let url = match url_tpl.static_text() {
-        Some(text) => UrlTemplate::Static(
-            Url::parse(text).map_err(|e| err("request.url", format!("bad URL \"{text}\": {e}")))?,
-        ),
-        None => UrlTemplate::Dynamic(url_tpl),
-    };
-    let mut query = Vec::new();
-    for (k, v) in &s.request.query {
-        query.push((k.clone(), tpl(&format!("request.query.{k}"), v)?));
-    }
-    let mut headers = Vec::new();
-    for (k, v) in plan.defaults.headers.iter().chain(&s.request.headers) {
-        let name = HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| err("request.headers", format!("bad header name \"{k}\"")))?;
-        // A step's header replaces a default of the same name.
-        headers.retain(|(n, _): &(HeaderName, Template)| *n != name);
-        headers.push((name, tpl(&format!("request.headers.{k}"), v)?));
-    }
-    let body = match &s.request.body {
-        Body::None => CompiledBody::None,
-        Body::Text(t) => CompiledBody::Text(tpl("request.body", t)?),
-        Body::Json(j) => CompiledBody::Json(
-            JsonTemplate::compile(j, scope)
-                .map_err(|e| err("request.json", format!("bad template: {e}")))?,
-        ),
-        Body::Form(f) => {
-            let mut out = Vec::new();
-            for (k, v) in f {
-                out.push((k.clone(), tpl(&format!("request.form.{k}"), v)?));
+        let method = Method::from_bytes(s.request.method.as_bytes()).map_err(|_| {
+            err(
+                "request.method",
+                format!("bad HTTP method \"{}\"", s.request.method),
+            )
+        })?;
+        let full_url = if s.request.url.starts_with('/') {
+            match &plan.defaults.base_url {
+                Some(b) => format!("{b}{}", s.request.url),
+                None => {
+                    return Err(err(
+                        "request.url",
+                        format!(
+                            "\"{}\" is relative but [defaults] has no base_url",
+                            s.request.url
+                        ),
+                    ))
+                }
             }
-            CompiledBody::Form(out)
+        } else {
+            s.request.url.clone()
+        };
+        let url_tpl = tpl("request.url", &full_url)?;
+        let url = match url_tpl.static_text() {
+            Some(text) => UrlTemplate::Static(
+                Url::parse(text)
+                    .map_err(|e| err("request.url", format!("bad URL \"{text}\": {e}")))?,
+            ),
+            None => UrlTemplate::Dynamic(url_tpl),
+        };
+        let mut query = Vec::new();
+        for (k, v) in &s.request.query {
+            query.push((k.clone(), tpl(&format!("request.query.{k}"), v)?));
         }
+        let mut headers = Vec::new();
+        for (k, v) in plan.defaults.headers.iter().chain(&s.request.headers) {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| err("request.headers", format!("bad header name \"{k}\"")))?;
+            // A step's header replaces a default of the same name.
+            headers.retain(|(n, _): &(HeaderName, Template)| *n != name);
+            headers.push((name, tpl(&format!("request.headers.{k}"), v)?));
+        }
+        let body = match &s.request.body {
+            Body::None => CompiledBody::None,
+            Body::Text(t) => CompiledBody::Text(tpl("request.body", t)?),
+            Body::Json(j) => CompiledBody::Json(
+                JsonTemplate::compile(j, scope)
+                    .map_err(|e| err("request.json", format!("bad template: {e}")))?,
+            ),
+            Body::Form(f) => {
+                let mut out = Vec::new();
+                for (k, v) in f {
+                    out.push((k.clone(), tpl(&format!("request.form.{k}"), v)?));
+                }
+                CompiledBody::Form(out)
+            }
+        };
+        (method, url, query, headers, body)
     };
     let grpc = match &s.grpc {
         None => None,
@@ -470,8 +550,32 @@ fn compile_step(
                 ));
             };
             let m = proto::method(&protos.pool, &call.method).map_err(|e| err("grpc.method", e))?;
-            if let Body::Json(j) = &s.request.body {
-                proto::check_message(&m.input(), j, "message").map_err(|e| err("grpc", e))?;
+            if m.is_client_streaming() && !call.streamed {
+                return Err(err(
+                    "grpc.message",
+                    format!("{} is a client-streaming call: write its request messages as messages = [{{ ... }}, ...], sent in order", call.method),
+                ));
+            }
+            if !m.is_client_streaming() && call.streamed {
+                return Err(err(
+                    "grpc.messages",
+                    format!(
+                        "{} takes one request message: write message = {{ ... }}",
+                        call.method
+                    ),
+                ));
+            }
+            match &s.request.body {
+                Body::Json(serde_json::Value::Array(list)) => {
+                    for (i, one) in list.iter().enumerate() {
+                        proto::check_message(&m.input(), one, &format!("messages[{i}]"))
+                            .map_err(|e| err("grpc", e))?;
+                    }
+                }
+                Body::Json(j) => {
+                    proto::check_message(&m.input(), j, "message").map_err(|e| err("grpc", e))?
+                }
+                _ => {}
             }
             Some(crate::http::GrpcMethod::new(&m))
         }
@@ -533,6 +637,95 @@ fn compile_step(
         extract,
         think: s.think,
         grpc,
+        ws,
+    })
+}
+
+/// Compiles a WebSocket step; `err` and `tpl` name the step's fields in errors.
+fn compile_ws(
+    plan: &Plan,
+    w: &plan::WsStep,
+    scope: &Scope,
+    ws_sockets: &mut Vec<String>,
+    err: &dyn Fn(&str, String) -> PlanError,
+    tpl: &dyn Fn(&str, &str) -> Result<Template, PlanError>,
+) -> Result<CompiledWs, PlanError> {
+    let socket = match ws_sockets.iter().position(|n| *n == w.socket) {
+        Some(i) => i,
+        None => {
+            ws_sockets.push(w.socket.clone());
+            ws_sockets.len() - 1
+        }
+    };
+    let action = match &w.action {
+        plan::WsAction::Open {
+            url,
+            headers,
+            subprotocols,
+            keep,
+        } => {
+            let full = if url.starts_with('/') {
+                let Some(base) = &plan.defaults.base_url else {
+                    return Err(err(
+                        "ws.open",
+                        format!("\"{url}\" is relative but [defaults] has no base_url"),
+                    ));
+                };
+                let base = if let Some(rest) = base.strip_prefix("http://") {
+                    format!("ws://{rest}")
+                } else if let Some(rest) = base.strip_prefix("https://") {
+                    format!("wss://{rest}")
+                } else {
+                    base.clone()
+                };
+                format!("{base}{url}")
+            } else {
+                url.clone()
+            };
+            let mut hs = Vec::new();
+            for (k, v) in plan.defaults.headers.iter().chain(headers) {
+                HeaderName::from_bytes(k.as_bytes())
+                    .map_err(|_| err("ws.headers", format!("bad header name \"{k}\"")))?;
+                hs.retain(|(n, _): &(String, Template)| !n.eq_ignore_ascii_case(k));
+                hs.push((k.clone(), tpl(&format!("ws.headers.{k}"), v)?));
+            }
+            CompiledWsAction::Open {
+                url: tpl("ws.open", &full)?,
+                headers: hs,
+                subprotocols: subprotocols.clone(),
+                keep: *keep,
+            }
+        }
+        plan::WsAction::Send(m) => match m {
+            plan::WsMessage::Text(t) => CompiledWsAction::Send {
+                body: CompiledBody::Text(tpl("ws.send", t)?),
+                binary: false,
+            },
+            plan::WsMessage::Binary(t) => CompiledWsAction::Send {
+                body: CompiledBody::Text(tpl("ws.send_binary", t)?),
+                binary: true,
+            },
+            plan::WsMessage::Json(j) => CompiledWsAction::Send {
+                body: CompiledBody::Json(
+                    JsonTemplate::compile(j, scope)
+                        .map_err(|e| err("ws.send_json", format!("bad template: {e}")))?,
+                ),
+                binary: false,
+            },
+        },
+        plan::WsAction::Receive { matching } => CompiledWsAction::Receive {
+            matching: *matching,
+        },
+        plan::WsAction::Ping => CompiledWsAction::Ping,
+        plan::WsAction::Close { code, reason } => CompiledWsAction::Close {
+            code: *code,
+            reason: reason.clone(),
+        },
+    };
+    Ok(CompiledWs {
+        socket,
+        action,
+        timeout: w.timeout.unwrap_or(plan.defaults.timeout),
     })
 }
 

@@ -188,11 +188,6 @@ pub fn method(pool: &DescriptorPool, full: &str) -> Result<MethodDescriptor, Str
             known.join(", ")
         ));
     };
-    if m.is_client_streaming() {
-        return Err(format!(
-            "{full} is a client-streaming call: gRPC steps make unary and server-streaming calls"
-        ));
-    }
     Ok(m)
 }
 

@@ -390,6 +390,7 @@ mod tests {
         m.series[0].requests = 3;
         m.series[0].failed = 1;
         m.series[0].errors[ErrorClass::Http5xx as usize] = 1;
+        m.series[0].errors[ErrorClass::GrpcUnavailable as usize] = 2;
         m.series[0].latency.record(2000);
         m.series[0].named.record(Named::WsMsgRtt, 700);
         m.series[0].named.count(Named::WsMsgsSent, 4);
@@ -410,6 +411,7 @@ mod tests {
             "stampede_requests_total{run=\"r1\",node=\"a\",label_re_gion=\"eu\",scenario=\"s\",flow=\"f\",step=\"get \\\"x\\\"\"} 3\n"
         ), "{out}");
         assert!(out.contains("class=\"http_5xx\"} 1\n"));
+        assert!(out.contains("class=\"grpc_unavailable\"} 2\n"), "{out}");
         assert!(out.contains("le=\"+Inf\"} 1\n"));
         assert!(out.contains("le=\"0.0025\"} 1\n"));
         assert_eq!(

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use stampede_protocol::machine::events::RunEvent;
 use stampede_protocol::machine::{Effect, Progress, ReportFacts};
-use stampede_protocol::mesh::{GossipBody, NodeState};
+use stampede_protocol::mesh::{GossipBody, MeshRequest, NodeState};
+use stampede_protocol::run::RunRequest;
 use stampede_protocol::snapshot::Metrics;
 use tokio::sync::mpsc;
 
@@ -18,7 +19,6 @@ use crate::engine::{Engine, LiveAssignment, RunSpec, Split, Stop};
 use crate::http::Shared;
 use crate::mesh::MeshCommand;
 use crate::reports::aggregate::{NodeCollector, NodeSecond};
-use crate::reports::live::PackedMetrics;
 use crate::reports::summary::{self, Event, NodeInfo, SummaryInput};
 use crate::run::embedded::client_settings;
 
@@ -46,6 +46,19 @@ impl Driver {
                 GossipBody::Run(Box::new(msg.as_ref().clone())),
                 false,
             ),
+            Effect::Send { to, msg } => {
+                let Ok(peer) = to.parse::<libp2p::PeerId>() else {
+                    return;
+                };
+                let request = MeshRequest::Run(RunRequest::Message {
+                    // Stamped again by the event loop with the version it speaks.
+                    protocol_version: stampede_protocol::mesh::PROTOCOL_VERSION,
+                    msg: Box::new(msg.as_ref().clone()),
+                });
+                // Best effort, like gossip: a heartbeat lost to a full queue is
+                // repaired by the next one.
+                let _ = self.mesh.try_send(MeshCommand::Send { peer, request });
+            }
             Effect::FetchBundle { origin } => {
                 let hash = self
                     .runs
@@ -203,8 +216,8 @@ impl Driver {
         *cpu = cpu.max(s.cpu);
         let node_point = crate::reports::aggregate::point(s.seq, &second.metrics, s.vus, 1);
         let latest = agg.latest_complete(live_nodes);
-        let totals = PackedMetrics::of(&agg.totals);
-        let node_totals = agg.nodes.get(&s.node).map(|n| PackedMetrics::of(&n.totals));
+        let totals = agg.totals.packed().clone();
+        let node_totals = agg.nodes.get(&s.node).map(|n| n.totals.packed().clone());
         // The coarse history of a long run (before the live view's recent minutes) is
         // rebuilt once a minute of run time, keyed by node name for the dashboard.
         let minute = agg.end() / 60;

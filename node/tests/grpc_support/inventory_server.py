@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """An independent gRPC server for stampede's interop test: Python's grpcio (C core)
-serving shop.Inventory from examples/proto/inventory.proto, with messages built from
+serving shop.Inventory from examples/proto/inventory.proto (all four kinds of call:
+unary, server-, client- and bidirectional streaming), with messages built from
 descriptors at run time (google.protobuf, no generated code).
 
 Usage: inventory_server.py [CERT KEY]   (TLS when a certificate is given, h2c otherwise)
@@ -34,6 +35,7 @@ def build_messages():
         "Stock",
         [("product_id", F.TYPE_UINT64), ("quantity", F.TYPE_UINT32), ("warehouse", F.TYPE_STRING)],
     )
+    message("StockTotal", [("products", F.TYPE_UINT32), ("quantity", F.TYPE_UINT64)])
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
 
@@ -43,11 +45,19 @@ def build_messages():
             return message_factory.GetMessageClass(d)
         return message_factory.MessageFactory(pool).GetPrototype(d)
 
-    return cls("StockRequest"), cls("WatchRequest"), cls("Stock")
+    return cls("StockRequest"), cls("WatchRequest"), cls("Stock"), cls("StockTotal")
 
 
-StockRequest, WatchRequest, Stock = build_messages()
-calls = {"GetStock": 0, "WatchStock": 0, "streamed": 0, "metadata_ok": 0}
+StockRequest, WatchRequest, Stock, StockTotal = build_messages()
+calls = {
+    "GetStock": 0,
+    "WatchStock": 0,
+    "streamed": 0,
+    "metadata_ok": 0,
+    "TotalStock": 0,
+    "StockFeed": 0,
+    "received": 0,
+}
 lock = threading.Lock()
 
 
@@ -79,6 +89,33 @@ def watch_stock(request, context):
         yield stock(request.product_id, i)
 
 
+def total_stock(requests, context):
+    """Client-streaming: the products received and their summed quantity."""
+    with lock:
+        calls["TotalStock"] += 1
+    total = StockTotal()
+    for request in requests:
+        with lock:
+            calls["received"] += 1
+        if request.product_id == 0 or request.product_id > 1000:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such product")
+        total.products += 1
+        total.quantity += stock(request.product_id, 0).quantity
+    return total
+
+
+def stock_feed(requests, context):
+    """Bidirectional: one Stock per request, answered as each arrives."""
+    with lock:
+        calls["StockFeed"] += 1
+    for request in requests:
+        with lock:
+            calls["received"] += 1
+        if request.product_id == 0 or request.product_id > 1000:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such product")
+        yield stock(request.product_id, 0)
+
+
 def main():
     handler = grpc.method_handlers_generic_handler(
         "shop.Inventory",
@@ -91,6 +128,16 @@ def main():
             "WatchStock": grpc.unary_stream_rpc_method_handler(
                 watch_stock,
                 request_deserializer=WatchRequest.FromString,
+                response_serializer=Stock.SerializeToString,
+            ),
+            "TotalStock": grpc.stream_unary_rpc_method_handler(
+                total_stock,
+                request_deserializer=StockRequest.FromString,
+                response_serializer=StockTotal.SerializeToString,
+            ),
+            "StockFeed": grpc.stream_stream_rpc_method_handler(
+                stock_feed,
+                request_deserializer=StockRequest.FromString,
                 response_serializer=Stock.SerializeToString,
             ),
         },

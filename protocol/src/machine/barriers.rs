@@ -13,17 +13,18 @@ use crate::run::{clip_reason, BarrierDetail, RunMessage};
 
 impl RunMachine {
     pub(super) fn arrive(&mut self, barrier: Barrier, detail: BarrierDetail, now: Now) {
-        if self.my_index.is_none() || self.my_arrivals.contains_key(&barrier) {
+        let Some(me) = self.my_index else { return };
+        if self.my_arrivals.contains_key(&barrier) {
             return;
         }
         self.my_arrivals.insert(barrier, detail.clone());
-        let msg = self.publish(RunMessage::Arrive {
-            run_id: self.run_id.clone(),
-            barrier,
-            detail,
-        });
-        let me = self.me.id.clone();
-        self.on_arrive(&me, &msg, now);
+        self.arrival(me, barrier, &detail, now);
+        // Arrivals ride on heartbeats (to the witnesses, who hear every member): one
+        // goes now rather than at the next beat, and gossip would cost every node
+        // every member's arrival.
+        if !self.roster.is_empty() {
+            self.send_beat(now);
+        }
     }
 
     pub(super) fn on_arrive(&mut self, from: &str, msg: &RunMessage, now: Now) {
@@ -57,6 +58,13 @@ impl RunMachine {
     }
 
     pub(super) fn barrier_complete(&self, barrier: Barrier) -> bool {
+        if self.my_index.is_some() && !self.i_witness() {
+            // It hears only the witnesses: their word is what it goes by. Once all of
+            // them are silent (done with the run, or lost) there is no one left to
+            // wait for.
+            return self.told_complete.contains(&barrier)
+                || self.witnesses.iter().all(|&w| self.peers[w].gone);
+        }
         let arrived = self.arrivals.get(&barrier);
         !self.roster.is_empty()
             && self
@@ -96,6 +104,11 @@ impl RunMachine {
         {
             self.phase = Phase::Finishing;
             self.finishing_since = Some(now.mono_us);
+            if self.i_witness() && self.witnesses.len() < self.roster.len() {
+                // The members that are not witnesses learn it from this beat; the
+                // witness may be done before its next one.
+                self.send_beat_to_all(now);
+            }
         }
         // An origin outside the roster has no engine: it follows the barriers.
         if self.my_index.is_none() && self.phase == Phase::Ready && self.version.is_some() {
@@ -177,8 +190,17 @@ impl RunMachine {
             if !self.barrier_complete(Barrier::Ready)
                 && now.mono_us.saturating_sub(self.join_sent) >= every
             {
+                // Again, directly, to the members never heard from since: the roster
+                // of a large run is big, and the others have it.
                 self.join_sent = now.mono_us;
-                self.out.push(super::Effect::Publish(r));
+                for j in 0..self.roster.len() {
+                    if Some(j) != self.my_index && self.peers[j].beat_sent == 0 {
+                        self.out.push(super::Effect::Send {
+                            to: self.roster[j].id.clone(),
+                            msg: r.clone(),
+                        });
+                    }
+                }
             }
         }
         if let Some(a) = self.assign_msg.clone() {

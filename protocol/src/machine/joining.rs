@@ -95,7 +95,7 @@ impl RunMachine {
         match busy_with {
             Some(other) => {
                 let join = m.join_msg(false, Some(format!("busy with run {other}")));
-                m.publish(join);
+                m.send_to_origin(join);
                 m.phase = super::Phase::Done;
             }
             None => m.out.push(super::Effect::FetchBundle {
@@ -104,6 +104,19 @@ impl RunMachine {
         }
         let out = std::mem::take(&mut m.out);
         Some((m, out))
+    }
+
+    /// Joins go to the origin only, directly: it alone collects them, and gossiping
+    /// them would cost every node of a large mesh every other node's join.
+    fn send_to_origin(&mut self, msg: RunMessage) -> Arc<RunMessage> {
+        let msg = Arc::new(msg);
+        if self.origin != self.me.id {
+            self.out.push(super::Effect::Send {
+                to: self.origin.clone(),
+                msg: msg.clone(),
+            });
+        }
+        msg
     }
 
     fn join_msg(&self, accept: bool, reason: Option<String>) -> RunMessage {
@@ -133,7 +146,7 @@ impl RunMachine {
             }
             Err(why) => self.join_msg(false, Some(why)),
         };
-        let msg = self.publish(join);
+        let msg = self.send_to_origin(join);
         self.my_join = Some(msg.clone());
         self.join_sent = now.mono_us;
         let me = self.me.id.clone();
@@ -214,7 +227,10 @@ impl RunMachine {
         if let Some(j) = self.my_join.clone() {
             if now.mono_us.saturating_sub(self.join_sent) >= self.timing.republish_us {
                 self.join_sent = now.mono_us;
-                self.out.push(super::Effect::Publish(j));
+                self.out.push(super::Effect::Send {
+                    to: self.origin.clone(),
+                    msg: j,
+                });
             }
         }
         if now.mono_us > self.join_deadline + 3 * self.timing.join_window_us {
@@ -349,13 +365,15 @@ impl RunMachine {
             n
         ];
         self.fence_count = vec![0; n];
+        self.witnesses =
+            super::liveness::choose_witnesses(&self.roster, &self.run_id, &self.origin);
         self.seen = vec![Default::default(); n];
         self.absent = vec![Default::default(); n];
         self.term = 1;
         self.phase = Phase::Ready;
         if self.origin == self.me.id {
             let names = self.roster.iter().map(|m| m.name.clone()).collect();
-            let leader = self.roster[0].name.clone();
+            let leader = self.roster[self.witnesses[0]].name.clone();
             self.out.push(super::Effect::Progress(Progress::Roster {
                 members: names,
                 leader,

@@ -45,7 +45,9 @@ impl RunMachine {
             .peers
             .iter()
             .enumerate()
-            .filter(|(j, p)| Some(*j) == self.my_index || (p.term == self.term && !p.gone))
+            .filter(|(j, p)| {
+                self.witness(*j) && (Some(*j) == self.my_index || (p.term == self.term && !p.gone))
+            })
             .map(|(j, _)| j)
             .collect();
         if at_term.len() < self.majority() {

@@ -96,10 +96,16 @@ impl RunMachine {
             Some(o) => self.peers[o].gone,
             None => self.origin_silent,
         };
+        // Only witnesses hear every member, so only they can report.
         origin_gone
-            && self.my_index.is_some()
+            && self.i_witness()
             && (self.am_leader()
-                || (0..self.peers.len()).find(|&j| !self.peers[j].gone) == self.my_index)
+                || self
+                    .witnesses
+                    .iter()
+                    .copied()
+                    .find(|&j| !self.peers[j].gone)
+                    == self.my_index)
     }
 
     /// Finishing: reporters fetch what they lack, then report; others are done.

@@ -1,20 +1,59 @@
 //! Heartbeats, fencing, leases and terms: who is alive, who may send load, who leads.
 //!
-//! - Every member sends a `Beat` each `beat_us` with its monotonic stamp, its version
-//!   and, for every member it heard *at the same version* and has not fenced, that
-//!   member's newest stamp (an echo).
-//! - A member's lease lasts `lease_us` past the stamp that the majority's slowest
-//!   echo confirms (itself counting as one): only its own stamps count, so messages
-//!   that waited out a pause in a socket buffer renew nothing.
-//! - A member silent for `fail_us` is fenced by the observer for good. Once a
-//!   majority has fenced it, its lease has expired (`fail ≥ lease + margin`), so its
-//!   share may move and, if it led, the term moves on.
+//! - The run has a few **witnesses** (every member of a roster of up to
+//!   [`MAX_WITNESSES`], else that many, the origin among them): only their echoes,
+//!   fences and terms count, so a member's cost does not grow with the roster.
+//! - Every member sends a `Beat` each `beat_us`, directly (never gossip, whose
+//!   relays would age it by a hop each) to every witness — a witness to every member.
+//!   It carries its monotonic stamp and, from a witness to a member it heard *at the
+//!   same version* and has not fenced, that member's newest stamp (an echo).
+//! - A member's lease lasts `lease_us` past the stamp that the witness majority's
+//!   slowest echo confirms (a witness counts itself): only its own stamps count, so
+//!   messages that waited out a pause in a socket buffer renew nothing.
+//! - A member silent for `fail_us` is fenced by a witness for good. Once a majority
+//!   of the witnesses has fenced it, its lease has expired (`fail ≥ lease + margin`),
+//!   so its share may move and, if it led, the term moves on.
 //!
 //! Must not decide what moves where (the leader's part) or touch measurements.
 
-use super::events::RunEvent;
+use super::events::{Barrier, RunEvent};
 use super::{Now, Phase, RunMachine};
-use crate::run::RunMessage;
+use crate::run::{RosterEntry, RunMessage};
+
+/// Up to this many members, every member is a witness (and the protocol is the
+/// all-to-all one of small meshes); above, this many are. Seven survive the loss of
+/// any three of them, and keep a witness's work at about seven heartbeats in and out
+/// per member per beat period.
+pub const MAX_WITNESSES: usize = 7;
+
+/// The witnesses of a run: the whole roster while it has at most
+/// [`MAX_WITNESSES`] members, else the origin (when it is a member: it follows and
+/// reports the run, so it hears everyone anyway) and the members ranked first by a
+/// hash of the run id and their peer id (rendezvous hashing: every node computes the
+/// same set, and runs spread the duty over the mesh). Ascending roster indices.
+pub fn choose_witnesses(roster: &[RosterEntry], run_id: &str, origin: &str) -> Vec<usize> {
+    use sha2::{Digest, Sha256};
+    if roster.len() <= MAX_WITNESSES {
+        return (0..roster.len()).collect();
+    }
+    let rank = |id: &str| {
+        let mut h = Sha256::new();
+        h.update((run_id.len() as u64).to_le_bytes());
+        h.update(run_id.as_bytes());
+        h.update(id.as_bytes());
+        let d = h.finalize();
+        u64::from_le_bytes(d[..8].try_into().unwrap_or([0; 8]))
+    };
+    let mut ranked: Vec<(bool, u64, usize)> = roster
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id != origin, rank(&m.id), i))
+        .collect();
+    ranked.sort_unstable();
+    let mut chosen: Vec<usize> = ranked[..MAX_WITNESSES].iter().map(|r| r.2).collect();
+    chosen.sort_unstable();
+    chosen
+}
 
 /// The least time between two heartbeats sent at once in answer to the same member
 /// (two members without a lease would otherwise answer each other without end).
@@ -33,7 +72,7 @@ impl RunMachine {
             return;
         }
         if self.my_index.is_some()
-            && now.mono_us.saturating_sub(self.beat_sent) >= self.timing.beat_us
+            && now.mono_us.saturating_sub(self.round_sent) >= self.beat_every()
         {
             self.send_beat(now);
         }
@@ -42,25 +81,73 @@ impl RunMachine {
         self.republish(now);
     }
 
-    /// Sends this node's heartbeat now.
+    /// Sends this node's heartbeat now, to everyone it goes to.
     pub(super) fn send_beat(&mut self, now: Now) {
+        // The witnesses it goes to need no other answer.
+        let witnesses = &self.witnesses;
+        self.answer_to.retain(|j| !witnesses.contains(j));
+        // Answers to members do not reach the witnesses: only a heartbeat to them
+        // resets the beat period.
+        self.round_sent = now.mono_us;
+        self.send_beat_to(now, None);
+    }
+
+    /// Sends this node's heartbeat to every member, witnesses or not (a witness
+    /// telling that the run finished: it may be done before anyone asks again).
+    pub(super) fn send_beat_to_all(&mut self, now: Now) {
+        let me = self.my_index;
+        let all: Vec<usize> = (0..self.roster.len()).filter(|&j| Some(j) != me).collect();
+        self.answer_to.clear();
+        self.send_beat_to(now, Some(all));
+    }
+
+    /// How often this node beats: every `beat_us` for a witness, twice that for
+    /// the other members of a large run (a witness hears every member, so this
+    /// halves the busiest nodes' load; a lease still spans three such beats).
+    fn beat_every(&self) -> u64 {
+        if self.i_witness() || self.witnesses.len() == self.roster.len() {
+            self.timing.beat_us
+        } else {
+            2 * self.timing.beat_us
+        }
+    }
+
+    /// The nodes this node's own heartbeats go to: every witness (and an origin
+    /// outside the roster, which follows the run). The other members hear a witness
+    /// only in its answers to their own heartbeats (see `on_beat`): a witness's work
+    /// is then one answer per member heartbeat, not a heartbeat to every member too.
+    fn beat_recipients(&self) -> Vec<Option<usize>> {
+        let Some(me) = self.my_index else {
+            return Vec::new();
+        };
+        let mut to: Vec<Option<usize>> = self
+            .witnesses
+            .iter()
+            .filter(|&&j| j != me)
+            .map(|&j| Some(j))
+            .collect();
+        if self.index_of(&self.origin).is_none() {
+            to.push(None);
+        }
+        to
+    }
+
+    /// Sends a heartbeat to `only` (the members waiting for an answer) or, with
+    /// `None`, to every recipient. Each copy carries only what its recipient uses:
+    /// its own echo, and the whole version only for a witness.
+    fn send_beat_to(&mut self, now: Now, only: Option<Vec<usize>>) {
         let Some(me) = self.my_index else { return };
-        // This beat echoes everyone: it is the answer anyone was waiting for.
-        self.answer_due = false;
-        let mut echoes = Vec::new();
+        let witness = self.witness(me);
         let mut fenced = Vec::new();
         let mut fenced_claims = Vec::new();
-        for (j, p) in self.peers.iter().enumerate() {
-            if j == me {
-                continue;
-            }
-            if p.fenced_by_me {
-                fenced.push(j as u32);
-                if !self.counted.is_empty() {
-                    fenced_claims.push(p.claims.clone());
+        if witness {
+            for (j, p) in self.peers.iter().enumerate() {
+                if j != me && p.fenced_by_me {
+                    fenced.push(j as u32);
+                    if !self.counted.is_empty() {
+                        fenced_claims.push(p.claims.clone());
+                    }
                 }
-            } else if p.beat_sent > 0 && p.digest == self.digest {
-                echoes.push((j as u32, p.beat_sent));
             }
         }
         // Stamps strictly increase, so an echo names exactly one of them.
@@ -71,24 +158,72 @@ impl RunMachine {
         while self.my_beats.len() > BEATS_KEPT {
             self.my_beats.pop_front();
         }
-        let arrived = self
-            .my_arrivals
-            .iter()
-            .map(|(b, d)| (*b, d.clone()))
-            .collect();
+
+        let complete: Vec<Barrier> = if witness {
+            Barrier::ALL
+                .into_iter()
+                .filter(|b| self.barrier_complete(*b))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let wants_echo = !self.holds_lease(now);
-        self.publish(RunMessage::Beat {
-            run_id: self.run_id.clone(),
-            term: self.term,
-            sent_us,
-            version: self.version.clone(),
-            echoes,
-            fenced,
-            claims: self.my_claims.to_vec(),
-            fenced_claims,
-            arrived,
-            wants_echo,
-        });
+        let recipients = match only {
+            Some(list) => list.into_iter().map(Some).collect(),
+            None => self.beat_recipients(),
+        };
+        for r in recipients {
+            // Arrivals the recipient does not yet say it holds.
+            let holds = r.map_or(0, |j| self.peers[j].holds_mine);
+            let arrived: Vec<_> = self
+                .my_arrivals
+                .iter()
+                .filter(|(b, _)| holds & barrier_bit(**b) == 0)
+                .map(|(b, d)| (*b, d.clone()))
+                .collect();
+            let received: Vec<Barrier> = match r {
+                Some(j) => Barrier::ALL
+                    .into_iter()
+                    .filter(|b| self.arrivals.get(b).is_some_and(|a| a.contains_key(&j)))
+                    .collect(),
+                None => Vec::new(),
+            };
+            let (to, echoes, version) = match r {
+                Some(j) => {
+                    let p = &self.peers[j];
+                    let echo =
+                        witness && !p.fenced_by_me && p.beat_sent > 0 && p.digest == self.digest;
+                    let echoes = if echo {
+                        vec![(j as u32, p.beat_sent)]
+                    } else {
+                        Vec::new()
+                    };
+                    let version = if self.witness(j) {
+                        self.version.clone()
+                    } else {
+                        None
+                    };
+                    (self.roster[j].id.clone(), echoes, version)
+                }
+                None => (self.origin.clone(), Vec::new(), None),
+            };
+            let msg = std::sync::Arc::new(RunMessage::Beat {
+                run_id: self.run_id.clone(),
+                term: self.term,
+                sent_us,
+                version,
+                echoes,
+                fenced: fenced.clone(),
+                claims: self.my_claims.to_vec(),
+                fenced_claims: fenced_claims.clone(),
+                arrived,
+                wants_echo,
+                digest: self.digest,
+                complete: complete.clone(),
+                received,
+            });
+            self.out.push(super::Effect::Send { to, msg });
+        }
         // Own knowledge of itself, so that the counts include this node.
         let digest = self.digest;
         let term = self.term;
@@ -112,15 +247,24 @@ impl RunMachine {
             wants_echo,
             claims,
             fenced_claims,
+            digest,
+            complete,
+            received,
             ..
         } = msg
         else {
             return;
         };
         let Some(j) = self.index_of(from) else { return };
-        for (barrier, detail) in arrived.iter().take(super::events::Barrier::ALL.len()) {
+        for (barrier, detail) in arrived.iter().take(Barrier::ALL.len()) {
             self.arrival(j, *barrier, detail, now);
         }
+        // Only witnesses speak for the run: their fences, terms and completions.
+        let witness = self.witness(j);
+        if witness {
+            self.told_complete.extend(complete.iter().copied());
+        }
+        self.peers[j].holds_mine = received.iter().fold(0, |m, b| m | barrier_bit(*b));
         if Some(j) == self.my_index || self.peers.is_empty() {
             return;
         }
@@ -143,7 +287,7 @@ impl RunMachine {
         let new_fenced: std::collections::BTreeSet<u32> = fenced
             .iter()
             .copied()
-            .filter(|&f| (f as usize) < n)
+            .filter(|&f| witness && (f as usize) < n)
             .collect();
         let old_fenced = std::mem::take(&mut self.peers[j].fenced);
         if old_fenced != new_fenced || *term > self.term {
@@ -155,7 +299,7 @@ impl RunMachine {
         for f in new_fenced.difference(&old_fenced) {
             self.fence_count[*f as usize] += 1;
         }
-        let digest = version.as_ref().map_or(0, |v| v.digest());
+        let digest = version.as_ref().map_or(*digest, |v| v.digest());
         let echo = self
             .my_index
             .and_then(|me| echoes.iter().find(|(i, _)| *i as usize == me))
@@ -171,6 +315,7 @@ impl RunMachine {
         }
         p.fenced_claims = fenced
             .iter()
+            .filter(|_| witness)
             .zip(fenced_claims.iter())
             .map(|(f, c)| (*f, c.iter().take(k).copied().collect()))
             .collect();
@@ -197,7 +342,16 @@ impl RunMachine {
         // so answers to many members at once are one beat (at most one per
         // ANSWER_GAP_US; one asked for sooner goes at the next input or tick): a
         // version switch in a mesh of hundreds stays a handful of beats per node.
-        let lacking = *wants_echo || !self.holds_lease(now);
+        if self.i_witness() && !witness {
+            // A member that is not a witness hears this witness only in answers:
+            // every heartbeat of it is answered (its echo, if it is at this version;
+            // this witness's term, fences and completed barriers in any case).
+            self.answer_to.insert(j);
+            self.answer_if_due(now);
+            return;
+        }
+        // Only a witness's echo is worth asking for, and only a witness gives one.
+        let lacking = (*wants_echo && self.i_witness()) || (!self.holds_lease(now) && witness);
         let replied = self.peers[j].replied_at;
         if digest == self.digest
             && lacking
@@ -205,17 +359,20 @@ impl RunMachine {
             && (replied == 0 || now.mono_us.saturating_sub(replied) >= IMMEDIATE_GAP_US)
         {
             self.peers[j].replied_at = now.mono_us;
-            self.answer_due = true;
+            self.answer_to.insert(j);
         }
         self.answer_if_due(now);
     }
 
-    /// Sends the heartbeat others asked for, unless one went out too recently.
+    /// Sends the heartbeat others asked for — to them only —, unless one went out
+    /// too recently.
     pub(super) fn answer_if_due(&mut self, now: Now) {
-        if self.answer_due && now.mono_us.saturating_sub(self.answered_at) >= ANSWER_GAP_US {
-            self.answer_due = false;
+        if !self.answer_to.is_empty()
+            && now.mono_us.saturating_sub(self.answered_at) >= ANSWER_GAP_US
+        {
+            let to: Vec<usize> = std::mem::take(&mut self.answer_to).into_iter().collect();
             self.answered_at = now.mono_us;
-            self.send_beat(now);
+            self.send_beat_to(now, Some(to));
         }
     }
 
@@ -241,8 +398,11 @@ impl RunMachine {
             }
             return;
         };
+        // A member that is not a witness hears only the witnesses, and its fences
+        // would count for nothing.
+        let witness = self.witness(me);
         for j in 0..self.peers.len() {
-            if j == me {
+            if j == me || !(witness || self.witness(j)) {
                 continue;
             }
             let p = &self.peers[j];
@@ -262,7 +422,7 @@ impl RunMachine {
                     },
                 );
             }
-            if !self.peers[j].fenced_by_me {
+            if witness && !self.peers[j].fenced_by_me {
                 self.peers[j].fenced_by_me = true;
                 self.peers[j].fenced_digest = self.digest;
                 self.fence_count[j] += 1;
@@ -295,19 +455,21 @@ impl RunMachine {
             };
             target = next;
         }
-        let ahead = self.peers.iter().any(|p| p.term > self.term);
+        let ahead = self
+            .witnesses
+            .iter()
+            .any(|&j| self.peers.get(j).is_some_and(|p| p.term > self.term));
         if target == self.term && !ahead {
             return;
         }
         let mut terms: Vec<u64> = self
-            .peers
+            .witnesses
             .iter()
-            .enumerate()
-            .map(|(j, p)| {
+            .map(|&j| {
                 if Some(j) == self.my_index {
                     self.term
                 } else {
-                    p.term
+                    self.peers[j].term
                 }
             })
             .collect();
@@ -343,7 +505,7 @@ impl RunMachine {
     /// has heard them, so whichever majority later fences this node knows them.
     fn compute_lease(&self) -> Option<(u64, Vec<u64>)> {
         let me = self.my_index?;
-        let need = self.majority() - 1;
+        let need = self.majority() - usize::from(self.witness(me));
         if need == 0 {
             return Some((u64::MAX, vec![u64::MAX; self.counted.len()]));
         }
@@ -351,7 +513,9 @@ impl RunMachine {
             .peers
             .iter()
             .enumerate()
-            .filter(|(j, p)| *j != me && p.echo_of_me > 0 && p.echo_digest == self.digest)
+            .filter(|(j, p)| {
+                *j != me && self.witness(*j) && p.echo_of_me > 0 && p.echo_digest == self.digest
+            })
             .map(|(_, p)| p.echo_of_me)
             .collect();
         if echoes.len() < need {
@@ -417,4 +581,10 @@ impl RunMachine {
     pub(super) fn holds_lease(&self, now: Now) -> bool {
         self.lease.is_some_and(|l| l > now.mono_us)
     }
+}
+
+/// A barrier's bit in `Peer::holds_mine`.
+fn barrier_bit(b: Barrier) -> u8 {
+    let i = Barrier::ALL.iter().position(|x| *x == b).unwrap_or(0);
+    1 << i
 }

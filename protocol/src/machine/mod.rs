@@ -275,6 +275,12 @@ pub enum Progress {
 pub enum Effect {
     /// Gossip on the control topic (the machine has already applied it to itself).
     Publish(Arc<RunMessage>),
+    /// Send to one node directly (heartbeats: each goes to the nodes that need it,
+    /// never to the whole mesh). `to` is a peer id.
+    Send {
+        to: String,
+        msg: Arc<RunMessage>,
+    },
     /// Fetch the bundle from the origin, check it and compile it; answer `Prepared`.
     FetchBundle {
         origin: String,
@@ -383,6 +389,8 @@ struct Peer {
     fenced_digest: u64,
     /// Silent now: left out of barriers (cleared when heard again).
     gone: bool,
+    /// This node's arrivals it said it holds (bit per `Barrier::ALL` position).
+    holds_mine: u8,
 }
 
 /// Joins collected by the origin.
@@ -432,9 +440,15 @@ pub struct RunMachine {
     index: std::collections::HashMap<String, usize>,
     my_index: Option<usize>,
     peers: Vec<Peer>,
-    /// How many members (this one included) have fenced each member, by this node's
-    /// latest knowledge of their heartbeats.
+    /// How many witnesses (this one included, if it is one) have fenced each
+    /// member, by this node's latest knowledge of their heartbeats.
     fence_count: Vec<usize>,
+    /// The run's witnesses (roster indices, ascending): the members whose echoes
+    /// make leases, whose fences move shares and whose terms elect. Every member
+    /// while the roster is small; a fixed few of a large roster (see `witness`).
+    witnesses: Vec<usize>,
+    /// Barriers the witnesses say are complete (what a non-witness goes by).
+    told_complete: BTreeSet<Barrier>,
     /// This node's own heartbeats: (stamp, digest, claims), newest last, the last
     /// few seconds.
     my_beats: std::collections::VecDeque<(u64, u64, Arc<Vec<u64>>)>,
@@ -444,6 +458,8 @@ pub struct RunMachine {
     my_claims: Arc<Vec<u64>>,
     confirmed: Vec<u64>,
     beat_sent: u64,
+    /// When this node last sent its heartbeat to all it goes to (mono µs).
+    round_sent: u64,
     lease: Option<u64>,
     lease_lost_noted: bool,
     lease_lapsed_since: Option<u64>,
@@ -478,9 +494,9 @@ pub struct RunMachine {
     flaw: Flaw,
     /// An origin outside the roster was reported gone by the mesh's membership.
     origin_silent: bool,
-    /// A heartbeat others asked for (see `liveness::answer_if_due`), and when the
-    /// last such answer went out.
-    answer_due: bool,
+    /// The members whose heartbeat is to be answered at once (see
+    /// `liveness::answer_if_due`), and when the last such answer went out.
+    answer_to: BTreeSet<usize>,
     answered_at: u64,
     /// The last heartbeat changed an echo of this node, a fence or a term.
     beat_news: bool,
@@ -523,11 +539,14 @@ impl RunMachine {
             my_index: None,
             peers: Vec::new(),
             fence_count: Vec::new(),
+            witnesses: Vec::new(),
+            told_complete: BTreeSet::new(),
             my_beats: Default::default(),
             counted: Vec::new(),
             my_claims: Arc::new(Vec::new()),
             confirmed: Vec::new(),
             beat_sent: 0,
+            round_sent: 0,
             lease: None,
             lease_lost_noted: false,
             lease_lapsed_since: None,
@@ -556,7 +575,7 @@ impl RunMachine {
             reported: false,
             flaw: Flaw::None,
             origin_silent: false,
-            answer_due: false,
+            answer_to: BTreeSet::new(),
             answered_at: 0,
             beat_news: false,
         }
@@ -673,7 +692,9 @@ impl RunMachine {
         // Heartbeats are most of the traffic: after one, only what a heartbeat can
         // change at once (terms, the lease); the rest follows at the next tick.
         // New claims only ride on the next heartbeat: nothing else follows from them.
+        // A snapshot only matters to the ledger, and to the phase only at the end.
         let light = matches!(&input, Input::Claims(_))
+            || (matches!(&input, Input::Snapshot { .. }) && self.phase != Phase::Finishing)
             || matches!(&input, Input::Message { msg, .. } if matches!(msg.as_ref(), RunMessage::Beat { .. }));
         match input {
             Input::Tick => self.on_tick(now),
@@ -767,20 +788,37 @@ impl RunMachine {
         msg
     }
 
+    /// A majority of the witnesses: what a lease, a fence that moves a share and a
+    /// term change each need. Any two such majorities share a witness.
     fn majority(&self) -> usize {
-        self.roster.len() / 2 + 1
+        self.witnesses.len() / 2 + 1
+    }
+
+    /// The run's witnesses, as roster indices.
+    pub fn witnesses(&self) -> &[usize] {
+        &self.witnesses
+    }
+
+    fn witness(&self, j: usize) -> bool {
+        // At most MAX_WITNESSES entries: a scan is as cheap as a lookup table.
+        self.witnesses.contains(&j)
+    }
+
+    fn i_witness(&self) -> bool {
+        self.my_index.is_some_and(|me| self.witness(me))
     }
 
     fn index_of(&self, id: &str) -> Option<usize> {
         self.index.get(id).copied()
     }
 
-    /// The election rule: the leader of `term` is `roster[(term − 1) mod n]`.
+    /// The election rule: the leader of `term` is `witnesses[(term − 1) mod w]`
+    /// (with every member a witness, `roster[(term − 1) mod n]`).
     fn leader_index(&self, term: u64) -> Option<usize> {
-        if self.roster.is_empty() || term == 0 {
+        if self.witnesses.is_empty() || term == 0 {
             return None;
         }
-        Some(((term - 1) % self.roster.len() as u64) as usize)
+        Some(self.witnesses[((term - 1) % self.witnesses.len() as u64) as usize])
     }
 
     fn am_leader(&self) -> bool {

@@ -78,6 +78,11 @@ struct Args {
     /// --segments: moves (lost members) in the failover version.
     #[arg(long, default_value_t = 10)]
     moves: usize,
+    /// Print each schedule's control-traffic figures (real encoded message sizes):
+    /// bytes per second per node (mean and busiest), messages per second per node,
+    /// and the time from the trigger to the first iteration started.
+    #[arg(long)]
+    traffic: bool,
 }
 
 /// How long one counted iteration takes in the simulated plan.
@@ -145,6 +150,7 @@ fn run(args: &Args) -> Result<bool, String> {
         timing: Timing::mesh(),
         tail_us: 90_000_000,
         flaw,
+        measure_traffic: args.traffic,
     };
     let seeds: Vec<u64> = match args.seed {
         Some(s) => vec![s],
@@ -162,6 +168,9 @@ fn run(args: &Args) -> Result<bool, String> {
         counted += world.pool_starts.values().map(Vec::len).sum::<usize>()
             + world.vu_starts.values().map(Vec::len).sum::<usize>();
         dropped += world.nodes.iter().map(|n| n.engine.dropped).sum::<u64>();
+        if args.traffic {
+            print_traffic(seed, &world);
+        }
         if !found.is_empty() || args.verbose || args.seed.is_some() {
             println!("seed {seed}: schedule {:?}", world.schedule);
             for line in &world.trace {
@@ -262,4 +271,72 @@ fn segments(args: &Args) -> Result<bool, String> {
         began.elapsed().as_secs_f64()
     );
     Ok(ok)
+}
+
+/// One line per figure of a schedule's control traffic, averaged over the time from
+/// the trigger to the last node done (the run's whole life: joining, running,
+/// finishing).
+fn print_traffic(seed: u64, w: &stampede_tools::sim::World) {
+    let end_us = w
+        .nodes
+        .iter()
+        .filter_map(|n| n.done_at)
+        .max()
+        .unwrap_or(w.setup.plan.duration_us)
+        .max(1);
+    let secs = end_us as f64 / 1e6;
+    let live: Vec<usize> = (0..w.nodes.len())
+        .filter(|&i| !w.nodes[i].crashed)
+        .collect();
+    let per_node = |i: usize| {
+        let t = w.traffic[i];
+        (
+            (t.bytes_in + t.bytes_out) as f64 / secs,
+            (t.messages_in + t.messages_out) as f64 / secs,
+        )
+    };
+    let n = live.len().max(1) as f64;
+    let mean_bytes = live.iter().map(|&i| per_node(i).0).sum::<f64>() / n;
+    let mean_msgs = live.iter().map(|&i| per_node(i).1).sum::<f64>() / n;
+    let (busiest, busiest_bytes) = live
+        .iter()
+        .map(|&i| (i, per_node(i).0))
+        .fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
+    let busiest_msgs = per_node(busiest).1;
+    let witness = w
+        .nodes
+        .iter()
+        .find_map(|n| n.machine.as_ref())
+        .is_some_and(|m| m.witnesses().contains(&busiest));
+    println!(
+        "traffic seed {seed}: {} nodes, {secs:.1} s from trigger to the last node done",
+        w.nodes.len()
+    );
+    println!(
+        "traffic seed {seed}: control bytes per node, in + out: mean {:.1} KB/s",
+        mean_bytes / 1e3
+    );
+    println!(
+        "traffic seed {seed}: control bytes at the busiest node (n{busiest}{}): {:.1} KB/s",
+        if witness { ", a witness" } else { "" },
+        busiest_bytes / 1e3
+    );
+    println!("traffic seed {seed}: control messages per node, in + out: mean {mean_msgs:.0}/s, busiest {busiest_msgs:.0}/s");
+    let total: u64 = w.traffic_by_kind.values().sum();
+    let kinds: Vec<String> = w
+        .traffic_by_kind
+        .iter()
+        .map(|(k, b)| format!("{k} {:.0} %", *b as f64 * 100.0 / total.max(1) as f64))
+        .collect();
+    println!(
+        "traffic seed {seed}: by kind (in + out, mesh-wide): {}",
+        kinds.join(", ")
+    );
+    match w.first_start_at {
+        Some(t) => println!(
+            "traffic seed {seed}: trigger to first iteration: {:.3} s",
+            t as f64 / 1e6
+        ),
+        None => println!("traffic seed {seed}: trigger to first iteration: never"),
+    }
 }

@@ -29,6 +29,7 @@ pub use stampede_protocol::machine::Flaw;
 use stampede_protocol::machine::{
     Effect, Input, Me, Now, Phase, ReportFacts, RunMachine, RunSchedule, Timing,
 };
+use stampede_protocol::mesh::to_cbor;
 use stampede_protocol::run::{Requirements, RunMessage};
 
 use engine::{Engine, Plan};
@@ -52,7 +53,33 @@ pub struct Setup {
     pub tail_us: u64,
     /// A deliberate flaw in every machine, for the mutation check.
     pub flaw: Flaw,
+    /// Count every run message's encoded size (see [`Traffic`]); costs an encoding
+    /// per message, so only when the figures are asked for.
+    pub measure_traffic: bool,
 }
+
+/// What one node sent and received of the run's control traffic (run messages,
+/// their real CBOR encoding plus the framing below), over the whole simulation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Traffic {
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub messages_out: u64,
+    pub messages_in: u64,
+}
+
+/// Framing a direct message pays on the wire besides its CBOR: the request-response
+/// length prefix and message tag, a yamux frame header and a noise tag per frame,
+/// the substream's protocol negotiation; and the empty answer it gets back.
+pub const DIRECT_FRAMING_BYTES: u64 = 96;
+pub const DIRECT_ANSWER_BYTES: u64 = 48;
+/// A gossiped message's envelope (protocol version, sender id) and gossipsub's
+/// (source, sequence number, topic, 64-byte signature), with yamux and noise.
+pub const GOSSIP_FRAMING_BYTES: u64 = 220;
+/// How many times each node receives (and sends) a gossiped message, on average:
+/// gossipsub's mesh of degree 6 carries it once over each of a node's ~6 mesh
+/// links, in one direction or the other.
+pub const GOSSIP_COPIES: u64 = 3;
 
 /// Runs one seeded schedule and checks it.
 pub fn run_one(
@@ -159,6 +186,12 @@ pub struct World {
     pub trace: VecDeque<String>,
     pub run_start_unix: Option<u64>,
     partitions: Vec<(Vec<usize>, u64, u64)>,
+    /// Control traffic per node (when `Setup::measure_traffic`).
+    pub traffic: Vec<Traffic>,
+    /// Virtual time of the first iteration started anywhere (the trigger is at 0).
+    pub first_start_at: Option<u64>,
+    /// Control bytes mesh-wide by message kind (`beat`, `gossip assign`, ...).
+    pub traffic_by_kind: std::collections::BTreeMap<String, u64>,
 }
 
 const TRACE_KEEP: usize = 400;
@@ -196,6 +229,7 @@ impl World {
             })
             .collect();
         let total = setup.plan.total() as usize;
+        let setup_nodes = setup.nodes;
         World {
             setup,
             schedule,
@@ -211,6 +245,9 @@ impl World {
             trace: VecDeque::new(),
             run_start_unix: None,
             partitions,
+            traffic: vec![Traffic::default(); setup_nodes],
+            first_start_at: None,
+            traffic_by_kind: Default::default(),
         }
     }
 
@@ -532,7 +569,39 @@ impl World {
                     if let RunMessage::Assign { version, term, .. } = msg.as_ref() {
                         self.note(format!("n{i} issues {:?} (term {term})", version.id));
                     }
+                    if self.setup.measure_traffic {
+                        let size = to_cbor(msg.as_ref()).len() as u64 + GOSSIP_FRAMING_BYTES;
+                        *self
+                            .traffic_by_kind
+                            .entry(format!("gossip {}", kind_of(&msg)))
+                            .or_default() += 2 * GOSSIP_COPIES * size * self.nodes.len() as u64;
+                        for t in &mut self.traffic {
+                            t.bytes_out += GOSSIP_COPIES * size;
+                            t.bytes_in += GOSSIP_COPIES * size;
+                            t.messages_out += GOSSIP_COPIES;
+                            t.messages_in += GOSSIP_COPIES;
+                        }
+                    }
                     self.broadcast(i, Payload::Msg(msg));
+                }
+                Effect::Send { to, msg } => {
+                    let Some(j) = self.index(&to) else { continue };
+                    if self.setup.measure_traffic {
+                        let size = to_cbor(msg.as_ref()).len() as u64 + DIRECT_FRAMING_BYTES;
+                        *self
+                            .traffic_by_kind
+                            .entry(format!("direct {}", kind_of(&msg)))
+                            .or_default() += 2 * (size + DIRECT_ANSWER_BYTES);
+                        self.traffic[i].bytes_out += size;
+                        self.traffic[i].messages_out += 1;
+                        self.traffic[i].bytes_in += DIRECT_ANSWER_BYTES;
+                        if !self.nodes[j].crashed {
+                            self.traffic[j].bytes_in += size;
+                            self.traffic[j].messages_in += 1;
+                            self.traffic[j].bytes_out += DIRECT_ANSWER_BYTES;
+                        }
+                    }
+                    self.send(i, j, Payload::Msg(msg));
                 }
                 Effect::FetchBundle { origin } => {
                     let o = self.index(&origin);
@@ -650,6 +719,9 @@ impl World {
             at: self.now,
             true_run_us: true_run,
         };
+        if self.first_start_at.is_none() && !step.started.is_empty() {
+            self.first_start_at = Some(self.now);
+        }
         for (k, _) in &step.started {
             self.starts[*k as usize].push(here);
         }
@@ -712,8 +784,10 @@ impl World {
             term.saturating_add(2),
             u64::MAX,
         ] {
-            // Only terms this member is not entitled to lead.
-            if t == 0 || (t - 1) % n == i as u64 {
+            // Only terms this member is not entitled to lead (the election rule:
+            // witnesses[(t − 1) mod w]).
+            let w = m.witnesses();
+            if t == 0 || w.is_empty() || w[((t - 1) % w.len() as u64) as usize] == i {
                 continue;
             }
             let mut v = version.clone();
@@ -744,5 +818,19 @@ impl World {
             .iter()
             .map(|n| n.machine.as_ref().map(|m| m.phase()))
             .collect()
+    }
+}
+
+/// A run message's kind, for the traffic figures.
+fn kind_of(msg: &RunMessage) -> &'static str {
+    match msg {
+        RunMessage::Propose { .. } => "propose",
+        RunMessage::Join { .. } => "join",
+        RunMessage::Roster { .. } => "roster",
+        RunMessage::Abort { .. } => "abort",
+        RunMessage::Arrive { .. } => "arrive",
+        RunMessage::Assign { .. } => "assign",
+        RunMessage::Beat { .. } => "beat",
+        RunMessage::Stop { .. } => "stop",
     }
 }
