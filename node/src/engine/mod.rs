@@ -1376,7 +1376,7 @@ fn retire_idle(idle: &IdlePool, now: Instant) -> usize {
     let mut n = 0;
     while pool.len() > 1 {
         let since = pool.front().and_then(|m| m.idle_since.get());
-        if !since.is_some_and(|t| now.saturating_duration_since(t) > RETIRE_IDLE_AFTER) {
+        if since.is_none_or(|t| now.saturating_duration_since(t) <= RETIRE_IDLE_AFTER) {
             break;
         }
         if let Some(m) = pool.pop_front() {

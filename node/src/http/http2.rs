@@ -883,7 +883,7 @@ impl Conn {
     /// A frame on a stream we never opened (an even or not yet used id) is a connection
     /// error; one on a stream that ended is ignored.
     fn known(&self, id: u32, what: &str) -> Result<(), ConnError> {
-        if id % 2 == 0 || id >= self.next_id {
+        if id.is_multiple_of(2) || id >= self.next_id {
             return Err(ConnError(
                 PROTOCOL_ERROR,
                 format!("{what} on stream {id}, which was never opened"),
@@ -1112,7 +1112,7 @@ impl Conn {
             }
             return Ok(());
         }
-        if payload.len() % 6 != 0 {
+        if !payload.len().is_multiple_of(6) {
             return Err(ConnError(
                 FRAME_SIZE_ERROR,
                 "a SETTINGS frame not a multiple of 6 bytes".into(),
