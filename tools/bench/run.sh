@@ -654,14 +654,17 @@ fi
 # of one request each against stampede-target. Every 30 s the sampler reads each
 # node's VmRSS and the target's per-second counts (it keeps the last 120 s), so that
 # nothing is lost between samples. Slope: least squares over the samples after the
-# warm-up (the first 10 minutes, or the first third of a shorter run: the machine's
-# first stalls fill the VU pool and the histograms' range), and for comparison with
-# the earlier soaks after 5 minutes.
+# warm-up, and for comparison with the earlier soaks after 5 minutes. The warm-up is
+# 13 minutes (the first third of a run shorter than 30 minutes): a node's memory is bounded by design,
+# and the bounded parts fill first — the timelines keep every second for 700 s
+# (reports/aggregate.rs TIERS), the live view 600 s (reports/live.rs KEEP_SECONDS) —
+# and the machine's first stalls fill the VU pool and the histograms' range. After
+# that only the coarse tiers add a point per 10 s or per minute per timeline.
 if want soak; then
 SOAK_S=$DUR_S
 [[ -n "$DURATION_GIVEN" ]] || SOAK_S=1800
 SOAK_RATE=300
-WARM_S=$(( SOAK_S / 3 < 600 ? SOAK_S / 3 : 600 ))
+WARM_S=$(( SOAK_S >= 1800 ? 780 : SOAK_S / 3 ))
 EARLY_WARM_S=$(( SOAK_S / 6 < 300 ? SOAK_S / 6 : 300 ))
 log "soak: 3 local nodes of 1 worker, stampede-target, $SOAK_RATE it/s of one request for ${SOAK_S}s; RSS of every node every 30 s (warm-up ${WARM_S}s)"
 echo "load avg before: $(cut -d' ' -f1-3 /proc/loadavg)"
