@@ -698,7 +698,7 @@ impl World {
         }
     }
 
-    fn index(&self, id: &str) -> Option<usize> {
+    pub(crate) fn index(&self, id: &str) -> Option<usize> {
         // Ids are `p` and the node's number.
         id.strip_prefix('p')
             .and_then(|n| n.parse::<usize>().ok())
