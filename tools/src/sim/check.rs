@@ -202,7 +202,12 @@ pub fn check(w: &World) -> Vec<Violation> {
     }
     for &r in &reporters {
         let node = &w.nodes[r];
-        for &(j, s) in &node.merged {
+        for (j, s) in node
+            .merged
+            .iter()
+            .enumerate()
+            .flat_map(|(j, m)| m.iter().map(move |&s| (j, s)))
+        {
             if !w.nodes[j].published.contains(&s) {
                 fail(
                     "exact-accounting",
@@ -213,7 +218,7 @@ pub fn check(w: &World) -> Vec<Violation> {
         for j in 0..w.nodes.len() {
             let named = missing_of(&node.events, &format!("n{j}"));
             for &s in &w.nodes[j].published {
-                if !node.merged.contains(&(j, s)) && !named.covers(s) {
+                if !node.merged[j].contains(&s) && !named.covers(s) {
                     fail(
                         "exact-accounting",
                         format!("n{r}'s report lacks second {s} of n{j} and does not say so"),

@@ -82,7 +82,12 @@ struct CountedVu {
 pub struct Engine {
     pub running: bool,
     pub index: usize,
-    pub split: Option<Split>,
+    /// Set with `set_split`, which forgets what was worked out from the old one.
+    split: Option<Split>,
+    /// The first event at or after `next` that this node owns in `split` (the plan's
+    /// total if none), once looked up: walking every event of the mesh on every node
+    /// asks `owner` N times per event, most of a large simulation's engine cost.
+    own_next: Option<u64>,
     /// Start instant on this node's wall clock.
     pub start_local_wall: u64,
     pub lease: Option<u64>,
@@ -119,6 +124,16 @@ pub struct Step {
 }
 
 impl Engine {
+    /// The split to run from now on (the first, or one after a version switch).
+    pub fn set_split(&mut self, split: Split) {
+        self.split = Some(split);
+        self.own_next = None;
+    }
+
+    pub fn split(&self) -> Option<&Split> {
+        self.split.as_ref()
+    }
+
     /// Runs the engine up to this node's local clocks.
     pub fn step(&mut self, plan: &Plan, local_wall: u64, local_mono: u64) -> Step {
         let mut out = Step::default();
@@ -135,12 +150,23 @@ impl Engine {
             out.told_started = true;
         }
         let lease_ok = self.lease.is_some_and(|l| l > local_mono) && !self.stopped;
-        while self.next < plan.total() && plan.at(self.next) <= run_t {
-            let k = self.next;
-            if split.events.owner(k) != self.index {
-                self.next += 1;
-                continue;
+        let total = plan.total();
+        while self.next < total && plan.at(self.next) <= run_t {
+            let k = match self.own_next.filter(|&k| k >= self.next) {
+                Some(k) => k,
+                None => {
+                    let k = (split.events.owned_from(self.index, self.next).next())
+                        .map_or(total, |k| k.min(total));
+                    self.own_next = Some(k);
+                    k
+                }
+            };
+            if k >= total || plan.at(k) > run_t {
+                // The events due before it are others': passed, as one by one.
+                self.next = k.min(plan.first_at_or_after(run_t + 1));
+                break;
             }
+            self.next = k;
             if self.stopped {
                 self.next += 1;
                 continue;
