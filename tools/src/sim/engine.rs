@@ -83,7 +83,8 @@ pub struct Engine {
     pub running: bool,
     pub index: usize,
     /// Set with `set_split`, which forgets what was worked out from the old one.
-    split: Option<Split>,
+    /// Shared, so that a step lends it without moving it.
+    split: Option<std::sync::Arc<Split>>,
     /// The first event at or after `next` that this node owns in `split` (the plan's
     /// total if none), once looked up: walking every event of the mesh on every node
     /// asks `owner` N times per event, most of a large simulation's engine cost.
@@ -126,12 +127,8 @@ pub struct Step {
 impl Engine {
     /// The split to run from now on (the first, or one after a version switch).
     pub fn set_split(&mut self, split: Split) {
-        self.split = Some(split);
+        self.split = Some(std::sync::Arc::new(split));
         self.own_next = None;
-    }
-
-    pub fn split(&self) -> Option<&Split> {
-        self.split.as_ref()
     }
 
     /// Runs the engine up to this node's local clocks.
@@ -188,9 +185,8 @@ impl Engine {
             out.started.push((k, run_t));
         }
         if lease_ok && plan.vus > 0 {
-            if let Some(split) = self.split.take() {
+            if let Some(split) = self.split.clone() {
                 self.counted(plan, &split, run_t, &mut out);
-                self.split = Some(split);
             }
         }
         let end = run_t >= plan.duration_us || self.stopped;
@@ -222,20 +218,20 @@ impl Engine {
         let size = pool.size(self.index);
         // Which VUs are here changes only with the split's moves: listing them is
         // the costly part of a step, so it is redone only then.
-        let moves: Vec<(usize, u64)> = (split.vus.reassignments().iter())
-            .map(|r| (r.lost, r.from_index))
-            .collect();
-        let fresh = moves != self.moves_seen || self.mine.is_none();
+        // (Compared in place, and the list taken out and put back, not copied: this
+        // runs every 5 ms on every node.)
+        let moves = (split.vus.reassignments().iter()).map(|r| (r.lost, r.from_index));
+        let fresh = self.mine.is_none() || !moves.clone().eq(self.moves_seen.iter().copied());
         if fresh {
-            self.moves_seen = moves;
+            self.moves_seen = moves.collect();
             self.mine = Some(
                 (split.vus.owned_from(self.index, 0))
                     .take_while(|&g| g < plan.vus)
                     .collect(),
             );
         }
-        let mine = self.mine.clone().unwrap_or_default();
-        for g in mine {
+        let mine = self.mine.take().unwrap_or_default();
+        for &g in &mine {
             let v = self.pool_vus.entry(g).or_insert(CountedVu {
                 busy_until: 0,
                 next: 0,
@@ -260,6 +256,7 @@ impl Engine {
                 v.busy_until = run_t + plan.iter_us;
             }
         }
+        self.mine = Some(mine);
     }
 
     /// The claims to ask for: what is claimed plus a second's worth.
