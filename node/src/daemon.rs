@@ -70,6 +70,28 @@ fn one_malloc_arena() {
     }
 }
 
+/// glibc's malloc returns memory to the system only from the top of the heap: after a
+/// stall (more VUs, bigger buffers for a while) the freed pages below a chunk still in
+/// use stay resident, and a soak's RSS rose in steps at each new worst moment although
+/// the heap in use went back down (docs/benchmarks.md, soak). `malloc_trim(0)` releases
+/// every whole free page, wherever it lies. Once a minute is enough for a step to leave
+/// and costs a walk of the free lists of a heap of a few MB.
+async fn trim_heap_every_minute() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+        let mut every = tokio::time::interval(TRIM_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            // SAFETY: malloc_trim takes the arena's lock itself; it frees nothing in use.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+}
+
 fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("STAMPEDE_LOG")
@@ -102,6 +124,7 @@ async fn run_node(
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
     refuse_second_node(&data_dir)?;
+    tokio::spawn(trim_heap_every_minute());
     let keypair = key::load_or_create_identity(&data_dir)?;
     let fingerprint = psk.as_ref().map(key::fingerprint);
     match &fingerprint {
@@ -144,6 +167,8 @@ async fn run_node(
             gossip_heartbeat: Settings::ms(settings.gossip_heartbeat_ms),
             bootstrap_retry: Settings::ms(settings.bootstrap_retry_ms),
             mdns_query_interval: Settings::ms(settings.mdns_query_interval_ms),
+            neighbours: settings.neighbours,
+            max_connections: settings.max_connections,
         },
         run_responder: {
             let store = run_store.clone();

@@ -52,6 +52,10 @@ pub struct Settings {
     /// How often to retry bootstrap peers while this node knows no live member.
     pub bootstrap_retry_ms: u64,
     pub mdns_query_interval_ms: u64,
+    /// Links this node chooses to hold (membership at scale: not one to every member).
+    pub neighbours: usize,
+    /// Connections past which this node closes links it did not choose.
+    pub max_connections: usize,
 }
 
 impl Default for Settings {
@@ -74,9 +78,11 @@ impl Default for Settings {
             lost_after_ms: 3000,
             ping_interval_ms: 1000,
             ping_timeout_ms: 2000,
-            gossip_heartbeat_ms: 500,
+            gossip_heartbeat_ms: 1000,
             bootstrap_retry_ms: 2000,
             mdns_query_interval_ms: 5000,
+            neighbours: crate::mesh::event_loop::NEIGHBOURS,
+            max_connections: crate::mesh::event_loop::MAX_CONNECTIONS,
         }
     }
 }
@@ -176,6 +182,19 @@ impl Settings {
         ms("gossip_heartbeat_ms", self.gossip_heartbeat_ms, 50)?;
         ms("bootstrap_retry_ms", self.bootstrap_retry_ms, 100)?;
         ms("mdns_query_interval_ms", self.mdns_query_interval_ms, 100)?;
+        if !(1..=64).contains(&self.neighbours) {
+            return Err(format!(
+                "setting `neighbours` = {} is outside 1..=64",
+                self.neighbours
+            ));
+        }
+        if self.max_connections < self.neighbours + 2 || self.max_connections > 1024 {
+            return Err(format!(
+                "setting `max_connections` = {} must be between `neighbours` + 2 ({}) and 1024",
+                self.max_connections,
+                self.neighbours + 2
+            ));
+        }
         if self.listen.is_empty() {
             return Err(
                 "setting `listen` is empty: the node needs at least one address to listen on"

@@ -34,6 +34,12 @@ struct Seen {
 /// streams per connection. Each request stays in flight for a few scheduler turns so
 /// that streams of one connection overlap; `/echo` answers with the request's body.
 async fn start_h2c_server(max_streams: u32) -> (SocketAddr, Arc<Seen>) {
+    start_h2c_server_with(max_streams, 1 << 20).await
+}
+
+/// The same server with `window` as its stream and connection receive windows (small
+/// ones make the client wait for WINDOW_UPDATEs). `/hang` never answers.
+async fn start_h2c_server_with(max_streams: u32, window: u32) -> (SocketAddr, Arc<Seen>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Seen::default());
@@ -53,6 +59,9 @@ async fn start_h2c_server(max_streams: u32) -> (SocketAddr, Arc<Seen>) {
                         counts.most_in_flight.fetch_max(now, Ordering::SeqCst);
                         counts.requests.fetch_add(1, Ordering::SeqCst);
                         let echo = req.uri().path() == "/echo";
+                        if req.uri().path() == "/hang" {
+                            std::future::pending::<()>().await;
+                        }
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         for _ in 0..4 {
                             tokio::task::yield_now().await;
@@ -68,6 +77,8 @@ async fn start_h2c_server(max_streams: u32) -> (SocketAddr, Arc<Seen>) {
                 });
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .max_concurrent_streams(max_streams)
+                    .initial_stream_window_size(window)
+                    .initial_connection_window_size(window)
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
@@ -148,14 +159,65 @@ async fn without_sharing_each_vu_has_its_own_connection() {
     assert_eq!(seen.connections.load(Ordering::SeqCst), 6);
 }
 
+#[tokio::test]
+async fn bodies_larger_than_every_window_flow_both_ways() {
+    // The server grants 16 KiB windows: 3 MB up waits for its WINDOW_UPDATEs; 3 MB back
+    // is more than our stream (1 MiB) and connection (2 MiB) windows, so ours go out too.
+    let (addr, _) = start_h2c_server_with(10, 16 * 1024).await;
+    let shared = Shared::new(ClientSettings {
+        http_version: HttpVersionPref::Http2,
+        max_body_bytes: 4 << 20,
+        ..ClientSettings::default()
+    })
+    .unwrap();
+    let mut c = VuClient::new(shared);
+    let mut jar = CookieJar::new();
+    let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    for _ in 0..2 {
+        let mut post = get(&format!("http://{addr}/echo"));
+        post.method = Method::POST;
+        post.body = Bytes::from(body.clone());
+        let r = c.send(post, &mut jar).await.unwrap();
+        assert_eq!(r.body.len(), body.len());
+        assert!(r.body == body, "the echoed body differs");
+    }
+}
+
+#[tokio::test]
+async fn a_request_timing_out_on_a_shared_connection_leaves_the_others_working() {
+    let (addr, seen) = start_h2c_server(100).await;
+    let shared = h2_shared();
+    let base = format!("http://{addr}");
+    // The hanging request opens the connection; the others then share it.
+    let mut hung = VuClient::new(shared.clone());
+    hung.share_http2_connections(10);
+    let mut jar = CookieJar::new();
+    let mut hang = get(&format!("{base}/hang"));
+    hang.timeout = Duration::from_millis(300);
+    let others = run_vus(&shared, &base, 5, 40, 10);
+    let (err, ()) = tokio::join!(
+        async { hung.send(hang, &mut jar).await.unwrap_err() },
+        others
+    );
+    assert_eq!(err.kind(), HttpErrorKind::Timeout, "{err}");
+    // And the VU whose request timed out goes on.
+    let r = hung.send(get(&format!("{base}/")), &mut jar).await.unwrap();
+    assert_eq!(&r.body[..], b"ok");
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 1 + 5 * 40 + 1);
+}
+
 // --- hostile servers, frame by frame ----------------------------------------------
 
 const DATA: u8 = 0;
 const HEADERS: u8 = 1;
 const RST_STREAM: u8 = 3;
 const SETTINGS: u8 = 4;
+const PUSH_PROMISE: u8 = 5;
+const PING: u8 = 6;
 const GOAWAY: u8 = 7;
+const WINDOW_UPDATE: u8 = 8;
 const CONTINUATION: u8 = 9;
+const PADDED: u8 = 8;
 const END_STREAM: u8 = 1;
 const END_HEADERS: u8 = 4;
 const ACK: u8 = 1;
@@ -351,4 +413,188 @@ async fn a_huge_single_header_block_is_a_protocol_error() {
     .await;
     let err = send_once(addr, Duration::from_secs(10)).await.unwrap_err();
     assert_eq!(err.kind(), HttpErrorKind::Protocol, "{err}");
+}
+
+#[tokio::test]
+async fn a_ping_is_answered_with_its_payload() {
+    // The answer comes only after the client's PING ACK carrying the same 8 bytes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        let stream = read_until_request(&mut s).await.unwrap();
+        s.write_all(&frame(PING, 0, 0, b"stampede")).await.unwrap();
+        loop {
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).await.unwrap();
+            let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).await.unwrap();
+            if head[3] == PING && head[4] & ACK != 0 {
+                assert_eq!(&payload, b"stampede");
+                break;
+            }
+        }
+        for piece in answer_ok(stream) {
+            s.write_all(&piece).await.unwrap();
+        }
+        // Until the client closes.
+        let mut sink = [0u8; 1024];
+        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+    });
+    let r = send_once(addr, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(&r.body[..], b"ok");
+    server.await.unwrap();
+}
+
+/// A raw h2c server for one connection that answers its i-th request with
+/// `answers(stream, i)`; the client's other frames are read and dropped.
+async fn answering_server(answers: fn(u32, usize) -> Vec<Vec<u8>>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        let mut stream = read_until_request(&mut s).await;
+        let mut i = 0;
+        while let Some(id) = stream {
+            for piece in answers(id, i) {
+                if s.write_all(&piece).await.is_err() {
+                    return;
+                }
+            }
+            i += 1;
+            stream = loop {
+                let mut head = [0u8; 9];
+                if s.read_exact(&mut head).await.is_err() {
+                    break None;
+                }
+                let len = (head[0] as usize) << 16 | (head[1] as usize) << 8 | head[2] as usize;
+                let mut payload = vec![0u8; len];
+                if s.read_exact(&mut payload).await.is_err() {
+                    break None;
+                }
+                if head[3] == HEADERS {
+                    break Some(u32::from_be_bytes([head[5], head[6], head[7], head[8]]));
+                }
+            };
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn huffman_values_the_dynamic_table_padding_and_early_hints_are_decoded() {
+    let addr = answering_server(|s, i| match i {
+        // 103, then 200 with "x-trace: www.example.com" (Huffman, RFC 7541 C.4.1's
+        // bytes) added to the table; both frames padded.
+        0 => {
+            let mut head = vec![3, STATUS_200, 0x40, 7];
+            head.extend_from_slice(b"x-trace");
+            head.extend_from_slice(&[
+                0x8c, 0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab, 0x90, 0xf4, 0xff,
+            ]);
+            head.extend_from_slice(&[0, 0, 0]);
+            let mut early = vec![0x08];
+            early.extend_from_slice(&[0x03, b'1', b'0', b'3']);
+            vec![
+                frame(HEADERS, END_HEADERS, s, &early),
+                frame(HEADERS, END_HEADERS | PADDED, s, &head),
+                frame(DATA, END_STREAM | PADDED, s, &[2, b'o', b'n', b'e', 0, 0]),
+            ]
+        }
+        // The same field again, by its dynamic index (62).
+        _ => vec![
+            frame(HEADERS, END_HEADERS, s, &[STATUS_200, 0xbe]),
+            frame(DATA, END_STREAM, s, b"two"),
+        ],
+    })
+    .await;
+    let mut c = VuClient::new(h2_shared());
+    let mut jar = CookieJar::new();
+    for body in [&b"one"[..], b"two"] {
+        let r = c
+            .send(get(&format!("http://{addr}/")), &mut jar)
+            .await
+            .unwrap();
+        assert_eq!(r.status.as_u16(), 200);
+        assert_eq!(r.headers.get("x-trace"), Some("www.example.com"));
+        assert_eq!(&r.body[..], body);
+    }
+}
+
+#[tokio::test]
+async fn goaway_after_the_request_was_processed_keeps_its_answer() {
+    // GOAWAY naming the request's stream as processed: its answer counts, and the
+    // next request goes to a new connection.
+    let (addr, accepted) = hostile_server(vec![
+        |s| {
+            let mut last = s.to_be_bytes().to_vec();
+            last.extend_from_slice(&[0, 0, 0, 0]);
+            vec![frame(GOAWAY, 0, 0, &last), answer_ok(s).concat()]
+        },
+        answer_ok,
+    ])
+    .await;
+    let mut c = VuClient::new(h2_shared());
+    let mut jar = CookieJar::new();
+    for _ in 0..2 {
+        let r = c
+            .send(get(&format!("http://{addr}/")), &mut jar)
+            .await
+            .unwrap();
+        assert_eq!(&r.body[..], b"ok");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+/// One request against a server that plays `script`; the error it must end in.
+async fn protocol_error_from(script: Script) -> stampede::http::HttpError {
+    let (addr, _) = hostile_server(vec![script]).await;
+    let err = send_once(addr, Duration::from_secs(10)).await.unwrap_err();
+    assert_eq!(err.kind(), HttpErrorKind::Protocol, "{err}");
+    err
+}
+
+#[tokio::test]
+async fn frames_breaking_the_protocol_are_one_clear_error_each() {
+    // A frame over our 16 KiB maximum.
+    let err = protocol_error_from(|s| {
+        vec![
+            frame(HEADERS, END_HEADERS, s, &[STATUS_200]),
+            frame(DATA, END_STREAM, s, &[b'x'; 20_000]),
+        ]
+    })
+    .await;
+    assert!(err.message().contains("a frame of 20000 bytes"), "{err}");
+    // A connection window pushed past 2^31-1.
+    let err =
+        protocol_error_from(|_| vec![frame(WINDOW_UPDATE, 0, 0, &[0x7f, 0xff, 0xff, 0xff])]).await;
+    assert!(err.message().contains("FLOW_CONTROL_ERROR"), "{err}");
+    // A push although the client disabled it.
+    let err = protocol_error_from(|s| {
+        vec![frame(
+            PUSH_PROMISE,
+            END_HEADERS,
+            s,
+            &[0, 0, 0, 2, STATUS_200],
+        )]
+    })
+    .await;
+    assert!(err.message().contains("PUSH_PROMISE"), "{err}");
+    // A header name with capitals (HTTP/2 names are lowercase).
+    let err = protocol_error_from(|s| {
+        let mut head = vec![STATUS_200];
+        head.extend(literal("X-Upper", b"1"));
+        vec![frame(HEADERS, END_HEADERS | END_STREAM, s, &head)]
+    })
+    .await;
+    assert!(err.message().contains("'X-Upper'"), "{err}");
+    // A header block that is not valid HPACK (index 70 with an empty table).
+    let err = protocol_error_from(|s| vec![frame(HEADERS, END_HEADERS, s, &[0x80 | 70])]).await;
+    assert!(err.message().contains("COMPRESSION_ERROR"), "{err}");
+    // DATA for a stream the client never opened.
+    let err = protocol_error_from(|s| vec![frame(DATA, 0, s + 2, b"x")]).await;
+    assert!(err.message().contains("never opened"), "{err}");
 }

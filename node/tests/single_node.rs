@@ -175,6 +175,30 @@ check = {{ status = 200 }}
     );
 }
 
+/// Runs `plan` while the target stalls each request by 1 s from its `from`th request to
+/// its `until`th; the JSON summary.
+fn run_through_a_stall(t: &TargetHandle, plan: &Path, dir: &Path, from: u64, until: u64) -> Value {
+    let json = dir.join("summary.json");
+    let mut child = stampede()
+        .arg("run")
+        .arg(plan)
+        .args(["--quiet", "--out"])
+        .arg(format!("json={}", json.display()))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while t.requests() < from && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t.set_stall(Duration::from_secs(1));
+    while t.requests() < until && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t.set_stall(Duration::ZERO);
+    assert!(child.wait().unwrap().success());
+    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+}
+
 #[test]
 fn a_stalled_target_shows_in_latency_no_coordinated_omission() {
     let t = target(TargetConfig::default());
@@ -200,26 +224,8 @@ request = {{ url = "/products/1" }}
             t.url()
         ),
     );
-    let json = dir.path().join("summary.json");
-    let mut child = stampede()
-        .arg("run")
-        .arg(&plan)
-        .args(["--quiet", "--out"])
-        .arg(format!("json={}", json.display()))
-        .spawn()
-        .unwrap();
     // Stall the target for the run's middle third: from its 150th request to its 350th.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while t.requests() < 150 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    t.set_stall(Duration::from_secs(1));
-    while t.requests() < 350 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    t.set_stall(Duration::ZERO);
-    assert!(child.wait().unwrap().success());
-    let s: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let s = run_through_a_stall(&t, &plan, dir.path(), 150, 350);
     // The open model kept sending through the stall: every planned iteration went out.
     assert_eq!(s["totals"]["iterations"], 600);
     assert_eq!(s["totals"]["dropped_iterations"], 0);
@@ -496,6 +502,76 @@ request = {{ url = "/products/2" }}
     let s = s.unwrap();
     assert_eq!(s["totals"]["dropped_iterations"], 0, "{}", s["totals"]);
     assert_eq!(s["totals"]["iterations"], 30);
+}
+
+/// A stall makes the open model take on many VUs; once the load needs few again, the
+/// ones left idle are retired (the pool shrinks back) and their slots can be claimed
+/// again, without a lost or extra iteration and without two live VUs on one account.
+#[test]
+fn an_open_models_idle_vus_are_retired_after_a_spike() {
+    let t = target(TargetConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("accounts.csv"), {
+        let mut s = String::from("user,password\n");
+        for i in 1..=300 {
+            s.push_str(&format!("user{i},pass{i}\n"));
+        }
+        s
+    })
+    .unwrap();
+    let plan = write_plan(
+        dir.path(),
+        "spike.toml",
+        &format!(
+            r#"
+name = "spike"
+[defaults]
+base_url = "{}"
+[data.accounts]
+file = "accounts.csv"
+mode = "unique"
+[scenarios.open]
+executor = "constant-arrival-rate"
+rate = 100
+duration = "16s"
+max_vus = 300
+flow = "account"
+[[flows.account.steps]]
+name = "login"
+request = {{ method = "POST", url = "/login", json = {{ user = "{{{{ accounts.user }}}}", password = "{{{{ accounts.password }}}}" }} }}
+check = {{ status = 200 }}
+extract = {{ token = {{ json = "$.token" }} }}
+[[flows.account.steps]]
+name = "account page"
+request = {{ url = "/account", headers = {{ authorization = "Bearer {{{{ token }}}}" }} }}
+check = {{ status = 200 }}
+"#,
+            t.url()
+        ),
+    );
+    // A one-second stall early in the run: each arrival during it needs a VU of its own.
+    let s = run_through_a_stall(&t, &plan, dir.path(), 100, 200);
+    assert_eq!(s["totals"]["iterations"], 1600, "{}", s["totals"]);
+    assert_eq!(s["totals"]["dropped_iterations"], 0, "{}", s["totals"]);
+    assert_eq!(s["totals"]["requests"].as_u64().unwrap(), t.requests());
+    // No session was ended by a second login of its account (409): each account's VU
+    // slot had one live VU at a time, retired or not.
+    assert_eq!(s["totals"]["failed"], 0, "{}", s["totals"]);
+    let vus: Vec<(u64, u64)> = s["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["t"].as_u64().unwrap(), p["vus"].as_u64().unwrap()))
+        .collect();
+    let peak = vus.iter().map(|(_, n)| *n).max().unwrap();
+    assert!(peak >= 40, "the stall must have needed many VUs: {vus:?}");
+    // Second 14, the last full one before the scenario ends (the final report counts
+    // no VUs, retired or not): the stall's VUs have idled for over ten seconds.
+    let late = vus.iter().find(|(t, _)| *t == 14).map(|(_, n)| *n);
+    assert!(
+        late.is_some_and(|n| n * 4 <= peak),
+        "the pool must shrink back once its VUs idle: {vus:?}"
+    );
 }
 
 /// A target that stops answering: once a scenario's graceful window after its end has

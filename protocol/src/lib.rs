@@ -5,6 +5,7 @@
 pub mod duration;
 pub mod executor;
 pub mod machine;
+pub mod membership;
 pub mod mesh;
 pub mod named;
 pub mod plan;

@@ -74,6 +74,19 @@ pub enum GossipBody {
     Run(Box<crate::run::RunMessage>),
     /// A node's metrics for one second of a run (metrics topic).
     Snapshot(Box<crate::run::SnapshotMessage>),
+    /// "My neighbour's record `seq` failed" (membership topic): its subject refutes with
+    /// a newer record, or every node counts it lost after the suspicion timeout
+    /// (`crate::membership`). Sent only by a neighbour that saw the failure itself.
+    Suspect(Suspicion),
+}
+
+/// A suspicion of one member's record, signed (by gossipsub) by the member that saw it fail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Suspicion {
+    /// The suspected member's peer id (base58).
+    pub subject: String,
+    /// The sequence number of the subject's record that failed.
+    pub seq: u64,
 }
 
 /// What a node is doing, as it tells the mesh.
@@ -238,6 +251,10 @@ pub enum MeshResponse {
     Members {
         protocol_version: u32,
         members: Vec<Announce>,
+        /// The records the responder holds lost (subject and seq): a member that finds
+        /// itself here refutes, so two sides of a healed partition take each other back.
+        #[serde(default)]
+        lost: Vec<Suspicion>,
     },
     /// The request was understood but refused, with a reason for the user.
     Refused {
@@ -289,6 +306,13 @@ impl Envelope {
                 reason,
             })?,
             GossipBody::Snapshot(_) => {}
+            GossipBody::Suspect(s) if s.subject.len() > MAX_TEXT => {
+                return Err(DecodeError::Invalid {
+                    field: "subject",
+                    reason: format!("{} bytes, limit {MAX_TEXT}", s.subject.len()),
+                })
+            }
+            GossipBody::Suspect(_) => {}
         }
         Ok(env)
     }
@@ -378,6 +402,30 @@ mod tests {
         assert!(matches!(
             Envelope::decode(&env.encode()),
             Err(DecodeError::Invalid { field: "name", .. })
+        ));
+    }
+
+    #[test]
+    fn a_suspicion_round_trips_and_an_oversized_subject_is_rejected() {
+        let mut env = Envelope {
+            protocol_version: PROTOCOL_VERSION,
+            sender: "x".into(),
+            body: GossipBody::Suspect(Suspicion {
+                subject: "12D3KooW".into(),
+                seq: 9,
+            }),
+        };
+        assert_eq!(Envelope::decode(&env.encode()).unwrap(), env);
+        env.body = GossipBody::Suspect(Suspicion {
+            subject: "x".repeat(MAX_TEXT + 1),
+            seq: 9,
+        });
+        assert!(matches!(
+            Envelope::decode(&env.encode()),
+            Err(DecodeError::Invalid {
+                field: "subject",
+                ..
+            })
         ));
     }
 

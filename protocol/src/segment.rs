@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::fmt;
+use std::sync::Arc;
 
 /// Capacity weights are rounded to this many parts (or one per node, if more) so that the
 /// striping period stays small.
@@ -284,15 +285,19 @@ impl From<SegmentSequence> for Vec<Ratio> {
 
 /// The striping of all indices over the segments of a sequence. Serialised as its
 /// sequence; the pattern is rebuilt (and the period re-checked) when read.
+///
+/// Its tables are shared, not copied, by clones: a failover's survivor striping is held
+/// by every survivor's piece of every counted pool (1,000 members × 10 moves would
+/// otherwise copy a 1,000-segment table 10,000 times: ~0.5 GB).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "SegmentSequence", into = "SegmentSequence")]
 pub struct Striping {
-    sequence: SegmentSequence,
+    sequence: Arc<SegmentSequence>,
     period: u64,
     /// Owner of each offset in 0..period.
-    owners: Vec<u32>,
+    owners: Arc<[u32]>,
     /// Offsets in 0..period owned by each segment, ascending.
-    offsets: Vec<Vec<u64>>,
+    offsets: Arc<[Vec<u64>]>,
 }
 
 impl Striping {
@@ -356,10 +361,10 @@ impl Striping {
             pending.push(Reverse((threshold(chosen, offsets[chosen].len()), pos)));
         }
         Ok(Striping {
-            sequence,
+            sequence: Arc::new(sequence),
             period,
-            owners,
-            offsets,
+            owners: owners.into(),
+            offsets: offsets.into(),
         })
     }
 
@@ -371,10 +376,10 @@ impl Striping {
     /// One segment owning every index.
     pub fn single() -> Striping {
         Striping {
-            sequence: SegmentSequence::single(),
+            sequence: Arc::new(SegmentSequence::single()),
             period: 1,
-            owners: vec![0],
-            offsets: vec![vec![0]],
+            owners: Arc::new([0]),
+            offsets: Arc::new([vec![0]]),
         }
     }
 
@@ -446,7 +451,7 @@ impl TryFrom<SegmentSequence> for Striping {
 
 impl From<Striping> for SegmentSequence {
     fn from(s: Striping) -> Self {
-        s.sequence
+        Arc::unwrap_or_clone(s.sequence)
     }
 }
 
@@ -1056,7 +1061,21 @@ mod tests {
             .collect();
         let seq = SegmentSequence::new(bounds).unwrap();
         let s = Striping::new(seq.clone()).unwrap();
-        assert_eq!(s.owners, naive_owners(&seq));
+        assert_eq!(&s.owners[..], &naive_owners(&seq)[..]);
+    }
+
+    #[test]
+    fn clones_share_the_tables_so_a_split_over_many_survivors_stays_small() {
+        // A failover's survivor striping is held by every survivor's piece of a pool:
+        // 1,000 members x 10 moves must not copy a 1,000-segment table 10,000 times.
+        let s = Striping::from_weights(&vec![3; 1000]).unwrap();
+        let c = s.clone();
+        assert!(Arc::ptr_eq(&s.offsets, &c.offsets));
+        assert!(Arc::ptr_eq(&s.owners, &c.owners));
+        assert!(Arc::ptr_eq(&s.sequence, &c.sequence));
+        assert_eq!(s, c);
+        let back: SegmentSequence = c.into();
+        assert_eq!(&back, s.sequence());
     }
 
     #[test]
@@ -1083,7 +1102,7 @@ mod tests {
         #[test]
         fn owners_follow_the_k6_rule(w in weights()) {
             let seq = SegmentSequence::from_weights(&w).unwrap();
-            prop_assert_eq!(Striping::new(seq.clone()).unwrap().owners, naive_owners(&seq));
+            prop_assert_eq!(&Striping::new(seq.clone()).unwrap().owners[..], &naive_owners(&seq)[..]);
         }
 
         #[test]
@@ -1094,7 +1113,7 @@ mod tests {
             bounds.extend(cuts.iter().map(|&c| r(c, 360)));
             bounds.push(r(1, 1));
             let seq = SegmentSequence::new(bounds).unwrap();
-            prop_assert_eq!(Striping::new(seq.clone()).unwrap().owners, naive_owners(&seq));
+            prop_assert_eq!(&Striping::new(seq.clone()).unwrap().owners[..], &naive_owners(&seq)[..]);
         }
 
         #[test]

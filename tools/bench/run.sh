@@ -5,13 +5,16 @@
 #
 #   tools/bench/run.sh [--rounds 3] [--duration 10s] [--idle-vus 10000]
 #                      [--short 5s] [--long 50s] [--skip-build] [--keep DIR]
-#                      [--only throughput,idle,arrival,rss,mesh,soak,h2,grpc,ws] [--max N] [--rate N]
+#                      [--only throughput,idle,arrival,rss,mesh,soak,h2,grpc,ws,scale] [--max N] [--rate N]
 #                      [--lag-runs 3]
 #
 # `--only h2`: HTTP/2 over TLS against h2load (nghttp2-client), 50 connections x 1
 # stream (50 VUs) and 50 connections x 10 streams (500 VUs sharing connections,
 # `http2_streams_per_connection = 10`, vs `h2load -m10`), alternating round by round.
 # Not in the default set.
+#
+# `--only scale`: 10, 30 and 50 idle nodes (tools/bench/scale.sh): full-view time, idle
+# bytes/s, CPU and RSS per node, links per node. Not in the default set.
 #
 # `--only ws [--short 5s]`: WebSocket echo round trips per CPU-second of stampede (one
 # worker on CPU 0) against stampede-target's /ws/orders (one thread on CPU 1), 50
@@ -47,7 +50,7 @@ LAG_RUNS=3
 DURATION_GIVEN=""
 
 usage() {
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -93,7 +96,9 @@ want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BENCH="$ROOT/tools/bench"
-STAMPEDE="$ROOT/target/release/stampede"
+# STAMPEDE_BIN=/path/to/stampede runs another build (e.g. an older commit's, for a
+# before/after in one sitting); use with --skip-build.
+STAMPEDE="${STAMPEDE_BIN:-$ROOT/target/release/stampede}"
 
 log() { printf '\n== %s\n' "$*"; }
 
@@ -638,17 +643,29 @@ wait "$MESH_TARGET_PID" 2>/dev/null || true
 MESH_TARGET_PID=""
 fi
 
+# --- scale: membership of 10, 30, 50 idle nodes (tools/bench/scale.sh) -------------
+if want scale; then
+    log "membership at scale: 10, 30 and 50 idle nodes on loopback (testnet/local.sh, release build)"
+    "$BENCH/scale.sh" --bin "$STAMPEDE"
+fi
+
 # --- 6. soak -------------------------------------------------------------------------
 # Memory over a long mesh run: 3 nodes of 1 worker (as for the mesh figures), 300 it/s
 # of one request each against stampede-target. Every 30 s the sampler reads each
 # node's VmRSS and the target's per-second counts (it keeps the last 120 s), so that
 # nothing is lost between samples. Slope: least squares over the samples after the
-# warm-up (the first 5 minutes, or the first sixth of a shorter run).
+# warm-up, and for comparison with the earlier soaks after 5 minutes. The warm-up is
+# 13 minutes (the first third of a run shorter than 30 minutes): a node's memory is bounded by design,
+# and the bounded parts fill first — the timelines keep every second for 700 s
+# (reports/aggregate.rs TIERS), the live view 600 s (reports/live.rs KEEP_SECONDS) —
+# and the machine's first stalls fill the VU pool and the histograms' range. After
+# that only the coarse tiers add a point per 10 s or per minute per timeline.
 if want soak; then
 SOAK_S=$DUR_S
 [[ -n "$DURATION_GIVEN" ]] || SOAK_S=1800
 SOAK_RATE=300
-WARM_S=$(( SOAK_S / 6 < 300 ? SOAK_S / 6 : 300 ))
+WARM_S=$(( SOAK_S >= 1800 ? 780 : SOAK_S / 3 ))
+EARLY_WARM_S=$(( SOAK_S / 6 < 300 ? SOAK_S / 6 : 300 ))
 log "soak: 3 local nodes of 1 worker, stampede-target, $SOAK_RATE it/s of one request for ${SOAK_S}s; RSS of every node every 30 s (warm-up ${WARM_S}s)"
 echo "load avg before: $(cut -d' ' -f1-3 /proc/loadavg)"
 TN="$WORK/testnet"
@@ -663,6 +680,7 @@ mapfile -t SOAK_PIDS <"$TN/pids"
 for _ in $(seq 60); do "$STAMPEDE" peers --data-dir "$TN/n1" 2>/dev/null | grep -q '3 alive' && break; sleep 1; done
 : >"$WORK/soak-rss.samples"
 : >"$WORK/soak-target.seconds"
+: >"$WORK/soak-load.samples"
 "$STAMPEDE" run --mesh --quiet --data-dir "$TN/n1" "$BENCH/soak.toml" \
     --set "defaults.base_url=\"http://127.0.0.1:$TPORT\"" --set "scenarios.steady.rate=$SOAK_RATE" \
     --set "scenarios.steady.duration=\"${SOAK_S}s\"" \
@@ -678,6 +696,7 @@ while kill -0 "$RUN_PID" 2>/dev/null && (( $(date +%s) - t0 < SOAK_S + 300 )); d
         line+=" $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)"
     done
     echo "$line" >>"$WORK/soak-rss.samples"
+    cut -d' ' -f1 /proc/loadavg >>"$WORK/soak-load.samples"
     target_count "$TPORT" | jq -r '.per_second[] | "\(.[0]) \(.[1])"' >>"$WORK/soak-target.seconds" 2>/dev/null || true
 done
 if kill -0 "$RUN_PID" 2>/dev/null; then
@@ -688,12 +707,14 @@ wait "$RUN_PID" || true
 stats=$(target_count "$TPORT")
 printf '%s' "$stats" | jq -r '.per_second[] | "\(.[0]) \(.[1])"' >>"$WORK/soak-target.seconds" 2>/dev/null || true
 echo "load avg after:  $(cut -d' ' -f1-3 /proc/loadavg) (the machine is shared: other work competes with the nodes)"
+awk '{ n++; s += $1; if ($1 > m) m = $1 } END { if (n) printf "load avg (1 min) during the run: mean %.1f, max %.1f over %d samples\n", s / n, m, n }' "$WORK/soak-load.samples"
 if [[ -s "$WORK/soak.json" ]]; then
     echo "RSS samples (s, KiB per node):"
     awk '{ printf "  %s", $1; for (i = 2; i <= NF; i++) printf " %s", $i; printf "\n" }' "$WORK/soak-rss.samples" | \
         awk 'NR % 4 == 1 || NR <= 2' 
-    # Least-squares slope of each node's RSS against time after the warm-up, KiB/min.
-    awk -v warm="$WARM_S" '$1 >= warm {
+    # Least-squares slope of each node's RSS against time after a warm-up, KiB/min.
+    soak_slope() {
+    awk -v warm="$1" '$1 >= warm {
             n++; sx += $1; sxx += $1 * $1
             for (i = 2; i <= NF; i++) { sy[i] += $i; sxy[i] += $1 * $i; first[i] = (first[i] ? first[i] : $i); last[i] = $i }
             nf = NF
@@ -705,10 +726,13 @@ if [[ -s "$WORK/soak.json" ]]; then
             for (i = 2; i <= nf; i++) {
                 slope = (n * sxy[i] - sx * sy[i]) / d * 60
                 if (slope > worst) worst = slope
-                printf "RSS slope after warm-up, node %d: %+.1f KiB/min (%d KiB -> %d KiB over %d samples)\n", i - 1, slope, first[i], last[i], n
+                printf "RSS slope after %d s, node %d: %+.1f KiB/min (%d KiB -> %d KiB over %d samples)\n", warm, i - 1, slope, first[i], last[i], n
             }
-            printf "RSS slope, worst node: %+.1f KiB/min (goal < 10)\n", worst
+            printf "RSS slope after %d s, worst node: %+.1f KiB/min (goal < 10)\n", warm, worst
         }' "$WORK/soak-rss.samples"
+    }
+    soak_slope "$EARLY_WARM_S"
+    soak_slope "$WARM_S"
     # Whole seconds inside the run (its start from the summary, the first and last
     # seconds left out as partial), each the target's last reading of that second.
     start=$(date -d "$(jq -r .started_at "$WORK/soak.json")" +%s)

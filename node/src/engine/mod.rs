@@ -25,6 +25,7 @@ pub mod pacing;
 pub mod vu;
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -40,7 +41,7 @@ use crate::http::Shared;
 use crate::plan::compile::CompiledPlan;
 use crate::plan::data::SharedCursor;
 use pacing::Pacer;
-use vu::{micros, IterationEnd, Vu, WorkerCtx};
+use vu::{micros, IterationEnd, Parked, Vu, WorkerCtx};
 
 /// How the run's global indices are split over the nodes right now: VU indices and
 /// arrival events have their own [`Assignment`] (same base, their own failover
@@ -570,11 +571,12 @@ fn worker_main(
     });
 }
 
+/// The second's metrics, leaving fresh ones to record into: a recorder reset in place
+/// would keep every histogram as long as the run's worst value needed (8 KB per
+/// doubling, per histogram, per worker), and a copy of that every second.
 fn take_metrics(w: &Worker) -> Metrics {
-    let mut m = w.ctx.recorder.borrow_mut();
-    let out = m.clone();
-    m.reset();
-    out
+    let fresh = Metrics::new(&w.spec.plan.layout);
+    std::mem::replace(&mut *w.ctx.recorder.borrow_mut(), fresh)
 }
 
 /// A well-mixed 64-bit hash of an index (splitmix64's finaliser), for dealing events
@@ -660,12 +662,24 @@ impl EventDealer {
 /// slots one by one as they need a new VU, so max_vus holds for the node however the
 /// arrivals fall on its workers. A failover appends the slots it hands the node, once
 /// for the node, so the claimed ones keep their place and no VU index is used twice.
+/// A VU retired for idling gives its slot back here, with its place in its data rows
+/// and random sequence; a later claim takes such a slot before a fresh one, so the
+/// node never holds more VUs than slots and no two live VUs share an index.
 #[derive(Debug, Default)]
 struct VuSlots {
     ids: Vec<u64>,
     claimed: usize,
     /// The assignment generation `ids` reflects (`None`: not filled yet).
     generation: Option<u64>,
+    /// Slots whose VU retired, free to claim again.
+    parked: Vec<Parked>,
+}
+
+/// A claimed VU slot: never used yet (its index), or left by a retired VU.
+#[derive(Debug)]
+enum Claim {
+    Fresh(u64),
+    Parked(Parked),
 }
 
 impl VuSlots {
@@ -683,19 +697,26 @@ impl VuSlots {
         self.generation = Some(generation);
     }
 
-    fn claim(&mut self) -> Option<u64> {
+    fn claim(&mut self) -> Option<Claim> {
+        if let Some(p) = self.parked.pop() {
+            return Some(Claim::Parked(p));
+        }
         let g = self.ids.get(self.claimed).copied()?;
         self.claimed += 1;
-        Some(g)
+        Some(Claim::Fresh(g))
     }
 }
 
-/// Claims one of the node's VU slots of scenario `si` for a new VU: its VU index.
-fn claim_slot(w: &Worker, si: usize, limit: u64) -> Option<u64> {
-    let mut slots = match w.vu_claims[si].lock() {
+fn lock_slots(w: &Worker, si: usize) -> std::sync::MutexGuard<'_, VuSlots> {
+    match w.vu_claims[si].lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
-    };
+    }
+}
+
+/// Claims one of the node's VU slots of scenario `si` for a new VU.
+fn claim_slot(w: &Worker, si: usize, limit: u64) -> Option<Claim> {
+    let mut slots = lock_slots(w, si);
     // The generation first: a split read after it is at least as new, so a slot
     // list marked with it never misses a takeover.
     let generation = *w.spec.assignment.generation.borrow();
@@ -1189,9 +1210,11 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
     let mut split = w.spec.assignment.get();
     // The VUs of this worker wait in their own tasks, idle ones in this pool; an event
     // goes to an idle VU's mailbox. No task is spawned per iteration.
-    let idle: Rc<RefCell<Vec<Rc<Mailbox>>>> = Rc::new(RefCell::new(Vec::new()));
-    let mut mailboxes: Vec<Rc<Mailbox>> = Vec::new();
-    let mut tasks = Vec::new();
+    // Last in, first out: the VUs at the front are the ones the load has not needed
+    // for longest, and are retired from there.
+    let idle: IdlePool = Rc::new(RefCell::new(VecDeque::new()));
+    let mut vus: Vec<(Rc<Mailbox>, tokio::task::JoinHandle<()>)> = Vec::new();
+    let mut retired = 0usize;
     let mut stop_rx = w.stop_rx.clone();
     let mut dealer = EventDealer::new(w.spec.node, w.index, active, schedule.total_arrivals());
     // A split change seen while waiting for an event (the wait consumed the change).
@@ -1273,8 +1296,14 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
             held_up = false;
         }
         dealer.take(event);
-        let mut mailbox = idle.borrow_mut().pop();
-        if mailbox.is_none() && since_yield > 0 && !tasks.is_empty() {
+        retired += retire_idle(&idle, Instant::now());
+        if retired * 2 > vus.len() {
+            // A retired VU's task ends on its own (its mailbox is closed): forget it.
+            vus.retain(|(m, _)| !m.retired.get());
+            retired = 0;
+        }
+        let mut mailbox = idle.borrow_mut().pop_back();
+        if mailbox.is_none() && since_yield > 0 && !vus.is_empty() {
             // Every VU is busy. Before a new one (and its new connection) is made, the
             // busy ones whose responses are already in get a turn to finish: after a
             // stall (the VM descheduled us, a burst of events came due at once) most
@@ -1283,17 +1312,17 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
             // request dearer. Costs this event one runtime tick.
             tokio::task::yield_now().await;
             since_yield = 0;
-            mailbox = idle.borrow_mut().pop();
+            mailbox = idle.borrow_mut().pop_back();
         }
         since_yield += 1;
         match mailbox {
             Some(m) => m.post(intended),
             None => match claim_slot(&w, si, sc.vu_slots) {
-                Some(g) => {
+                Some(claim) => {
                     let m = Rc::new(Mailbox::default());
                     m.post(intended);
-                    mailboxes.push(m.clone());
-                    tasks.push(spawn_open_vu(&w, si, sc.vu_offset + g, m, idle.clone()));
+                    let task = spawn_open_vu(&w, si, claim, m.clone(), idle.clone());
+                    vus.push((m, task));
                 }
                 None => {
                     w.ctx.recorder.borrow_mut().scenarios[si].dropped += 1;
@@ -1305,9 +1334,13 @@ async fn open_model(w: Rc<Worker>, si: usize, begin: Instant) {
         }
     }
     // No more events: idle VUs end now, busy ones after their iteration.
-    for m in &mailboxes {
-        m.close();
-    }
+    let tasks = vus
+        .into_iter()
+        .map(|(m, task)| {
+            m.close();
+            task
+        })
+        .collect();
     let hard = arm_hard_stop(&w, si, end, hard_tx);
     join_or_abort(&w, &hard_rx, tasks).await;
     hard.abort();
@@ -1320,6 +1353,39 @@ struct Mailbox {
     event: Cell<Option<Instant>>,
     closed: Cell<bool>,
     waker: Cell<Option<std::task::Waker>>,
+    /// When the VU last went back to the idle pool.
+    idle_since: Cell<Option<Instant>>,
+    /// Closed for idling, not because the scenario ended: the VU gives its slot back.
+    retired: Cell<bool>,
+}
+
+/// A worker's idle open-model VUs of one scenario, most recently used at the back.
+type IdlePool = Rc<RefCell<VecDeque<Rc<Mailbox>>>>;
+
+/// An open-model VU idle this long at the front of the pool is retired: a spike (or a
+/// stall of the target or the machine) that needed many VUs must not leave their
+/// connections and buffers for the rest of a run that may last days. Long enough that
+/// a load that merely wavers keeps its VUs and connections.
+const RETIRE_IDLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Retires the VUs idle for longer than [`RETIRE_IDLE_AFTER`] at `now`, from the front
+/// of the pool, always keeping the most recently used one (a low rate must not pay a
+/// new connection per event). Returns how many it retired.
+fn retire_idle(idle: &IdlePool, now: Instant) -> usize {
+    let mut pool = idle.borrow_mut();
+    let mut n = 0;
+    while pool.len() > 1 {
+        let since = pool.front().and_then(|m| m.idle_since.get());
+        if since.is_none_or(|t| now.saturating_duration_since(t) <= RETIRE_IDLE_AFTER) {
+            break;
+        }
+        if let Some(m) = pool.pop_front() {
+            m.retired.set(true);
+            m.close();
+            n += 1;
+        }
+    }
+    n
 }
 
 impl Mailbox {
@@ -1360,13 +1426,16 @@ impl Mailbox {
 fn spawn_open_vu(
     w: &Rc<Worker>,
     si: usize,
-    global_id: u64,
+    claim: Claim,
     mailbox: Rc<Mailbox>,
-    idle: Rc<RefCell<Vec<Rc<Mailbox>>>>,
+    idle: IdlePool,
 ) -> tokio::task::JoinHandle<()> {
     let w = w.clone();
     tokio::task::spawn_local(async move {
-        let mut vu = Vu::new(&w.ctx, si, global_id);
+        let mut vu = match claim {
+            Claim::Fresh(g) => Vu::new(&w.ctx, si, w.spec.plan.scenarios[si].vu_offset + g),
+            Claim::Parked(p) => Vu::resume(&w.ctx, si, p),
+        };
         w.vus.set(w.vus.get() + 1);
         // Also when a hard stop aborts this task mid-iteration.
         let _alive = Defer(|| w.vus.set(w.vus.get() - 1));
@@ -1379,9 +1448,14 @@ fn spawn_open_vu(
                 .record(lag);
             if vu.iterate(&w.ctx, Some(intended)).await == IterationEnd::DataExhausted {
                 // A VU whose data ran out leaves the pool for good.
-                break;
+                return;
             }
-            idle.borrow_mut().push(mailbox.clone());
+            mailbox.idle_since.set(Some(Instant::now()));
+            idle.borrow_mut().push_back(mailbox.clone());
+        }
+        if mailbox.retired.get() {
+            // Only now, with this VU gone, may another take its slot.
+            lock_slots(&w, si).parked.push(vu.park());
         }
     })
 }
@@ -1539,7 +1613,7 @@ mod tests {
         let mut slots = VuSlots::default();
         let base = three_nodes();
         slots.extend(&base, 0, limit, 0);
-        let mut claimed: Vec<u64> = (0..4).map(|_| slots.claim().unwrap()).collect();
+        let mut claimed: Vec<u64> = (0..4).map(|_| fresh(slots.claim())).collect();
         // A second call for the same generation changes nothing.
         slots.extend(&base, 0, limit, 0);
         let mut a = after_loss(2, 0);
@@ -1547,13 +1621,63 @@ mod tests {
         a.reassign(Reassignment::new(1, 0, &[(0, 1)]).unwrap())
             .unwrap();
         slots.extend(&a, 0, limit, 2);
-        while let Some(g) = slots.claim() {
-            claimed.push(g);
+        while let Some(c) = slots.claim() {
+            claimed.push(fresh(Some(c)));
         }
         let distinct: BTreeSet<u64> = claimed.iter().copied().collect();
         assert_eq!(distinct.len(), claimed.len(), "{claimed:?}");
         assert_eq!(distinct, (0..limit).collect::<BTreeSet<u64>>());
         // The first claims keep the base slots, in order.
         assert_eq!(&claimed[..4], &[0, 3, 6, 9]);
+    }
+
+    fn fresh(c: Option<Claim>) -> u64 {
+        match c {
+            Some(Claim::Fresh(g)) => g,
+            other => panic!("expected a fresh slot, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_retired_vus_slot_is_claimed_again_before_a_fresh_one_and_goes_on_from_its_place() {
+        let mut slots = VuSlots::default();
+        slots.extend(&three_nodes(), 0, 9, 0);
+        assert_eq!(fresh(slots.claim()), 0);
+        assert_eq!(fresh(slots.claim()), 3);
+        slots.parked.push(Parked {
+            global_id: 100,
+            iteration: 7,
+            rng: crate::plan::data::vu_rng(1, 100),
+        });
+        match slots.claim() {
+            Some(Claim::Parked(p)) => assert_eq!((p.global_id, p.iteration), (100, 7)),
+            other => panic!("expected the parked slot, got {other:?}"),
+        }
+        assert_eq!(fresh(slots.claim()), 6);
+        // The node's three slots are all in use: max_vus holds.
+        assert!(slots.claim().is_none());
+    }
+
+    #[test]
+    fn only_vus_idle_too_long_at_the_front_of_the_pool_retire_and_the_last_one_stays() {
+        let now = Instant::now();
+        let idle: IdlePool = Rc::new(RefCell::new(VecDeque::new()));
+        let ago = |s: u64| {
+            let m = Rc::new(Mailbox::default());
+            m.idle_since.set(Some(now - Duration::from_secs(s)));
+            m
+        };
+        let (a, b, c, d) = (ago(30), ago(20), ago(1), ago(25));
+        for m in [&a, &b, &c, &d] {
+            idle.borrow_mut().push_back(m.clone());
+        }
+        // d idles at the back, behind a recently used VU: it is not looked at yet.
+        assert_eq!(retire_idle(&idle, now), 2);
+        assert!(a.retired.get() && a.closed.get() && b.retired.get());
+        assert!(!c.retired.get() && !d.retired.get());
+        assert_eq!(idle.borrow().len(), 2);
+        // Alone in the pool, even a long-idle VU stays for the next event.
+        let idle: IdlePool = Rc::new(RefCell::new(VecDeque::from([ago(60)])));
+        assert_eq!(retire_idle(&idle, now), 0);
     }
 }

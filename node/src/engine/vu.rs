@@ -51,6 +51,15 @@ pub enum IterationEnd {
     DataExhausted,
 }
 
+/// What is left of a retired VU: enough for the next VU of its slot to continue its
+/// data rows and random sequence (see [`Vu::park`]).
+#[derive(Debug, Clone)]
+pub struct Parked {
+    pub global_id: u64,
+    pub iteration: u64,
+    pub(crate) rng: SmallRng,
+}
+
 pub struct Vu {
     /// 0-based across the whole mesh and every scenario.
     pub global_id: u64,
@@ -96,6 +105,26 @@ impl Vu {
             backoff: Backoff::default(),
             sockets: (0..ctx.plan.ws_sockets.len()).map(|_| None).collect(),
         }
+    }
+
+    /// Ends this VU, keeping what its successor in the same VU slot must go on from: its
+    /// iteration count (which `unique` row comes next) and its random generator (the
+    /// seeded sequence goes on instead of repeating). Connections, cookies and
+    /// variables are dropped with it.
+    pub fn park(self) -> Parked {
+        Parked {
+            global_id: self.global_id,
+            iteration: self.iteration,
+            rng: self.rng,
+        }
+    }
+
+    /// A VU that takes up where a parked one left off.
+    pub fn resume(ctx: &WorkerCtx, scenario: usize, parked: Parked) -> Vu {
+        let mut vu = Vu::new(ctx, scenario, parked.global_id);
+        vu.iteration = parked.iteration;
+        vu.rng = parked.rng;
+        vu
     }
 
     /// Runs one iteration. `intended` is when the open model meant it to start (its

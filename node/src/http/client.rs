@@ -639,8 +639,8 @@ impl Conns {
 
     /// One request/response on one connection, reusing the origin's connection when it is
     /// still open. Retried once on a fresh connection, and only when nothing can have
-    /// been processed: an HTTP/2 request was never sent or the server refused its stream
-    /// (or went away before it, for an idempotent request), or a reused HTTP/1.1
+    /// been processed: an HTTP/2 request was never sent, the server refused its stream or
+    /// its GOAWAY names a last stream below the request's, or a reused HTTP/1.1
     /// connection turned out closed before any byte of an idempotent request's response
     /// (the server closed it while idle, a race every keep-alive client has).
     #[allow(clippy::too_many_arguments)]
@@ -768,7 +768,6 @@ impl Conns {
                             continue;
                         }
                         Err(H2Error::Unsent(_) | H2Error::Refused(_)) if !retried => {}
-                        Err(H2Error::GoneAway(_)) if !retried && method.is_idempotent() => {}
                         Err(e) => return Err(classify_h2(e, url)),
                     }
                     retried = true;
@@ -796,9 +795,7 @@ fn classify_h1(err: H1Error, url: &Url) -> HttpError {
 
 fn classify_h2(err: H2Error, url: &Url) -> HttpError {
     let (kind, text) = match err {
-        H2Error::Unsent(t) | H2Error::Refused(t) | H2Error::GoneAway(t) | H2Error::Io(t) => {
-            (HttpErrorKind::Io, t)
-        }
+        H2Error::Unsent(t) | H2Error::Refused(t) | H2Error::Io(t) => (HttpErrorKind::Io, t),
         H2Error::Protocol(t) => (HttpErrorKind::Protocol, t),
     };
     HttpError::new(kind, format!("{url}: {text}"))

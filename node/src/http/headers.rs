@@ -4,7 +4,8 @@
 //! clone per header on every response, a fifth of the client's CPU on a small static
 //! response — and most load steps never look at a response header. An HTTP/1.1 response
 //! keeps its raw head (bytes httparse has already validated) and is scanned only when
-//! someone asks. HTTP/2 responses arrive from hyper as a `HeaderMap` and keep it.
+//! someone asks. HTTP/2 heads are written by `http2` in the same `name: value` lines
+//! (decoded and checked by then); a `HeaderMap` is kept only where one is given.
 //! Lookups are ASCII case-insensitive; values are the bytes after the colon without the
 //! surrounding spaces.
 
@@ -88,13 +89,6 @@ impl ResponseHeaders {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Approximate bytes of these headers on the wire (names, values, separators).
-    pub(super) fn wire_len(&self) -> u64 {
-        self.iter()
-            .map(|(n, v)| (n.len() + 2 + v.len() + 2) as u64)
-            .sum()
     }
 }
 

@@ -19,6 +19,7 @@ mod error;
 mod grpc;
 mod h1;
 mod headers;
+mod hpack;
 mod http2;
 mod tls;
 mod url;

@@ -2,8 +2,9 @@
 //! membership messages), request-response (bulk transfers), identify, ping, and mDNS.
 //!
 //! This module only configures the parts; the event loop (`mesh::node`) decides what
-//! to do with their events. Gossipsub parameters are chosen for meshes of 2 to 50
-//! nodes, where every node is typically connected to every other.
+//! to do with their events. Gossipsub parameters are chosen for meshes of 2 to 1,000
+//! nodes where each node holds about 8 links (event_loop's NEIGHBOURS and
+//! MAX_CONNECTIONS), not one to every member.
 
 use std::time::Duration;
 
@@ -61,16 +62,21 @@ pub fn gossipsub_config(
     max_transmit: usize,
 ) -> Result<gossipsub::Config, String> {
     gossipsub::ConfigBuilder::default()
-        // Meshes of 2 to 50 nodes, where every node dials every member it learns of:
-        // messages are flood-published to all subscribers anyway, so the mesh (D) only
-        // carries relays. D = 6 keeps relay duplicates low at 50 nodes; D_lo = 4 and
-        // D_hi = 12 leave room before re-grafting or pruning churns; with fewer peers
-        // than D_lo the mesh is simply everyone, which is what small meshes want.
+        // A node holds ~8 links (4 chosen + others' choices, at most 12), so a message
+        // reaches the mesh by relays along gossipsub's mesh: D = 6 of those links
+        // carries every message (each node receives each message about D times at
+        // most, whatever the mesh's size: cost per node constant in N); D_lo = 4 so a
+        // node with only its chosen links still relays; D_hi = 8 so pruning never asks
+        // for more links than a node keeps.
         .mesh_n(6)
         .mesh_n_low(4)
-        .mesh_n_high(12)
+        .mesh_n_high(8)
         .mesh_outbound_min(2)
-        .gossip_lazy(6)
+        // IHAVE gossip goes to non-mesh links only, of which a node has few; 3 repairs a
+        // missed relay within a heartbeat or two without an O(N) fan-out.
+        .gossip_lazy(3)
+        // Heartbeats send nothing at idle (no message ids to gossip, mesh stable), so
+        // their interval only bounds how fast a lost mesh link is replaced.
         .heartbeat_interval(heartbeat)
         // The default first heartbeat comes after ~5 s; a joining node should be grafted
         // into the mesh at once.
@@ -81,9 +87,12 @@ pub fn gossipsub_config(
         .validation_mode(ValidationMode::Strict)
         // We validate each message ourselves (decode + caps) before it is forwarded.
         .validate_messages()
-        // Publish to every subscribed peer, not only the mesh: control messages are
-        // few and must arrive fast.
+        // Publish to every linked subscriber (≤ MAX_CONNECTIONS), not only the mesh:
+        // control messages are few and must arrive fast; past the first hop the mesh
+        // relays, so this costs a constant, not O(N).
         .flood_publish(true)
+        // Long enough that a message relayed around the mesh (a few hops at most) is
+        // never taken for new; the cache holds ids only, and idle traffic adds none.
         .duplicate_cache_time(Duration::from_secs(60))
         .build()
         .map_err(|e| format!("invalid gossipsub configuration: {e}"))

@@ -1,5 +1,11 @@
 //! The mesh event loop: one task owns the Swarm and reacts to its events, to commands
-//! from the rest of the node, and to two timers (announce, check).
+//! from the rest of the node, and to one timer (check).
+//!
+//! It holds a bounded set of connections: [`NEIGHBOURS`] links it chose at random among
+//! the members it knows alive, the links others chose to it, and short-lived ones (a
+//! request to a member it is not connected to dials it on demand; a probe of a lost
+//! neighbour). Past [`MAX_CONNECTIONS`] it closes links it did not choose. Membership
+//! news travels by gossip over these links (see `membership.rs`).
 //!
 //! It must stay quick: no blocking work and no awaiting on other tasks inside an
 //! event handler, so pings and gossip are never starved. Heavy work (load generation,
@@ -12,10 +18,12 @@ use futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, PublishError};
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
+use rand::Rng;
+use stampede_protocol::membership::{must_refute, pick_neighbours, refresh_interval_ms};
 use stampede_protocol::mesh::{
-    Envelope, GossipBody, MeshRequest, MeshResponse, NodeState, MAX_GOSSIP_BYTES,
+    Envelope, GossipBody, MeshRequest, MeshResponse, NodeState, Suspicion, MAX_GOSSIP_BYTES,
     MAX_MEMBERS_IN_RESPONSE,
 };
 use stampede_protocol::run::{unix_us, RunRequest, RunResponse};
@@ -26,8 +34,48 @@ use super::behaviour::{
     MeshBehaviourEvent,
 };
 use super::discovery::{dialable, Bootstrap, Redial};
-use super::membership::MemberState;
+use super::membership::{MemberState, REFRESH_PER_SECOND};
 use super::{MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView, DIRECT};
+
+/// Links a node chooses itself (the default of the `neighbours` setting). With every node choosing 4 at random, each holds about
+/// 8 (its own and others' choices), the graph is connected with high probability, and
+/// gossipsub's mesh (`mesh_n` 6) can be formed from them.
+pub const NEIGHBOURS: usize = 4;
+
+/// Connections past which a node closes links it did not choose (the default of the
+/// `max_connections` setting; a bootstrap peer is
+/// dialed by every newcomer). Requests in flight, and links younger than
+/// [`PRUNE_GRACE`], are kept.
+pub const MAX_CONNECTIONS: usize = 12;
+
+/// How long a link stays before it may be pruned: time for a newcomer to fetch the
+/// members list and choose its own neighbours.
+const PRUNE_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a connection opened for a request, and not chosen, stays after its last use.
+const ON_DEMAND_IDLE: Duration = Duration::from_secs(15);
+
+/// A peer is probed (re-dialed after its link closed) at most once per this long: a
+/// probe's own link closes at once, and the other side, seeing that, probes back once;
+/// this ends the exchange there.
+const PROBE_EVERY: Duration = Duration::from_secs(10);
+
+/// At most one re-announcement a second in answer to suspicions of this node (a hostile
+/// member could otherwise make it announce at gossip speed).
+const REFUTE_EVERY: Duration = Duration::from_secs(1);
+
+/// At most one re-announcement per this long on reconnecting to a member we had lost
+/// (a healed partition: the other side may hold us lost too).
+const REJOIN_EVERY: Duration = Duration::from_secs(10);
+
+/// Quick re-announcements of a joining node (see schedule_refresh).
+const JOIN_ANNOUNCES: u32 = 3;
+
+/// Lost members probed (dialed) per check, to notice a healed partition.
+const LOST_PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// The reason `accept_gossip` gives for a message that is fine but not worth relaying.
+const IGNORE: &str = "stale suspicion";
 
 enum Pending {
     /// Our own "whom do you know?" on a new connection.
@@ -55,6 +103,30 @@ pub struct EventLoop {
     results: Option<crate::reports::results::Results>,
     /// Signs this node's announcements, so that others can relay them.
     keypair: libp2p::identity::Keypair,
+    /// The links this node chose, with when it chose them.
+    chosen: HashMap<PeerId, Instant>,
+    /// When each open connection was established (for pruning and short-link checks).
+    opened: HashMap<ConnectionId, Instant>,
+    /// When the current run of connections to each peer began.
+    opened_by_peer: HashMap<PeerId, Instant>,
+    /// Peers whose connection we close on purpose: their closing is no failure.
+    closing: HashSet<PeerId>,
+    /// Lost-looking neighbours being re-dialed, since when.
+    probing: HashMap<PeerId, Instant>,
+    /// When each peer was last probed.
+    probed: HashMap<PeerId, Instant>,
+    /// Peers dialed for a request, with their last use.
+    on_demand: HashMap<PeerId, Instant>,
+    /// Peers that closed a link we chose although alive (they are full): not chosen again
+    /// for a while.
+    cooldown: HashMap<PeerId, Instant>,
+    last_announce: Option<Instant>,
+    /// Announcements made so far (the first few come quickly: see schedule_refresh).
+    announces: u32,
+    last_refute: Option<Instant>,
+    last_rejoin: Option<Instant>,
+    last_lost_probe: Option<Instant>,
+    next_refresh: Instant,
 }
 
 impl EventLoop {
@@ -95,12 +167,24 @@ impl EventLoop {
             run_responder: cfg.run_responder,
             results: cfg.results,
             keypair: cfg.keypair,
+            chosen: HashMap::new(),
+            opened: HashMap::new(),
+            opened_by_peer: HashMap::new(),
+            closing: HashSet::new(),
+            probing: HashMap::new(),
+            probed: HashMap::new(),
+            on_demand: HashMap::new(),
+            cooldown: HashMap::new(),
+            last_announce: None,
+            announces: 0,
+            last_refute: None,
+            last_rejoin: None,
+            last_lost_probe: None,
+            next_refresh: Instant::now(),
         })
     }
 
     pub async fn run(mut self) {
-        let mut announce = tokio::time::interval(self.timing.announce_interval);
-        announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let check_every = (self.timing.lost_after / 8)
             .clamp(Duration::from_millis(50), Duration::from_millis(250));
         let mut check = tokio::time::interval(check_every);
@@ -115,7 +199,6 @@ impl EventLoop {
                     None | Some(MeshCommand::Shutdown) => break,
                     Some(cmd) => self.on_command(cmd),
                 },
-                _ = announce.tick() => self.announce(),
                 _ = check.tick() => self.check(),
             }
         }
@@ -142,6 +225,10 @@ impl EventLoop {
     }
 
     fn announce(&mut self) {
+        let now = Instant::now();
+        self.last_announce = Some(now);
+        self.announces = self.announces.saturating_add(1);
+        self.schedule_refresh(now);
         let env = {
             let Ok(mut v) = self.view.write() else { return };
             v.self_announce.seq += 1;
@@ -156,6 +243,67 @@ impl EventLoop {
         let topic = self.announce_topic.clone();
         if let Err(e) = self.publish(topic, env.encode()) {
             tracing::debug!(error = %e, "announcement not sent");
+        }
+    }
+
+    /// The next unprompted re-announcement: slower in a larger mesh, jittered so the
+    /// mesh's refreshes do not fall together.
+    /// A joining node's first records go out again after 2, 4 and 8 s: its first one
+    /// may meet a gossipsub mesh not yet grafted, and the slow refresh is a minute or more.
+    fn schedule_refresh(&mut self, now: Instant) {
+        if self.announces <= JOIN_ANNOUNCES {
+            self.next_refresh = now + Duration::from_secs(1 << self.announces);
+            return;
+        }
+        let (members, floor) = self
+            .view
+            .read()
+            .map(|v| (v.members().count() + 1, v.refresh_floor_ms))
+            .unwrap_or((1, 60_000));
+        let every = refresh_interval_ms(members, floor, REFRESH_PER_SECOND);
+        let jitter = rand::rng().random_range(0..=every / 4);
+        self.next_refresh = now + Duration::from_millis(every - every / 8 + jitter);
+    }
+
+    /// Tells the mesh that `subject`'s record `seq` failed (our own evidence).
+    fn publish_suspicion(&mut self, subject: PeerId, seq: u64) {
+        tracing::info!(peer = %subject, seq, "neighbour failed; suspecting it");
+        let env = Envelope {
+            protocol_version: self.protocol_version,
+            sender: self.swarm.local_peer_id().to_string(),
+            body: GossipBody::Suspect(Suspicion {
+                subject: subject.to_string(),
+                seq,
+            }),
+        };
+        let topic = self.announce_topic.clone();
+        if let Err(e) = self.publish(topic, env.encode()) {
+            tracing::debug!(error = %e, "suspicion not sent");
+        }
+    }
+
+    /// Our own evidence that `peer` failed: suspect it and say so.
+    fn neighbour_failed(&mut self, peer: PeerId) {
+        let seq = self
+            .view
+            .write()
+            .ok()
+            .and_then(|mut v| v.neighbour_failed(peer, Instant::now()));
+        if let Some(seq) = seq {
+            self.publish_suspicion(peer, seq);
+        }
+    }
+
+    /// A suspicion of this node: refute it with a newer record (rate-limited).
+    fn refute(&mut self, seq: u64) {
+        let own = self.view.read().map(|v| v.self_announce.seq).unwrap_or(0);
+        let now = Instant::now();
+        let recent =
+            matches!(self.last_refute, Some(t) if now.saturating_duration_since(t) < REFUTE_EVERY);
+        if must_refute(own, seq) && !recent {
+            self.last_refute = Some(now);
+            tracing::info!(seq, "suspected by a member; refuting with a newer record");
+            self.announce();
         }
     }
 
@@ -198,11 +346,12 @@ impl EventLoop {
                 reply,
             } => {
                 stamp_clock_request(&mut request);
+                let addrs = self.request_addrs(&peer);
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .request_response
-                    .send_request(&peer, request);
+                    .send_request_with_addresses(&peer, request, addrs);
                 self.pending.insert(id, Pending::Command(reply));
             }
             MeshCommand::Send { peer, mut request } => {
@@ -212,12 +361,13 @@ impl EventLoop {
                 {
                     *protocol_version = self.protocol_version;
                 }
+                let addrs = self.request_addrs(&peer);
                 // Fire and forget: the answer (`Received`) matches no pending entry
                 // and is dropped; a failure is only logged.
                 self.swarm
                     .behaviour_mut()
                     .request_response
-                    .send_request(&peer, request);
+                    .send_request_with_addresses(&peer, request, addrs);
             }
             MeshCommand::SetState(s) => {
                 self.set_state(s);
@@ -254,34 +404,211 @@ impl EventLoop {
             // (libp2p's ping reports the second failure only after a substream
             // negotiation timeout); drop the connection so a redial can take over.
             if t.to == MemberState::Lost && self.swarm.is_connected(&t.peer) {
+                self.closing.insert(t.peer);
                 let _ = self.swarm.disconnect_peer_id(t.peer);
+                self.neighbour_failed(t.peer);
             }
             let _ = self.events.send(MeshEvent::Member(t));
         }
     }
 
-    /// Periodic: refresh states, dial members we know but are not connected to, and
+    /// Where to reach `peer` for a request or a direct message: nothing when a link is
+    /// open, else the addresses of its signed record (a member we hold no link to is
+    /// dialed on demand, and the link closes once idle, see [`ON_DEMAND_IDLE`]).
+    fn request_addrs(&mut self, peer: &PeerId) -> Vec<Multiaddr> {
+        let addrs = if self.swarm.is_connected(peer) {
+            Vec::new()
+        } else {
+            self.on_demand.insert(*peer, Instant::now());
+            self.addrs_of(peer)
+        };
+        if let Some(t) = self.on_demand.get_mut(peer) {
+            *t = Instant::now();
+        }
+        addrs
+    }
+
+    fn addrs_of(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.view
+            .read()
+            .ok()
+            .and_then(|v| {
+                v.member(peer)?
+                    .announce
+                    .as_ref()
+                    .map(|a| dialable(&a.addrs))
+            })
+            .unwrap_or_default()
+    }
+
+    /// Periodic: refresh states, keep the chosen links, prune, probe, re-announce, and
     /// retry bootstrap peers while alone.
     fn check(&mut self) {
         self.refresh();
         let now = Instant::now();
-        let targets: Vec<(PeerId, Vec<Multiaddr>)> = match self.view.read() {
-            Ok(v) => v
-                .members()
-                .filter(|(_, m)| m.connections == 0)
-                .filter_map(|(p, m)| m.announce.as_ref().map(|a| (*p, dialable(&a.addrs))))
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        for (peer, addrs) in targets {
-            if !self.swarm.is_connected(&peer) && !addrs.is_empty() && self.redial.due(peer, now) {
-                self.dial(peer, addrs);
-            }
+        // A probe that has not connected within lost_after is a failure too (a stopped
+        // process accepts TCP but never completes the handshake).
+        let lost_after = self.timing.lost_after;
+        let overdue: Vec<PeerId> = self
+            .probing
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(**t) > lost_after)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in overdue {
+            self.probing.remove(&p);
+            self.neighbour_failed(p);
+        }
+        self.probed
+            .retain(|_, t| now.saturating_duration_since(*t) < PROBE_EVERY);
+        self.keep_neighbours(now);
+        self.prune(now);
+        self.probe_lost(now);
+        if now >= self.next_refresh && self.last_announce.is_some() {
+            self.announce();
         }
         let alone = self.swarm.connected_peers().next().is_none();
         let due = !matches!(self.last_bootstrap, Some(t) if now.saturating_duration_since(t) < self.timing.bootstrap_retry);
         if alone && due && !self.bootstrap.is_empty() {
             self.dial_bootstrap(now);
+        }
+    }
+
+    /// Holds `neighbours` chosen links: promotes links others opened to us first (no dial),
+    /// then dials members at random.
+    fn keep_neighbours(&mut self, now: Instant) {
+        let lost_after = self.timing.lost_after;
+        let swarm = &self.swarm;
+        self.chosen.retain(|p, since| {
+            swarm.is_connected(p) || now.saturating_duration_since(*since) < lost_after * 2
+        });
+        self.cooldown
+            .retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(60));
+        let want = self.timing.neighbours;
+        if self.chosen.len() >= want {
+            return;
+        }
+        let alive: HashSet<PeerId> = match self.view.read() {
+            Ok(v) => v.alive_peers().into_iter().collect(),
+            Err(_) => return,
+        };
+        let mut rng = rand::rng();
+        let connected: Vec<(u64, PeerId)> = self
+            .swarm
+            .connected_peers()
+            .filter(|p| alive.contains(p) && !self.chosen.contains_key(p))
+            .filter(|p| !self.probing.contains_key(p) && !self.closing.contains(p))
+            .map(|p| (rng.random(), *p))
+            .collect();
+        for p in pick_neighbours(self.chosen.len(), want, connected) {
+            self.chosen.insert(p, now);
+            self.on_demand.remove(&p);
+        }
+        if self.chosen.len() >= want {
+            return;
+        }
+        let candidates: Vec<(u64, PeerId, Vec<Multiaddr>)> = match self.view.read() {
+            Ok(v) => v
+                .neighbour_candidates()
+                .filter(|(p, _)| !self.chosen.contains_key(p) && !self.cooldown.contains_key(p))
+                .filter_map(|(p, m)| {
+                    let addrs = dialable(&m.announce.as_ref()?.addrs);
+                    (!addrs.is_empty()).then(|| (rng.random(), *p, addrs))
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        let ranked: Vec<(u64, PeerId)> = candidates.iter().map(|(r, p, _)| (*r, *p)).collect();
+        for p in pick_neighbours(self.chosen.len(), want, ranked) {
+            if !self.redial.due(p, now) {
+                continue;
+            }
+            if let Some((_, _, addrs)) = candidates.iter().find(|(_, q, _)| *q == p) {
+                self.chosen.insert(p, now);
+                self.dial(p, addrs.clone());
+            }
+        }
+    }
+
+    /// Closes links this node did not choose: on-demand ones once idle, and, past
+    /// `max_connections`, the newest others (old links are the stable part of the graph).
+    fn prune(&mut self, now: Instant) {
+        let idle: Vec<PeerId> = self
+            .on_demand
+            .iter()
+            .filter(|(p, t)| {
+                !self.chosen.contains_key(p) && now.saturating_duration_since(**t) > ON_DEMAND_IDLE
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in idle {
+            self.on_demand.remove(&p);
+            self.close_peer(p);
+        }
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        // Links opened for requests close on their own once idle; they do not push
+        // links of the graph out (a run's bundle and clock requests would churn it).
+        let standing = connected
+            .iter()
+            .filter(|p| !self.on_demand.contains_key(p))
+            .count();
+        let mut excess = standing.saturating_sub(self.timing.max_connections);
+        if excess == 0 {
+            return;
+        }
+        let mut others: Vec<(Instant, PeerId)> = connected
+            .iter()
+            .filter(|p| !self.chosen.contains_key(p) && !self.on_demand.contains_key(p))
+            .filter_map(|p| self.oldest_link(p).map(|t| (t, *p)))
+            .filter(|(t, _)| now.saturating_duration_since(*t) >= PRUNE_GRACE)
+            .collect();
+        others.sort_by_key(|o| std::cmp::Reverse(o.0));
+        for (_, p) in others {
+            if excess == 0 {
+                break;
+            }
+            excess -= 1;
+            self.close_peer(p);
+        }
+    }
+
+    fn oldest_link(&self, peer: &PeerId) -> Option<Instant> {
+        self.opened_by_peer.get(peer).copied()
+    }
+
+    fn close_peer(&mut self, peer: PeerId) {
+        if self.swarm.is_connected(&peer) {
+            tracing::debug!(%peer, "closing a link this node did not choose");
+            self.closing.insert(peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// Now and then dials one member we hold lost: after a healed partition, the two
+    /// sides find each other again this way.
+    fn probe_lost(&mut self, now: Instant) {
+        if matches!(self.last_lost_probe, Some(t) if now.saturating_duration_since(t) < LOST_PROBE_EVERY)
+        {
+            return;
+        }
+        self.last_lost_probe = Some(now);
+        let lost: Vec<(PeerId, Vec<Multiaddr>)> = match self.view.read() {
+            Ok(v) => v
+                .members()
+                .filter(|(_, m)| m.state == MemberState::Lost && m.connections == 0)
+                .filter(|(_, m)| !matches!(&m.announce, Some(a) if a.state == NodeState::Leaving))
+                .filter_map(|(p, m)| Some((*p, dialable(&m.announce.as_ref()?.addrs))))
+                .filter(|(_, a)| !a.is_empty())
+                .collect(),
+            Err(_) => return,
+        };
+        if lost.is_empty() {
+            return;
+        }
+        let (p, addrs) = lost[rand::rng().random_range(0..lost.len())].clone();
+        if self.redial.due(p, now) {
+            self.on_demand.insert(p, now);
+            self.dial(p, addrs);
         }
     }
 
@@ -308,16 +635,46 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 num_established,
                 endpoint,
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                let now = Instant::now();
                 self.redial.connected(&peer_id);
-                if let Ok(mut v) = self.view.write() {
-                    v.connected(peer_id, Instant::now());
+                self.opened.insert(connection_id, now);
+                self.opened_by_peer.entry(peer_id).or_insert(now);
+                // What we knew of it before this link (unknown, alive, lost).
+                let before = match self.view.write() {
+                    Ok(mut v) => {
+                        let before = v
+                            .member(&peer_id)
+                            .filter(|m| m.announce.is_some())
+                            .map(|m| m.state);
+                        v.connected(peer_id, now);
+                        before
+                    }
+                    Err(_) => None,
+                };
+                if self.probing.remove(&peer_id).is_some() {
+                    // It answered: alive. It had closed the link we chose, so it is
+                    // full; choose someone else and close this probe.
+                    tracing::debug!(peer = %peer_id, "probe connected; the member is alive");
+                    self.chosen.remove(&peer_id);
+                    self.cooldown.insert(peer_id, now);
+                    self.close_peer(peer_id);
+                    return;
                 }
-                if num_established.get() == 1 {
+                if num_established.get() != 1 {
+                    return;
+                }
+                let alone = self.swarm.connected_peers().nth(1).is_none();
+                let lost = before == Some(MemberState::Lost);
+                // The members list is O(members): asked when joining (our first link),
+                // of a member we do not know, or of one we had lost (a healed
+                // partition: either side may have missed the other's news).
+                if alone || before.is_none() || lost {
                     let id = self
                         .swarm
                         .behaviour_mut()
@@ -325,20 +682,50 @@ impl EventLoop {
                         .send_request(&peer_id, MeshRequest::Members);
                     self.pending.insert(id, Pending::Members);
                 }
+                let rejoin_due = !matches!(self.last_rejoin, Some(t) if now.saturating_duration_since(t) < REJOIN_EVERY);
+                if lost && rejoin_due && self.last_announce.is_some() {
+                    self.last_rejoin = Some(now);
+                    self.announce();
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 num_established,
                 cause,
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, remaining = num_established, cause = ?cause, "connection closed");
-                if let Ok(mut v) = self.view.write() {
-                    v.disconnected(peer_id, num_established as usize);
+                let now = Instant::now();
+                self.opened.remove(&connection_id);
+                let leaving = match self.view.write() {
+                    Ok(mut v) => {
+                        v.disconnected(peer_id, num_established as usize);
+                        matches!(v.member(&peer_id).and_then(|m| m.announce.as_ref()), Some(a) if a.state == NodeState::Leaving)
+                    }
+                    Err(_) => false,
+                };
+                if num_established > 0 {
+                    return;
                 }
-                if num_established == 0 {
-                    self.announce_subscribers.remove(&peer_id);
+                self.announce_subscribers.remove(&peer_id);
+                self.opened_by_peer.remove(&peer_id);
+                let ours = self.closing.remove(&peer_id);
+                let on_demand = self.on_demand.remove(&peer_id).is_some();
+                // A link we closed, or a leaving member's, is no failure; a peer probed
+                // lately (this may be its probe's link closing) is not probed again.
+                let probed_lately = matches!(self.probed.get(&peer_id), Some(t) if now.saturating_duration_since(*t) < PROBE_EVERY);
+                if ours || leaving || on_demand || probed_lately {
+                    return;
                 }
+                // Dead, or closing a link it did not want: re-dial to tell which.
+                let addrs = self.addrs_of(&peer_id);
+                if addrs.is_empty() {
+                    return;
+                }
+                self.probing.insert(peer_id, now);
+                self.probed.insert(peer_id, now);
+                self.dial(peer_id, addrs);
             }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
@@ -350,6 +737,12 @@ impl EventLoop {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
+                if let Some(p) = peer_id {
+                    if self.probing.remove(&p).is_some() {
+                        self.neighbour_failed(p);
+                    }
+                    self.chosen.remove(&p);
+                }
             }
             SwarmEvent::Behaviour(ev) => self.on_behaviour(ev),
             _ => {}
@@ -394,6 +787,7 @@ impl EventLoop {
                 // be noticed in seconds, so close it and let membership judge.
                 tracing::debug!(%peer, error = %e, "ping failed; closing the connection");
                 self.swarm.close_connection(connection);
+                self.neighbour_failed(peer);
             }
             MeshBehaviourEvent::Ping(ping::Event {
                 peer,
@@ -438,6 +832,7 @@ impl EventLoop {
             } => {
                 let acceptance = match self.accept_gossip(&message) {
                     Ok(()) => MessageAcceptance::Accept,
+                    Err(reason) if reason == IGNORE => MessageAcceptance::Ignore,
                     Err(reason) => {
                         tracing::debug!(from = %propagation_source, %reason, "dropped a gossip message");
                         MessageAcceptance::Reject
@@ -448,10 +843,13 @@ impl EventLoop {
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
             }
-            // A newcomer should not wait a full interval to learn about us.
+            // Our record goes out once we have someone to tell; after that only on a
+            // change, a refutation, a rejoin or the slow refresh (members joining later
+            // get it in a members list).
             gossipsub::Event::Subscribed { peer_id, topic }
                 if topic == self.announce_topic.hash()
-                    && self.announce_subscribers.insert(peer_id) =>
+                    && self.announce_subscribers.insert(peer_id)
+                    && self.last_announce.is_none() =>
             {
                 self.announce();
             }
@@ -493,15 +891,29 @@ impl EventLoop {
                 if a.id != env.sender {
                     return Err(format!("announcement of {} sent by {}", a.id, env.sender));
                 }
-                let addrs = dialable(&a.addrs);
+                // Remembered, not dialed: links are chosen (keep_neighbours), not made
+                // to everyone heard of.
                 if let Ok(mut v) = self.view.write() {
                     v.heard_announce(source, a, now);
                 }
-                if !self.swarm.is_connected(&source)
-                    && !addrs.is_empty()
-                    && self.redial.due(source, now)
-                {
-                    self.dial(source, addrs);
+            }
+            GossipBody::Suspect(s) => {
+                let subject: PeerId = s
+                    .subject
+                    .parse()
+                    .map_err(|_| format!("suspicion of {} names no peer id", s.subject))?;
+                if subject == *self.swarm.local_peer_id() {
+                    self.refute(s.seq);
+                    return Ok(());
+                }
+                let news = self
+                    .view
+                    .write()
+                    .map(|mut v| v.suspected(subject, s.seq, now))
+                    .unwrap_or(false);
+                if !news {
+                    // Stale or already known: not worth passing on.
+                    return Err(IGNORE.into());
                 }
             }
             // Run coordination's kinds go to its subscriber (the coordinator).
@@ -564,9 +976,12 @@ impl EventLoop {
                             Ok(v) => {
                                 let mut members = v.known_announces();
                                 members.truncate(MAX_MEMBERS_IN_RESPONSE);
+                                let mut lost = v.known_lost();
+                                lost.truncate(MAX_MEMBERS_IN_RESPONSE);
                                 MeshResponse::Members {
                                     protocol_version: self.protocol_version,
                                     members,
+                                    lost,
                                 }
                             }
                             Err(_) => MeshResponse::Refused {
@@ -619,6 +1034,7 @@ impl EventLoop {
         let MeshResponse::Members {
             protocol_version,
             members,
+            lost,
         } = response
         else {
             return;
@@ -627,25 +1043,33 @@ impl EventLoop {
             return;
         }
         let now = Instant::now();
-        let mut to_dial = Vec::new();
+        let me = *self.swarm.local_peer_id();
+        let connected: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
+        let mut refute = None;
         if let Ok(mut v) = self.view.write() {
             for a in members.into_iter().take(MAX_MEMBERS_IN_RESPONSE) {
                 if a.validate().is_err() {
                     continue;
                 }
-                let addrs = dialable(&a.addrs);
-                let is_sender = a.id == from.to_string();
-                if let Some(p) = v.learned_announce(a, now) {
-                    if !is_sender {
-                        to_dial.push((p, addrs));
-                    }
+                // Links are chosen later (keep_neighbours), not made to every member.
+                v.learned_announce(a, now);
+            }
+            // What the peer holds lost: a suspicion of that record here too (its
+            // subject, if alive, refutes), and news to us if it is us.
+            for s in lost.into_iter().take(MAX_MEMBERS_IN_RESPONSE) {
+                let Ok(subject) = s.subject.parse::<PeerId>() else {
+                    continue;
+                };
+                if subject == me {
+                    refute = Some(s.seq);
+                } else if subject != from && !connected.contains(&subject) {
+                    // (A neighbour we hear ourselves is judged by its pings.)
+                    v.suspected(subject, s.seq, now);
                 }
             }
         }
-        for (p, addrs) in to_dial {
-            if !self.swarm.is_connected(&p) && !addrs.is_empty() && self.redial.due(p, now) {
-                self.dial(p, addrs);
-            }
+        if let Some(seq) = refute {
+            self.refute(seq);
         }
     }
 }

@@ -6,6 +6,13 @@
 //! must not do I/O: every method is a quick in-memory update, because it runs under a
 //! lock shared with the HTTP and control handlers.
 //!
+//! Liveness has two sources. A neighbour (a member we hold a connection to) is judged
+//! by what we see ourselves: answered pings, or `lost_after` of silence. Every other
+//! member is judged by rumor ([`stampede_protocol::membership::Liveness`]): alive from
+//! its record until a suspicion of that record, raised by one of its neighbours, goes
+//! unrefuted for the suspicion timeout. Nothing periodic is needed from non-neighbours,
+//! so a node's idle traffic does not grow with the mesh.
+//!
 //! An announcement that reaches us from a third party (a members list) is installed
 //! only when its subject signed it ([`verify`]): no member can make up or alter another
 //! node's name, labels, state or sequence number. Sequence numbers start at the
@@ -18,6 +25,7 @@ use std::time::{Duration, Instant};
 use libp2p::identity::{Keypair, PublicKey};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
+use stampede_protocol::membership::{Liveness, Rumor};
 use stampede_protocol::mesh::{Announce, NodeState, MAX_SEQ_AHEAD_US};
 
 /// Most members the view takes in from third parties' lists (a run has at most as
@@ -130,9 +138,9 @@ pub struct Transition {
     pub to: MemberState,
 }
 
-/// The view. `lost_after` is how long a member may be silent (no announcement, no
-/// answered ping on a connection, no new connection)
-/// before it counts as lost.
+/// The view. `lost_after` is how long a neighbour may be silent (no announcement, no
+/// answered ping on a connection, no new connection) before it counts as lost, and how
+/// long a suspicion of any member may go unrefuted.
 #[derive(Debug)]
 pub struct View {
     pub self_id: PeerId,
@@ -142,7 +150,18 @@ pub struct View {
     /// Lost members are forgotten after this long.
     pub forget_after: Duration,
     members: HashMap<PeerId, Member>,
+    /// Rumors about every member's current record (for the members we are not connected to).
+    liveness: Liveness<PeerId>,
+    /// The origin of the liveness clock (it counts milliseconds).
+    epoch: Instant,
+    /// The shortest interval of members' slow refresh (60 × announce_interval).
+    pub refresh_floor_ms: u64,
 }
+
+/// Records the mesh re-announces per second when nothing changes (each node's refresh
+/// interval is members / this, at least `refresh_floor_ms`): each node receives about
+/// this many a second at any mesh size.
+pub const REFRESH_PER_SECOND: f64 = 1.0;
 
 impl View {
     pub fn new(self_id: PeerId, self_announce: Announce, lost_after: Duration) -> Self {
@@ -154,7 +173,46 @@ impl View {
             lost_after,
             forget_after: Duration::from_secs(600),
             members: HashMap::new(),
+            liveness: Liveness::new(lost_after.as_millis() as u64),
+            epoch: Instant::now(),
+            refresh_floor_ms: 60_000,
         }
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// A suspicion of `subject`'s record `seq` heard from another member. Returns
+    /// whether it was news (it named the record we hold, which we thought alive).
+    pub fn suspected(&mut self, subject: PeerId, seq: u64, now: Instant) -> bool {
+        let ms = self.ms(now);
+        self.liveness.suspect(&subject, seq, ms)
+    }
+
+    /// Our own evidence that neighbour `peer` failed (its connection is gone and could
+    /// not be re-opened, or its pings went unanswered): suspect its record. Returns the
+    /// suspected record's seq, to tell the mesh, when this was news.
+    pub fn neighbour_failed(&mut self, peer: PeerId, now: Instant) -> Option<u64> {
+        let seq = self.liveness.seq(&peer)?;
+        let ms = self.ms(now);
+        self.liveness.suspect(&peer, seq, ms).then_some(seq)
+    }
+
+    /// What the rumors say of `peer`.
+    pub fn rumor(&self, peer: &PeerId) -> Option<Rumor> {
+        self.liveness.rumor(peer)
+    }
+
+    /// Members we hold records of, neither lost nor suspected, that we are not
+    /// connected to: the candidates for a new neighbour.
+    pub fn neighbour_candidates(&self) -> impl Iterator<Item = (&PeerId, &Member)> {
+        self.members.iter().filter(|(p, m)| {
+            m.connections == 0
+                && m.announce.is_some()
+                && m.state == MemberState::Alive
+                && self.liveness.rumor(p) == Some(Rumor::Alive)
+        })
     }
 
     fn entry(&mut self, peer: PeerId, now: Instant) -> &mut Member {
@@ -192,8 +250,11 @@ impl View {
             }
         }
         m.protocol_version = Some(announce.protocol_version);
+        let (seq, leaving) = (announce.seq, announce.state == NodeState::Leaving);
         m.announce = Some(announce);
         m.last_heard = now;
+        let ms = self.ms(now);
+        self.liveness.record(peer, seq, leaving, ms);
         true
     }
 
@@ -231,6 +292,7 @@ impl View {
             return None;
         }
         let full = self.members.len() >= MAX_VIEW_MEMBERS;
+        let (seq, leaving) = (announce.seq, announce.state == NodeState::Leaving);
         match self.members.get_mut(&peer) {
             Some(m) => {
                 let newer = !matches!(&m.announce, Some(a) if a.seq >= announce.seq);
@@ -249,6 +311,8 @@ impl View {
                 m.announce = Some(announce);
             }
         }
+        let ms = self.ms(now);
+        self.liveness.record(peer, seq, leaving, ms);
         Some(peer)
     }
 
@@ -276,20 +340,36 @@ impl View {
         let mut changes = Vec::new();
         let ours = self.protocol_version;
         let lost_after = self.lost_after;
+        let ms = self.ms(now);
+        // Three slow refreshes missed (see event_loop's schedule_refresh).
+        let expire = 3 * stampede_protocol::membership::refresh_interval_ms(
+            self.members.len() + 1,
+            self.refresh_floor_ms,
+            REFRESH_PER_SECOND,
+        );
+        self.liveness
+            .tick(ms, expire.saturating_add(self.refresh_floor_ms));
         for (peer, m) in self.members.iter_mut() {
             if !Self::is_shown(m) {
                 // A connection that never told us it is a stampede node: not a member.
                 continue;
             }
             let quiet = now.saturating_duration_since(m.last_heard);
-            // Silent for lost_after; or, with no connection left at all (the peer's
-            // process died and its socket was reset), silent for half of it: a dead
-            // member is noticed sooner, while a live one redials well within that.
-            let silent = quiet > lost_after || (m.connections == 0 && quiet > lost_after / 2);
+            let silent = if m.connections > 0 {
+                // A neighbour: our own pings judge it. A connection alone is not a sign
+                // of life: on a dead link it stays "open" until TCP gives up.
+                quiet > lost_after
+            } else {
+                match self.liveness.rumor(peer) {
+                    Some(Rumor::Lost { .. }) => true,
+                    Some(_) => false,
+                    // Known only from identify, never from a record: nobody can
+                    // vouch for it once its connection is gone.
+                    None => quiet > lost_after / 2,
+                }
+            };
             // A node that said it is leaving is gone as soon as its connections are.
             let leaving = matches!(&m.announce, Some(a) if a.state == NodeState::Leaving);
-            // A connection alone is not a sign of life: on a dead link it stays "open"
-            // until TCP gives up, while pings go unanswered.
             let new = if silent || (leaving && m.connections == 0) {
                 MemberState::Lost
             } else if m.protocol_version.is_some_and(|v| v != ours) {
@@ -315,9 +395,15 @@ impl View {
             }
         }
         let forget = self.forget_after;
-        self.members.retain(
-            |_, m| !matches!(m.lost_since, Some(t) if now.saturating_duration_since(t) >= forget),
-        );
+        let liveness = &mut self.liveness;
+        self.members.retain(|p, m| {
+            let keep =
+                !matches!(m.lost_since, Some(t) if now.saturating_duration_since(t) >= forget);
+            if !keep {
+                liveness.forget(p);
+            }
+            keep
+        });
         changes
     }
 
@@ -376,16 +462,38 @@ impl View {
         rows
     }
 
+    /// The records we hold lost, as suspicions (the rest of a members answer).
+    pub fn known_lost(&self) -> Vec<stampede_protocol::mesh::Suspicion> {
+        self.members
+            .iter()
+            .filter(|(p, _)| matches!(self.liveness.rumor(p), Some(Rumor::Lost { .. })))
+            .filter_map(|(p, m)| {
+                let a = m.announce.as_ref()?;
+                (a.state != NodeState::Leaving).then(|| stampede_protocol::mesh::Suspicion {
+                    subject: p.to_string(),
+                    seq: a.seq,
+                })
+            })
+            .collect()
+    }
+
     /// Announcements of members we consider alive, ourselves included (the answer to a
-    /// members request).
+    /// members request), first.
+    ///
+    /// Then the records of members held lost (their suspicions go in the answer's `lost`
+    /// list): a newcomer that knows them probes them now and then, and one that is in
+    /// fact alive hears it is held lost and refutes. Without them, a member falsely
+    /// suspected while a node joined stayed unknown to it until its slow refresh.
     pub fn known_announces(&self) -> Vec<Announce> {
         let mut out = vec![self.self_announce.clone()];
-        out.extend(
+        let with_state = |state: MemberState| {
             self.members
                 .values()
-                .filter(|m| m.state == MemberState::Alive)
-                .filter_map(|m| m.announce.clone()),
-        );
+                .filter(move |m| m.state == state)
+                .filter_map(|m| m.announce.clone())
+        };
+        out.extend(with_state(MemberState::Alive));
+        out.extend(with_state(MemberState::Lost).filter(|a| a.state != NodeState::Leaving));
         out
     }
 }
@@ -581,6 +689,53 @@ mod tests {
         }
         assert_eq!(v.learned_announce(signed("one too many"), t0), None);
         assert_eq!(v.members().count(), MAX_VIEW_MEMBERS);
+    }
+
+    #[test]
+    fn a_member_without_a_link_is_alive_by_its_record_until_a_suspicion_times_out() {
+        let me = PeerId::random();
+        let t0 = Instant::now();
+        let mut v = View::new(
+            me,
+            ann(&me, "me", 1, PROTOCOL_VERSION),
+            Duration::from_secs(3),
+        );
+        let now_us = stampede_protocol::run::unix_us();
+        let key = Keypair::generate_ed25519();
+        let other = key.public().to_peer_id();
+        let mut rec = ann(&other, "o", now_us, PROTOCOL_VERSION);
+        sign(&mut rec, &key);
+        assert_eq!(v.learned_announce(rec.clone(), t0), Some(other));
+        // Never linked, heard nothing for a minute: still alive (no periodic traffic
+        // is needed from a member that is not a neighbour).
+        v.refresh(t0);
+        assert!(v.refresh(t0 + Duration::from_secs(60)).is_empty());
+        assert_eq!(v.alive_peers(), vec![other]);
+        // Forged or stale suspicions (a seq it never signed, an older one) do nothing.
+        assert!(!v.suspected(other, u64::MAX, t0 + Duration::from_secs(60)));
+        assert!(!v.suspected(other, now_us - 1, t0 + Duration::from_secs(60)));
+        // A suspicion of its record: still alive until lost_after passes.
+        assert!(v.suspected(other, now_us, t0 + Duration::from_secs(60)));
+        assert!(v.refresh(t0 + Duration::from_millis(62_900)).is_empty());
+        let ch = v.refresh(t0 + Duration::from_secs(63));
+        assert_eq!(ch[0].to, MemberState::Lost);
+        assert_eq!(v.known_lost().len(), 1);
+        assert_eq!(v.known_lost()[0].seq, now_us);
+        // The same record relayed again does not revive it; its refutation does.
+        assert_eq!(
+            v.learned_announce(rec.clone(), t0 + Duration::from_secs(64)),
+            Some(other)
+        );
+        assert!(v.refresh(t0 + Duration::from_secs(64)).is_empty());
+        let mut newer = rec;
+        newer.seq += 1;
+        sign(&mut newer, &key);
+        assert!(v.heard_announce(other, newer, t0 + Duration::from_secs(65)));
+        assert_eq!(
+            v.refresh(t0 + Duration::from_secs(65))[0].to,
+            MemberState::Alive
+        );
+        assert!(v.known_lost().is_empty());
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct MeshTiming {
     pub gossip_heartbeat: Duration,
     pub bootstrap_retry: Duration,
     pub mdns_query_interval: Duration,
+    /// Links this node chooses (see `event_loop`'s NEIGHBOURS).
+    pub neighbours: usize,
+    /// Connections past which links not chosen are closed.
+    pub max_connections: usize,
 }
 
 impl Default for MeshTiming {
@@ -53,9 +57,13 @@ impl Default for MeshTiming {
             lost_after: Duration::from_secs(3),
             ping_interval: Duration::from_secs(1),
             ping_timeout: Duration::from_secs(2),
-            gossip_heartbeat: Duration::from_millis(500),
+            // At idle a heartbeat sends nothing; 1 s bounds how fast a mesh link is
+            // replaced (control messages are flood-published, not delayed by it).
+            gossip_heartbeat: Duration::from_secs(1),
             bootstrap_retry: Duration::from_secs(2),
             mdns_query_interval: Duration::from_secs(5),
+            neighbours: event_loop::NEIGHBOURS,
+            max_connections: event_loop::MAX_CONNECTIONS,
         }
     }
 }
@@ -207,7 +215,9 @@ pub async fn start(cfg: MeshConfig) -> Result<MeshHandle, String> {
         heartbeat: cfg.timing.gossip_heartbeat,
         ping_interval: cfg.timing.ping_interval,
         ping_timeout: cfg.timing.ping_timeout,
-        identify_interval: Duration::from_secs(60),
+        // Identify is needed once per link (protocol version, addresses); a periodic
+        // re-identify on every link would be idle traffic for nothing.
+        identify_interval: Duration::from_secs(600),
         request_timeout: Duration::from_secs(30),
         mdns_query_interval: cfg.timing.mdns_query_interval,
     };
@@ -270,11 +280,9 @@ pub async fn start(cfg: MeshConfig) -> Result<MeshHandle, String> {
         signature: Vec::new(),
     };
     membership::sign(&mut self_announce, &cfg.keypair);
-    let view: SharedView = Arc::new(RwLock::new(View::new(
-        peer_id,
-        self_announce,
-        cfg.timing.lost_after,
-    )));
+    let mut view = View::new(peer_id, self_announce, cfg.timing.lost_after);
+    view.refresh_floor_ms = cfg.timing.announce_interval.as_millis() as u64 * 60;
+    let view: SharedView = Arc::new(RwLock::new(view));
     // Room for a witness's answers to every member of a large run at once.
     let (cmd_tx, cmd_rx) = mpsc::channel(2048);
     let (ev_tx, _) = broadcast::channel(1024);

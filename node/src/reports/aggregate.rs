@@ -16,6 +16,7 @@ use stampede_protocol::named::NamedMetrics;
 use stampede_protocol::snapshot::{ErrorClass, Hist, Layout, Metrics, ERROR_CLASSES};
 
 use crate::engine::WorkerReport;
+use crate::reports::live::PackedMetrics;
 
 /// One second of one node, complete over all its workers.
 #[derive(Debug, Clone)]
@@ -142,10 +143,47 @@ fn one() -> u64 {
     1
 }
 
+/// A run's or a node's totals, kept encoded between additions ([`PackedMetrics`]).
+///
+/// In memory a histogram's counts array is as long as its highest value needs: 8 KB
+/// more per doubling of the worst latency, lag or iteration time, for ever, in every
+/// histogram of the run's and of each node's totals — a run's memory would rise in a
+/// step at each new worst stall. Encoded, a histogram takes a few bytes per distinct
+/// value recorded. An addition decodes, merges and re-encodes (once per node second);
+/// only the one being added to is decoded at a time, so the memory at a new worst
+/// value grows by one `Metrics`, not by one per node.
+#[derive(Debug, Clone)]
+pub struct Totals(PackedMetrics);
+
+impl Totals {
+    fn new(layout: &Layout) -> Totals {
+        Totals(PackedMetrics::of(&Metrics::new(layout)))
+    }
+
+    fn merge(&mut self, m: &Metrics) -> Result<(), stampede_protocol::snapshot::MetricsError> {
+        let mut t = self.get()?;
+        t.merge(m)?;
+        self.0 = PackedMetrics::of(&t);
+        Ok(())
+    }
+
+    /// The totals, decoded.
+    pub fn get(&self) -> Result<Metrics, stampede_protocol::snapshot::MetricsError> {
+        self.0.unpack().ok_or_else(|| {
+            stampede_protocol::snapshot::MetricsError::Decode("run totals unreadable".into())
+        })
+    }
+
+    /// The totals as encoded (what the live view keeps).
+    pub fn packed(&self) -> &PackedMetrics {
+        &self.0
+    }
+}
+
 /// Everything one node contributed.
 #[derive(Debug, Clone)]
 pub struct NodeTotals {
-    pub totals: Metrics,
+    pub totals: Totals,
     pub seconds: u64,
     pub last_second: Option<u64>,
     pub vus: u64,
@@ -160,7 +198,7 @@ const WINDOW: u64 = 5;
 /// The merged picture of a run, fed node seconds from any node in any order.
 pub struct RunAggregate {
     layout: Layout,
-    pub totals: Metrics,
+    pub totals: Totals,
     pub nodes: BTreeMap<String, NodeTotals>,
     pub timeline: Timeline,
 }
@@ -168,7 +206,7 @@ pub struct RunAggregate {
 impl RunAggregate {
     pub fn new(layout: Layout) -> RunAggregate {
         RunAggregate {
-            totals: Metrics::new(&layout),
+            totals: Totals::new(&layout),
             layout,
             nodes: BTreeMap::new(),
             timeline: Timeline::new(),
@@ -177,6 +215,16 @@ impl RunAggregate {
 
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// `t` (the run's totals or a node's) decoded. Our own encoding fails to decode
+    /// only through a bug: that is logged, and empty totals of the plan's layout stand
+    /// in rather than a panic.
+    pub fn metrics(&self, t: &Totals) -> Metrics {
+        t.get().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot read the run's totals back");
+            Metrics::new(&self.layout)
+        })
     }
 
     /// Adds one node's second. Fails only if the metrics come from another plan.
@@ -190,7 +238,7 @@ impl RunAggregate {
             .nodes
             .entry(node.to_string())
             .or_insert_with(|| NodeTotals {
-                totals: Metrics::new(layout),
+                totals: Totals::new(layout),
                 seconds: 0,
                 last_second: None,
                 vus: 0,
@@ -923,12 +971,12 @@ mod tests {
         .unwrap();
         total += 10;
         a.finish();
-        assert_eq!(a.totals.total_requests(), total);
+        assert_eq!(a.metrics(&a.totals).total_requests(), total);
         let tl = a.report_timeline();
         assert_eq!(tl.len(), 100);
         assert_eq!(tl.iter().map(|p| p.requests).sum::<u64>(), total);
         assert_eq!(tl[3].nodes, 3);
-        assert_eq!(a.nodes["c"].totals.total_requests(), 10);
+        assert_eq!(a.metrics(&a.nodes["c"].totals).total_requests(), 10);
     }
 
     /// Latencies of second `t` of node `n` (a few, varying so that buckets differ).
@@ -1082,6 +1130,70 @@ mod tests {
         assert_eq!(hour.max_us, merged_hour.0.max());
     }
 
+    /// Bytes the histograms of `m` take in memory: 8 per slot of each counts array.
+    fn hist_bytes_of(m: &Metrics) -> usize {
+        let hist = |h: &Hist| h.0.distinct_values() * 8;
+        m.series
+            .iter()
+            .map(|s| hist(&s.latency) + hist(&s.service))
+            .chain(
+                m.scenarios
+                    .iter()
+                    .map(|s| hist(&s.schedule_lag) + hist(&s.iteration_duration)),
+            )
+            .sum()
+    }
+
+    /// The run's and its nodes' totals live as long as the run and meet its worst
+    /// stalls: kept encoded, they do not take 8 KB more per histogram at each doubling
+    /// of the worst latency, and their percentiles stay exact.
+    #[test]
+    fn totals_do_not_grow_with_the_worst_latency() {
+        let mut a = RunAggregate::new(layout());
+        let mut merged = Hist::default();
+        let (mut held, mut in_memory) = (Vec::new(), Vec::new());
+        let held_now = |a: &RunAggregate| {
+            a.totals.packed().len()
+                + a.nodes
+                    .values()
+                    .map(|n| n.totals.packed().len())
+                    .sum::<usize>()
+        };
+        // Three nodes for ten minutes; every 50 s a new worst latency, lag and
+        // iteration time on one of them, 4 ms up to 8 s.
+        for t in 0..600u64 {
+            for (i, node) in ["a", "b", "c"].iter().enumerate() {
+                let mut s = second_of(t, i as u64 + 1);
+                if t % 50 == 25 && i == t as usize % 3 {
+                    let worst = 1_000u64 << (2 + t / 50);
+                    s.metrics.series[0].latency.record(worst);
+                    s.metrics.scenarios[0].schedule_lag.record(worst);
+                    s.metrics.scenarios[0].iteration_duration.record(worst);
+                }
+                merged.add(&s.metrics.series[0].latency);
+                a.add(node, &s).unwrap();
+            }
+            if t % 50 == 40 {
+                held.push(held_now(&a));
+                let decoded = hist_bytes_of(&a.metrics(&a.totals))
+                    + a.nodes
+                        .values()
+                        .map(|n| hist_bytes_of(&a.metrics(&n.totals)))
+                        .sum::<usize>();
+                in_memory.push(decoded);
+            }
+        }
+        let grew = |v: &[usize]| v.iter().max().unwrap() - v[0];
+        eprintln!("bytes of the totals, encoded: {held:?}; in memory: {in_memory:?}");
+        // The control: in memory, the same totals grew by 8 KB per doubling in each of
+        // their histograms that met the new worst value.
+        assert!(grew(&in_memory) > 200 * 1024, "in memory: {in_memory:?}");
+        assert!(grew(&held) < 8 * 1024, "kept totals grew: {held:?}");
+        let totals = a.metrics(&a.totals);
+        assert_eq!(totals.series[0].latency, merged);
+        assert_eq!(totals.series[0].latency.0.max(), merged.0.max());
+    }
+
     /// A second that arrives after its bucket closed still counts exactly.
     #[test]
     fn late_seconds_count_in_closed_buckets() {
@@ -1098,7 +1210,7 @@ mod tests {
             .sum::<u64>()
             + values(3, 2).len() as u64;
         assert_eq!(tl.iter().map(|p| p.requests).sum::<u64>(), want);
-        assert_eq!(a.totals.total_requests(), want);
+        assert_eq!(a.metrics(&a.totals).total_requests(), want);
         let b = a.report_node_timeline("b");
         assert_eq!(
             b.iter().map(|p| p.requests).sum::<u64>(),

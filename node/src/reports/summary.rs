@@ -246,9 +246,10 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
         stats(&s, iterations, dropped, dur)
     };
     let all = |_: usize| true;
-    let iterations: u64 = agg.totals.scenarios.iter().map(|s| s.iterations).sum();
-    let dropped: u64 = agg.totals.scenarios.iter().map(|s| s.dropped).sum();
-    let totals = stats_of(&agg.totals, &all, iterations, dropped);
+    let run_totals = agg.metrics(&agg.totals);
+    let iterations: u64 = run_totals.scenarios.iter().map(|s| s.iterations).sum();
+    let dropped: u64 = run_totals.scenarios.iter().map(|s| s.dropped).sum();
+    let totals = stats_of(&run_totals, &all, iterations, dropped);
 
     let mut requests = BTreeMap::new();
     let mut names: Vec<&str> = layout.series.iter().map(|k| k.step_name.as_str()).collect();
@@ -269,9 +270,9 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
                     .iter()
                     .any(|k| k.scenario == *sc && k.flow == *f && k.step_name == name)
             })
-            .map(|(slot, _)| agg.totals.flow_iterations[slot])
+            .map(|(slot, _)| run_totals.flow_iterations[slot])
             .sum();
-        requests.insert(name.to_string(), stats_of(&agg.totals, &pick, its, 0));
+        requests.insert(name.to_string(), stats_of(&run_totals, &pick, its, 0));
     }
     let mut flows = BTreeMap::new();
     for (fi, fname) in layout.flows.iter().enumerate() {
@@ -281,17 +282,17 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
             .iter()
             .enumerate()
             .filter(|(_, (_, f))| *f == fi)
-            .map(|(slot, _)| agg.totals.flow_iterations[slot])
+            .map(|(slot, _)| run_totals.flow_iterations[slot])
             .sum();
-        flows.insert(fname.clone(), stats_of(&agg.totals, &pick, its, 0));
+        flows.insert(fname.clone(), stats_of(&run_totals, &pick, its, 0));
     }
     let mut scenarios = BTreeMap::new();
     for (si, sname) in layout.scenarios.iter().enumerate() {
         let pick = |i: usize| layout.series[i].scenario == si;
-        let sc = &agg.totals.scenarios[si];
+        let sc = &run_totals.scenarios[si];
         scenarios.insert(
             sname.clone(),
-            stats_of(&agg.totals, &pick, sc.iterations, sc.dropped),
+            stats_of(&run_totals, &pick, sc.iterations, sc.dropped),
         );
     }
 
@@ -311,16 +312,17 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
                 ..Default::default()
             });
         cpu = cpu.max(info.cpu);
-        let its: u64 = nt.totals.scenarios.iter().map(|s| s.iterations).sum();
-        let dr: u64 = nt.totals.scenarios.iter().map(|s| s.dropped).sum();
-        let st = stats_of(&nt.totals, &all, its, dr);
+        let node_totals = agg.metrics(&nt.totals);
+        let its: u64 = node_totals.scenarios.iter().map(|s| s.iterations).sum();
+        let dr: u64 = node_totals.scenarios.iter().map(|s| s.dropped).sum();
+        let st = stats_of(&node_totals, &all, its, dr);
         for (k, v) in &info.labels {
             let m = by_label
                 .entry(k.clone())
                 .or_default()
                 .entry(v.clone())
                 .or_insert_with(|| Metrics::new(layout));
-            let _ = m.merge(&nt.totals);
+            let _ = m.merge(&node_totals);
         }
         nodes.push(NodeSummary {
             id: info.id.clone(),
@@ -353,7 +355,7 @@ pub fn build(agg: &RunAggregate, input: SummaryInput<'_>) -> Summary {
         .collect();
 
     let mut lag = Hist::default();
-    for s in &agg.totals.scenarios {
+    for s in &run_totals.scenarios {
         lag.add(&s.schedule_lag);
     }
     let lag = LagSummary {
@@ -461,9 +463,8 @@ pub fn evaluate(
     let f = &t.filter;
     // Which metrics to read: all nodes, or only those the node/label tags name.
     let node_filtered = f.node.is_some() || f.label.is_some();
-    let mut merged;
-    let source: &Metrics = if node_filtered {
-        merged = Metrics::new(layout);
+    let merged = if node_filtered {
+        let mut merged = Metrics::new(layout);
         for (id, nt) in &agg.nodes {
             let info = nodes.iter().find(|n| n.id == *id);
             let name_ok = f
@@ -475,13 +476,14 @@ pub fn evaluate(
                 .as_ref()
                 .is_none_or(|(k, v)| info.is_some_and(|i| i.labels.get(k) == Some(v)));
             if name_ok && label_ok {
-                let _ = merged.merge(&nt.totals);
+                let _ = merged.merge(&agg.metrics(&nt.totals));
             }
         }
-        &merged
+        merged
     } else {
-        &agg.totals
+        agg.metrics(&agg.totals)
     };
+    let source = &merged;
     let series_ok = |i: usize| series_matches(layout, i, t);
     let mut s = SeriesStats::default();
     for (i, st) in source.series.iter().enumerate() {

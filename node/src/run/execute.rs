@@ -19,7 +19,6 @@ use crate::engine::{Engine, LiveAssignment, RunSpec, Split, Stop};
 use crate::http::Shared;
 use crate::mesh::MeshCommand;
 use crate::reports::aggregate::{NodeCollector, NodeSecond};
-use crate::reports::live::PackedMetrics;
 use crate::reports::summary::{self, Event, NodeInfo, SummaryInput};
 use crate::run::embedded::client_settings;
 
@@ -217,8 +216,8 @@ impl Driver {
         *cpu = cpu.max(s.cpu);
         let node_point = crate::reports::aggregate::point(s.seq, &second.metrics, s.vus, 1);
         let latest = agg.latest_complete(live_nodes);
-        let totals = PackedMetrics::of(&agg.totals);
-        let node_totals = agg.nodes.get(&s.node).map(|n| PackedMetrics::of(&n.totals));
+        let totals = agg.totals.packed().clone();
+        let node_totals = agg.nodes.get(&s.node).map(|n| n.totals.packed().clone());
         // The coarse history of a long run (before the live view's recent minutes) is
         // rebuilt once a minute of run time, keyed by node name for the dashboard.
         let minute = agg.end() / 60;

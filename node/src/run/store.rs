@@ -44,8 +44,10 @@ impl RunStore {
             Err(p) => p.into_inner(),
         };
         if self.results.is_some() {
-            if let Some(old) = s.seq.checked_sub(RECENT_SECONDS) {
-                store.remove(&(s.run_id.clone(), old));
+            // Every older second, not just the one that just left the window: a second
+            // that was never kept (skipped) must not pin its predecessors.
+            if let Some(oldest) = s.seq.checked_sub(RECENT_SECONDS) {
+                store.retain(|(run, seq), _| *run != s.run_id || *seq > oldest);
             }
         }
         store.insert((s.run_id.clone(), s.seq), s);
@@ -168,6 +170,28 @@ mod tests {
             vec![3u8; 16]
         );
         assert_eq!(missing, vec![10_000]);
+    }
+
+    /// A second the node skipped (no snapshot kept for it) does not leave the one
+    /// before the window's edge in memory for the rest of the run.
+    #[test]
+    fn seconds_around_a_skipped_one_leave_memory_too() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = RunStore::with_results(crate::reports::results::Results::new(tmp.path()));
+        for seq in (0..(3 * RECENT_SECONDS)).filter(|s| *s != RECENT_SECONDS + 5) {
+            store.keep(SnapshotMessage {
+                run_id: "r".into(),
+                node: "me".into(),
+                seq,
+                vus: 1,
+                cpu: 0.0,
+                metrics: vec![0; 4],
+            });
+        }
+        let stored = store.snapshots.lock().unwrap();
+        let oldest = stored.keys().map(|(_, seq)| *seq).min();
+        assert_eq!(oldest, Some(2 * RECENT_SECONDS));
+        assert_eq!(stored.len(), RECENT_SECONDS as usize);
     }
 
     /// A re-fetch answer says which asked seconds the node does not have, and stops

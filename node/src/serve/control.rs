@@ -335,6 +335,10 @@ async fn handle(stream: tokio::net::TcpStream, state: &ControlState) -> std::io:
 }
 
 /// Starts a run and streams its progress as event lines; the reply carries the summary.
+///
+/// The run driver's lines are taken off its channel at once and wait in a
+/// [`ProgressQueue`] while the client reads: a CLI that stops reading (suspended,
+/// piped into a pager) costs the node at most that queue, whatever the run's length.
 async fn stream_run<W: tokio::io::AsyncWrite + Unpin>(
     wr: &mut W,
     state: &ControlState,
@@ -351,30 +355,98 @@ async fn stream_run<W: tokio::io::AsyncWrite + Unpin>(
     if state.coordinator.send(cmd).await.is_err() {
         return Ok(Reply::err("the node's run coordinator is not running"));
     }
-    loop {
-        tokio::select! {
-            line = progress_rx.recv() => {
-                if let Some(line) = line {
-                    let mut out = serde_json::to_vec(&serde_json::json!({ "event": line }))
-                        .unwrap_or_default();
-                    out.push(b'\n');
-                    wr.write_all(&out).await?;
+    let queue = std::sync::Mutex::new(ProgressQueue::default());
+    let queued = tokio::sync::Notify::new();
+    let result = {
+        let relay = async {
+            while let Some(line) = progress_rx.recv().await {
+                lock_queue(&queue).push(line);
+                queued.notify_one();
+            }
+            std::future::pending::<()>().await
+        };
+        // Writes whole lines only: it is never cancelled inside a write.
+        let writer = async {
+            loop {
+                let next = lock_queue(&queue).lines.pop_front();
+                match next {
+                    Some(line) => write_event(wr, &line).await?,
+                    None => tokio::select! {
+                        _ = queued.notified() => {}
+                        result = &mut done_rx => return Ok::<_, std::io::Error>(result),
+                    },
                 }
             }
-            result = &mut done_rx => {
-                // Lines queued before the end go out first.
-                while let Ok(line) = progress_rx.try_recv() {
-                    let mut out = serde_json::to_vec(&serde_json::json!({ "event": line })).unwrap_or_default();
-                    out.push(b'\n');
-                    wr.write_all(&out).await?;
-                }
-                return Ok(match result {
-                    Ok(Ok(summary)) => Reply::ok(serde_json::to_value(summary).unwrap_or_default()),
-                    Ok(Err(e)) => Reply::err(e),
-                    Err(_) => Reply::err("the run ended without a result"),
-                });
+        };
+        tokio::select! {
+            result = writer => result?,
+            _ = relay => unreachable!("the relay never ends"),
+        }
+    };
+    // Lines sent before the end go out first.
+    while let Ok(line) = progress_rx.try_recv() {
+        lock_queue(&queue).push(line);
+    }
+    let (lines, dropped) = {
+        let mut q = lock_queue(&queue);
+        (std::mem::take(&mut q.lines), q.dropped)
+    };
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            "the CLI read too slowly: its oldest run events were dropped"
+        );
+    }
+    for line in lines {
+        write_event(wr, &line).await?;
+    }
+    Ok(match result {
+        Ok(Ok(summary)) => Reply::ok(serde_json::to_value(summary).unwrap_or_default()),
+        Ok(Err(e)) => Reply::err(e),
+        Err(_) => Reply::err("the run ended without a result"),
+    })
+}
+
+async fn write_event<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    line: &serde_json::Value,
+) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(&serde_json::json!({ "event": line })).unwrap_or_default();
+    out.push(b'\n');
+    wr.write_all(&out).await
+}
+
+/// Most lines a run's client may have waiting to be written.
+const PROGRESS_QUEUE: usize = 256;
+
+/// Lines waiting for the client. A progress line says the whole run so far, so a newer
+/// one replaces any still waiting; run events beyond [`PROGRESS_QUEUE`] push out the
+/// oldest (counted). The final summary never goes through here.
+#[derive(Default)]
+struct ProgressQueue {
+    lines: std::collections::VecDeque<serde_json::Value>,
+    dropped: u64,
+}
+
+impl ProgressQueue {
+    fn push(&mut self, line: serde_json::Value) {
+        if line.get("progress").is_some() {
+            if let Some(i) = self.lines.iter().position(|l| l.get("progress").is_some()) {
+                self.lines.remove(i);
             }
         }
+        if self.lines.len() >= PROGRESS_QUEUE {
+            self.lines.pop_front();
+            self.dropped += 1;
+        }
+        self.lines.push_back(line);
+    }
+}
+
+fn lock_queue(q: &std::sync::Mutex<ProgressQueue>) -> std::sync::MutexGuard<'_, ProgressQueue> {
+    match q.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
 
@@ -672,8 +744,8 @@ mod tests {
         assert_eq!(body.bundle, bundle);
     }
 
-    /// A real control endpoint on 127.0.0.1 (no coordinator behind it) and its address.
-    async fn endpoint() -> std::net::SocketAddr {
+    /// A control state whose coordinator is `coordinator`'s other end.
+    fn state(coordinator: mpsc::Sender<crate::run::CoordCommand>) -> ControlState {
         use stampede_protocol::mesh::{Announce, NodeState, PROTOCOL_VERSION};
         let me = libp2p::PeerId::random();
         let announce = Announce {
@@ -695,22 +767,89 @@ mod tests {
             Duration::from_secs(3),
         )));
         let (commands, _) = mpsc::channel(1);
+        ControlState {
+            token: "secret".into(),
+            view,
+            commands,
+            coordinator,
+            results: crate::reports::results::Results::new(
+                &std::env::temp_dir().join("stampede-fuzz-control"),
+            ),
+        }
+    }
+
+    /// A real control endpoint on 127.0.0.1 (no coordinator behind it) and its address.
+    async fn endpoint() -> std::net::SocketAddr {
         let (coordinator, _) = mpsc::channel(1);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(
-            listener,
-            ControlState {
-                token: "secret".into(),
-                view,
-                commands,
-                coordinator,
-                results: crate::reports::results::Results::new(
-                    &std::env::temp_dir().join("stampede-fuzz-control"),
-                ),
-            },
-        ));
+        tokio::spawn(serve(listener, state(coordinator)));
         addr
+    }
+
+    /// A CLI that does not read while a long run streams: the node keeps a bounded
+    /// queue (the newest progress line, the newest run events), then the summary.
+    #[tokio::test]
+    async fn a_client_that_does_not_read_costs_a_bounded_queue_and_still_gets_the_summary() {
+        let (coordinator, mut commands) = mpsc::channel(1);
+        let state = state(coordinator);
+        // A pipe of 64 bytes that nobody reads until the run is over.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let bundle = stampede_protocol::run::Bundle {
+            plan_name: "p.toml".into(),
+            plan: String::new(),
+            files: Default::default(),
+        };
+        let stream = tokio::spawn(async move {
+            stream_run(&mut server, &state, bundle, Default::default())
+                .await
+                .map(|r| serde_json::to_value(r).unwrap())
+        });
+        let Some(crate::run::CoordCommand::Start { client: link, .. }) = commands.recv().await
+        else {
+            panic!("no run started");
+        };
+        let (progress, events) = (10_000u64, 1_000u64);
+        for i in 0..progress {
+            link.progress
+                .send(serde_json::json!({ "progress": i }))
+                .unwrap();
+            if i < events {
+                link.progress
+                    .send(serde_json::json!({ "run_event": i }))
+                    .unwrap();
+            }
+            if i % 100 == 0 {
+                // Give the relay a turn, as the driver's pace would.
+                tokio::task::yield_now().await;
+            }
+        }
+        // The run's result (a failure here: it goes the same way as a summary).
+        let _ = link.done.send(Err("the run's result".into()));
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_string(&mut text))
+            .await
+            .expect("the stream ends")
+            .unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), stream)
+            .await
+            .expect("the stream ends")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply["error"], "the run's result", "{reply}");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(
+            lines.len() <= PROGRESS_QUEUE + 2,
+            "{} lines were kept for a client that did not read",
+            lines.len()
+        );
+        // The newest of each kind made it.
+        let last = |kind: &str| lines.iter().rev().find_map(|l| l["event"][kind].as_u64());
+        assert_eq!(last("progress"), Some(progress - 1));
+        assert_eq!(last("run_event"), Some(events - 1));
     }
 
     /// Sends `bytes`, closes the sending side, and returns what the node answered.

@@ -11,6 +11,8 @@ use stampede_protocol::machine::Timing;
 use stampede_tools::sim::check::{witness_majority_down, INVARIANTS};
 use stampede_tools::sim::engine::Plan;
 use stampede_tools::sim::faults::FaultKind;
+use stampede_tools::sim::membership::{simulate, MembershipSetup};
+use stampede_tools::sim::segments::{measure, SegmentsSetup};
 use stampede_tools::sim::{run_one, Flaw, Setup};
 
 #[derive(Parser, Debug)]
@@ -51,6 +53,31 @@ struct Args {
     /// Print the trace of every schedule, not just of violations.
     #[arg(long)]
     verbose: bool,
+    /// Simulate membership (SWIM over gossip, tools/src/sim/membership.rs) instead of a
+    /// run, at 100, 300 and --nodes nodes (those up to --nodes): one line per figure.
+    #[arg(long)]
+    membership: bool,
+    /// --membership: simulated seconds (a cold start, the idle window, then the kill 20 s
+    /// before the end).
+    #[arg(long, default_value_t = 90)]
+    seconds: u64,
+    /// --membership: nodes killed at once.
+    #[arg(long, default_value_t = 1)]
+    kill: usize,
+    /// --membership: one-way link latency in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    latency_ms: u64,
+    /// --membership: probability that a TCP segment is lost (resent after an RTO).
+    #[arg(long, default_value_t = 0.01)]
+    loss: f64,
+    /// Split the seed's 5,000,000 VUs and 5,000,000 arrivals over --nodes members
+    /// (tools/src/sim/segments.rs): time to compute the split and the size of every
+    /// message that carries it, one line per figure.
+    #[arg(long)]
+    segments: bool,
+    /// --segments: moves (lost members) in the failover version.
+    #[arg(long, default_value_t = 10)]
+    moves: usize,
     /// Print each schedule's control-traffic figures (real encoded message sizes):
     /// bytes per second per node (mean and busiest), messages per second per node,
     /// and the time from the trigger to the first iteration started.
@@ -74,6 +101,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<bool, String> {
+    if args.membership {
+        return membership(args);
+    }
+    if args.segments {
+        return segments(args);
+    }
     if !(3..=1000).contains(&args.nodes) {
         return Err(format!("--nodes {}: must be 3 to 1000", args.nodes));
     }
@@ -176,6 +209,78 @@ fn run(args: &Args) -> Result<bool, String> {
         began.elapsed().as_secs_f64()
     );
     Ok(violations == 0)
+}
+
+/// Idle traffic per node the issue allows (bytes/s).
+const IDLE_GOAL: f64 = 5000.0;
+
+fn membership(args: &Args) -> Result<bool, String> {
+    let began = Instant::now();
+    let mut sizes: Vec<usize> = [100, 300].into_iter().filter(|&n| n < args.nodes).collect();
+    sizes.push(args.nodes);
+    let mut ok = true;
+    let mut idle = Vec::new();
+    for &nodes in &sizes {
+        let setup = MembershipSetup {
+            nodes,
+            seconds: args.seconds,
+            kill: args.kill,
+            kill_at_s: args.seconds.saturating_sub(20),
+            ramp_s: 5,
+            latency_us: args.latency_ms.saturating_mul(1000),
+            loss: args.loss,
+            seed: args.seed.unwrap_or(args.first_seed),
+        };
+        let f = simulate(&setup)?;
+        for line in f.lines() {
+            println!("{line}");
+        }
+        ok &= f.window_s > 0.0
+            && f.idle_bytes_mean <= IDLE_GOAL
+            && (args.kill == 0 || f.all_lost_s.is_some());
+        idle.push(format!("{:.2}", f.idle_bytes_mean / 1000.0));
+    }
+    println!(
+        "stampede-sim --membership: idle KB/s per node at {} nodes: {} (goal <= {} KB/s, constant in N); {} ({:.1} s)",
+        sizes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join("/"),
+        idle.join("/"),
+        IDLE_GOAL / 1000.0,
+        if ok { "ok" } else { "GOAL MISSED or no full view" },
+        began.elapsed().as_secs_f64()
+    );
+    Ok(ok)
+}
+
+fn segments(args: &Args) -> Result<bool, String> {
+    let began = Instant::now();
+    let figures = measure(&SegmentsSetup {
+        nodes: args.nodes,
+        vus: 5_000_000,
+        arrivals: 5_000_000,
+        moves: args.moves,
+    })?;
+    let mut ok = true;
+    for f in &figures {
+        println!(
+            "{}: {}{}",
+            f.name,
+            f.value,
+            if f.ok { "" } else { "  <-- FAILED" }
+        );
+        ok &= f.ok;
+    }
+    println!(
+        "stampede-sim --segments: {} figures for {} members, {} ({:.1} s)",
+        figures.len(),
+        args.nodes,
+        if ok {
+            "all within bounds"
+        } else {
+            "SOME FAILED"
+        },
+        began.elapsed().as_secs_f64()
+    );
+    Ok(ok)
 }
 
 /// One line per figure of a schedule's control traffic, averaged over the time from

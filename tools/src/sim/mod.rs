@@ -14,6 +14,8 @@
 pub mod check;
 pub mod engine;
 pub mod faults;
+pub mod membership;
+pub mod segments;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
