@@ -45,6 +45,7 @@ impl RunMachine {
             return;
         }
         arrived.insert(j, detail.clone());
+        self.complete_here = None;
         if let (Barrier::Finished, Some(error)) = (&barrier, &detail.error) {
             let node = self.roster[j].name.clone();
             self.event(

@@ -160,10 +160,17 @@ impl RunMachine {
         }
 
         let complete: Vec<Barrier> = if witness {
-            Barrier::ALL
-                .into_iter()
-                .filter(|b| self.barrier_complete(*b))
-                .collect()
+            match &self.complete_here {
+                Some(c) => c.clone(),
+                None => {
+                    let c: Vec<Barrier> = Barrier::ALL
+                        .into_iter()
+                        .filter(|b| self.barrier_complete(*b))
+                        .collect();
+                    self.complete_here = Some(c.clone());
+                    c
+                }
+            }
         } else {
             Vec::new()
         };
@@ -276,6 +283,7 @@ impl RunMachine {
             p.gone = false;
         }
         if was_gone {
+            self.complete_here = None;
             let (node, id) = (self.roster[j].name.clone(), self.roster[j].id.clone());
             self.event(now, RunEvent::NodeReturned { node, id });
         }
@@ -396,13 +404,21 @@ impl RunMachine {
                     p.gone = true;
                 }
             }
+            self.complete_here = None;
             return;
         };
         // A member that is not a witness hears only the witnesses, and its fences
-        // would count for nothing.
+        // would count for nothing: it watches the witnesses alone (this runs on every
+        // tick of every member, so it must not walk the roster there).
         let witness = self.witness(me);
-        for j in 0..self.peers.len() {
-            if j == me || !(witness || self.witness(j)) {
+        let watched = if witness {
+            self.peers.len()
+        } else {
+            self.witnesses.len()
+        };
+        for x in 0..watched {
+            let j = if witness { x } else { self.witnesses[x] };
+            if j == me || j >= self.peers.len() {
                 continue;
             }
             let p = &self.peers[j];
@@ -411,6 +427,7 @@ impl RunMachine {
             }
             if !p.gone {
                 self.peers[j].gone = true;
+                self.complete_here = None;
                 let last = self.seen[j].last();
                 let (node, id) = (self.roster[j].name.clone(), self.roster[j].id.clone());
                 self.event(
@@ -509,14 +526,15 @@ impl RunMachine {
         if need == 0 {
             return Some((u64::MAX, vec![u64::MAX; self.counted.len()]));
         }
+        // Only witnesses echo (at most seven): this runs on every heartbeat taken, so
+        // it must not walk the whole roster.
         let mut echoes: Vec<u64> = self
-            .peers
+            .witnesses
             .iter()
-            .enumerate()
-            .filter(|(j, p)| {
-                *j != me && self.witness(*j) && p.echo_of_me > 0 && p.echo_digest == self.digest
-            })
-            .map(|(_, p)| p.echo_of_me)
+            .filter(|&&j| j != me)
+            .filter_map(|&j| self.peers.get(j))
+            .filter(|p| p.echo_of_me > 0 && p.echo_digest == self.digest)
+            .map(|p| p.echo_of_me)
             .collect();
         if echoes.len() < need {
             return None;

@@ -449,6 +449,10 @@ pub struct RunMachine {
     witnesses: Vec<usize>,
     /// Barriers the witnesses say are complete (what a non-witness goes by).
     told_complete: BTreeSet<Barrier>,
+    /// The barriers complete here, as a witness's heartbeats tell them; worked out
+    /// again only after an arrival or a member going or coming back (a witness
+    /// answers a hundred members a second, and each check walks the roster).
+    complete_here: Option<Vec<Barrier>>,
     /// This node's own heartbeats: (stamp, digest, claims), newest last, the last
     /// few seconds.
     my_beats: std::collections::VecDeque<(u64, u64, Arc<Vec<u64>>)>,
@@ -541,6 +545,7 @@ impl RunMachine {
             fence_count: Vec::new(),
             witnesses: Vec::new(),
             told_complete: BTreeSet::new(),
+            complete_here: None,
             my_beats: Default::default(),
             counted: Vec::new(),
             my_claims: Arc::new(Vec::new()),

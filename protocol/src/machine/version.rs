@@ -93,14 +93,15 @@ pub enum Counted {
 }
 
 /// A run of slots of some member's pool that a member took over: ranks `first..` of
-/// `from`'s pool, spread by `spread` (survivor striping, this member's position).
-/// A member's own base share is a piece with `from` = itself and no spread.
+/// `from`'s pool, spread by `spread` (which of the split's survivor stripings, and
+/// this member's position in it). A member's own base share is a piece with `from`
+/// = itself and no spread.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Piece {
     pub from: usize,
     pub first: u64,
     pub count: u64,
-    pub spread: Option<(Striping, usize)>,
+    pub spread: Option<(usize, usize)>,
 }
 
 /// One counted scenario's work, member by member, after the moves.
@@ -113,6 +114,11 @@ pub struct CountedSplit {
     caps: Vec<Option<u64>>,
     /// By move: the claim a taken-over VU goes on from (PerVu only).
     floors: Vec<u64>,
+    /// The stripings that spread a lost member's pool over the survivors (Pool
+    /// only), one per move, which the pieces name: a copy in each of ~N pieces per
+    /// move made a hundred-node split with a few dozen moves tens of megabytes.
+    #[serde(default)]
+    spreads: Vec<Striping>,
 }
 
 impl CountedSplit {
@@ -137,7 +143,10 @@ impl CountedSplit {
                 if r < p.count {
                     next = Some(match &p.spread {
                         None => return Some((node, p.first + r)),
-                        Some((st, pos)) => (p.from, p.first.checked_add(st.nth_owned(*pos, r)?)?),
+                        Some((k, pos)) => {
+                            let st = self.spreads.get(*k)?;
+                            (p.from, p.first.checked_add(st.nth_owned(*pos, r)?)?)
+                        }
                     });
                     break;
                 }
@@ -216,6 +225,7 @@ fn base_counted(kind: Counted, base: &Striping) -> CountedSplit {
         pieces,
         caps: vec![None; n],
         floors: Vec::new(),
+        spreads: Vec::new(),
     }
 }
 
@@ -318,6 +328,8 @@ impl Version {
                         let kept = claim.unwrap_or(have).min(have);
                         pool.caps[lost] = Some(kept);
                         let rest = have - kept;
+                        let k = pool.spreads.len();
+                        pool.spreads.push(spread.clone());
                         for (pos, &(s, _)) in survivors.iter().enumerate() {
                             let count = spread.scale(pos, rest);
                             if count > 0 {
@@ -325,7 +337,7 @@ impl Version {
                                     from: lost,
                                     first: kept,
                                     count,
-                                    spread: Some((spread.clone(), pos)),
+                                    spread: Some((k, pos)),
                                 });
                             }
                         }
@@ -398,6 +410,37 @@ mod tests {
             claims,
             takers: member_set(takers),
         }
+    }
+
+    #[test]
+    fn a_large_splits_size_grows_with_its_moves_not_with_moves_times_members() {
+        // A hundred members, thirty lost one after another (a cut-off third of the
+        // mesh): every member holds this split, and its engine a copy. Each move's
+        // survivor striping is kept once, not once per survivor's piece (that made it
+        // ~10 MB, and a simulated hundred-node run 3 GB).
+        let counted = [
+            Counted::Pool {
+                iterations: 100_000,
+            },
+            Counted::PerVu { iterations: 10 },
+        ];
+        let v = Version {
+            id: VersionId::default(),
+            start_unix_us: 0,
+            moves: (0..30).map(|i| mv(i * 3, vec![10, 1], vec![])).collect(),
+        };
+        let s = v.split(&roster(100), &counted).unwrap();
+        let size = serde_json::to_vec(&s.counted).unwrap().len();
+        assert!(size < 1_000_000, "the counted split takes {size} bytes");
+        // Still every slot once.
+        let pool = &s.counted[0];
+        let mut seen = std::collections::BTreeSet::new();
+        for node in 0..100 {
+            for k in 0..pool.size(node) {
+                assert!(seen.insert(pool.slot(node, k).unwrap()));
+            }
+        }
+        assert_eq!(seen.len(), 100_000);
     }
 
     #[test]

@@ -124,7 +124,11 @@ pub fn check(w: &World) -> Vec<Violation> {
         .saturating_sub(start_at_virtual)
         .max(1_000_000);
     let lossy = w.schedule.loss > 0.0 || w.schedule.spike > 0.0;
-    if !lossy && w.schedule.delay_max < 50_000 {
+    // Progress needs a majority of the witnesses in touch: a schedule that took it
+    // away at any instant (a partition cutting 4 of 7 off, or one with a crash) may
+    // stop the run for good (docs/protocol.md §16), and only safety is checked.
+    let decidable = witness_majority_down(w).is_none();
+    if !lossy && w.schedule.delay_max < 50_000 && decidable {
         let from = plan.first_at_or_after(first_checked);
         let to = plan.first_at_or_after(plan.duration_us.saturating_sub(500_000));
         if let Some(k) = (from..to).find(|&k| w.starts[k as usize].is_empty()) {
@@ -141,7 +145,7 @@ pub fn check(w: &World) -> Vec<Violation> {
     // Counted work: once the takeover is done, every slot a live member holds in the
     // final split is started, when the run leaves time for it (a lost member's
     // unconfirmed-but-claimed work is lost with it, at most a second's worth).
-    if !lossy && w.schedule.delay_max < 50_000 && plan.vus > 0 {
+    if !lossy && w.schedule.delay_max < 50_000 && plan.vus > 0 && decidable {
         let work = plan.rounds * plan.iter_us;
         if recovered_from + work + 2_000_000 < plan.duration_us + start_at_virtual {
             if let Some(missed) = counted_unstarted(w) {
@@ -165,12 +169,17 @@ pub fn check(w: &World) -> Vec<Violation> {
             "members hold different rosters, so the election rule names different leaders".into(),
         );
     }
+    // Only the nodes still in the run once the faults were over can be held to the
+    // terms reached after them: a member moved away as an observer may leave long
+    // before (a member that is not a witness leaves as soon as its share is done and
+    // it hears no witness).
     let terms: BTreeSet<u64> = survivors
         .iter()
         .filter(|&&i| !w.nodes[i].roster.is_empty())
+        .filter(|&&i| w.nodes[i].done_at.is_some_and(|d| d >= recovered_from))
         .map(|&i| w.nodes[i].term_at_done)
         .collect();
-    if recovered_from + 5_000_000 < plan.duration_us && terms.len() > 1 {
+    if recovered_from + 5_000_000 < plan.duration_us && terms.len() > 1 && decidable {
         fail(
             "one-leader-per-term",
             format!("survivors ended in different terms: {terms:?}"),
@@ -193,7 +202,12 @@ pub fn check(w: &World) -> Vec<Violation> {
     }
     for &r in &reporters {
         let node = &w.nodes[r];
-        for &(j, s) in &node.merged {
+        for (j, s) in node
+            .merged
+            .iter()
+            .enumerate()
+            .flat_map(|(j, m)| m.iter().map(move |&s| (j, s)))
+        {
             if !w.nodes[j].published.contains(&s) {
                 fail(
                     "exact-accounting",
@@ -204,7 +218,7 @@ pub fn check(w: &World) -> Vec<Violation> {
         for j in 0..w.nodes.len() {
             let named = missing_of(&node.events, &format!("n{j}"));
             for &s in &w.nodes[j].published {
-                if !node.merged.contains(&(j, s)) && !named.covers(s) {
+                if !node.merged[j].contains(&s) && !named.covers(s) {
                     fail(
                         "exact-accounting",
                         format!("n{r}'s report lacks second {s} of n{j} and does not say so"),
@@ -241,6 +255,44 @@ pub fn check(w: &World) -> Vec<Violation> {
         }
     }
     out
+}
+
+/// The first instant (virtual µs) at which no majority of the run's witnesses could
+/// reach each other — crashed, paused, or split by a partition —, if there was one.
+/// A fault schedule hits at most a minority of the roster, but with more members
+/// than witnesses that minority may hold most of the witnesses.
+pub fn witness_majority_down(w: &World) -> Option<u64> {
+    let m = w.nodes.iter().find_map(|n| n.machine.as_ref())?;
+    let witnesses: Vec<usize> = m
+        .witnesses()
+        .iter()
+        .filter_map(|&r| w.index(&m.roster().get(r)?.id))
+        .collect();
+    let majority = m.witnesses().len() / 2 + 1;
+    let mut instants: Vec<u64> = w.schedule.faults.iter().map(Fault::start).collect();
+    instants.sort_unstable();
+    instants.into_iter().find(|&t| {
+        let up = |n: &usize| {
+            w.schedule.faults.iter().all(|f| match f {
+                Fault::Crash { node, at } => node != n || *at > t,
+                Fault::Pause { node, at, until } => node != n || t < *at || t >= *until,
+                Fault::Partition { .. } => true,
+            })
+        };
+        let alive: Vec<usize> = witnesses.iter().copied().filter(up).collect();
+        let side = w.schedule.faults.iter().find_map(|f| match f {
+            Fault::Partition { side, at, until } if *at <= t && t < *until => Some(side),
+            _ => None,
+        });
+        let largest = match side {
+            Some(side) => {
+                let inside = alive.iter().filter(|n| side.contains(n)).count();
+                inside.max(alive.len() - inside)
+            }
+            None => alive.len(),
+        };
+        largest < majority
+    })
 }
 
 /// The first counted iteration that a live member owns in the final split but never

@@ -82,7 +82,13 @@ struct CountedVu {
 pub struct Engine {
     pub running: bool,
     pub index: usize,
-    pub split: Option<Split>,
+    /// Set with `set_split`, which forgets what was worked out from the old one.
+    /// Shared, so that a step lends it without moving it.
+    split: Option<std::sync::Arc<Split>>,
+    /// The first event at or after `next` that this node owns in `split` (the plan's
+    /// total if none), once looked up: walking every event of the mesh on every node
+    /// asks `owner` N times per event, most of a large simulation's engine cost.
+    own_next: Option<u64>,
     /// Start instant on this node's wall clock.
     pub start_local_wall: u64,
     pub lease: Option<u64>,
@@ -119,6 +125,12 @@ pub struct Step {
 }
 
 impl Engine {
+    /// The split to run from now on (the first, or one after a version switch).
+    pub fn set_split(&mut self, split: Split) {
+        self.split = Some(std::sync::Arc::new(split));
+        self.own_next = None;
+    }
+
     /// Runs the engine up to this node's local clocks.
     pub fn step(&mut self, plan: &Plan, local_wall: u64, local_mono: u64) -> Step {
         let mut out = Step::default();
@@ -135,12 +147,23 @@ impl Engine {
             out.told_started = true;
         }
         let lease_ok = self.lease.is_some_and(|l| l > local_mono) && !self.stopped;
-        while self.next < plan.total() && plan.at(self.next) <= run_t {
-            let k = self.next;
-            if split.events.owner(k) != self.index {
-                self.next += 1;
-                continue;
+        let total = plan.total();
+        while self.next < total && plan.at(self.next) <= run_t {
+            let k = match self.own_next.filter(|&k| k >= self.next) {
+                Some(k) => k,
+                None => {
+                    let k = (split.events.owned_from(self.index, self.next).next())
+                        .map_or(total, |k| k.min(total));
+                    self.own_next = Some(k);
+                    k
+                }
+            };
+            if k >= total || plan.at(k) > run_t {
+                // The events due before it are others': passed, as one by one.
+                self.next = k.min(plan.first_at_or_after(run_t + 1));
+                break;
             }
+            self.next = k;
             if self.stopped {
                 self.next += 1;
                 continue;
@@ -162,9 +185,8 @@ impl Engine {
             out.started.push((k, run_t));
         }
         if lease_ok && plan.vus > 0 {
-            if let Some(split) = self.split.take() {
+            if let Some(split) = self.split.clone() {
                 self.counted(plan, &split, run_t, &mut out);
-                self.split = Some(split);
             }
         }
         let end = run_t >= plan.duration_us || self.stopped;
@@ -196,20 +218,20 @@ impl Engine {
         let size = pool.size(self.index);
         // Which VUs are here changes only with the split's moves: listing them is
         // the costly part of a step, so it is redone only then.
-        let moves: Vec<(usize, u64)> = (split.vus.reassignments().iter())
-            .map(|r| (r.lost, r.from_index))
-            .collect();
-        let fresh = moves != self.moves_seen || self.mine.is_none();
+        // (Compared in place, and the list taken out and put back, not copied: this
+        // runs every 5 ms on every node.)
+        let moves = (split.vus.reassignments().iter()).map(|r| (r.lost, r.from_index));
+        let fresh = self.mine.is_none() || !moves.clone().eq(self.moves_seen.iter().copied());
         if fresh {
-            self.moves_seen = moves;
+            self.moves_seen = moves.collect();
             self.mine = Some(
                 (split.vus.owned_from(self.index, 0))
                     .take_while(|&g| g < plan.vus)
                     .collect(),
             );
         }
-        let mine = self.mine.clone().unwrap_or_default();
-        for g in mine {
+        let mine = self.mine.take().unwrap_or_default();
+        for &g in &mine {
             let v = self.pool_vus.entry(g).or_insert(CountedVu {
                 busy_until: 0,
                 next: 0,
@@ -234,6 +256,7 @@ impl Engine {
                 v.busy_until = run_t + plan.iter_us;
             }
         }
+        self.mine = Some(mine);
     }
 
     /// The claims to ask for: what is claimed plus a second's worth.

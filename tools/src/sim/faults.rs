@@ -93,7 +93,9 @@ pub struct Schedule {
 impl Schedule {
     /// Draws a schedule for `nodes` nodes from the allowed kinds, with faults between
     /// `from` and `until` (µs of virtual time). Crashes, pauses and partitions never
-    /// take down a majority at once, so the run is expected to go on.
+    /// take down a majority of the roster at once; with more members than witnesses
+    /// they may still take most of the witnesses (`check::witness_majority_down`),
+    /// and the run is then expected to stay safe, not to go on.
     pub fn draw(
         rng: &mut SmallRng,
         nodes: usize,
