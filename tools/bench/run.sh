@@ -713,8 +713,10 @@ if [[ -s "$WORK/soak.json" ]]; then
     awk '{ printf "  %s", $1; for (i = 2; i <= NF; i++) printf " %s", $i; printf "\n" }' "$WORK/soak-rss.samples" | \
         awk 'NR % 4 == 1 || NR <= 2' 
     # Least-squares slope of each node's RSS against time after a warm-up, KiB/min.
+    # Only samples taken while the plan runs: the origin builds the report after it
+    # (a one-off of a few MB that it gives back), which is not growth per minute.
     soak_slope() {
-    awk -v warm="$1" '$1 >= warm {
+    awk -v warm="$1" -v end="$SOAK_S" '$1 >= warm && $1 <= end {
             n++; sx += $1; sxx += $1 * $1
             for (i = 2; i <= NF; i++) { sy[i] += $i; sxy[i] += $1 * $i; first[i] = (first[i] ? first[i] : $i); last[i] = $i }
             nf = NF
@@ -731,6 +733,7 @@ if [[ -s "$WORK/soak.json" ]]; then
             printf "RSS slope after %d s, worst node: %+.1f KiB/min (goal < 10)\n", warm, worst
         }' "$WORK/soak-rss.samples"
     }
+    awk -v end="$SOAK_S" '$1 > end { printf "RSS after the plan (the origin builds the report) at %d s:", $1; for (i = 2; i <= NF; i++) printf " %s", $i; printf " KiB\n" }' "$WORK/soak-rss.samples"
     soak_slope "$EARLY_WARM_S"
     soak_slope "$WARM_S"
     # Whole seconds inside the run (its start from the summary, the first and last
