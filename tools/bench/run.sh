@@ -724,7 +724,7 @@ if [[ -s "$WORK/soak.json" ]]; then
         END {
             if (n < 3) { print "RSS slope: too few samples after the warm-up"; exit }
             d = n * sxx - sx * sx
-            worst = 0
+            worst = -1e18
             for (i = 2; i <= nf; i++) {
                 slope = (n * sxy[i] - sx * sy[i]) / d * 60
                 if (slope > worst) worst = slope
