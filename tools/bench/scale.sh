@@ -73,8 +73,8 @@ SAMPLER_PID=""
 RUN_PID=""
 cleanup() {
     # Everything this script started, by pid: the sampler, a run's CLI, the nodes, the target.
-    [[ -n "$SAMPLER_PID" ]] && kill "$SAMPLER_PID" 2>/dev/null
-    [[ -n "$RUN_PID" ]] && kill "$RUN_PID" 2>/dev/null
+    if [[ -n "$SAMPLER_PID" ]]; then kill "$SAMPLER_PID" 2>/dev/null || true; fi
+    if [[ -n "$RUN_PID" ]]; then kill "$RUN_PID" 2>/dev/null || true; fi
     STAMPEDE_TESTNET_DIR="$TN" "$ROOT/testnet/local.sh" stop >/dev/null 2>&1 || true
     if [[ -n "$TARGET_PID" ]]; then
         kill "$TARGET_PID" 2>/dev/null || true
@@ -241,6 +241,12 @@ run_cells() { # N PIDS...
             echo "| failed ($why) | - | ${wall} s for ${PLAN_S} s | ${ctl_mean} KiB/s (max ${ctl_max}) | - vs ${target_n:-?} |"
             return
         fi
+    fi
+    if ! jq -e '.totals.requests and .nodes' "$out" >/dev/null 2>&1; then
+        echo "scale.sh: $n nodes: the run's summary ($out) is not the JSON expected (totals, nodes)" >&2
+        echo "run at $n nodes: summary unreadable; target counted ${target_n:-?}" >"$WORK/run-$n.detail"
+        echo "| summary unreadable | - | ${wall} s for ${PLAN_S} s | ${ctl_mean} KiB/s (max ${ctl_max}) | - vs ${target_n:-?} |"
+        return
     fi
     local t2fr="-"
     [[ -n "$first" ]] && t2fr=$(awk -v a="$t0" -v b="$first" 'BEGIN {printf "%.2f s", b - a}')
