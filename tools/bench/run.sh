@@ -13,8 +13,10 @@
 # `http2_streams_per_connection = 10`, vs `h2load -m10`), alternating round by round.
 # Not in the default set.
 #
-# `--only scale`: 10, 30 and 50 idle nodes (tools/bench/scale.sh): full-view time, idle
-# bytes/s, CPU and RSS per node, links per node. Not in the default set.
+# `--only scale`: 10, 30 and 50 nodes (tools/bench/scale.sh): full-view time, idle
+# bytes/s, CPU and RSS per node, links per node; then one 10 s run at 200 it/s across
+# all of them (trigger-to-first-request, start skew, wall time, run control traffic per
+# node, merged vs target); then stampede-sim's 1,000-node figures. Not in the default set.
 #
 # `--only ws [--short 5s]`: WebSocket echo round trips per CPU-second of stampede (one
 # worker on CPU 0) against stampede-target's /ws/orders (one thread on CPU 1), 50
@@ -50,7 +52,7 @@ LAG_RUNS=3
 DURATION_GIVEN=""
 
 usage() {
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -645,7 +647,7 @@ fi
 
 # --- scale: membership of 10, 30, 50 idle nodes (tools/bench/scale.sh) -------------
 if want scale; then
-    log "membership at scale: 10, 30 and 50 idle nodes on loopback (testnet/local.sh, release build)"
+    log "membership and one run at scale: 10, 30 and 50 nodes on loopback (testnet/local.sh, release build), then stampede-sim at 1,000"
     "$BENCH/scale.sh" --bin "$STAMPEDE"
 fi
 

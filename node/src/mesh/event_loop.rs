@@ -1,5 +1,6 @@
 //! The mesh event loop: one task owns the Swarm and reacts to its events, to commands
-//! from the rest of the node, and to one timer (check).
+//! from the rest of the node, and to one timer (check: every 250 ms while something
+//! waits on a deadline, every [`SETTLED_CHECK`] when nothing does).
 //!
 //! It holds a bounded set of connections: [`NEIGHBOURS`] links it chose at random among
 //! the members it knows alive, the links others chose to it, and short-lived ones (a
@@ -73,6 +74,30 @@ const JOIN_ANNOUNCES: u32 = 3;
 
 /// Lost members probed (dialed) per check, to notice a healed partition.
 const LOST_PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// The check's period when nothing waits on a short deadline (see [`check_every`]).
+/// An idle node's wake-ups are its cost (docs/benchmarks.md, membership at scale: a
+/// node's idle CPU is the scheduler's work of waking it, not the work done awake):
+/// checking four times a second a view in which nothing can change with time alone
+/// was four wake-ups a second for nothing. 1 s keeps the slow timers on time (the
+/// slow refresh, join re-announcements at 2/4/8 s, lost-member probes every 5 s, the
+/// prune grace of 10 s, the bootstrap retry of 2 s) to within a second.
+const SETTLED_CHECK: Duration = Duration::from_secs(1);
+
+/// The check's period: `fast` (lost_after / 8, at most 250 ms) while anything waits on
+/// a deadline of the order of `lost_after` — a suspicion running out, a neighbour's
+/// pings unanswered, a probe not yet connected, neighbours still to choose, no link at
+/// all — so that a lost member is declared within a quarter second of its deadline, as
+/// before; [`SETTLED_CHECK`] otherwise. A change of any of these comes with a swarm
+/// event or a command, after which the loop asks again, so a settled node never sleeps
+/// through one.
+pub(crate) fn check_every(settled: bool, fast: Duration) -> Duration {
+    if settled {
+        SETTLED_CHECK.max(fast)
+    } else {
+        fast
+    }
+}
 
 /// The reason `accept_gossip` gives for a message that is fine but not worth relaying.
 const IGNORE: &str = "stale suspicion";
@@ -185,10 +210,9 @@ impl EventLoop {
     }
 
     pub async fn run(mut self) {
-        let check_every = (self.timing.lost_after / 8)
+        let fast = (self.timing.lost_after / 8)
             .clamp(Duration::from_millis(50), Duration::from_millis(250));
-        let mut check = tokio::time::interval(check_every);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_check = tokio::time::Instant::now() + fast;
         loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => {
@@ -199,10 +223,28 @@ impl EventLoop {
                     None | Some(MeshCommand::Shutdown) => break,
                     Some(cmd) => self.on_command(cmd),
                 },
-                _ = check.tick() => self.check(),
+                _ = tokio::time::sleep_until(next_check) => {
+                    self.check();
+                    next_check = tokio::time::Instant::now() + check_every(self.settled(), fast);
+                    continue;
+                }
+            }
+            // An event may have started a deadline (a link closed, a suspicion heard):
+            // check again within `fast` of it, not only at the settled pace.
+            if !self.settled() {
+                next_check = next_check.min(tokio::time::Instant::now() + fast);
             }
         }
         self.leave().await;
+    }
+
+    /// Nothing waits on a short deadline (see [`check_every`]).
+    fn settled(&self) -> bool {
+        self.probing.is_empty()
+            && self.announces > JOIN_ANNOUNCES
+            && self.chosen.len() >= self.timing.neighbours
+            && self.swarm.connected_peers().next().is_some()
+            && self.view.read().map(|v| v.settled()).unwrap_or(false)
     }
 
     async fn leave(&mut self) {
@@ -1088,5 +1130,21 @@ fn stamp_clock_request(request: &mut MeshRequest) {
 fn stamp_clock_response(response: &mut MeshResponse) {
     if let MeshResponse::Run(RunResponse::Clock { received_us, .. }) = response {
         *received_us = Some(unix_us());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_check_is_fast_only_while_something_waits_on_a_deadline() {
+        let fast = Duration::from_millis(250);
+        assert_eq!(check_every(false, fast), fast);
+        assert_eq!(check_every(true, fast), SETTLED_CHECK);
+        // A lost_after so long that its fast check is slower than the settled one
+        // never makes a settled node check more often than an unsettled one.
+        let slow = Duration::from_secs(2);
+        assert_eq!(check_every(true, slow), slow);
     }
 }

@@ -156,6 +156,10 @@ pub struct View {
     epoch: Instant,
     /// The shortest interval of members' slow refresh (60 × announce_interval).
     pub refresh_floor_ms: u64,
+    /// Whether the last `refresh` found nothing about to change with time alone: no
+    /// suspicion running out, no neighbour past half of `lost_after` without a ping
+    /// answered, no record-less connection timing out. See [`View::settled`].
+    settled: bool,
 }
 
 /// Records the mesh re-announces per second when nothing changes (each node's refresh
@@ -176,7 +180,18 @@ impl View {
             liveness: Liveness::new(lost_after.as_millis() as u64),
             epoch: Instant::now(),
             refresh_floor_ms: 60_000,
+            settled: true,
         }
+    }
+
+    /// Whether, as of the last [`View::refresh`], no member's state is waiting on a
+    /// deadline shorter than a few seconds (a suspicion's `lost_after`, a neighbour whose
+    /// pings have gone unanswered for half of it, a record-less connection timing out).
+    /// The mesh event loop checks the view often only while this is false: a settled
+    /// view changes only on an event (a record, a suspicion, a link closing), and every
+    /// event refreshes it at once.
+    pub fn settled(&self) -> bool {
+        self.settled
     }
 
     fn ms(&self, now: Instant) -> u64 {
@@ -349,25 +364,34 @@ impl View {
         );
         self.liveness
             .tick(ms, expire.saturating_add(self.refresh_floor_ms));
+        let mut settled = true;
         for (peer, m) in self.members.iter_mut() {
             if !Self::is_shown(m) {
                 // A connection that never told us it is a stampede node: not a member.
                 continue;
             }
             let quiet = now.saturating_duration_since(m.last_heard);
+            let rumor = self.liveness.rumor(peer);
             let silent = if m.connections > 0 {
                 // A neighbour: our own pings judge it. A connection alone is not a sign
                 // of life: on a dead link it stays "open" until TCP gives up.
+                // Waiting between half of lost_after and lost_after; past it, this
+                // refresh makes the transition.
+                settled &= quiet <= lost_after / 2 || quiet > lost_after;
                 quiet > lost_after
             } else {
-                match self.liveness.rumor(peer) {
+                match rumor {
                     Some(Rumor::Lost { .. }) => true,
                     Some(_) => false,
                     // Known only from identify, never from a record: nobody can
                     // vouch for it once its connection is gone.
-                    None => quiet > lost_after / 2,
+                    None => {
+                        settled &= quiet > lost_after / 2;
+                        quiet > lost_after / 2
+                    }
                 }
             };
+            settled &= !matches!(rumor, Some(Rumor::Suspect { .. }));
             // A node that said it is leaving is gone as soon as its connections are.
             let leaving = matches!(&m.announce, Some(a) if a.state == NodeState::Leaving);
             let new = if silent || (leaving && m.connections == 0) {
@@ -404,6 +428,7 @@ impl View {
             }
             keep
         });
+        self.settled = settled;
         changes
     }
 
@@ -736,6 +761,63 @@ mod tests {
             MemberState::Alive
         );
         assert!(v.known_lost().is_empty());
+    }
+
+    /// The event loop checks the view four times a second only while it is not
+    /// settled: a suspicion running out, a neighbour's pings unanswered past half of
+    /// lost_after, a record-less connection about to time out each keep it unsettled,
+    /// and each deadline is met by the refresh that follows.
+    #[test]
+    fn the_view_is_settled_only_while_no_member_waits_on_a_deadline() {
+        let me = PeerId::random();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut v = View::new(me, ann(&me, "me", 1, PROTOCOL_VERSION), s(3));
+        assert!(v.settled(), "an empty view waits on nothing");
+        // A neighbour answering pings: settled; its pings unanswered for more than half
+        // of lost_after: not settled, until it is lost (a lost neighbour waits on nothing).
+        let n = PeerId::random();
+        v.heard_announce(n, ann(&n, "n", 1, PROTOCOL_VERSION), t0);
+        v.connected(n, t0);
+        v.refresh(t0 + Duration::from_millis(1_400));
+        assert!(v.settled());
+        v.refresh(t0 + Duration::from_millis(1_600));
+        assert!(!v.settled());
+        v.heard(n, t0 + Duration::from_millis(1_700));
+        v.refresh(t0 + Duration::from_millis(1_700));
+        assert!(v.settled(), "an answered ping settles it again");
+        assert!(v.refresh(t0 + Duration::from_millis(4_500)).is_empty());
+        assert!(!v.settled());
+        assert_eq!(v.refresh(t0 + s(5))[0].to, MemberState::Lost);
+        assert!(v.settled(), "lost: nothing left to wait for");
+        // A member known by its signed record only: settled while alive; a suspicion of
+        // that record keeps the view unsettled until it is refuted or runs out.
+        let key = Keypair::generate_ed25519();
+        let o = key.public().to_peer_id();
+        let now_us = stampede_protocol::run::unix_us();
+        let mut rec = ann(&o, "o", now_us, PROTOCOL_VERSION);
+        sign(&mut rec, &key);
+        assert_eq!(v.learned_announce(rec, t0 + s(10)), Some(o));
+        v.refresh(t0 + s(10));
+        assert!(v.settled());
+        assert!(v.suspected(o, now_us, t0 + s(11)));
+        v.refresh(t0 + s(11));
+        assert!(!v.settled(), "a suspicion runs out after lost_after");
+        v.refresh(t0 + Duration::from_millis(13_900));
+        assert!(!v.settled());
+        let ch = v.refresh(t0 + s(14));
+        assert_eq!((ch[0].peer, ch[0].to), (o, MemberState::Lost));
+        assert!(v.settled());
+        // A connection that identified but never announced times out at lost_after / 2
+        // once closed: unsettled until then.
+        let c = PeerId::random();
+        v.identified(c, PROTOCOL_VERSION, t0 + s(20));
+        v.connected(c, t0 + s(20));
+        v.disconnected(c, 0);
+        v.refresh(t0 + s(20));
+        assert!(!v.settled());
+        v.refresh(t0 + s(22));
+        assert!(v.settled());
     }
 
     #[test]
