@@ -114,6 +114,18 @@ impl Driver {
                 }
             }
             Effect::Merge { node, seq } => self.merge(run_id, &node, seq),
+            // Tree aggregation (docs/protocol.md §10) is proven in the simulator but
+            // not yet driven by this node: its machines run all-to-all (the default
+            // `Aggregation`), which never asks for these.
+            Effect::SendSnapshot { .. }
+            | Effect::Hold { .. }
+            | Effect::Forward { .. }
+            | Effect::MergeBatch { .. } => {
+                tracing::error!(
+                    run = run_id,
+                    "tree aggregation effect on a node that runs all-to-all"
+                );
+            }
             Effect::Fetch { node, seqs } => tasks::fetch_seconds(
                 self.mesh.clone(),
                 self.tasks_tx.clone(),

@@ -369,6 +369,7 @@ impl RunMachine {
             super::liveness::choose_witnesses(&self.roster, &self.run_id, &self.origin);
         self.seen = vec![Default::default(); n];
         self.absent = vec![Default::default(); n];
+        self.build_tree();
         self.term = 1;
         self.phase = Phase::Ready;
         if self.origin == self.me.id {
