@@ -205,6 +205,10 @@ pub enum RunMessage {
         run_id: String,
         members: Vec<RosterEntry>,
         refused: Vec<(String, String)>,
+        /// The fan-in of the run's snapshot aggregation tree, chosen by the origin;
+        /// 0 (or absent): every member's snapshots go all to all.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        fan_in: u32,
     },
     /// The run will not happen (refusals, too few nodes).
     Abort { run_id: String, reason: String },
@@ -271,6 +275,10 @@ pub enum RunMessage {
     Stop { run_id: String, reason: String },
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// A member's name and labels are held to what an announcement may carry.
 fn member_text(name: &str, labels: &BTreeMap<String, String>) -> Result<(), String> {
     use crate::mesh::{MAX_LABELS, MAX_TEXT};
@@ -315,10 +323,16 @@ impl RunMessage {
         validate_run_id(self.run_id())?;
         match self {
             RunMessage::Roster {
-                members, refused, ..
+                members,
+                refused,
+                fan_in,
+                ..
             } => {
                 if members.len() > MAX_MEMBERS || refused.len() > MAX_MEMBERS {
                     return Err("roster too large".into());
+                }
+                if *fan_in as usize > MAX_MEMBERS {
+                    return Err(format!("fan-in {fan_in} exceeds {MAX_MEMBERS}"));
                 }
                 if members.is_empty() {
                     return Err("empty roster".into());
@@ -799,6 +813,7 @@ mod tests {
                 weight,
             }],
             refused: vec![],
+            fan_in: 0,
         };
         assert!(roster(4).validate().is_ok());
         assert!(roster(MAX_WEIGHT + 1).validate().is_err());

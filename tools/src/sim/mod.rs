@@ -1040,6 +1040,7 @@ impl World {
             run_id: "sim-run".into(),
             members: m.roster().iter().rev().cloned().collect(),
             refused: vec![],
+            fan_in: 2,
         });
         forged.push(RunMessage::Stop {
             run_id: "other-run".into(),
