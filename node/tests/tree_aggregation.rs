@@ -88,7 +88,11 @@ fn a_run_aggregated_in_two_levels_counts_exactly() {
         "{}",
         show(&out)
     );
-    assert_eq!(s["totals"]["iterations"], 420);
+    // Every planned arrival is accounted for: run, or dropped late by a node starved
+    // of CPU (seven nodes and the target share two cores).
+    let ran = s["totals"]["iterations"].as_u64().unwrap();
+    let dropped = s["totals"]["dropped_iterations"].as_u64().unwrap();
+    assert_eq!(ran + dropped, 420, "ran {ran}, dropped {dropped}");
     assert_eq!(s["totals"]["failed"], 0);
     let k = kinds(&s);
     assert!(!k.iter().any(|k| k == "snapshots_missing"), "events {k:?}");

@@ -149,12 +149,15 @@ impl Driver {
         };
         b.covers.sort_unstable();
         if b.covers != covers {
+            // Only when a second it was told to hold did not decode: the merge says
+            // whom its measurements really hold, so that no node counts a member's
+            // second it lacks (that member's is fetched one by one at the end).
             tracing::error!(run = run_id, seq, held = ?b.covers, told = ?covers, "an aggregated second covers other members than the run machine holds");
         }
         let batch = BatchMessage {
             run_id: run_id.to_string(),
             seq,
-            covers: covers_bitmap(covers),
+            covers: covers_bitmap(&b.covers),
             vus: b.vus,
             cpu: b.cpu,
             metrics: b.metrics.encode(),
