@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 /// The version of the mesh protocol. Nodes with different versions see each other
 /// as `incompatible` and never run together.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest gossipsub message a node sends or accepts. Must be the same on every
 /// node (gossipsub drops larger messages silently), so it is a constant, not a setting.
@@ -74,6 +74,9 @@ pub enum GossipBody {
     Run(Box<crate::run::RunMessage>),
     /// A node's metrics for one second of a run (metrics topic).
     Snapshot(Box<crate::run::SnapshotMessage>),
+    /// The root's merge of one second of a run over its members (metrics topic;
+    /// aggregation in a tree, docs/protocol.md §10).
+    Batch(Box<crate::run::BatchMessage>),
     /// "My neighbour's record `seq` failed" (membership topic): its subject refutes with
     /// a newer record, or every node counts it lost after the suspicion timeout
     /// (`crate::membership`). Sent only by a neighbour that saw the failure itself.
@@ -306,6 +309,10 @@ impl Envelope {
                 reason,
             })?,
             GossipBody::Snapshot(_) => {}
+            GossipBody::Batch(b) => b.validate().map_err(|reason| DecodeError::Invalid {
+                field: "batch",
+                reason,
+            })?,
             GossipBody::Suspect(s) if s.subject.len() > MAX_TEXT => {
                 return Err(DecodeError::Invalid {
                     field: "subject",

@@ -205,6 +205,10 @@ pub enum RunMessage {
         run_id: String,
         members: Vec<RosterEntry>,
         refused: Vec<(String, String)>,
+        /// The fan-in of the run's snapshot aggregation tree, chosen by the origin;
+        /// 0 (or absent): every member's snapshots go all to all.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        fan_in: u32,
     },
     /// The run will not happen (refusals, too few nodes).
     Abort { run_id: String, reason: String },
@@ -271,6 +275,10 @@ pub enum RunMessage {
     Stop { run_id: String, reason: String },
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// A member's name and labels are held to what an announcement may carry.
 fn member_text(name: &str, labels: &BTreeMap<String, String>) -> Result<(), String> {
     use crate::mesh::{MAX_LABELS, MAX_TEXT};
@@ -315,10 +323,16 @@ impl RunMessage {
         validate_run_id(self.run_id())?;
         match self {
             RunMessage::Roster {
-                members, refused, ..
+                members,
+                refused,
+                fan_in,
+                ..
             } => {
                 if members.len() > MAX_MEMBERS || refused.len() > MAX_MEMBERS {
                     return Err("roster too large".into());
+                }
+                if *fan_in as usize > MAX_MEMBERS {
+                    return Err(format!("fan-in {fan_in} exceeds {MAX_MEMBERS}"));
                 }
                 if members.is_empty() {
                     return Err("empty roster".into());
@@ -456,6 +470,117 @@ pub struct SnapshotMessage {
     pub metrics: Vec<u8>,
 }
 
+/// Merged measurements of one second of a run over a set of its members (snapshot
+/// aggregation in a tree, docs/protocol.md §10): a member's own second (`covers` is
+/// itself), a group aggregator's merge of its group, or the root's merge of the whole
+/// run. Sent directly (`RunRequest::Batch`) up the tree, and gossiped on the metrics
+/// topic by the root. Its size does not grow with the run's members beyond the
+/// `covers` bitmap (128 bytes at [`MAX_MEMBERS`]): per-member figures stay with the
+/// member and reach the report at the end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchMessage {
+    pub run_id: String,
+    /// The second of the run it covers.
+    pub seq: u64,
+    /// The roster indices whose second `seq` it holds, as a bitmap: bit `i % 8` of
+    /// byte `i / 8`. At most `MAX_MEMBERS / 8` bytes and at least one bit set.
+    #[serde(with = "bitmap_bytes")]
+    pub covers: Vec<u8>,
+    /// VUs alive at the end of the second, summed over the covered members.
+    pub vus: u64,
+    /// The highest process CPU among the covered members (fraction of worker cores).
+    pub cpu: f64,
+    /// [`crate::snapshot::Metrics`] as CBOR, carried as a byte string (a snapshot's
+    /// `Vec<u8>` goes as an array of integers, about 1.8 bytes per byte).
+    #[serde(with = "bitmap_bytes")]
+    pub metrics: Vec<u8>,
+}
+
+/// The largest `covers` bitmap: one bit per possible roster member.
+pub const MAX_COVERS_BYTES: usize = MAX_MEMBERS / 8;
+
+/// Roster indices as a `covers` bitmap.
+pub fn covers_bitmap(indices: &[u32]) -> Vec<u8> {
+    let len = indices
+        .iter()
+        .map(|&i| i as usize / 8 + 1)
+        .max()
+        .unwrap_or(0);
+    let mut out = vec![0u8; len.min(MAX_COVERS_BYTES)];
+    for &i in indices {
+        if let Some(b) = out.get_mut(i as usize / 8) {
+            *b |= 1 << (i % 8);
+        }
+    }
+    out
+}
+
+/// A `covers` bitmap's indices, ascending; refused when empty or naming a member
+/// outside a roster of `members`.
+pub fn covers_indices(bits: &[u8], members: usize) -> Result<Vec<u32>, String> {
+    if bits.len() > MAX_COVERS_BYTES {
+        return Err(format!(
+            "covers bitmap of {} bytes exceeds {MAX_COVERS_BYTES}",
+            bits.len()
+        ));
+    }
+    let mut out = Vec::new();
+    for (byte, b) in bits.iter().enumerate() {
+        for bit in 0..8 {
+            if b & (1 << bit) != 0 {
+                let i = byte * 8 + bit;
+                if i >= members {
+                    return Err(format!("covers member {i} of a roster of {members}"));
+                }
+                out.push(i as u32);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err("covers no member".into());
+    }
+    Ok(out)
+}
+
+impl BatchMessage {
+    /// Bounds a peer controls: the run id, the bitmap's length, a second within a
+    /// run's bounds, a finite CPU figure. (The metrics are bounded by the frame or
+    /// gossip limit and decoded with `Metrics::decode`'s memory budget.)
+    pub fn validate(&self) -> Result<(), String> {
+        validate_run_id(&self.run_id)?;
+        if self.covers.len() > MAX_COVERS_BYTES || self.covers.iter().all(|&b| b == 0) {
+            return Err(format!(
+                "covers bitmap of {} bytes: empty or over {MAX_COVERS_BYTES}",
+                self.covers.len()
+            ));
+        }
+        if self.seq >= MAX_RUN_SECONDS {
+            return Err(format!(
+                "second {} beyond a run's {MAX_RUN_SECONDS}",
+                self.seq
+            ));
+        }
+        if !self.cpu.is_finite() || self.cpu < 0.0 {
+            return Err("cpu not a finite fraction".into());
+        }
+        Ok(())
+    }
+}
+
+mod bitmap_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::snapshot::serde_bytes_compat::ByteBuf;
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(b)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        Ok(ByteBuf::deserialize(d)?.0)
+    }
+}
+
 /// Requests between the nodes of a run (request-response).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "run_req", rename_all = "snake_case")]
@@ -485,6 +610,10 @@ pub enum RunRequest {
         protocol_version: u32,
         msg: Box<RunMessage>,
     },
+    /// A second of measurements going up the aggregation tree: a member's own
+    /// snapshot to its group's aggregator, or a group's merge to the root. Answered
+    /// `Received` at once.
+    Batch(Box<BatchMessage>),
 }
 
 impl RunRequest {
@@ -496,6 +625,7 @@ impl RunRequest {
             | RunRequest::Summary { run_id } => validate_run_id(run_id),
             RunRequest::Clock { .. } => Ok(()),
             RunRequest::Message { msg, .. } => msg.validate(),
+            RunRequest::Batch(b) => b.validate(),
         }
     }
 }
@@ -683,6 +813,7 @@ mod tests {
                 weight,
             }],
             refused: vec![],
+            fan_in: 0,
         };
         assert!(roster(4).validate().is_ok());
         assert!(roster(MAX_WEIGHT + 1).validate().is_err());
@@ -785,6 +916,61 @@ mod tests {
         };
         assert!(ask.validate().is_err());
         assert!(RunRequest::Clock { t1_us: 0 }.validate().is_ok());
+    }
+
+    #[test]
+    fn a_batch_names_its_members_in_a_bounded_bitmap_checked_on_decode() {
+        let covers = covers_bitmap(&[0, 3, 9, 1023]);
+        assert_eq!(covers.len(), MAX_COVERS_BYTES);
+        assert_eq!(covers_indices(&covers, 1024).unwrap(), vec![0, 3, 9, 1023]);
+        let err = covers_indices(&covers, 1000).unwrap_err();
+        assert!(err.contains("member 1023 of a roster of 1000"), "{err}");
+        assert!(covers_indices(&[0, 0], 16).is_err(), "covers nobody");
+        assert!(covers_indices(&[1; MAX_COVERS_BYTES + 1], 2000).is_err());
+        let b = BatchMessage {
+            run_id: "6932a8b2-0f3c".into(),
+            seq: 7,
+            covers: covers_bitmap(&[2, 5]),
+            vus: 10,
+            cpu: 0.5,
+            metrics: vec![7; 5000],
+        };
+        assert!(b.validate().is_ok());
+        // Metrics go as a byte string: a byte each, not an integer array.
+        let wire = crate::mesh::to_cbor(&crate::mesh::GossipBody::Batch(Box::new(b.clone())));
+        assert!(wire.len() < 5100, "{}", wire.len());
+        let back: crate::mesh::GossipBody = ciborium::from_reader(&wire[..]).unwrap();
+        assert_eq!(back, crate::mesh::GossipBody::Batch(Box::new(b.clone())));
+        for bad in [
+            BatchMessage {
+                covers: vec![],
+                ..b.clone()
+            },
+            BatchMessage {
+                covers: vec![0, 0],
+                ..b.clone()
+            },
+            BatchMessage {
+                covers: vec![1; MAX_COVERS_BYTES + 1],
+                ..b.clone()
+            },
+            BatchMessage {
+                seq: MAX_RUN_SECONDS,
+                ..b.clone()
+            },
+            BatchMessage {
+                cpu: f64::NAN,
+                ..b.clone()
+            },
+            BatchMessage {
+                run_id: "../x".into(),
+                ..b.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+            let req = RunRequest::Batch(Box::new(bad));
+            assert!(req.validate().is_err());
+        }
     }
 
     #[test]

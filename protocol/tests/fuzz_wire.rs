@@ -211,6 +211,7 @@ fn valid_messages() -> Vec<Vec<u8>> {
                 weight: 2,
             }],
             refused: vec![("b".into(), "no".into())],
+            fan_in: 32,
         }),
         run(RunMessage::Arrive {
             run_id: "6932a8b2-0f3c".into(),
@@ -264,6 +265,26 @@ fn valid_messages() -> Vec<Vec<u8>> {
             cpu: 0.5,
             metrics: metrics().encode(),
         }))),
+        envelope(GossipBody::Batch(Box::new(
+            stampede_protocol::run::BatchMessage {
+                run_id: "6932a8b2-0f3c".into(),
+                seq: 3,
+                covers: stampede_protocol::run::covers_bitmap(&[0, 5, 9]),
+                vus: 10,
+                cpu: 0.5,
+                metrics: metrics().encode(),
+            },
+        ))),
+        stampede_protocol::mesh::to_cbor(&MeshRequest::Run(RunRequest::Batch(Box::new(
+            stampede_protocol::run::BatchMessage {
+                run_id: "6932a8b2-0f3c".into(),
+                seq: 4,
+                covers: stampede_protocol::run::covers_bitmap(&[1]),
+                vus: 1,
+                cpu: 0.1,
+                metrics: metrics().encode(),
+            },
+        )))),
         stampede_protocol::mesh::to_cbor(&MeshRequest::Run(RunRequest::Snapshots {
             run_id: "6932a8b2-0f3c".into(),
             node: "a".into(),
@@ -350,10 +371,15 @@ fn the_counting_allocator_sees_a_large_allocation() {
 fn valid_messages_decode() {
     // The mutation corpus starts from messages that are accepted as they are.
     let messages = valid_messages();
-    for m in &messages[..7] {
+    for m in &messages[..8] {
         Envelope::decode(m).unwrap();
     }
-    from_cbor::<MeshRequest>(&messages[7], MAX_REQUEST_BYTES, "a request").unwrap();
-    from_cbor::<MeshResponse>(&messages[8], MAX_RESPONSE_BYTES, "a response").unwrap();
-    assert_eq!(Metrics::decode(&messages[9]).unwrap(), metrics());
+    for m in &messages[8..10] {
+        let r = from_cbor::<MeshRequest>(m, MAX_REQUEST_BYTES, "a request").unwrap();
+        if let MeshRequest::Run(r) = r {
+            r.validate().unwrap();
+        }
+    }
+    from_cbor::<MeshResponse>(&messages[10], MAX_RESPONSE_BYTES, "a response").unwrap();
+    assert_eq!(Metrics::decode(&messages[11]).unwrap(), metrics());
 }

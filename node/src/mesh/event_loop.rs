@@ -979,6 +979,16 @@ impl EventLoop {
                     request, channel, ..
                 } => {
                     let response = match request {
+                        // A second going up the aggregation tree: to the run driver,
+                        // like a direct run message (validated there).
+                        MeshRequest::Run(RunRequest::Batch(b)) => {
+                            let _ = self.events.send(MeshEvent::Gossip {
+                                from: peer,
+                                topic: DIRECT.into(),
+                                body: GossipBody::Batch(b),
+                            });
+                            MeshResponse::Run(RunResponse::Received)
+                        }
                         MeshRequest::Run(RunRequest::Message {
                             protocol_version,
                             msg,

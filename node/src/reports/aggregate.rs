@@ -257,6 +257,21 @@ impl RunAggregate {
         Ok(())
     }
 
+    /// Adds a merge of one second over `members` nodes (tree aggregation: a root's
+    /// merged second): the run's totals and timeline only, since it holds no
+    /// per-node figures. Fails only if the metrics come from another plan.
+    pub fn add_merged(
+        &mut self,
+        second: u64,
+        m: &Metrics,
+        vus: u64,
+        members: usize,
+    ) -> Result<(), stampede_protocol::snapshot::MetricsError> {
+        self.totals.merge(m)?;
+        self.timeline.add_acc(second, Acc::of(m, vus, members));
+        Ok(())
+    }
+
     /// Folds every remaining second into the timelines (at the end of a run).
     pub fn finish(&mut self) {
         self.timeline.finish();

@@ -114,6 +114,28 @@ impl Driver {
                 }
             }
             Effect::Merge { node, seq } => self.merge(run_id, &node, seq),
+            Effect::SendSnapshot { seq, to } => self.send_snapshot(run_id, seq, &to),
+            Effect::Hold { seq, own } => self.hold(run_id, seq, own),
+            Effect::Forward { seq, to, covers } => self.forward(run_id, seq, to, &covers),
+            Effect::MergeBatch { seq, covers } => self.merge_batch(run_id, seq, covers.len()),
+            // Its own seconds (a reporter merges them from a root's merges, like
+            // everyone's): from its own store, not over the network.
+            Effect::Fetch { node, seqs } if node == self.me.id => {
+                if let stampede_protocol::run::RunResponse::Snapshots { snapshots, missing } =
+                    self.store.respond(RunRequest::Snapshots {
+                        run_id: run_id.to_string(),
+                        node: node.clone(),
+                        seqs,
+                    })
+                {
+                    let _ = self.tasks_tx.send(tasks::Done::Fetched {
+                        run_id: run_id.to_string(),
+                        node,
+                        snapshots,
+                        missing,
+                    });
+                }
+            }
             Effect::Fetch { node, seqs } => tasks::fetch_seconds(
                 self.mesh.clone(),
                 self.tasks_tx.clone(),
@@ -248,6 +270,63 @@ impl Driver {
                 .progress
                 .send(serde_json::json!({"progress": p, "nodes": live_nodes}));
         }
+        self.check_abort(run_id);
+    }
+
+    /// Puts the batch at hand (a root's merge of second `seq` over `members`
+    /// members) into the run's aggregate and the live view: the run's totals and
+    /// timeline only (it carries no per-member figures).
+    fn merge_batch(&mut self, run_id: &str, seq: u64, members: usize) {
+        let Some(b) = self
+            .current_batch
+            .clone()
+            .filter(|b| b.run_id == run_id && b.seq == seq)
+        else {
+            return;
+        };
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
+        let live_nodes = (0..run.machine.roster().len())
+            .filter(|&i| {
+                run.machine.member_status(i)
+                    != stampede_protocol::machine::events::MemberStatus::Lost
+            })
+            .count();
+        let Some(agg) = run.agg.as_mut() else { return };
+        let metrics = match Metrics::decode(&b.metrics) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(run = run_id, seq, error = %e, "merged second refused");
+                return;
+            }
+        };
+        if let Err(e) = agg.add_merged(seq, &metrics, b.vus, members) {
+            tracing::warn!(run = run_id, seq, error = %e, "merged second does not fit the plan");
+            return;
+        }
+        let latest = agg.latest_complete(live_nodes);
+        let totals = agg.totals.packed().clone();
+        self.live.update(run_id, run.machine.plan_name(), |l| {
+            if let Some(p) = latest.clone() {
+                l.push_point(p);
+            }
+            l.totals = Some(totals);
+        });
+        if let (Some(c), Some(p)) = (&run.client, latest) {
+            let _ = c
+                .progress
+                .send(serde_json::json!({"progress": p, "nodes": live_nodes}));
+        }
+        self.check_abort(run_id);
+    }
+
+    /// Judges abort-on-fail thresholds on the merged data, on the node whose CLI
+    /// waits (the origin), and stops the run everywhere if one failed.
+    fn check_abort(&mut self, run_id: &str) {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
         // Thresholds with abort_on_fail are judged on the merged data by the node
         // whose CLI waits for the run (the origin); the stop reaches every node.
         let abort = match (&run.client, &run.plan, &run.agg) {

@@ -17,6 +17,7 @@ pub mod embedded;
 mod execute;
 pub mod store;
 mod tasks;
+mod tree;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -136,6 +137,10 @@ pub struct Driver {
     engine_tx: mpsc::UnboundedSender<EngineNews>,
     /// The snapshot whose bytes a `Merge` or `PublishSnapshot` effect refers to.
     current: Option<SnapshotMessage>,
+    /// The batch whose bytes a `Hold` or `MergeBatch` effect refers to.
+    current_batch: Option<stampede_protocol::run::BatchMessage>,
+    /// What this node holds as an aggregator, by run and second (tree aggregation).
+    buckets: HashMap<(String, u64), tree::Bucket>,
 }
 
 /// Starts the driver; returns the channel the control endpoint uses.
@@ -163,6 +168,8 @@ pub fn spawn(
         tasks_tx,
         engine_tx,
         current: None,
+        current_batch: None,
+        buckets: HashMap::new(),
     };
     tokio::spawn(d.main(cmd_rx, events, tasks_rx, engine_rx));
     cmd_tx
@@ -185,7 +192,7 @@ impl Driver {
                     None => break,
                 },
                 e = events.recv() => match e {
-                    Ok(MeshEvent::Gossip { from, body, .. }) => self.on_gossip(from, body),
+                    Ok(MeshEvent::Gossip { from, body, topic }) => self.on_gossip(from, &topic, body),
                     Ok(MeshEvent::Member(t)) => {
                         if t.to == MemberState::Lost {
                             let peer = t.peer.to_string();
@@ -294,6 +301,7 @@ impl Driver {
                 b.remove(r.machine.bundle_hash());
             }
         }
+        self.drop_buckets(run_id);
         self.live.remove(run_id);
         let _ = self.results.remove(run_id);
         if let Ok(mut s) = self.store.snapshots.lock() {
@@ -348,7 +356,7 @@ impl Driver {
             .map(|v| v.alive_peers().iter().map(|p| p.to_string()).collect())
             .unwrap_or_default();
         let now = self.now();
-        let (machine, effects) = RunMachine::new_origin(
+        let (mut machine, effects) = RunMachine::new_origin(
             self.me(),
             &run_id,
             &hash,
@@ -358,6 +366,8 @@ impl Driver {
             machine::Timing::mesh(),
             now,
         );
+        // Before the roster, which carries it to every member.
+        machine.set_aggregation(tree::aggregation());
         self.new_run(machine, Some(client));
         self.execute(&run_id, effects);
         // The origin prepares from its own bundle (no fetch).
@@ -372,7 +382,7 @@ impl Driver {
 
     // ---------------------------------------------------------------- gossip
 
-    fn on_gossip(&mut self, from: PeerId, body: GossipBody) {
+    fn on_gossip(&mut self, from: PeerId, topic: &str, body: GossipBody) {
         match body {
             GossipBody::Run(m) => {
                 if let Err(e) = m.validate() {
@@ -388,8 +398,43 @@ impl Driver {
                 }
                 self.on_snapshot(from.to_string(), *s)
             }
+            GossipBody::Batch(b) => {
+                if let Err(e) = b.validate() {
+                    tracing::warn!(peer = %from, error = %e, "batch refused");
+                    return;
+                }
+                // Gossiped: a root's merge; direct: a second going up the tree.
+                let published = topic != crate::mesh::DIRECT;
+                self.on_batch(from.to_string(), *b, published)
+            }
             _ => {}
         }
+    }
+
+    fn on_batch(&mut self, from: String, b: stampede_protocol::run::BatchMessage, published: bool) {
+        let Some(run) = self.runs.get(&b.run_id) else {
+            return;
+        };
+        let n = run.machine.roster().len();
+        let covers = match stampede_protocol::run::covers_indices(&b.covers, n) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(peer = %from, error = %e, "batch refused");
+                return;
+            }
+        };
+        let (run_id, seq) = (b.run_id.clone(), b.seq);
+        self.current_batch = Some(b);
+        self.input(
+            &run_id,
+            Input::Batch {
+                from,
+                seq,
+                covers,
+                published,
+            },
+        );
+        self.current_batch = None;
     }
 
     fn on_run_message(&mut self, from: String, m: RunMessage) {

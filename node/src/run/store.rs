@@ -60,6 +60,10 @@ impl RunStore {
             RunRequest::Message { .. } => RunResponse::Refused {
                 reason: "a run message is not a question".into(),
             },
+            // Tree aggregation is not driven by this node yet (docs/protocol.md §10).
+            RunRequest::Batch(_) => RunResponse::Refused {
+                reason: "this node aggregates snapshots all to all".into(),
+            },
             RunRequest::Clock { t1_us } => {
                 let t = unix_us();
                 RunResponse::Clock {

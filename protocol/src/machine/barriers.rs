@@ -118,6 +118,10 @@ impl RunMachine {
     }
 
     pub(super) fn on_own_second(&mut self, seq: u64, now: Now) {
+        if self.tree().is_some() {
+            self.tree_own_second(seq, now);
+            return;
+        }
         let Some(me) = self.my_index else { return };
         if seq < self.published.saturating_sub(1) && self.seen[me].contains(&seq) {
             return;

@@ -318,10 +318,15 @@ impl RunMachine {
         for r in &mut refused {
             r.1.truncate(MAX_REASON);
         }
+        let fan_in = match self.aggregation {
+            super::Aggregation::Tree { fan_in } => fan_in.min(MAX_MEMBERS) as u32,
+            super::Aggregation::AllToAll => 0,
+        };
         let msg = RunMessage::Roster {
             run_id: self.run_id.clone(),
             members,
             refused,
+            fan_in,
         };
         let msg = self.publish(msg);
         self.roster_msg = Some(msg.clone());
@@ -331,7 +336,10 @@ impl RunMachine {
 
     pub(super) fn on_roster(&mut self, from: &str, msg: &RunMessage, now: Now) {
         let RunMessage::Roster {
-            members, refused, ..
+            members,
+            refused,
+            fan_in,
+            ..
         } = msg
         else {
             return;
@@ -369,6 +377,12 @@ impl RunMachine {
             super::liveness::choose_witnesses(&self.roster, &self.run_id, &self.origin);
         self.seen = vec![Default::default(); n];
         self.absent = vec![Default::default(); n];
+        // Every member aggregates the way the origin chose.
+        self.set_aggregation(match *fan_in {
+            0 => super::Aggregation::AllToAll,
+            f => super::Aggregation::Tree { fan_in: f as usize },
+        });
+        self.build_tree();
         self.term = 1;
         self.phase = Phase::Ready;
         if self.origin == self.me.id {

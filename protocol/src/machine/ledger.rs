@@ -110,11 +110,21 @@ impl RunMachine {
 
     /// Finishing: reporters fetch what they lack, then report; others are done.
     pub(super) fn finish(&mut self, now: Now) {
+        let since = *self.finishing_since.get_or_insert(now.mono_us);
+        // With tree aggregation, the last seconds are still on their way up: every
+        // node stays a little to pass up and take in what it can, and a reporter
+        // fetches one by one only what did not come by then.
+        let tree_grace =
+            self.tree().is_some() && now.mono_us.saturating_sub(since) < super::tree::TREE_GRACE_US;
+        if self.tree().is_some() {
+            self.pass_up(None, now, !tree_grace);
+        }
         if !self.is_reporter() {
-            self.set_done();
+            if !tree_grace {
+                self.set_done();
+            }
             return;
         }
-        let since = *self.finishing_since.get_or_insert(now.mono_us);
         let waited_enough = now.mono_us.saturating_sub(since) >= self.timing.finish_wait_us;
         let finished = self
             .arrivals
@@ -154,7 +164,9 @@ impl RunMachine {
             }
         }
         if !to_fetch.is_empty() {
-            if now.mono_us.saturating_sub(self.fetch_asked) >= self.timing.fetch_every_us {
+            if !tree_grace
+                && now.mono_us.saturating_sub(self.fetch_asked) >= self.timing.fetch_every_us
+            {
                 self.fetch_asked = now.mono_us;
                 for (j, mut seqs) in to_fetch {
                     seqs.truncate(SNAPSHOTS_PER_REQUEST);

@@ -31,6 +31,7 @@ mod joining;
 mod leading;
 mod ledger;
 mod liveness;
+pub mod tree;
 pub mod version;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,6 +39,7 @@ use std::sync::Arc;
 
 use crate::run::{BarrierDetail, Requirements, RosterEntry, RunMessage};
 use events::{Barrier, MemberStatus, RunEvent};
+pub use tree::{Aggregation, FAN_IN};
 use version::{Counted, Split, Version};
 
 /// The protocol's clocks, in µs. The values of a real mesh are [`Timing::mesh`]; the
@@ -114,6 +116,9 @@ pub enum Flaw {
     /// A lost member's counted work moves from the start, as if it had claimed
     /// nothing.
     NoClaims,
+    /// A merged second is taken even when it overlaps what this node has of that
+    /// second (so a member's second can be counted twice).
+    OverlappingBatches,
 }
 
 /// The time of an input: the node's monotonic clock (leases, silences) and its wall
@@ -166,6 +171,15 @@ pub enum Input {
     Message {
         from: String,
         msg: Arc<RunMessage>,
+    },
+    /// Merged measurements of second `seq` over the members `covers` (roster indices,
+    /// ascending) arrived from `from`: gossiped by the root (`published`), or sent
+    /// directly up the aggregation tree (tree aggregation only).
+    Batch {
+        from: String,
+        seq: u64,
+        covers: Vec<u32>,
+        published: bool,
     },
     /// A peer's (or this node's) snapshot of one second arrived: `node` is the
     /// snapshot's author, `from` who signed it.
@@ -305,9 +319,38 @@ pub enum Effect {
     /// has confirmed (heartbeats echoed). Nothing beyond may start, so a lost node's
     /// counted work can move from its claims on without being done twice.
     Claims(Vec<u64>),
-    /// Publish this node's snapshot of second `seq` on the metrics topic.
+    /// Publish this node's snapshot of second `seq` on the metrics topic (all-to-all
+    /// aggregation).
     PublishSnapshot {
         seq: u64,
+    },
+    /// Send this node's snapshot of second `seq`, as a batch covering this node
+    /// alone, directly to `to` (its group's aggregator; tree aggregation).
+    SendSnapshot {
+        seq: u64,
+        to: String,
+    },
+    /// Add to what this node holds of second `seq` as an aggregator: this node's own
+    /// snapshot of it (`own`, from its store: it may be sent again after a failover),
+    /// or else the batch just handed in.
+    Hold {
+        seq: u64,
+        own: bool,
+    },
+    /// Send what this node holds of second `seq` (exactly the members `covers`) to
+    /// `to` directly, or gossip it to every node when `None` (this node is the root),
+    /// and hold it no longer. At the root a `MergeBatch` of it may follow.
+    Forward {
+        seq: u64,
+        to: Option<String>,
+        covers: Vec<u32>,
+    },
+    /// Put the batch just handed in (or just forwarded by this node as the root) into
+    /// the run's aggregate: it covers exactly these members' second `seq`, none of
+    /// which the aggregate has yet.
+    MergeBatch {
+        seq: u64,
+        covers: Vec<u32>,
     },
     /// Put this snapshot into the run's aggregate (accepted once per node and second).
     Merge {
@@ -484,6 +527,8 @@ pub struct RunMachine {
     published: u64,
     started_told: bool,
     // Ledger.
+    aggregation: Aggregation,
+    trees: tree::TreeState,
     seen: Vec<ledger::Seconds>,
     absent: Vec<BTreeSet<u64>>,
     finishing_since: Option<u64>,
@@ -569,6 +614,8 @@ impl RunMachine {
             engine: EngineState::Idle,
             published: 0,
             started_told: false,
+            aggregation: Aggregation::AllToAll,
+            trees: Default::default(),
             seen: Vec::new(),
             absent: Vec::new(),
             finishing_since: None,
@@ -699,10 +746,20 @@ impl RunMachine {
         // New claims only ride on the next heartbeat: nothing else follows from them.
         // A snapshot only matters to the ledger, and to the phase only at the end.
         let light = matches!(&input, Input::Claims(_))
-            || (matches!(&input, Input::Snapshot { .. }) && self.phase != Phase::Finishing)
+            || (matches!(&input, Input::Snapshot { .. } | Input::Batch { .. })
+                && self.phase != Phase::Finishing)
             || matches!(&input, Input::Message { msg, .. } if matches!(msg.as_ref(), RunMessage::Beat { .. }));
         match input {
-            Input::Tick => self.on_tick(now),
+            Input::Tick => {
+                self.on_tick(now);
+                self.tree_tick(now);
+            }
+            Input::Batch {
+                from,
+                seq,
+                covers,
+                published,
+            } => self.on_batch(&from, seq, &covers, published, now),
             Input::Message { from, msg } => self.on_message(&from, &msg, now),
             Input::Snapshot { from, node, seq } => self.on_snapshot(&from, &node, seq, now),
             Input::PeerGone { peer } => self.on_peer_gone(&peer, now),

@@ -13,7 +13,7 @@ use stampede_tools::sim::engine::Plan;
 use stampede_tools::sim::faults::FaultKind;
 use stampede_tools::sim::membership::{simulate, MembershipSetup};
 use stampede_tools::sim::segments::{measure, SegmentsSetup};
-use stampede_tools::sim::{run_one, Flaw, Setup};
+use stampede_tools::sim::{run_one, Aggregation, Flaw, Setup};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -47,7 +47,7 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     duration: u64,
     /// Build a flaw into every machine (mutation check): none, no-lease, no-authority,
-    /// no-claims.
+    /// no-claims, overlapping-batches.
     #[arg(long, default_value = "none")]
     flaw: String,
     /// Print the trace of every schedule, not just of violations.
@@ -83,6 +83,13 @@ struct Args {
     /// and the time from the trigger to the first iteration started.
     #[arg(long)]
     traffic: bool,
+    /// Snapshots go all to all (every member gossips its own second, every node
+    /// merges every member's), as before the aggregation tree.
+    #[arg(long)]
+    all_to_all: bool,
+    /// Members per group of the aggregation tree (2 to 1024).
+    #[arg(long, default_value_t = stampede_protocol::machine::FAN_IN)]
+    fan_in: usize,
 }
 
 /// How long one counted iteration takes in the simulated plan.
@@ -128,10 +135,21 @@ fn run(args: &Args) -> Result<bool, String> {
         "no-lease" => Flaw::NoLease,
         "no-authority" => Flaw::NoAuthority,
         "no-claims" => Flaw::NoClaims,
+        "overlapping-batches" => Flaw::OverlappingBatches,
         other => {
             return Err(format!(
-                "--flaw {other}: none, no-lease, no-authority or no-claims"
+                "--flaw {other}: none, no-lease, no-authority, no-claims or overlapping-batches"
             ))
+        }
+    };
+    if !(2..=1024).contains(&args.fan_in) {
+        return Err(format!("--fan-in {}: must be 2 to 1024", args.fan_in));
+    }
+    let aggregation = if args.all_to_all {
+        Aggregation::AllToAll
+    } else {
+        Aggregation::Tree {
+            fan_in: args.fan_in,
         }
     };
     let setup = Setup {
@@ -151,6 +169,7 @@ fn run(args: &Args) -> Result<bool, String> {
         tail_us: 90_000_000,
         flaw,
         measure_traffic: args.traffic,
+        aggregation,
     };
     let seeds: Vec<u64> = match args.seed {
         Some(s) => vec![s],
@@ -191,8 +210,9 @@ fn run(args: &Args) -> Result<bool, String> {
             for v in &found {
                 println!("VIOLATION seed {seed}: {}: {}", v.invariant, v.detail);
             }
-            println!("replay: stampede-sim --nodes {} --seed {seed} --faults {} --rate {} --duration {} --flaw {}",
-                args.nodes, args.faults, args.rate, args.duration, args.flaw);
+            println!("replay: stampede-sim --nodes {} --seed {seed} --faults {} --rate {} --duration {} --flaw {}{}",
+                args.nodes, args.faults, args.rate, args.duration, args.flaw,
+                if args.all_to_all { " --all-to-all".to_string() } else { format!(" --fan-in {}", args.fan_in) });
             violations += found.len();
             failed_seeds.push(seed);
         }
@@ -319,8 +339,9 @@ fn print_traffic(seed: u64, w: &stampede_tools::sim::World) {
         .find_map(|n| n.machine.as_ref())
         .is_some_and(|m| m.witnesses().contains(&busiest));
     println!(
-        "traffic seed {seed}: {} nodes, {secs:.1} s from trigger to the last node done",
-        w.nodes.len()
+        "traffic seed {seed}: {} nodes, {:?}, {secs:.1} s from trigger to the last node done",
+        w.nodes.len(),
+        w.setup.aggregation
     );
     println!(
         "traffic seed {seed}: control bytes per node, in + out: mean {:.1} KB/s",
@@ -341,6 +362,16 @@ fn print_traffic(seed: u64, w: &stampede_tools::sim::World) {
     println!(
         "traffic seed {seed}: by kind (in + out, mesh-wide): {}",
         kinds.join(", ")
+    );
+    // What the live views held: (member, second) pairs merged as they came (from the
+    // root's batches, or all-to-all snapshots at the reporters) against those fetched
+    // one by one at the end.
+    let published: u64 = w.nodes.iter().map(|n| n.published.len() as u64).sum();
+    let live: Vec<u64> = live.iter().map(|&i| w.nodes[i].merged_live).collect();
+    let least = live.iter().min().copied().unwrap_or(0);
+    let fetched: u64 = w.nodes.iter().map(|n| n.merged_single).sum();
+    println!(
+        "traffic seed {seed}: live view: the emptiest node merged {least} of {published} member seconds as they came; {fetched} merged one by one (re-fetch or all-to-all)"
     );
     match w.first_start_at {
         Some(t) => println!(

@@ -228,6 +228,25 @@ pub fn check(w: &World) -> Vec<Violation> {
         }
     }
 
+    // Exactness of the merge itself: no reporter took a (member, second) twice,
+    // and the tree moved exactly what it held.
+    for &r in &reporters {
+        if let Some((j, s)) = w.nodes[r].counted_twice.first() {
+            fail(
+                "exact-accounting",
+                format!(
+                    "n{r} counted second {s} of n{j} twice ({} pairs in all)",
+                    w.nodes[r].counted_twice.len()
+                ),
+            );
+        }
+    }
+    for (i, n) in w.nodes.iter().enumerate() {
+        if let Some(e) = n.tree_errors.first() {
+            fail("exact-accounting", format!("n{i}: {e}"));
+        }
+    }
+
     // Termination: every node that was not killed left the run.
     for (i, n) in w.nodes.iter().enumerate() {
         if !n.crashed && n.machine.is_some() && n.done_at.is_none() {

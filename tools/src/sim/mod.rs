@@ -16,6 +16,7 @@ pub mod engine;
 pub mod faults;
 pub mod membership;
 pub mod segments;
+pub mod sizes;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
@@ -25,6 +26,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use stampede_protocol::machine::events::RunEvent;
 use stampede_protocol::machine::version::{Move, Version, VersionId};
+pub use stampede_protocol::machine::Aggregation;
 pub use stampede_protocol::machine::Flaw;
 use stampede_protocol::machine::{
     Effect, Input, Me, Now, Phase, ReportFacts, RunMachine, RunSchedule, Timing,
@@ -56,6 +58,8 @@ pub struct Setup {
     /// Count every run message's encoded size (see [`Traffic`]); costs an encoding
     /// per message, so only when the figures are asked for.
     pub measure_traffic: bool,
+    /// How the per-second snapshots travel (all-to-all gossip, or up a tree).
+    pub aggregation: Aggregation,
 }
 
 /// What one node sent and received of the run's control traffic (run messages,
@@ -108,10 +112,22 @@ pub fn run_one(
 #[derive(Debug, Clone)]
 enum Payload {
     Msg(Arc<RunMessage>),
-    Snapshot { node: usize, seq: u64 },
+    Snapshot {
+        node: usize,
+        seq: u64,
+    },
+    /// A merged second up the tree (`published`: the root's gossip).
+    Batch {
+        seq: u64,
+        covers: Arc<Vec<u32>>,
+        published: bool,
+    },
     Prepared,
     Clock,
-    Fetched { from: usize, seqs: Vec<u64> },
+    Fetched {
+        from: usize,
+        seqs: Vec<u64>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +174,20 @@ pub struct Node {
     pub term_at_done: u64,
     pub roster: Vec<String>,
     claims_sent: Vec<u64>,
+    /// What this node holds as an aggregator, by second (the node's buckets).
+    held: std::collections::BTreeMap<u64, BTreeSet<u32>>,
+    /// The batch (second, covers) just handed to the machine: what `Hold` and
+    /// `MergeBatch` refer to.
+    current: Option<(u64, Arc<Vec<u32>>)>,
+    /// (member, second) pairs merged a second time (a reporter's only).
+    pub counted_twice: Vec<(usize, u64)>,
+    /// Where the tree's effects disagreed with what the node held (a forward of
+    /// other members than it held, a hold or merge of no batch).
+    pub tree_errors: Vec<String>,
+    /// (member, second) pairs merged from batches (its live view), and one by one
+    /// (the end's re-fetch, or all-to-all snapshots).
+    pub merged_live: u64,
+    pub merged_single: u64,
 }
 
 /// A started event: who, when (virtual time), and the run time it happened at by the
@@ -199,6 +229,8 @@ pub struct World {
     pub first_start_at: Option<u64>,
     /// Control bytes mesh-wide by message kind (`beat`, `gossip assign`, ...).
     pub traffic_by_kind: std::collections::BTreeMap<String, u64>,
+    /// Encoded sizes of the measurements (when traffic is measured).
+    sizes: Option<sizes::Sizes>,
 }
 
 const TRACE_KEEP: usize = 400;
@@ -225,6 +257,12 @@ impl World {
                 term_at_done: 0,
                 roster: Vec::new(),
                 claims_sent: Vec::new(),
+                held: Default::default(),
+                current: None,
+                counted_twice: Vec::new(),
+                tree_errors: Vec::new(),
+                merged_live: 0,
+                merged_single: 0,
             })
             .collect();
         let partitions = schedule
@@ -236,6 +274,7 @@ impl World {
             })
             .collect();
         let total = setup.plan.total() as usize;
+        let sizes = setup.measure_traffic.then(sizes::Sizes::new);
         let setup_nodes = setup.nodes;
         World {
             setup,
@@ -257,6 +296,7 @@ impl World {
             traffic: vec![Traffic::default(); setup_nodes],
             first_start_at: None,
             traffic_by_kind: Default::default(),
+            sizes,
         }
     }
 
@@ -392,6 +432,7 @@ impl World {
         self.nodes[0].machine = Some(m);
         if let Some(m) = self.nodes[0].machine.as_mut() {
             m.set_flaw(self.setup.flaw);
+            m.set_aggregation(self.setup.aggregation);
         }
         self.apply(0, effects);
         self.deliver_local(0, Payload::Prepared);
@@ -531,6 +572,7 @@ impl World {
                             self.nodes[to].machine = Some(m);
                             if let Some(m) = self.nodes[to].machine.as_mut() {
                                 m.set_flaw(self.setup.flaw);
+                                m.set_aggregation(self.setup.aggregation);
                             }
                             self.apply(to, effects);
                         }
@@ -551,6 +593,24 @@ impl World {
                         seq,
                     },
                 );
+            }
+            Payload::Batch {
+                seq,
+                covers,
+                published,
+            } => {
+                let from_id = self.nodes[from].id.clone();
+                self.nodes[to].current = Some((seq, covers.clone()));
+                self.input(
+                    to,
+                    Input::Batch {
+                        from: from_id,
+                        seq,
+                        covers: covers.to_vec(),
+                        published,
+                    },
+                );
+                self.nodes[to].current = None;
             }
             Payload::Prepared => {
                 let plan: Arc<dyn RunSchedule> = Arc::new(self.setup.plan);
@@ -603,16 +663,7 @@ impl World {
                     }
                     if self.setup.measure_traffic {
                         let size = to_cbor(msg.as_ref()).len() as u64 + GOSSIP_FRAMING_BYTES;
-                        *self
-                            .traffic_by_kind
-                            .entry(format!("gossip {}", kind_of(&msg)))
-                            .or_default() += 2 * GOSSIP_COPIES * size * self.nodes.len() as u64;
-                        for t in &mut self.traffic {
-                            t.bytes_out += GOSSIP_COPIES * size;
-                            t.bytes_in += GOSSIP_COPIES * size;
-                            t.messages_out += GOSSIP_COPIES;
-                            t.messages_in += GOSSIP_COPIES;
-                        }
+                        self.count_gossip(&format!("gossip {}", kind_of(&msg)), size);
                     }
                     self.broadcast(i, Payload::Msg(msg));
                 }
@@ -620,18 +671,7 @@ impl World {
                     let Some(j) = self.index(&to) else { continue };
                     if self.setup.measure_traffic {
                         let size = to_cbor(msg.as_ref()).len() as u64 + DIRECT_FRAMING_BYTES;
-                        *self
-                            .traffic_by_kind
-                            .entry(format!("direct {}", kind_of(&msg)))
-                            .or_default() += 2 * (size + DIRECT_ANSWER_BYTES);
-                        self.traffic[i].bytes_out += size;
-                        self.traffic[i].messages_out += 1;
-                        self.traffic[i].bytes_in += DIRECT_ANSWER_BYTES;
-                        if !self.nodes[j].crashed {
-                            self.traffic[j].bytes_in += size;
-                            self.traffic[j].messages_in += 1;
-                            self.traffic[j].bytes_out += DIRECT_ANSWER_BYTES;
-                        }
+                        self.count_direct(&format!("direct {}", kind_of(&msg)), i, j, size);
                     }
                     self.send(i, j, Payload::Msg(msg));
                 }
@@ -663,12 +703,115 @@ impl World {
                 Effect::Claims(c) => self.nodes[i].engine.allowed = c,
                 Effect::StopEngine(_) => self.nodes[i].engine.stopped = true,
                 Effect::PublishSnapshot { seq } => {
-                    self.nodes[i].published.insert(seq);
+                    if let Some(sizes) = &self.sizes {
+                        let size =
+                            sizes.snapshot(self.requests_per_member(1)) + GOSSIP_FRAMING_BYTES;
+                        self.count_gossip("gossip snapshot", size);
+                    }
                     self.broadcast(i, Payload::Snapshot { node: i, seq });
                 }
                 Effect::Merge { node, seq } => {
                     if let Some(j) = self.index(&node) {
-                        self.nodes[i].merged[j].insert(seq);
+                        self.nodes[i].merged_single += 1;
+                        self.merged(i, j, seq);
+                    }
+                }
+                Effect::SendSnapshot { seq, to } => {
+                    let Some(j) = self.index(&to) else { continue };
+                    if let Some(sizes) = &self.sizes {
+                        let size = sizes.batch(self.requests_per_member(1), i as u32)
+                            + DIRECT_FRAMING_BYTES;
+                        self.count_direct("direct snapshot", i, j, size);
+                    }
+                    let covers = Arc::new(vec![i as u32]);
+                    self.send(
+                        i,
+                        j,
+                        Payload::Batch {
+                            seq,
+                            covers,
+                            published: false,
+                        },
+                    );
+                }
+                Effect::Hold { seq, own } => {
+                    let n = &mut self.nodes[i];
+                    let at_hand = if own {
+                        n.published
+                            .contains(&seq)
+                            .then(|| (seq, Arc::new(vec![i as u32])))
+                    } else {
+                        n.current.clone()
+                    };
+                    match at_hand {
+                        Some((s, covers)) if s == seq => {
+                            n.held
+                                .entry(seq)
+                                .or_default()
+                                .extend(covers.iter().copied());
+                        }
+                        other => n
+                            .tree_errors
+                            .push(format!("held second {seq} with {other:?} at hand")),
+                    }
+                }
+                Effect::Forward { seq, to, covers } => {
+                    let held = self.nodes[i].held.remove(&seq).unwrap_or_default();
+                    if held.iter().copied().ne(covers.iter().copied()) {
+                        self.nodes[i].tree_errors.push(format!(
+                            "forwarded second {seq} as {covers:?} but held {held:?}"
+                        ));
+                    }
+                    let highest = covers.last().copied().unwrap_or(0);
+                    let requests = self.requests_per_member(covers.len() as u64);
+                    let covers = Arc::new(covers);
+                    match to {
+                        Some(to) => {
+                            let Some(j) = self.index(&to) else { continue };
+                            if let Some(sizes) = &self.sizes {
+                                let size = sizes.batch(requests, highest) + DIRECT_FRAMING_BYTES;
+                                self.count_direct("direct group batch", i, j, size);
+                            }
+                            self.send(
+                                i,
+                                j,
+                                Payload::Batch {
+                                    seq,
+                                    covers,
+                                    published: false,
+                                },
+                            );
+                        }
+                        None => {
+                            if let Some(sizes) = &self.sizes {
+                                let size = sizes.batch(requests, highest) + GOSSIP_FRAMING_BYTES;
+                                self.count_gossip("gossip root batch", size);
+                            }
+                            self.nodes[i].current = Some((seq, covers.clone()));
+                            self.broadcast(
+                                i,
+                                Payload::Batch {
+                                    seq,
+                                    covers,
+                                    published: true,
+                                },
+                            );
+                        }
+                    }
+                }
+                Effect::MergeBatch { seq, covers } => {
+                    let at_hand = self.nodes[i].current.clone();
+                    if at_hand
+                        .as_ref()
+                        .is_none_or(|(s, c)| *s != seq || **c != covers)
+                    {
+                        self.nodes[i].tree_errors.push(format!(
+                            "merged second {seq} of {covers:?} with {at_hand:?} at hand"
+                        ));
+                    }
+                    self.nodes[i].merged_live += covers.len() as u64;
+                    for c in covers {
+                        self.merged(i, c as usize, seq);
                     }
                 }
                 Effect::Fetch { node, seqs } => {
@@ -748,6 +891,49 @@ impl World {
         }
     }
 
+    /// A direct message of `size` bytes from `i` to `j`, and its empty answer.
+    fn count_direct(&mut self, kind: &str, i: usize, j: usize, size: u64) {
+        *self.traffic_by_kind.entry(kind.to_string()).or_default() +=
+            2 * (size + DIRECT_ANSWER_BYTES);
+        self.traffic[i].bytes_out += size;
+        self.traffic[i].messages_out += 1;
+        self.traffic[i].bytes_in += DIRECT_ANSWER_BYTES;
+        if !self.nodes[j].crashed {
+            self.traffic[j].bytes_in += size;
+            self.traffic[j].messages_in += 1;
+            self.traffic[j].bytes_out += DIRECT_ANSWER_BYTES;
+        }
+    }
+
+    /// A gossiped message of `size` bytes: every node receives and sends it about
+    /// `GOSSIP_COPIES` times.
+    fn count_gossip(&mut self, kind: &str, size: u64) {
+        *self.traffic_by_kind.entry(kind.to_string()).or_default() +=
+            2 * GOSSIP_COPIES * size * self.nodes.len() as u64;
+        for t in &mut self.traffic {
+            t.bytes_out += GOSSIP_COPIES * size;
+            t.bytes_in += GOSSIP_COPIES * size;
+            t.messages_out += GOSSIP_COPIES;
+            t.messages_in += GOSSIP_COPIES;
+        }
+    }
+
+    /// Requests in one second of `members` members (the plan's rate spread evenly).
+    fn requests_per_member(&self, members: u64) -> u64 {
+        self.setup.plan.rate * members / self.nodes.len().max(1) as u64
+    }
+
+    /// Member `j`'s second `seq` went into node `i`'s aggregate (kept for the nodes
+    /// that may report; a second time is noted).
+    fn merged(&mut self, i: usize, j: usize, seq: u64) {
+        if !self.hears_snapshots(i) {
+            return;
+        }
+        if !self.nodes[i].merged[j].insert(seq) {
+            self.nodes[i].counted_twice.push((j, seq));
+        }
+    }
+
     pub(crate) fn index(&self, id: &str) -> Option<usize> {
         // Ids are `p` and the node's number.
         id.strip_prefix('p')
@@ -789,7 +975,11 @@ impl World {
             );
         }
         for s in step.seconds {
+            // Kept in the node's store (what a re-fetch answers) as soon as made.
+            self.nodes[i].published.insert(s);
+            self.nodes[i].current = Some((s, Arc::new(vec![i as u32])));
             self.input(i, Input::OwnSecond { seq: s });
+            self.nodes[i].current = None;
         }
         if step.finished {
             self.input(i, Input::EngineFinished { error: None });
@@ -850,6 +1040,7 @@ impl World {
             run_id: "sim-run".into(),
             members: m.roster().iter().rev().cloned().collect(),
             refused: vec![],
+            fan_in: 2,
         });
         forged.push(RunMessage::Stop {
             run_id: "other-run".into(),

@@ -209,6 +209,7 @@ pub fn measure(s: &SegmentsSetup) -> Result<Vec<Figure>, String> {
         run_id: "r-5m".into(),
         members: roster,
         refused: Vec::new(),
+        fan_in: stampede_protocol::machine::FAN_IN as u32,
     });
     fig(
         format!("roster message of {n} members"),
