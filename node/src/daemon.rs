@@ -74,12 +74,16 @@ fn one_malloc_arena() {
 /// stall (more VUs, bigger buffers for a while) the freed pages below a chunk still in
 /// use stay resident, and a soak's RSS rose in steps at each new worst moment although
 /// the heap in use went back down (docs/benchmarks.md, soak). `malloc_trim(0)` releases
-/// every whole free page, wherever it lies. Once a minute is enough for a step to leave
-/// and costs a walk of the free lists of a heap of a few MB.
-async fn trim_heap_every_minute() {
+/// every whole free page, wherever it lies. Every 10 s: a run's per-second churn
+/// (snapshots encoded, merged and sent) leaves about 1 MB a minute of freed pages that
+/// glibc keeps, and a trim once a minute showed as a ±0.7 MB sawtooth in a soak's RSS
+/// samples although the heap in use did not grow (heaptrack, docs/benchmarks.md). A
+/// trim walks the free lists of a heap of a few MB: well under a millisecond, and one
+/// wake-up in ten seconds for an idle node.
+async fn trim_heap_often() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+        const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
         let mut every = tokio::time::interval(TRIM_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -124,7 +128,7 @@ async fn run_node(
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
     refuse_second_node(&data_dir)?;
-    tokio::spawn(trim_heap_every_minute());
+    tokio::spawn(trim_heap_often());
     let keypair = key::load_or_create_identity(&data_dir)?;
     let fingerprint = psk.as_ref().map(key::fingerprint);
     match &fingerprint {

@@ -206,7 +206,10 @@ impl Driver {
                 },
                 Some(t) = tasks.recv() => self.on_task(t),
                 Some(n) = engine.recv() => self.on_engine(n),
-                _ = tick.tick() => self.on_tick(),
+                // No run, nothing to tick: an idle node must not wake 20 times a
+                // second (that was most of its idle CPU, docs/benchmarks.md). The first
+                // tick after a run arrives fires at once, then every `TICK` again.
+                _ = tick.tick(), if !self.runs.is_empty() => self.on_tick(),
             }
         }
     }
