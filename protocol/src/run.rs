@@ -466,7 +466,9 @@ pub struct SnapshotMessage {
     pub vus: u64,
     /// Process CPU of the node in that second, as a fraction of its worker cores.
     pub cpu: f64,
-    /// [`crate::snapshot::Metrics`] as CBOR.
+    /// [`crate::snapshot::Metrics`] as CBOR, carried as a byte string (an array of
+    /// integers, as builds before protocol 4 sent it, is still read).
+    #[serde(with = "byte_string")]
     pub metrics: Vec<u8>,
 }
 
@@ -484,15 +486,14 @@ pub struct BatchMessage {
     pub seq: u64,
     /// The roster indices whose second `seq` it holds, as a bitmap: bit `i % 8` of
     /// byte `i / 8`. At most `MAX_MEMBERS / 8` bytes and at least one bit set.
-    #[serde(with = "bitmap_bytes")]
+    #[serde(with = "byte_string")]
     pub covers: Vec<u8>,
     /// VUs alive at the end of the second, summed over the covered members.
     pub vus: u64,
     /// The highest process CPU among the covered members (fraction of worker cores).
     pub cpu: f64,
-    /// [`crate::snapshot::Metrics`] as CBOR, carried as a byte string (a snapshot's
-    /// `Vec<u8>` goes as an array of integers, about 1.8 bytes per byte).
-    #[serde(with = "bitmap_bytes")]
+    /// [`crate::snapshot::Metrics`] as CBOR, carried as a byte string.
+    #[serde(with = "byte_string")]
     pub metrics: Vec<u8>,
 }
 
@@ -567,7 +568,9 @@ impl BatchMessage {
     }
 }
 
-mod bitmap_bytes {
+/// A `Vec<u8>` as one CBOR byte string (serde writes a `Vec<u8>` as an array of
+/// integers, about 1.8 bytes per byte); reads either form.
+mod byte_string {
     use serde::{Deserialize, Deserializer, Serializer};
 
     use crate::snapshot::serde_bytes_compat::ByteBuf;
@@ -879,6 +882,60 @@ mod tests {
         let json = serde_json::to_string(&b).unwrap();
         let back: Bundle = serde_json::from_str(&json).unwrap();
         assert_eq!(back, b);
+    }
+
+    #[test]
+    fn a_snapshots_metrics_are_one_byte_string_and_the_older_array_form_still_reads() {
+        let metrics: Vec<u8> = (0..=255u8).cycle().take(2_000).collect();
+        let s = SnapshotMessage {
+            run_id: "6932a8b2-0f3c".into(),
+            node: "n1".into(),
+            seq: 7,
+            vus: 3,
+            cpu: 0.25,
+            metrics: metrics.clone(),
+        };
+        let mut cbor = Vec::new();
+        ciborium::into_writer(&s, &mut cbor).unwrap();
+        assert!(
+            cbor.len() < 2_100,
+            "CBOR of a snapshot with 2,000 metrics bytes is {} bytes",
+            cbor.len()
+        );
+        let back: SnapshotMessage = ciborium::from_reader(&cbor[..]).unwrap();
+        assert_eq!(back, s);
+
+        // What builds before protocol 4 sent: the same fields, metrics as integers.
+        #[derive(Serialize)]
+        struct Older<'a> {
+            run_id: &'a str,
+            node: &'a str,
+            seq: u64,
+            vus: u64,
+            cpu: f64,
+            metrics: &'a Vec<u8>,
+        }
+        let mut older = Vec::new();
+        let o = Older {
+            run_id: &s.run_id,
+            node: &s.node,
+            seq: s.seq,
+            vus: s.vus,
+            cpu: s.cpu,
+            metrics: &metrics,
+        };
+        ciborium::into_writer(&o, &mut older).unwrap();
+        assert!(
+            older.len() > cbor.len() + 1_000,
+            "{} vs {}",
+            older.len(),
+            cbor.len()
+        );
+        let back: SnapshotMessage = ciborium::from_reader(&older[..]).unwrap();
+        assert_eq!(back, s);
+        let json = serde_json::to_string(&s).unwrap();
+        let back: SnapshotMessage = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]
