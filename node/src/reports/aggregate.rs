@@ -198,6 +198,8 @@ const WINDOW: u64 = 5;
 /// The merged picture of a run, fed node seconds from any node in any order.
 pub struct RunAggregate {
     layout: Layout,
+    /// A second with nothing in it, to recognise one (see `add`).
+    empty: Metrics,
     pub totals: Totals,
     pub nodes: BTreeMap<String, NodeTotals>,
     pub timeline: Timeline,
@@ -207,6 +209,7 @@ impl RunAggregate {
     pub fn new(layout: Layout) -> RunAggregate {
         RunAggregate {
             totals: Totals::new(&layout),
+            empty: Metrics::new(&layout),
             layout,
             nodes: BTreeMap::new(),
             timeline: Timeline::new(),
@@ -244,8 +247,12 @@ impl RunAggregate {
                 vus: 0,
                 timeline: Timeline::new(),
             });
-        nt.totals.merge(&s.metrics)?;
-        self.totals.merge(&s.metrics)?;
+        // A second with nothing in it (an idle node's, most of a slow plan's) leaves
+        // the totals as they are: no decode and re-encode of every histogram for it.
+        if s.metrics != self.empty {
+            nt.totals.merge(&s.metrics)?;
+            self.totals.merge(&s.metrics)?;
+        }
         let acc = Acc::of(&s.metrics, s.vus, 1);
         nt.timeline.add_acc(s.second, acc.clone());
         nt.seconds += 1;
