@@ -168,6 +168,11 @@ impl std::fmt::Debug for Hist {
 /// Equal when they hold the same recorded values, whatever their current size.
 impl PartialEq for Hist {
     fn eq(&self, o: &Hist) -> bool {
+        // Two empty ones are equal without a walk of their counts (an empty second is
+        // recognised this way once per node second, see reports/aggregate.rs).
+        if self.0.is_empty() && o.0.is_empty() {
+            return true;
+        }
         self.0.len() == o.0.len()
             && self
                 .0
