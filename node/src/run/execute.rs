@@ -211,12 +211,7 @@ impl Driver {
             return;
         };
         let node_name = run.machine.name_of(node);
-        let live_nodes = (0..run.machine.roster().len())
-            .filter(|&i| {
-                run.machine.member_status(i)
-                    != stampede_protocol::machine::events::MemberStatus::Lost
-            })
-            .count();
+        let live_nodes = live_members(&run.machine);
         let Some(agg) = run.agg.as_mut() else { return };
         let metrics = match Metrics::decode(&s.metrics) {
             Ok(m) => m,
@@ -287,12 +282,7 @@ impl Driver {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
-        let live_nodes = (0..run.machine.roster().len())
-            .filter(|&i| {
-                run.machine.member_status(i)
-                    != stampede_protocol::machine::events::MemberStatus::Lost
-            })
-            .count();
+        let live_nodes = live_members(&run.machine);
         let Some(agg) = run.agg.as_mut() else { return };
         let metrics = match Metrics::decode(&b.metrics) {
             Ok(m) => m,
@@ -529,4 +519,12 @@ fn progress_line(p: &Progress) -> serde_json::Value {
             serde_json::json!({"event": "started", "nodes": nodes, "start_skew_us": start_skew_us, "start_late_us": start_late_us})
         }
     }
+}
+
+/// Roster members not lost: how many nodes a second must have to be complete, and the
+/// node count the CLI's progress line shows.
+fn live_members(m: &stampede_protocol::machine::RunMachine) -> usize {
+    (0..m.roster().len())
+        .filter(|&i| m.member_status(i) != stampede_protocol::machine::events::MemberStatus::Lost)
+        .count()
 }
