@@ -38,6 +38,26 @@ fn peers_of(dir: &Path, i: usize) -> Vec<Value> {
     }
 }
 
+/// Each node's view and the end of its log: the temporary directory (and so the logs)
+/// is gone once the test fails, and a discovery failure in namespaces has no other trace.
+fn what_each_node_saw(dir: &Path) -> String {
+    let mut out = String::new();
+    for i in 1..=HOSTS {
+        let view: Vec<String> = peers_of(dir, i)
+            .iter()
+            .map(|m| format!("{}={}", m["name"], m["state"]))
+            .collect();
+        let log = std::fs::read_to_string(dir.join(format!("n{i}.log"))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        out += &format!("--- sp-ns{i} sees [{}]; its log ends:\n", view.join(", "));
+        for line in tail.into_iter().rev() {
+            out += line;
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn link(i: usize, up: bool) {
     let ok = Command::new("ip")
         .args([
@@ -93,7 +113,8 @@ fn a_partitioned_node_sends_no_extra_load_and_no_healthy_node_is_lost_after_the_
         .filter(|m| m["state"] == "alive")
         .count()
             == HOSTS)),
-        "the namespaced nodes did not find each other"
+        "the namespaced nodes did not find each other\n{}",
+        what_each_node_saw(&dir)
     );
     let t = stampede_tools::spawn(TargetConfig {
         listen: format!("{BRIDGE_IP}:0").parse().unwrap(),
@@ -144,7 +165,11 @@ check = {{ status = 200 }}
     std::thread::sleep(Duration::from_secs(15));
     link(3, true);
     let out = cli.wait_with_output().unwrap();
-    assert!(out.status.success(), "the run failed");
+    assert!(
+        out.status.success(),
+        "the run failed (its output is above)\n{}",
+        what_each_node_saw(&dir)
+    );
     let s: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
 
     let seconds: Vec<(u64, u64)> = serde_json::to_value(t.stats()).unwrap()["per_second"]
