@@ -654,8 +654,12 @@ fi
 # --- 6. soak -------------------------------------------------------------------------
 # Memory over a long mesh run: 3 nodes of 1 worker (as for the mesh figures), 300 it/s
 # of one request each against stampede-target. Every 30 s the sampler reads each
-# node's VmRSS and the target's per-second counts (it keeps the last 120 s), so that
-# nothing is lost between samples. Slope: least squares over the samples after the
+# node's VmRSS and RssAnon and the target's per-second counts (it keeps the last 120
+# s), so that nothing is lost between samples. VmRSS also counts the pages of the
+# binary's code that the node has run so far (RssFile, ~15 MB of the ~21 MB): a code
+# path first taken late in the run — a late snapshot, a stall's catch-up — adds its
+# pages once, bounded by the binary and given back under memory pressure; RssAnon is
+# the memory the node allocated, what would grow with the run's length. Slope: least squares over the samples after the
 # warm-up, and for comparison with the earlier soaks after 5 minutes. The warm-up is
 # 13 minutes (the first third of a run shorter than 30 minutes): a node's memory is bounded by design,
 # and the bounded parts fill first — the timelines keep every second for 700 s
@@ -681,6 +685,7 @@ mapfile -t SOAK_PIDS <"$TN/pids"
 # A run proposed before the nodes have found each other would be a run of node 1 alone.
 for _ in $(seq 60); do "$STAMPEDE" peers --data-dir "$TN/n1" 2>/dev/null | grep -q '3 alive' && break; sleep 1; done
 : >"$WORK/soak-rss.samples"
+: >"$WORK/soak-anon.samples"
 : >"$WORK/soak-target.seconds"
 : >"$WORK/soak-load.samples"
 "$STAMPEDE" run --mesh --quiet --data-dir "$TN/n1" "$BENCH/soak.toml" \
@@ -694,10 +699,13 @@ t0=$(date +%s)
 while kill -0 "$RUN_PID" 2>/dev/null && (( $(date +%s) - t0 < SOAK_S + 300 )); do
     sleep 30
     line="$(( $(date +%s) - t0 ))"
+    anon="$line"
     for pid in "${SOAK_PIDS[@]}"; do
         line+=" $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)"
+        anon+=" $(awk '/^RssAnon:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)"
     done
     echo "$line" >>"$WORK/soak-rss.samples"
+    echo "$anon" >>"$WORK/soak-anon.samples"
     cut -d' ' -f1 /proc/loadavg >>"$WORK/soak-load.samples"
     target_count "$TPORT" | jq -r '.per_second[] | "\(.[0]) \(.[1])"' >>"$WORK/soak-target.seconds" 2>/dev/null || true
 done
@@ -711,33 +719,36 @@ printf '%s' "$stats" | jq -r '.per_second[] | "\(.[0]) \(.[1])"' >>"$WORK/soak-t
 echo "load avg after:  $(cut -d' ' -f1-3 /proc/loadavg) (the machine is shared: other work competes with the nodes)"
 awk '{ n++; s += $1; if ($1 > m) m = $1 } END { if (n) printf "load avg (1 min) during the run: mean %.1f, max %.1f over %d samples\n", s / n, m, n }' "$WORK/soak-load.samples"
 if [[ -s "$WORK/soak.json" ]]; then
-    echo "RSS samples (s, KiB per node):"
-    awk '{ printf "  %s", $1; for (i = 2; i <= NF; i++) printf " %s", $i; printf "\n" }' "$WORK/soak-rss.samples" | \
+    echo "RSS samples (s, VmRSS KiB per node, then RssAnon KiB per node):"
+    paste -d' ' "$WORK/soak-rss.samples" <(cut -d' ' -f2- "$WORK/soak-anon.samples") | \
+        awk '{ printf "  %s", $1; for (i = 2; i <= NF; i++) printf " %s", $i; printf "\n" }' | \
         awk 'NR % 4 == 1 || NR <= 2' 
     # Least-squares slope of each node's RSS against time after a warm-up, KiB/min.
     # Only samples taken while the plan runs: the origin builds the report after it
     # (a one-off of a few MB that it gives back), which is not growth per minute.
     soak_slope() {
-    awk -v warm="$1" -v end="$SOAK_S" '$1 >= warm && $1 <= end {
+    awk -v warm="$1" -v end="$SOAK_S" -v what="$2" '$1 >= warm && $1 <= end {
             n++; sx += $1; sxx += $1 * $1
             for (i = 2; i <= NF; i++) { sy[i] += $i; sxy[i] += $1 * $i; first[i] = (first[i] ? first[i] : $i); last[i] = $i }
             nf = NF
         }
         END {
-            if (n < 3) { print "RSS slope: too few samples after the warm-up"; exit }
+            if (n < 3) { printf "%s slope: too few samples after the warm-up\n", what; exit }
             d = n * sxx - sx * sx
             worst = -1e18
             for (i = 2; i <= nf; i++) {
                 slope = (n * sxy[i] - sx * sy[i]) / d * 60
                 if (slope > worst) worst = slope
-                printf "RSS slope after %d s, node %d: %+.1f KiB/min (%d KiB -> %d KiB over %d samples)\n", warm, i - 1, slope, first[i], last[i], n
+                printf "%s slope after %d s, node %d: %+.1f KiB/min (%d KiB -> %d KiB over %d samples)\n", what, warm, i - 1, slope, first[i], last[i], n
             }
-            printf "RSS slope after %d s, worst node: %+.1f KiB/min (goal < 10)\n", warm, worst
-        }' "$WORK/soak-rss.samples"
+            printf "%s slope after %d s, worst node: %+.1f KiB/min (goal < 10)\n", what, warm, worst
+        }' "$3"
     }
     awk -v end="$SOAK_S" '$1 > end { printf "RSS after the plan (the origin builds the report) at %d s:", $1; for (i = 2; i <= NF; i++) printf " %s", $i; printf " KiB\n" }' "$WORK/soak-rss.samples"
-    soak_slope "$EARLY_WARM_S"
-    soak_slope "$WARM_S"
+    soak_slope "$EARLY_WARM_S" RSS "$WORK/soak-rss.samples"
+    soak_slope "$WARM_S" RSS "$WORK/soak-rss.samples"
+    soak_slope "$EARLY_WARM_S" RssAnon "$WORK/soak-anon.samples"
+    soak_slope "$WARM_S" RssAnon "$WORK/soak-anon.samples"
     # Whole seconds inside the run (its start from the summary, the first and last
     # seconds left out as partial), each the target's last reading of that second.
     start=$(date -d "$(jq -r .started_at "$WORK/soak.json")" +%s)
