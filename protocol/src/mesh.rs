@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 /// The version of the mesh protocol. Nodes with different versions see each other
 /// as `incompatible` and never run together.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The largest gossipsub message a node sends or accepts. Must be the same on every
 /// node (gossipsub drops larger messages silently), so it is a constant, not a setting.

@@ -1,5 +1,6 @@
 //! The mesh's NetworkBehaviour, composed of named parts: gossipsub (control and
-//! membership messages), request-response (bulk transfers), identify, ping, and mDNS.
+//! membership messages), request-response (bulk transfers), direct streams (run
+//! messages for one peer, `mesh::direct`), identify, ping, and mDNS.
 //!
 //! This module only configures the parts; the event loop (`mesh::node`) decides what
 //! to do with their events. Gossipsub parameters are chosen for meshes of 2 to 1,000
@@ -50,6 +51,7 @@ pub struct Timing {
 pub struct MeshBehaviour {
     pub gossipsub: gossipsub::Behaviour,
     pub request_response: request_response::Behaviour<BulkCodec>,
+    pub direct: libp2p_stream::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
@@ -148,6 +150,7 @@ impl MeshBehaviour {
         Ok(MeshBehaviour {
             gossipsub,
             request_response,
+            direct: libp2p_stream::Behaviour::new(),
             identify,
             ping,
             mdns: Toggle::from(mdns),

@@ -59,8 +59,20 @@ pub async fn read_frame<T: AsyncRead + Unpin + Send>(
 /// How much of a frame is read (and allocated) at a time.
 const FRAME_CHUNK: usize = 64 * 1024;
 
-/// Writes one length-prefixed frame.
+/// Writes one length-prefixed frame and closes the writing side (a request or an
+/// answer is the whole stream).
 pub async fn write_frame<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    bytes: &[u8],
+    limit: usize,
+) -> io::Result<()> {
+    put_frame(io, bytes, limit).await?;
+    io.close().await
+}
+
+/// Writes one length-prefixed frame and leaves the stream open for the next one (the
+/// direct streams of `mesh::direct`); the caller flushes.
+pub async fn put_frame<T: AsyncWrite + Unpin + Send>(
     io: &mut T,
     bytes: &[u8],
     limit: usize,
@@ -75,8 +87,7 @@ pub async fn write_frame<T: AsyncWrite + Unpin + Send>(
         ));
     }
     io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
-    io.write_all(bytes).await?;
-    io.close().await
+    io.write_all(bytes).await
 }
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {

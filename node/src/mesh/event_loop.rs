@@ -152,6 +152,10 @@ pub struct EventLoop {
     last_rejoin: Option<Instant>,
     last_lost_probe: Option<Instant>,
     next_refresh: Instant,
+    /// Direct run messages out, one stream per peer.
+    direct: super::direct::DirectLinks,
+    /// Until `run` starts its reader.
+    direct_inbound: Option<super::direct::Inbound>,
 }
 
 impl EventLoop {
@@ -175,7 +179,11 @@ impl EventLoop {
                 .subscribe(&t)
                 .map_err(|e| format!("cannot subscribe to {t}: {e}"))?;
         }
+        let control = swarm.behaviour().direct.new_control();
+        let (direct, direct_inbound) = super::direct::DirectLinks::new(control)?;
         Ok(EventLoop {
+            direct,
+            direct_inbound: Some(direct_inbound),
             swarm,
             view,
             commands,
@@ -213,11 +221,19 @@ impl EventLoop {
         let fast = (self.timing.lost_after / 8)
             .clamp(Duration::from_millis(50), Duration::from_millis(250));
         let mut next_check = tokio::time::Instant::now() + fast;
+        let mut direct_in = match self.direct_inbound.take() {
+            Some(inbound) => inbound.spawn(),
+            None => tokio::sync::mpsc::channel(1).1,
+        };
         loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => {
                     self.on_swarm_event(ev);
                     self.refresh();
+                }
+                Some((peer, request)) = direct_in.recv() => {
+                    // Answered nowhere: a direct stream carries no answers.
+                    let _ = self.on_run_request(peer, request);
                 }
                 cmd = self.commands.recv() => match cmd {
                     None | Some(MeshCommand::Shutdown) => break,
@@ -403,13 +419,15 @@ impl EventLoop {
                 {
                     *protocol_version = self.protocol_version;
                 }
+                // The stream's writer opens it on the link this dial makes (or one
+                // already open); the link closes once idle like any on-demand one.
                 let addrs = self.request_addrs(&peer);
-                // Fire and forget: the answer (`Received`) matches no pending entry
-                // and is dropped; a failure is only logged.
-                self.swarm
-                    .behaviour_mut()
-                    .request_response
-                    .send_request_with_addresses(&peer, request, addrs);
+                if !addrs.is_empty() {
+                    self.dial(peer, addrs);
+                }
+                if let Err(e) = self.direct.send(peer, &request) {
+                    tracing::debug!(%peer, error = %e, "direct run message dropped");
+                }
             }
             MeshCommand::SetState(s) => {
                 self.set_state(s);
@@ -815,6 +833,7 @@ impl EventLoop {
                 }
             }
             MeshBehaviourEvent::Identify(_) => {}
+            MeshBehaviourEvent::Direct(()) => {}
             // A peer without ping (not a stampede node) is judged by its announcements.
             MeshBehaviourEvent::Ping(ping::Event {
                 result: Err(ping::Failure::Unsupported),
@@ -972,6 +991,40 @@ impl EventLoop {
         Ok(())
     }
 
+    /// A direct run message or a second going up the aggregation tree, from `peer`
+    /// (by its stream, or as a request): to the run driver, like gossip (validated
+    /// there). Other requests are not run messages.
+    fn on_run_request(&mut self, peer: PeerId, request: MeshRequest) -> MeshResponse {
+        let body = match request {
+            MeshRequest::Run(RunRequest::Batch(b)) => GossipBody::Batch(b),
+            MeshRequest::Run(RunRequest::Message {
+                protocol_version,
+                msg,
+            }) => {
+                if protocol_version != self.protocol_version {
+                    return MeshResponse::Refused {
+                        reason: format!(
+                            "protocol version {protocol_version}, this node speaks {}",
+                            self.protocol_version
+                        ),
+                    };
+                }
+                GossipBody::Run(msg)
+            }
+            _ => {
+                return MeshResponse::Refused {
+                    reason: "not a run message".into(),
+                }
+            }
+        };
+        let _ = self.events.send(MeshEvent::Gossip {
+            from: peer,
+            topic: DIRECT.into(),
+            body,
+        });
+        MeshResponse::Run(RunResponse::Received)
+    }
+
     fn on_request_response(&mut self, ev: request_response::Event<MeshRequest, MeshResponse>) {
         match ev {
             request_response::Event::Message { peer, message, .. } => match message {
@@ -979,35 +1032,10 @@ impl EventLoop {
                     request, channel, ..
                 } => {
                     let response = match request {
-                        // A second going up the aggregation tree: to the run driver,
-                        // like a direct run message (validated there).
-                        MeshRequest::Run(RunRequest::Batch(b)) => {
-                            let _ = self.events.send(MeshEvent::Gossip {
-                                from: peer,
-                                topic: DIRECT.into(),
-                                body: GossipBody::Batch(b),
-                            });
-                            MeshResponse::Run(RunResponse::Received)
-                        }
-                        MeshRequest::Run(RunRequest::Message {
-                            protocol_version,
-                            msg,
-                        }) => {
-                            if protocol_version == self.protocol_version {
-                                let _ = self.events.send(MeshEvent::Gossip {
-                                    from: peer,
-                                    topic: DIRECT.into(),
-                                    body: GossipBody::Run(msg),
-                                });
-                                MeshResponse::Run(RunResponse::Received)
-                            } else {
-                                MeshResponse::Refused {
-                                    reason: format!(
-                                        "protocol version {protocol_version}, this node speaks {}",
-                                        self.protocol_version
-                                    ),
-                                }
-                            }
+                        // Direct run messages from a node that still sends them as
+                        // requests; today's nodes use a direct stream.
+                        r @ MeshRequest::Run(RunRequest::Batch(_) | RunRequest::Message { .. }) => {
+                            self.on_run_request(peer, r)
                         }
                         // One bounded file read (a few MiB at most), from the data dir.
                         MeshRequest::Run(RunRequest::Summary { run_id }) => {

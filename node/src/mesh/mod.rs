@@ -7,6 +7,7 @@
 
 pub mod behaviour;
 pub mod codec;
+pub mod direct;
 pub mod discovery;
 pub mod event_loop;
 pub mod key;

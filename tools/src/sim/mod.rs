@@ -31,8 +31,8 @@ pub use stampede_protocol::machine::Flaw;
 use stampede_protocol::machine::{
     Effect, Input, Me, Now, Phase, ReportFacts, RunMachine, RunSchedule, Timing,
 };
-use stampede_protocol::mesh::to_cbor;
-use stampede_protocol::run::{Requirements, RunMessage};
+use stampede_protocol::mesh::{to_cbor, MeshRequest, PROTOCOL_VERSION};
+use stampede_protocol::run::{Requirements, RunMessage, RunRequest};
 
 use engine::{Engine, Plan};
 use faults::{Fault, Schedule};
@@ -72,11 +72,13 @@ pub struct Traffic {
     pub messages_in: u64,
 }
 
-/// Framing a direct message pays on the wire besides its CBOR: the request-response
-/// length prefix and message tag, a yamux frame header and a noise tag per frame,
-/// the substream's protocol negotiation; and the empty answer it gets back.
-pub const DIRECT_FRAMING_BYTES: u64 = 96;
-pub const DIRECT_ANSWER_BYTES: u64 = 48;
+/// Framing a direct message pays on the wire besides its CBOR (counted as the whole
+/// `MeshRequest` the node sends): it rides a standing stream to its peer
+/// (node/src/mesh/direct.rs), so its 4-byte length, a yamux frame header (12) and a
+/// noise frame's length and tag (18), and no answer. (Each went as a request-response
+/// request until protocol version 5: a substream with its negotiation each way, and
+/// an answer — ~150 bytes more per message, most of a witness's traffic.)
+pub const DIRECT_FRAMING_BYTES: u64 = 34;
 /// A gossiped message's envelope (protocol version, sender id) and gossipsub's
 /// (source, sequence number, topic, 64-byte signature), with yamux and noise.
 pub const GOSSIP_FRAMING_BYTES: u64 = 220;
@@ -670,7 +672,12 @@ impl World {
                 Effect::Send { to, msg } => {
                     let Some(j) = self.index(&to) else { continue };
                     if self.setup.measure_traffic {
-                        let size = to_cbor(msg.as_ref()).len() as u64 + DIRECT_FRAMING_BYTES;
+                        let size = to_cbor(&MeshRequest::Run(RunRequest::Message {
+                            protocol_version: PROTOCOL_VERSION,
+                            msg: Box::new(msg.as_ref().clone()),
+                        }))
+                        .len() as u64
+                            + DIRECT_FRAMING_BYTES;
                         self.count_direct(&format!("direct {}", kind_of(&msg)), i, j, size);
                     }
                     self.send(i, j, Payload::Msg(msg));
@@ -893,15 +900,12 @@ impl World {
 
     /// A direct message of `size` bytes from `i` to `j`, and its empty answer.
     fn count_direct(&mut self, kind: &str, i: usize, j: usize, size: u64) {
-        *self.traffic_by_kind.entry(kind.to_string()).or_default() +=
-            2 * (size + DIRECT_ANSWER_BYTES);
+        *self.traffic_by_kind.entry(kind.to_string()).or_default() += 2 * size;
         self.traffic[i].bytes_out += size;
         self.traffic[i].messages_out += 1;
-        self.traffic[i].bytes_in += DIRECT_ANSWER_BYTES;
         if !self.nodes[j].crashed {
             self.traffic[j].bytes_in += size;
             self.traffic[j].messages_in += 1;
-            self.traffic[j].bytes_out += DIRECT_ANSWER_BYTES;
         }
     }
 

@@ -1,0 +1,366 @@
+//! Direct run messages — heartbeats, joins, a roster sent again, a second going up the
+//! aggregation tree — on one long-lived stream per peer (`/stampede/direct/1`).
+//!
+//! Why not request-response, as before: there every message opened a substream (a
+//! yamux frame each way, a multistream-select negotiation each way) and got an answer
+//! back, about 150 bytes and a few wake-ups for a message of about 100 bytes. Members
+//! beat every witness 2.5 times a second and a witness answers each beat, so at a
+//! witness of a 1,000-member run that framing was most of its traffic. On a standing
+//! stream a message costs its 4-byte length and the transport's frame.
+//!
+//! This module owns the streams: one writer task per peer with a bounded queue (a
+//! message that does not fit is dropped, as gossip may drop one: the run protocol
+//! repeats what matters), and readers that bound every frame, the streams per peer and
+//! in all, and the time a stream may stay silent. It must not interpret messages: a
+//! reader hands each decoded request to the event loop, which checks it exactly as one
+//! that came by request-response.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, StreamProtocol};
+use stampede_protocol::mesh::{from_cbor, to_cbor, MeshRequest, MAX_REQUEST_BYTES};
+use stampede_protocol::run::RunRequest;
+use tokio::sync::mpsc;
+
+use super::codec::{put_frame, read_frame};
+
+/// The protocol name of direct run messages.
+pub const DIRECT_PROTOCOL: StreamProtocol = StreamProtocol::new("/stampede/direct/1");
+
+/// The largest direct message (a roster sent again, a group's merged second).
+const MAX_FRAME: usize = MAX_REQUEST_BYTES;
+/// Messages waiting for one peer's stream, and their bytes: beyond either the new
+/// message is dropped rather than memory growing behind a slow or stalled peer.
+const QUEUE: usize = 64;
+const QUEUE_BYTES: usize = 4 * MAX_FRAME;
+/// Peers with a writer at once: a run has at most `MAX_MEMBERS` (1,024) members.
+const MAX_WRITERS: usize = 2_048;
+/// Opening a stream includes dialing an unconnected peer.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A write the peer does not take within this is a dead stream.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A writer with nothing to send for this long closes its stream (the link may then
+/// close as an idle on-demand one); the next message opens a new one.
+const WRITER_IDLE: Duration = Duration::from_secs(30);
+/// Streams a peer may hold open to this node, and all peers together.
+const STREAMS_PER_PEER: usize = 4;
+const MAX_READERS: usize = 4_096;
+/// A stream silent for this long is closed (its writer closes after `WRITER_IDLE`).
+const READ_IDLE: Duration = Duration::from_secs(120);
+/// Decoded messages waiting for the event loop; a full channel holds back the
+/// reader of that stream only.
+const INBOUND: usize = 1_024;
+
+/// The writing side: one task and queue per peer, made on the first message to it.
+pub struct DirectLinks {
+    control: libp2p_stream::Control,
+    writers: HashMap<PeerId, Writer>,
+}
+
+struct Writer {
+    queue: mpsc::Sender<Vec<u8>>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+/// The reading side, until the event loop runs: see [`Inbound::spawn`].
+pub struct Inbound {
+    incoming: libp2p_stream::IncomingStreams,
+}
+
+impl Inbound {
+    /// Starts accepting direct streams (on the running tokio runtime); decoded
+    /// messages come out of the receiver.
+    pub fn spawn(self) -> mpsc::Receiver<(PeerId, MeshRequest)> {
+        let (tx, rx) = mpsc::channel(INBOUND);
+        tokio::spawn(accept(self.incoming, tx));
+        rx
+    }
+}
+
+impl DirectLinks {
+    /// Registers the protocol, so that peers' streams are accepted from now on.
+    pub fn new(mut control: libp2p_stream::Control) -> Result<(DirectLinks, Inbound), String> {
+        let incoming = control
+            .accept(DIRECT_PROTOCOL)
+            .map_err(|e| format!("cannot accept {DIRECT_PROTOCOL}: {e}"))?;
+        Ok((
+            DirectLinks {
+                control,
+                writers: HashMap::new(),
+            },
+            Inbound { incoming },
+        ))
+    }
+
+    /// Queues `request` for `peer`. Never waits: an error says why it was dropped.
+    pub fn send(&mut self, peer: PeerId, request: &MeshRequest) -> Result<(), String> {
+        let bytes = to_cbor(request);
+        if bytes.len() > MAX_FRAME {
+            return Err(format!(
+                "direct message of {} bytes exceeds {MAX_FRAME}",
+                bytes.len()
+            ));
+        }
+        self.writers.retain(|_, w| !w.queue.is_closed());
+        if !self.writers.contains_key(&peer) && self.writers.len() >= MAX_WRITERS {
+            return Err(format!("{MAX_WRITERS} peers already have a direct stream"));
+        }
+        let control = &self.control;
+        let w = self
+            .writers
+            .entry(peer)
+            .or_insert_with(|| spawn_writer(control.clone(), peer));
+        let len = bytes.len();
+        if w.queued_bytes.load(Ordering::Relaxed) + len > QUEUE_BYTES {
+            return Err("the peer's queue is full".into());
+        }
+        w.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        w.queue.try_send(bytes).map_err(|_| {
+            w.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            "the peer's queue is full".to_string()
+        })
+    }
+}
+
+fn spawn_writer(control: libp2p_stream::Control, peer: PeerId) -> Writer {
+    let (queue, rx) = mpsc::channel(QUEUE);
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(write_to(control, peer, rx, queued_bytes.clone()));
+    Writer {
+        queue,
+        queued_bytes,
+    }
+}
+
+/// Opens the stream, then writes every queued message, flushing once the queue is
+/// empty. Ends (dropping what is queued) when the stream fails or stays idle.
+async fn write_to(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    queued_bytes: Arc<AtomicUsize>,
+) {
+    let mut stream = match tokio::time::timeout(
+        OPEN_TIMEOUT,
+        control.open_stream(peer, DIRECT_PROTOCOL),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "no direct stream");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no direct stream within {OPEN_TIMEOUT:?}");
+            return;
+        }
+    };
+    loop {
+        let frame = match tokio::time::timeout(WRITER_IDLE, rx.recv()).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(_) => {
+                // Idle: take no more, but write what raced in before closing.
+                rx.close();
+                match rx.recv().await {
+                    Some(f) => f,
+                    None => break,
+                }
+            }
+        };
+        let mut batch = vec![frame];
+        while let Ok(f) = rx.try_recv() {
+            batch.push(f);
+        }
+        let write = async {
+            for f in &batch {
+                put_frame(&mut stream, f, MAX_FRAME).await?;
+            }
+            stream.flush().await
+        };
+        let res = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+        let sent: usize = batch.iter().map(Vec::len).sum();
+        queued_bytes.fetch_sub(sent, Ordering::Relaxed);
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "direct stream failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "direct stream stalled for {WRITE_TIMEOUT:?}");
+                return;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.close()).await;
+}
+
+/// Streams held open per peer, and in all, by the readers.
+#[derive(Default)]
+struct Readers {
+    per_peer: HashMap<PeerId, usize>,
+    total: usize,
+}
+
+async fn accept(
+    mut incoming: libp2p_stream::IncomingStreams,
+    tx: mpsc::Sender<(PeerId, MeshRequest)>,
+) {
+    let readers = Arc::new(Mutex::new(Readers::default()));
+    while let Some((peer, stream)) = incoming.next().await {
+        if !admit(&readers, peer) {
+            tracing::debug!(%peer, "direct stream refused: too many open");
+            continue;
+        }
+        let readers = readers.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            read_from(peer, stream, tx).await;
+            release(&readers, peer);
+        });
+    }
+}
+
+fn admit(readers: &Mutex<Readers>, peer: PeerId) -> bool {
+    let mut r = readers.lock().unwrap_or_else(|e| e.into_inner());
+    let n = r.per_peer.get(&peer).copied().unwrap_or(0);
+    if n >= STREAMS_PER_PEER || r.total >= MAX_READERS {
+        return false;
+    }
+    r.per_peer.insert(peer, n + 1);
+    r.total += 1;
+    true
+}
+
+fn release(readers: &Mutex<Readers>, peer: PeerId) {
+    let mut r = readers.lock().unwrap_or_else(|e| e.into_inner());
+    r.total = r.total.saturating_sub(1);
+    if let Some(n) = r.per_peer.get_mut(&peer) {
+        *n -= 1;
+        if *n == 0 {
+            r.per_peer.remove(&peer);
+        }
+    }
+}
+
+/// Reads frames until the stream ends, breaks a rule or stays silent for
+/// `READ_IDLE`; only run messages and batches may come this way.
+async fn read_from(
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+    tx: mpsc::Sender<(PeerId, MeshRequest)>,
+) {
+    loop {
+        let bytes = match tokio::time::timeout(READ_IDLE, read_frame(&mut stream, MAX_FRAME)).await
+        {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                    tracing::debug!(%peer, error = %e, "direct stream closed");
+                }
+                return;
+            }
+            Err(_) => return,
+        };
+        match decode(&bytes) {
+            Ok(request) => {
+                if tx.send((peer, request)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "direct stream closed: a bad message");
+                return;
+            }
+        }
+    }
+}
+
+/// A direct stream carries run messages and batches, nothing else.
+fn decode(bytes: &[u8]) -> Result<MeshRequest, String> {
+    let request: MeshRequest =
+        from_cbor(bytes, MAX_FRAME, "a direct run message").map_err(|e| e.to_string())?;
+    match request {
+        MeshRequest::Run(RunRequest::Message { .. } | RunRequest::Batch(_)) => Ok(request),
+        other => Err(format!(
+            "a {} request on the direct stream, which carries run messages only",
+            kind(&other)
+        )),
+    }
+}
+
+fn kind(r: &MeshRequest) -> &'static str {
+    match r {
+        MeshRequest::Members => "members",
+        MeshRequest::Run(RunRequest::Bundle { .. }) => "bundle",
+        MeshRequest::Run(RunRequest::Clock { .. }) => "clock",
+        MeshRequest::Run(RunRequest::Snapshots { .. }) => "snapshots",
+        MeshRequest::Run(RunRequest::Summary { .. }) => "summary",
+        MeshRequest::Run(RunRequest::Message { .. }) => "message",
+        MeshRequest::Run(RunRequest::Batch(_)) => "batch",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stampede_protocol::run::RunMessage;
+
+    fn stop() -> MeshRequest {
+        MeshRequest::Run(RunRequest::Message {
+            protocol_version: 1,
+            msg: Box::new(RunMessage::Stop {
+                run_id: "5f0a1b2c-0001".into(),
+                reason: "test".into(),
+            }),
+        })
+    }
+
+    #[test]
+    fn a_direct_stream_takes_run_messages_and_nothing_else() {
+        assert_eq!(decode(&to_cbor(&stop())).unwrap(), stop());
+        let err = decode(&to_cbor(&MeshRequest::Members)).unwrap_err();
+        assert!(
+            err.contains("members request on the direct stream"),
+            "{err}"
+        );
+        let err = decode(&[0xff, 0x00, 0x13]).unwrap_err();
+        assert!(err.contains("a direct run message"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_limit_is_refused_before_it_is_read() {
+        // A length header claiming more than a direct message may hold, then nothing.
+        let mut claim = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        claim.extend_from_slice(&[0u8; 16]);
+        let mut io = futures::io::Cursor::new(claim);
+        let err = read_frame(&mut io, MAX_FRAME).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn a_peer_holds_at_most_its_share_of_streams() {
+        let readers = Mutex::new(Readers::default());
+        let a = PeerId::random();
+        let b = PeerId::random();
+        for _ in 0..STREAMS_PER_PEER {
+            assert!(admit(&readers, a));
+        }
+        assert!(!admit(&readers, a), "one peer past its share");
+        assert!(admit(&readers, b), "another peer is not held back by it");
+        release(&readers, a);
+        assert!(admit(&readers, a), "a closed stream frees its place");
+        for _ in 0..STREAMS_PER_PEER {
+            release(&readers, a);
+        }
+        release(&readers, b);
+        let r = readers.lock().unwrap();
+        assert_eq!((r.total, r.per_peer.len()), (0, 0));
+    }
+}
