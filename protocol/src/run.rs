@@ -229,46 +229,63 @@ pub enum RunMessage {
     /// assignment version, and the latest heartbeat stamp of every member it heard
     /// with the same version (`echoes`) — the acknowledgements that make up the
     /// others' leases — and the members it has fenced (stopped answering).
+    ///
+    /// On the wire its fields have one- to four-letter names and its barrier sets are
+    /// bits: a heartbeat goes 2.5 times a second between every member and every
+    /// witness, so at a witness of a large run its bytes are most of the traffic.
     Beat {
+        #[serde(rename = "id")]
         run_id: String,
+        #[serde(rename = "t")]
         term: u64,
         /// The sender's monotonic clock (µs) when it sent this beat.
+        #[serde(rename = "s")]
         sent_us: u64,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(rename = "v", default, skip_serializing_if = "Option::is_none")]
         version: Option<Version>,
         /// (roster index, that member's `sent_us` as last heard here).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[serde(rename = "e", default, skip_serializing_if = "Vec::is_empty")]
         echoes: Vec<(u32, u64)>,
         /// Roster indices this member has fenced.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[serde(rename = "f", default, skip_serializing_if = "Vec::is_empty")]
         fenced: Vec<u32>,
         /// This member's claims on the counted scenarios (see `machine::version`).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[serde(rename = "c", default, skip_serializing_if = "Vec::is_empty")]
         claims: Vec<u64>,
         /// For each fenced member (same order): the highest claims heard from it.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[serde(rename = "fc", default, skip_serializing_if = "Vec::is_empty")]
         fenced_claims: Vec<Vec<u64>>,
         /// Every barrier this member has arrived at: arrivals ride on heartbeats, so
         /// a member that missed one hears it again within a beat, whatever the
         /// sender believes of the barrier.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[serde(rename = "a", default, skip_serializing_if = "Vec::is_empty")]
         arrived: Vec<(Barrier, BarrierDetail)>,
         /// The sender holds no lease now (it just took up a version): members at its
         /// version answer at once instead of at their next beat.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        #[serde(rename = "w", default, skip_serializing_if = "std::ops::Not::not")]
         wants_echo: bool,
         /// The sender's version digest, for a beat that carries no `version`:
         /// heartbeats carry the whole version only to witnesses (who adopt versions
         /// on a leader change); every other member takes versions from `assign`.
-        #[serde(default)]
+        #[serde(rename = "d", default)]
         digest: u64,
         /// Barriers a witness sees complete: members that are not witnesses hear
         /// only the witnesses, so they learn completion from them.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[serde(
+            rename = "done",
+            default,
+            skip_serializing_if = "Vec::is_empty",
+            with = "barrier_set"
+        )]
         complete: Vec<Barrier>,
         /// The recipient's own arrivals the sender holds: the recipient stops
         /// repeating those to it (they would be most of a heartbeat's bytes).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[serde(
+            rename = "got",
+            default,
+            skip_serializing_if = "Vec::is_empty",
+            with = "barrier_set"
+        )]
         received: Vec<Barrier>,
     },
     /// Stop the run everywhere, gracefully.
@@ -570,6 +587,41 @@ impl BatchMessage {
 
 /// A `Vec<u8>` as one CBOR byte string (serde writes a `Vec<u8>` as an array of
 /// integers, about 1.8 bytes per byte); reads either form.
+/// A set of barriers as one small integer (bit 0 `ready`, 1 `started`, 2
+/// `finished`), in barrier order: a heartbeat's `complete` and `received`.
+mod barrier_set {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::machine::events::Barrier;
+
+    const ALL: [Barrier; 3] = [Barrier::Ready, Barrier::Started, Barrier::Finished];
+
+    pub fn serialize<S: Serializer>(set: &[Barrier], s: S) -> Result<S::Ok, S::Error> {
+        let bits = ALL
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| set.contains(b))
+            .fold(0u8, |acc, (i, _)| acc | 1 << i);
+        s.serialize_u8(bits)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Barrier>, D::Error> {
+        let bits = u8::deserialize(d)?;
+        if bits >> ALL.len() != 0 {
+            return Err(D::Error::custom(format!(
+                "unknown barrier bits in {bits:#x}"
+            )));
+        }
+        Ok(ALL
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| bits & (1 << i) != 0)
+            .map(|(_, b)| *b)
+            .collect())
+    }
+}
+
 mod byte_string {
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -731,6 +783,44 @@ fn oversized(v: &crate::machine::version::Version) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_heartbeat_goes_in_short_names_and_barrier_bits_and_comes_back_the_same() {
+        let beat = RunMessage::Beat {
+            run_id: "6932a8b2-0f3c".into(),
+            term: 2,
+            sent_us: 693_919_356,
+            version: None,
+            echoes: vec![(25, 148_899_735)],
+            fenced: vec![],
+            claims: vec![],
+            fenced_claims: vec![],
+            arrived: vec![],
+            wants_echo: false,
+            digest: 15_086_950_585_397_241_385,
+            complete: vec![Barrier::Ready, Barrier::Started],
+            received: vec![Barrier::Ready, Barrier::Started, Barrier::Finished],
+        };
+        let wire = crate::mesh::to_cbor(&beat);
+        // A witness's answer to a member: about 80 bytes (it was 135 with long field
+        // names and barrier names), two of them every 400 ms per member.
+        assert!(wire.len() <= 80, "{} bytes", wire.len());
+        let back: RunMessage = ciborium::from_reader(&wire[..]).unwrap();
+        assert_eq!(back, beat);
+        // A set is a set: order and repeats do not survive, nor should they matter.
+        let mut shuffled = beat.clone();
+        if let RunMessage::Beat { complete, .. } = &mut shuffled {
+            *complete = vec![Barrier::Started, Barrier::Ready, Barrier::Started];
+        }
+        let back: RunMessage = ciborium::from_reader(&crate::mesh::to_cbor(&shuffled)[..]).unwrap();
+        assert_eq!(back, beat);
+        // Bits no barrier has are refused, not ignored.
+        let mut bad = wire.clone();
+        let at = bad.windows(5).position(|w| w == b"\x64done").unwrap() + 5;
+        bad[at] = 0x08;
+        let err = ciborium::from_reader::<RunMessage, _>(&bad[..]).unwrap_err();
+        assert!(format!("{err}").contains("unknown barrier bits"), "{err}");
+    }
 
     #[test]
     fn a_long_reason_is_cut_at_a_character_boundary_and_then_passes() {
