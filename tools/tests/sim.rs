@@ -362,3 +362,33 @@ fn a_killed_aggregator_or_root_is_replaced_and_the_report_stays_exact() {
         );
     }
 }
+
+/// Issue #13's failover bounds on a 50-member run with 50 ms links, in virtual time
+/// (deterministic, not a timed test): a crashed plain member's share is taken up by
+/// every survivor, and a crashed aggregator's group reaches the origin again, each
+/// within 3 s; the origin's merge stays exact.
+#[test]
+fn a_crashed_member_and_a_crashed_aggregator_fail_over_within_three_seconds() {
+    let mut s = setup(50, Flaw::None);
+    s.plan.vus = 0;
+    s.plan.rounds = 0;
+    s.plan.pool = 0;
+    s.plan.duration_us = 25_000_000;
+    s.aggregation = Aggregation::Tree { fan_in: 8 };
+    let f = stampede_tools::sim::failover::measure(&s, 1, 50_000).unwrap();
+    assert!(f.violations.is_empty(), "{:?}", f.violations);
+    assert_eq!(f.members_swapped.0, f.members_swapped.1);
+    let node = f.node_failover_us.expect("every member takes up the move");
+    let aggregator = f
+        .aggregator_failover_us
+        .expect("the group's seconds reach the origin again");
+    assert!(node <= 3_000_000, "member failover took {node} µs");
+    assert!(
+        aggregator <= 3_000_000,
+        "aggregator failover took {aggregator} µs"
+    );
+    assert_eq!(
+        f.merged_at_origin, f.published,
+        "the origin's merge is exact"
+    );
+}

@@ -64,9 +64,16 @@ struct Args {
     /// --membership: nodes killed at once.
     #[arg(long, default_value_t = 1)]
     kill: usize,
-    /// --membership: one-way link latency in milliseconds.
+    /// --membership and --failover: one-way link latency in milliseconds.
     #[arg(long, default_value_t = 50)]
     latency_ms: u64,
+    /// A run with links of --latency-ms (tools/src/sim/failover.rs): without faults
+    /// (trigger to first iteration, and its traffic with --traffic), then with a plain
+    /// member crashed and later a group's aggregator: how long until every member ran
+    /// without the member, until the group's seconds reached the origin again, and
+    /// whether the merge stayed exact. One line per figure.
+    #[arg(long)]
+    failover: bool,
     /// --membership: probability that a TCP segment is lost (resent after an RTO).
     #[arg(long, default_value_t = 0.01)]
     loss: f64,
@@ -171,6 +178,9 @@ fn run(args: &Args) -> Result<bool, String> {
         measure_traffic: args.traffic,
         aggregation,
     };
+    if args.failover {
+        return failover(args, &setup);
+    }
     let seeds: Vec<u64> = match args.seed {
         Some(s) => vec![s],
         None => (args.first_seed..args.first_seed + args.seeds).collect(),
@@ -301,6 +311,61 @@ fn segments(args: &Args) -> Result<bool, String> {
         began.elapsed().as_secs_f64()
     );
     Ok(ok)
+}
+
+/// The failover figures of one seed (default 1), one line each.
+fn failover(args: &Args, setup: &Setup) -> Result<bool, String> {
+    if !(1..=2_000).contains(&args.latency_ms) {
+        return Err(format!(
+            "--latency-ms {}: must be 1 to 2000",
+            args.latency_ms
+        ));
+    }
+    let seed = args.seed.unwrap_or(args.first_seed);
+    let began = Instant::now();
+    let f = stampede_tools::sim::failover::measure(setup, seed, args.latency_ms * 1000)?;
+    let secs = |us: Option<u64>| match us {
+        Some(us) => format!("{:.3} s", us as f64 / 1e6),
+        None => "never".to_string(),
+    };
+    let n = f.nodes;
+    let ms = args.latency_ms;
+    if args.traffic {
+        print_traffic(seed, &f.quiet);
+    }
+    println!(
+        "failover seed {seed}: {n} nodes, {ms} ms links: trigger to first iteration {}",
+        secs(f.first_iteration_us)
+    );
+    println!(
+        "failover seed {seed}: {n} nodes, {ms} ms links: member n{} crashed: every live member ran without it after {} ({} of {} members took up the move)",
+        f.node,
+        secs(f.node_failover_us),
+        f.members_swapped.0,
+        f.members_swapped.1
+    );
+    println!(
+        "failover seed {seed}: {n} nodes, {ms} ms links: aggregator n{} of group {} crashed: the group's next second reached the origin after {}",
+        f.aggregator,
+        f.group,
+        secs(f.aggregator_failover_us)
+    );
+    println!(
+        "failover seed {seed}: {n} nodes, {ms} ms links: the origin merged {} of {} member seconds measured, {} invariant violations ({:.1} s)",
+        f.merged_at_origin,
+        f.published,
+        f.violations.len(),
+        began.elapsed().as_secs_f64()
+    );
+    for v in &f.violations {
+        println!(
+            "VIOLATION failover seed {seed}: {}: {}",
+            v.invariant, v.detail
+        );
+    }
+    Ok(f.violations.is_empty()
+        && f.node_failover_us.is_some()
+        && f.aggregator_failover_us.is_some())
 }
 
 /// One line per figure of a schedule's control traffic, averaged over the time from

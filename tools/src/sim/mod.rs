@@ -13,6 +13,7 @@
 
 pub mod check;
 pub mod engine;
+pub mod failover;
 pub mod faults;
 pub mod membership;
 pub mod segments;
@@ -190,6 +191,9 @@ pub struct Node {
     /// (the end's re-fetch, or all-to-all snapshots).
     pub merged_live: u64,
     pub merged_single: u64,
+    /// When this node's engine took up a new split (a version moving a lost member's
+    /// share): what the failover figures read.
+    pub swapped_at: Vec<u64>,
 }
 
 /// A started event: who, when (virtual time), and the run time it happened at by the
@@ -233,6 +237,9 @@ pub struct World {
     pub traffic_by_kind: std::collections::BTreeMap<String, u64>,
     /// Encoded sizes of the measurements (when traffic is measured).
     sizes: Option<sizes::Sizes>,
+    /// Node 0's merges of root batches: (virtual time, second, members covered), for
+    /// the failover figures (`failover`).
+    pub observed: Vec<(u64, u64, Vec<u32>)>,
 }
 
 const TRACE_KEEP: usize = 400;
@@ -265,6 +272,7 @@ impl World {
                 tree_errors: Vec::new(),
                 merged_live: 0,
                 merged_single: 0,
+                swapped_at: Vec::new(),
             })
             .collect();
         let partitions = schedule
@@ -298,6 +306,7 @@ impl World {
             traffic: vec![Traffic::default(); setup_nodes],
             first_start_at: None,
             traffic_by_kind: Default::default(),
+            observed: Vec::new(),
             sizes,
         }
     }
@@ -705,7 +714,10 @@ impl World {
                     e.set_split(split);
                     e.start_local_wall = start_local_wall_us;
                 }
-                Effect::SwapSplit(split) => self.nodes[i].engine.set_split(split),
+                Effect::SwapSplit(split) => {
+                    self.nodes[i].engine.set_split(split);
+                    self.nodes[i].swapped_at.push(self.now);
+                }
                 Effect::Lease(l) => self.nodes[i].engine.lease = l,
                 Effect::Claims(c) => self.nodes[i].engine.allowed = c,
                 Effect::StopEngine(_) => self.nodes[i].engine.stopped = true,
@@ -817,6 +829,9 @@ impl World {
                         ));
                     }
                     self.nodes[i].merged_live += covers.len() as u64;
+                    if i == 0 {
+                        self.observed.push((self.now, seq, covers.clone()));
+                    }
                     for c in covers {
                         self.merged(i, c as usize, seq);
                     }
