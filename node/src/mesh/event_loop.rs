@@ -995,6 +995,14 @@ impl EventLoop {
     /// (by its stream, or as a request): to the run driver, like gossip (validated
     /// there). Other requests are not run messages.
     fn on_run_request(&mut self, peer: PeerId, request: MeshRequest) -> MeshResponse {
+        // A link that carries a run's messages to this node is in use, like one this
+        // node dialed for a request: it closes once idle, and it is no standing link
+        // for `prune` to cut past `max_connections` — a witness holds a link to every
+        // member of a large run, and cutting them made every member re-dial (a noise
+        // handshake, a heartbeat or two lost) every `PRUNE_GRACE`.
+        if !self.chosen.contains_key(&peer) {
+            self.on_demand.insert(peer, Instant::now());
+        }
         let body = match request {
             MeshRequest::Run(RunRequest::Batch(b)) => GossipBody::Batch(b),
             MeshRequest::Run(RunRequest::Message {
