@@ -136,6 +136,7 @@ impl Driver {
                     });
                 }
             }
+            Effect::FetchOwn { node, end } => self.fetch_own(run_id, node, end),
             Effect::Fetch { node, seqs } => tasks::fetch_seconds(
                 self.mesh.clone(),
                 self.tasks_tx.clone(),
@@ -225,12 +226,24 @@ impl Driver {
             metrics,
             vus: s.vus,
         };
-        if let Err(e) = agg.add(&s.node, &second) {
+        // With tree aggregation a snapshot merged one by one is a second the tree did
+        // not bring (the end's re-fetch): into the run's totals only. A member's own
+        // figures come whole from the member (`add_own`); adding the second there
+        // too would count it twice, or leave a member's part made of gaps alone.
+        let tree = run.machine.tree().is_some();
+        let added = if tree {
+            agg.add_merged(s.seq, &second.metrics, s.vus, 1)
+        } else {
+            agg.add(&s.node, &second)
+        };
+        if let Err(e) = added {
             tracing::warn!(node = %s.node, error = %e, "snapshot does not fit the plan");
             return;
         }
-        let cpu = run.cpu_max.entry(s.node.clone()).or_insert(0.0);
-        *cpu = cpu.max(s.cpu);
+        if !tree {
+            let cpu = run.cpu_max.entry(s.node.clone()).or_insert(0.0);
+            *cpu = cpu.max(s.cpu);
+        }
         let node_point = crate::reports::aggregate::point(s.seq, &second.metrics, s.vus, 1);
         let latest = agg.latest_complete(live_nodes);
         let totals = agg.totals.packed().clone();
@@ -251,7 +264,9 @@ impl Driver {
             if let Some((merged, per_node)) = history {
                 l.set_history(merged, per_node);
             }
-            l.push_node_point(&node_name, node_point);
+            if !tree {
+                l.push_node_point(&node_name, node_point);
+            }
             if let Some(p) = latest.clone() {
                 l.push_point(p);
             }
@@ -410,6 +425,9 @@ impl Driver {
         };
         run.engine = Some(engine.stop.clone());
         run.collector = Some(NodeCollector::new(plan.layout.clone(), workers));
+        if run.machine.tree().is_some() {
+            run.own = Some(super::tree::OwnPart::new(&plan.layout));
+        }
         run.cpu = CpuSampler::default();
         let rid = run_id.to_string();
         let mut engine_started = engine.started.clone();

@@ -122,6 +122,9 @@ struct Run {
     ended_s: Option<f64>,
     /// The minute of run time the live view's coarse history was last rebuilt at.
     history_minute: u64,
+    /// This node's own seconds, summed (tree aggregation only: all to all, every
+    /// node's aggregate has them per node already), for a reporter's `own` request.
+    own: Option<tree::OwnPart>,
 }
 
 pub struct Driver {
@@ -292,6 +295,7 @@ impl Driver {
                 finished_at: None,
                 ended_s: None,
                 history_minute: 0,
+                own: None,
             },
         );
     }
@@ -307,9 +311,7 @@ impl Driver {
         self.drop_buckets(run_id);
         self.live.remove(run_id);
         let _ = self.results.remove(run_id);
-        if let Ok(mut s) = self.store.snapshots.lock() {
-            s.retain(|(r, _), _| r != run_id);
-        }
+        self.store.forget(run_id);
     }
 
     // ---------------------------------------------------------------- commands
@@ -513,6 +515,14 @@ impl Driver {
             tasks::Done::Clock { run_id, offset_us } => {
                 self.input(&run_id, Input::ClockSynced { offset_us })
             }
+            tasks::Done::Own {
+                run_id,
+                node,
+                answer,
+            } => {
+                let outcome = self.take_own(&run_id, &node, answer);
+                self.input(&run_id, Input::OwnFetched { node, outcome });
+            }
             tasks::Done::Fetched {
                 run_id,
                 node,
@@ -545,6 +555,8 @@ impl Driver {
             }
             EngineNews::Failed { run_id, error } => {
                 tracing::error!(run = %run_id, %error, "this node cannot run its share");
+                // It sent nothing: its own part is empty, and says so when asked.
+                self.keep_own(&run_id);
                 self.input(&run_id, Input::EngineFinished { error: Some(error) })
             }
             EngineNews::Report { run_id, report } => self.on_report(&run_id, report),
@@ -567,6 +579,9 @@ impl Driver {
         let mut out = Vec::new();
         for s in seconds {
             let cpu = run.cpu.sample(run.workers);
+            if let Some(own) = run.own.as_mut() {
+                own.add(&s, cpu);
+            }
             out.push(SnapshotMessage {
                 run_id: run_id.into(),
                 node: me.clone(),
@@ -575,6 +590,10 @@ impl Driver {
                 cpu,
                 metrics: s.metrics.encode(),
             });
+        }
+        if finished {
+            // Before `finished` is announced: a reporter may ask for it from then on.
+            self.keep_own(run_id);
         }
         for msg in out {
             self.store.keep(msg.clone());
