@@ -361,6 +361,7 @@ impl Driver {
             .map(|v| v.alive_peers().iter().map(|p| p.to_string()).collect())
             .unwrap_or_default();
         let now = self.now();
+        let asked_count = asked.len();
         let (mut machine, effects) = RunMachine::new_origin(
             self.me(),
             &run_id,
@@ -371,8 +372,9 @@ impl Driver {
             machine::Timing::mesh(),
             now,
         );
-        // Before the roster, which carries it to every member.
-        machine.set_aggregation(tree::aggregation());
+        // Before the roster, which carries it to every member: by the nodes asked
+        // (the roster has at most these and the origin).
+        machine.set_aggregation(tree::aggregation(asked_count + 1));
         self.new_run(machine, Some(client));
         self.execute(&run_id, effects);
         // The origin prepares from its own bundle (no fetch).

@@ -53,34 +53,44 @@ pub(super) struct Bucket {
     cpu: f64,
 }
 
-/// The environment variable that sets the fan-in of tree aggregation for the runs
-/// this node starts (2..=1024); `0` makes them aggregate all to all. The roster
-/// carries the choice to every member.
+/// The environment variable that sets the aggregation of the runs this node starts:
+/// a fan-in (2..=1024) for tree aggregation whatever the run's size, or `0` for all to
+/// all. Unset: see [`ALL_TO_ALL_UP_TO`]. The roster carries the choice to every member.
 pub const FAN_IN_ENV: &str = "STAMPEDE_FAN_IN";
 
-/// How the runs this node starts aggregate when [`FAN_IN_ENV`] is not set.
-const DEFAULT_AGGREGATION: stampede_protocol::machine::Aggregation =
-    stampede_protocol::machine::Aggregation::AllToAll;
+/// Unless [`FAN_IN_ENV`] says otherwise, a run proposed to at most this many nodes
+/// (the origin included) aggregates all to all, a larger one in a tree of fan-in
+/// `FAN_IN` (32). All to all costs every node about 72 KB/s at 8 nodes and 107 KB/s
+/// at 16 (simulated, docs/benchmarks.md) against the tree's 37 KB/s, and grows with
+/// the run; but it gives every node's live view each member's own seconds (the
+/// dashboard's per-node lines and per-label table), which the tree's merged seconds
+/// do not carry.
+pub const ALL_TO_ALL_UP_TO: usize = 8;
 
-/// The aggregation the runs this node starts use.
-pub(super) fn aggregation() -> stampede_protocol::machine::Aggregation {
-    aggregation_of(std::env::var(FAN_IN_ENV).ok().as_deref())
+/// The aggregation of a run this node starts, proposed to `nodes` nodes.
+pub(super) fn aggregation(nodes: usize) -> stampede_protocol::machine::Aggregation {
+    aggregation_of(std::env::var(FAN_IN_ENV).ok().as_deref(), nodes)
 }
 
-fn aggregation_of(setting: Option<&str>) -> stampede_protocol::machine::Aggregation {
-    use stampede_protocol::machine::Aggregation;
+fn aggregation_of(setting: Option<&str>, nodes: usize) -> stampede_protocol::machine::Aggregation {
+    use stampede_protocol::machine::{Aggregation, FAN_IN};
+    let default = if nodes > ALL_TO_ALL_UP_TO {
+        Aggregation::Tree { fan_in: FAN_IN }
+    } else {
+        Aggregation::AllToAll
+    };
     match setting.map(|v| v.trim().parse::<usize>()) {
-        None => DEFAULT_AGGREGATION,
+        None => default,
         Some(Ok(0)) => Aggregation::AllToAll,
         Some(Ok(f)) if (2..=stampede_protocol::run::MAX_MEMBERS).contains(&f) => {
             Aggregation::Tree { fan_in: f }
         }
         Some(_) => {
             tracing::warn!(
-                "{FAN_IN_ENV} must be 0 (all to all) or 2..={}: using the default, {DEFAULT_AGGREGATION:?}",
+                "{FAN_IN_ENV} must be 0 (all to all) or 2..={}: using the default, {default:?}",
                 stampede_protocol::run::MAX_MEMBERS
             );
-            DEFAULT_AGGREGATION
+            default
         }
     }
 }
@@ -382,13 +392,19 @@ mod tests {
 
     #[test]
     fn the_fan_in_setting_picks_the_aggregation() {
-        use stampede_protocol::machine::Aggregation;
-        assert_eq!(aggregation_of(None), DEFAULT_AGGREGATION);
-        assert_eq!(aggregation_of(Some("0")), Aggregation::AllToAll);
-        assert_eq!(aggregation_of(Some(" 8 ")), Aggregation::Tree { fan_in: 8 });
-        assert_eq!(aggregation_of(Some("1")), DEFAULT_AGGREGATION);
-        assert_eq!(aggregation_of(Some("4096")), DEFAULT_AGGREGATION);
-        assert_eq!(aggregation_of(Some("lots")), DEFAULT_AGGREGATION);
+        use stampede_protocol::machine::{Aggregation, FAN_IN};
+        let tree = Aggregation::Tree { fan_in: FAN_IN };
+        let (small, large) = (ALL_TO_ALL_UP_TO, ALL_TO_ALL_UP_TO + 1);
+        assert_eq!(aggregation_of(None, small), Aggregation::AllToAll);
+        assert_eq!(aggregation_of(None, large), tree);
+        assert_eq!(aggregation_of(Some("0"), large), Aggregation::AllToAll);
+        assert_eq!(
+            aggregation_of(Some(" 8 "), 3),
+            Aggregation::Tree { fan_in: 8 }
+        );
+        assert_eq!(aggregation_of(Some("1"), large), tree);
+        assert_eq!(aggregation_of(Some("4096"), small), Aggregation::AllToAll);
+        assert_eq!(aggregation_of(Some("lots"), large), tree);
     }
 
     /// Only the member asked speaks, only for this run and this plan; what it says
