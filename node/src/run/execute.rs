@@ -502,6 +502,20 @@ impl Driver {
                 plan_source: &plan.source,
             },
         );
+        // With tree aggregation the live view had the run's merged seconds only; the
+        // members' own totals, fetched for the report, give it (and /metrics, by node
+        // and label) its per-member figures from now on.
+        let own_totals: Option<BTreeMap<String, _>> = run.machine.tree().map(|_| {
+            agg.nodes
+                .iter()
+                .map(|(id, nt)| (run.machine.name_of(id), nt.totals.packed().clone()))
+                .collect()
+        });
+        if let Some(node_totals) = own_totals {
+            self.live.update(run_id, run.machine.plan_name(), |l| {
+                l.node_totals = node_totals;
+            });
+        }
         if let Err(e) = self.results.save_summary(&summary) {
             tracing::error!(run = %run_id, error = %e, "the summary was not saved");
         }

@@ -178,7 +178,7 @@ impl RunMachine {
     /// silent), the leader does, and so does the first member this node sees alive,
     /// so that a result survives the origin even when no majority is left to elect
     /// anyone. One report per run while the origin lives: every copy is the same.
-    fn is_reporter(&self) -> bool {
+    pub(super) fn is_reporter(&self) -> bool {
         if self.origin == self.me.id {
             return true;
         }

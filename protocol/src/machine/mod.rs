@@ -712,7 +712,15 @@ impl RunMachine {
     /// Whether this node is committed to the run (and so refuses others): it is in
     /// its roster, or accepted and waits for the roster, or started it.
     pub fn is_busy(&self) -> bool {
+        // A member that only stays the tree's grace to pass up the last seconds (not
+        // a reporter; its engine is done) is committed to nothing: the report may
+        // already be out, and a next run may be proposed to it at once.
+        let lingering = self.phase == Phase::Finishing
+            && self.tree().is_some()
+            && self.engine != EngineState::Running
+            && !self.is_reporter();
         self.phase < Phase::Done
+            && !lingering
             && (self.my_index.is_some()
                 || (self.roster.is_empty() && self.accepted)
                 || self.origin == self.me.id)
