@@ -185,12 +185,13 @@ fn a_killed_aggregator_is_replaced_and_the_totals_stay_exact_or_name_what_is_mis
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&status.stdout);
-    let run_id = text
+    let row = text
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .find(|r| r["phase"] == "running")
-        .and_then(|r| r["run_id"].as_str().map(str::to_string))
         .unwrap_or_else(|| panic!("no running run in `stampede status`: {text}"));
+    assert_eq!(row["fan_in"], 2, "the origin's fan-in: {row}");
+    let run_id = row["run_id"].as_str().unwrap().to_string();
     let mut ids: Vec<(String, usize)> = (0..NODES).map(|i| (nodes[i].peer_id(), i)).collect();
     ids.sort();
     let roster: Vec<RosterEntry> = ids

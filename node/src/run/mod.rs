@@ -724,6 +724,11 @@ fn status_of(r: &Run) -> serde_json::Value {
         "members": m.roster().iter().map(|x| &x.name).collect::<Vec<_>>(),
         "lost": lost,
         "elapsed_s": elapsed,
+        // How its seconds are aggregated: the tree's fan-in, 0 for all to all.
+        "fan_in": match m.aggregation() {
+            machine::Aggregation::Tree { fan_in } => fan_in,
+            machine::Aggregation::AllToAll => 0,
+        },
     })
 }
 
