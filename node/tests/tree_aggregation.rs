@@ -5,7 +5,9 @@
 //! at the end) holds every member with its own exact totals, by label too, and
 //! node- and label-filtered thresholds read it; with a group's aggregator killed (-9)
 //! mid-run the totals stay exact but for the lost member's unreported seconds, which
-//! are named, and so is its missing per-member part.
+//! are named, and so is its missing per-member part. Nine nodes without
+//! `STAMPEDE_FAN_IN` aggregate in a tree of fan-in 32 by default, with a complete
+//! report.
 
 mod mesh_support;
 
@@ -36,16 +38,21 @@ fn region(i: usize) -> &'static str {
 }
 
 fn nodes(mesh: &Mesh) -> Vec<Node> {
+    nodes_with(mesh, NODES, ENV)
+}
+
+/// `count` nodes n1..n{count}, labelled by [`region`], with this environment.
+fn nodes_with(mesh: &Mesh, count: usize, env: &[(&str, &str)]) -> Vec<Node> {
     let l1 = format!("region={}", region(1));
-    let n1 = mesh.node("n1", &["--label", &l1], ENV);
+    let n1 = mesh.node("n1", &["--label", &l1], env);
     let a1 = n1.addr();
     let mut all = vec![n1];
-    for i in 2..=NODES {
+    for i in 2..=count {
         let l = format!("region={}", region(i));
         all.push(mesh.node(
             &format!("n{i}"),
             &["--bootstrap", a1.as_str(), "--label", &l],
-            ENV,
+            env,
         ));
     }
     let ids: Vec<String> = all.iter().map(|n| n.peer_id()).collect();
@@ -165,6 +172,72 @@ fn a_run_aggregated_in_two_levels_counts_exactly_in_total_and_per_member() {
         .all(|t| t["passed"] == true));
 }
 
+/// The row of the running run in a node's `stampede status --json`.
+fn running_row(node: &Node) -> Option<Value> {
+    let status = Command::new(BIN)
+        .args(["status", "--json", "--data-dir"])
+        .arg(&node.dir)
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&status.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["phase"] == "running")
+}
+
+/// Without `STAMPEDE_FAN_IN`, a run proposed to more than 8 nodes goes up a tree of
+/// fan-in 32 (one level: every member to the root), and its report is complete: every
+/// member's own totals, adding up to the target's count.
+#[test]
+fn a_run_of_nine_nodes_aggregates_in_a_tree_by_default_with_a_complete_report() {
+    const COUNT: usize = 9;
+    let mesh = Mesh::new();
+    let nodes = nodes_with(&mesh, COUNT, &[("STAMPEDE_CAPACITY", "1")]);
+    let t = target();
+    let rate = 45u64;
+    let plan = rate_plan(mesh.tmp.path(), &t.url(), rate as u32, "5s");
+    let json = mesh.tmp.path().join("summary.json");
+    let cli = start_run(&nodes[0], &plan, &json);
+    assert!(
+        wait_until(Duration::from_secs(60), || t.requests() >= rate),
+        "the run did not get going"
+    );
+    let mut row = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            row = running_row(&nodes[0]);
+            row.is_some()
+        }),
+        "no running run in `stampede status`"
+    );
+    let row = row.unwrap();
+    assert_eq!(row["fan_in"], 32, "the default for {COUNT} nodes: {row}");
+    let out = finish(cli);
+    assert!(out.status.success(), "{}", show(&out));
+    let s = summary(&json);
+    let total = s["totals"]["requests"].as_u64().unwrap();
+    assert_eq!(total, t.requests(), "{}", show(&out));
+    let k = kinds(&s);
+    assert!(
+        !k.iter().any(|k| k == "node_totals_missing"),
+        "events {k:?}"
+    );
+    let members = s["nodes"].as_array().unwrap();
+    assert_eq!(members.len(), COUNT, "nodes[] {}", s["nodes"]);
+    let sum: u64 = members
+        .iter()
+        .map(|n| n["requests"].as_u64().unwrap())
+        .sum();
+    assert!(
+        sum >= total,
+        "members' sums {sum} < the run's {total}: {}",
+        s["nodes"]
+    );
+    if !k.iter().any(|k| k == "snapshots_missing") {
+        assert_eq!(sum, total, "members' requests add up to the run's");
+    }
+}
+
 #[test]
 fn a_killed_aggregator_is_replaced_and_the_totals_stay_exact_or_name_what_is_missing() {
     let mesh = Mesh::new();
@@ -179,17 +252,7 @@ fn a_killed_aggregator_is_replaced_and_the_totals_stay_exact_or_name_what_is_mis
         "the run did not get going"
     );
     // The run's tree, drawn as every node draws it: roster sorted by peer id.
-    let status = Command::new(BIN)
-        .args(["status", "--json", "--data-dir"])
-        .arg(&nodes[0].dir)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&status.stdout);
-    let row = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|r| r["phase"] == "running")
-        .unwrap_or_else(|| panic!("no running run in `stampede status`: {text}"));
+    let row = running_row(&nodes[0]).expect("a running run in `stampede status`");
     assert_eq!(row["fan_in"], 2, "the origin's fan-in: {row}");
     let run_id = row["run_id"].as_str().unwrap().to_string();
     let mut ids: Vec<(String, usize)> = (0..NODES).map(|i| (nodes[i].peer_id(), i)).collect();
