@@ -341,7 +341,14 @@ impl Driver {
                     .version()
                     .map(|v| (super::unix_us() as i64 - v.start_unix_us as i64).max(0) as u64)
                     .unwrap_or(0);
-                crate::reports::abort::check(&plan.plan, agg, &[], Duration::from_micros(elapsed))
+                let per_node = run.machine.tree().is_none();
+                crate::reports::abort::check(
+                    &plan.plan,
+                    agg,
+                    &[],
+                    Duration::from_micros(elapsed),
+                    per_node,
+                )
             }
             _ => None,
         };
