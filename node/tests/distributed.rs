@@ -5,13 +5,14 @@
 
 mod mesh_support;
 
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mesh_support::{all_see, rate_plan, show, wait_until, Mesh, Node, BIN};
+use mesh_support::{
+    all_see, finish, rate_plan, show, start_run, summary, target, wait_until, Mesh, Node, BIN,
+};
 use serde_json::Value;
-use stampede_tools::{TargetConfig, TargetHandle};
+use stampede_tools::TargetHandle;
 
 /// Nodes with one worker each: three of them share this 2-core machine with the target.
 const NODE_ENV: &[(&str, &str)] = &[("STAMPEDE_CAPACITY", "1")];
@@ -35,33 +36,6 @@ fn three_nodes_with(mesh: &Mesh, extra: [&[&str]; 3], env: &[(&str, &str)]) -> V
         "the mesh did not form"
     );
     vec![n1, n2, n3]
-}
-
-fn target() -> TargetHandle {
-    stampede_tools::spawn(TargetConfig::default()).expect("start stampede-target")
-}
-
-/// Starts `stampede run --mesh` against a node; the JSON summary goes to `json`.
-fn start_run(node: &Node, plan: &Path, json: &Path) -> Child {
-    Command::new(BIN)
-        .args(["run", "--mesh", "--quiet", "--data-dir"])
-        .arg(&node.dir)
-        .arg(plan)
-        .arg("--out")
-        .arg(format!("json={}", json.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run stampede")
-}
-
-fn finish(child: Child) -> Output {
-    child.wait_with_output().expect("wait for the CLI")
-}
-
-fn summary(json: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(json).expect("summary written")).unwrap()
 }
 
 /// The target's requests per whole second, oldest first.

@@ -585,6 +585,135 @@ impl BatchMessage {
     }
 }
 
+/// One bucket of a timeline (one second, or a merge of `width_s` seconds further back
+/// in a long run), as charts draw it and the report writes it: counts and a few
+/// percentiles, no histograms. On the wire in a member's [`OwnTotals`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TimelinePoint {
+    /// The bucket's first second since the run's start.
+    pub t: u64,
+    /// Seconds the bucket spans (1 for the recent part of every run).
+    #[serde(default = "one")]
+    pub width_s: u64,
+    pub requests: u64,
+    /// Requests per second over the bucket.
+    pub rps: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub errors: u64,
+    pub errors_by_class: BTreeMap<String, u64>,
+    pub iterations: u64,
+    pub dropped_iterations: u64,
+    pub bytes_received: u64,
+    /// Active VUs (the highest second of a wider bucket).
+    pub vus: u64,
+    pub schedule_lag_p99_us: u64,
+    /// Nodes that reported this second (the most in any second of a wider bucket).
+    pub nodes: usize,
+    /// Named metrics (WebSocket, gRPC, ...) of the bucket, only those recorded: a
+    /// counter's count as `NAME`, a duration's p99 as `NAME_p99_us`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub named: BTreeMap<String, u64>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// The most timeline points a member's [`OwnTotals`] may carry: its timeline at the
+/// report's resolution over a week (`MAX_RUN_SECONDS`) is about 1,460 points (10 min
+/// at 1 s, 50 min at 10 s, 5 h at 1 min, 18 h at 10 min, the rest at 1 h).
+pub const MAX_OWN_POINTS: usize = 2048;
+/// The most entries of a timeline point's `errors_by_class` or `named` map, and the
+/// longest key, in a member's [`OwnTotals`].
+pub const MAX_POINT_ENTRIES: usize = 64;
+pub const MAX_POINT_KEY: usize = 64;
+/// The largest encoded totals a member's [`OwnTotals`] may carry (a snapshot is at
+/// most the 1 MiB gossip limit; totals of a long run hold more distinct values).
+pub const MAX_OWN_METRICS_BYTES: usize = 8 * 1024 * 1024;
+/// Timeline bucket widths a point may have (the report's tiers).
+pub const POINT_WIDTHS: [u64; 5] = [1, 10, 60, 600, 3_600];
+
+/// A member's own part of a run, for a reporter's per-member section (tree
+/// aggregation, where the merged seconds carry no per-member figures): its totals and
+/// its own timeline at the report's resolution, cut at the run's end the reporter
+/// asked with. Answers [`RunRequest::Own`]; the asker takes it only from the member
+/// it names (`node`), never one member's word for another's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnTotals {
+    pub run_id: String,
+    /// The member (peer id) these are the figures of: the one asked.
+    pub node: String,
+    /// Seconds the member produced.
+    pub seconds: u64,
+    /// Its VUs at its last second, and its highest process CPU of any second.
+    pub vus: u64,
+    pub cpu: f64,
+    /// [`crate::snapshot::Metrics`] as CBOR (the member's totals), a byte string.
+    #[serde(with = "byte_string")]
+    pub metrics: Vec<u8>,
+    /// Oldest first, at most [`MAX_OWN_POINTS`].
+    pub timeline: Vec<TimelinePoint>,
+}
+
+impl OwnTotals {
+    /// Bounds a peer controls, before anything is done with it: the run id, the
+    /// sizes ([`MAX_OWN_METRICS_BYTES`], [`MAX_OWN_POINTS`], [`MAX_POINT_ENTRIES`],
+    /// [`MAX_POINT_KEY`]), seconds within a run, finite figures, and a timeline of
+    /// whole buckets of the report's widths in ascending order without overlap.
+    /// (The metrics are then decoded with `Metrics::decode`'s memory budget.)
+    pub fn validate(&self) -> Result<(), String> {
+        validate_run_id(&self.run_id)?;
+        if self.node.is_empty() || self.node.len() > 128 {
+            return Err("node id empty or over 128 bytes".into());
+        }
+        if self.seconds > MAX_RUN_SECONDS {
+            return Err(format!(
+                "{} seconds beyond a run's {MAX_RUN_SECONDS}",
+                self.seconds
+            ));
+        }
+        if !self.cpu.is_finite() || self.cpu < 0.0 {
+            return Err("cpu not a finite fraction".into());
+        }
+        if self.metrics.len() > MAX_OWN_METRICS_BYTES {
+            return Err(format!(
+                "totals of {} bytes exceed {MAX_OWN_METRICS_BYTES}",
+                self.metrics.len()
+            ));
+        }
+        if self.timeline.len() > MAX_OWN_POINTS {
+            return Err(format!(
+                "{} timeline points exceed {MAX_OWN_POINTS}",
+                self.timeline.len()
+            ));
+        }
+        let mut next = 0u64;
+        for p in &self.timeline {
+            if !POINT_WIDTHS.contains(&p.width_s) || p.t % p.width_s != 0 {
+                return Err(format!("a bucket of {} s at {} s", p.width_s, p.t));
+            }
+            if p.t < next || p.t.saturating_add(p.width_s) > MAX_RUN_SECONDS {
+                return Err(format!("bucket at {} s out of order or range", p.t));
+            }
+            next = p.t + p.width_s;
+            if !p.rps.is_finite() || p.rps < 0.0 {
+                return Err("rps not finite".into());
+            }
+            for map in [&p.errors_by_class, &p.named] {
+                if map.len() > MAX_POINT_ENTRIES || map.keys().any(|k| k.len() > MAX_POINT_KEY) {
+                    return Err(format!(
+                        "a bucket with over {MAX_POINT_ENTRIES} entries or a key over {MAX_POINT_KEY} bytes"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A `Vec<u8>` as one CBOR byte string (serde writes a `Vec<u8>` as an array of
 /// integers, about 1.8 bytes per byte); reads either form.
 /// A set of barriers as one small integer (bit 0 `ready`, 1 `started`, 2
@@ -669,6 +798,10 @@ pub enum RunRequest {
     /// snapshot to its group's aggregator, or a group's merge to the root. Answered
     /// `Received` at once.
     Batch(Box<BatchMessage>),
+    /// A member's own totals and timeline (tree aggregation), cut at the run's end
+    /// `end` (seconds) as the asker sees it so that its buckets line up with the
+    /// run's: answered `Own`, or `Refused` by a node that has none for the run.
+    Own { run_id: String, end: u64 },
 }
 
 impl RunRequest {
@@ -678,6 +811,13 @@ impl RunRequest {
             RunRequest::Bundle { run_id, .. }
             | RunRequest::Snapshots { run_id, .. }
             | RunRequest::Summary { run_id } => validate_run_id(run_id),
+            RunRequest::Own { run_id, end } => {
+                validate_run_id(run_id)?;
+                if *end > MAX_RUN_SECONDS {
+                    return Err(format!("end {end} beyond a run's {MAX_RUN_SECONDS}"));
+                }
+                Ok(())
+            }
             RunRequest::Clock { .. } => Ok(()),
             RunRequest::Message { msg, .. } => msg.validate(),
             RunRequest::Batch(b) => b.validate(),
@@ -727,6 +867,8 @@ pub enum RunResponse {
     /// A direct run message was taken (nothing more is said: its effects, if any,
     /// come as messages of their own).
     Received,
+    /// A member's own part of a run ([`RunRequest::Own`]).
+    Own(Box<OwnTotals>),
 }
 
 /// A reason or error cut to [`MAX_REASON`] bytes (at a character boundary), so that a
@@ -783,6 +925,96 @@ fn oversized(v: &crate::machine::version::Version) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn own(points: Vec<TimelinePoint>) -> OwnTotals {
+        OwnTotals {
+            run_id: "6932a8b2-0f3c".into(),
+            node: "12D3KooW".into(),
+            seconds: 10,
+            vus: 1,
+            cpu: 0.5,
+            metrics: vec![0; 16],
+            timeline: points,
+        }
+    }
+
+    fn point(t: u64, width_s: u64) -> TimelinePoint {
+        TimelinePoint {
+            t,
+            width_s,
+            ..Default::default()
+        }
+    }
+
+    /// A member's own totals are held to every bound a peer controls before the
+    /// reporter uses them: sizes, order, bucket shapes, finite figures.
+    #[test]
+    fn a_members_own_totals_are_bounded_and_well_formed() {
+        // A week's worth at the report's resolution fits.
+        let mut week = Vec::new();
+        let mut t = 0;
+        for (width, until) in [
+            (3_600, MAX_RUN_SECONDS - 86_400),
+            (600, MAX_RUN_SECONDS - 21_600),
+            (60, MAX_RUN_SECONDS - 3_600),
+            (10, MAX_RUN_SECONDS - 600),
+            (1, MAX_RUN_SECONDS),
+        ] {
+            while t < until {
+                week.push(point(t, width));
+                t += width;
+            }
+        }
+        assert!(week.len() <= MAX_OWN_POINTS, "{}", week.len());
+        own(week).validate().unwrap();
+
+        let refused = |o: OwnTotals, why: &str| {
+            let e = o.validate().expect_err(why);
+            eprintln!("{why}: {e}");
+        };
+        refused(
+            own((0..=MAX_OWN_POINTS as u64).map(|t| point(t, 1)).collect()),
+            "too many points",
+        );
+        refused(own(vec![point(5, 1), point(5, 1)]), "a bucket twice");
+        refused(own(vec![point(10, 1), point(5, 1)]), "out of order");
+        refused(own(vec![point(0, 10), point(5, 1)]), "overlapping buckets");
+        refused(own(vec![point(5, 10)]), "a bucket not aligned to its width");
+        refused(own(vec![point(0, 7)]), "a width the report does not use");
+        refused(own(vec![point(MAX_RUN_SECONDS, 1)]), "past a week");
+        let mut p = point(0, 1);
+        p.rps = f64::NAN;
+        refused(own(vec![p]), "a NaN rate");
+        let mut p = point(0, 1);
+        p.named.insert("x".repeat(MAX_POINT_KEY + 1), 1);
+        refused(own(vec![p]), "a long key");
+        let mut p = point(0, 1);
+        for i in 0..=MAX_POINT_ENTRIES {
+            p.errors_by_class.insert(format!("e{i}"), 1);
+        }
+        refused(own(vec![p]), "too many entries");
+        let mut o = own(vec![]);
+        o.metrics = vec![0; MAX_OWN_METRICS_BYTES + 1];
+        refused(o, "oversized totals");
+        let mut o = own(vec![]);
+        o.run_id = "../etc".into();
+        refused(o, "a bad run id");
+        let mut o = own(vec![]);
+        o.node = String::new();
+        refused(o, "no node");
+        let mut o = own(vec![]);
+        o.cpu = f64::INFINITY;
+        refused(o, "an infinite cpu");
+        let mut o = own(vec![]);
+        o.seconds = MAX_RUN_SECONDS + 1;
+        refused(o, "more seconds than a run has");
+        assert!(RunRequest::Own {
+            run_id: "6932a8b2-0f3c".into(),
+            end: MAX_RUN_SECONDS + 1
+        }
+        .validate()
+        .is_err());
+    }
 
     #[test]
     fn a_heartbeat_goes_in_short_names_and_barrier_bits_and_comes_back_the_same() {

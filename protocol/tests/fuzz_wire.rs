@@ -292,6 +292,37 @@ fn valid_messages() -> Vec<Vec<u8>> {
         })),
         stampede_protocol::mesh::to_cbor(&MeshResponse::Run(RunResponse::Bundle { bundle })),
         metrics().encode(),
+        // A reporter's ask for a member's own totals, and the member's answer.
+        stampede_protocol::mesh::to_cbor(&MeshRequest::Run(RunRequest::Own {
+            run_id: "6932a8b2-0f3c".into(),
+            end: 700,
+        })),
+        stampede_protocol::mesh::to_cbor(&MeshResponse::Run(RunResponse::Own(Box::new(
+            stampede_protocol::run::OwnTotals {
+                run_id: "6932a8b2-0f3c".into(),
+                node: "a".into(),
+                seconds: 700,
+                vus: 3,
+                cpu: 0.25,
+                metrics: metrics().encode(),
+                timeline: vec![
+                    stampede_protocol::run::TimelinePoint {
+                        t: 90,
+                        width_s: 10,
+                        requests: 40,
+                        errors_by_class: [("timeout".to_string(), 2)].into(),
+                        named: [("ws_msgs_sent".to_string(), 5)].into(),
+                        ..Default::default()
+                    },
+                    stampede_protocol::run::TimelinePoint {
+                        t: 100,
+                        width_s: 1,
+                        requests: 4,
+                        ..Default::default()
+                    },
+                ],
+            },
+        )))),
     ]
 }
 
@@ -329,7 +360,7 @@ proptest! {
 
     #[test]
     fn fuzz_wire_mutations(
-        pick in 0usize..9,
+        pick in 0usize..14,
         edits in proptest::collection::vec((any::<u8>(), any::<usize>(), any::<u8>()), 1..8),
         cut in proptest::option::of(any::<usize>()),
     ) {
@@ -382,4 +413,15 @@ fn valid_messages_decode() {
     }
     from_cbor::<MeshResponse>(&messages[10], MAX_RESPONSE_BYTES, "a response").unwrap();
     assert_eq!(Metrics::decode(&messages[11]).unwrap(), metrics());
+    match from_cbor::<MeshRequest>(&messages[12], MAX_REQUEST_BYTES, "a request").unwrap() {
+        MeshRequest::Run(r) => r.validate().unwrap(),
+        other => panic!("not a run request: {other:?}"),
+    }
+    match from_cbor::<MeshResponse>(&messages[13], MAX_RESPONSE_BYTES, "a response").unwrap() {
+        MeshResponse::Run(RunResponse::Own(o)) => {
+            o.validate().unwrap();
+            assert_eq!(Metrics::decode(&o.metrics).unwrap(), metrics());
+        }
+        other => panic!("not an own answer: {other:?}"),
+    }
 }

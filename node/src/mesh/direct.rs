@@ -304,6 +304,7 @@ fn kind(r: &MeshRequest) -> &'static str {
         MeshRequest::Run(RunRequest::Summary { .. }) => "summary",
         MeshRequest::Run(RunRequest::Message { .. }) => "message",
         MeshRequest::Run(RunRequest::Batch(_)) => "batch",
+        MeshRequest::Run(RunRequest::Own { .. }) => "own",
     }
 }
 

@@ -38,17 +38,22 @@ impl AbortReason {
 
 /// The first threshold with `abort_on_fail` whose `delay_abort_eval` has passed at
 /// `elapsed` and that fails on `agg` (the live totals so far, all nodes merged), if any.
-/// `nodes` names the nodes for `node=`/label tags.
+/// `nodes` names the nodes for `node=`/label tags. Without `per_node` figures (a mesh
+/// run aggregated in a tree: the live aggregate holds merged seconds only), thresholds
+/// filtered by node or label are not judged live — they would read nothing — only in
+/// the report.
 pub fn check(
     plan: &Plan,
     agg: &RunAggregate,
     nodes: &[NodeInfo],
     elapsed: Duration,
+    per_node: bool,
 ) -> Option<AbortReason> {
     let secs = elapsed.as_secs_f64().max(1e-3);
     plan.thresholds
         .iter()
         .filter(|t| t.abort_on_fail && elapsed >= t.delay_abort_eval)
+        .filter(|t| per_node || (t.filter.node.is_none() && t.filter.label.is_none()))
         .find_map(|t| {
             let r = summary::evaluate(t, agg, nodes, secs);
             (!r.passed).then(|| AbortReason {
@@ -112,13 +117,35 @@ request = {{ url = "/" }}
         let mut agg = RunAggregate::new(p.layout.clone());
         let _ = agg.add("n", &second(&p, 0, 100, 50));
         // Failing, but still within delay_abort_eval.
-        assert_eq!(check(&p.plan, &agg, &[], Duration::from_secs(1)), None);
-        let r = check(&p.plan, &agg, &[], Duration::from_secs(2)).expect("aborts");
+        assert_eq!(
+            check(&p.plan, &agg, &[], Duration::from_secs(1), true),
+            None
+        );
+        let r = check(&p.plan, &agg, &[], Duration::from_secs(2), true).expect("aborts");
         assert_eq!(r.threshold, "http_req_failed: rate < 10%");
         assert_eq!(r.value, 0.5);
         assert!(r.message().contains("failed at 2 s"), "{}", r.message());
         // Passing again on the merged totals: no abort.
         let _ = agg.add("n", &second(&p, 1, 10_000, 0));
-        assert_eq!(check(&p.plan, &agg, &[], Duration::from_secs(3)), None);
+        assert_eq!(
+            check(&p.plan, &agg, &[], Duration::from_secs(3), true),
+            None
+        );
+    }
+
+    /// Without per-node figures (a tree-aggregated mesh run's live aggregate), a
+    /// threshold filtered by node or label is left to the report: it would read
+    /// nothing and fail (or pass) on no data.
+    #[test]
+    fn node_and_label_filtered_abort_thresholds_wait_for_per_node_figures() {
+        let p = plan(
+            r#""http_reqs{node=n}" = [{ threshold = "count > 1000", abort_on_fail = true }]
+"http_reqs{region=eu}" = [{ threshold = "count > 1000", abort_on_fail = true }]"#,
+        );
+        let mut agg = RunAggregate::new(p.layout.clone());
+        let _ = agg.add("n", &second(&p, 0, 100, 0));
+        let t = Duration::from_secs(1);
+        assert!(check(&p.plan, &agg, &[], t, true).is_some());
+        assert_eq!(check(&p.plan, &agg, &[], t, false), None);
     }
 }

@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use serde::Serialize;
 use stampede_protocol::named::NamedMetrics;
 use stampede_protocol::snapshot::{ErrorClass, Hist, Layout, Metrics, ERROR_CLASSES};
 
@@ -107,41 +106,9 @@ impl NodeCollector {
     }
 }
 
-/// One bucket of the run (one second, or a merge of `width_s` seconds further back in a
-/// long run), as drawn on charts and written to the timeline.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
-pub struct TimelinePoint {
-    /// The bucket's first second since the run's start.
-    pub t: u64,
-    /// Seconds the bucket spans (1 for the recent part of every run).
-    #[serde(default = "one")]
-    pub width_s: u64,
-    pub requests: u64,
-    /// Requests per second over the bucket.
-    pub rps: f64,
-    pub p50_us: u64,
-    pub p90_us: u64,
-    pub p99_us: u64,
-    pub max_us: u64,
-    pub errors: u64,
-    pub errors_by_class: BTreeMap<String, u64>,
-    pub iterations: u64,
-    pub dropped_iterations: u64,
-    pub bytes_received: u64,
-    /// Active VUs (the highest second of a wider bucket).
-    pub vus: u64,
-    pub schedule_lag_p99_us: u64,
-    /// Nodes that reported this second (the most in any second of a wider bucket).
-    pub nodes: usize,
-    /// Named metrics (WebSocket, gRPC, ...) of the bucket, only those recorded: a
-    /// counter's count as `NAME`, a duration's p99 as `NAME_p99_us`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub named: BTreeMap<String, u64>,
-}
-
-fn one() -> u64 {
-    1
-}
+/// One bucket of the run's or a node's timeline: a wire type too (a member's own
+/// timeline travels in its `OwnTotals`), so it lives in the protocol crate.
+pub use stampede_protocol::run::TimelinePoint;
 
 /// A run's or a node's totals, kept encoded between additions ([`PackedMetrics`]).
 ///
@@ -189,6 +156,43 @@ pub struct NodeTotals {
     pub vus: u64,
     /// This node's own seconds (regional differences stay visible).
     pub timeline: Timeline,
+    /// Its timeline as the report shows it, when it came whole from the node itself
+    /// (tree aggregation: [`RunAggregate::add_own`]) rather than second by second.
+    pub report_timeline: Option<Vec<TimelinePoint>>,
+}
+
+impl NodeTotals {
+    pub fn new(layout: &Layout) -> NodeTotals {
+        NodeTotals {
+            totals: Totals::new(layout),
+            seconds: 0,
+            last_second: None,
+            vus: 0,
+            timeline: Timeline::new(),
+            report_timeline: None,
+        }
+    }
+
+    /// Adds one of the node's seconds (`empty`: the layout's empty metrics, a second
+    /// equal to it leaves the totals alone). Fails only if the metrics come from
+    /// another plan.
+    pub fn add(
+        &mut self,
+        s: &NodeSecond,
+        empty: &Metrics,
+    ) -> Result<(), stampede_protocol::snapshot::MetricsError> {
+        if s.metrics != *empty {
+            self.totals.merge(&s.metrics)?;
+        }
+        self.timeline
+            .add_acc(s.second, Acc::of(&s.metrics, s.vus, 1));
+        self.seconds += 1;
+        if self.last_second.is_none_or(|l| s.second >= l) {
+            self.last_second = Some(s.second);
+            self.vus = s.vus;
+        }
+        Ok(())
+    }
 }
 
 /// Seconds kept in full before being folded into the timeline: late seconds from a slow
@@ -240,13 +244,7 @@ impl RunAggregate {
         let nt = self
             .nodes
             .entry(node.to_string())
-            .or_insert_with(|| NodeTotals {
-                totals: Totals::new(layout),
-                seconds: 0,
-                last_second: None,
-                vus: 0,
-                timeline: Timeline::new(),
-            });
+            .or_insert_with(|| NodeTotals::new(layout));
         // A second with nothing in it (an idle node's, most of a slow plan's) leaves
         // the totals as they are: no decode and re-encode of every histogram for it.
         if s.metrics != self.empty {
@@ -264,6 +262,33 @@ impl RunAggregate {
         Ok(())
     }
 
+    /// A second with nothing in it, of this run's plan.
+    pub fn empty(&self) -> &Metrics {
+        &self.empty
+    }
+
+    /// Puts a node's own totals and report timeline, as it sent them whole (tree
+    /// aggregation), into the per-node figures — never into the run's totals or
+    /// timeline, which the merged seconds already hold. Replaces what the node had
+    /// here. Fails if the metrics come from another plan.
+    pub fn add_own(
+        &mut self,
+        node: &str,
+        totals: &Metrics,
+        seconds: u64,
+        vus: u64,
+        timeline: Vec<TimelinePoint>,
+    ) -> Result<(), stampede_protocol::snapshot::MetricsError> {
+        let mut nt = NodeTotals::new(&self.layout);
+        nt.totals.merge(totals)?;
+        nt.seconds = seconds;
+        nt.last_second = seconds.checked_sub(1);
+        nt.vus = vus;
+        nt.report_timeline = Some(timeline);
+        self.nodes.insert(node.to_string(), nt);
+        Ok(())
+    }
+
     /// Adds a merge of one second over `members` nodes (tree aggregation: a root's
     /// merged second): the run's totals and timeline only, since it holds no
     /// per-node figures. Fails only if the metrics come from another plan.
@@ -274,7 +299,9 @@ impl RunAggregate {
         vus: u64,
         members: usize,
     ) -> Result<(), stampede_protocol::snapshot::MetricsError> {
-        self.totals.merge(m)?;
+        if *m != self.empty {
+            self.totals.merge(m)?;
+        }
         self.timeline.add_acc(second, Acc::of(m, vus, members));
         Ok(())
     }
@@ -314,7 +341,10 @@ impl RunAggregate {
     pub fn report_node_timeline(&self, node: &str) -> Vec<TimelinePoint> {
         self.nodes
             .get(node)
-            .map(|nt| nt.timeline.points(self.end(), &REPORT))
+            .map(|nt| match &nt.report_timeline {
+                Some(points) => points.clone(),
+                None => nt.timeline.points(self.end(), &REPORT),
+            })
             .unwrap_or_default()
     }
 

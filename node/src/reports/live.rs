@@ -90,6 +90,11 @@ impl PackedMetrics {
         self.0.len()
     }
 
+    /// The encoding (`Metrics::encode`'s).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

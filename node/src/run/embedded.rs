@@ -178,7 +178,7 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
                             }
                             progress.update(t, total, &p, 1);
                             if watches_abort && !aborted {
-                                if let Some(r) = crate::reports::abort::check(&plan.plan, &agg, &live_nodes, t) {
+                                if let Some(r) = crate::reports::abort::check(&plan.plan, &agg, &live_nodes, t, true) {
                                     // k6's abortOnFail: stop now; what was measured stays.
                                     aborted = true;
                                     let line = r.message();

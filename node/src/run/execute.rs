@@ -136,6 +136,7 @@ impl Driver {
                     });
                 }
             }
+            Effect::FetchOwn { node, end } => self.fetch_own(run_id, node, end),
             Effect::Fetch { node, seqs } => tasks::fetch_seconds(
                 self.mesh.clone(),
                 self.tasks_tx.clone(),
@@ -225,12 +226,24 @@ impl Driver {
             metrics,
             vus: s.vus,
         };
-        if let Err(e) = agg.add(&s.node, &second) {
+        // With tree aggregation a snapshot merged one by one is a second the tree did
+        // not bring (the end's re-fetch): into the run's totals only. A member's own
+        // figures come whole from the member (`add_own`); adding the second there
+        // too would count it twice, or leave a member's part made of gaps alone.
+        let tree = run.machine.tree().is_some();
+        let added = if tree {
+            agg.add_merged(s.seq, &second.metrics, s.vus, 1)
+        } else {
+            agg.add(&s.node, &second)
+        };
+        if let Err(e) = added {
             tracing::warn!(node = %s.node, error = %e, "snapshot does not fit the plan");
             return;
         }
-        let cpu = run.cpu_max.entry(s.node.clone()).or_insert(0.0);
-        *cpu = cpu.max(s.cpu);
+        if !tree {
+            let cpu = run.cpu_max.entry(s.node.clone()).or_insert(0.0);
+            *cpu = cpu.max(s.cpu);
+        }
         let node_point = crate::reports::aggregate::point(s.seq, &second.metrics, s.vus, 1);
         let latest = agg.latest_complete(live_nodes);
         let totals = agg.totals.packed().clone();
@@ -251,7 +264,9 @@ impl Driver {
             if let Some((merged, per_node)) = history {
                 l.set_history(merged, per_node);
             }
-            l.push_node_point(&node_name, node_point);
+            if !tree {
+                l.push_node_point(&node_name, node_point);
+            }
             if let Some(p) = latest.clone() {
                 l.push_point(p);
             }
@@ -326,7 +341,14 @@ impl Driver {
                     .version()
                     .map(|v| (super::unix_us() as i64 - v.start_unix_us as i64).max(0) as u64)
                     .unwrap_or(0);
-                crate::reports::abort::check(&plan.plan, agg, &[], Duration::from_micros(elapsed))
+                let per_node = run.machine.tree().is_none();
+                crate::reports::abort::check(
+                    &plan.plan,
+                    agg,
+                    &[],
+                    Duration::from_micros(elapsed),
+                    per_node,
+                )
             }
             _ => None,
         };
@@ -410,6 +432,9 @@ impl Driver {
         };
         run.engine = Some(engine.stop.clone());
         run.collector = Some(NodeCollector::new(plan.layout.clone(), workers));
+        if run.machine.tree().is_some() {
+            run.own = Some(super::tree::OwnPart::new(&plan.layout));
+        }
         run.cpu = CpuSampler::default();
         let rid = run_id.to_string();
         let mut engine_started = engine.started.clone();
@@ -484,6 +509,20 @@ impl Driver {
                 plan_source: &plan.source,
             },
         );
+        // With tree aggregation the live view had the run's merged seconds only; the
+        // members' own totals, fetched for the report, give it (and /metrics, by node
+        // and label) its per-member figures from now on.
+        let own_totals: Option<BTreeMap<String, _>> = run.machine.tree().map(|_| {
+            agg.nodes
+                .iter()
+                .map(|(id, nt)| (run.machine.name_of(id), nt.totals.packed().clone()))
+                .collect()
+        });
+        if let Some(node_totals) = own_totals {
+            self.live.update(run_id, run.machine.plan_name(), |l| {
+                l.node_totals = node_totals;
+            });
+        }
         if let Err(e) = self.results.save_summary(&summary) {
             tracing::error!(run = %run_id, error = %e, "the summary was not saved");
         }

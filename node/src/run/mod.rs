@@ -122,6 +122,9 @@ struct Run {
     ended_s: Option<f64>,
     /// The minute of run time the live view's coarse history was last rebuilt at.
     history_minute: u64,
+    /// This node's own seconds, summed (tree aggregation only: all to all, every
+    /// node's aggregate has them per node already), for a reporter's `own` request.
+    own: Option<tree::OwnPart>,
 }
 
 pub struct Driver {
@@ -292,6 +295,7 @@ impl Driver {
                 finished_at: None,
                 ended_s: None,
                 history_minute: 0,
+                own: None,
             },
         );
     }
@@ -307,9 +311,7 @@ impl Driver {
         self.drop_buckets(run_id);
         self.live.remove(run_id);
         let _ = self.results.remove(run_id);
-        if let Ok(mut s) = self.store.snapshots.lock() {
-            s.retain(|(r, _), _| r != run_id);
-        }
+        self.store.forget(run_id);
     }
 
     // ---------------------------------------------------------------- commands
@@ -359,6 +361,7 @@ impl Driver {
             .map(|v| v.alive_peers().iter().map(|p| p.to_string()).collect())
             .unwrap_or_default();
         let now = self.now();
+        let asked_count = asked.len();
         let (mut machine, effects) = RunMachine::new_origin(
             self.me(),
             &run_id,
@@ -369,8 +372,9 @@ impl Driver {
             machine::Timing::mesh(),
             now,
         );
-        // Before the roster, which carries it to every member.
-        machine.set_aggregation(tree::aggregation());
+        // Before the roster, which carries it to every member: by the nodes asked
+        // (the roster has at most these and the origin).
+        machine.set_aggregation(tree::aggregation(asked_count + 1));
         self.new_run(machine, Some(client));
         self.execute(&run_id, effects);
         // The origin prepares from its own bundle (no fetch).
@@ -513,6 +517,14 @@ impl Driver {
             tasks::Done::Clock { run_id, offset_us } => {
                 self.input(&run_id, Input::ClockSynced { offset_us })
             }
+            tasks::Done::Own {
+                run_id,
+                node,
+                answer,
+            } => {
+                let outcome = self.take_own(&run_id, &node, answer);
+                self.input(&run_id, Input::OwnFetched { node, outcome });
+            }
             tasks::Done::Fetched {
                 run_id,
                 node,
@@ -545,6 +557,8 @@ impl Driver {
             }
             EngineNews::Failed { run_id, error } => {
                 tracing::error!(run = %run_id, %error, "this node cannot run its share");
+                // It sent nothing: its own part is empty, and says so when asked.
+                self.keep_own(&run_id);
                 self.input(&run_id, Input::EngineFinished { error: Some(error) })
             }
             EngineNews::Report { run_id, report } => self.on_report(&run_id, report),
@@ -567,6 +581,9 @@ impl Driver {
         let mut out = Vec::new();
         for s in seconds {
             let cpu = run.cpu.sample(run.workers);
+            if let Some(own) = run.own.as_mut() {
+                own.add(&s, cpu);
+            }
             out.push(SnapshotMessage {
                 run_id: run_id.into(),
                 node: me.clone(),
@@ -575,6 +592,10 @@ impl Driver {
                 cpu,
                 metrics: s.metrics.encode(),
             });
+        }
+        if finished {
+            // Before `finished` is announced: a reporter may ask for it from then on.
+            self.keep_own(run_id);
         }
         for msg in out {
             self.store.keep(msg.clone());
@@ -703,6 +724,11 @@ fn status_of(r: &Run) -> serde_json::Value {
         "members": m.roster().iter().map(|x| &x.name).collect::<Vec<_>>(),
         "lost": lost,
         "elapsed_s": elapsed,
+        // How its seconds are aggregated: the tree's fan-in, 0 for all to all.
+        "fan_in": match m.aggregation() {
+            machine::Aggregation::Tree { fan_in } => fan_in,
+            machine::Aggregation::AllToAll => 0,
+        },
     })
 }
 

@@ -5,12 +5,59 @@
 //! Must not decide anything about a run; it only keeps and answers.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use stampede_protocol::run::{
-    unix_us, Bundle, RunRequest, RunResponse, SnapshotMessage, SNAPSHOTS_PER_REQUEST,
-    SNAPSHOT_ANSWER_BYTES,
+    unix_us, Bundle, OwnTotals, RunRequest, RunResponse, SnapshotMessage, MAX_OWN_METRICS_BYTES,
+    MAX_OWN_POINTS, MAX_RUN_SECONDS, SNAPSHOTS_PER_REQUEST, SNAPSHOT_ANSWER_BYTES,
 };
+
+use crate::reports::aggregate::{Timeline, REPORT};
+
+/// A node's own part of a run, kept once its engine is done, to answer a reporter's
+/// `own` request (tree aggregation: the merged seconds carry no per-member figures).
+/// Its size is bounded by the timeline's tiers, not by the run's length.
+pub struct OwnRecord {
+    /// This node's peer id.
+    pub node: String,
+    /// Its totals, encoded (`Metrics::encode`).
+    pub totals: Vec<u8>,
+    pub seconds: u64,
+    pub vus: u64,
+    pub cpu: f64,
+    /// Its own seconds, every bucket closed.
+    pub timeline: Timeline,
+}
+
+impl OwnRecord {
+    /// The answer to a reporter: the timeline cut at the run's end the reporter asked
+    /// with, at the report's resolution; within the bounds the asker holds it to.
+    pub fn answer(&self, run_id: &str, end: u64) -> RunResponse {
+        if self.totals.len() > MAX_OWN_METRICS_BYTES {
+            return RunResponse::Refused {
+                reason: format!(
+                    "this node's totals take {} bytes, over the {MAX_OWN_METRICS_BYTES} an answer may carry",
+                    self.totals.len()
+                ),
+            };
+        }
+        let mut timeline = self.timeline.points(end.min(MAX_RUN_SECONDS), &REPORT);
+        // A week at the report's resolution is well under the bound; the newest are
+        // the ones kept if ever it is not.
+        if timeline.len() > MAX_OWN_POINTS {
+            timeline.drain(..timeline.len() - MAX_OWN_POINTS);
+        }
+        RunResponse::Own(Box::new(OwnTotals {
+            run_id: run_id.to_string(),
+            node: self.node.clone(),
+            seconds: self.seconds,
+            vus: self.vus,
+            cpu: self.cpu,
+            metrics: self.totals.clone(),
+            timeline,
+        }))
+    }
+}
 
 /// Bundles and own snapshots, shared with the mesh event loop so that it can answer
 /// peers' requests without a round trip through the actor.
@@ -21,6 +68,8 @@ pub struct RunStore {
     /// ones are answered from the snapshot log on disk (`results`), so memory does not
     /// grow with the length of a run.
     pub(crate) snapshots: Mutex<HashMap<(String, u64), SnapshotMessage>>,
+    /// This node's own part of each run it finished with tree aggregation.
+    pub(crate) own: Mutex<HashMap<String, Arc<OwnRecord>>>,
     results: Option<crate::reports::results::Results>,
 }
 
@@ -51,6 +100,25 @@ impl RunStore {
             }
         }
         store.insert((s.run_id.clone(), s.seq), s);
+    }
+
+    /// Keeps this node's own part of a run (its engine is done).
+    pub fn keep_own(&self, run_id: &str, record: OwnRecord) {
+        let mut own = match self.own.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        own.insert(run_id.to_string(), Arc::new(record));
+    }
+
+    /// Lets go of everything kept of a run.
+    pub fn forget(&self, run_id: &str) {
+        if let Ok(mut s) = self.snapshots.lock() {
+            s.retain(|(r, _), _| r != run_id);
+        }
+        if let Ok(mut o) = self.own.lock() {
+            o.remove(run_id);
+        }
     }
 
     /// Answers a peer's run request (called on the event loop: must be quick).
@@ -121,6 +189,19 @@ impl RunStore {
                     }
                 }
                 RunResponse::Snapshots { snapshots, missing }
+            }
+            // A clone of at most a couple of thousand points and the encoded totals.
+            RunRequest::Own { run_id, end } => {
+                let record = match self.own.lock() {
+                    Ok(o) => o.get(&run_id).cloned(),
+                    Err(p) => p.into_inner().get(&run_id).cloned(),
+                };
+                match record {
+                    Some(r) => r.answer(&run_id, end),
+                    None => RunResponse::Refused {
+                        reason: format!("no own totals of run {run_id} on this node"),
+                    },
+                }
             }
             // durability: answered by the mesh event loop from `results`, never here.
             RunRequest::Summary { .. } => RunResponse::Refused {

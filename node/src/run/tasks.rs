@@ -37,6 +37,12 @@ pub enum Done {
         snapshots: Vec<SnapshotMessage>,
         missing: Vec<u64>,
     },
+    /// A member's answer to a request for its own totals, or why there is none.
+    Own {
+        run_id: String,
+        node: String,
+        answer: Result<RunResponse, String>,
+    },
 }
 
 /// Why a request to a peer got no answer.
@@ -181,5 +187,34 @@ pub fn fetch_seconds(
                 missing,
             });
         }
+    });
+}
+
+/// How long a member has to answer for its own totals (the run machine counts the ask
+/// failed then, and may ask again).
+const OWN_TIMEOUT: Duration =
+    Duration::from_micros(stampede_protocol::machine::ledger::OWN_TIMEOUT_US);
+
+/// Asks a member for its own totals (tree aggregation); always answers `Own`, so the
+/// run machine learns of a failure as soon as it happens.
+pub fn fetch_own(
+    mesh: mpsc::Sender<MeshCommand>,
+    tx: mpsc::UnboundedSender<Done>,
+    run_id: String,
+    node: String,
+    req: RunRequest,
+) {
+    tokio::spawn(async move {
+        let answer = match ask(&mesh, &node, req, OWN_TIMEOUT).await {
+            Ok(MeshResponse::Run(r)) => Ok(r),
+            Ok(MeshResponse::Refused { reason }) => Ok(RunResponse::Refused { reason }),
+            Ok(_) => Err("not a run answer".to_string()),
+            Err(AskError::Transport(e) | AskError::Other(e)) => Err(e),
+        };
+        let _ = tx.send(Done::Own {
+            run_id,
+            node,
+            answer,
+        });
     });
 }

@@ -344,3 +344,43 @@ pub fn show(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// A real stampede-target on 127.0.0.1 (counts every request it answers).
+pub fn target() -> stampede_tools::TargetHandle {
+    stampede_tools::spawn(stampede_tools::TargetConfig::default()).expect("start stampede-target")
+}
+
+/// Starts `stampede run --mesh` against a node; the JSON summary goes to `json`.
+pub fn start_run(node: &Node, plan: &Path, json: &Path) -> Child {
+    Command::new(BIN)
+        .args(["run", "--mesh", "--quiet", "--data-dir"])
+        .arg(&node.dir)
+        .arg(plan)
+        .arg("--out")
+        .arg(format!("json={}", json.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run stampede")
+}
+
+/// Waits for a CLI started by [`start_run`].
+pub fn finish(child: Child) -> std::process::Output {
+    child.wait_with_output().expect("wait for the CLI")
+}
+
+/// The JSON summary a run wrote.
+pub fn summary(json: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(json).expect("summary written")).unwrap()
+}
+
+/// The kinds of a summary's events, in order.
+pub fn kinds(s: &Value) -> Vec<String> {
+    s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect()
+}

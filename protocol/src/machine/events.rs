@@ -106,6 +106,10 @@ pub enum RunEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         after: Option<u64>,
     },
+    /// A member's own totals did not reach the reporter (tree aggregation): the
+    /// report's `nodes` lacks it, and by-label figures and node- or label-filtered
+    /// thresholds are without it. Its seconds are in the run's totals all the same.
+    NodeTotalsMissing { node: String, reason: String },
 }
 
 impl RunEvent {
@@ -124,6 +128,7 @@ impl RunEvent {
             RunEvent::ThresholdAbort { .. } => "threshold_abort",
             RunEvent::NodeFailed { .. } => "node_failed",
             RunEvent::SnapshotsMissing { .. } => "snapshots_missing",
+            RunEvent::NodeTotalsMissing { .. } => "node_totals_missing",
         }
     }
 
@@ -146,6 +151,7 @@ impl RunEvent {
             RunEvent::NodeLost { .. }
                 | RunEvent::NodeFailed { .. }
                 | RunEvent::SnapshotsMissing { .. }
+                | RunEvent::NodeTotalsMissing { .. }
                 | RunEvent::LeaseLost { .. }
                 | RunEvent::OnlyFailing { .. }
                 | RunEvent::TargetRefused { .. }

@@ -377,6 +377,7 @@ impl RunMachine {
             super::liveness::choose_witnesses(&self.roster, &self.run_id, &self.origin);
         self.seen = vec![Default::default(); n];
         self.absent = vec![Default::default(); n];
+        self.own = vec![Default::default(); n];
         // Every member aggregates the way the origin chose.
         self.set_aggregation(match *fan_in {
             0 => super::Aggregation::AllToAll,

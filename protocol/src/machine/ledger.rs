@@ -10,12 +10,33 @@
 //! Must not merge measurements itself (the node does, on `Merge`).
 
 use super::events::{second_ranges, Barrier, MemberStatus, RunEvent};
-use super::{MemberFact, Now, ReportFacts, RunMachine};
+use super::{MemberFact, Now, OwnOutcome, ReportFacts, RunMachine};
 use crate::run::SNAPSHOTS_PER_REQUEST;
 
 /// The most seconds a run's ledger tracks per member (a week): a peer's claim of more
 /// is refused at decode and cut here before anything loops over it.
 pub const MAX_SECONDS: u64 = crate::run::MAX_RUN_SECONDS;
+
+/// How long a reporter gives a member to answer for its own totals (the node's
+/// request times out then) before it counts the ask as failed and may ask again.
+pub const OWN_TIMEOUT_US: u64 = 5_000_000;
+/// The most members a reporter asks for their own totals at once: 1,024 members'
+/// answers (each up to a few hundred KB) never all arrive in the same instant.
+pub const MAX_OWN_FETCHES: usize = 16;
+
+/// Where a reporter's fetch of one member's own totals stands (tree aggregation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OwnFetch {
+    #[default]
+    Unasked,
+    /// Asked at this instant (mono µs), no answer yet.
+    Asked(u64),
+    /// The ask failed at this instant: asked again after `fetch_every_us`.
+    Failed(u64),
+    Got,
+    /// The member has none: not asked again.
+    Refused,
+}
 
 /// The seconds of one member a node has: every second below `below`, and the ones
 /// above it that came out of order. Memory is the out-of-order seconds only, so it
@@ -84,11 +105,80 @@ impl RunMachine {
         }
     }
 
+    pub(super) fn on_own_fetched(&mut self, node: &str, outcome: OwnOutcome, now: Now) {
+        let Some(j) = self.index_of(node) else { return };
+        let Some(own) = self.own.get_mut(j) else {
+            return;
+        };
+        if matches!(*own, OwnFetch::Got | OwnFetch::Refused) {
+            return;
+        }
+        *own = match outcome {
+            OwnOutcome::Got => OwnFetch::Got,
+            OwnOutcome::Refused => OwnFetch::Refused,
+            OwnOutcome::Failed => OwnFetch::Failed(now.mono_us),
+        };
+    }
+
+    /// The run's seconds as far as this node knows: past the last second any member
+    /// said it had or was seen with. A member's own timeline is cut there, as the
+    /// run's is, so that their buckets line up.
+    fn run_end_second(&self) -> u64 {
+        let finished = self.arrivals.get(&Barrier::Finished);
+        (0..self.roster.len())
+            .map(|j| {
+                let said = finished
+                    .and_then(|f| f.get(&j))
+                    .and_then(|d| d.snapshots)
+                    .unwrap_or(0)
+                    .min(MAX_SECONDS);
+                said.max(self.seen[j].last().map_or(0, |s| s + 1))
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// A reporter with tree aggregation asks every member for its own totals (the
+    /// merged seconds carry no per-member figures), at most [`MAX_OWN_FETCHES`] at a
+    /// time, again after a failure, until it has them, the member says it has none,
+    /// is gone, or the reporter has waited `finish_wait_us`. True while some are
+    /// still awaited.
+    fn fetch_own(&mut self, now: Now, waited_enough: bool) -> bool {
+        if self.tree().is_none() {
+            return false;
+        }
+        let end = self.run_end_second();
+        let t = now.mono_us;
+        let mut in_flight = self
+            .own
+            .iter()
+            .filter(|o| matches!(o, OwnFetch::Asked(at) if t.saturating_sub(*at) < OWN_TIMEOUT_US))
+            .count();
+        let mut pending = false;
+        for j in 0..self.own.len() {
+            let ask = match self.own[j] {
+                OwnFetch::Got | OwnFetch::Refused => continue,
+                _ if self.peers[j].gone || waited_enough => continue,
+                OwnFetch::Unasked => true,
+                OwnFetch::Asked(at) => t.saturating_sub(at) >= OWN_TIMEOUT_US,
+                OwnFetch::Failed(at) => t.saturating_sub(at) >= self.timing.fetch_every_us,
+            };
+            pending = true;
+            if ask && in_flight < MAX_OWN_FETCHES {
+                in_flight += 1;
+                self.own[j] = OwnFetch::Asked(t);
+                let node = self.roster[j].id.clone();
+                self.out.push(super::Effect::FetchOwn { node, end });
+            }
+        }
+        pending
+    }
+
     /// The origin reports. When the origin is gone (or outside the roster and
     /// silent), the leader does, and so does the first member this node sees alive,
     /// so that a result survives the origin even when no majority is left to elect
     /// anyone. One report per run while the origin lives: every copy is the same.
-    fn is_reporter(&self) -> bool {
+    pub(super) fn is_reporter(&self) -> bool {
         if self.origin == self.me.id {
             return true;
         }
@@ -126,6 +216,9 @@ impl RunMachine {
             return;
         }
         let waited_enough = now.mono_us.saturating_sub(since) >= self.timing.finish_wait_us;
+        // Members' own totals are final once they arrived at `finished`: asked for at
+        // once, while the last seconds still come up the tree.
+        let own_pending = self.fetch_own(now, waited_enough);
         let finished = self
             .arrivals
             .get(&Barrier::Finished)
@@ -176,6 +269,9 @@ impl RunMachine {
             }
             return;
         }
+        if own_pending {
+            return;
+        }
         for (j, seconds, after) in unreported {
             let node = self.roster[j].name.clone();
             let seconds = second_ranges(&seconds);
@@ -187,6 +283,25 @@ impl RunMachine {
                     after,
                 },
             );
+        }
+        if self.tree().is_some() {
+            for j in 0..self.own.len() {
+                let reason = match self.own[j] {
+                    OwnFetch::Got => continue,
+                    OwnFetch::Refused => "it has none for this run",
+                    _ if self.peers[j].gone => "it is gone",
+                    OwnFetch::Unasked => "not asked in time",
+                    _ => "no answer",
+                };
+                let node = self.roster[j].name.clone();
+                self.event(
+                    now,
+                    RunEvent::NodeTotalsMissing {
+                        node,
+                        reason: reason.into(),
+                    },
+                );
+            }
         }
         self.report(now);
         self.set_done();

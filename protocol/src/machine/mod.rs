@@ -29,7 +29,7 @@ mod barriers;
 pub mod events;
 mod joining;
 mod leading;
-mod ledger;
+pub mod ledger;
 mod liveness;
 pub mod tree;
 pub mod version;
@@ -219,11 +219,29 @@ pub enum Input {
         got: Vec<u64>,
         missing: Vec<u64>,
     },
+    /// What came of asking `node` for its own totals ([`Effect::FetchOwn`]).
+    OwnFetched {
+        node: String,
+        outcome: OwnOutcome,
+    },
     Command(Command),
     /// How far into each counted scenario this node's engine wants to be allowed
     /// (see [`Effect::Claims`]): what it has claimed plus what it expects to claim
     /// within a lease time. Announced in the next heartbeat.
     Claims(Vec<u64>),
+}
+
+/// What came of asking a member for its own totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnOutcome {
+    /// They came, and check out: in the report's per-member section.
+    Got,
+    /// The member answered it has none (it restarted, or is of an older version):
+    /// not asked again.
+    Refused,
+    /// No answer (a timeout, a broken connection) or one that did not check out:
+    /// asked again while the reporter waits.
+    Failed,
 }
 
 /// How the engine is to stop.
@@ -361,6 +379,14 @@ pub enum Effect {
     Fetch {
         node: String,
         seqs: Vec<u64>,
+    },
+    /// Ask `node` for its own totals and timeline cut at the run's second `end`
+    /// (tree aggregation: the report's per-member section), with a timeout of
+    /// [`ledger::OWN_TIMEOUT_US`]; answer `OwnFetched`. The node adds what it gets to
+    /// the run's per-member figures, never to the run's totals.
+    FetchOwn {
+        node: String,
+        end: u64,
     },
     /// Something the report and the CLI should show, at run time `t` (s).
     Event {
@@ -531,6 +557,8 @@ pub struct RunMachine {
     trees: tree::TreeState,
     seen: Vec<ledger::Seconds>,
     absent: Vec<BTreeSet<u64>>,
+    /// A reporter's fetch of each member's own totals (tree aggregation).
+    own: Vec<ledger::OwnFetch>,
     finishing_since: Option<u64>,
     fetch_asked: u64,
     // Stop.
@@ -618,6 +646,7 @@ impl RunMachine {
             trees: Default::default(),
             seen: Vec::new(),
             absent: Vec::new(),
+            own: Vec::new(),
             finishing_since: None,
             fetch_asked: 0,
             stop: None,
@@ -683,7 +712,15 @@ impl RunMachine {
     /// Whether this node is committed to the run (and so refuses others): it is in
     /// its roster, or accepted and waits for the roster, or started it.
     pub fn is_busy(&self) -> bool {
+        // A member that only stays the tree's grace to pass up the last seconds (not
+        // a reporter; its engine is done) is committed to nothing: the report may
+        // already be out, and a next run may be proposed to it at once.
+        let lingering = self.phase == Phase::Finishing
+            && self.tree().is_some()
+            && self.engine != EngineState::Running
+            && !self.is_reporter();
         self.phase < Phase::Done
+            && !lingering
             && (self.my_index.is_some()
                 || (self.roster.is_empty() && self.accepted)
                 || self.origin == self.me.id)
@@ -789,6 +826,7 @@ impl RunMachine {
             Input::OwnSecond { seq } => self.on_own_second(seq, now),
             Input::EngineFinished { error } => self.on_engine_finished(error, now),
             Input::Fetched { node, got, missing } => self.on_fetched(&node, got, missing, now),
+            Input::OwnFetched { node, outcome } => self.on_own_fetched(&node, outcome, now),
             Input::Command(Command::Stop { reason }) => self.on_stop_command(reason, now),
             Input::Claims(wanted) => self.on_claims(&wanted),
         }

@@ -9,7 +9,7 @@ use stampede_protocol::machine::events::RunEvent;
 
 use super::engine::LATE_LIMIT_US;
 use super::faults::Fault;
-use super::{World, FORGED_EVENT};
+use super::{Aggregation, World, FORGED_EVENT};
 
 /// How soon after a loss the rate must be back (spec: within 3 s).
 pub const RECOVERY_US: u64 = 3_000_000;
@@ -224,6 +224,43 @@ pub fn check(w: &World) -> Vec<Violation> {
                         format!("n{r}'s report lacks second {s} of n{j} and does not say so"),
                     );
                 }
+            }
+        }
+    }
+
+    // The per-member section (tree aggregation): every member's own totals are in a
+    // report or the member is named in a `node_totals_missing` event; none is asked
+    // for in all-to-all runs (the snapshots carry them).
+    let tree = w.setup.aggregation != Aggregation::AllToAll;
+    for &r in &reporters {
+        let node = &w.nodes[r];
+        if !tree {
+            if node.own_asks > 0 {
+                fail(
+                    "exact-accounting",
+                    format!("n{r} asked for members' own totals in an all-to-all run"),
+                );
+            }
+            continue;
+        }
+        for id in &node.roster {
+            let Some(j) = w.nodes.iter().position(|n| n.id == *id) else {
+                continue;
+            };
+            let name = format!("n{j}");
+            let named = node
+                .events
+                .iter()
+                .any(|e| matches!(e, RunEvent::NodeTotalsMissing { node, .. } if *node == name));
+            if node.own_got.contains(&j) == named {
+                fail(
+                    "exact-accounting",
+                    format!(
+                        "n{r}'s report {} n{j}'s own totals and {} them missing",
+                        if named { "has" } else { "lacks" },
+                        if named { "names" } else { "does not name" }
+                    ),
+                );
             }
         }
     }

@@ -30,7 +30,7 @@ use stampede_protocol::machine::version::{Move, Version, VersionId};
 pub use stampede_protocol::machine::Aggregation;
 pub use stampede_protocol::machine::Flaw;
 use stampede_protocol::machine::{
-    Effect, Input, Me, Now, Phase, ReportFacts, RunMachine, RunSchedule, Timing,
+    Effect, Input, Me, Now, OwnOutcome, Phase, ReportFacts, RunMachine, RunSchedule, Timing,
 };
 use stampede_protocol::mesh::{to_cbor, MeshRequest, PROTOCOL_VERSION};
 use stampede_protocol::run::{Requirements, RunMessage, RunRequest};
@@ -131,6 +131,14 @@ enum Payload {
         from: usize,
         seqs: Vec<u64>,
     },
+    /// A member's answer to a reporter's ask for its own totals.
+    Own {
+        from: usize,
+    },
+    /// That ask timed out (the member crashed, or a partition cut it off).
+    OwnFailed {
+        from: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +202,10 @@ pub struct Node {
     /// When this node's engine took up a new split (a version moving a lost member's
     /// share): what the failover figures read.
     pub swapped_at: Vec<u64>,
+    /// Members whose own totals this node took in (a reporter's, tree aggregation),
+    /// and the asks it made.
+    pub own_got: BTreeSet<usize>,
+    pub own_asks: u64,
 }
 
 /// A started event: who, when (virtual time), and the run time it happened at by the
@@ -273,6 +285,8 @@ impl World {
                 merged_live: 0,
                 merged_single: 0,
                 swapped_at: Vec::new(),
+                own_got: BTreeSet::new(),
+                own_asks: 0,
             })
             .collect();
         let partitions = schedule
@@ -639,6 +653,28 @@ impl World {
                 let offset = self.nodes[0].wall_offset - self.nodes[to].wall_offset + err;
                 self.input(to, Input::ClockSynced { offset_us: offset });
             }
+            Payload::Own { from: node } => {
+                // As a node answers: its own totals once its engine is done (they are
+                // kept before it arrives at `finished`), none before.
+                let outcome = if self.nodes[node].engine.finished {
+                    self.nodes[to].own_got.insert(node);
+                    OwnOutcome::Got
+                } else {
+                    OwnOutcome::Refused
+                };
+                let id = self.nodes[node].id.clone();
+                self.input(to, Input::OwnFetched { node: id, outcome });
+            }
+            Payload::OwnFailed { from: node } => {
+                let id = self.nodes[node].id.clone();
+                self.input(
+                    to,
+                    Input::OwnFetched {
+                        node: id,
+                        outcome: OwnOutcome::Failed,
+                    },
+                );
+            }
             Payload::Fetched { from: node, seqs } => {
                 let have = &self.nodes[node].published;
                 let (got, missing): (Vec<u64>, Vec<u64>) =
@@ -846,6 +882,32 @@ impl World {
                                     to: i,
                                     from: j,
                                     payload: Payload::Fetched { from: j, seqs },
+                                },
+                            );
+                        }
+                    }
+                }
+                Effect::FetchOwn { node, .. } => {
+                    self.nodes[i].own_asks += 1;
+                    if let Some(j) = self.index(&node) {
+                        if !self.nodes[j].crashed && !self.cut(i, j) {
+                            let d = self.rng.random_range(1_000..30_000);
+                            self.at(
+                                self.now + d,
+                                Ev::Deliver {
+                                    to: i,
+                                    from: j,
+                                    payload: Payload::Own { from: j },
+                                },
+                            );
+                        } else {
+                            // The request times out (the machine asks again later).
+                            self.at(
+                                self.now + stampede_protocol::machine::ledger::OWN_TIMEOUT_US,
+                                Ev::Deliver {
+                                    to: i,
+                                    from: j,
+                                    payload: Payload::OwnFailed { from: j },
                                 },
                             );
                         }
