@@ -653,9 +653,13 @@ fi
 
 # --- 6. soak -------------------------------------------------------------------------
 # Memory over a long mesh run: 3 nodes of 1 worker (as for the mesh figures), 300 it/s
-# of one request each against stampede-target. Every 30 s the sampler reads each
-# node's VmRSS and RssAnon and the target's per-second counts (it keeps the last 120
-# s), so that nothing is lost between samples. VmRSS also counts the pages of the
+# of one request each against stampede-target. Every 5 s the sampler reads each node's
+# VmRSS and RssAnon, every 30 s the target's per-second counts (it keeps the last 120
+# s), so that nothing is lost between samples. A node's memory swings by about a
+# megabyte within seconds (a second's snapshots decoded, merged, encoded; the heap
+# trimmed every 10 s), so one sample every 30 s fixed a 17-minute slope only to about
+# ±20 KiB/min; besides the slope over every sample the harness fits one over each
+# minute's lowest sample (the floor: what stays resident between the seconds' work). VmRSS also counts the pages of the
 # binary's code that the node has run so far (RssFile, ~15 MB of the ~21 MB): a code
 # path first taken late in the run — a late snapshot, a stall's catch-up — adds its
 # pages once, bounded by the binary and given back under memory pressure; RssAnon is
@@ -672,7 +676,7 @@ SOAK_S=$DUR_S
 SOAK_RATE=300
 WARM_S=$(( SOAK_S >= 1800 ? 780 : SOAK_S / 3 ))
 EARLY_WARM_S=$(( SOAK_S / 6 < 300 ? SOAK_S / 6 : 300 ))
-log "soak: 3 local nodes of 1 worker, stampede-target, $SOAK_RATE it/s of one request for ${SOAK_S}s; RSS of every node every 30 s (warm-up ${WARM_S}s)"
+log "soak: 3 local nodes of 1 worker, stampede-target, $SOAK_RATE it/s of one request for ${SOAK_S}s; RSS of every node every 5 s (warm-up ${WARM_S}s)"
 echo "load avg before: $(cut -d' ' -f1-3 /proc/loadavg)"
 TN="$WORK/testnet"
 STAMPEDE_CAPACITY=1 STAMPEDE_BIN="$STAMPEDE" STAMPEDE_TESTNET_DIR="$TN" "$ROOT/testnet/local.sh" 3 >"$WORK/testnet-soak.log" 2>&1 \
@@ -696,8 +700,10 @@ for _ in $(seq 60); do "$STAMPEDE" peers --data-dir "$TN/n1" 2>/dev/null | grep 
 RUN_PID=$!
 t0=$(date +%s)
 # Bounded: the plan's duration plus 5 minutes for the start and the report.
+tick=0
 while kill -0 "$RUN_PID" 2>/dev/null && (( $(date +%s) - t0 < SOAK_S + 300 )); do
-    sleep 30
+    sleep 5
+    tick=$(( tick + 1 ))
     line="$(( $(date +%s) - t0 ))"
     anon="$line"
     for pid in "${SOAK_PIDS[@]}"; do
@@ -706,6 +712,7 @@ while kill -0 "$RUN_PID" 2>/dev/null && (( $(date +%s) - t0 < SOAK_S + 300 )); d
     done
     echo "$line" >>"$WORK/soak-rss.samples"
     echo "$anon" >>"$WORK/soak-anon.samples"
+    (( tick % 6 == 0 )) || continue
     cut -d' ' -f1 /proc/loadavg >>"$WORK/soak-load.samples"
     target_count "$TPORT" | jq -r '.per_second[] | "\(.[0]) \(.[1])"' >>"$WORK/soak-target.seconds" 2>/dev/null || true
 done
@@ -722,10 +729,17 @@ if [[ -s "$WORK/soak.json" ]]; then
     echo "RSS samples (s, VmRSS KiB per node, then RssAnon KiB per node):"
     paste -d' ' "$WORK/soak-rss.samples" <(cut -d' ' -f2- "$WORK/soak-anon.samples") | \
         awk '{ printf "  %s", $1; for (i = 2; i <= NF; i++) printf " %s", $i; printf "\n" }' | \
-        awk 'NR % 4 == 1 || NR <= 2' 
+        awk 'NR % 24 == 6' 
     # Least-squares slope of each node's RSS against time after a warm-up, KiB/min.
     # Only samples taken while the plan runs: the origin builds the report after it
     # (a one-off of a few MB that it gives back), which is not growth per minute.
+    # `floor`: first each minute's lowest sample per node, at the minute's middle.
+    minute_floors() {
+        awk '{ m = int($1 / 60); if (!(m in seen)) { seen[m] = 1; order[++k] = m; nf[m] = NF }
+               for (i = 2; i <= NF; i++) if (!((m, i) in low) || $i < low[m, i]) low[m, i] = $i }
+             END { for (j = 1; j <= k; j++) { m = order[j]; line = m * 60 + 30
+                   for (i = 2; i <= nf[m]; i++) line = line " " low[m, i]; print line } }' "$1"
+    }
     soak_slope() {
     awk -v warm="$1" -v end="$SOAK_S" -v what="$2" '$1 >= warm && $1 <= end {
             n++; sx += $1; sxx += $1 * $1
@@ -745,10 +759,14 @@ if [[ -s "$WORK/soak.json" ]]; then
         }' "$3"
     }
     awk -v end="$SOAK_S" '$1 > end { printf "RSS after the plan (the origin builds the report) at %d s:", $1; for (i = 2; i <= NF; i++) printf " %s", $i; printf " KiB\n" }' "$WORK/soak-rss.samples"
+    minute_floors "$WORK/soak-rss.samples" >"$WORK/soak-rss.floors"
+    minute_floors "$WORK/soak-anon.samples" >"$WORK/soak-anon.floors"
     soak_slope "$EARLY_WARM_S" RSS "$WORK/soak-rss.samples"
     soak_slope "$WARM_S" RSS "$WORK/soak-rss.samples"
+    soak_slope "$WARM_S" "RSS floor" "$WORK/soak-rss.floors"
     soak_slope "$EARLY_WARM_S" RssAnon "$WORK/soak-anon.samples"
     soak_slope "$WARM_S" RssAnon "$WORK/soak-anon.samples"
+    soak_slope "$WARM_S" "RssAnon floor" "$WORK/soak-anon.floors"
     # Whole seconds inside the run (its start from the summary, the first and last
     # seconds left out as partial), each the target's last reading of that second.
     start=$(date -d "$(jq -r .started_at "$WORK/soak.json")" +%s)
