@@ -23,8 +23,9 @@
 # sockets, --rounds rounds of --short each.
 #
 # `--only soak [--duration 30m]`: a 3-node loopback mesh at 300 it/s for the duration
-# (30 min unless --duration is given), RSS of every node every 30 s; prints each
-# node's RSS slope after warm-up, the rate's stability and exactness. Not in the
+# (30 min unless --duration is given), VmRSS and RssAnon of every node every 5 s;
+# prints each node's slopes after warm-up (every sample, and each minute's lowest), the
+# rate's stability and exactness. Not in the
 # default set: it takes half an hour.
 #
 # `--only grpc`: gRPC unary calls (shop.Inventory/GetStock over h2c) per CPU-second of
