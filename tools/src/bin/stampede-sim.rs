@@ -445,4 +445,13 @@ fn print_traffic(seed: u64, w: &stampede_tools::sim::World) {
         ),
         None => println!("traffic seed {seed}: trigger to first iteration: never"),
     }
+    // The CLI's wall: the trigger to the origin's report.
+    if let (Some(first), Some(done)) = (w.first_start_at, w.nodes[0].done_at) {
+        println!(
+            "traffic seed {seed}: trigger to the origin's report: {:.3} s for a {:.0} s plan ({:.3} s after the plan's end)",
+            done as f64 / 1e6,
+            w.setup.plan.duration_us as f64 / 1e6,
+            done.saturating_sub(first + w.setup.plan.duration_us) as f64 / 1e6
+        );
+    }
 }
