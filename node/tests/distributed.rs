@@ -533,6 +533,63 @@ request = {{ url = "/products/7" }}
     assert_eq!(s["nodes"].as_array().unwrap().len(), 3);
 }
 
+/// The same with the threshold filtered by a node label (`{region=eu}`): judged live
+/// on the nodes carrying it. (The origin judged it with no node list, so a label
+/// matched no one and such a threshold never stopped a mesh run.)
+#[test]
+fn a_label_filtered_abort_on_fail_threshold_stops_a_mesh_run() {
+    let mesh = Mesh::new();
+    let eu: &[&str] = &["--label", "region=eu"];
+    let nodes = three_nodes(&mesh, [eu, eu, &["--label", "region=us"]]);
+    let t = stampede_tools::spawn(stampede_tools::TargetConfig {
+        threads: 1,
+        error_rate: 0.5,
+        ..Default::default()
+    })
+    .expect("start stampede-target");
+    let plan = mesh.tmp.path().join("abort-eu.toml");
+    std::fs::write(
+        &plan,
+        format!(
+            r#"
+name = "mesh-abort-eu"
+[defaults]
+base_url = "{}"
+timeout = "2s"
+[scenarios.s]
+executor = "constant-arrival-rate"
+rate = 60
+duration = "60s"
+max_vus = 30
+flow = "f"
+[[flows.f.steps]]
+name = "product"
+request = {{ url = "/products/7" }}
+[thresholds]
+"http_req_failed{{region=eu}}" = [{{ threshold = "rate < 10%", abort_on_fail = true, delay_abort_eval = "2s" }}]
+"#,
+            t.url()
+        ),
+    )
+    .unwrap();
+    let json = mesh.tmp.path().join("summary.json");
+    let out = finish(start_run(&nodes[0], &plan, &json));
+    assert_eq!(out.status.code(), Some(99), "{}", show(&out));
+    let s = summary(&json);
+    let event = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "threshold_abort")
+        .unwrap_or_else(|| panic!("no threshold_abort event: {}", s["events"]));
+    let at = event["t"].as_f64().unwrap();
+    assert!((2.0..8.0).contains(&at), "stopped at {at}: {event}");
+    assert!(
+        event["message"].as_str().unwrap().contains("region=eu"),
+        "{event}"
+    );
+}
+
 /// Counted executors hand a lost member's unclaimed work to the survivors: a
 /// shared-iterations pool and per-vu-iterations both finish after `kill -9` of a
 /// member, and nothing runs twice — the target never sees more than the plan.
