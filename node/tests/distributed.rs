@@ -464,8 +464,19 @@ fn a_member_paused_past_its_lease_sends_no_load_when_it_resumes() {
 /// counted up to the stop.
 #[test]
 fn an_abort_on_fail_threshold_stops_a_mesh_run_on_every_node() {
+    abort_on_fail_stops_a_mesh_run("http_req_failed");
+}
+
+/// The same with the threshold filtered by a node label: judged live on the labelled
+/// node's own figures (it was judged on nothing, so it never stopped the run).
+#[test]
+fn an_abort_on_fail_threshold_filtered_by_label_stops_a_mesh_run() {
+    abort_on_fail_stops_a_mesh_run("http_req_failed{region=eu}");
+}
+
+fn abort_on_fail_stops_a_mesh_run(metric: &str) {
     let mesh = Mesh::new();
-    let nodes = three_nodes(&mesh, [&[], &[], &[]]);
+    let nodes = three_nodes(&mesh, [&["--label", "region=eu"], &[], &[]]);
     let t = stampede_tools::spawn(stampede_tools::TargetConfig {
         threads: 1,
         error_rate: 0.5,
@@ -491,7 +502,7 @@ flow = "f"
 name = "product"
 request = {{ url = "/products/7" }}
 [thresholds]
-"http_req_failed" = [{{ threshold = "rate < 10%", abort_on_fail = true, delay_abort_eval = "2s" }}]
+"{metric}" = [{{ threshold = "rate < 10%", abort_on_fail = true, delay_abort_eval = "2s" }}]
 "#,
             t.url()
         ),

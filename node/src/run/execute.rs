@@ -342,10 +342,22 @@ impl Driver {
                     .map(|v| (super::unix_us() as i64 - v.start_unix_us as i64).max(0) as u64)
                     .unwrap_or(0);
                 let per_node = run.machine.tree().is_none();
+                // Names and labels, for thresholds filtered by node or label.
+                let nodes: Vec<NodeInfo> = run
+                    .machine
+                    .roster()
+                    .iter()
+                    .map(|r| NodeInfo {
+                        id: r.id.clone(),
+                        name: r.name.clone(),
+                        labels: r.labels.clone(),
+                        ..Default::default()
+                    })
+                    .collect();
                 crate::reports::abort::check(
                     &plan.plan,
                     agg,
-                    &[],
+                    &nodes,
                     Duration::from_micros(elapsed),
                     per_node,
                 )
