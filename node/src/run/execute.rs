@@ -342,25 +342,18 @@ impl Driver {
                     .map(|v| (super::unix_us() as i64 - v.start_unix_us as i64).max(0) as u64)
                     .unwrap_or(0);
                 let per_node = run.machine.tree().is_none();
-                // Who carries which labels: a `{region=eu}` filter reads the nodes
-                // whose roster entries say so (with no list it matched no one).
-                let nodes: Vec<NodeInfo> = if per_node {
-                    run.machine
-                        .roster()
-                        .iter()
-                        .map(|m| NodeInfo {
-                            id: m.id.clone(),
-                            name: m.name.clone(),
-                            labels: m.labels.clone(),
-                            status: String::new(),
-                            cpu: 0.0,
-                            start_late_us: None,
-                            clock_offset_us: None,
-                        })
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+                // Names and labels, for thresholds filtered by node or label.
+                let nodes: Vec<NodeInfo> = run
+                    .machine
+                    .roster()
+                    .iter()
+                    .map(|r| NodeInfo {
+                        id: r.id.clone(),
+                        name: r.name.clone(),
+                        labels: r.labels.clone(),
+                        ..Default::default()
+                    })
+                    .collect();
                 crate::reports::abort::check(
                     &plan.plan,
                     agg,
