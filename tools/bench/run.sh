@@ -24,8 +24,8 @@
 #
 # `--only soak [--duration 30m]`: a 3-node loopback mesh at 300 it/s for the duration
 # (30 min unless --duration is given), VmRSS and RssAnon of every node every 5 s;
-# prints each node's slopes after warm-up (every sample, and each minute's lowest), the
-# rate's stability and exactness. Not in the
+# prints each node's slopes after warm-up (VmRSS and RssAnon), the rate's stability and
+# exactness. Not in the
 # default set: it takes half an hour.
 #
 # `--only grpc`: gRPC unary calls (shop.Inventory/GetStock over h2c) per CPU-second of
@@ -659,8 +659,8 @@ fi
 # s), so that nothing is lost between samples. A node's memory swings by about a
 # megabyte within seconds (a second's snapshots decoded, merged, encoded; the heap
 # trimmed every 10 s), so one sample every 30 s fixed a 17-minute slope only to about
-# ±20 KiB/min; besides the slope over every sample the harness fits one over each
-# minute's lowest sample (the floor: what stays resident between the seconds' work). VmRSS also counts the pages of the
+# ±20 KiB/min; 200 samples fix it several times better. (A slope over each minute's
+# lowest sample was tried: with 17 points it was noisier, not steadier.) VmRSS also counts the pages of the
 # binary's code that the node has run so far (RssFile, ~15 MB of the ~21 MB): a code
 # path first taken late in the run — a late snapshot, a stall's catch-up — adds its
 # pages once, bounded by the binary and given back under memory pressure; RssAnon is
@@ -734,13 +734,6 @@ if [[ -s "$WORK/soak.json" ]]; then
     # Least-squares slope of each node's RSS against time after a warm-up, KiB/min.
     # Only samples taken while the plan runs: the origin builds the report after it
     # (a one-off of a few MB that it gives back), which is not growth per minute.
-    # `floor`: first each minute's lowest sample per node, at the minute's middle.
-    minute_floors() {
-        awk '{ m = int($1 / 60); if (!(m in seen)) { seen[m] = 1; order[++k] = m; nf[m] = NF }
-               for (i = 2; i <= NF; i++) if (!((m, i) in low) || $i < low[m, i]) low[m, i] = $i }
-             END { for (j = 1; j <= k; j++) { m = order[j]; line = m * 60 + 30
-                   for (i = 2; i <= nf[m]; i++) line = line " " low[m, i]; print line } }' "$1"
-    }
     soak_slope() {
     awk -v warm="$1" -v end="$SOAK_S" -v what="$2" '$1 >= warm && $1 <= end {
             n++; sx += $1; sxx += $1 * $1
@@ -760,14 +753,10 @@ if [[ -s "$WORK/soak.json" ]]; then
         }' "$3"
     }
     awk -v end="$SOAK_S" '$1 > end { printf "RSS after the plan (the origin builds the report) at %d s:", $1; for (i = 2; i <= NF; i++) printf " %s", $i; printf " KiB\n" }' "$WORK/soak-rss.samples"
-    minute_floors "$WORK/soak-rss.samples" >"$WORK/soak-rss.floors"
-    minute_floors "$WORK/soak-anon.samples" >"$WORK/soak-anon.floors"
     soak_slope "$EARLY_WARM_S" RSS "$WORK/soak-rss.samples"
     soak_slope "$WARM_S" RSS "$WORK/soak-rss.samples"
-    soak_slope "$WARM_S" "RSS floor" "$WORK/soak-rss.floors"
     soak_slope "$EARLY_WARM_S" RssAnon "$WORK/soak-anon.samples"
     soak_slope "$WARM_S" RssAnon "$WORK/soak-anon.samples"
-    soak_slope "$WARM_S" "RssAnon floor" "$WORK/soak-anon.floors"
     # Whole seconds inside the run (its start from the summary, the first and last
     # seconds left out as partial), each the target's last reading of that second.
     start=$(date -d "$(jq -r .started_at "$WORK/soak.json")" +%s)
