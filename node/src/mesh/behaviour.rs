@@ -13,6 +13,7 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, mdns, ping, request_response};
+use sha2::{Digest, Sha256};
 use stampede_protocol::mesh::MAX_GOSSIP_BYTES;
 
 use super::codec::{BulkCodec, BULK_PROTOCOL};
@@ -84,7 +85,22 @@ pub fn gossipsub_config(
         .history_length(5)
         .history_gossip(3)
         .max_transmit_size(max_transmit)
-        .validation_mode(ValidationMode::Strict)
+        // No gossipsub signatures: gossipsub verified every copy a node received (each
+        // message comes from up to mesh_n neighbours) before dropping duplicates, and that
+        // was the largest single cost of a node in a run (docs/benchmarks.md). Every
+        // message is signed by its sender inside the data instead
+        // (`stampede_protocol::mesh::SignedEnvelope`), and the event loop checks it once,
+        // after the duplicate filter, before anything reads or relays the message.
+        .validation_mode(ValidationMode::Anonymous)
+        // Without an author and sequence number, the id is a hash of the whole message,
+        // signature included: a forged copy has another id and cannot shadow the genuine
+        // one; a publication differs from the last by its nonce.
+        .message_id_fn(|m: &gossipsub::Message| {
+            gossipsub::MessageId::from(Sha256::digest(&m.data)[..20].to_vec())
+        })
+        // Tell the mesh at once not to send back a large message this node publishes (a
+        // root's merged second): a copy saved per mesh link.
+        .idontwant_on_publish(true)
         // We validate each message ourselves (decode + caps) before it is forwarded.
         .validate_messages()
         // Publish to every linked subscriber (≤ MAX_CONNECTIONS), not only the mesh:
@@ -108,7 +124,7 @@ impl MeshBehaviour {
     ) -> Result<Self, String> {
         let peer_id = keypair.public().to_peer_id();
         let gossipsub = gossipsub::Behaviour::new(
-            MessageAuthenticity::Signed(keypair.clone()),
+            MessageAuthenticity::Anonymous,
             gossipsub_config(timing.heartbeat, MAX_GOSSIP_BYTES)?,
         )
         .map_err(|e| format!("cannot start gossipsub: {e}"))?;

@@ -24,8 +24,8 @@ use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
 use rand::Rng;
 use stampede_protocol::membership::{must_refute, pick_neighbours, refresh_interval_ms};
 use stampede_protocol::mesh::{
-    Envelope, GossipBody, MeshRequest, MeshResponse, NodeState, Suspicion, MAX_GOSSIP_BYTES,
-    MAX_MEMBERS_IN_RESPONSE,
+    Envelope, GossipBody, MeshRequest, MeshResponse, NodeState, SignedEnvelope, Suspicion,
+    MAX_GOSSIP_BYTES, MAX_MEMBERS_IN_RESPONSE,
 };
 use stampede_protocol::run::{unix_us, RunRequest, RunResponse};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -152,6 +152,8 @@ pub struct EventLoop {
     last_rejoin: Option<Instant>,
     last_lost_probe: Option<Instant>,
     next_refresh: Instant,
+    /// The last nonce this node's gossip used (see `SignedEnvelope::nonce`).
+    nonce: u64,
 }
 
 impl EventLoop {
@@ -206,6 +208,8 @@ impl EventLoop {
             last_rejoin: None,
             last_lost_probe: None,
             next_refresh: Instant::now(),
+            // Above any number a previous run of this node used (its clock, in µs).
+            nonce: unix_us(),
         })
     }
 
@@ -283,7 +287,7 @@ impl EventLoop {
             }
         };
         let topic = self.announce_topic.clone();
-        if let Err(e) = self.publish(topic, env.encode()) {
+        if let Err(e) = self.publish(topic, &env) {
             tracing::debug!(error = %e, "announcement not sent");
         }
     }
@@ -319,7 +323,7 @@ impl EventLoop {
             }),
         };
         let topic = self.announce_topic.clone();
-        if let Err(e) = self.publish(topic, env.encode()) {
+        if let Err(e) = self.publish(topic, &env) {
             tracing::debug!(error = %e, "suspicion not sent");
         }
     }
@@ -349,7 +353,13 @@ impl EventLoop {
         }
     }
 
-    fn publish(&mut self, topic: IdentTopic, bytes: Vec<u8>) -> Result<(), String> {
+    /// Signs `env` (see `membership::seal`) and publishes it on `topic`.
+    fn publish(&mut self, topic: IdentTopic, env: &Envelope) -> Result<(), String> {
+        self.nonce = self.nonce.wrapping_add(1);
+        let bytes = super::membership::seal(env, self.nonce, &self.keypair)?;
+        if bytes.len() > MAX_GOSSIP_BYTES {
+            return Err(format!("message of {} bytes exceeds the gossip limit of {MAX_GOSSIP_BYTES} bytes; use a request instead", bytes.len()));
+        }
         match self
             .swarm
             .behaviour_mut()
@@ -374,12 +384,7 @@ impl EventLoop {
                     sender,
                     body,
                 };
-                let bytes = env.encode();
-                let res = if bytes.len() > MAX_GOSSIP_BYTES {
-                    Err(format!("message of {} bytes exceeds the gossip limit of {MAX_GOSSIP_BYTES} bytes; use a request instead", bytes.len()))
-                } else {
-                    self.publish(topic, bytes)
-                };
+                let res = self.publish(topic, &env);
                 let _ = reply.send(res);
             }
             MeshCommand::Request {
@@ -872,7 +877,7 @@ impl EventLoop {
                 message_id,
                 message,
             } => {
-                let acceptance = match self.accept_gossip(&message) {
+                let acceptance = match self.accept_gossip(&message, propagation_source) {
                     Ok(()) => MessageAcceptance::Accept,
                     Err(reason) if reason == IGNORE => MessageAcceptance::Ignore,
                     Err(reason) => {
@@ -902,32 +907,44 @@ impl EventLoop {
         }
     }
 
-    fn accept_gossip(&mut self, message: &gossipsub::Message) -> Result<(), String> {
-        let source = message.source.ok_or("unsigned message")?;
+    /// Checks a gossip message (once: gossipsub hands over only the first copy of each
+    /// id) and acts on it. Nothing reads a message before its signature is checked, and
+    /// an error keeps it from being relayed.
+    fn accept_gossip(&mut self, message: &gossipsub::Message, via: PeerId) -> Result<(), String> {
         let now = Instant::now();
-        let env = match Envelope::decode(&message.data) {
-            Ok(env) => env,
+        let signed = match SignedEnvelope::decode(&message.data) {
+            Ok(signed) => signed,
             Err(e) => {
-                // Another protocol version may have a body we cannot read; its header
-                // is stable, so it can still be shown as incompatible.
+                // Another protocol version's wire form: only its header is readable, and
+                // no signature of ours vouches for it, so it is believed only from the
+                // neighbour it names (the link's handshake authenticated that one).
                 let header = Envelope::decode_header(&message.data).map_err(|_| e.to_string())?;
                 if header.protocol_version == self.protocol_version
-                    || header.sender != source.to_string()
+                    || header.sender != via.to_string()
                 {
                     return Err(e.to_string());
                 }
                 if let Ok(mut v) = self.view.write() {
-                    v.heard_version(source, header.protocol_version, now);
+                    v.heard_version(via, header.protocol_version, now);
                 }
                 return Ok(());
             }
         };
-        if env.sender != source.to_string() {
-            return Err(format!(
-                "envelope sender {} is not the signer {source}",
-                env.sender
-            ));
-        }
+        let source = super::membership::open_sender(&signed)?;
+        let env = match signed.open() {
+            Ok(env) => env,
+            Err(e) => {
+                // Another protocol version may have a body we cannot read; it is signed,
+                // so its sender can still be shown as incompatible.
+                if signed.protocol_version == self.protocol_version {
+                    return Err(e.to_string());
+                }
+                if let Ok(mut v) = self.view.write() {
+                    v.heard_version(source, signed.protocol_version, now);
+                }
+                return Ok(());
+            }
+        };
         match env.body {
             GossipBody::Announce(a) => {
                 if a.id != env.sender {

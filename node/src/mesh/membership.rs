@@ -26,7 +26,7 @@ use libp2p::identity::{Keypair, PublicKey};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use stampede_protocol::membership::{Liveness, Rumor};
-use stampede_protocol::mesh::{Announce, NodeState, MAX_SEQ_AHEAD_US};
+use stampede_protocol::mesh::{Announce, Envelope, NodeState, SignedEnvelope, MAX_SEQ_AHEAD_US};
 
 /// Most members the view takes in from third parties' lists (a run has at most as
 /// many members): past it, a list can no longer add ids, only update known ones.
@@ -50,14 +50,46 @@ pub fn verify(announce: &Announce, now_unix_us: u64) -> Result<PeerId, String> {
         .parse()
         .map_err(|_| format!("announcement id {} is not a peer id", announce.id))?;
     check_seq(announce, now_unix_us)?;
-    // Ed25519 peer ids hold the public key itself (an identity multihash).
-    let hash = peer.as_ref();
-    let key = (hash.code() == 0)
-        .then(|| PublicKey::try_decode_protobuf(hash.digest()).ok())
-        .flatten()
-        .ok_or_else(|| format!("peer id {peer} does not carry its public key"))?;
+    let key = public_key(&peer)?;
     if !key.verify(&announce.signed_bytes(), &announce.signature) {
         return Err(format!("announcement of {peer} is not signed by {peer}"));
+    }
+    Ok(peer)
+}
+
+/// The public key a peer id names: ed25519 peer ids hold the key itself (an identity
+/// multihash); other ids are hashes, and no key can be checked against them.
+fn public_key(peer: &PeerId) -> Result<PublicKey, String> {
+    let hash = peer.as_ref();
+    (hash.code() == 0)
+        .then(|| PublicKey::try_decode_protobuf(hash.digest()).ok())
+        .flatten()
+        .ok_or_else(|| format!("peer id {peer} does not carry its public key"))
+}
+
+/// The gossip wire form of `env`, signed with this node's identity key (`nonce`: a
+/// number this node never used before, see [`SignedEnvelope::nonce`]).
+pub fn seal(env: &Envelope, nonce: u64, keypair: &Keypair) -> Result<Vec<u8>, String> {
+    let mut signed = SignedEnvelope::new(env, nonce);
+    signed.signature = keypair
+        .sign(&signed.signed_bytes())
+        .map_err(|e| format!("cannot sign a gossip message: {e}"))?;
+    Ok(signed.encode())
+}
+
+/// The sender of a gossip message, if the identity key its `sender` names signed it.
+/// This is what stops one holder of the mesh key from speaking as another member
+/// (announcing for it, proposing or stopping runs in its name, sending its seconds):
+/// gossipsub itself no longer signs (see `behaviour::gossipsub_config`).
+pub fn open_sender(signed: &SignedEnvelope) -> Result<PeerId, String> {
+    let peer: PeerId = signed
+        .sender
+        .parse()
+        .map_err(|_| format!("gossip sender {} is not a peer id", signed.sender))?;
+    if !public_key(&peer)?.verify(&signed.signed_bytes(), &signed.signature) {
+        return Err(format!(
+            "gossip message claiming to be from {peer} is not signed by it"
+        ));
     }
     Ok(peer)
 }

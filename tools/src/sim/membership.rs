@@ -27,7 +27,8 @@ use stampede_protocol::membership::{
     must_refute, pick_neighbours, refresh_interval_ms, Change, Liveness, Rumor,
 };
 use stampede_protocol::mesh::{
-    to_cbor, Announce, Envelope, GossipBody, MeshResponse, NodeState, Suspicion, PROTOCOL_VERSION,
+    to_cbor, Announce, Envelope, GossipBody, MeshResponse, NodeState, SignedEnvelope, Suspicion,
+    PROTOCOL_VERSION,
 };
 
 /// The node's defaults (node/src/settings.rs, node/src/mesh/event_loop.rs and
@@ -61,13 +62,12 @@ const MIN_RTO: u64 = 200_000;
 /// Framing, in bytes: a noise transport message (2-byte length + 16-byte tag) around a
 /// yamux frame (12-byte header).
 const FRAME: usize = 2 + 16 + 12;
-/// A gossipsub message's protobuf fields besides `data`: `from` (a 38-byte ed25519 peer
-/// id), `seqno` (8), `topic` ("stampede/announce"), `signature` (64), each with its tag
-/// and length byte.
-const GOSSIP_FIELDS: usize = (2 + 38) + (2 + 8) + (2 + 17) + (2 + 64);
-/// gossipsub's default message id: the source's base58 peer id (52) and its seqno in
-/// decimal (19 digits for a nanosecond-seeded counter).
-const MESSAGE_ID: usize = 52 + 19;
+/// A gossipsub message's protobuf fields besides `data`: only `topic`
+/// ("stampede/announce") with its tag and length byte — gossipsub signs nothing (no
+/// `from`, `seqno`, `signature`); the sender signs inside `data` (`SignedEnvelope`).
+const GOSSIP_FIELDS: usize = 2 + 17;
+/// The mesh's message id: the first 20 bytes of SHA-256 over the message's data.
+const MESSAGE_ID: usize = 20;
 /// A libp2p ping: 32 random bytes each way.
 const PING: usize = 32;
 /// A new connection: TCP handshake carries nothing, then pnet's 24-byte nonce, noise XX
@@ -381,14 +381,18 @@ const SEQ_BASE: u64 = 1_780_000_000_000_000;
 impl World {
     fn new(s: MembershipSetup) -> World {
         let rng = SmallRng::seed_from_u64(s.seed);
+        // The wire form: the envelope signed by its sender (a 64-byte ed25519 signature).
         let env = |body| {
-            Envelope {
-                protocol_version: PROTOCOL_VERSION,
-                sender: peer_id(0),
-                body,
-            }
-            .encode()
-            .len()
+            let mut signed = SignedEnvelope::new(
+                &Envelope {
+                    protocol_version: PROTOCOL_VERSION,
+                    sender: peer_id(0),
+                    body,
+                },
+                SEQ_BASE,
+            );
+            signed.signature = vec![0; 64];
+            signed.encode().len()
         };
         let a = announce_of(s.nodes.saturating_sub(1), SEQ_BASE);
         let announce_wire = gossip_wire(env(GossipBody::Announce(a.clone())));
