@@ -40,7 +40,7 @@ use super::{MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView, DIRECT};
 
 /// Links a node chooses itself (the default of the `neighbours` setting). With every node choosing 4 at random, each holds about
 /// 8 (its own and others' choices), the graph is connected with high probability, and
-/// gossipsub's mesh (`mesh_n` 6) can be formed from them.
+/// gossipsub's mesh (`mesh_n` 4) can be formed from them.
 pub const NEIGHBOURS: usize = 4;
 
 /// Connections past which a node closes links it did not choose (the default of the

@@ -3,7 +3,7 @@
 //! `node/src/mesh/` does — bounded chosen links, pings per link, a probe on a closed
 //! link, suspicions and refutations over gossip, the join re-announcements and the slow
 //! refresh — over a simulated gossipsub overlay of the real one's shape (flood publish,
-//! mesh D 6/4/8 with GRAFT/PRUNE and backoff, IHAVE to 3 non-mesh links per heartbeat,
+//! mesh D 4/3/6 with GRAFT/PRUNE and backoff, IHAVE to 3 non-mesh links per heartbeat,
 //! IWANT), on links with seeded latency and TCP-like loss (a lost segment is resent
 //! after a doubling RTO, in order). Every byte counted is the size of what the real node
 //! sends: announcements, suspicions and members lists are the wire's CBOR (encoded with
@@ -49,9 +49,9 @@ const REFRESH_PER_SECOND: f64 = 1.0;
 const COOLDOWN: u64 = 60_000_000;
 /// gossipsub: mesh_n, mesh_n_low, mesh_n_high, gossip_lazy, history_gossip,
 /// history_length, prune backoff (libp2p's default).
-const D: usize = 6;
-const D_LO: usize = 4;
-const D_HI: usize = 8;
+const D: usize = 4;
+const D_LO: usize = 3;
+const D_HI: usize = 6;
 const GOSSIP_LAZY: usize = 3;
 const HISTORY_GOSSIP: usize = 3;
 const HISTORY_LENGTH: usize = 5;
