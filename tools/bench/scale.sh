@@ -54,7 +54,7 @@ done
     || { echo "scale.sh: --sim-nodes must be 0 (skip) or 3..1000" >&2; exit 2; }
 IFS=, read -r -a NS <<<"$SIZES"
 for n in "${NS[@]}"; do
-    [[ "$n" =~ ^[0-9]+$ && "$n" -ge 2 && "$n" -le 64 ]] || { echo "scale.sh: sizes must be 2..64 (testnet/local.sh's bound), got '$n'" >&2; exit 2; }
+    [[ "$n" =~ ^[0-9]+$ && "$n" -ge 2 && "$n" -le 128 ]] || { echo "scale.sh: sizes must be 2..128 (testnet/local.sh's bound), got '$n'" >&2; exit 2; }
 done
 [[ -x "$BIN" ]] || { echo "scale.sh: $BIN is missing (cargo build --release -p stampede)" >&2; exit 2; }
 BINDIR=$(cd "$(dirname "$BIN")" && pwd)
