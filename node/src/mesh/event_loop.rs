@@ -830,6 +830,24 @@ impl EventLoop {
                 connection,
                 result: Err(e),
             }) => {
+                // A neighbour that still delivers other messages (gossip it relays,
+                // requests, answers) within lost_after is starved or busy, not gone: the
+                // silence rule (`View::refresh`: nothing at all from it for lost_after)
+                // judges it. Closing and suspecting at a ping's 2 s timeout made every
+                // node of a starved machine drop, redial and suspect its neighbours at
+                // the same instant — more work exactly when there is no CPU
+                // (docs/benchmarks.md, 100 real nodes). A dead or stopped peer sends
+                // nothing, so it is still lost at most lost_after after its last message.
+                let now = Instant::now();
+                if self
+                    .view
+                    .read()
+                    .map(|v| v.heard_lately(&peer, now))
+                    .unwrap_or(false)
+                {
+                    tracing::debug!(%peer, error = %e, "ping failed, but the neighbour still delivers messages; its silence will judge it");
+                    return;
+                }
                 // Ping failures do not close connections by themselves; a dead peer must
                 // be noticed in seconds, so close it and let membership judge.
                 tracing::debug!(%peer, error = %e, "ping failed; closing the connection");
@@ -877,6 +895,8 @@ impl EventLoop {
                 message_id,
                 message,
             } => {
+                // The neighbour that relayed it is alive and its link works.
+                self.heard_from(propagation_source);
                 let acceptance = match self.accept_gossip(&message, propagation_source) {
                     Ok(()) => MessageAcceptance::Accept,
                     Err(reason) if reason == IGNORE => MessageAcceptance::Ignore,
@@ -989,7 +1009,17 @@ impl EventLoop {
         Ok(())
     }
 
+    /// A message arrived from `peer` over its link: a sign of life, like an answered ping.
+    fn heard_from(&mut self, peer: PeerId) {
+        if let Ok(mut v) = self.view.write() {
+            v.heard(peer, Instant::now());
+        }
+    }
+
     fn on_request_response(&mut self, ev: request_response::Event<MeshRequest, MeshResponse>) {
+        if let request_response::Event::Message { peer, .. } = &ev {
+            self.heard_from(*peer);
+        }
         match ev {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {

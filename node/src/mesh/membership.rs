@@ -364,6 +364,14 @@ impl View {
     }
 
     /// A sign of life on a connection (an answered ping).
+    /// Whether `peer` gave a sign of life (a ping answered, a message received from it,
+    /// its own record) less than `lost_after` ago.
+    pub fn heard_lately(&self, peer: &PeerId, now: Instant) -> bool {
+        self.members
+            .get(peer)
+            .is_some_and(|m| now.saturating_duration_since(m.last_heard) < self.lost_after)
+    }
+
     pub fn heard(&mut self, peer: PeerId, now: Instant) {
         if let Some(m) = self.members.get_mut(&peer) {
             m.last_heard = now;
@@ -626,6 +634,11 @@ mod tests {
         v.connected(other, t0);
         v.heard(other, t0 + Duration::from_secs(9));
         assert!(v.refresh(t0 + Duration::from_secs(10)).is_empty());
+        // Heard lately (a ping answered, a message from it) for lost_after: a ping that
+        // times out meanwhile leaves it to this silence rule (event_loop).
+        assert!(v.heard_lately(&other, t0 + Duration::from_millis(11_900)));
+        assert!(!v.heard_lately(&other, t0 + Duration::from_secs(12)));
+        assert!(!v.heard_lately(&PeerId::random(), t0));
         // A connection whose pings go unanswered does not keep it alive.
         let ch = v.refresh(t0 + Duration::from_secs(13));
         assert_eq!(

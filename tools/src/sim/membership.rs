@@ -276,6 +276,8 @@ impl Ord for Queued {
 #[derive(Debug, Clone, Copy)]
 struct Link {
     opened: u64,
+    /// When the last message from the peer arrived on this link (a sign of life).
+    last_rx: u64,
     ping_sent: Option<u64>,
     next_ping: u64,
     subscribed: bool,
@@ -341,6 +343,14 @@ struct World {
     kind_bytes: [u64; 6],
     kind_window: Option<[u64; 6]>,
     kind_window_end: Option<[u64; 6]>,
+    /// A node whose process gets no CPU from `.1` to `.2` (µs): it handles nothing, and
+    /// what reaches it waits in its socket buffers until then (tests only).
+    stall: Option<(usize, u64, u64)>,
+    /// The event loop's rule before a ping failure waited for silence: close and
+    /// suspect at the ping's timeout even if the neighbour still sends (tests only).
+    suspect_on_ping_timeout: bool,
+    /// Suspicions raised of the stalled node (tests only).
+    stalled_suspected: u64,
 }
 
 /// What idle bytes are spent on, in the order of `World::kind`.
@@ -443,6 +453,9 @@ impl World {
             kind_bytes: [0; 6],
             kind_window: None,
             kind_window_end: None,
+            stall: None,
+            suspect_on_ping_timeout: false,
+            stalled_suspected: 0,
         }
     }
 
@@ -543,6 +556,17 @@ impl World {
                 break;
             }
             self.now = q.at;
+            if let Some((n, from, until)) = self.stall {
+                let stalled = match &q.ev {
+                    Ev::Check(i) | Ev::Heartbeat(i) => *i == n,
+                    Ev::Deliver { to, .. } => *to == n,
+                    _ => false,
+                };
+                if stalled && (from..until).contains(&q.at) {
+                    self.at(until, q.ev);
+                    continue;
+                }
+            }
             match q.ev {
                 Ev::Start(i) => self.start(i),
                 Ev::Check(i) => self.check(i),
@@ -720,7 +744,14 @@ impl World {
             }
             return;
         }
-        let connected = self.nodes[to].links.contains_key(&from);
+        let now = self.now;
+        let connected = match self.nodes[to].links.get_mut(&from) {
+            Some(l) => {
+                l.last_rx = now;
+                true
+            }
+            None => false,
+        };
         match msg {
             Msg::Dial { probe } => {
                 if !self.nodes[from].up {
@@ -851,6 +882,7 @@ impl World {
             peer,
             Link {
                 opened: now,
+                last_rx: now,
                 ping_sent: None,
                 next_ping: now + PING_EVERY,
                 subscribed: false,
@@ -902,6 +934,9 @@ impl World {
         if live.suspect(&peer, seq, now_ms) {
             if !self.killed.contains(&peer) {
                 self.false_suspicions += 1;
+            }
+            if matches!(self.stall, Some((n, ..)) if n == peer) {
+                self.stalled_suspected += 1;
             }
             self.publish(me, Body::Suspect { subject: peer, seq });
         }
@@ -1081,13 +1116,25 @@ impl World {
         }
         let now = self.now;
         self.at(now + CHECK_EVERY, Ev::Check(i));
-        // libp2p ping: one outstanding per link, failed after the timeout (the link is
-        // closed and the peer suspected).
+        // libp2p ping: one outstanding per link, failed after the timeout: the link is
+        // closed and the peer suspected, unless a message from it arrived within
+        // LOST_AFTER (it is alive; the event loop leaves it to the silence rule). The
+        // silence rule (the view's refresh): nothing from a neighbour for LOST_AFTER.
         let mut ping = Vec::new();
         let mut failed = Vec::new();
         for (&p, l) in self.nodes[i].links.iter_mut() {
+            if now - l.last_rx > LOST_AFTER {
+                failed.push(p);
+                continue;
+            }
             match l.ping_sent {
-                Some(t) if now - t >= PING_TIMEOUT => failed.push(p),
+                Some(t)
+                    if now - t >= PING_TIMEOUT
+                        && (now - l.last_rx >= LOST_AFTER || self.suspect_on_ping_timeout) =>
+                {
+                    failed.push(p)
+                }
+                Some(t) if now - t >= PING_TIMEOUT => l.ping_sent = None,
                 None if now >= l.next_ping => {
                     l.ping_sent = Some(now);
                     l.next_ping = now + PING_EVERY;
@@ -1231,4 +1278,55 @@ pub fn simulate(setup: &MembershipSetup) -> Result<Figures, String> {
         ));
     }
     Ok(World::new(setup.clone()).run())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node starved of CPU for 2.4 s (less than the 3 s silence bound) is not suspected
+    /// by its neighbours any more: their pings to it time out after 2 s, but what it sent
+    /// just before the stall is younger than `lost_after`, and its answers arrive soon
+    /// after it wakes. Under the old rule (suspect at the ping timeout) the same stall
+    /// makes its neighbours suspect it. A killed node is still lost as fast.
+    #[test]
+    fn a_short_stall_is_no_longer_suspected_and_a_kill_is_still_lost_as_fast() {
+        let setup = MembershipSetup {
+            nodes: 48,
+            seconds: 70,
+            kill: 1,
+            kill_at_s: 55,
+            ramp_s: 3,
+            latency_us: 50_000,
+            loss: 0.0,
+            seed: 3,
+        };
+        let run = |old_rule: bool| {
+            let mut w = World::new(setup.clone());
+            w.stall = Some((5, 40_000_000, 42_400_000));
+            w.suspect_on_ping_timeout = old_rule;
+            let figures = w.run();
+            (figures, w.stalled_suspected)
+        };
+        let (new, new_of_stalled) = run(false);
+        let (old, old_of_stalled) = run(true);
+        let lines = |f: &Figures| f.lines().join("\n");
+        assert_eq!(new_of_stalled, 0, "{}", lines(&new));
+        assert!(old_of_stalled > 0, "{}", lines(&old));
+        // The stalled node itself, waking with its neighbours' messages still queued,
+        // may suspect one whose last message is now older than lost_after: the same under
+        // both rules (a gap in its own inputs is not yet read as its own silence).
+        assert!(
+            new.false_suspicions < old.false_suspicions,
+            "{}",
+            lines(&new)
+        );
+        assert_eq!(new.false_lost, 0, "{}", lines(&new));
+        let lost = new.all_lost_s.expect("the killed node is lost");
+        assert!((3.0..4.5).contains(&lost), "{}", lines(&new));
+        assert_eq!(
+            new.all_lost_s, old.all_lost_s,
+            "a kill is seen by its closed links"
+        );
+    }
 }
