@@ -99,6 +99,10 @@ pub(crate) fn check_every(settled: bool, fast: Duration) -> Duration {
     }
 }
 
+/// A gap between two turns of the loop past which this node counts itself paused (the
+/// loop turns at least every [`SETTLED_CHECK`]).
+const PAUSED_AFTER: Duration = Duration::from_millis(1500);
+
 /// The reason `accept_gossip` gives for a message that is fine but not worth relaying.
 const IGNORE: &str = "stale suspicion";
 
@@ -154,6 +158,8 @@ pub struct EventLoop {
     next_refresh: Instant,
     /// The last nonce this node's gossip used (see `SignedEnvelope::nonce`).
     nonce: u64,
+    /// When the loop last turned (see [`EventLoop::turn`]).
+    last_turn: Instant,
 }
 
 impl EventLoop {
@@ -210,6 +216,7 @@ impl EventLoop {
             next_refresh: Instant::now(),
             // Above any number a previous run of this node used (its clock, in µs).
             nonce: unix_us(),
+            last_turn: Instant::now(),
         })
     }
 
@@ -220,14 +227,19 @@ impl EventLoop {
         loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => {
+                    self.turn();
                     self.on_swarm_event(ev);
                     self.refresh();
                 }
                 cmd = self.commands.recv() => match cmd {
                     None | Some(MeshCommand::Shutdown) => break,
-                    Some(cmd) => self.on_command(cmd),
+                    Some(cmd) => {
+                        self.turn();
+                        self.on_command(cmd)
+                    }
                 },
                 _ = tokio::time::sleep_until(next_check) => {
+                    self.turn();
                     self.check();
                     next_check = tokio::time::Instant::now() + check_every(self.settled(), fast);
                     continue;
@@ -240,6 +252,24 @@ impl EventLoop {
             }
         }
         self.leave().await;
+    }
+
+    /// Called first on every turn of the loop. The loop turns at least every
+    /// [`SETTLED_CHECK`]; a longer gap means this process got no CPU (a starved or
+    /// suspended machine), and whatever its neighbours sent meanwhile still waits in its
+    /// sockets: their silence in that gap is this node's own, so it is not counted
+    /// against them (as the run machine does with its peers), else a node waking from a
+    /// stall would suspect its neighbours before reading what they sent.
+    fn turn(&mut self) {
+        let now = Instant::now();
+        let gap = now.saturating_duration_since(self.last_turn);
+        self.last_turn = now;
+        if gap > PAUSED_AFTER {
+            tracing::info!(gap_ms = gap.as_millis() as u64, "this node did not run for a while; its neighbours' silence in that gap is not held against them");
+            if let Ok(mut v) = self.view.write() {
+                v.paused(gap, now);
+            }
+        }
     }
 
     /// Nothing waits on a short deadline (see [`check_every`]).

@@ -372,6 +372,14 @@ impl View {
             .is_some_and(|m| now.saturating_duration_since(m.last_heard) < self.lost_after)
     }
 
+    /// This node did not run for `gap` (see the event loop's `turn`): its neighbours'
+    /// silence in that gap is its own, so their last sign of life moves on by `gap`.
+    pub fn paused(&mut self, gap: Duration, now: Instant) {
+        for m in self.members.values_mut().filter(|m| m.connections > 0) {
+            m.last_heard = (m.last_heard + gap).min(now);
+        }
+    }
+
     pub fn heard(&mut self, peer: PeerId, now: Instant) {
         if let Some(m) = self.members.get_mut(&peer) {
             m.last_heard = now;
@@ -639,6 +647,22 @@ mod tests {
         assert!(v.heard_lately(&other, t0 + Duration::from_millis(11_900)));
         assert!(!v.heard_lately(&other, t0 + Duration::from_secs(12)));
         assert!(!v.heard_lately(&PeerId::random(), t0));
+        // This node paused 2 s: a neighbour's silence in that gap is not held against it.
+        let mut p = View::new(
+            me,
+            ann(&me, "me", 1, PROTOCOL_VERSION),
+            Duration::from_secs(3),
+        );
+        p.heard_announce(other, ann(&other, "o", 1, PROTOCOL_VERSION), t0);
+        p.connected(other, t0);
+        p.refresh(t0);
+        p.paused(Duration::from_secs(2), t0 + Duration::from_secs(4));
+        assert!(p.heard_lately(&other, t0 + Duration::from_secs(4)));
+        assert!(p.refresh(t0 + Duration::from_secs(4)).is_empty());
+        assert_eq!(
+            p.refresh(t0 + Duration::from_millis(5100))[0].to,
+            MemberState::Lost
+        );
         // A connection whose pings go unanswered does not keep it alive.
         let ch = v.refresh(t0 + Duration::from_secs(13));
         assert_eq!(
