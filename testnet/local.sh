@@ -48,7 +48,7 @@ stop() {
 
 start() {
     local n="$1"
-    [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 64 ] || die "N must be 1..64, got '$n'"
+    [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 128 ] || die "N must be 1..128, got '$n'"
     [ -f "$DIR/pids" ] && die "a testnet is already running in $DIR (run: $0 stop)"
     if [ ! -x "$BIN" ]; then
         echo "building stampede ..."

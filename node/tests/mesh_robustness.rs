@@ -15,7 +15,7 @@ use libp2p::{identity, request_response, Multiaddr, StreamProtocol, Swarm};
 use mesh_support::{all_see, wait_until, Mesh};
 use stampede::mesh::{behaviour, key, transport};
 use stampede_protocol::mesh::{
-    to_cbor, Announce, Envelope, GossipBody, NodeState, PROTOCOL_VERSION,
+    to_cbor, Announce, Envelope, GossipBody, NodeState, SignedEnvelope, PROTOCOL_VERSION,
 };
 
 #[test]
@@ -172,8 +172,8 @@ async fn garbage_from_a_keyed_peer_does_not_crash_a_node() {
     let kp = identity::Keypair::generate_ed25519();
     let psk = key::read_key_file(&mesh.key).unwrap();
     let gs_cfg = behaviour::gossipsub_config(Duration::from_millis(200), 4 * 1024 * 1024).unwrap();
-    let gossipsub =
-        gossipsub::Behaviour::new(MessageAuthenticity::Signed(kp.clone()), gs_cfg).unwrap();
+    // (The mesh's gossipsub carries no gossipsub signatures: messages are signed inside.)
+    let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gs_cfg).unwrap();
     let raw = request_response::Behaviour::with_codec(
         RawCodec,
         [(
@@ -318,4 +318,124 @@ async fn garbage_from_a_keyed_peer_does_not_crash_a_node() {
         &[&n1, &n2],
         &ids
     )));
+}
+
+/// A record `name` of `id`, as an announcement would carry it (unsigned: on gossip the
+/// envelope's signature is what vouches for it).
+fn record(id: &str, name: &str, seq: u64) -> Envelope {
+    Envelope {
+        protocol_version: PROTOCOL_VERSION,
+        sender: id.to_string(),
+        body: GossipBody::Announce(Announce {
+            id: id.to_string(),
+            name: name.into(),
+            version: "0".into(),
+            protocol_version: PROTOCOL_VERSION,
+            labels: Default::default(),
+            capacity: 1,
+            state: NodeState::Idle,
+            allow_targets: vec![],
+            addrs: vec![],
+            seq,
+            signature: vec![],
+        }),
+    }
+}
+
+/// Gossipsub no longer signs (the sender signs inside the message, and the receiver
+/// checks it once): a peer that holds the mesh key must still not be able to speak as
+/// another member. It publishes n2's record under n2's name, signed with its own key,
+/// then its own record; n1 takes its own record (so it read both, in order) and never
+/// the forged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_peer_cannot_speak_as_another_member() {
+    let mesh = Mesh::new();
+    let n1 = mesh.node("n1", &[], &[]);
+    let n2 = mesh.node("n2", &["--bootstrap", &n1.addr()], &[]);
+    let ids = vec![n1.peer_id(), n2.peer_id()];
+    assert!(wait_until(Duration::from_secs(30), || all_see(
+        &[&n1, &n2],
+        &ids
+    )));
+    let n1_id: libp2p::PeerId = n1.peer_id().parse().unwrap();
+
+    let kp = identity::Keypair::generate_ed25519();
+    let me = kp.public().to_peer_id().to_string();
+    let psk = key::read_key_file(&mesh.key).unwrap();
+    let gs_cfg = behaviour::gossipsub_config(Duration::from_millis(200), 1024 * 1024).unwrap();
+    let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gs_cfg).unwrap();
+    let raw = request_response::Behaviour::with_codec(
+        RawCodec,
+        [(
+            StreamProtocol::new("/stampede/bulk/1"),
+            request_response::ProtocolSupport::Outbound,
+        )],
+        request_response::Config::default(),
+    );
+    let mut swarm = Swarm::new(
+        transport::build(&kp, Some(psk)).unwrap(),
+        Hostile { gossipsub, raw },
+        kp.public().to_peer_id(),
+        libp2p::swarm::Config::with_tokio_executor()
+            .with_idle_connection_timeout(Duration::from_secs(60)),
+    );
+    let topic = IdentTopic::new(behaviour::ANNOUNCE_TOPIC);
+    swarm.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
+    swarm.dial(n1.addr().parse::<Multiaddr>().unwrap()).unwrap();
+    let subscribed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let SwarmEvent::Behaviour(HostileEvent::Gossipsub(gossipsub::Event::Subscribed {
+                peer_id,
+                topic: t,
+            })) = swarm.select_next_some().await
+            {
+                if peer_id == n1_id && t == topic.hash() {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(subscribed.is_ok(), "n1 never subscribed");
+
+    let now_us = stampede_protocol::run::unix_us();
+    let seal = |env: &Envelope, nonce: u64| {
+        let mut s = SignedEnvelope::new(env, nonce);
+        s.signature = kp.sign(&s.signed_bytes()).unwrap();
+        s.encode()
+    };
+    // Newer than n2's own record, so that it would win if taken.
+    let forged = seal(&record(&n2.peer_id(), "spoofed", now_us + 600_000_000), 1);
+    let own = seal(&record(&me, "hostile", now_us), 2);
+    for m in [forged, own] {
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(topic.clone(), m)
+            .expect("published");
+    }
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let heard_own = wait_until(Duration::from_secs(20), || {
+        n1.peers()
+            .unwrap_or_default()
+            .iter()
+            .any(|r| r["name"] == "hostile")
+    });
+    driver.abort();
+    assert!(
+        heard_own,
+        "n1 never took the peer's own record; log:\n{}",
+        n1.log_text()
+    );
+    let rows = n1.peers().expect("peers answers");
+    assert!(rows.iter().all(|r| r["name"] != "spoofed"), "{rows:?}");
+    let n2_row = rows
+        .iter()
+        .find(|r| r["id"] == n2.peer_id())
+        .expect("n2 listed");
+    assert_eq!(n2_row["name"], "n2", "{rows:?}");
 }

@@ -57,6 +57,96 @@ pub struct Envelope {
     pub body: GossipBody,
 }
 
+/// An [`Envelope`] as it travels on gossip (since protocol 5): the body's CBOR as a byte
+/// string, signed by the sender's identity key (the one its peer id names).
+///
+/// Gossipsub's own signatures are off (`MessageAuthenticity::Anonymous`): gossipsub
+/// verified every copy a node received — each message arrives from up to `mesh_n`
+/// neighbours — before dropping duplicates, and ed25519 verification was the largest
+/// single cost of a node during a run. This signature is checked once per message, by
+/// the receiver, after gossipsub's duplicate filter and before anything reads the body.
+/// Gossipsub's message id is a hash of these whole bytes, signature included, so a
+/// forged copy has another id than the genuine one and can never shadow it.
+///
+/// `protocol_version` and `sender` stay top-level map fields, so
+/// [`Envelope::decode_header`] still reads them from any version's message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignedEnvelope {
+    pub protocol_version: u32,
+    /// The signer's peer id (base58).
+    pub sender: String,
+    /// Distinct for every publication of a sender (its clock in µs at start, then + 1):
+    /// the message id is a hash of the bytes, and two publications of the same body
+    /// must not be taken for copies of one.
+    pub nonce: u64,
+    /// The CBOR of the [`GossipBody`].
+    #[serde(with = "signature_bytes")]
+    pub body: Vec<u8>,
+    /// The sender's signature over [`SignedEnvelope::signed_bytes`].
+    #[serde(with = "signature_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl SignedEnvelope {
+    /// The unsigned wire form of `env` (sign [`Self::signed_bytes`], then set `signature`).
+    pub fn new(env: &Envelope, nonce: u64) -> Self {
+        SignedEnvelope {
+            protocol_version: env.protocol_version,
+            sender: env.sender.clone(),
+            nonce,
+            body: to_cbor(&env.body),
+            signature: Vec::new(),
+        }
+    }
+
+    /// What the sender signs: a domain tag, then every field but the signature, each of
+    /// fixed length or length-prefixed — built from the bytes received, never from a
+    /// re-encoding, so signer and verifier always agree.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(48 + self.sender.len() + self.body.len());
+        out.extend_from_slice(b"stampede/gossip/1\0");
+        out.extend_from_slice(&self.protocol_version.to_be_bytes());
+        out.extend_from_slice(&self.nonce.to_be_bytes());
+        out.extend_from_slice(&(self.sender.len() as u64).to_be_bytes());
+        out.extend_from_slice(self.sender.as_bytes());
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        to_cbor(self)
+    }
+
+    /// Decodes the wire form (not yet its body: check the signature first, then [`Self::open`]).
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let env: SignedEnvelope = from_cbor(bytes, MAX_GOSSIP_BYTES, "a signed gossip envelope")?;
+        if env.sender.len() > MAX_TEXT {
+            return Err(DecodeError::Invalid {
+                field: "sender",
+                reason: format!("{} bytes, limit {MAX_TEXT}", env.sender.len()),
+            });
+        }
+        if env.signature.len() > MAX_SIGNATURE {
+            return Err(DecodeError::Invalid {
+                field: "signature",
+                reason: format!("{} bytes, limit {MAX_SIGNATURE}", env.signature.len()),
+            });
+        }
+        Ok(env)
+    }
+
+    /// The envelope inside, its body decoded and checked like [`Envelope::decode`]'s.
+    pub fn open(&self) -> Result<Envelope, DecodeError> {
+        let body: GossipBody = from_cbor(&self.body, MAX_GOSSIP_BYTES, "a gossip body")?;
+        validate_body(&body)?;
+        Ok(Envelope {
+            protocol_version: self.protocol_version,
+            sender: self.sender.clone(),
+            body,
+        })
+    }
+}
+
 /// The header of an envelope alone, readable whatever the body's version.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct EnvelopeHeader {
@@ -83,7 +173,8 @@ pub enum GossipBody {
     Suspect(Suspicion),
 }
 
-/// A suspicion of one member's record, signed (by gossipsub) by the member that saw it fail.
+/// A suspicion of one member's record, sent (and signed: `SignedEnvelope`) by the member
+/// that saw it fail.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Suspicion {
     /// The suspected member's peer id (base58).
@@ -302,25 +393,7 @@ impl Envelope {
     /// Decodes a gossip message of this protocol version.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let env: Envelope = from_cbor(bytes, MAX_GOSSIP_BYTES, "a gossip envelope")?;
-        match &env.body {
-            GossipBody::Announce(a) => a.validate()?,
-            GossipBody::Run(m) => m.validate().map_err(|reason| DecodeError::Invalid {
-                field: "run",
-                reason,
-            })?,
-            GossipBody::Snapshot(_) => {}
-            GossipBody::Batch(b) => b.validate().map_err(|reason| DecodeError::Invalid {
-                field: "batch",
-                reason,
-            })?,
-            GossipBody::Suspect(s) if s.subject.len() > MAX_TEXT => {
-                return Err(DecodeError::Invalid {
-                    field: "subject",
-                    reason: format!("{} bytes, limit {MAX_TEXT}", s.subject.len()),
-                })
-            }
-            GossipBody::Suspect(_) => {}
-        }
+        validate_body(&env.body)?;
         Ok(env)
     }
 
@@ -328,6 +401,30 @@ impl Envelope {
     pub fn decode_header(bytes: &[u8]) -> Result<EnvelopeHeader, DecodeError> {
         from_cbor(bytes, MAX_GOSSIP_BYTES, "a gossip envelope header")
     }
+}
+
+/// The caps every gossip body must meet, whatever carried it.
+fn validate_body(body: &GossipBody) -> Result<(), DecodeError> {
+    match body {
+        GossipBody::Announce(a) => a.validate()?,
+        GossipBody::Run(m) => m.validate().map_err(|reason| DecodeError::Invalid {
+            field: "run",
+            reason,
+        })?,
+        GossipBody::Snapshot(_) => {}
+        GossipBody::Batch(b) => b.validate().map_err(|reason| DecodeError::Invalid {
+            field: "batch",
+            reason,
+        })?,
+        GossipBody::Suspect(s) if s.subject.len() > MAX_TEXT => {
+            return Err(DecodeError::Invalid {
+                field: "subject",
+                reason: format!("{} bytes, limit {MAX_TEXT}", s.subject.len()),
+            })
+        }
+        GossipBody::Suspect(_) => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -362,6 +459,96 @@ mod tests {
         let h = Envelope::decode_header(&bytes).unwrap();
         assert_eq!(h.protocol_version, PROTOCOL_VERSION);
         assert_eq!(h.sender, "x");
+    }
+
+    #[test]
+    fn a_signed_envelope_round_trips_keeps_its_header_readable_and_signs_every_field() {
+        let env = Envelope {
+            protocol_version: PROTOCOL_VERSION,
+            sender: "x".into(),
+            body: GossipBody::Announce(announce()),
+        };
+        let mut signed = SignedEnvelope::new(&env, 41);
+        signed.signature = vec![7; 64];
+        let bytes = signed.encode();
+        let back = SignedEnvelope::decode(&bytes).unwrap();
+        assert_eq!(back, signed);
+        assert_eq!(back.open().unwrap(), env);
+        let h = Envelope::decode_header(&bytes).unwrap();
+        assert_eq!(
+            (h.protocol_version, h.sender.as_str()),
+            (PROTOCOL_VERSION, "x")
+        );
+        // Whatever a relay changes, the signed bytes change with it.
+        let base = signed.signed_bytes();
+        let mut other = signed.clone();
+        other.sender = "y".into();
+        assert_ne!(other.signed_bytes(), base);
+        let mut other = signed.clone();
+        other.nonce = 42;
+        assert_ne!(other.signed_bytes(), base);
+        let mut other = signed.clone();
+        other.protocol_version += 1;
+        assert_ne!(other.signed_bytes(), base);
+        let mut other = signed.clone();
+        other.body.push(0);
+        assert_ne!(other.signed_bytes(), base);
+        // The signature is not part of what is signed.
+        let mut other = signed.clone();
+        other.signature = vec![1; 64];
+        assert_eq!(other.signed_bytes(), base);
+        // A sender's name and body cannot run into each other: "xy" + body ≠ "x" + "y…".
+        let mut a = signed.clone();
+        a.sender = "xy".into();
+        let mut b = signed.clone();
+        b.body.insert(0, b'y');
+        assert_ne!(a.signed_bytes(), b.signed_bytes());
+    }
+
+    #[test]
+    fn a_signed_envelope_with_oversized_fields_or_a_bad_body_is_refused() {
+        let env = Envelope {
+            protocol_version: PROTOCOL_VERSION,
+            sender: "x".repeat(MAX_TEXT + 1),
+            body: GossipBody::Announce(announce()),
+        };
+        let signed = SignedEnvelope::new(&env, 1);
+        assert!(matches!(
+            SignedEnvelope::decode(&signed.encode()),
+            Err(DecodeError::Invalid {
+                field: "sender",
+                ..
+            })
+        ));
+        let mut signed = SignedEnvelope::new(
+            &Envelope {
+                sender: "x".into(),
+                ..env
+            },
+            1,
+        );
+        signed.signature = vec![0; MAX_SIGNATURE + 1];
+        assert!(matches!(
+            SignedEnvelope::decode(&signed.encode()),
+            Err(DecodeError::Invalid {
+                field: "signature",
+                ..
+            })
+        ));
+        signed.signature = vec![0; 64];
+        signed.body = vec![0xff, 0x00];
+        let back = SignedEnvelope::decode(&signed.encode()).unwrap();
+        assert!(back.open().is_err());
+        let mut a = announce();
+        a.capacity = u32::MAX;
+        signed.body = to_cbor(&GossipBody::Announce(a));
+        assert!(matches!(
+            SignedEnvelope::decode(&signed.encode()).unwrap().open(),
+            Err(DecodeError::Invalid {
+                field: "capacity",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -459,6 +646,9 @@ mod tests {
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
             let _ = Envelope::decode(&bytes);
             let _ = Envelope::decode_header(&bytes);
+            if let Ok(s) = SignedEnvelope::decode(&bytes) {
+                let _ = s.open();
+            }
             let _ = from_cbor::<MeshRequest>(&bytes, MAX_REQUEST_BYTES, "a request");
             let _ = from_cbor::<MeshResponse>(&bytes, MAX_RESPONSE_BYTES, "a response");
         }

@@ -54,7 +54,7 @@ done
     || { echo "scale.sh: --sim-nodes must be 0 (skip) or 3..1000" >&2; exit 2; }
 IFS=, read -r -a NS <<<"$SIZES"
 for n in "${NS[@]}"; do
-    [[ "$n" =~ ^[0-9]+$ && "$n" -ge 2 && "$n" -le 64 ]] || { echo "scale.sh: sizes must be 2..64 (testnet/local.sh's bound), got '$n'" >&2; exit 2; }
+    [[ "$n" =~ ^[0-9]+$ && "$n" -ge 2 && "$n" -le 128 ]] || { echo "scale.sh: sizes must be 2..128 (testnet/local.sh's bound), got '$n'" >&2; exit 2; }
 done
 [[ -x "$BIN" ]] || { echo "scale.sh: $BIN is missing (cargo build --release -p stampede)" >&2; exit 2; }
 BINDIR=$(cd "$(dirname "$BIN")" && pwd)
@@ -192,6 +192,10 @@ run_cells() { # N PIDS...
     SAMPLER_PID=$!
     for _ in $(seq 50); do [[ -e "$samples/00000" ]] && break; sleep 0.1; done
     local l0; l0=$(load1)
+    # Each node's CPU over the CLI call (schedstat, exact), to name where a run's CPU goes.
+    local -A C0=()
+    local p
+    for p in "${pids[@]}"; do C0[$p]=$(cpu_ns "$p"); done
     local t0; t0=$(date +%s.%N)
     timeout -k 5 "$limit" "$BIN" run --mesh --quiet --data-dir "$TN/n1" \
         "$ROOT/tools/bench/scale.toml" \
@@ -203,6 +207,11 @@ run_cells() { # N PIDS...
     wait "$RUN_PID" || rc=$?
     RUN_PID=""
     local t1; t1=$(date +%s.%N)
+    # "mean % | max % (node) | sum %" of a core over the call; nodes named nI by start order.
+    local cpu_run
+    cpu_run=$(i=0; for p in "${pids[@]}"; do i=$((i + 1)); echo "n$i $(( $(cpu_ns "$p") - ${C0[$p]:-0} ))"; done \
+        | awk -v a="$t0" -v b="$(date +%s.%N)" '{ c = 100 * $2 / 1e9 / (b - a); s += c; if (c > m) { m = c; mn = $1 } ; all = all sprintf(" %s %.1f", $1, c) }
+            END { printf "%.1f %% per node, max %.1f %% (%s), sum %.0f %% of a core; by node:%s", s / NR, m, mn, s, all }')
     # One more sample after the CLI returned, then stop the sampler.
     sleep 1.2
     kill "$SAMPLER_PID" 2>/dev/null || true
@@ -260,7 +269,7 @@ run_cells() { # N PIDS...
     [[ "$merged" == "$target_n" ]] && exact="$merged = $target_n"
     exact="$exact of $((RATE * PLAN_S))"
     [[ "$joined" != "$n" ]] && exact="$exact (**$joined of $n completed**: $statuses)"
-    echo "run at $n nodes: exit $rc; nodes $statuses; events: ${events:-none}; true start skew (one clock) $true_skew; load (the target's port) ${load_mean} KiB/s per node; sockets sampled over ${sample_w} s; failed $(jq -r .totals.failed "$out"), dropped $(jq -r .totals.dropped_iterations "$out"); load avg ${l0} -> ${l1}" >"$WORK/run-$n.detail"
+    echo "run at $n nodes: exit $rc; nodes $statuses; events: ${events:-none}; true start skew (one clock) $true_skew; load (the target's port) ${load_mean} KiB/s per node; sockets sampled over ${sample_w} s; failed $(jq -r .totals.failed "$out"), dropped $(jq -r .totals.dropped_iterations "$out"); load avg ${l0} -> ${l1}; CPU over the call ${cpu_run}" >"$WORK/run-$n.detail"
     echo "| $t2fr | $skew | ${wall} s for ${PLAN_S} s | ${ctl_mean} KiB/s (max ${ctl_max}) | $exact |"
 }
 

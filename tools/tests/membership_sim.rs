@@ -56,7 +56,7 @@ fn a_cold_mesh_converges_loses_a_killed_node_and_idles_at_a_constant_cost() {
         assert!(f.announce_bytes > 300 && f.announce_bytes < 1000, "{lines}");
     }
     // Constant in N: three times the nodes, about the same bytes per node (a little more
-    // while gossipsub meshes fill towards D = 6).
+    // while gossipsub meshes fill towards D = 4).
     let ratio = large.idle_bytes_mean / small.idle_bytes_mean;
     assert!(
         (0.8..1.4).contains(&ratio),

@@ -24,8 +24,8 @@ use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
 use rand::Rng;
 use stampede_protocol::membership::{must_refute, pick_neighbours, refresh_interval_ms};
 use stampede_protocol::mesh::{
-    Envelope, GossipBody, MeshRequest, MeshResponse, NodeState, Suspicion, MAX_GOSSIP_BYTES,
-    MAX_MEMBERS_IN_RESPONSE,
+    Envelope, GossipBody, MeshRequest, MeshResponse, NodeState, SignedEnvelope, Suspicion,
+    MAX_GOSSIP_BYTES, MAX_MEMBERS_IN_RESPONSE,
 };
 use stampede_protocol::run::{unix_us, RunRequest, RunResponse};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -40,7 +40,7 @@ use super::{MeshCommand, MeshConfig, MeshEvent, MeshTiming, SharedView, DIRECT};
 
 /// Links a node chooses itself (the default of the `neighbours` setting). With every node choosing 4 at random, each holds about
 /// 8 (its own and others' choices), the graph is connected with high probability, and
-/// gossipsub's mesh (`mesh_n` 6) can be formed from them.
+/// gossipsub's mesh (`mesh_n` 4) can be formed from them.
 pub const NEIGHBOURS: usize = 4;
 
 /// Connections past which a node closes links it did not choose (the default of the
@@ -99,6 +99,10 @@ pub(crate) fn check_every(settled: bool, fast: Duration) -> Duration {
     }
 }
 
+/// A gap between two turns of the loop past which this node counts itself paused (the
+/// loop turns at least every [`SETTLED_CHECK`]).
+const PAUSED_AFTER: Duration = Duration::from_millis(1500);
+
 /// The reason `accept_gossip` gives for a message that is fine but not worth relaying.
 const IGNORE: &str = "stale suspicion";
 
@@ -156,6 +160,10 @@ pub struct EventLoop {
     direct: super::direct::DirectLinks,
     /// Until `run` starts its reader.
     direct_inbound: Option<super::direct::Inbound>,
+    /// The last nonce this node's gossip used (see `SignedEnvelope::nonce`).
+    nonce: u64,
+    /// When the loop last turned (see [`EventLoop::turn`]).
+    last_turn: Instant,
 }
 
 impl EventLoop {
@@ -214,6 +222,9 @@ impl EventLoop {
             last_rejoin: None,
             last_lost_probe: None,
             next_refresh: Instant::now(),
+            // Above any number a previous run of this node used (its clock, in µs).
+            nonce: unix_us(),
+            last_turn: Instant::now(),
         })
     }
 
@@ -228,6 +239,7 @@ impl EventLoop {
         loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => {
+                    self.turn();
                     self.on_swarm_event(ev);
                     self.refresh();
                 }
@@ -237,9 +249,13 @@ impl EventLoop {
                 }
                 cmd = self.commands.recv() => match cmd {
                     None | Some(MeshCommand::Shutdown) => break,
-                    Some(cmd) => self.on_command(cmd),
+                    Some(cmd) => {
+                        self.turn();
+                        self.on_command(cmd)
+                    }
                 },
                 _ = tokio::time::sleep_until(next_check) => {
+                    self.turn();
                     self.check();
                     next_check = tokio::time::Instant::now() + check_every(self.settled(), fast);
                     continue;
@@ -252,6 +268,24 @@ impl EventLoop {
             }
         }
         self.leave().await;
+    }
+
+    /// Called first on every turn of the loop. The loop turns at least every
+    /// [`SETTLED_CHECK`]; a longer gap means this process got no CPU (a starved or
+    /// suspended machine), and whatever its neighbours sent meanwhile still waits in its
+    /// sockets: their silence in that gap is this node's own, so it is not counted
+    /// against them (as the run machine does with its peers), else a node waking from a
+    /// stall would suspect its neighbours before reading what they sent.
+    fn turn(&mut self) {
+        let now = Instant::now();
+        let gap = now.saturating_duration_since(self.last_turn);
+        self.last_turn = now;
+        if gap > PAUSED_AFTER {
+            tracing::info!(gap_ms = gap.as_millis() as u64, "this node did not run for a while; its neighbours' silence in that gap is not held against them");
+            if let Ok(mut v) = self.view.write() {
+                v.paused(gap, now);
+            }
+        }
     }
 
     /// Nothing waits on a short deadline (see [`check_every`]).
@@ -299,7 +333,7 @@ impl EventLoop {
             }
         };
         let topic = self.announce_topic.clone();
-        if let Err(e) = self.publish(topic, env.encode()) {
+        if let Err(e) = self.publish(topic, &env) {
             tracing::debug!(error = %e, "announcement not sent");
         }
     }
@@ -335,7 +369,7 @@ impl EventLoop {
             }),
         };
         let topic = self.announce_topic.clone();
-        if let Err(e) = self.publish(topic, env.encode()) {
+        if let Err(e) = self.publish(topic, &env) {
             tracing::debug!(error = %e, "suspicion not sent");
         }
     }
@@ -365,7 +399,13 @@ impl EventLoop {
         }
     }
 
-    fn publish(&mut self, topic: IdentTopic, bytes: Vec<u8>) -> Result<(), String> {
+    /// Signs `env` (see `membership::seal`) and publishes it on `topic`.
+    fn publish(&mut self, topic: IdentTopic, env: &Envelope) -> Result<(), String> {
+        self.nonce = self.nonce.wrapping_add(1);
+        let bytes = super::membership::seal(env, self.nonce, &self.keypair)?;
+        if bytes.len() > MAX_GOSSIP_BYTES {
+            return Err(format!("message of {} bytes exceeds the gossip limit of {MAX_GOSSIP_BYTES} bytes; use a request instead", bytes.len()));
+        }
         match self
             .swarm
             .behaviour_mut()
@@ -390,12 +430,7 @@ impl EventLoop {
                     sender,
                     body,
                 };
-                let bytes = env.encode();
-                let res = if bytes.len() > MAX_GOSSIP_BYTES {
-                    Err(format!("message of {} bytes exceeds the gossip limit of {MAX_GOSSIP_BYTES} bytes; use a request instead", bytes.len()))
-                } else {
-                    self.publish(topic, bytes)
-                };
+                let res = self.publish(topic, &env);
                 let _ = reply.send(res);
             }
             MeshCommand::Request {
@@ -844,6 +879,24 @@ impl EventLoop {
                 connection,
                 result: Err(e),
             }) => {
+                // A neighbour that still delivers other messages (gossip it relays,
+                // requests, answers) within lost_after is starved or busy, not gone: the
+                // silence rule (`View::refresh`: nothing at all from it for lost_after)
+                // judges it. Closing and suspecting at a ping's 2 s timeout made every
+                // node of a starved machine drop, redial and suspect its neighbours at
+                // the same instant — more work exactly when there is no CPU
+                // (docs/benchmarks.md, 100 real nodes). A dead or stopped peer sends
+                // nothing, so it is still lost at most lost_after after its last message.
+                let now = Instant::now();
+                if self
+                    .view
+                    .read()
+                    .map(|v| v.heard_lately(&peer, now))
+                    .unwrap_or(false)
+                {
+                    tracing::debug!(%peer, error = %e, "ping failed, but the neighbour still delivers messages; its silence will judge it");
+                    return;
+                }
                 // Ping failures do not close connections by themselves; a dead peer must
                 // be noticed in seconds, so close it and let membership judge.
                 tracing::debug!(%peer, error = %e, "ping failed; closing the connection");
@@ -891,7 +944,9 @@ impl EventLoop {
                 message_id,
                 message,
             } => {
-                let acceptance = match self.accept_gossip(&message) {
+                // The neighbour that relayed it is alive and its link works.
+                self.heard_from(propagation_source);
+                let acceptance = match self.accept_gossip(&message, propagation_source) {
                     Ok(()) => MessageAcceptance::Accept,
                     Err(reason) if reason == IGNORE => MessageAcceptance::Ignore,
                     Err(reason) => {
@@ -921,32 +976,44 @@ impl EventLoop {
         }
     }
 
-    fn accept_gossip(&mut self, message: &gossipsub::Message) -> Result<(), String> {
-        let source = message.source.ok_or("unsigned message")?;
+    /// Checks a gossip message (once: gossipsub hands over only the first copy of each
+    /// id) and acts on it. Nothing reads a message before its signature is checked, and
+    /// an error keeps it from being relayed.
+    fn accept_gossip(&mut self, message: &gossipsub::Message, via: PeerId) -> Result<(), String> {
         let now = Instant::now();
-        let env = match Envelope::decode(&message.data) {
-            Ok(env) => env,
+        let signed = match SignedEnvelope::decode(&message.data) {
+            Ok(signed) => signed,
             Err(e) => {
-                // Another protocol version may have a body we cannot read; its header
-                // is stable, so it can still be shown as incompatible.
+                // Another protocol version's wire form: only its header is readable, and
+                // no signature of ours vouches for it, so it is believed only from the
+                // neighbour it names (the link's handshake authenticated that one).
                 let header = Envelope::decode_header(&message.data).map_err(|_| e.to_string())?;
                 if header.protocol_version == self.protocol_version
-                    || header.sender != source.to_string()
+                    || header.sender != via.to_string()
                 {
                     return Err(e.to_string());
                 }
                 if let Ok(mut v) = self.view.write() {
-                    v.heard_version(source, header.protocol_version, now);
+                    v.heard_version(via, header.protocol_version, now);
                 }
                 return Ok(());
             }
         };
-        if env.sender != source.to_string() {
-            return Err(format!(
-                "envelope sender {} is not the signer {source}",
-                env.sender
-            ));
-        }
+        let source = super::membership::open_sender(&signed)?;
+        let env = match signed.open() {
+            Ok(env) => env,
+            Err(e) => {
+                // Another protocol version may have a body we cannot read; it is signed,
+                // so its sender can still be shown as incompatible.
+                if signed.protocol_version == self.protocol_version {
+                    return Err(e.to_string());
+                }
+                if let Ok(mut v) = self.view.write() {
+                    v.heard_version(source, signed.protocol_version, now);
+                }
+                return Ok(());
+            }
+        };
         match env.body {
             GossipBody::Announce(a) => {
                 if a.id != env.sender {
@@ -1003,6 +1070,7 @@ impl EventLoop {
         if !self.chosen.contains_key(&peer) {
             self.on_demand.insert(peer, Instant::now());
         }
+        self.heard_from(peer);
         let body = match request {
             MeshRequest::Run(RunRequest::Batch(b)) => GossipBody::Batch(b),
             MeshRequest::Run(RunRequest::Message {
@@ -1033,7 +1101,17 @@ impl EventLoop {
         MeshResponse::Run(RunResponse::Received)
     }
 
+    /// A message arrived from `peer` over its link: a sign of life, like an answered ping.
+    fn heard_from(&mut self, peer: PeerId) {
+        if let Ok(mut v) = self.view.write() {
+            v.heard(peer, Instant::now());
+        }
+    }
+
     fn on_request_response(&mut self, ev: request_response::Event<MeshRequest, MeshResponse>) {
+        if let request_response::Event::Message { peer, .. } = &ev {
+            self.heard_from(*peer);
+        }
         match ev {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {

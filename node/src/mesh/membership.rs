@@ -26,7 +26,7 @@ use libp2p::identity::{Keypair, PublicKey};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use stampede_protocol::membership::{Liveness, Rumor};
-use stampede_protocol::mesh::{Announce, NodeState, MAX_SEQ_AHEAD_US};
+use stampede_protocol::mesh::{Announce, Envelope, NodeState, SignedEnvelope, MAX_SEQ_AHEAD_US};
 
 /// Most members the view takes in from third parties' lists (a run has at most as
 /// many members): past it, a list can no longer add ids, only update known ones.
@@ -50,14 +50,46 @@ pub fn verify(announce: &Announce, now_unix_us: u64) -> Result<PeerId, String> {
         .parse()
         .map_err(|_| format!("announcement id {} is not a peer id", announce.id))?;
     check_seq(announce, now_unix_us)?;
-    // Ed25519 peer ids hold the public key itself (an identity multihash).
-    let hash = peer.as_ref();
-    let key = (hash.code() == 0)
-        .then(|| PublicKey::try_decode_protobuf(hash.digest()).ok())
-        .flatten()
-        .ok_or_else(|| format!("peer id {peer} does not carry its public key"))?;
+    let key = public_key(&peer)?;
     if !key.verify(&announce.signed_bytes(), &announce.signature) {
         return Err(format!("announcement of {peer} is not signed by {peer}"));
+    }
+    Ok(peer)
+}
+
+/// The public key a peer id names: ed25519 peer ids hold the key itself (an identity
+/// multihash); other ids are hashes, and no key can be checked against them.
+fn public_key(peer: &PeerId) -> Result<PublicKey, String> {
+    let hash = peer.as_ref();
+    (hash.code() == 0)
+        .then(|| PublicKey::try_decode_protobuf(hash.digest()).ok())
+        .flatten()
+        .ok_or_else(|| format!("peer id {peer} does not carry its public key"))
+}
+
+/// The gossip wire form of `env`, signed with this node's identity key (`nonce`: a
+/// number this node never used before, see [`SignedEnvelope::nonce`]).
+pub fn seal(env: &Envelope, nonce: u64, keypair: &Keypair) -> Result<Vec<u8>, String> {
+    let mut signed = SignedEnvelope::new(env, nonce);
+    signed.signature = keypair
+        .sign(&signed.signed_bytes())
+        .map_err(|e| format!("cannot sign a gossip message: {e}"))?;
+    Ok(signed.encode())
+}
+
+/// The sender of a gossip message, if the identity key its `sender` names signed it.
+/// This is what stops one holder of the mesh key from speaking as another member
+/// (announcing for it, proposing or stopping runs in its name, sending its seconds):
+/// gossipsub itself no longer signs (see `behaviour::gossipsub_config`).
+pub fn open_sender(signed: &SignedEnvelope) -> Result<PeerId, String> {
+    let peer: PeerId = signed
+        .sender
+        .parse()
+        .map_err(|_| format!("gossip sender {} is not a peer id", signed.sender))?;
+    if !public_key(&peer)?.verify(&signed.signed_bytes(), &signed.signature) {
+        return Err(format!(
+            "gossip message claiming to be from {peer} is not signed by it"
+        ));
     }
     Ok(peer)
 }
@@ -332,6 +364,22 @@ impl View {
     }
 
     /// A sign of life on a connection (an answered ping).
+    /// Whether `peer` gave a sign of life (a ping answered, a message received from it,
+    /// its own record) less than `lost_after` ago.
+    pub fn heard_lately(&self, peer: &PeerId, now: Instant) -> bool {
+        self.members
+            .get(peer)
+            .is_some_and(|m| now.saturating_duration_since(m.last_heard) < self.lost_after)
+    }
+
+    /// This node did not run for `gap` (see the event loop's `turn`): its neighbours'
+    /// silence in that gap is its own, so their last sign of life moves on by `gap`.
+    pub fn paused(&mut self, gap: Duration, now: Instant) {
+        for m in self.members.values_mut().filter(|m| m.connections > 0) {
+            m.last_heard = (m.last_heard + gap).min(now);
+        }
+    }
+
     pub fn heard(&mut self, peer: PeerId, now: Instant) {
         if let Some(m) = self.members.get_mut(&peer) {
             m.last_heard = now;
@@ -594,6 +642,27 @@ mod tests {
         v.connected(other, t0);
         v.heard(other, t0 + Duration::from_secs(9));
         assert!(v.refresh(t0 + Duration::from_secs(10)).is_empty());
+        // Heard lately (a ping answered, a message from it) for lost_after: a ping that
+        // times out meanwhile leaves it to this silence rule (event_loop).
+        assert!(v.heard_lately(&other, t0 + Duration::from_millis(11_900)));
+        assert!(!v.heard_lately(&other, t0 + Duration::from_secs(12)));
+        assert!(!v.heard_lately(&PeerId::random(), t0));
+        // This node paused 2 s: a neighbour's silence in that gap is not held against it.
+        let mut p = View::new(
+            me,
+            ann(&me, "me", 1, PROTOCOL_VERSION),
+            Duration::from_secs(3),
+        );
+        p.heard_announce(other, ann(&other, "o", 1, PROTOCOL_VERSION), t0);
+        p.connected(other, t0);
+        p.refresh(t0);
+        p.paused(Duration::from_secs(2), t0 + Duration::from_secs(4));
+        assert!(p.heard_lately(&other, t0 + Duration::from_secs(4)));
+        assert!(p.refresh(t0 + Duration::from_secs(4)).is_empty());
+        assert_eq!(
+            p.refresh(t0 + Duration::from_millis(5100))[0].to,
+            MemberState::Lost
+        );
         // A connection whose pings go unanswered does not keep it alive.
         let ch = v.refresh(t0 + Duration::from_secs(13));
         assert_eq!(

@@ -3,7 +3,7 @@
 //! `node/src/mesh/` does — bounded chosen links, pings per link, a probe on a closed
 //! link, suspicions and refutations over gossip, the join re-announcements and the slow
 //! refresh — over a simulated gossipsub overlay of the real one's shape (flood publish,
-//! mesh D 6/4/8 with GRAFT/PRUNE and backoff, IHAVE to 3 non-mesh links per heartbeat,
+//! mesh D 4/3/6 with GRAFT/PRUNE and backoff, IHAVE to 3 non-mesh links per heartbeat,
 //! IWANT), on links with seeded latency and TCP-like loss (a lost segment is resent
 //! after a doubling RTO, in order). Every byte counted is the size of what the real node
 //! sends: announcements, suspicions and members lists are the wire's CBOR (encoded with
@@ -27,7 +27,8 @@ use stampede_protocol::membership::{
     must_refute, pick_neighbours, refresh_interval_ms, Change, Liveness, Rumor,
 };
 use stampede_protocol::mesh::{
-    to_cbor, Announce, Envelope, GossipBody, MeshResponse, NodeState, Suspicion, PROTOCOL_VERSION,
+    to_cbor, Announce, Envelope, GossipBody, MeshResponse, NodeState, SignedEnvelope, Suspicion,
+    PROTOCOL_VERSION,
 };
 
 /// The node's defaults (node/src/settings.rs, node/src/mesh/event_loop.rs and
@@ -40,6 +41,9 @@ const REFUTE_EVERY: u64 = 1_000_000;
 const JOIN_ANNOUNCES: u32 = 3;
 const LOST_AFTER: u64 = 3_000_000;
 const CHECK_EVERY: u64 = 250_000;
+/// The event loop's PAUSED_AFTER: a gap in a node's own turns past which it counts
+/// itself paused.
+const PAUSED_AFTER: u64 = 1_500_000;
 const PING_EVERY: u64 = 1_000_000;
 const PING_TIMEOUT: u64 = 2_000_000;
 const HEARTBEAT: u64 = 1_000_000;
@@ -48,9 +52,9 @@ const REFRESH_PER_SECOND: f64 = 1.0;
 const COOLDOWN: u64 = 60_000_000;
 /// gossipsub: mesh_n, mesh_n_low, mesh_n_high, gossip_lazy, history_gossip,
 /// history_length, prune backoff (libp2p's default).
-const D: usize = 6;
-const D_LO: usize = 4;
-const D_HI: usize = 8;
+const D: usize = 4;
+const D_LO: usize = 3;
+const D_HI: usize = 6;
 const GOSSIP_LAZY: usize = 3;
 const HISTORY_GOSSIP: usize = 3;
 const HISTORY_LENGTH: usize = 5;
@@ -61,13 +65,12 @@ const MIN_RTO: u64 = 200_000;
 /// Framing, in bytes: a noise transport message (2-byte length + 16-byte tag) around a
 /// yamux frame (12-byte header).
 const FRAME: usize = 2 + 16 + 12;
-/// A gossipsub message's protobuf fields besides `data`: `from` (a 38-byte ed25519 peer
-/// id), `seqno` (8), `topic` ("stampede/announce"), `signature` (64), each with its tag
-/// and length byte.
-const GOSSIP_FIELDS: usize = (2 + 38) + (2 + 8) + (2 + 17) + (2 + 64);
-/// gossipsub's default message id: the source's base58 peer id (52) and its seqno in
-/// decimal (19 digits for a nanosecond-seeded counter).
-const MESSAGE_ID: usize = 52 + 19;
+/// A gossipsub message's protobuf fields besides `data`: only `topic`
+/// ("stampede/announce") with its tag and length byte — gossipsub signs nothing (no
+/// `from`, `seqno`, `signature`); the sender signs inside `data` (`SignedEnvelope`).
+const GOSSIP_FIELDS: usize = 2 + 17;
+/// The mesh's message id: the first 20 bytes of SHA-256 over the message's data.
+const MESSAGE_ID: usize = 20;
 /// A libp2p ping: 32 random bytes each way.
 const PING: usize = 32;
 /// A new connection: TCP handshake carries nothing, then pnet's 24-byte nonce, noise XX
@@ -276,6 +279,8 @@ impl Ord for Queued {
 #[derive(Debug, Clone, Copy)]
 struct Link {
     opened: u64,
+    /// When the last message from the peer arrived on this link (a sign of life).
+    last_rx: u64,
     ping_sent: Option<u64>,
     next_ping: u64,
     subscribed: bool,
@@ -284,6 +289,8 @@ struct Link {
 #[derive(Default)]
 struct SimNode {
     up: bool,
+    /// When this node's check last ran (a longer gap than PAUSED_AFTER: it was stalled).
+    last_check: u64,
     started: bool,
     seq: u64,
     liveness: Option<Liveness<usize>>,
@@ -341,6 +348,14 @@ struct World {
     kind_bytes: [u64; 6],
     kind_window: Option<[u64; 6]>,
     kind_window_end: Option<[u64; 6]>,
+    /// A node whose process gets no CPU from `.1` to `.2` (µs): it handles nothing, and
+    /// what reaches it waits in its socket buffers until then (tests only).
+    stall: Option<(usize, u64, u64)>,
+    /// The event loop's rule before a ping failure waited for silence: close and
+    /// suspect at the ping's timeout even if the neighbour still sends (tests only).
+    suspect_on_ping_timeout: bool,
+    /// Suspicions raised of the stalled node (tests only).
+    stalled_suspected: u64,
 }
 
 /// What idle bytes are spent on, in the order of `World::kind`.
@@ -381,14 +396,18 @@ const SEQ_BASE: u64 = 1_780_000_000_000_000;
 impl World {
     fn new(s: MembershipSetup) -> World {
         let rng = SmallRng::seed_from_u64(s.seed);
+        // The wire form: the envelope signed by its sender (a 64-byte ed25519 signature).
         let env = |body| {
-            Envelope {
-                protocol_version: PROTOCOL_VERSION,
-                sender: peer_id(0),
-                body,
-            }
-            .encode()
-            .len()
+            let mut signed = SignedEnvelope::new(
+                &Envelope {
+                    protocol_version: PROTOCOL_VERSION,
+                    sender: peer_id(0),
+                    body,
+                },
+                SEQ_BASE,
+            );
+            signed.signature = vec![0; 64];
+            signed.encode().len()
         };
         let a = announce_of(s.nodes.saturating_sub(1), SEQ_BASE);
         let announce_wire = gossip_wire(env(GossipBody::Announce(a.clone())));
@@ -439,6 +458,9 @@ impl World {
             kind_bytes: [0; 6],
             kind_window: None,
             kind_window_end: None,
+            stall: None,
+            suspect_on_ping_timeout: false,
+            stalled_suspected: 0,
         }
     }
 
@@ -539,6 +561,17 @@ impl World {
                 break;
             }
             self.now = q.at;
+            if let Some((n, from, until)) = self.stall {
+                let stalled = match &q.ev {
+                    Ev::Check(i) | Ev::Heartbeat(i) => *i == n,
+                    Ev::Deliver { to, .. } => *to == n,
+                    _ => false,
+                };
+                if stalled && (from..until).contains(&q.at) {
+                    self.at(until, q.ev);
+                    continue;
+                }
+            }
             match q.ev {
                 Ev::Start(i) => self.start(i),
                 Ev::Check(i) => self.check(i),
@@ -716,7 +749,14 @@ impl World {
             }
             return;
         }
-        let connected = self.nodes[to].links.contains_key(&from);
+        let now = self.now;
+        let connected = match self.nodes[to].links.get_mut(&from) {
+            Some(l) => {
+                l.last_rx = now;
+                true
+            }
+            None => false,
+        };
         match msg {
             Msg::Dial { probe } => {
                 if !self.nodes[from].up {
@@ -847,6 +887,7 @@ impl World {
             peer,
             Link {
                 opened: now,
+                last_rx: now,
                 ping_sent: None,
                 next_ping: now + PING_EVERY,
                 subscribed: false,
@@ -898,6 +939,9 @@ impl World {
         if live.suspect(&peer, seq, now_ms) {
             if !self.killed.contains(&peer) {
                 self.false_suspicions += 1;
+            }
+            if matches!(self.stall, Some((n, ..)) if n == peer) {
+                self.stalled_suspected += 1;
             }
             self.publish(me, Body::Suspect { subject: peer, seq });
         }
@@ -1077,13 +1121,35 @@ impl World {
         }
         let now = self.now;
         self.at(now + CHECK_EVERY, Ev::Check(i));
-        // libp2p ping: one outstanding per link, failed after the timeout (the link is
-        // closed and the peer suspected).
+        // The event loop's turn: a gap in its own turns is its own silence, not its
+        // neighbours'.
+        let node = &mut self.nodes[i];
+        let gap = now.saturating_sub(node.last_check);
+        if node.last_check > 0 && gap > PAUSED_AFTER {
+            for l in node.links.values_mut() {
+                l.last_rx = (l.last_rx + gap).min(now);
+            }
+        }
+        node.last_check = now;
+        // libp2p ping: one outstanding per link, failed after the timeout: the link is
+        // closed and the peer suspected, unless a message from it arrived within
+        // LOST_AFTER (it is alive; the event loop leaves it to the silence rule). The
+        // silence rule (the view's refresh): nothing from a neighbour for LOST_AFTER.
         let mut ping = Vec::new();
         let mut failed = Vec::new();
         for (&p, l) in self.nodes[i].links.iter_mut() {
+            if now - l.last_rx > LOST_AFTER {
+                failed.push(p);
+                continue;
+            }
             match l.ping_sent {
-                Some(t) if now - t >= PING_TIMEOUT => failed.push(p),
+                Some(t)
+                    if now - t >= PING_TIMEOUT
+                        && (now - l.last_rx >= LOST_AFTER || self.suspect_on_ping_timeout) =>
+                {
+                    failed.push(p)
+                }
+                Some(t) if now - t >= PING_TIMEOUT => l.ping_sent = None,
                 None if now >= l.next_ping => {
                     l.ping_sent = Some(now);
                     l.next_ping = now + PING_EVERY;
@@ -1227,4 +1293,50 @@ pub fn simulate(setup: &MembershipSetup) -> Result<Figures, String> {
         ));
     }
     Ok(World::new(setup.clone()).run())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node starved of CPU for 2.4 s (less than the 3 s silence bound) is not suspected
+    /// by its neighbours any more: their pings to it time out after 2 s, but what it sent
+    /// just before the stall is younger than `lost_after`, and its answers arrive soon
+    /// after it wakes. Under the old rule (suspect at the ping timeout) the same stall
+    /// makes its neighbours suspect it. A killed node is still lost as fast.
+    #[test]
+    fn a_short_stall_is_no_longer_suspected_and_a_kill_is_still_lost_as_fast() {
+        let setup = MembershipSetup {
+            nodes: 48,
+            seconds: 70,
+            kill: 1,
+            kill_at_s: 55,
+            ramp_s: 3,
+            latency_us: 50_000,
+            loss: 0.0,
+            seed: 3,
+        };
+        let run = |old_rule: bool| {
+            let mut w = World::new(setup.clone());
+            w.stall = Some((5, 40_000_000, 42_400_000));
+            w.suspect_on_ping_timeout = old_rule;
+            let figures = w.run();
+            (figures, w.stalled_suspected)
+        };
+        let (new, new_of_stalled) = run(false);
+        let (old, old_of_stalled) = run(true);
+        let lines = |f: &Figures| f.lines().join("\n");
+        assert_eq!(new_of_stalled, 0, "{}", lines(&new));
+        assert!(old_of_stalled > 0, "{}", lines(&old));
+        // Nor does the stalled node, waking with its neighbours' messages still queued,
+        // suspect them: the gap in its own turns is its own silence.
+        assert_eq!(new.false_suspicions, 0, "{}", lines(&new));
+        assert_eq!(new.false_lost, 0, "{}", lines(&new));
+        let lost = new.all_lost_s.expect("the killed node is lost");
+        assert!((3.0..4.5).contains(&lost), "{}", lines(&new));
+        assert_eq!(
+            new.all_lost_s, old.all_lost_s,
+            "a kill is seen by its closed links"
+        );
+    }
 }
