@@ -363,7 +363,7 @@ if [[ "$SIM_NODES" != 0 ]]; then
         echo "scale.sh: $SIM_BIN is missing (cargo build --release -p stampede-tools --bin stampede-sim); no simulated figures" >&2
     else
         echo
-        echo "simulated, $SIM_NODES nodes (stampede-sim --membership --nodes $SIM_NODES: 50 ms links, 1 % segment loss, a kill; stampede-sim --nodes $SIM_NODES --seeds 1 --faults none --traffic --counted-vus 0 --duration 10):"
+        echo "simulated, $SIM_NODES nodes (stampede-sim --membership --nodes $SIM_NODES: 50 ms links, 1 % segment loss, a kill; stampede-sim --nodes $SIM_NODES --seeds 1 --faults none --traffic --counted-vus 0 --duration 10; stampede-sim --nodes $SIM_NODES --failover: 50 ms links, a member and an aggregator crashed):"
         # Exit 1 is a goal missed (the figures say which), 2 an error, 124 the time limit.
         rc=0
         timeout 1800 "$SIM_BIN" --membership --nodes "$SIM_NODES" >"$WORK/sim-membership.out" 2>&1 || rc=$?
@@ -373,5 +373,13 @@ if [[ "$SIM_NODES" != 0 ]]; then
         timeout 900 "$SIM_BIN" --nodes "$SIM_NODES" --seeds 1 --faults none --traffic --counted-vus 0 --duration 10 >"$WORK/sim-traffic.out" 2>&1 || rc=$?
         grep '^traffic' "$WORK/sim-traffic.out" || true
         [[ "$rc" == 0 || "$rc" == 1 ]] || { echo "scale.sh: stampede-sim --traffic --nodes $SIM_NODES failed (exit $rc; 124: over 15 min):" >&2; tail -n 5 "$WORK/sim-traffic.out" >&2; }
+        # Failover with 50 ms links: a member and a group's aggregator crashed (needs more
+        # than one group: at least 33 nodes at the default fan-in).
+        if [[ "$SIM_NODES" -gt 32 ]]; then
+            rc=0
+            timeout 900 "$SIM_BIN" --nodes "$SIM_NODES" --failover >"$WORK/sim-failover.out" 2>&1 || rc=$?
+            grep '^failover\|^VIOLATION' "$WORK/sim-failover.out" || true
+            [[ "$rc" == 0 || "$rc" == 1 ]] || { echo "scale.sh: stampede-sim --failover --nodes $SIM_NODES failed (exit $rc):" >&2; tail -n 5 "$WORK/sim-failover.out" >&2; }
+        fi
     fi
 fi
