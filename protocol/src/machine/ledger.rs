@@ -257,14 +257,30 @@ impl RunMachine {
             }
         }
         if !to_fetch.is_empty() {
-            if !tree_grace
-                && now.mono_us.saturating_sub(self.fetch_asked) >= self.timing.fetch_every_us
-            {
-                self.fetch_asked = now.mono_us;
-                for (j, mut seqs) in to_fetch {
+            // In the tree's grace only the last seconds may still come up the tree; a
+            // gap further back (a member's batch lost or refused at the start) will
+            // not, so it is fetched at once instead of after the grace (at 40 real
+            // nodes that grace was the 2 s between the plan's end and the report).
+            let end = self.run_end_second();
+            let settled = |s: &u64| s + super::tree::TREE_SETTLED_S <= end;
+            if now.mono_us.saturating_sub(self.fetch_asked) >= self.timing.fetch_every_us {
+                let mut asked = false;
+                for (j, seqs) in &to_fetch {
+                    let mut seqs: Vec<u64> = seqs
+                        .iter()
+                        .copied()
+                        .filter(|s| !tree_grace || settled(s))
+                        .collect();
+                    if seqs.is_empty() {
+                        continue;
+                    }
                     seqs.truncate(SNAPSHOTS_PER_REQUEST);
-                    let node = self.roster[j].id.clone();
+                    let node = self.roster[*j].id.clone();
                     self.out.push(super::Effect::Fetch { node, seqs });
+                    asked = true;
+                }
+                if asked {
+                    self.fetch_asked = now.mono_us;
                 }
             }
             return;

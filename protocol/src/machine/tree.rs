@@ -39,6 +39,11 @@ pub const ROOT_WAIT_US: u64 = 900_000;
 /// How long past the run's finish an aggregator stays to pass up the last seconds,
 /// and a reporter waits before it fetches the seconds it lacks one by one.
 pub const TREE_GRACE_US: u64 = 2_000_000;
+/// How many seconds before a run's end a second's merge has certainly had its time
+/// to come up the tree (its members' waits, the group's and the root's, are ~1.3 s):
+/// a reporter fetches such a second's gaps one by one at once, and waits out
+/// [`TREE_GRACE_US`] only for the seconds after it.
+pub const TREE_SETTLED_S: u64 = 3;
 /// Seconds an aggregator remembers what it passed up, and a member which of its own
 /// seconds it has not yet seen merged: older ones are left to the end's re-fetch.
 pub const TREE_WINDOW_S: u64 = 120;

@@ -456,3 +456,55 @@ fn an_aggregator_passes_up_what_it_holds_before_it_leaves_the_run() {
     m.pass_up(None, now(1_000_001), true);
     assert!(!m.tree_holds());
 }
+
+/// A reporter in the tree's grace fetches at once a gap far behind the run's end (a
+/// member's first second that never came up the tree: seen at 40 real nodes, where the
+/// report then waited out the whole grace), and waits only for the last seconds.
+#[test]
+fn a_reporter_fetches_an_old_gap_at_once_and_waits_only_for_the_last_seconds() {
+    let mut m = member(6, 0, 8);
+    assert!(m.is_reporter(), "node 0 is the origin");
+    let seconds = 8u64;
+    let mut finished = BTreeMap::new();
+    for j in 0..6 {
+        finished.insert(
+            j,
+            crate::run::BarrierDetail {
+                snapshots: Some(seconds),
+                ..Default::default()
+            },
+        );
+        for s in 0..seconds {
+            // Member 3's first second and member 4's last never came.
+            if (j, s) != (3, 0) && (j, s) != (4, seconds - 1) {
+                m.seen[j].insert(s);
+            }
+        }
+    }
+    m.arrivals
+        .insert(crate::machine::events::Barrier::Finished, finished);
+    m.phase = Phase::Finishing;
+    m.finishing_since = Some(now(10_000_000).mono_us);
+    let fetches = |e: &[Effect]| -> Vec<(String, Vec<u64>)> {
+        e.iter()
+            .filter_map(|e| match e {
+                Effect::Fetch { node, seqs } => Some((node.clone(), seqs.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    let e = m.handle(Input::Tick, now(10_100_000));
+    assert_eq!(
+        fetches(&e),
+        vec![("p0003".to_string(), vec![0])],
+        "the old gap at once, not the last second"
+    );
+    // After the grace the last second's gap is fetched too.
+    let after = 10_000_000 + TREE_GRACE_US + m.timing.fetch_every_us;
+    let e = m.handle(Input::Tick, now(after));
+    assert!(
+        fetches(&e).contains(&("p0004".to_string(), vec![seconds - 1])),
+        "{:?}",
+        fetches(&e)
+    );
+}
