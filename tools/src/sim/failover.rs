@@ -43,16 +43,9 @@ pub struct Figures {
 /// Runs `setup` twice with links of `latency_us` one way (±10 %).
 pub fn measure(setup: &Setup, seed: u64, latency_us: u64) -> Result<Figures, String> {
     let schedule = Schedule {
-        loss: 0.0,
-        duplicate: 0.0,
         delay_min: latency_us - latency_us / 10,
         delay_max: latency_us + latency_us / 10,
-        spike: 0.0,
-        spike_us: 0,
-        wall_offsets: vec![0; setup.nodes],
-        offset_error_us: 0,
-        faults: Vec::new(),
-        hostile: None,
+        ..Schedule::quiet(setup.nodes)
     };
     let mut quiet = World::new(setup.clone(), schedule.clone(), seed);
     quiet.run();

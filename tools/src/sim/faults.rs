@@ -91,6 +91,22 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// No faults: no loss, duplicates or spikes, links of 0.2–2 ms, true clocks.
+    pub fn quiet(nodes: usize) -> Schedule {
+        Schedule {
+            loss: 0.0,
+            duplicate: 0.0,
+            delay_min: 200,
+            delay_max: 2_000,
+            spike: 0.0,
+            spike_us: 0,
+            wall_offsets: vec![0; nodes],
+            offset_error_us: 0,
+            faults: Vec::new(),
+            hostile: None,
+        }
+    }
+
     /// Draws a schedule for `nodes` nodes from the allowed kinds, with faults between
     /// `from` and `until` (µs of virtual time). Crashes, pauses and partitions never
     /// take down a majority of the roster at once; with more members than witnesses
@@ -104,18 +120,7 @@ impl Schedule {
         until: u64,
     ) -> Schedule {
         let has = |k| kinds.contains(&k);
-        let mut s = Schedule {
-            loss: 0.0,
-            duplicate: 0.0,
-            delay_min: 200,
-            delay_max: 2_000,
-            spike: 0.0,
-            spike_us: 0,
-            wall_offsets: vec![0; nodes],
-            offset_error_us: 0,
-            faults: Vec::new(),
-            hostile: None,
-        };
+        let mut s = Schedule::quiet(nodes);
         if has(FaultKind::Loss) && rng.random_bool(0.6) {
             s.loss = rng.random_range(0.0..0.03);
         }

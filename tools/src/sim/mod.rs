@@ -874,33 +874,13 @@ impl World {
                 }
                 Effect::Fetch { node, seqs } => {
                     if let Some(j) = self.index(&node) {
-                        if !self.nodes[j].crashed && !self.cut(i, j) {
-                            let d = self.rng.random_range(1_000..30_000);
-                            self.at(
-                                self.now + d,
-                                Ev::Deliver {
-                                    to: i,
-                                    from: j,
-                                    payload: Payload::Fetched { from: j, seqs },
-                                },
-                            );
-                        }
+                        self.answer_later(i, j, Payload::Fetched { from: j, seqs });
                     }
                 }
                 Effect::FetchOwn { node, .. } => {
                     self.nodes[i].own_asks += 1;
                     if let Some(j) = self.index(&node) {
-                        if !self.nodes[j].crashed && !self.cut(i, j) {
-                            let d = self.rng.random_range(1_000..30_000);
-                            self.at(
-                                self.now + d,
-                                Ev::Deliver {
-                                    to: i,
-                                    from: j,
-                                    payload: Payload::Own { from: j },
-                                },
-                            );
-                        } else {
+                        if !self.answer_later(i, j, Payload::Own { from: j }) {
                             // The request times out (the machine asks again later).
                             self.at(
                                 self.now + stampede_protocol::machine::ledger::OWN_TIMEOUT_US,
@@ -984,6 +964,24 @@ impl World {
             self.traffic[j].bytes_in += size;
             self.traffic[j].messages_in += 1;
         }
+    }
+
+    /// Node `j`'s answer to a request of node `i`, 1–30 ms later, if `j` is up and
+    /// reachable; false when the request can get no answer.
+    fn answer_later(&mut self, i: usize, j: usize, payload: Payload) -> bool {
+        if self.nodes[j].crashed || self.cut(i, j) {
+            return false;
+        }
+        let d = self.rng.random_range(1_000..30_000);
+        self.at(
+            self.now + d,
+            Ev::Deliver {
+                to: i,
+                from: j,
+                payload,
+            },
+        );
+        true
     }
 
     /// A gossiped message of `size` bytes: every node receives and sends it about
