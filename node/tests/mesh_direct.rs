@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{identity, Multiaddr, PeerId, Stream, StreamProtocol, Swarm};
+use libp2p::{identity, Multiaddr, PeerId, Stream, StreamProtocol};
 use mesh_support::{all_see, wait_until, Mesh};
-use stampede::mesh::{key, transport};
 use stampede_protocol::mesh::{to_cbor, MeshRequest, PROTOCOL_VERSION};
 use stampede_protocol::run::{RunMessage, RunRequest};
 
@@ -47,15 +46,12 @@ async fn a_peer_misusing_direct_streams_gets_them_closed_and_the_node_goes_on() 
     let n1_addr: Multiaddr = n1.addr().parse().unwrap();
 
     let kp = identity::Keypair::generate_ed25519();
-    let psk = key::read_key_file(&mesh.key).unwrap();
-    let mut swarm = Swarm::new(
-        transport::build(&kp, Some(psk)).unwrap(),
+    let mut swarm = mesh_support::keyed_swarm(
+        &mesh,
+        &kp,
         Hostile {
             stream: libp2p_stream::Behaviour::new(),
         },
-        kp.public().to_peer_id(),
-        libp2p::swarm::Config::with_tokio_executor()
-            .with_idle_connection_timeout(Duration::from_secs(60)),
     );
     let control = swarm.behaviour().stream.new_control();
     swarm.dial(n1_addr).unwrap();

@@ -11,9 +11,9 @@ use std::time::Duration;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{identity, request_response, Multiaddr, StreamProtocol, Swarm};
+use libp2p::{identity, request_response, Multiaddr, StreamProtocol};
 use mesh_support::{all_see, wait_until, Mesh};
-use stampede::mesh::{behaviour, key, transport};
+use stampede::mesh::behaviour;
 use stampede_protocol::mesh::{
     to_cbor, Announce, Envelope, GossipBody, NodeState, SignedEnvelope, PROTOCOL_VERSION,
 };
@@ -170,7 +170,6 @@ async fn garbage_from_a_keyed_peer_does_not_crash_a_node() {
 
     // A peer holding the mesh key, whose gossip allows 4 MiB (the mesh allows 1 MiB).
     let kp = identity::Keypair::generate_ed25519();
-    let psk = key::read_key_file(&mesh.key).unwrap();
     let gs_cfg = behaviour::gossipsub_config(Duration::from_millis(200), 4 * 1024 * 1024).unwrap();
     // (The mesh's gossipsub carries no gossipsub signatures: messages are signed inside.)
     let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gs_cfg).unwrap();
@@ -182,13 +181,7 @@ async fn garbage_from_a_keyed_peer_does_not_crash_a_node() {
         )],
         request_response::Config::default().with_request_timeout(Duration::from_secs(5)),
     );
-    let mut swarm = Swarm::new(
-        transport::build(&kp, Some(psk)).unwrap(),
-        Hostile { gossipsub, raw },
-        kp.public().to_peer_id(),
-        libp2p::swarm::Config::with_tokio_executor()
-            .with_idle_connection_timeout(Duration::from_secs(60)),
-    );
+    let mut swarm = mesh_support::keyed_swarm(&mesh, &kp, Hostile { gossipsub, raw });
     let topic = IdentTopic::new(behaviour::ANNOUNCE_TOPIC);
     swarm.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
     swarm.dial(n1_addr).unwrap();
@@ -361,7 +354,6 @@ async fn a_keyed_peer_cannot_speak_as_another_member() {
 
     let kp = identity::Keypair::generate_ed25519();
     let me = kp.public().to_peer_id().to_string();
-    let psk = key::read_key_file(&mesh.key).unwrap();
     let gs_cfg = behaviour::gossipsub_config(Duration::from_millis(200), 1024 * 1024).unwrap();
     let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gs_cfg).unwrap();
     let raw = request_response::Behaviour::with_codec(
@@ -372,13 +364,7 @@ async fn a_keyed_peer_cannot_speak_as_another_member() {
         )],
         request_response::Config::default(),
     );
-    let mut swarm = Swarm::new(
-        transport::build(&kp, Some(psk)).unwrap(),
-        Hostile { gossipsub, raw },
-        kp.public().to_peer_id(),
-        libp2p::swarm::Config::with_tokio_executor()
-            .with_idle_connection_timeout(Duration::from_secs(60)),
-    );
+    let mut swarm = mesh_support::keyed_swarm(&mesh, &kp, Hostile { gossipsub, raw });
     let topic = IdentTopic::new(behaviour::ANNOUNCE_TOPIC);
     swarm.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
     swarm.dial(n1.addr().parse::<Multiaddr>().unwrap()).unwrap();

@@ -384,3 +384,20 @@ pub fn kinds(s: &Value) -> Vec<String> {
         .map(|e| e["kind"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// A swarm of a peer that holds this mesh's key and speaks `behaviour` (a hostile peer in
+/// the robustness tests): the node's own transport, links kept for a minute when idle.
+pub fn keyed_swarm<B: libp2p::swarm::NetworkBehaviour>(
+    mesh: &Mesh,
+    kp: &libp2p::identity::Keypair,
+    behaviour: B,
+) -> libp2p::Swarm<B> {
+    let psk = stampede::mesh::key::read_key_file(&mesh.key).expect("the mesh key");
+    libp2p::Swarm::new(
+        stampede::mesh::transport::build(kp, Some(psk)).expect("a transport"),
+        behaviour,
+        kp.public().to_peer_id(),
+        libp2p::swarm::Config::with_tokio_executor()
+            .with_idle_connection_timeout(Duration::from_secs(60)),
+    )
+}
