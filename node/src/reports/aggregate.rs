@@ -16,6 +16,7 @@ use stampede_protocol::snapshot::{ErrorClass, Hist, Layout, Metrics, ERROR_CLASS
 
 use crate::engine::WorkerReport;
 use crate::reports::live::PackedMetrics;
+use crate::reports::spill::{Record, SpillFile};
 
 /// One second of one node, complete over all its workers.
 #[derive(Debug, Clone)]
@@ -148,7 +149,7 @@ impl Totals {
 }
 
 /// Everything one node contributed.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NodeTotals {
     pub totals: Totals,
     pub seconds: u64,
@@ -163,12 +164,17 @@ pub struct NodeTotals {
 
 impl NodeTotals {
     pub fn new(layout: &Layout) -> NodeTotals {
+        NodeTotals::spilling_to(layout, None)
+    }
+
+    /// With its timeline's older buckets on disk in `dir` ([`Timeline::spilling_to`]).
+    pub fn spilling_to(layout: &Layout, dir: Option<SpillDir>) -> NodeTotals {
         NodeTotals {
             totals: Totals::new(layout),
             seconds: 0,
             last_second: None,
             vus: 0,
-            timeline: Timeline::new(),
+            timeline: Timeline::spilling_to(dir),
             report_timeline: None,
         }
     }
@@ -207,16 +213,30 @@ pub struct RunAggregate {
     pub totals: Totals,
     pub nodes: BTreeMap<String, NodeTotals>,
     pub timeline: Timeline,
+    /// Where its timelines spill their older buckets (None: they stay in memory).
+    spill_dir: Option<SpillDir>,
 }
 
+/// A dir (a node's data dir) that timelines spill their older buckets to.
+pub type SpillDir = std::sync::Arc<std::path::Path>;
+
 impl RunAggregate {
+    /// Everything in memory (a finished run's report, tests); a node running a run
+    /// uses [`RunAggregate::spilling_to`].
     pub fn new(layout: Layout) -> RunAggregate {
+        RunAggregate::spilling_to(layout, None)
+    }
+
+    /// With the run's and every node's timeline spilling their older buckets to `dir`,
+    /// so that memory does not grow with the run's length.
+    pub fn spilling_to(layout: Layout, dir: Option<SpillDir>) -> RunAggregate {
         RunAggregate {
             totals: Totals::new(&layout),
             empty: Metrics::new(&layout),
             layout,
             nodes: BTreeMap::new(),
-            timeline: Timeline::new(),
+            timeline: Timeline::spilling_to(dir.clone()),
+            spill_dir: dir,
         }
     }
 
@@ -240,11 +260,11 @@ impl RunAggregate {
         node: &str,
         s: &NodeSecond,
     ) -> Result<(), stampede_protocol::snapshot::MetricsError> {
-        let layout = &self.layout;
+        let (layout, dir) = (&self.layout, &self.spill_dir);
         let nt = self
             .nodes
             .entry(node.to_string())
-            .or_insert_with(|| NodeTotals::new(layout));
+            .or_insert_with(|| NodeTotals::spilling_to(layout, dir.clone()));
         // A second with nothing in it (an idle node's, most of a slow plan's) leaves
         // the totals as they are: no decode and re-encode of every histogram for it.
         if s.metrics != self.empty {
@@ -382,13 +402,24 @@ impl RunAggregate {
 /// then per tier of [`TIERS`] the closed buckets of the span that tier is kept for,
 /// plus one open bucket holding a merged histogram. Memory is bounded by the tiers, not
 /// by the run's length (only the coarsest tier grows, by one point an hour).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Timeline {
     window: BTreeMap<u64, Acc>,
     tiers: Vec<Tier>,
     /// Seconds at or below this are folded into the tiers.
     folded_through: Option<u64>,
 }
+
+/// Tiers this wide spill their older closed buckets to disk in a timeline given a
+/// spill dir: together they take on 7 buckets a minute for hours (the 10 s tier for
+/// its 4,000 s, the 1 min tier for its 26,000 s), the growth a soak would otherwise
+/// see for its first seven hours. The 1 s tier is the fixed recent window and the
+/// coarser ones take on a bucket every 10 min or hour: they stay in memory.
+const SPILL_WIDTHS: [u64; 2] = [10, 60];
+
+/// Closed buckets a spilling tier keeps in memory, newest first: where a late second
+/// lands (a second later than that is rare and goes to the file as a record).
+const CLOSED_IN_MEMORY: usize = 4;
 
 /// Bucket widths, finest first; each is a multiple of the one before, so a coarser
 /// bucket is exactly a run of finer ones. With the span each tier is kept for after
@@ -417,14 +448,26 @@ pub const REPORT: [(u64, u64); 5] = [
 /// itself): the hour before them at 1 min, the day before at 10 min, older at 1 h.
 pub const LIVE_HISTORY: [(u64, u64); 3] = [(60, 3_600), (600, 82_800), (3_600, u64::MAX)];
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Tier {
     width: u64,
     keep: Option<u64>,
-    /// Buckets by start second, oldest first.
+    /// Buckets by start second, oldest first (a spilling tier's newest only).
     closed: VecDeque<TimelinePoint>,
     /// Buckets still taking seconds, with their merged histograms.
     open: BTreeMap<u64, Acc>,
+    spill: TierSpill,
+}
+
+/// Where a tier's older closed buckets go.
+#[derive(Debug, Default)]
+enum TierSpill {
+    /// Nowhere: they stay in memory, as far back as the tier's span.
+    #[default]
+    Off,
+    /// To a file in this dir, created with the first bucket that leaves memory.
+    Ready(SpillDir),
+    On(SpillFile),
 }
 
 /// Counts and the two histograms a timeline point is read from: all series' latency
@@ -649,6 +692,13 @@ impl Default for Timeline {
 
 impl Timeline {
     pub fn new() -> Timeline {
+        Timeline::spilling_to(None)
+    }
+
+    /// A timeline whose wide tiers ([`SPILL_WIDTHS`]) keep their older closed buckets
+    /// in files in `dir` (a node's data dir) rather than in memory; `None`: all in
+    /// memory, as [`Timeline::new`].
+    pub fn spilling_to(dir: Option<SpillDir>) -> Timeline {
         Timeline {
             window: BTreeMap::new(),
             tiers: TIERS
@@ -658,6 +708,10 @@ impl Timeline {
                     keep,
                     closed: VecDeque::new(),
                     open: BTreeMap::new(),
+                    spill: match &dir {
+                        Some(d) if SPILL_WIDTHS.contains(&width) => TierSpill::Ready(d.clone()),
+                        _ => TierSpill::Off,
+                    },
                 })
                 .collect(),
             folded_through: None,
@@ -718,11 +772,15 @@ impl Timeline {
                         p.nodes += 1;
                     }
                 }
+                // Older than every bucket in memory of a tier that spilled: the file
+                // holds its bucket, or no second reached it.
+                Err(0) if tier.spilled() > 0 => tier.late_to_file(a.point(start, tier.width)),
                 // A bucket no earlier second reached: this second is all of it.
                 Err(i) => {
                     let keep_from = tier.keep.map(|k| end.saturating_sub(k));
                     if keep_from.is_none_or(|k| start >= k) {
                         tier.closed.insert(i, a.point(start, tier.width));
+                        tier.spill_old();
                     }
                 }
             }
@@ -789,6 +847,7 @@ impl Timeline {
                     tier.closed.pop_front();
                 }
             }
+            tier.spill_old();
         }
     }
 
@@ -847,8 +906,13 @@ impl Timeline {
         parts.into_iter().rev().flatten().collect()
     }
 
-    /// Points and histograms held (closed points; open seconds and buckets count two
-    /// histograms each): what [`retained_bound`] bounds.
+    /// Records written to the spill files (0 for a timeline held in memory).
+    pub fn spilled(&self) -> usize {
+        self.tiers.iter().map(Tier::spilled).sum()
+    }
+
+    /// Points and histograms held in memory (closed points; open seconds and buckets
+    /// count two histograms each): what [`retained_bound`] bounds.
     pub fn retained(&self) -> (usize, usize) {
         let points = self.tiers.iter().map(|t| t.closed.len()).sum();
         let hists = self.window.values().map(Acc::hists).sum::<usize>()
@@ -872,16 +936,31 @@ pub fn retained_bound(end: u64) -> usize {
 }
 
 impl Tier {
-    /// Buckets starting in `lo..hi`, closed or open, oldest first.
+    /// Buckets starting in `lo..hi`, closed (on file or in memory) or open, oldest first.
     fn range(&self, lo: u64, hi: u64) -> Vec<TimelinePoint> {
+        let mut closed: BTreeMap<u64, TimelinePoint> = match &self.spill {
+            TierSpill::On(f) => match f.read() {
+                Ok(mut all) => {
+                    let mut inside = all.split_off(&lo);
+                    inside.split_off(&hi);
+                    inside
+                }
+                Err(e) => {
+                    // Our own file of a moment ago: only a disk fault gets here. The
+                    // totals stay exact; the report shows the buckets it still has.
+                    tracing::error!(error = %e, width_s = self.width, "spilled timeline unreadable");
+                    BTreeMap::new()
+                }
+            },
+            _ => BTreeMap::new(),
+        };
+        // Memory is newer than the file where both hold a bucket (a bucket closed
+        // again after a late second made it early).
         let from = self.closed.partition_point(|p| p.t < lo);
-        let mut out: Vec<TimelinePoint> = self
-            .closed
-            .iter()
-            .skip(from)
-            .take_while(|p| p.t < hi)
-            .cloned()
-            .collect();
+        for p in self.closed.iter().skip(from).take_while(|p| p.t < hi) {
+            closed.insert(p.t, p.clone());
+        }
+        let mut out: Vec<TimelinePoint> = closed.into_values().collect();
         for (&s, a) in self.open.range(lo..hi) {
             let p = if a.packed.is_some() {
                 let mut a = a.clone();
@@ -894,6 +973,81 @@ impl Tier {
             out.insert(i, p);
         }
         out
+    }
+}
+
+impl Tier {
+    fn spilled(&self) -> usize {
+        match &self.spill {
+            TierSpill::On(f) => f.records(),
+            _ => 0,
+        }
+    }
+
+    /// The tier's spill file, created on first use; None if the tier does not spill (or
+    /// could not: then it keeps its buckets in memory, as a tier without a dir does).
+    fn file(&mut self) -> Option<&mut SpillFile> {
+        if let TierSpill::Ready(dir) = &self.spill {
+            self.spill = match SpillFile::create(dir) {
+                Ok(f) => TierSpill::On(f),
+                Err(e) => {
+                    tracing::warn!(error = %e, dir = %dir.display(), "cannot spill the run's timeline to disk; keeping it in memory");
+                    TierSpill::Off
+                }
+            };
+        }
+        match &mut self.spill {
+            TierSpill::On(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Moves closed buckets past the newest [`CLOSED_IN_MEMORY`] to the file.
+    fn spill_old(&mut self) {
+        while self.closed.len() > CLOSED_IN_MEMORY {
+            let oldest = Record::Put(self.closed[0].clone());
+            let Some(file) = self.file() else { return };
+            if let Err(e) = file.append(&oldest) {
+                self.unspill(e);
+                return;
+            }
+            self.closed.pop_front();
+        }
+    }
+
+    /// A late second for a bucket older than those in memory: to the file if it can
+    /// take it, else into memory.
+    fn late_to_file(&mut self, p: TimelinePoint) {
+        if let Some(file) = self.file() {
+            match file.append(&Record::Late(p.clone())) {
+                Ok(()) => return,
+                Err(e) => self.unspill(e),
+            }
+        }
+        match self.closed.binary_search_by_key(&p.t, |x| x.t) {
+            Ok(i) => crate::reports::spill::add_point_counts(&mut self.closed[i], &p),
+            Err(i) => self.closed.insert(i, p),
+        }
+    }
+
+    /// Writing failed (disk full): the file's buckets come back to memory, where the
+    /// tier keeps them from now on, as far back as its span.
+    fn unspill(&mut self, e: std::io::Error) {
+        tracing::warn!(error = %e, width_s = self.width, "cannot spill the run's timeline to disk any more; keeping it in memory");
+        if let TierSpill::On(f) = std::mem::take(&mut self.spill) {
+            match f.read() {
+                Ok(on_file) => {
+                    let mut all = on_file;
+                    for p in self.closed.drain(..) {
+                        all.insert(p.t, p);
+                    }
+                    self.closed = all.into_values().collect();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, width_s = self.width, "spilled timeline unreadable; its older buckets are lost (the totals stay exact)");
+                }
+            }
+        }
     }
 }
 
@@ -1133,6 +1287,77 @@ mod tests {
             "{}",
             retained_bound(259_200)
         );
+    }
+
+    /// A timeline that spills its 10 s and 1 min buckets to disk holds a fixed number of
+    /// points in memory after its first minutes (in memory it took on 7 a minute for
+    /// hours, the slope a soak's RSS showed), and reads back exactly what one kept
+    /// in memory shows, late seconds (a re-fetched gap, a slow node) included.
+    #[test]
+    fn a_spilling_timeline_holds_what_one_in_memory_does_in_fixed_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spilling = RunAggregate::spilling_to(layout(), Some(dir.path().into()));
+        let mut memory = RunAggregate::new(layout());
+        let mut held = Vec::new();
+        let mut x = 7u64;
+        let run = 14_400u64;
+        for t in 0..run {
+            for a in [&mut spilling, &mut memory] {
+                a.add("a", &second_of(t, 1)).unwrap();
+            }
+            // Now and then node b's second arrives late: by a few seconds (it lands in
+            // an open or a recent bucket) or by many minutes (a bucket on disk).
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            if t > 3_000 && (x >> 33).is_multiple_of(50) {
+                let late = t
+                    - 1
+                    - (x >> 40)
+                        % if (x >> 20).is_multiple_of(2) {
+                            30
+                        } else {
+                            2_900
+                        };
+                for a in [&mut spilling, &mut memory] {
+                    a.add("b", &second_of(late, 2)).unwrap();
+                }
+            }
+            if t % 1_800 == 1_799 {
+                assert_eq!(
+                    spilling.report_timeline(),
+                    memory.report_timeline(),
+                    "report at {t}"
+                );
+                assert_eq!(spilling.live_history(600), memory.live_history(600));
+                // The run's and a's timelines; b's holds a few late seconds.
+                held.push(
+                    spilling.timeline.retained().0 + spilling.nodes["a"].timeline.retained().0,
+                );
+            }
+        }
+        spilling.finish();
+        memory.finish();
+        assert_eq!(spilling.report_timeline(), memory.report_timeline());
+        for n in ["a", "b"] {
+            assert_eq!(
+                spilling.report_node_timeline(n),
+                memory.report_node_timeline(n)
+            );
+        }
+        assert!(spilling.timeline.spilled() > 0);
+        // From the first hour on, memory takes on only the 10-minute and hour buckets.
+        let after_first_hour = &held[1..];
+        let grew = after_first_hour.last().unwrap() - after_first_hour[0];
+        assert!(
+            grew <= 2 * (6 * 3 + 3),
+            "points held every 30 min: {held:?}"
+        );
+        let (in_memory, _) = memory.timeline.retained();
+        assert!(
+            in_memory > 1_000,
+            "the timeline kept in memory holds {in_memory}"
+        );
+        // Nothing is left in the dir: the files were unlinked when opened.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     /// A soak meets a new worst latency now and then: the coarse buckets a timeline

@@ -13,5 +13,6 @@ pub mod live;
 pub mod outputs;
 pub mod prometheus;
 pub mod results;
+pub(crate) mod spill;
 pub mod summary;
 pub mod terminal;

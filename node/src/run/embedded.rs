@@ -135,7 +135,9 @@ pub fn run(plan: Arc<CompiledPlan>, opts: LocalOptions) -> Result<Summary, Strin
         Engine::start(spec, tx).map_err(|e| format!("cannot start worker threads: {e}"))?;
     let stop = engine.stop.clone();
     let mut collector = NodeCollector::new(plan.layout.clone(), workers);
-    let mut agg = RunAggregate::new(plan.layout.clone());
+    // A local run has no data dir: its timelines' older buckets go to the system's
+    // temporary dir (unlinked files), so that an hour-long soak stays flat here too.
+    let mut agg = RunAggregate::spilling_to(plan.layout.clone(), Some(std::env::temp_dir().into()));
     let mut progress = Progress::new(opts.quiet);
     let mut cpu = CpuSampler::default();
     let mut cpu_max: f64 = 0.0;

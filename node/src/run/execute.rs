@@ -445,7 +445,10 @@ impl Driver {
         run.engine = Some(engine.stop.clone());
         run.collector = Some(NodeCollector::new(plan.layout.clone(), workers));
         if run.machine.tree().is_some() {
-            run.own = Some(super::tree::OwnPart::new(&plan.layout));
+            run.own = Some(super::tree::OwnPart::new(
+                &plan.layout,
+                Some(self.me.data_dir.as_path().into()),
+            ));
         }
         run.cpu = CpuSampler::default();
         let rid = run_id.to_string();

@@ -503,7 +503,10 @@ impl Driver {
                     // A node that refuses to send the load still keeps the plan: as the
                     // origin it merges the others' measurements for its CLI.
                     Ok((plan, refusal)) => {
-                        run.agg = Some(RunAggregate::new(plan.layout.clone()));
+                        run.agg = Some(RunAggregate::spilling_to(
+                            plan.layout.clone(),
+                            Some(self.me.data_dir.as_path().into()),
+                        ));
                         run.plan = Some(plan.clone());
                         match refusal {
                             None => Input::Prepared(Ok(Arc::new(PlanSchedule(plan)))),

@@ -17,7 +17,7 @@ use stampede_protocol::snapshot::{Layout, Metrics};
 use super::store::OwnRecord;
 use super::{publish, Driver};
 use crate::mesh::MeshCommand;
-use crate::reports::aggregate::{NodeSecond, NodeTotals, RunAggregate};
+use crate::reports::aggregate::{NodeSecond, NodeTotals, RunAggregate, SpillDir};
 
 /// A member's own seconds summed as they come (tree aggregation), for the report's
 /// per-member section: its totals, its own timeline, its highest CPU.
@@ -28,9 +28,10 @@ pub(super) struct OwnPart {
 }
 
 impl OwnPart {
-    pub(super) fn new(layout: &Layout) -> OwnPart {
+    /// `spill`: where its timeline's older buckets go ([`NodeTotals::spilling_to`]).
+    pub(super) fn new(layout: &Layout, spill: Option<SpillDir>) -> OwnPart {
         OwnPart {
-            totals: NodeTotals::new(layout),
+            totals: NodeTotals::spilling_to(layout, spill),
             empty: Metrics::new(layout),
             cpu: 0.0,
         }
@@ -132,7 +133,10 @@ impl Driver {
         let Some(layout) = run.plan.as_ref().map(|p| p.layout.clone()) else {
             return;
         };
-        let mut own = run.own.take().unwrap_or_else(|| OwnPart::new(&layout));
+        let mut own = run
+            .own
+            .take()
+            .unwrap_or_else(|| OwnPart::new(&layout, None));
         own.totals.timeline.finish();
         let totals = own.totals.totals.packed().as_bytes().to_vec();
         self.store.keep_own(
@@ -446,7 +450,7 @@ mod tests {
     #[test]
     fn a_three_day_members_own_answer_stays_within_its_bounds() {
         let layout = layout(1);
-        let mut part = OwnPart::new(&layout);
+        let mut part = OwnPart::new(&layout, None);
         let days = 3 * 86_400;
         let mut requests = 0;
         for second in 0..days {
