@@ -734,22 +734,45 @@ if [[ -s "$WORK/soak.json" ]]; then
     # Least-squares slope of each node's RSS against time after a warm-up, KiB/min.
     # Only samples taken while the plan runs: the origin builds the report after it
     # (a one-off of a few MB that it gives back), which is not growth per minute.
+    # With it a 95 % interval: the samples wander (an allocator's transient peaks, a few
+    # hundred KiB over minutes), so the fit and its interval are over one-minute means,
+    # with the standard error taken over their effective number n (1 - r) / (1 + r), r
+    # the lag-1 autocorrelation of the residuals (5-second samples gave intervals that
+    # two soaks of the same build did not share). A 30-minute soak fixes a slope to
+    # about +-15 KiB/min; two hours to a few.
     soak_slope() {
     awk -v warm="$1" -v end="$SOAK_S" -v what="$2" '$1 >= warm && $1 <= end {
-            n++; sx += $1; sxx += $1 * $1
-            for (i = 2; i <= NF; i++) { sy[i] += $i; sxy[i] += $1 * $i; first[i] = (first[i] ? first[i] : $i); last[i] = $i }
-            nf = NF
+            k = int(($1 - warm) / 60) + 1
+            if (k > n) n = k
+            c[k]++; x[k] += $1 / 60
+            for (i = 2; i <= NF; i++) y[k, i] += $i
+            nf = NF; samples++
         }
         END {
-            if (n < 3) { printf "%s slope: too few samples after the warm-up\n", what; exit }
-            d = n * sxx - sx * sx
-            worst = -1e18
+            m = 0
+            for (k = 1; k <= n; k++) if (c[k]) { m++; bx[m] = x[k] / c[k]; for (i = 2; i <= nf; i++) by[m, i] = y[k, i] / c[k] }
+            if (m < 4) { printf "%s slope: too few minutes after the warm-up\n", what; exit }
+            for (k = 1; k <= m; k++) mx += bx[k] / m
+            for (k = 1; k <= m; k++) sxx += (bx[k] - mx) ^ 2
+            worst = -1e18; worst_hi = -1e18
             for (i = 2; i <= nf; i++) {
-                slope = (n * sxy[i] - sx * sy[i]) / d * 60
-                if (slope > worst) worst = slope
-                printf "%s slope after %d s, node %d: %+.1f KiB/min (%d KiB -> %d KiB over %d samples)\n", what, warm, i - 1, slope, first[i], last[i], n
+                my = 0; sxy = 0
+                for (k = 1; k <= m; k++) my += by[k, i] / m
+                for (k = 1; k <= m; k++) sxy += (bx[k] - mx) * (by[k, i] - my)
+                b = sxy / sxx; a = my - b * mx
+                ss = 0; lag = 0
+                for (k = 1; k <= m; k++) { e[k] = by[k, i] - a - b * bx[k]; ss += e[k] ^ 2 }
+                for (k = 2; k <= m; k++) lag += e[k] * e[k - 1]
+                r = (ss > 0) ? lag / ss : 0
+                if (r < 0) r = 0
+                neff = m * (1 - r) / (1 + r)
+                if (neff < 3) neff = 3
+                half = 2 * sqrt(ss / (m - 2) / sxx * m / neff)
+                if (b > worst) worst = b
+                if (b + half > worst_hi) worst_hi = b + half
+                printf "%s slope after %d s, node %d: %+.1f KiB/min, 95 %% interval %+.1f .. %+.1f (minute means %d KiB -> %d KiB; %d samples in %d minutes)\n", what, warm, i - 1, b, b - half, b + half, by[1, i], by[m, i], samples, m
             }
-            printf "%s slope after %d s, worst node: %+.1f KiB/min (goal < 10)\n", what, warm, worst
+            printf "%s slope after %d s, worst node: %+.1f KiB/min, the highest interval end %+.1f (goal < 10)\n", what, warm, worst, worst_hi
         }' "$3"
     }
     awk -v end="$SOAK_S" '$1 > end { printf "RSS after the plan (the origin builds the report) at %d s:", $1; for (i = 2; i <= NF; i++) printf " %s", $i; printf " KiB\n" }' "$WORK/soak-rss.samples"
