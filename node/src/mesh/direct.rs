@@ -144,6 +144,7 @@ async fn write_to(
     mut rx: mpsc::Receiver<Vec<u8>>,
     queued_bytes: Arc<AtomicUsize>,
 ) {
+    let opening = std::time::Instant::now();
     let mut stream = match tokio::time::timeout(
         OPEN_TIMEOUT,
         control.open_stream(peer, DIRECT_PROTOCOL),
@@ -152,14 +153,18 @@ async fn write_to(
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "no direct stream");
+            let dropped = drain(&mut rx);
+            tracing::debug!(%peer, error = %e, ms = opening.elapsed().as_millis() as u64, dropped, "no direct stream");
             return;
         }
         Err(_) => {
-            tracing::debug!(%peer, "no direct stream within {OPEN_TIMEOUT:?}");
+            let dropped = drain(&mut rx);
+            tracing::debug!(%peer, dropped, "no direct stream within {OPEN_TIMEOUT:?}");
             return;
         }
     };
+    tracing::debug!(%peer, ms = opening.elapsed().as_millis() as u64, queued = rx.len(), "direct stream open");
+    let mut sent = 0usize;
     loop {
         let frame = match tokio::time::timeout(WRITER_IDLE, rx.recv()).await {
             Ok(Some(f)) => f,
@@ -184,21 +189,34 @@ async fn write_to(
             stream.flush().await
         };
         let res = tokio::time::timeout(WRITE_TIMEOUT, write).await;
-        let sent: usize = batch.iter().map(Vec::len).sum();
-        queued_bytes.fetch_sub(sent, Ordering::Relaxed);
+        let bytes: usize = batch.iter().map(Vec::len).sum();
+        queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         match res {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => sent += batch.len(),
             Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "direct stream failed");
+                let dropped = batch.len() + drain(&mut rx);
+                tracing::debug!(%peer, error = %e, sent, dropped, "direct stream failed");
                 return;
             }
             Err(_) => {
-                tracing::debug!(%peer, "direct stream stalled for {WRITE_TIMEOUT:?}");
+                let dropped = batch.len() + drain(&mut rx);
+                tracing::debug!(%peer, sent, dropped, "direct stream stalled for {WRITE_TIMEOUT:?}");
                 return;
             }
         }
     }
+    tracing::debug!(%peer, sent, "direct writer done");
     let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.close()).await;
+}
+
+/// Closes the queue and counts what was still in it (dropped with the writer).
+fn drain(rx: &mut mpsc::Receiver<Vec<u8>>) -> usize {
+    rx.close();
+    let mut n = 0;
+    while rx.try_recv().is_ok() {
+        n += 1;
+    }
+    n
 }
 
 /// Streams held open per peer, and in all, by the readers.

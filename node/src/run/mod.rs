@@ -17,6 +17,7 @@ pub mod embedded;
 mod execute;
 pub mod store;
 mod tasks;
+mod timeline;
 mod tree;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -239,7 +240,14 @@ impl Driver {
         let Some(run) = self.runs.get_mut(run_id) else {
             return;
         };
+        let traced = timeline::on().then(|| {
+            timeline::input(run_id, &input);
+            timeline::before(&run.machine)
+        });
         let effects = run.machine.handle(input, now);
+        if let Some(b) = traced {
+            timeline::after(run_id, &b, &run.machine);
+        }
         self.execute(run_id, effects);
     }
 
@@ -351,6 +359,7 @@ impl Driver {
             return;
         }
         let run_id = crate::run::embedded::new_run_id();
+        tracing::debug!(target: timeline::TARGET, run = %run_id, "in trigger");
         let hash = bundle.hash();
         if let Ok(mut b) = self.store.bundles.lock() {
             b.insert(hash.clone(), bundle.clone());
