@@ -39,8 +39,12 @@ const QUEUE: usize = 64;
 const QUEUE_BYTES: usize = 4 * MAX_FRAME;
 /// Peers with a writer at once: a run has at most `MAX_MEMBERS` (1,024) members.
 const MAX_WRITERS: usize = 2_048;
-/// Opening a stream includes dialing an unconnected peer.
+/// Opening a stream includes dialing an unconnected peer; a failed try is made
+/// again after `OPEN_RETRY_AFTER` times the attempt (at most `OPEN_RETRY_MAX`), all
+/// within `OPEN_TIMEOUT`.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+const OPEN_RETRY_AFTER: Duration = Duration::from_millis(50);
+const OPEN_RETRY_MAX: Duration = Duration::from_millis(400);
 /// A write the peer does not take within this is a dead stream.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A writer with nothing to send for this long closes its stream (the link may then
@@ -129,84 +133,149 @@ impl DirectLinks {
 fn spawn_writer(control: libp2p_stream::Control, peer: PeerId) -> Writer {
     let (queue, rx) = mpsc::channel(QUEUE);
     let queued_bytes = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(write_to(control, peer, rx, queued_bytes.clone()));
+    let open = move || {
+        let mut control = control.clone();
+        async move {
+            control
+                .open_stream(peer, DIRECT_PROTOCOL)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    tokio::spawn(write_to(open, peer, rx, queued_bytes.clone()));
     Writer {
         queue,
         queued_bytes,
     }
 }
 
+/// Opens a stream to the writer's peer, trying again after a failure (a dial that
+/// failed, the link it was opened on closing under it) while `OPEN_TIMEOUT` lasts:
+/// what is queued meanwhile waits rather than being dropped with a stream that never
+/// was. `None` once the time is up.
+async fn open_within<S, F, Fut>(open: &mut F, peer: PeerId) -> Option<S>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<S, String>>,
+{
+    let began = tokio::time::Instant::now();
+    let deadline = began + OPEN_TIMEOUT;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match tokio::time::timeout_at(deadline, open()).await {
+            Ok(Ok(s)) => {
+                tracing::debug!(%peer, attempt, ms = began.elapsed().as_millis() as u64, "direct stream open");
+                return Some(s);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, attempt, error = %e, "no direct stream yet");
+            }
+            Err(_) => return None,
+        }
+        let pause = (OPEN_RETRY_AFTER * attempt).min(OPEN_RETRY_MAX);
+        if tokio::time::Instant::now() + pause >= deadline {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
 /// Opens the stream, then writes every queued message, flushing once the queue is
-/// empty. Ends (dropping what is queued) when the stream fails or stays idle.
-async fn write_to(
-    mut control: libp2p_stream::Control,
+/// empty. A stream that fails under a write is opened again once and the messages
+/// of the failed write go first on the new one (a run message taken twice changes
+/// nothing: heartbeats count by their stamps, joins and seconds once per sender).
+/// Ends (dropping what is queued) when no stream opens within `OPEN_TIMEOUT`, a
+/// write stalls, the same messages fail on a second stream, or the queue stays idle.
+async fn write_to<S, F, Fut>(
+    mut open: F,
     peer: PeerId,
     mut rx: mpsc::Receiver<Vec<u8>>,
     queued_bytes: Arc<AtomicUsize>,
-) {
-    let opening = std::time::Instant::now();
-    let mut stream = match tokio::time::timeout(
-        OPEN_TIMEOUT,
-        control.open_stream(peer, DIRECT_PROTOCOL),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let dropped = drain(&mut rx);
-            tracing::debug!(%peer, error = %e, ms = opening.elapsed().as_millis() as u64, dropped, "no direct stream");
-            return;
-        }
-        Err(_) => {
-            let dropped = drain(&mut rx);
-            tracing::debug!(%peer, dropped, "no direct stream within {OPEN_TIMEOUT:?}");
-            return;
-        }
-    };
-    tracing::debug!(%peer, ms = opening.elapsed().as_millis() as u64, queued = rx.len(), "direct stream open");
+) where
+    S: futures::AsyncWrite + Unpin + Send,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<S, String>>,
+{
     let mut sent = 0usize;
+    // Frames of a write that failed: first on the next stream, once.
+    let mut again: Vec<Vec<u8>> = Vec::new();
+    let mut retried = false;
     loop {
-        let frame = match tokio::time::timeout(WRITER_IDLE, rx.recv()).await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(_) => {
-                // Idle: take no more, but write what raced in before closing.
-                rx.close();
-                match rx.recv().await {
-                    Some(f) => f,
-                    None => break,
+        let Some(mut stream) = open_within(&mut open, peer).await else {
+            let dropped = again.len() + drain(&mut rx);
+            release_bytes(&queued_bytes, &again);
+            tracing::debug!(%peer, sent, dropped, "no direct stream within {OPEN_TIMEOUT:?}");
+            return;
+        };
+        loop {
+            let mut batch = std::mem::take(&mut again);
+            if batch.is_empty() {
+                let frame = match tokio::time::timeout(WRITER_IDLE, rx.recv()).await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => {
+                        tracing::debug!(%peer, sent, "direct writer done");
+                        let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.close()).await;
+                        return;
+                    }
+                    Err(_) => {
+                        // Idle: take no more, but write what raced in before closing.
+                        rx.close();
+                        match rx.recv().await {
+                            Some(f) => f,
+                            None => {
+                                tracing::debug!(%peer, sent, "direct writer done");
+                                let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.close()).await;
+                                return;
+                            }
+                        }
+                    }
+                };
+                batch.push(frame);
+            }
+            while let Ok(f) = rx.try_recv() {
+                batch.push(f);
+            }
+            let write = async {
+                for f in &batch {
+                    put_frame(&mut stream, f, MAX_FRAME).await?;
                 }
-            }
-        };
-        let mut batch = vec![frame];
-        while let Ok(f) = rx.try_recv() {
-            batch.push(f);
-        }
-        let write = async {
-            for f in &batch {
-                put_frame(&mut stream, f, MAX_FRAME).await?;
-            }
-            stream.flush().await
-        };
-        let res = tokio::time::timeout(WRITE_TIMEOUT, write).await;
-        let bytes: usize = batch.iter().map(Vec::len).sum();
-        queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        match res {
-            Ok(Ok(())) => sent += batch.len(),
-            Ok(Err(e)) => {
-                let dropped = batch.len() + drain(&mut rx);
-                tracing::debug!(%peer, error = %e, sent, dropped, "direct stream failed");
-                return;
-            }
-            Err(_) => {
-                let dropped = batch.len() + drain(&mut rx);
-                tracing::debug!(%peer, sent, dropped, "direct stream stalled for {WRITE_TIMEOUT:?}");
-                return;
+                stream.flush().await
+            };
+            match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                Ok(Ok(())) => {
+                    sent += batch.len();
+                    retried = false;
+                    release_bytes(&queued_bytes, &batch);
+                }
+                Ok(Err(e)) if !retried => {
+                    // The link went (closed as idle, cut, or closing as the stream
+                    // was opened on it): a new stream takes the batch.
+                    tracing::debug!(%peer, error = %e, sent, again = batch.len(), "direct stream failed; opening another");
+                    again = batch;
+                    retried = true;
+                    break;
+                }
+                Ok(Err(e)) => {
+                    let dropped = batch.len() + drain(&mut rx);
+                    release_bytes(&queued_bytes, &batch);
+                    tracing::debug!(%peer, error = %e, sent, dropped, "direct stream failed");
+                    return;
+                }
+                Err(_) => {
+                    let dropped = batch.len() + drain(&mut rx);
+                    release_bytes(&queued_bytes, &batch);
+                    tracing::debug!(%peer, sent, dropped, "direct stream stalled for {WRITE_TIMEOUT:?}");
+                    return;
+                }
             }
         }
     }
-    tracing::debug!(%peer, sent, "direct writer done");
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.close()).await;
+}
+
+fn release_bytes(queued_bytes: &AtomicUsize, frames: &[Vec<u8>]) {
+    let bytes: usize = frames.iter().map(Vec::len).sum();
+    queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
 }
 
 /// Closes the queue and counts what was still in it (dropped with the writer).
@@ -361,6 +430,105 @@ mod tests {
         let mut io = futures::io::Cursor::new(claim);
         let err = read_frame(&mut io, MAX_FRAME).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    /// A stream that keeps what is written to it, or fails every write.
+    struct Sink {
+        buf: Arc<Mutex<Vec<u8>>>,
+        broken: bool,
+    }
+
+    impl futures::AsyncWrite for Sink {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bytes: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if self.broken {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            self.buf.lock().unwrap().extend_from_slice(bytes);
+            std::task::Poll::Ready(Ok(bytes.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The frames of a byte stream (4-byte length, then the bytes).
+    fn frames(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while bytes.len() >= 4 {
+            let n = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+            out.push(bytes[4..4 + n].to_vec());
+            bytes = &bytes[4 + n..];
+        }
+        out
+    }
+
+    /// Runs a writer over `streams` (one per open: `None` fails the open, `Some(true)`
+    /// opens a stream whose writes fail) with `messages` queued; returns what reached
+    /// the working streams and how many opens were asked for.
+    async fn write_over(streams: Vec<Option<bool>>, messages: &[&[u8]]) -> (Vec<Vec<u8>>, usize) {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let opens = Arc::new(AtomicUsize::new(0));
+        let open = {
+            let (buf, opens) = (buf.clone(), opens.clone());
+            move || {
+                let k = opens.fetch_add(1, Ordering::Relaxed);
+                let stream = streams.get(k).copied().flatten().map(|broken| Sink {
+                    buf: buf.clone(),
+                    broken,
+                });
+                async move { stream.ok_or_else(|| "dial failed".to_string()) }
+            }
+        };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
+        for m in messages {
+            queued.fetch_add(m.len(), Ordering::Relaxed);
+            tx.send(m.to_vec()).await.unwrap();
+        }
+        // The writer ends once the queue is closed and written out.
+        drop(tx);
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            write_to(open, PeerId::random(), rx, queued.clone()),
+        )
+        .await
+        .expect("the writer ends");
+        let got = frames(&buf.lock().unwrap());
+        (got, opens.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_first_open_fails_keeps_its_queue_for_the_next() {
+        // Before: the join or first second queued behind a failed dial was dropped,
+        // and waited for the next heartbeat or republication.
+        let (got, opens) = write_over(vec![None, None, Some(false)], &[b"join", b"beat"]).await;
+        assert_eq!(got, vec![b"join".to_vec(), b"beat".to_vec()]);
+        assert_eq!(opens, 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_goes_again_on_a_new_stream_once() {
+        let (got, opens) = write_over(vec![Some(true), Some(false)], &[b"second 0"]).await;
+        assert_eq!(got, vec![b"second 0".to_vec()]);
+        assert_eq!(opens, 2);
+        // Failing on the second stream too, it is dropped: no endless reopening.
+        let (got, opens) =
+            write_over(vec![Some(true), Some(true), Some(false)], &[b"second 0"]).await;
+        assert!(got.is_empty());
+        assert_eq!(opens, 2);
     }
 
     #[test]
