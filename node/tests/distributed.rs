@@ -84,7 +84,8 @@ fn a_run_started_on_node_2_runs_on_all_three_and_counts_exactly() {
     let skew = s["start_skew_us"].as_u64().unwrap();
     eprintln!("start skew across 3 nodes: {skew} µs");
     assert!(skew < 100_000, "start skew {skew} µs");
-    // Each node says how late it started and how far its clock was from the leader's;
+    // Each node says how late it started and how far its clock was from the run clock
+    // (the origin's);
     // the spread of the lateness is the start skew. On one machine every clock is the
     // same one, so (late - offset) is each node's start on that clock: its spread is the
     // true skew, offset-estimate error included.

@@ -457,13 +457,13 @@ impl RunMessage {
 /// What a barrier arrival reports besides "I am here".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct BarrierDetail {
-    /// `started`: when this node actually started, in the leader's clock (µs).
+    /// `started`: when this node actually started, in the run clock (the origin's, µs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_unix_us: Option<u64>,
     /// `finished`: the number of snapshots this node published (seq 0..count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<u64>,
-    /// `ready`: this node's clock offset to the leader (µs, leader − local).
+    /// `ready`: this node's clock offset to the run clock, the origin's (µs, origin − local).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_offset_us: Option<i64>,
     /// `finished` without running: why this node could not send its share (its

@@ -10,8 +10,9 @@
 //!
 //! This module owns the streams: one writer task per peer with a bounded queue (a
 //! message that does not fit is dropped, as gossip may drop one: the run protocol
-//! repeats what matters), and readers that bound every frame, the streams per peer and
-//! in all, and the time a stream may stay silent. It must not interpret messages: a
+//! repeats what matters) that writes only once the reader said it took the stream up
+//! (see `ACCEPTED`) and opens another when it did not, and readers that bound every
+//! frame, the streams per peer and in all, and the time a stream may stay silent. It must not interpret messages: a
 //! reader hands each decoded request to the event loop, which checks it exactly as one
 //! that came by request-response.
 
@@ -20,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{AsyncWriteExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
 use stampede_protocol::mesh::{from_cbor, to_cbor, MeshRequest, MAX_REQUEST_BYTES};
 use stampede_protocol::run::RunRequest;
@@ -39,8 +40,23 @@ const QUEUE: usize = 64;
 const QUEUE_BYTES: usize = 4 * MAX_FRAME;
 /// Peers with a writer at once: a run has at most `MAX_MEMBERS` (1,024) members.
 const MAX_WRITERS: usize = 2_048;
-/// Opening a stream includes dialing an unconnected peer.
+/// Opening a stream includes dialing an unconnected peer; a failed try is made
+/// again after `OPEN_RETRY_AFTER` times the attempt (at most `OPEN_RETRY_MAX`), all
+/// within `OPEN_TIMEOUT`.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+const OPEN_RETRY_AFTER: Duration = Duration::from_millis(50);
+const OPEN_RETRY_MAX: Duration = Duration::from_millis(400);
+/// The byte a reader sends as it takes a stream up. libp2p-stream hands inbound
+/// streams to this node through a channel of one place and drops any that arrive while
+/// it is taken ("Channel is full, dropping inbound stream"): at 50 real nodes some 30
+/// streams a run, the joins and first seconds of members that opened theirs in the
+/// same instant as others, written into a stream nobody would read. A writer waits for
+/// this byte before it writes; a stream reset instead was dropped, and it opens
+/// another.
+const ACCEPTED: u8 = 0x5a;
+/// How long a writer waits for that byte: a reader of a build before it sends none,
+/// and its streams are taken as accepted after this.
+const ACCEPT_WAIT: Duration = Duration::from_secs(1);
 /// A write the peer does not take within this is a dead stream.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A writer with nothing to send for this long closes its stream (the link may then
@@ -129,76 +145,175 @@ impl DirectLinks {
 fn spawn_writer(control: libp2p_stream::Control, peer: PeerId) -> Writer {
     let (queue, rx) = mpsc::channel(QUEUE);
     let queued_bytes = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(write_to(control, peer, rx, queued_bytes.clone()));
+    let open = move || {
+        let mut control = control.clone();
+        async move {
+            control
+                .open_stream(peer, DIRECT_PROTOCOL)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    tokio::spawn(write_to(open, peer, rx, queued_bytes.clone()));
     Writer {
         queue,
         queued_bytes,
     }
 }
 
+/// Opens a stream to the writer's peer, trying again after a failure (a dial that
+/// failed, the link it was opened on closing under it) while `OPEN_TIMEOUT` lasts:
+/// what is queued meanwhile waits rather than being dropped with a stream that never
+/// was. `None` once the time is up.
+async fn open_within<S, F, Fut>(open: &mut F, peer: PeerId) -> Option<S>
+where
+    S: futures::AsyncRead + Unpin,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<S, String>>,
+{
+    let began = tokio::time::Instant::now();
+    let deadline = began + OPEN_TIMEOUT;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match tokio::time::timeout_at(deadline, open()).await {
+            Ok(Ok(mut s)) => {
+                let wait = deadline.min(tokio::time::Instant::now() + ACCEPT_WAIT);
+                let mut byte = [0u8; 1];
+                match tokio::time::timeout_at(wait, s.read(&mut byte)).await {
+                    Ok(Ok(1)) if byte[0] == ACCEPTED => {
+                        tracing::debug!(%peer, attempt, ms = began.elapsed().as_millis() as u64, "direct stream open");
+                        return Some(s);
+                    }
+                    Ok(_) => {
+                        tracing::debug!(%peer, attempt, "direct stream dropped by the peer before it was read");
+                    }
+                    // An older reader (no byte) or a slow one: written to as before.
+                    Err(_) if tokio::time::Instant::now() < deadline => {
+                        tracing::debug!(%peer, attempt, "direct stream open, not acknowledged");
+                        return Some(s);
+                    }
+                    Err(_) => return None,
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, attempt, error = %e, "no direct stream yet");
+            }
+            Err(_) => return None,
+        }
+        let pause = (OPEN_RETRY_AFTER * attempt).min(OPEN_RETRY_MAX);
+        if tokio::time::Instant::now() + pause >= deadline {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
 /// Opens the stream, then writes every queued message, flushing once the queue is
-/// empty. Ends (dropping what is queued) when the stream fails or stays idle.
-async fn write_to(
-    mut control: libp2p_stream::Control,
+/// empty. A stream that fails under a write is opened again once and the messages
+/// of the failed write go first on the new one (a run message taken twice changes
+/// nothing: heartbeats count by their stamps, joins and seconds once per sender).
+/// Ends (dropping what is queued) when no stream opens within `OPEN_TIMEOUT`, a
+/// write stalls, the same messages fail on a second stream, or the queue stays idle.
+async fn write_to<S, F, Fut>(
+    mut open: F,
     peer: PeerId,
     mut rx: mpsc::Receiver<Vec<u8>>,
     queued_bytes: Arc<AtomicUsize>,
-) {
-    let mut stream = match tokio::time::timeout(
-        OPEN_TIMEOUT,
-        control.open_stream(peer, DIRECT_PROTOCOL),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "no direct stream");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "no direct stream within {OPEN_TIMEOUT:?}");
-            return;
-        }
-    };
+) where
+    S: futures::AsyncRead + futures::AsyncWrite + Unpin + Send,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<S, String>>,
+{
+    let mut sent = 0usize;
+    // Frames of a write that failed: first on the next stream, once.
+    let mut again: Vec<Vec<u8>> = Vec::new();
+    let mut retried = false;
     loop {
-        let frame = match tokio::time::timeout(WRITER_IDLE, rx.recv()).await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(_) => {
-                // Idle: take no more, but write what raced in before closing.
-                rx.close();
-                match rx.recv().await {
-                    Some(f) => f,
-                    None => break,
+        let Some(mut stream) = open_within(&mut open, peer).await else {
+            let dropped = again.len() + drain(&mut rx);
+            release_bytes(&queued_bytes, &again);
+            tracing::debug!(%peer, sent, dropped, "no direct stream within {OPEN_TIMEOUT:?}");
+            return;
+        };
+        loop {
+            let mut batch = std::mem::take(&mut again);
+            if batch.is_empty() {
+                let frame = match tokio::time::timeout(WRITER_IDLE, rx.recv()).await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => {
+                        tracing::debug!(%peer, sent, "direct writer done");
+                        let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.close()).await;
+                        return;
+                    }
+                    Err(_) => {
+                        // Idle: take no more, but write what raced in before closing.
+                        rx.close();
+                        match rx.recv().await {
+                            Some(f) => f,
+                            None => {
+                                tracing::debug!(%peer, sent, "direct writer done");
+                                let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.close()).await;
+                                return;
+                            }
+                        }
+                    }
+                };
+                batch.push(frame);
+            }
+            while let Ok(f) = rx.try_recv() {
+                batch.push(f);
+            }
+            let write = async {
+                for f in &batch {
+                    put_frame(&mut stream, f, MAX_FRAME).await?;
                 }
-            }
-        };
-        let mut batch = vec![frame];
-        while let Ok(f) = rx.try_recv() {
-            batch.push(f);
-        }
-        let write = async {
-            for f in &batch {
-                put_frame(&mut stream, f, MAX_FRAME).await?;
-            }
-            stream.flush().await
-        };
-        let res = tokio::time::timeout(WRITE_TIMEOUT, write).await;
-        let sent: usize = batch.iter().map(Vec::len).sum();
-        queued_bytes.fetch_sub(sent, Ordering::Relaxed);
-        match res {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "direct stream failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "direct stream stalled for {WRITE_TIMEOUT:?}");
-                return;
+                stream.flush().await
+            };
+            match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                Ok(Ok(())) => {
+                    sent += batch.len();
+                    retried = false;
+                    release_bytes(&queued_bytes, &batch);
+                }
+                Ok(Err(e)) if !retried => {
+                    // The link went (closed as idle, cut, or closing as the stream
+                    // was opened on it): a new stream takes the batch.
+                    tracing::debug!(%peer, error = %e, sent, again = batch.len(), "direct stream failed; opening another");
+                    again = batch;
+                    retried = true;
+                    break;
+                }
+                Ok(Err(e)) => {
+                    let dropped = batch.len() + drain(&mut rx);
+                    release_bytes(&queued_bytes, &batch);
+                    tracing::debug!(%peer, error = %e, sent, dropped, "direct stream failed");
+                    return;
+                }
+                Err(_) => {
+                    let dropped = batch.len() + drain(&mut rx);
+                    release_bytes(&queued_bytes, &batch);
+                    tracing::debug!(%peer, sent, dropped, "direct stream stalled for {WRITE_TIMEOUT:?}");
+                    return;
+                }
             }
         }
     }
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.close()).await;
+}
+
+fn release_bytes(queued_bytes: &AtomicUsize, frames: &[Vec<u8>]) {
+    let bytes: usize = frames.iter().map(Vec::len).sum();
+    queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+}
+
+/// Closes the queue and counts what was still in it (dropped with the writer).
+fn drain(rx: &mut mpsc::Receiver<Vec<u8>>) -> usize {
+    rx.close();
+    let mut n = 0;
+    while rx.try_recv().is_ok() {
+        n += 1;
+    }
+    n
 }
 
 /// Streams held open per peer, and in all, by the readers.
@@ -256,6 +371,14 @@ async fn read_from(
     mut stream: libp2p::Stream,
     tx: mpsc::Sender<(PeerId, MeshRequest)>,
 ) {
+    // Taken up: the writer may write (see `ACCEPTED`).
+    let ack = async {
+        stream.write_all(&[ACCEPTED]).await?;
+        stream.flush().await
+    };
+    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, ack).await, Ok(Ok(()))) {
+        return;
+    }
     loop {
         let bytes = match tokio::time::timeout(READ_IDLE, read_frame(&mut stream, MAX_FRAME)).await
         {
@@ -343,6 +466,157 @@ mod tests {
         let mut io = futures::io::Cursor::new(claim);
         let err = read_frame(&mut io, MAX_FRAME).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    /// A stream that keeps what is written to it, or fails every write; `refused`:
+    /// the peer dropped it unread (it sends no `ACCEPTED`, its writes go nowhere).
+    struct Sink {
+        buf: Arc<Mutex<Vec<u8>>>,
+        broken: bool,
+        refused: bool,
+    }
+
+    impl futures::AsyncRead for Sink {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            out: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if self.refused {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+            }
+            out[0] = ACCEPTED;
+            std::task::Poll::Ready(Ok(1))
+        }
+    }
+
+    impl futures::AsyncWrite for Sink {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bytes: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if self.broken {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            if !self.refused {
+                self.buf.lock().unwrap().extend_from_slice(bytes);
+            }
+            std::task::Poll::Ready(Ok(bytes.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The frames of a byte stream (4-byte length, then the bytes).
+    fn frames(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while bytes.len() >= 4 {
+            let n = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+            out.push(bytes[4..4 + n].to_vec());
+            bytes = &bytes[4 + n..];
+        }
+        out
+    }
+
+    /// What one open gives a writer.
+    #[derive(Clone, Copy)]
+    enum Open {
+        /// The dial failed.
+        Fails,
+        /// A stream the peer dropped unread.
+        Refused,
+        /// A stream whose writes fail.
+        Broken,
+        Good,
+    }
+
+    /// Runs a writer over `streams` (one per open) with `messages` queued; returns
+    /// what reached the working streams and how many opens were asked for.
+    async fn write_over(streams: Vec<Open>, messages: &[&[u8]]) -> (Vec<Vec<u8>>, usize) {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let opens = Arc::new(AtomicUsize::new(0));
+        let open = {
+            let (buf, opens) = (buf.clone(), opens.clone());
+            move || {
+                let k = opens.fetch_add(1, Ordering::Relaxed);
+                let stream = match streams.get(k).copied().unwrap_or(Open::Fails) {
+                    Open::Fails => None,
+                    o => Some(Sink {
+                        buf: buf.clone(),
+                        broken: matches!(o, Open::Broken),
+                        refused: matches!(o, Open::Refused),
+                    }),
+                };
+                async move { stream.ok_or_else(|| "dial failed".to_string()) }
+            }
+        };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
+        for m in messages {
+            queued.fetch_add(m.len(), Ordering::Relaxed);
+            tx.send(m.to_vec()).await.unwrap();
+        }
+        // The writer ends once the queue is closed and written out.
+        drop(tx);
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            write_to(open, PeerId::random(), rx, queued.clone()),
+        )
+        .await
+        .expect("the writer ends");
+        let got = frames(&buf.lock().unwrap());
+        (got, opens.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_first_open_fails_keeps_its_queue_for_the_next() {
+        // Before: the join or first second queued behind a failed dial was dropped,
+        // and waited for the next heartbeat or republication.
+        let (got, opens) = write_over(
+            vec![Open::Fails, Open::Fails, Open::Good],
+            &[b"join", b"beat"],
+        )
+        .await;
+        assert_eq!(got, vec![b"join".to_vec(), b"beat".to_vec()]);
+        assert_eq!(opens, 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_goes_again_on_a_new_stream_once() {
+        let (got, opens) = write_over(vec![Open::Broken, Open::Good], &[b"second 0"]).await;
+        assert_eq!(got, vec![b"second 0".to_vec()]);
+        assert_eq!(opens, 2);
+        // Failing on the second stream too, it is dropped: no endless reopening.
+        let (got, opens) =
+            write_over(vec![Open::Broken, Open::Broken, Open::Good], &[b"second 0"]).await;
+        assert!(got.is_empty());
+        assert_eq!(opens, 2);
+    }
+
+    /// libp2p-stream drops an inbound stream that arrives while its one-place channel
+    /// is taken; before, the writer wrote a join or a first second into it and it was
+    /// lost (30 streams a run at 50 real nodes). Now it waits for the reader's byte and
+    /// opens another.
+    #[tokio::test]
+    async fn a_stream_the_peer_dropped_unread_is_opened_again() {
+        let (got, opens) = write_over(
+            vec![Open::Refused, Open::Refused, Open::Good],
+            &[b"join", b"second 0"],
+        )
+        .await;
+        assert_eq!(got, vec![b"join".to_vec(), b"second 0".to_vec()]);
+        assert_eq!(opens, 3);
     }
 
     #[test]

@@ -464,6 +464,12 @@ impl EventLoop {
                     tracing::debug!(%peer, error = %e, "direct run message dropped");
                 }
             }
+            MeshCommand::Connect { peer } => {
+                let addrs = self.request_addrs(&peer);
+                if !addrs.is_empty() {
+                    self.dial(peer, addrs);
+                }
+            }
             MeshCommand::SetState(s) => {
                 self.set_state(s);
                 self.announce();

@@ -133,6 +133,10 @@ pub enum MeshCommand {
         request: MeshRequest,
         reply: oneshot::Sender<Result<MeshResponse, String>>,
     },
+    /// Open a link to a peer ahead of the run messages that will need it (dialed on
+    /// demand, at the addresses of its signed record; it closes once idle like any
+    /// on-demand link). Nothing when a link is open.
+    Connect { peer: PeerId },
     /// Change the state this node announces.
     SetState(NodeState),
     /// Announce `leaving` and stop the loop.

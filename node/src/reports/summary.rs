@@ -153,7 +153,8 @@ pub struct NodeSummary {
     /// Process CPU at the node's busiest second, as a fraction of its worker cores.
     pub cpu: f64,
     /// How long after the run's agreed start instant this node's workers passed it, on
-    /// the leader's clock (µs; negative only through clock-offset error). Mesh runs only.
+    /// the run clock, the origin's (µs; negative only through clock-offset error). Mesh
+    /// runs only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_late_us: Option<i64>,
     /// This node's clock offset to the leader's as the run measured it (µs, leader −

@@ -28,7 +28,11 @@ const START_SETTLE: Duration = Duration::from_millis(20);
 
 impl Driver {
     pub(super) fn execute(&mut self, run_id: &str, effects: Vec<Effect>) {
+        let traced = super::timeline::on().then(super::unix_us);
         for e in effects {
+            if let Some(now) = traced {
+                super::timeline::effect(run_id, &e, now);
+            }
             self.effect(run_id, e);
         }
     }

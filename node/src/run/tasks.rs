@@ -99,6 +99,7 @@ pub fn fetch_bundle(
         // to it yet, and the first dial can fail (two nodes dialling each other at
         // once): a failed request is tried again, within the join window.
         let mut attempt = 0;
+        let asked = std::time::Instant::now();
         let answer = loop {
             attempt += 1;
             match ask(&mesh, &origin, request.clone(), Duration::from_secs(10)).await {
@@ -109,6 +110,7 @@ pub fn fetch_bundle(
                 other => break other,
             }
         };
+        tracing::debug!(target: super::timeline::TARGET, run = %run_id, attempt, ms = asked.elapsed().as_millis() as u64, ok = answer.is_ok(), "bundle fetched");
         let result = match answer {
             Ok(MeshResponse::Run(RunResponse::Bundle { bundle })) => {
                 if bundle.hash() != hash {
@@ -136,6 +138,8 @@ pub fn sync_clock(
 ) {
     tokio::spawn(async move {
         let mut best: Option<(u64, i64)> = None;
+        let began = std::time::Instant::now();
+        let mut samples = Vec::with_capacity(CLOCK_SAMPLES);
         for _ in 0..CLOCK_SAMPLES {
             // Re-stamped by the event loop as it sends the request.
             let req = RunRequest::Clock { t1_us: unix_us() };
@@ -150,6 +154,7 @@ pub fn sync_clock(
                 // and this task count in neither direction.
                 let t4 = received_us.unwrap_or_else(unix_us);
                 let (off, rtt) = clock_offset(t1_us, t2_us, t3_us, t4);
+                samples.push((rtt, off));
                 if best.is_none_or(|(r, _)| rtt < r) {
                     best = Some((rtt, off));
                 }
@@ -159,6 +164,7 @@ pub fn sync_clock(
             tracing::warn!(run = %run_id, "no clock sample answered: offset taken as 0");
         }
         let offset_us = best.map(|(_, o)| o).unwrap_or(0);
+        tracing::debug!(target: super::timeline::TARGET, run = %run_id, ms = began.elapsed().as_millis() as u64, offset_us, samples = ?samples, "clock samples (rtt, offset)");
         let _ = tx.send(Done::Clock { run_id, offset_us });
     });
 }

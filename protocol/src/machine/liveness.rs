@@ -459,6 +459,13 @@ impl RunMachine {
     /// highest term a majority of members has reached (a member that missed the
     /// fences catches up; a lone member claiming a high term moves no one).
     pub(super) fn bump_terms(&mut self, now: Now) {
+        // Once `finished` is complete every engine is done and no version will be
+        // issued again (`lead` stops at Finishing): a leader that reported and left
+        // is no reason for the members still passing up their last seconds to elect
+        // another, which only split their terms at the end.
+        if self.phase >= Phase::Finishing {
+            return;
+        }
         let mut target = self.term;
         for _ in 0..self.roster.len() {
             let Some(l) = self.leader_index(target) else {

@@ -39,6 +39,7 @@ use std::sync::Arc;
 
 use crate::run::{BarrierDetail, Requirements, RosterEntry, RunMessage};
 use events::{Barrier, MemberStatus, RunEvent};
+pub use liveness::{choose_witnesses, MAX_WITNESSES};
 pub use tree::{Aggregation, FAN_IN};
 use version::{Counted, Split, Version};
 
@@ -196,7 +197,8 @@ pub enum Input {
     /// The plan bundle was fetched and compiled: the schedule, or why this node
     /// refuses (`Err`).
     Prepared(Result<Arc<dyn RunSchedule>, String>),
-    /// This node's clock offset to the run clock (µs, run clock − local).
+    /// This node's clock offset to the run clock (µs, run clock − local), the
+    /// origin's wall clock. The first one counts.
     ClockSynced {
         offset_us: i64,
     },
@@ -317,7 +319,8 @@ pub enum Effect {
     FetchBundle {
         origin: String,
     },
-    /// Take clock samples of `peer`; answer `ClockSynced`.
+    /// Take clock samples of `peer` (the origin, whose wall clock is the run
+    /// clock), while the run joins; answer `ClockSynced`.
     SyncClock {
         peer: String,
     },
@@ -549,6 +552,9 @@ pub struct RunMachine {
     arrivals: BTreeMap<Barrier, BTreeMap<usize, BarrierDetail>>,
     my_arrivals: BTreeMap<Barrier, BarrierDetail>,
     clock_offset_us: i64,
+    /// This node has its offset to the run clock (the origin's wall clock): its own
+    /// at the origin, else from samples taken while the run is joining.
+    clock_synced: bool,
     engine: EngineState,
     published: u64,
     started_told: bool,
@@ -639,6 +645,7 @@ impl RunMachine {
             arrivals: BTreeMap::new(),
             my_arrivals: BTreeMap::new(),
             clock_offset_us: 0,
+            clock_synced: false,
             engine: EngineState::Idle,
             published: 0,
             started_told: false,
@@ -802,15 +809,13 @@ impl RunMachine {
             Input::PeerGone { peer } => self.on_peer_gone(&peer, now),
             Input::Prepared(result) => self.on_prepared(result, now),
             Input::ClockSynced { offset_us } => {
-                self.clock_offset_us = offset_us;
-                self.arrive(
-                    Barrier::Ready,
-                    BarrierDetail {
-                        clock_offset_us: Some(offset_us),
-                        ..Default::default()
-                    },
-                    now,
-                );
+                // Samples are taken while the run joins: the offset may come before
+                // the roster, and `ready` is arrived at once both are here.
+                if !self.clock_synced {
+                    self.clock_offset_us = offset_us;
+                    self.clock_synced = true;
+                    let _ = self.arrive_ready(now);
+                }
             }
             Input::EngineStarted { at_wall_us } => {
                 let started = (at_wall_us as i64 + self.clock_offset_us).max(0) as u64;

@@ -172,8 +172,8 @@ impl CountedSplit {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Version {
     pub id: VersionId,
-    /// The common start instant, in the run clock (the first roster member's wall
-    /// clock, Unix µs).
+    /// The common start instant, in the run clock (the origin's wall clock, Unix
+    /// µs).
     pub start_unix_us: u64,
     pub moves: Vec<Move>,
 }

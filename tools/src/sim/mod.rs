@@ -126,7 +126,9 @@ enum Payload {
         published: bool,
     },
     Prepared,
-    Clock,
+    Clock {
+        peer: usize,
+    },
     Fetched {
         from: usize,
         seqs: Vec<u64>,
@@ -641,8 +643,9 @@ impl World {
                 let plan: Arc<dyn RunSchedule> = Arc::new(self.setup.plan);
                 self.input(to, Input::Prepared(Ok(plan)));
             }
-            Payload::Clock => {
-                // The true offset to node 0, give or take the sync's error.
+            Payload::Clock { peer } => {
+                // The true offset to the peer sampled (the origin, whose wall clock is
+                // the run clock), give or take the sync's error.
                 let err = if self.schedule.offset_error_us > 0 {
                     self.rng.random_range(
                         -self.schedule.offset_error_us..=self.schedule.offset_error_us,
@@ -650,7 +653,7 @@ impl World {
                 } else {
                     0
                 };
-                let offset = self.nodes[0].wall_offset - self.nodes[to].wall_offset + err;
+                let offset = self.nodes[peer].wall_offset - self.nodes[to].wall_offset + err;
                 self.input(to, Input::ClockSynced { offset_us: offset });
             }
             Payload::Own { from: node } => {
@@ -734,8 +737,8 @@ impl World {
                     }
                 }
                 Effect::SyncClock { peer } => {
-                    if self.index(&peer).is_some() {
-                        self.deliver_local(i, Payload::Clock);
+                    if let Some(peer) = self.index(&peer) {
+                        self.deliver_local(i, Payload::Clock { peer });
                     }
                 }
                 Effect::StartEngine {

@@ -457,6 +457,54 @@ fn an_aggregator_passes_up_what_it_holds_before_it_leaves_the_run() {
     assert!(!m.tree_holds());
 }
 
+/// Once the run is finishing, a second held for passing up waits no more: the run's
+/// last, partial second, which only a few members have, never covers its scope and
+/// waited out the group's and the root's waits (1.3 s between `finished` and the
+/// report at 50 real nodes).
+#[test]
+fn a_finishing_aggregator_passes_up_a_partial_last_second_at_once() {
+    let m = member(6, 0, 8);
+    let root = m.root().unwrap();
+    let mut m = if root == 0 { m } else { member(6, root, 8) };
+    let mate = (0..6).find(|&j| j != root).unwrap();
+    let from = m.roster[mate].id.clone();
+    m.handle(
+        Input::Batch {
+            from,
+            seq: 0,
+            covers: vec![mate as u32],
+            published: false,
+        },
+        now(1_000_000),
+    );
+    let forwarded = |e: &[Effect]| {
+        e.iter()
+            .any(|e| matches!(e, Effect::Forward { seq: 0, .. }))
+    };
+    // Running: it waits for the rest of the scope.
+    let e = m.handle(Input::Tick, now(1_050_000));
+    assert!(!forwarded(&e) && m.tree_holds());
+    // Finishing (every member arrived at `finished`): it goes up at once, long before
+    // the root's wait is out.
+    let finished = (0..6)
+        .map(|j| {
+            (
+                j,
+                crate::run::BarrierDetail {
+                    snapshots: Some(if j == mate { 1 } else { 0 }),
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    m.arrivals
+        .insert(crate::machine::events::Barrier::Finished, finished);
+    m.phase = Phase::Finishing;
+    let e = m.handle(Input::Tick, now(1_100_000));
+    assert!(forwarded(&e), "{e:?}");
+    assert!(!m.tree_holds());
+}
+
 /// A reporter in the tree's grace fetches at once a gap far behind the run's end (a
 /// member's first second that never came up the tree: seen at 40 real nodes, where the
 /// report then waited out the whole grace), and waits only for the last seconds.
