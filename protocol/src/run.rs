@@ -772,8 +772,19 @@ pub enum RunRequest {
     /// The plan bundle of a run, by hash.
     Bundle { run_id: String, hash: String },
     /// An NTP-style clock sample: the responder answers with its receive and send times.
-    /// `t1_us` is stamped by the requester's mesh event loop as the request goes out.
-    Clock { t1_us: u64 },
+    /// Every time of a sample is taken by the codec, as the frame is encoded onto or
+    /// decoded off its stream (`t1_us` as the request goes out): a busy event loop at
+    /// either end then delays the sample between the responder's two stamps or after
+    /// the requester's last, never on one leg only (at 50 nodes on one machine, stamps
+    /// taken in the event loops biased every offset by +0.1…+6 ms: the origin's loop is
+    /// the busiest of the run).
+    Clock {
+        t1_us: u64,
+        /// When the request came off the responder's wire (µs, its clock): its receive
+        /// time, noted by its codec and never sent.
+        #[serde(default, skip_serializing)]
+        arrived_us: Option<u64>,
+    },
     /// Snapshots a receiver missed, by sequence number. The answer holds at most
     /// [`SNAPSHOTS_PER_REQUEST`] of them and about [`SNAPSHOT_ANSWER_BYTES`]; the rest
     /// are asked for again.
@@ -842,10 +853,10 @@ pub enum RunResponse {
         t1_us: u64,
         t2_us: u64,
         t3_us: u64,
-        /// When the response reached the requester's mesh event loop (µs, its clock).
-        /// Noted there on receipt and never sent: the requester's own hops after the
-        /// wire (a channel, a task wake-up) would otherwise count as network delay on
-        /// the way back only, and bias the offset by half of them.
+        /// When the response came off the requester's wire (µs, its clock). Noted by
+        /// its codec on receipt and never sent: the requester's own hops after the
+        /// wire (its event loop, a channel, a task wake-up) would otherwise count as
+        /// network delay on the way back only, and bias the offset by half of them.
         #[serde(default, skip_serializing)]
         received_us: Option<u64>,
     },
@@ -1294,7 +1305,12 @@ mod tests {
             hash: String::new(),
         };
         assert!(ask.validate().is_err());
-        assert!(RunRequest::Clock { t1_us: 0 }.validate().is_ok());
+        assert!(RunRequest::Clock {
+            t1_us: 0,
+            arrived_us: None
+        }
+        .validate()
+        .is_ok());
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //!
 //! This module only frames and decodes; what a request means is the event loop's
 //! business. (libp2p's own `cbor` codec uses cbor4ii; the workspace speaks ciborium.)
+//! One exception, for time's sake: the four stamps of a clock sample are taken here,
+//! as its frames go onto and come off the wire, so that neither end's event loop
+//! counts as network delay on one leg only (`RunRequest::Clock`).
 
 use std::future::Future;
 use std::io;
@@ -14,6 +17,7 @@ use libp2p::StreamProtocol;
 use stampede_protocol::mesh::{
     from_cbor, to_cbor, MeshRequest, MeshResponse, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
 };
+use stampede_protocol::run::{unix_us, RunRequest, RunResponse};
 
 /// The protocol name of bulk transfers.
 pub const BULK_PROTOCOL: StreamProtocol = StreamProtocol::new("/stampede/bulk/1");
@@ -115,7 +119,12 @@ impl request_response::Codec for BulkCodec {
     {
         Box::pin(async move {
             let bytes = read_frame(io, MAX_REQUEST_BYTES).await?;
-            from_cbor(&bytes, MAX_REQUEST_BYTES, "a mesh request").map_err(invalid)
+            let mut req: MeshRequest =
+                from_cbor(&bytes, MAX_REQUEST_BYTES, "a mesh request").map_err(invalid)?;
+            if let MeshRequest::Run(RunRequest::Clock { arrived_us, .. }) = &mut req {
+                *arrived_us = Some(unix_us());
+            }
+            Ok(req)
         })
     }
 
@@ -133,7 +142,12 @@ impl request_response::Codec for BulkCodec {
     {
         Box::pin(async move {
             let bytes = read_frame(io, MAX_RESPONSE_BYTES).await?;
-            from_cbor(&bytes, MAX_RESPONSE_BYTES, "a mesh response").map_err(invalid)
+            let mut res: MeshResponse =
+                from_cbor(&bytes, MAX_RESPONSE_BYTES, "a mesh response").map_err(invalid)?;
+            if let MeshResponse::Run(RunResponse::Clock { received_us, .. }) = &mut res {
+                *received_us = Some(unix_us());
+            }
+            Ok(res)
         })
     }
 
@@ -141,7 +155,7 @@ impl request_response::Codec for BulkCodec {
         &'a mut self,
         _: &'b StreamProtocol,
         io: &'c mut T,
-        req: MeshRequest,
+        mut req: MeshRequest,
     ) -> BoxFut<'f, ()>
     where
         T: AsyncWrite + Unpin + Send + 'f,
@@ -150,14 +164,19 @@ impl request_response::Codec for BulkCodec {
         'c: 'f,
         Self: 'f,
     {
-        Box::pin(async move { write_frame(io, &to_cbor(&req), MAX_REQUEST_BYTES).await })
+        Box::pin(async move {
+            if let MeshRequest::Run(RunRequest::Clock { t1_us, .. }) = &mut req {
+                *t1_us = unix_us();
+            }
+            write_frame(io, &to_cbor(&req), MAX_REQUEST_BYTES).await
+        })
     }
 
     fn write_response<'a, 'b, 'c, 'f, T>(
         &'a mut self,
         _: &'b StreamProtocol,
         io: &'c mut T,
-        res: MeshResponse,
+        mut res: MeshResponse,
     ) -> BoxFut<'f, ()>
     where
         T: AsyncWrite + Unpin + Send + 'f,
@@ -166,7 +185,12 @@ impl request_response::Codec for BulkCodec {
         'c: 'f,
         Self: 'f,
     {
-        Box::pin(async move { write_frame(io, &to_cbor(&res), MAX_RESPONSE_BYTES).await })
+        Box::pin(async move {
+            if let MeshResponse::Run(RunResponse::Clock { t3_us, .. }) = &mut res {
+                *t3_us = unix_us();
+            }
+            write_frame(io, &to_cbor(&res), MAX_RESPONSE_BYTES).await
+        })
     }
 }
 
@@ -188,6 +212,57 @@ mod tests {
         assert_eq!(
             block(BulkCodec.read_request(&BULK_PROTOCOL, &mut rd)).unwrap(),
             MeshRequest::Members
+        );
+    }
+
+    /// A clock sample's four times are the wire's: the responder's work between its
+    /// receive and send stamps (its event loop, however busy) cancels out of the
+    /// offset instead of counting as network delay on the way in.
+    #[test]
+    fn clock_samples_are_stamped_at_the_wire() {
+        use stampede_protocol::run::clock_offset;
+        let mut wire = Cursor::new(Vec::new());
+        let ask = MeshRequest::Run(RunRequest::Clock {
+            t1_us: 0,
+            arrived_us: None,
+        });
+        block(BulkCodec.write_request(&BULK_PROTOCOL, &mut wire, ask)).unwrap();
+        let mut rd = Cursor::new(wire.into_inner());
+        let MeshRequest::Run(RunRequest::Clock { t1_us, arrived_us }) =
+            block(BulkCodec.read_request(&BULK_PROTOCOL, &mut rd)).unwrap()
+        else {
+            panic!("not a clock sample")
+        };
+        let t2_us = arrived_us.expect("the codec notes the arrival");
+        assert!(t1_us > 0 && t1_us <= t2_us, "{t1_us} {t2_us}");
+        // The responder's event loop takes its time (a busy origin: here 40 ms).
+        let busy_until = unix_us() + 40_000;
+        while unix_us() < busy_until {
+            std::hint::spin_loop();
+        }
+        let answer = MeshResponse::Run(RunResponse::Clock {
+            t1_us,
+            t2_us,
+            t3_us: 0,
+            received_us: None,
+        });
+        let mut wire = Cursor::new(Vec::new());
+        block(BulkCodec.write_response(&BULK_PROTOCOL, &mut wire, answer)).unwrap();
+        let mut rd = Cursor::new(wire.into_inner());
+        let MeshResponse::Run(RunResponse::Clock {
+            t3_us, received_us, ..
+        }) = block(BulkCodec.read_response(&BULK_PROTOCOL, &mut rd)).unwrap()
+        else {
+            panic!("not a clock answer")
+        };
+        let t4_us = received_us.expect("the codec notes the receipt");
+        assert!(t3_us >= busy_until && t4_us >= t3_us, "{t3_us} {t4_us}");
+        // Stamped in the event loop (after the busy part), the inbound leg would have
+        // taken the 40 ms and the offset come out +20 ms on one clock.
+        let (offset, rtt) = clock_offset(t1_us, t2_us, t3_us, t4_us);
+        assert!(
+            offset.unsigned_abs() < 10_000 && rtt < 20_000,
+            "offset {offset} us, round trip {rtt} us"
         );
     }
 

@@ -435,10 +435,9 @@ impl EventLoop {
             }
             MeshCommand::Request {
                 peer,
-                mut request,
+                request,
                 reply,
             } => {
-                stamp_clock_request(&mut request);
                 let addrs = self.request_addrs(&peer);
                 let id = self
                     .swarm
@@ -1177,8 +1176,6 @@ impl EventLoop {
                 } => match self.pending.remove(&request_id) {
                     Some(Pending::Members) => self.learn_members(peer, response),
                     Some(Pending::Command(reply)) => {
-                        let mut response = response;
-                        stamp_clock_response(&mut response);
                         let _ = reply.send(Ok(response));
                     }
                     None => {}
@@ -1243,23 +1240,6 @@ impl EventLoop {
         if let Some(seq) = refute {
             self.refute(seq);
         }
-    }
-}
-
-/// A clock sample's send time, taken here as the request goes to the wire rather than
-/// where it was asked for: the channel to this loop and the wait for its turn are not
-/// network delay, and only the outbound leg would have them.
-fn stamp_clock_request(request: &mut MeshRequest) {
-    if let MeshRequest::Run(RunRequest::Clock { t1_us }) = request {
-        *t1_us = unix_us();
-    }
-}
-
-/// A clock sample's receive time, taken as the response comes off the wire: the same
-/// point of the path as its send time, so the two legs are measured alike.
-fn stamp_clock_response(response: &mut MeshResponse) {
-    if let MeshResponse::Run(RunResponse::Clock { received_us, .. }) = response {
-        *received_us = Some(unix_us());
     }
 }
 

@@ -132,11 +132,13 @@ impl RunStore {
             RunRequest::Batch(_) => RunResponse::Refused {
                 reason: "this node aggregates snapshots all to all".into(),
             },
-            RunRequest::Clock { t1_us } => {
+            // The codec stamped the arrival and stamps `t3_us` again as it encodes the
+            // answer: this node's event loop is between the two.
+            RunRequest::Clock { t1_us, arrived_us } => {
                 let t = unix_us();
                 RunResponse::Clock {
                     t1_us,
-                    t2_us: t,
+                    t2_us: arrived_us.unwrap_or(t),
                     t3_us: t,
                     received_us: None,
                 }

@@ -141,8 +141,11 @@ pub fn sync_clock(
         let began = std::time::Instant::now();
         let mut samples = Vec::with_capacity(CLOCK_SAMPLES);
         for _ in 0..CLOCK_SAMPLES {
-            // Re-stamped by the event loop as it sends the request.
-            let req = RunRequest::Clock { t1_us: unix_us() };
+            // Re-stamped by the codec as it sends the request.
+            let req = RunRequest::Clock {
+                t1_us: unix_us(),
+                arrived_us: None,
+            };
             if let Ok(MeshResponse::Run(RunResponse::Clock {
                 t1_us,
                 t2_us,
@@ -150,8 +153,8 @@ pub fn sync_clock(
                 received_us,
             })) = ask(&mesh, &peer, req, Duration::from_secs(2)).await
             {
-                // Both ends of the sample are the event loop's, so the hops between it
-                // and this task count in neither direction.
+                // Every stamp of the sample is a codec's, at the wire, so the event
+                // loops and this task count in neither direction.
                 let t4 = received_us.unwrap_or_else(unix_us);
                 let (off, rtt) = clock_offset(t1_us, t2_us, t3_us, t4);
                 samples.push((rtt, off));
