@@ -315,6 +315,20 @@ fn member_text(name: &str, labels: &BTreeMap<String, String>) -> Result<(), Stri
 }
 
 impl RunMessage {
+    /// The message's kind in one word, for logs and traffic figures.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RunMessage::Propose { .. } => "propose",
+            RunMessage::Join { .. } => "join",
+            RunMessage::Roster { .. } => "roster",
+            RunMessage::Abort { .. } => "abort",
+            RunMessage::Arrive { .. } => "arrive",
+            RunMessage::Assign { .. } => "assign",
+            RunMessage::Beat { .. } => "beat",
+            RunMessage::Stop { .. } => "stop",
+        }
+    }
+
     pub fn run_id(&self) -> &str {
         match self {
             RunMessage::Propose { run_id, .. }

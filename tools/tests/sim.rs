@@ -293,16 +293,8 @@ fn a_schedule_that_takes_a_witness_majority_away_is_checked_for_safety_only() {
 /// A schedule with no faults but one kill -9 at `at` (µs).
 fn kill_only(nodes: usize, node: usize, at: u64) -> stampede_tools::sim::faults::Schedule {
     stampede_tools::sim::faults::Schedule {
-        loss: 0.0,
-        duplicate: 0.0,
-        delay_min: 200,
-        delay_max: 2_000,
-        spike: 0.0,
-        spike_us: 0,
-        wall_offsets: vec![0; nodes],
-        offset_error_us: 0,
         faults: vec![stampede_tools::sim::faults::Fault::Crash { node, at }],
-        hostile: None,
+        ..stampede_tools::sim::faults::Schedule::quiet(nodes)
     }
 }
 

@@ -1036,8 +1036,7 @@ impl Tier {
         tracing::warn!(error = %e, width_s = self.width, "cannot spill the run's timeline to disk any more; keeping it in memory");
         if let TierSpill::On(f) = std::mem::take(&mut self.spill) {
             match f.read() {
-                Ok(on_file) => {
-                    let mut all = on_file;
+                Ok(mut all) => {
                     for p in self.closed.drain(..) {
                         all.insert(p.t, p);
                     }

@@ -18,19 +18,6 @@ pub(super) fn on() -> bool {
     tracing::enabled!(target: TARGET, tracing::Level::DEBUG)
 }
 
-fn kind(m: &RunMessage) -> &'static str {
-    match m {
-        RunMessage::Propose { .. } => "propose",
-        RunMessage::Join { .. } => "join",
-        RunMessage::Roster { .. } => "roster",
-        RunMessage::Abort { .. } => "abort",
-        RunMessage::Arrive { .. } => "arrive",
-        RunMessage::Assign { .. } => "assign",
-        RunMessage::Beat { .. } => "beat",
-        RunMessage::Stop { .. } => "stop",
-    }
-}
-
 /// What the machine holds before an input, to tell what the input changed.
 pub(super) struct Before {
     phase: &'static str,
@@ -52,7 +39,7 @@ pub(super) fn input(run: &str, input: &Input) {
     let name = match input {
         Input::Message { msg, .. } if matches!(msg.as_ref(), RunMessage::Beat { .. }) => return,
         Input::Message { from, msg } => {
-            tracing::debug!(target: TARGET, run, from = %short(from), "in {}", kind(msg));
+            tracing::debug!(target: TARGET, run, from = %short(from), "in {}", msg.kind());
             return;
         }
         Input::Batch {
@@ -127,11 +114,11 @@ pub(super) fn effect(run: &str, e: &Effect, now_wall_us: u64) {
                 let lead_ms = (version.start_unix_us as i64 - now_wall_us as i64) / 1000;
                 tracing::debug!(target: TARGET, run, term, seq = version.id.seq, moves = version.moves.len(), start_unix_us = version.start_unix_us, lead_ms, "out publish assign");
             } else {
-                tracing::debug!(target: TARGET, run, "out publish {}", kind(m));
+                tracing::debug!(target: TARGET, run, "out publish {}", m.kind());
             }
         }
         Effect::Send { to, msg } if !matches!(msg.as_ref(), RunMessage::Beat { .. }) => {
-            tracing::debug!(target: TARGET, run, to = %short(to), "out send {}", kind(msg));
+            tracing::debug!(target: TARGET, run, to = %short(to), "out send {}", msg.kind());
         }
         Effect::FetchBundle { origin } => {
             tracing::debug!(target: TARGET, run, origin = %short(origin), "out fetch bundle");

@@ -515,12 +515,8 @@ mod tests {
             .collect()
     }
 
-    /// The run clock is the origin's: a member samples it as it hears the proposal,
-    /// beside the bundle's fetch, and arrives at `ready` as soon as the roster comes
-    /// (before, it sampled the first roster member only after the roster: at 50 real
-    /// nodes 0.4–0.7 s between the roster and `ready`).
-    #[test]
-    fn a_member_syncs_with_the_origin_while_joining_and_is_ready_with_the_roster() {
+    /// Member p0001 as it hears p0002's proposal, and what it does at once.
+    fn member_of_p0002() -> (RunMachine, Vec<Effect>) {
         let propose = RunMessage::Propose {
             run_id: RUN.into(),
             origin: "p0002".into(),
@@ -528,9 +524,17 @@ mod tests {
             plan: "p.toml".into(),
             requirements: Requirements::default(),
         };
-        let (mut m, out) =
-            RunMachine::new_member(me("p0001"), "p0002", &propose, None, Timing::mesh(), now(0))
-                .expect("a proposal from its origin");
+        RunMachine::new_member(me("p0001"), "p0002", &propose, None, Timing::mesh(), now(0))
+            .expect("a proposal from its origin")
+    }
+
+    /// The run clock is the origin's: a member samples it as it hears the proposal,
+    /// beside the bundle's fetch, and arrives at `ready` as soon as the roster comes
+    /// (before, it sampled the first roster member only after the roster: at 50 real
+    /// nodes 0.4–0.7 s between the roster and `ready`).
+    #[test]
+    fn a_member_syncs_with_the_origin_while_joining_and_is_ready_with_the_roster() {
+        let (mut m, out) = member_of_p0002();
         assert!(out
             .iter()
             .any(|e| matches!(e, Effect::FetchBundle { origin } if origin == "p0002")));
@@ -566,16 +570,7 @@ mod tests {
     /// A member whose samples come after the roster arrives when they come.
     #[test]
     fn a_member_whose_samples_come_late_arrives_when_they_do() {
-        let propose = RunMessage::Propose {
-            run_id: RUN.into(),
-            origin: "p0002".into(),
-            bundle_hash: "h".into(),
-            plan: "p.toml".into(),
-            requirements: Requirements::default(),
-        };
-        let (mut m, _) =
-            RunMachine::new_member(me("p0001"), "p0002", &propose, None, Timing::mesh(), now(0))
-                .expect("a proposal from its origin");
+        let (mut m, _) = member_of_p0002();
         m.handle(Input::Prepared(Ok(Arc::new(Plan))), now(10_000));
         let out = m.handle(
             Input::Message {

@@ -713,7 +713,7 @@ impl World {
                     }
                     if self.setup.measure_traffic {
                         let size = to_cbor(msg.as_ref()).len() as u64 + GOSSIP_FRAMING_BYTES;
-                        self.count_gossip(&format!("gossip {}", kind_of(&msg)), size);
+                        self.count_gossip(&format!("gossip {}", msg.kind()), size);
                     }
                     self.broadcast(i, Payload::Msg(msg));
                 }
@@ -726,7 +726,7 @@ impl World {
                         }))
                         .len() as u64
                             + DIRECT_FRAMING_BYTES;
-                        self.count_direct(&format!("direct {}", kind_of(&msg)), i, j, size);
+                        self.count_direct(&format!("direct {}", msg.kind()), i, j, size);
                     }
                     self.send(i, j, Payload::Msg(msg));
                 }
@@ -1139,19 +1139,5 @@ impl World {
             .iter()
             .map(|n| n.machine.as_ref().map(|m| m.phase()))
             .collect()
-    }
-}
-
-/// A run message's kind, for the traffic figures.
-fn kind_of(msg: &RunMessage) -> &'static str {
-    match msg {
-        RunMessage::Propose { .. } => "propose",
-        RunMessage::Join { .. } => "join",
-        RunMessage::Roster { .. } => "roster",
-        RunMessage::Abort { .. } => "abort",
-        RunMessage::Arrive { .. } => "arrive",
-        RunMessage::Assign { .. } => "assign",
-        RunMessage::Beat { .. } => "beat",
-        RunMessage::Stop { .. } => "stop",
     }
 }

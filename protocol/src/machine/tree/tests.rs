@@ -431,8 +431,9 @@ fn a_lost_aggregator_is_replaced_and_its_group_sends_again_what_was_not_merged()
     }
 }
 
-#[test]
-fn an_aggregator_passes_up_what_it_holds_before_it_leaves_the_run() {
+/// The root of a run of 6 (fan-in 8: one group) as it takes another member's second 0
+/// at 1 s: the root, that member's index, and what taking it did.
+fn root_given_a_mates_second_0() -> (RunMachine, usize, Vec<Effect>) {
     let m = member(6, 0, 8);
     let root = m.root().unwrap();
     let mut m = if root == 0 { m } else { member(6, root, 8) };
@@ -447,6 +448,12 @@ fn an_aggregator_passes_up_what_it_holds_before_it_leaves_the_run() {
         },
         now(1_000_000),
     );
+    (m, mate, e)
+}
+
+#[test]
+fn an_aggregator_passes_up_what_it_holds_before_it_leaves_the_run() {
+    let (mut m, _, e) = root_given_a_mates_second_0();
     assert!(e
         .iter()
         .any(|e| matches!(e, Effect::Hold { seq: 0, own: false })));
@@ -463,20 +470,7 @@ fn an_aggregator_passes_up_what_it_holds_before_it_leaves_the_run() {
 /// report at 50 real nodes).
 #[test]
 fn a_finishing_aggregator_passes_up_a_partial_last_second_at_once() {
-    let m = member(6, 0, 8);
-    let root = m.root().unwrap();
-    let mut m = if root == 0 { m } else { member(6, root, 8) };
-    let mate = (0..6).find(|&j| j != root).unwrap();
-    let from = m.roster[mate].id.clone();
-    m.handle(
-        Input::Batch {
-            from,
-            seq: 0,
-            covers: vec![mate as u32],
-            published: false,
-        },
-        now(1_000_000),
-    );
+    let (mut m, mate, _) = root_given_a_mates_second_0();
     let forwarded = |e: &[Effect]| {
         e.iter()
             .any(|e| matches!(e, Effect::Forward { seq: 0, .. }))
